@@ -1,0 +1,129 @@
+"""MQTT ingest: the telemetry flow versus a bare paho client on the same backlog.
+
+Both clients register persistent sessions on one mosquitto, then N QoS 1
+telemetry messages are published once; the broker queues the same backlog for
+both. (a) a bare paho client drains and only counts; (b) the telemetry flow
+drains, decodes, deadbands, windows and writes Parquet. Prints both rates and
+the ratio (b)/(a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from connectors.broker import Mosquitto
+from flows import telemetry
+from flows.accounting import Meter, report
+from flows.config import parse_config
+from flows.runtime import run_flow
+from flows.simulator import publish_telemetry, telemetry_payloads
+
+TOPIC = "v1/devices/+/telemetry"
+BARE_ID = "bench-bare"
+FLOW_ID = "bench-flow"
+
+
+def register_session(port: int, client_id: str) -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    done = threading.Event()
+    client.on_subscribe = lambda *a: done.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe(TOPIC, qos=1)
+    if not done.wait(10):
+        raise RuntimeError(f"{client_id}: subscription not acknowledged")
+    client.disconnect()
+    client.loop_stop()
+
+
+def drain_bare(port: int, n: int, timeout: float) -> float:
+    count = 0
+    done = threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        nonlocal count
+        count += 1
+        if count >= n:
+            done.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=BARE_ID, clean_session=False)
+    client.on_message = on_message
+    t0 = time.perf_counter()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    finished = done.wait(timeout)
+    elapsed = time.perf_counter() - t0
+    client.disconnect()
+    client.loop_stop()
+    if not finished:
+        raise RuntimeError(f"bare client got {count}/{n} messages in {timeout}s")
+    return elapsed
+
+
+def drain_flow(port: int, n: int, data_dir: Path, timeout: float, workers: int) -> tuple[float, Meter]:
+    config = parse_config(
+        {
+            "data_dir": str(data_dir),
+            "transports": {"mqtt": {"url": f"mqtt://127.0.0.1:{port}", "client_id": FLOW_ID}},
+        }
+    )
+    meter = Meter("telemetry")
+    stop = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while report(meter).messages_in < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    t0 = time.perf_counter()
+    run_flow(telemetry.build, config, stop=stop, meter=meter, workers=workers, handle_signals=False)
+    return time.perf_counter() - t0, meter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    args = parser.parse_args()
+
+    per_device = max(1, args.messages // args.devices)
+    payloads = telemetry_payloads(args.devices, per_device)
+    n = len(payloads)
+    raw = sum(len(p) for _, p in payloads)
+    with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp) / "broker") as broker:
+        register_session(broker.port, BARE_ID)
+        register_session(broker.port, FLOW_ID)
+        sent = publish_telemetry(broker.url, payloads, deadline_s=args.timeout)
+        if sent.messages != n:
+            raise RuntimeError(f"published {sent.messages}/{n}")
+        print(f"backlog: {n} QoS 1 messages from {args.devices} devices, {raw} bytes "
+              f"(published at {n / sent.seconds:,.0f} msg/s)")
+
+        bare_s = drain_bare(broker.port, n, args.timeout)
+        flow_s, meter = drain_flow(broker.port, n, Path(tmp) / "edge", args.timeout, args.workers)
+
+    rep = report(meter)
+    if rep.messages_in < n:
+        raise RuntimeError(f"flow received {rep.messages_in}/{n} messages")
+    bare_rate, flow_rate = n / bare_s, n / flow_s
+    print(f"(a) bare paho, count only:        {bare_rate:>10,.0f} msg/s  ({bare_s:.2f} s)")
+    print(f"(b) telemetry flow to Parquet:    {flow_rate:>10,.0f} msg/s  ({flow_s:.2f} s, "
+          f"{args.workers} worker(s))")
+    print(f"ratio (b)/(a): {flow_rate / bare_rate:.2f}   (target >= 0.5)")
+    print(f"flow output: {rep.stages.get('telemetry_points', 0)} points, "
+          f"{rep.stages.get('telemetry_summary', 0)} summaries, "
+          f"reduction raw/output bytes {rep.ratio or 0:.1f}:1")
+
+
+if __name__ == "__main__":
+    main()

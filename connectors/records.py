@@ -1,0 +1,100 @@
+"""Typed records that flow between transports, codecs, operators and sinks.
+
+Transports hand :class:`RawMessage` to the dataflow; codecs turn it into
+:class:`Reading` / :class:`VibrationBlock` records or a :class:`DeadLetter`.
+All timestamps are timezone-aware UTC ``datetime`` objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+__all__ = [
+    "UTC",
+    "DeadLetter",
+    "RawMessage",
+    "Reading",
+    "VibrationBlock",
+    "series_key",
+]
+
+TELEMETRY = "telemetry"
+VIBRATION = "vibration"
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """Bytes as a device sent them, before decoding.
+
+    ``channel`` is the device API channel (``"telemetry"`` or ``"vibration"``),
+    ``transport`` is ``"mqtt"``, ``"coap"`` or ``"http"``.
+    """
+
+    device: str
+    channel: str
+    transport: str
+    received_at: datetime
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One telemetry value of one device at one instant.
+
+    ``value`` is a ``float`` for numbers and booleans (``True`` is ``1.0``) and
+    a ``str`` for text, which is kept but never fed to numeric operators.
+    """
+
+    device: str
+    key: str
+    ts: datetime
+    value: float | str
+    transport: str = "mqtt"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class VibrationBlock:
+    """One decoded EVB1 block: a ``(frames, axes)`` float64 array in m/s².
+
+    The array is never split into Python floats; operators work on it whole.
+    """
+
+    device: str
+    transport: str
+    start_ts: datetime
+    sample_rate_hz: int
+    samples: np.ndarray
+    raw_bytes: int
+
+    @property
+    def axes(self) -> int:
+        """Number of axes (columns of ``samples``)."""
+        return int(self.samples.shape[1])
+
+    @property
+    def frames(self) -> int:
+        """Number of sample frames (rows of ``samples``)."""
+        return int(self.samples.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Something that could not be processed, with a one-line reason.
+
+    Written to the ``dead_letters`` stream; ``payload`` holds the original
+    bytes (or the offending record, re-encoded) so nothing is lost.
+    """
+
+    device: str
+    transport: str
+    received_at: datetime
+    reason: str
+    payload: bytes
+
+
+def series_key(device: str, key: str) -> str:
+    """Routing key of one telemetry series (a device's key)."""
+    return f"{device}/{key}"

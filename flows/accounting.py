@@ -1,0 +1,181 @@
+"""Traffic accounting: messages and bytes per flow, stage and device.
+
+Counters live in a Prometheus registry (served on ``/metrics`` when
+``metrics_listen`` is configured); the reduction report is read back from the
+same counters, so what is printed and what is scraped cannot disagree.
+Counting happens once per Bytewax batch, not per item.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import bytewax.operators as op
+from bytewax.dataflow import Stream
+from prometheus_client import CollectorRegistry, Counter
+
+__all__ = ["FlowReport", "Meter", "counted", "report"]
+
+X = TypeVar("X")
+
+RECEIVED = "received"
+
+
+class Meter:
+    """Counters of one flow, registered in a (possibly shared) Prometheus registry."""
+
+    _lock = threading.Lock()
+    _by_registry: weakref.WeakKeyDictionary[
+        CollectorRegistry, tuple[Counter, Counter, Counter, Counter]
+    ] = weakref.WeakKeyDictionary()
+
+    def __init__(self, flow: str, registry: CollectorRegistry | None = None) -> None:
+        self.flow = flow
+        self.registry = registry if registry is not None else CollectorRegistry()
+        with Meter._lock:
+            counters = Meter._by_registry.get(self.registry)
+            if counters is None:
+                counters = (
+                    Counter(
+                        "edgesieve_messages",
+                        "Records per flow stage and device",
+                        ["flow", "stage", "device"],
+                        registry=self.registry,
+                    ),
+                    Counter(
+                        "edgesieve_bytes",
+                        "Device payload bytes per flow stage and device",
+                        ["flow", "stage", "device"],
+                        registry=self.registry,
+                    ),
+                    Counter(
+                        "edgesieve_output_rows",
+                        "Rows published to local files per stream",
+                        ["flow", "stream"],
+                        registry=self.registry,
+                    ),
+                    Counter(
+                        "edgesieve_output_bytes",
+                        "Bytes of local files published per stream",
+                        ["flow", "stream"],
+                        registry=self.registry,
+                    ),
+                )
+                Meter._by_registry[self.registry] = counters
+        self._messages, self._bytes, self._rows, self._file_bytes = counters
+
+    def add(self, stage: str, counts: Mapping[str, int], sizes: Mapping[str, int] | None = None) -> None:
+        """Add per-device record counts (and payload bytes) for one stage."""
+        for device, n in counts.items():
+            self._messages.labels(self.flow, stage, device).inc(n)
+        for device, n in (sizes or {}).items():
+            self._bytes.labels(self.flow, stage, device).inc(n)
+
+    def on_file(self, stream: str, rows: int, nbytes: int) -> None:
+        """Record one published output file; matches ``ParquetSink``'s ``on_write``."""
+        self._rows.labels(self.flow, stream).inc(rows)
+        self._file_bytes.labels(self.flow, stream).inc(nbytes)
+
+
+def counted(
+    step_id: str,
+    up: Stream[X],
+    meter: Meter,
+    stage: str,
+    device: Callable[[X], str],
+    size: Callable[[X], int] | None = None,
+) -> Stream[X]:
+    """Pass ``up`` through unchanged, counting each batch per device."""
+
+    def tally(batch: list[X]) -> list[X]:
+        devices = [device(x) for x in batch]
+        sizes: Tally[str] | None = None
+        if size is not None:
+            sizes = Tally()
+            for d, x in zip(devices, batch, strict=True):
+                sizes[d] += size(x)
+        meter.add(stage, Tally(devices), sizes)
+        return batch
+
+    return op.flat_map_batch(step_id, up, tally)
+
+
+@dataclass
+class FlowReport:
+    """What one flow received and produced; ``ratio`` is raw bytes / output bytes."""
+
+    flow: str
+    messages_in: int = 0
+    raw_bytes: int = 0
+    stages: dict[str, int] = field(default_factory=dict)
+    output_rows: dict[str, int] = field(default_factory=dict)
+    output_bytes: dict[str, int] = field(default_factory=dict)
+    devices: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def reduced_bytes(self, exclude: Iterable[str] = ("dead_letters",)) -> int:
+        """Bytes of the reduced output streams (dead letters are not reduction)."""
+        skip = set(exclude)
+        return sum(n for s, n in self.output_bytes.items() if s not in skip)
+
+    @property
+    def ratio(self) -> float | None:
+        """Raw device bytes per output byte, or None before anything was written."""
+        out = self.reduced_bytes()
+        return self.raw_bytes / out if out else None
+
+    def to_json(self) -> str:
+        """The report as JSON (for ``data_dir/report.json``)."""
+        return json.dumps({**asdict(self), "ratio": self.ratio}, indent=2, sort_keys=True)
+
+    def write(self, path: Path) -> None:
+        """Write the JSON report atomically."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        tmp.replace(path)
+
+    def render(self) -> str:
+        """A short human-readable summary."""
+        lines = [f"flow {self.flow}: {self.messages_in} messages, {self.raw_bytes} raw bytes in"]
+        for stage, n in sorted(self.stages.items()):
+            lines.append(f"  stage {stage:<20} {n:>10} records")
+        for stream in sorted(self.output_rows):
+            rows, nbytes = self.output_rows[stream], self.output_bytes.get(stream, 0)
+            lines.append(f"  out   {stream:<20} {rows:>10} rows {nbytes:>12} bytes")
+        ratio = self.ratio
+        shown = f"{ratio:.1f}:1" if ratio is not None else "n/a (nothing written yet)"
+        lines.append(f"  reduction (raw bytes / local output bytes): {shown}")
+        return "\n".join(lines)
+
+
+def report(meter: Meter) -> FlowReport:
+    """Read the flow's counters back into a :class:`FlowReport`."""
+    rep = FlowReport(meter.flow)
+    for metric in meter.registry.collect():
+        for sample in metric.samples:
+            if not sample.name.endswith("_total") or sample.labels.get("flow") != meter.flow:
+                continue
+            n = int(sample.value)
+            labels = sample.labels
+            if metric.name == "edgesieve_messages":
+                stage, device = labels["stage"], labels["device"]
+                rep.stages[stage] = rep.stages.get(stage, 0) + n
+                rep.devices.setdefault(device, {})[stage] = n
+                if stage == RECEIVED:
+                    rep.messages_in += n
+            elif metric.name == "edgesieve_bytes":
+                stage, device = labels["stage"], labels["device"]
+                rep.devices.setdefault(device, {})[f"{stage}_bytes"] = n
+                if stage == RECEIVED:
+                    rep.raw_bytes += n
+            elif metric.name == "edgesieve_output_rows":
+                rep.output_rows[labels["stream"]] = n
+            elif metric.name == "edgesieve_output_bytes":
+                rep.output_bytes[labels["stream"]] = n
+    return rep

@@ -1,0 +1,66 @@
+"""The ``edgesieve`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flows.config import ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgesieve",
+        description="Edge stream processing for IoT telemetry.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a flow until SIGTERM/SIGINT")
+    run.add_argument("flow", help="flow module (flows.telemetry) or path to a .py file")
+    run.add_argument("--config", "-c", type=Path, default=Path("edge.yaml"), help="edge.yaml")
+    run.add_argument("--workers", "-w", type=int, default=1, help="Bytewax workers (threads)")
+
+    demo = sub.add_parser("demo", help="everything on loopback, then the reduction report")
+    demo.add_argument("--devices", type=int, default=20, help="simulated sensors (default 20)")
+    demo.add_argument("--seconds", type=float, default=15.0, help="how long devices send")
+    demo.add_argument("--rate", type=float, default=10.0, help="messages/s per device")
+    demo.add_argument("--data-dir", type=Path, default=None, help="where outputs go")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edgesieve`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "run":
+            from flows.runtime import load_flow_builder, run_flow
+
+            if args.workers < 1:
+                msg = f"--workers must be at least 1 (got {args.workers})"
+                raise ConfigError(msg)
+            config = load_config(args.config)
+            build = load_flow_builder(args.flow)
+            result = run_flow(build, config, workers=args.workers)
+            print(result.report.render())
+        elif args.command == "demo":
+            from flows.demo import DemoSettings, run_demo
+
+            run_demo(DemoSettings(args.devices, args.seconds, args.rate, args.data_dir))
+    except (ConfigError, ValueError) as exc:
+        print(f"edgesieve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

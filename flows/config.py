@@ -1,0 +1,163 @@
+"""Edge configuration: the YAML file of DESIGN.md §4, validated at load time.
+
+Durations are seconds (``60``, ``0.5``) or ISO 8601 (``PT1M``). Unknown keys are
+errors, so a typo fails at start instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DeadbandSection",
+    "EdgeConfig",
+    "MqttSection",
+    "ParquetSection",
+    "TelemetrySection",
+    "WindowSection",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """The edge configuration is invalid; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttSection(_Section):
+    """``transports.mqtt``: the broker the edge subscribes to."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    qos: Literal[0, 1] = 1
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    persistent: bool = True
+    keepalive: int = Field(30, gt=0)
+    buffer_messages: int = Field(10_000, gt=0)
+
+
+class TransportsSection(_Section):
+    """``transports``: how devices reach the edge."""
+
+    mqtt: MqttSection | None = None
+
+
+class DeadbandSection(_Section):
+    """``telemetry.deadband``: a reading passes when it moves more than this."""
+
+    absolute: float | None = Field(0.1, ge=0)
+    percent: float | None = Field(None, ge=0)
+    max_silence: timedelta | None = timedelta(minutes=10)
+
+    @model_validator(mode="after")
+    def _one_tolerance(self) -> DeadbandSection:
+        if self.absolute is None and self.percent is None:
+            msg = "set absolute or percent (or both); a deadband needs a tolerance"
+            raise ValueError(msg)
+        return self
+
+
+class WindowSection(_Section):
+    """``telemetry.window``: event-time window aggregates per device and key."""
+
+    length: timedelta = timedelta(minutes=1)
+    slide: timedelta | None = None
+    allowed_lateness: timedelta = timedelta(seconds=5)
+
+
+class TelemetrySection(_Section):
+    """``telemetry``: settings of the standard telemetry flow."""
+
+    deadband: DeadbandSection = DeadbandSection()
+    window: WindowSection = WindowSection()
+
+
+class ParquetSection(_Section):
+    """``parquet``: local Parquet files."""
+
+    max_file_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_file_age: timedelta = timedelta(seconds=60)
+
+
+class EdgeConfig(_Section):
+    """The whole edge configuration file."""
+
+    edge_id: str = Field("edge-01", min_length=1)
+    data_dir: Path = Path("./var")
+    devices: Path | None = None
+    max_payload_bytes: int = Field(1024 * 1024, gt=0)
+    metrics_listen: str | None = None
+    transports: TransportsSection = TransportsSection()
+    telemetry: TelemetrySection = TelemetrySection()
+    parquet: ParquetSection = ParquetSection()
+
+
+def _describe(err: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    got = err.get("input")
+    text = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key; check the spelling against the documented keys"
+    if err["type"] == "missing":
+        return f"{where}: required key is missing"
+    return f"{where}: {text} (got {got!r})"
+
+
+def parse_config(data: object, *, source: str = "<config>", base_dir: Path | None = None) -> EdgeConfig:
+    """Validate already-parsed YAML/JSON data; relative paths resolve against ``base_dir``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        msg = (
+            f"{source}: the configuration must be a mapping of keys "
+            f"(got {type(data).__name__}); see the README for an example edge.yaml"
+        )
+        raise ConfigError(msg)
+    try:
+        config = EdgeConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = "; ".join(_describe(e) for e in exc.errors())
+        msg = f"{source}: invalid configuration: {lines}"
+        raise ConfigError(msg) from None
+    if base_dir is not None:
+        update: dict[str, Path] = {}
+        if not config.data_dir.is_absolute():
+            update["data_dir"] = base_dir / config.data_dir
+        if config.devices is not None and not config.devices.is_absolute():
+            update["devices"] = base_dir / config.devices
+        config = config.model_copy(update=update)
+    return config
+
+
+def load_config(path: str | Path) -> EdgeConfig:
+    """Read and validate an edge configuration file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        msg = f"config file {str(path)!r} does not exist; pass --config PATH (see README)"
+        raise ConfigError(msg) from None
+    except OSError as exc:
+        msg = f"config file {str(path)!r} cannot be read: {exc.strerror}"
+        raise ConfigError(msg) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        msg = f"{path}: not valid YAML{where}: {problem}"
+        raise ConfigError(msg) from None
+    return parse_config(data, source=str(path), base_dir=path.parent.resolve())

@@ -1,0 +1,190 @@
+"""Running flows: wiring config to connectors, clean shutdown and the report.
+
+A clean stop works through the dataflow itself: ``SIGTERM``/``SIGINT`` set a
+stop event, sources drain what they accepted and end their input, Bytewax then
+closes every open window (end of input), and sinks flush on close.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import Any, Protocol
+
+from bytewax.dataflow import Dataflow
+from bytewax.testing import cluster_main
+from prometheus_client import start_http_server
+
+from connectors.mqtt import MqttSettings, MqttSource
+from connectors.parquet import ParquetSettings, ParquetSink
+from flows.accounting import FlowReport, Meter, report
+from flows.config import ConfigError, EdgeConfig, load_config
+
+__all__ = [
+    "FlowBuilder",
+    "RunResult",
+    "install_stop_handlers",
+    "lazy_flow",
+    "load_flow_builder",
+    "mqtt_source",
+    "parquet_sink",
+    "run_flow",
+]
+
+log = logging.getLogger("edgesieve.run")
+
+CONFIG_ENV = "EDGESIEVE_CONFIG"
+
+
+class FlowBuilder(Protocol):
+    """What a flow module provides: ``build(config, *, stop, meter) -> Dataflow``."""
+
+    def __call__(
+        self, config: EdgeConfig, *, stop: threading.Event | None = ..., meter: Meter | None = ...
+    ) -> Dataflow:
+        """Build the dataflow."""
+        ...
+
+
+def mqtt_source(
+    config: EdgeConfig, *, channels: tuple[str, ...], stop: threading.Event | None
+) -> MqttSource:
+    """The MQTT source for ``channels`` from ``transports.mqtt``."""
+    section = config.transports.mqtt
+    if section is None:
+        msg = (
+            "transports.mqtt is not configured, so the flow has no input; "
+            'add transports: {mqtt: {url: "mqtt://127.0.0.1:1883"}} to the config'
+        )
+        raise ConfigError(msg)
+    settings = MqttSettings(
+        url=section.url,
+        qos=section.qos,
+        channels=channels,
+        client_id=section.client_id or f"edgesieve-{config.edge_id}-{'-'.join(channels)}",
+        username=section.username,
+        password=section.password,
+        protocol=section.protocol,
+        persistent=section.persistent,
+        keepalive_s=section.keepalive,
+        buffer_messages=section.buffer_messages,
+    )
+    return MqttSource(settings, stop=stop)
+
+
+def parquet_sink(config: EdgeConfig, stream: str, meter: Meter) -> ParquetSink:
+    """A Parquet sink for ``stream`` under ``data_dir/parquet`` that reports to ``meter``."""
+    settings = ParquetSettings(
+        max_file_bytes=config.parquet.max_file_bytes,
+        max_file_age=config.parquet.max_file_age,
+    )
+    return ParquetSink(config.data_dir / "parquet", stream, settings=settings, on_write=meter.on_file)
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """Make SIGTERM and SIGINT request a clean stop (a second SIGINT aborts)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("%s received: stopping cleanly", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def load_flow_builder(flow: str) -> FlowBuilder:
+    """Find ``build`` in a flow module name (``flows.telemetry``) or a ``.py`` path."""
+    module: ModuleType
+    if flow.endswith(".py") or os.sep in flow:
+        path = Path(flow)
+        if not path.is_file():
+            msg = f"flow file {flow!r} does not exist; give a module such as flows.telemetry or a .py path"
+            raise ConfigError(msg)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(flow)
+        except ModuleNotFoundError as exc:
+            if exc.name and flow.startswith(exc.name):
+                msg = f"flow module {flow!r} not found; standard flows: flows.telemetry"
+                raise ConfigError(msg) from None
+            raise
+    build = getattr(module, "build", None)
+    if not callable(build):
+        msg = f"flow {flow!r} has no build(config, *, stop, meter) function"
+        raise ConfigError(msg)
+    return build  # type: ignore[no-any-return]
+
+
+@dataclass
+class RunResult:
+    """The outcome of one run: the traffic report."""
+
+    report: FlowReport
+
+
+def run_flow(
+    build: FlowBuilder,
+    config: EdgeConfig,
+    *,
+    workers: int = 1,
+    stop: threading.Event | None = None,
+    meter: Meter | None = None,
+    handle_signals: bool = True,
+) -> RunResult:
+    """Build and run a flow in this process until its input ends or ``stop`` is set."""
+    stop = stop if stop is not None else threading.Event()
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    if meter is None:
+        flow_name = getattr(build, "__module__", "flow").rsplit(".", 1)[-1]
+        meter = Meter(flow_name)
+    flow = build(config, stop=stop, meter=meter)
+    if handle_signals:
+        install_stop_handlers(stop)
+    if config.metrics_listen:
+        host, _, port = config.metrics_listen.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=meter.registry)
+    log.info("flow %s starting with %d worker(s), data in %s", flow.flow_id, workers, config.data_dir)
+    cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    result = report(meter)
+    result.write(config.data_dir / f"report-{meter.flow}.json")
+    return RunResult(result)
+
+
+def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that builds ``flow`` on first access.
+
+    This lets ``python -m bytewax.run flows.telemetry`` work: the config comes
+    from ``$EDGESIEVE_CONFIG`` (default ``edge.yaml``), and SIGTERM/SIGINT stop
+    the flow cleanly.
+    """
+    built: dict[str, Dataflow] = {}
+
+    def __getattr__(name: str) -> Any:  # noqa: N807
+        if name != "flow":
+            msg = f"module {module!r} has no attribute {name!r}"
+            raise AttributeError(msg)
+        if "flow" not in built:
+            config = load_config(os.environ.get(CONFIG_ENV, "edge.yaml"))
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            stop = threading.Event()
+            install_stop_handlers(stop)
+            built["flow"] = build(config, stop=stop)
+        return built["flow"]
+
+    return __getattr__

@@ -1,0 +1,110 @@
+"""Simulated devices for the demo, tests and benchmarks.
+
+Telemetry devices report temperature and humidity as slow random walks with
+sensor noise and rare steps — the shape real environmental sensors have, and
+the reason a deadband removes most of their traffic. Series are generated
+with NumPy up front; publishing is bounded in message count and time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+__all__ = ["PublishStats", "publish_telemetry", "telemetry_payloads"]
+
+
+def telemetry_payloads(
+    device_count: int,
+    messages_per_device: int,
+    *,
+    period: timedelta = timedelta(seconds=1),
+    start: datetime | None = None,
+    seed: int = 7,
+    with_ts: bool = True,
+) -> list[tuple[str, bytes]]:
+    """``(device_id, json_payload)`` pairs, interleaved across devices in time order."""
+    rng = np.random.default_rng(seed)
+    n = messages_per_device
+    shape = (device_count, n)
+    steps = rng.normal(0.0, 0.01, shape) + (rng.random(shape) < 0.002) * rng.normal(0, 1.5, shape)
+    temperature = 21.0 + rng.normal(0, 2, (device_count, 1)) + np.cumsum(steps, axis=1)
+    temperature += rng.normal(0, 0.02, shape)
+    humidity = np.clip(45.0 + np.cumsum(rng.normal(0, 0.03, shape), axis=1), 0, 100)
+    start = start if start is not None else datetime.now(UTC)
+    start_ms = int(start.timestamp() * 1000)
+    period_ms = int(period.total_seconds() * 1000)
+    ids = [f"sensor-{i:03d}" for i in range(device_count)]
+    out: list[tuple[str, bytes]] = []
+    for j in range(n):
+        ts = start_ms + j * period_ms
+        for i, device in enumerate(ids):
+            values = {"temperature": round(float(temperature[i, j]), 3),
+                      "humidity": round(float(humidity[i, j]), 2)}
+            body = {"ts": ts, "values": values} if with_ts else values
+            out.append((device, json.dumps(body, separators=(",", ":")).encode()))
+    return out
+
+
+@dataclass
+class PublishStats:
+    """What a publisher sent."""
+
+    messages: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+def _client(url: str, client_id: str) -> mqtt.Client:
+    parts = urlsplit(url)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    client.loop_start()
+    return client
+
+
+def publish_telemetry(
+    url: str,
+    payloads: list[tuple[str, bytes]],
+    *,
+    rate_per_s: float | None = None,
+    qos: int = 1,
+    deadline_s: float = 120.0,
+    stop: threading.Event | None = None,
+) -> PublishStats:
+    """Publish ``payloads`` to ``v1/devices/{id}/telemetry``, paced to ``rate_per_s``.
+
+    Bounded: stops after the last payload, at ``deadline_s``, or when ``stop`` is set.
+    """
+    stats = PublishStats()
+    client = _client(url, f"edgesieve-sim-{time.monotonic_ns()}")
+    t0 = time.monotonic()
+    info = None
+    try:
+        for i, (device, payload) in enumerate(payloads):
+            now = time.monotonic() - t0
+            if now > deadline_s or (stop is not None and stop.is_set()):
+                break
+            if rate_per_s:
+                ahead = i / rate_per_s - now
+                if ahead > 0:
+                    time.sleep(ahead)
+            info = client.publish(f"v1/devices/{device}/telemetry", payload, qos=qos)
+            stats.messages += 1
+            stats.bytes += len(payload)
+        if info is not None:
+            info.wait_for_publish(timeout=max(1.0, deadline_s - (time.monotonic() - t0)))
+    finally:
+        stats.seconds = time.monotonic() - t0
+        client.disconnect()
+        client.loop_stop()
+    return stats

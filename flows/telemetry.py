@@ -1,0 +1,134 @@
+"""The standard telemetry flow.
+
+MQTT ``v1/devices/+/telemetry`` → decode → deadband → ``telemetry_points``;
+event-time window aggregates → ``telemetry_summary``; string values →
+``telemetry_text``; undecodable payloads and late readings → ``dead_letters``.
+Everything lands in Parquet under ``data_dir/parquet``.
+
+Run it with ``edgesieve run flows.telemetry --config edge.yaml`` or with
+``EDGESIEVE_CONFIG=edge.yaml python -m bytewax.run flows.telemetry``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+
+from connectors.decode import decode
+from connectors.records import DeadLetter, RawMessage, Reading, series_key
+from flows.accounting import RECEIVED, Meter, counted
+from flows.config import EdgeConfig
+from flows.runtime import lazy_flow, mqtt_source, parquet_sink
+from operators.deadband import deadband
+from operators.windows import window_aggregate
+
+__all__ = ["STREAMS", "build"]
+
+STREAMS = ("telemetry_points", "telemetry_summary", "telemetry_text", "dead_letters")
+
+
+def late_letter(reading: Reading, allowed_lateness: timedelta) -> DeadLetter:
+    """Describe a reading that arrived after its window closed."""
+    reason = (
+        f"late: reading {reading.key!r} at {reading.ts.isoformat()} arrived after its window "
+        f"closed (allowed lateness {allowed_lateness.total_seconds():g}s); "
+        "raise telemetry.window.allowed_lateness or fix the device clock"
+    )
+    value: Any = reading.value
+    payload = json.dumps({"ts": int(reading.ts.timestamp() * 1000), "values": {reading.key: value}})
+    return DeadLetter(
+        reading.device, reading.transport, datetime.now(UTC), reason, payload.encode()
+    )
+
+
+def _decode_batch(max_payload_bytes: int):  # noqa: ANN202
+    def decode_batch(batch: list[RawMessage]) -> list[Reading | DeadLetter]:
+        out: list[Reading | DeadLetter] = []
+        for msg in batch:
+            result = decode(msg, max_payload_bytes=max_payload_bytes)
+            if isinstance(result, list):
+                out.extend(result)
+            elif isinstance(result, DeadLetter):
+                out.append(result)
+            else:
+                reason = "vibration blocks are handled by flows.vibration, not flows.telemetry"
+                out.append(
+                    DeadLetter(msg.device, msg.transport, msg.received_at, reason, msg.payload)
+                )
+        return out
+
+    return decode_batch
+
+
+def build(
+    config: EdgeConfig,
+    *,
+    stop: threading.Event | None = None,
+    meter: Meter | None = None,
+    source: Source[RawMessage] | None = None,
+) -> Dataflow:
+    """Build the telemetry dataflow from a validated configuration.
+
+    ``source`` replaces the MQTT source (tests and benchmarks feed recorded
+    messages); ``stop`` ends the flow cleanly when set; ``meter`` collects the
+    traffic counters for the reduction report.
+    """
+    meter = meter if meter is not None else Meter("telemetry")
+    settings = config.telemetry
+    flow = Dataflow("telemetry")
+    if source is None:
+        source = mqtt_source(config, channels=("telemetry",), stop=stop)
+    raw: Stream[RawMessage] = op.input("ingest", flow, source)
+    raw = counted(
+        "count_received", raw, meter, RECEIVED, lambda m: m.device, lambda m: len(m.payload)
+    )
+    decoded = op.flat_map_batch("decode", raw, _decode_batch(config.max_payload_bytes))
+    split = op.branch("split_errors", decoded, lambda x: isinstance(x, Reading))
+    readings: Stream[Reading] = split.trues  # type: ignore[assignment]
+    errors: Stream[DeadLetter] = split.falses  # type: ignore[assignment]
+
+    kinds = op.branch("split_text", readings, lambda r: isinstance(r.value, float))
+    numeric = counted("count_readings", kinds.trues, meter, "readings", lambda r: r.device)
+    keyed = op.key_on("by_series", numeric, lambda r: series_key(r.device, r.key))
+
+    band = settings.deadband
+    points = deadband(
+        "deadband",
+        keyed,
+        absolute=band.absolute,
+        percent=band.percent,
+        max_silence=band.max_silence,
+    )
+    points_out = op.map("points", points, lambda kv: kv[1])
+    points_out = counted("count_points", points_out, meter, "telemetry_points", lambda r: r.device)
+
+    window = settings.window
+    agg = window_aggregate(
+        "window",
+        keyed,
+        length=window.length,
+        slide=window.slide,
+        allowed_lateness=window.allowed_lateness,
+    )
+    summaries = op.map("summaries", agg.down, lambda kv: kv[1])
+    summaries = counted(
+        "count_summaries", summaries, meter, "telemetry_summary", lambda s: s.device
+    )
+    late = op.map("late", agg.late, lambda kv: late_letter(kv[1], window.allowed_lateness))
+    dead = op.merge("dead", errors, late)
+    dead = counted("count_dead_letters", dead, meter, "dead_letters", lambda d: d.device)
+
+    op.output("out_points", points_out, parquet_sink(config, "telemetry_points", meter))
+    op.output("out_summary", summaries, parquet_sink(config, "telemetry_summary", meter))
+    op.output("out_text", kinds.falses, parquet_sink(config, "telemetry_text", meter))
+    op.output("out_dead_letters", dead, parquet_sink(config, "dead_letters", meter))
+    return flow
+
+
+__getattr__ = lazy_flow(__name__, build)
