@@ -66,7 +66,9 @@ def drain_bare(port: int, n: int, timeout: float) -> float:
     return elapsed
 
 
-def drain_flow(port: int, n: int, data_dir: Path, timeout: float, workers: int) -> tuple[float, Meter]:
+def drain_flow(
+    port: int, n: int, data_dir: Path, timeout: float, workers: int
+) -> tuple[float, Meter]:
     config = parse_config(
         {
             "data_dir": str(data_dir),
@@ -106,8 +108,10 @@ def main() -> None:
         sent = publish_telemetry(broker.url, payloads, deadline_s=args.timeout)
         if sent.messages != n:
             raise RuntimeError(f"published {sent.messages}/{n}")
-        print(f"backlog: {n} QoS 1 messages from {args.devices} devices, {raw} bytes "
-              f"(published at {n / sent.seconds:,.0f} msg/s)")
+        print(
+            f"backlog: {n} QoS 1 messages from {args.devices} devices, {raw} bytes "
+            f"(published at {n / sent.seconds:,.0f} msg/s)"
+        )
 
         bare_s = drain_bare(broker.port, n, args.timeout)
         flow_s, meter = drain_flow(broker.port, n, Path(tmp) / "edge", args.timeout, args.workers)
@@ -117,12 +121,16 @@ def main() -> None:
         raise RuntimeError(f"flow received {rep.messages_in}/{n} messages")
     bare_rate, flow_rate = n / bare_s, n / flow_s
     print(f"(a) bare paho, count only:        {bare_rate:>10,.0f} msg/s  ({bare_s:.2f} s)")
-    print(f"(b) telemetry flow to Parquet:    {flow_rate:>10,.0f} msg/s  ({flow_s:.2f} s, "
-          f"{args.workers} worker(s))")
+    print(
+        f"(b) telemetry flow to Parquet:    {flow_rate:>10,.0f} msg/s  ({flow_s:.2f} s, "
+        f"{args.workers} worker(s))"
+    )
     print(f"ratio (b)/(a): {flow_rate / bare_rate:.2f}   (target >= 0.5)")
-    print(f"flow output: {rep.stages.get('telemetry_points', 0)} points, "
-          f"{rep.stages.get('telemetry_summary', 0)} summaries, "
-          f"reduction raw/output bytes {rep.ratio or 0:.1f}:1")
+    print(
+        f"flow output: {rep.stages.get('telemetry_points', 0)} points, "
+        f"{rep.stages.get('telemetry_summary', 0)} summaries, "
+        f"reduction raw/output bytes {rep.ratio or 0:.1f}:1"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Literal, Self
 
 __all__ = ["EmbeddedBroker", "Mosquitto", "start_broker"]
 
@@ -397,9 +397,12 @@ class EmbeddedBroker:
         return f"EmbeddedBroker(url={self.url!r})"
 
 
-def start_broker(data_dir: Path, *, port: int = 0) -> Mosquitto | EmbeddedBroker:
-    """Start a loopback broker: ``mosquitto`` when installed, else the embedded amqtt one."""
-    if Mosquitto.available():
+def start_broker(
+    data_dir: Path, *, port: int = 0, kind: Literal["auto", "mosquitto", "embedded"] = "auto"
+) -> Mosquitto | EmbeddedBroker:
+    """Start a loopback broker: ``mosquitto`` when installed (``auto``), else the embedded one."""
+    if kind == "mosquitto" or (kind == "auto" and Mosquitto.available()):
         return Mosquitto(data_dir, port=port).start()
-    logger.info("mosquitto is not installed; using the embedded amqtt broker")
+    if kind == "auto":
+        logger.info("mosquitto is not installed; using the embedded amqtt broker")
     return EmbeddedBroker(data_dir, port=port).start()

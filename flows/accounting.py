@@ -71,7 +71,9 @@ class Meter:
                 Meter._by_registry[self.registry] = counters
         self._messages, self._bytes, self._rows, self._file_bytes = counters
 
-    def add(self, stage: str, counts: Mapping[str, int], sizes: Mapping[str, int] | None = None) -> None:
+    def add(
+        self, stage: str, counts: Mapping[str, int], sizes: Mapping[str, int] | None = None
+    ) -> None:
         """Add per-device record counts (and payload bytes) for one stage."""
         for device, n in counts.items():
             self._messages.labels(self.flow, stage, device).inc(n)

@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=15.0, help="how long devices send")
     demo.add_argument("--rate", type=float, default=10.0, help="messages/s per device")
     demo.add_argument("--data-dir", type=Path, default=None, help="where outputs go")
+    demo.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "embedded"],
+        default="auto",
+        help="MQTT broker: mosquitto when installed (auto), or the embedded one",
+    )
     return parser
 
 
@@ -55,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from flows.demo import DemoSettings, run_demo
 
-            run_demo(DemoSettings(args.devices, args.seconds, args.rate, args.data_dir))
+            run_demo(
+                DemoSettings(args.devices, args.seconds, args.rate, args.data_dir, args.broker)
+            )
     except (ConfigError, ValueError) as exc:
         print(f"edgesieve: error: {exc}", file=sys.stderr)
         return 2

@@ -115,7 +115,9 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{where}: {text} (got {got!r})"
 
 
-def parse_config(data: object, *, source: str = "<config>", base_dir: Path | None = None) -> EdgeConfig:
+def parse_config(
+    data: object, *, source: str = "<config>", base_dir: Path | None = None
+) -> EdgeConfig:
     """Validate already-parsed YAML/JSON data; relative paths resolve against ``base_dir``."""
     if data is None:
         data = {}

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 from connectors.broker import start_broker
 from flows import telemetry
@@ -34,6 +35,7 @@ class DemoSettings:
     seconds: float = 15.0
     rate_per_device: float = 10.0
     data_dir: Path | None = None
+    broker: Literal["auto", "mosquitto", "embedded"] = "auto"
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.seconds <= 0 or self.rate_per_device <= 0:
@@ -72,18 +74,25 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> FlowReport:
     stop = threading.Event()
     meter = Meter("telemetry")
 
-    with start_broker(data_dir / "broker") as broker:
+    with start_broker(data_dir / "broker", kind=settings.broker) as broker:
         print(f"broker: {type(broker).__name__} on {broker.url}")
-        print(f"devices: {settings.devices} simulated sensors, {len(payloads)} messages "
-              f"over {settings.seconds:g}s; outputs in {data_dir}")
+        print(
+            f"devices: {settings.devices} simulated sensors, {len(payloads)} messages "
+            f"over {settings.seconds:g}s; outputs in {data_dir}"
+        )
         config = _demo_config(data_dir, broker.url)
 
         def devices() -> None:
             try:
                 time.sleep(1.0)  # let the edge subscribe first
                 rate = settings.devices * settings.rate_per_device
-                sent = publish_telemetry(broker.url, payloads, rate_per_s=rate,
-                                         deadline_s=settings.seconds * 3 + 30, stop=stop)
+                sent = publish_telemetry(
+                    broker.url,
+                    payloads,
+                    rate_per_s=rate,
+                    deadline_s=settings.seconds * 3 + 30,
+                    stop=stop,
+                )
                 deadline = time.monotonic() + 30
                 while report(meter).messages_in < sent.messages and time.monotonic() < deadline:
                     time.sleep(0.1)

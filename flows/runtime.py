@@ -86,7 +86,9 @@ def parquet_sink(config: EdgeConfig, stream: str, meter: Meter) -> ParquetSink:
         max_file_bytes=config.parquet.max_file_bytes,
         max_file_age=config.parquet.max_file_age,
     )
-    return ParquetSink(config.data_dir / "parquet", stream, settings=settings, on_write=meter.on_file)
+    return ParquetSink(
+        config.data_dir / "parquet", stream, settings=settings, on_write=meter.on_file
+    )
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -110,7 +112,10 @@ def load_flow_builder(flow: str) -> FlowBuilder:
     if flow.endswith(".py") or os.sep in flow:
         path = Path(flow)
         if not path.is_file():
-            msg = f"flow file {flow!r} does not exist; give a module such as flows.telemetry or a .py path"
+            msg = (
+                f"flow file {flow!r} does not exist; "
+                "give a module such as flows.telemetry or a .py path"
+            )
             raise ConfigError(msg)
         spec = importlib.util.spec_from_file_location(path.stem, path)
         assert spec is not None and spec.loader is not None
@@ -159,7 +164,9 @@ def run_flow(
     if config.metrics_listen:
         host, _, port = config.metrics_listen.rpartition(":")
         start_http_server(int(port), addr=host or "127.0.0.1", registry=meter.registry)
-    log.info("flow %s starting with %d worker(s), data in %s", flow.flow_id, workers, config.data_dir)
+    log.info(
+        "flow %s starting with %d worker(s), data in %s", flow.flow_id, workers, config.data_dir
+    )
     cluster_main(flow, [], 0, worker_count_per_proc=workers)
     result = report(meter)
     result.write(config.data_dir / f"report-{meter.flow}.json")

@@ -46,8 +46,10 @@ def telemetry_payloads(
     for j in range(n):
         ts = start_ms + j * period_ms
         for i, device in enumerate(ids):
-            values = {"temperature": round(float(temperature[i, j]), 3),
-                      "humidity": round(float(humidity[i, j]), 2)}
+            values = {
+                "temperature": round(float(temperature[i, j]), 3),
+                "humidity": round(float(humidity[i, j]), 2),
+            }
             body = {"ts": ts, "values": values} if with_ts else values
             out.append((device, json.dumps(body, separators=(",", ":")).encode()))
     return out

@@ -71,7 +71,9 @@ def test_unknown_key_is_an_error_with_its_location(tmp_path):
 
 def test_wrong_value_shows_what_was_got(tmp_path):
     path = write(tmp_path, "transports:\n  mqtt: {qos: 2}\n")
-    with pytest.raises(ConfigError, match=r"edge.yaml: invalid configuration: transports\.mqtt\.qos: .*\(got 2\)"):
+    with pytest.raises(
+        ConfigError, match=r"edge.yaml: invalid configuration: transports\.mqtt\.qos: .*\(got 2\)"
+    ):
         load_config(path)
 
 
@@ -81,5 +83,8 @@ def test_deadband_needs_a_tolerance():
 
 
 def test_negative_tolerance_is_refused():
-    with pytest.raises(ConfigError, match=r"telemetry\.deadband\.absolute: .*greater than or equal to 0.*\(got -1\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"telemetry\.deadband\.absolute: .*greater than or equal to 0.*\(got -1\)",
+    ):
         parse_config({"telemetry": {"deadband": {"absolute": -1}}})

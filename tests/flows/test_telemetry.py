@@ -37,7 +37,9 @@ def config(tmp_path, **telemetry_section):
 
 def rows(tmp_path, stream: str) -> list[tuple]:
     glob = str(tmp_path / "parquet" / stream / "**" / "*.parquet")
-    return duckdb.sql(f"select * exclude (date) from read_parquet('{glob}', hive_partitioning=true)").fetchall()
+    return duckdb.sql(
+        f"select * exclude (date) from read_parquet('{glob}', hive_partitioning=true)"
+    ).fetchall()
 
 
 def table(tmp_path, stream: str, columns: str, order: str) -> list[tuple]:
@@ -66,7 +68,12 @@ def test_flow_writes_every_stream(tmp_path, recorded):
     meter = Meter("telemetry")
     run_main(telemetry.build(config(tmp_path), source=TestingSource(recorded), meter=meter))
 
-    points = table(tmp_path, "telemetry_points", "device, key, epoch(ts) - epoch(TIMESTAMP '2026-11-20 12:00:00'), value", "device, ts")
+    points = table(
+        tmp_path,
+        "telemetry_points",
+        "device, key, epoch(ts) - epoch(TIMESTAMP '2026-11-20 12:00:00'), value",
+        "device, ts",
+    )
     assert points == [
         ("pump-1", "temperature", 0, 20.0),
         ("pump-1", "temperature", 2, 21.0),
@@ -75,7 +82,12 @@ def test_flow_writes_every_stream(tmp_path, recorded):
         ("pump-2", "humidity", 6, 45.0),
     ]
 
-    summary = table(tmp_path, "telemetry_summary", "device, key, window_start, count, mean, min, max, first, last", "device, window_start")
+    summary = table(
+        tmp_path,
+        "telemetry_summary",
+        "device, key, window_start, count, mean, min, max, first, last",
+        "device, window_start",
+    )
     start = T0.replace(tzinfo=None)
     assert [(d, k, ws.replace(tzinfo=None), c) for d, k, ws, c, *_ in summary] == [
         ("pump-1", "temperature", start, 3),

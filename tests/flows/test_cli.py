@@ -1,0 +1,143 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from flows.cli import main
+
+EDGESIEVE = [sys.executable, "-m", "flows.cli"]
+
+
+def test_missing_config_exits_2_with_the_reason(tmp_path, capsys):
+    assert main(["run", "flows.telemetry", "--config", str(tmp_path / "edge.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "edgesieve: error: config file" in err and "does not exist" in err
+
+
+def test_workers_must_be_positive(tmp_path, capsys):
+    assert main(["run", "flows.telemetry", "-w", "0", "--config", str(tmp_path / "x.yaml")]) == 2
+    assert "--workers must be at least 1 (got 0)" in capsys.readouterr().err
+
+
+def test_unknown_flow_module(tmp_path, capsys):
+    (tmp_path / "edge.yaml").write_text("{}\n")
+    assert main(["run", "flows.nope", "--config", str(tmp_path / "edge.yaml")]) == 2
+    assert "flow module 'flows.nope' not found" in capsys.readouterr().err
+
+
+def test_flow_file_without_build(tmp_path, capsys):
+    (tmp_path / "edge.yaml").write_text("{}\n")
+    (tmp_path / "mine.py").write_text("x = 1\n")
+    assert main(["run", str(tmp_path / "mine.py"), "--config", str(tmp_path / "edge.yaml")]) == 2
+    assert "has no build(config, *, stop, meter) function" in capsys.readouterr().err
+
+
+def test_missing_flow_file(tmp_path, capsys):
+    (tmp_path / "edge.yaml").write_text("{}\n")
+    assert main(["run", str(tmp_path / "gone.py"), "--config", str(tmp_path / "edge.yaml")]) == 2
+    assert "flow file" in capsys.readouterr().err
+
+
+def test_demo_settings_are_checked(capsys):
+    assert main(["demo", "--devices", "0"]) == 2
+    assert "demo needs at least one device" in capsys.readouterr().err
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("runner", ["edgesieve", "bytewax"])
+def test_run_until_sigterm_flushes_everything(tmp_path, mosquitto, runner):
+    data = tmp_path / "var"
+    config = tmp_path / "edge.yaml"
+    config.write_text(
+        f"""
+data_dir: {data}
+transports:
+  mqtt: {{url: "{mosquitto.url}", client_id: cli-test}}
+telemetry:
+  window: {{length: 3600}}
+parquet: {{max_file_age: 3600}}
+"""
+    )
+    if runner == "edgesieve":
+        cmd = [*EDGESIEVE, "run", "flows.telemetry", "--config", str(config)]
+        env = os.environ
+    else:
+        cmd = [sys.executable, "-m", "bytewax.run", "flows.telemetry"]
+        env = {**os.environ, "EDGESIEVE_CONFIG": str(config)}
+    # The edge keeps a persistent session named by its client id: register it first with the
+    # real mosquitto_sub, so QoS 1 messages queue for the edge however fast it starts.
+    subprocess.run(
+        [
+            "mosquitto_sub",
+            "-p",
+            str(mosquitto.port),
+            "-i",
+            "cli-test",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "v1/devices/+/telemetry",
+            "-W",
+            "1",
+        ],
+        timeout=10,
+        capture_output=True,
+    )
+    for i in range(5):
+        body = json.dumps({"ts": 1763800000000 + i * 1000, "values": {"t": float(i)}})
+        subprocess.run(
+            [
+                "mosquitto_pub",
+                "-p",
+                str(mosquitto.port),
+                "-q",
+                "1",
+                "-t",
+                "v1/devices/d1/telemetry",
+                "-m",
+                body,
+            ],
+            check=True,
+            timeout=10,
+        )
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: data.exists() or proc.poll() is not None, 30, "the flow to start")
+        time.sleep(3.0)  # connect and drain the queued session
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    glob = str(data / "parquet" / "{stream}" / "**" / "*.parquet")
+    points = duckdb.sql(
+        f"select value from read_parquet('{glob.format(stream='telemetry_points')}') order by ts"
+    ).fetchall()
+    assert points == [(0.0,), (1.0,), (2.0,), (3.0,), (4.0,)]
+    # the one-hour window was still open: the clean stop closed and emitted it
+    summary = duckdb.sql(
+        f"select count, mean from read_parquet('{glob.format(stream='telemetry_summary')}')"
+    ).fetchall()
+    assert summary == [(5, 2.0)]
+    assert not list(data.rglob(".*.tmp"))
+    if runner == "edgesieve":
+        report = json.loads((data / "report-telemetry.json").read_text())
+        assert report["messages_in"] == 5

@@ -1,0 +1,30 @@
+import json
+
+import duckdb
+import pytest
+
+from flows.demo import DemoSettings, run_demo
+
+
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
+def test_demo_reduces_and_reports(tmp_path, broker, capsys):
+    settings = DemoSettings(
+        devices=3, seconds=3, rate_per_device=20, data_dir=tmp_path, broker=broker
+    )
+    report = run_demo(settings)
+
+    out = capsys.readouterr().out
+    assert "reduction (raw bytes / local output bytes):" in out
+    sent = 3 * 3 * 20
+    assert report.messages_in == sent
+    assert report.stages["readings"] == 2 * sent
+    # the deadband keeps far fewer points than readings, and every point is on disk
+    assert 0 < report.stages["telemetry_points"] < report.stages["readings"] / 2
+    glob = str(tmp_path / "parquet" / "telemetry_points" / "**" / "*.parquet")
+    assert (
+        duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0][0]
+        == report.stages["telemetry_points"]
+    )
+    assert report.ratio is not None and report.ratio > 1
+    saved = json.loads((tmp_path / "report-telemetry.json").read_text())
+    assert saved["messages_in"] == sent and saved["ratio"] == pytest.approx(report.ratio)
