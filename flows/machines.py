@@ -12,22 +12,26 @@ thresholds 1.4 / 2.8 / 4.5 mm/s), all at ``running_hz = 24.75`` (1485 rpm):
 
 ``healthy``
     1x at 0.10 m/s² and 2x at 0.05 m/s² (radial; axial at 50%), plus
-    sensor noise: velocity RMS about 0.47 mm/s radial, 0.24 mm/s axial:
-    zone A. Kurtosis about 2.
+    sensor noise: velocity RMS about 0.49 mm/s radial and 0.24 mm/s axial,
+    zone A; kurtosis 2.4 to 3.
 ``imbalance``
-    A strong 1x from the rotating unbalance force, 1.3 m/s² radial (x and
-    y in quadrature, so the shaft orbit is a circle) and 0.8 m/s² axial,
-    plus the healthy 2x and noise: velocity RMS about 5.9 mm/s radial
-    (zone D) and 3.6 mm/s axial (zone C).
+    The healthy signal plus a strong 1x from the rotating unbalance force,
+    1.3 m/s² radial (x and y in quadrature, so the shaft orbit is a circle)
+    and 0.8 m/s² axial: velocity RMS about 6.6 mm/s radial (zone D) and
+    4.0 mm/s axial (zone C); kurtosis 1.5 (a sinusoid).
 ``bearing``
-    The healthy signal plus an outer-race defect: impacts at BPFO
-    (3.58x running speed, 88.6 Hz) each ringing a structural resonance at
-    3.6 kHz that decays with a 0.4 ms time constant, peak 4 m/s² on x
-    (y 60%, z 35%), amplitude modulated ±20% at the shaft speed. Velocity
-    stays in zone A (the resonance lies far above 1 kHz) while kurtosis is
-    about 11 on x and 9 on y (> 5 on every axis) and the 1–5 kHz band holds
-    nearly all of the energy: about 0.14 (m/s²)² on x against 1e-4 for a
-    healthy machine.
+    The healthy signal plus an outer-race defect: impacts at BPFO (3.58x
+    running speed, 88.6 Hz), each ringing a structural resonance at 3.6 kHz
+    that decays with a 0.4 ms time constant, 4 m/s² on x (y 60%, z 35%),
+    amplitude modulated ±20% at the shaft speed. Velocity stays in zone A
+    (the resonance lies far above 1 kHz) while kurtosis is about 38 on x,
+    33 on y and 29 on z, and the 1–5 kHz band holds 0.13 (m/s²)² on x
+    against 0.0008 (sensor noise only) on a healthy machine; the dominant
+    line on x is the BPFO harmonic nearest the resonance (about 3545 Hz).
+
+The 1x line lies only four 6.25 Hz bins above DC, so the Hann window's
+leakage biases its frequency-domain velocity up by about 3% (see
+:func:`operators.spectral.spectral`); the zones above include that.
 
 Noise is white Gaussian, ``noise_rms`` per axis, drawn per chunk of 4096
 samples from a generator seeded with ``(seed, axis, chunk)``, so any range
@@ -124,7 +128,7 @@ class Machine:
             raise ValueError(msg)
 
     def signal(self, start_sample: int, frames: int) -> np.ndarray:
-        """Samples ``start_sample`` to ``start_sample + frames``: ``(frames, axes)`` m/s².
+        """Return samples ``start_sample`` to ``start_sample + frames``, ``(frames, axes)`` m/s².
 
         Deterministic and continuous: ``signal(0, 2 * n)`` equals the
         concatenation of ``signal(0, n)`` and ``signal(n, n)``.
@@ -162,14 +166,14 @@ class Machine:
         first = max(0, math.ceil(t0 * rate))
         last = math.floor(t1 * rate)
         out = np.zeros((frames, self.axes))
-        if last < first:
+        if last + 1 < first:
             return out
-        j = np.arange(first, last + 1)
-        hit = np.rint(j * fs / rate).astype(np.int64)
-        gain = 1.0 + 0.2 * np.cos(2.0 * np.pi * self.running_hz * hit / fs)
+        j = np.arange(max(0, first - 1), last + 2)
+        hit = np.rint(j * fs / rate).astype(np.int64) - (start_sample - ring)
+        gain = 1.0 + 0.2 * np.cos(2.0 * np.pi * self.running_hz * j / rate)
+        inside = (hit >= 0) & (hit < frames + ring)
         impulses = np.zeros(frames + ring)
-        np.add.at(impulses, hit - (start_sample - ring), gain)
-        impulses = impulses[: frames + ring]
+        np.add.at(impulses, hit[inside], gain[inside])
         tk = np.arange(ring) / fs
         kernel = np.exp(-tk / RESONANCE_TAU_S) * np.sin(2.0 * np.pi * RESONANCE_HZ * tk)
         response = np.convolve(impulses, kernel)[ring : ring + frames]
@@ -209,7 +213,7 @@ def blocks(
 
     Block ``i`` holds samples ``i * block_frames`` onwards of
     ``machine.signal`` and starts at ``start_ts`` plus that many sample
-    periods (rounded to the microsecond, EVB1's resolution). ``device`` is
+    periods (rounded half up to the microsecond, EVB1's resolution). ``device`` is
     not part of the block (transports carry it); it names the machine in
     error messages.
     """
