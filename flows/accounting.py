@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import threading
-import weakref
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import bytewax.operators as op
 from bytewax.dataflow import Stream
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = ["FlowReport", "Meter", "counted", "report"]
 
@@ -29,61 +30,93 @@ RECEIVED = "received"
 
 
 class Meter:
-    """Counters of one flow, registered in a (possibly shared) Prometheus registry."""
+    """Counters of one flow, exported through a (possibly shared) Prometheus registry.
 
-    _lock = threading.Lock()
-    _by_registry: weakref.WeakKeyDictionary[
-        CollectorRegistry, tuple[Counter, Counter, Counter, Counter]
-    ] = weakref.WeakKeyDictionary()
+    Counting is plain dictionary arithmetic under one lock per batch; Prometheus
+    reads the tallies only when scraped or reported.
+    """
 
     def __init__(self, flow: str, registry: CollectorRegistry | None = None) -> None:
         self.flow = flow
         self.registry = registry if registry is not None else CollectorRegistry()
-        with Meter._lock:
-            counters = Meter._by_registry.get(self.registry)
-            if counters is None:
-                counters = (
-                    Counter(
-                        "edgesieve_messages",
-                        "Records per flow stage and device",
-                        ["flow", "stage", "device"],
-                        registry=self.registry,
-                    ),
-                    Counter(
-                        "edgesieve_bytes",
-                        "Device payload bytes per flow stage and device",
-                        ["flow", "stage", "device"],
-                        registry=self.registry,
-                    ),
-                    Counter(
-                        "edgesieve_output_rows",
-                        "Rows published to local files per stream",
-                        ["flow", "stream"],
-                        registry=self.registry,
-                    ),
-                    Counter(
-                        "edgesieve_output_bytes",
-                        "Bytes of local files published per stream",
-                        ["flow", "stream"],
-                        registry=self.registry,
-                    ),
-                )
-                Meter._by_registry[self.registry] = counters
-        self._messages, self._bytes, self._rows, self._file_bytes = counters
+        self._lock = threading.Lock()
+        self._messages: Tally[tuple[str, str]] = Tally()
+        self._bytes: Tally[tuple[str, str]] = Tally()
+        self._rows: Tally[str] = Tally()
+        self._file_bytes: Tally[str] = Tally()
+        self.totals: Tally[str] = Tally()
+        """Records per stage summed over devices: a cheap progress view of the counters."""
+        self.registry.register(_MeterCollector(self))
 
     def add(
         self, stage: str, counts: Mapping[str, int], sizes: Mapping[str, int] | None = None
     ) -> None:
         """Add per-device record counts (and payload bytes) for one stage."""
-        for device, n in counts.items():
-            self._messages.labels(self.flow, stage, device).inc(n)
-        for device, n in (sizes or {}).items():
-            self._bytes.labels(self.flow, stage, device).inc(n)
+        with self._lock:
+            self.totals[stage] += sum(counts.values())
+            for device, n in counts.items():
+                self._messages[stage, device] += n
+            for device, n in (sizes or {}).items():
+                self._bytes[stage, device] += n
 
     def on_file(self, stream: str, rows: int, nbytes: int) -> None:
         """Record one published output file; matches ``ParquetSink``'s ``on_write``."""
-        self._rows.labels(self.flow, stream).inc(rows)
-        self._file_bytes.labels(self.flow, stream).inc(nbytes)
+        with self._lock:
+            self._rows[stream] += rows
+            self._file_bytes[stream] += nbytes
+
+    def snapshot(self) -> dict[str, dict]:
+        """A consistent copy of every tally."""
+        with self._lock:
+            return {
+                "messages": dict(self._messages),
+                "bytes": dict(self._bytes),
+                "rows": dict(self._rows),
+                "file_bytes": dict(self._file_bytes),
+            }
+
+
+class _MeterCollector(Collector):
+    """Exports a :class:`Meter`'s tallies as Prometheus counters."""
+
+    def __init__(self, meter: Meter) -> None:
+        self._meter = meter
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        flow = self._meter.flow
+        snap = self._meter.snapshot()
+        families = (
+            (
+                "edgesieve_messages",
+                "Records per flow stage and device",
+                ["flow", "stage", "device"],
+                snap["messages"],
+            ),
+            (
+                "edgesieve_bytes",
+                "Device payload bytes per flow stage and device",
+                ["flow", "stage", "device"],
+                snap["bytes"],
+            ),
+            (
+                "edgesieve_output_rows",
+                "Rows published to local files per stream",
+                ["flow", "stream"],
+                snap["rows"],
+            ),
+            (
+                "edgesieve_output_bytes",
+                "Bytes of local files published per stream",
+                ["flow", "stream"],
+                snap["file_bytes"],
+            ),
+        )
+        for name, doc, labels, tally in families:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for key, value in tally.items():
+                parts = key if isinstance(key, tuple) else (key,)
+                family.add_metric([flow, *parts], value)
+            yield family
 
 
 def counted(
@@ -157,27 +190,18 @@ class FlowReport:
 
 
 def report(meter: Meter) -> FlowReport:
-    """Read the flow's counters back into a :class:`FlowReport`."""
+    """Read the flow's tallies into a :class:`FlowReport`."""
+    snap = meter.snapshot()
     rep = FlowReport(meter.flow)
-    for metric in meter.registry.collect():
-        for sample in metric.samples:
-            if not sample.name.endswith("_total") or sample.labels.get("flow") != meter.flow:
-                continue
-            n = int(sample.value)
-            labels = sample.labels
-            if metric.name == "edgesieve_messages":
-                stage, device = labels["stage"], labels["device"]
-                rep.stages[stage] = rep.stages.get(stage, 0) + n
-                rep.devices.setdefault(device, {})[stage] = n
-                if stage == RECEIVED:
-                    rep.messages_in += n
-            elif metric.name == "edgesieve_bytes":
-                stage, device = labels["stage"], labels["device"]
-                rep.devices.setdefault(device, {})[f"{stage}_bytes"] = n
-                if stage == RECEIVED:
-                    rep.raw_bytes += n
-            elif metric.name == "edgesieve_output_rows":
-                rep.output_rows[labels["stream"]] = n
-            elif metric.name == "edgesieve_output_bytes":
-                rep.output_bytes[labels["stream"]] = n
+    for (stage, device), n in snap["messages"].items():
+        rep.stages[stage] = rep.stages.get(stage, 0) + n
+        rep.devices.setdefault(device, {})[stage] = n
+        if stage == RECEIVED:
+            rep.messages_in += n
+    for (stage, device), n in snap["bytes"].items():
+        rep.devices.setdefault(device, {})[f"{stage}_bytes"] = n
+        if stage == RECEIVED:
+            rep.raw_bytes += n
+    rep.output_rows = dict(snap["rows"])
+    rep.output_bytes = dict(snap["file_bytes"])
     return rep

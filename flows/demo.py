@@ -17,7 +17,7 @@ from typing import Literal
 
 from connectors.broker import start_broker
 from flows import telemetry
-from flows.accounting import FlowReport, Meter, report
+from flows.accounting import RECEIVED, FlowReport, Meter
 from flows.config import EdgeConfig, parse_config
 from flows.runtime import run_flow
 from flows.simulator import publish_telemetry, telemetry_payloads
@@ -94,7 +94,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> FlowReport:
                     stop=stop,
                 )
                 deadline = time.monotonic() + 30
-                while report(meter).messages_in < sent.messages and time.monotonic() < deadline:
+                while meter.totals[RECEIVED] < sent.messages and time.monotonic() < deadline:
                     time.sleep(0.1)
             except Exception:
                 log.exception("simulated devices failed")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
@@ -19,6 +20,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 __all__ = ["PublishStats", "publish_telemetry", "telemetry_payloads"]
+
+MAX_IN_FLIGHT = 1000
+"""Messages a publisher may have unacknowledged; bounds its memory and message ids."""
 
 
 def telemetry_payloads(
@@ -67,7 +71,7 @@ class PublishStats:
 def _client(url: str, client_id: str) -> mqtt.Client:
     parts = urlsplit(url)
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
-    client.max_inflight_messages_set(1000)
+    client.max_inflight_messages_set(MAX_IN_FLIGHT)
     client.max_queued_messages_set(0)
     client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
     client.loop_start()
@@ -90,7 +94,7 @@ def publish_telemetry(
     stats = PublishStats()
     client = _client(url, f"edgesieve-sim-{time.monotonic_ns()}")
     t0 = time.monotonic()
-    info = None
+    pending: deque[mqtt.MQTTMessageInfo] = deque()
     try:
         for i, (device, payload) in enumerate(payloads):
             now = time.monotonic() - t0
@@ -100,10 +104,12 @@ def publish_telemetry(
                 ahead = i / rate_per_s - now
                 if ahead > 0:
                     time.sleep(ahead)
-            info = client.publish(f"v1/devices/{device}/telemetry", payload, qos=qos)
+            pending.append(client.publish(f"v1/devices/{device}/telemetry", payload, qos=qos))
             stats.messages += 1
             stats.bytes += len(payload)
-        if info is not None:
+            if len(pending) >= MAX_IN_FLIGHT:
+                pending.popleft().wait_for_publish(timeout=max(1.0, deadline_s - now))
+        for info in pending:
             info.wait_for_publish(timeout=max(1.0, deadline_s - (time.monotonic() - t0)))
     finally:
         stats.seconds = time.monotonic() - t0

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter as Tally
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
+from bytewax.operators import KeyedStream
 
 from connectors.decode import decode
 from connectors.records import DeadLetter, RawMessage, Reading, series_key
@@ -47,23 +50,45 @@ def late_letter(reading: Reading, allowed_lateness: timedelta) -> DeadLetter:
     )
 
 
-def _decode_batch(max_payload_bytes: int):  # noqa: ANN202
-    def decode_batch(batch: list[RawMessage]) -> list[Reading | DeadLetter]:
-        out: list[Reading | DeadLetter] = []
+Keyed = tuple[str, Reading | DeadLetter]
+
+
+def _decoder(max_payload_bytes: int, meter: Meter) -> Callable[[list[RawMessage]], list[Keyed]]:
+    """Decode a batch, count it, and key it: readings by series, errors by device.
+
+    One pass over the batch does what would otherwise take a counting step, a
+    decoding step and a keying step, each walking every item.
+    """
+
+    def decode_batch(batch: list[RawMessage]) -> list[Keyed]:
+        received: Tally[str] = Tally()
+        sizes: Tally[str] = Tally()
+        readings: Tally[str] = Tally()
+        out: list[Keyed] = []
         for msg in batch:
+            device = msg.device
+            received[device] += 1
+            sizes[device] += len(msg.payload)
             result = decode(msg, max_payload_bytes=max_payload_bytes)
             if isinstance(result, list):
-                out.extend(result)
+                readings[device] += len(result)
+                out.extend((series_key(device, r.key), r) for r in result)
             elif isinstance(result, DeadLetter):
-                out.append(result)
+                out.append((device, result))
             else:
                 reason = "vibration blocks are handled by flows.vibration, not flows.telemetry"
-                out.append(
-                    DeadLetter(msg.device, msg.transport, msg.received_at, reason, msg.payload)
-                )
+                letter = DeadLetter(device, msg.transport, msg.received_at, reason, msg.payload)
+                out.append((device, letter))
+        meter.add(RECEIVED, received, sizes)
+        meter.add("readings", readings)
         return out
 
     return decode_batch
+
+
+def _is_number(item: Keyed) -> bool:
+    value = item[1]
+    return type(value) is Reading and type(value.value) is float
 
 
 def build(
@@ -85,17 +110,12 @@ def build(
     if source is None:
         source = mqtt_source(config, channels=("telemetry",), stop=stop)
     raw: Stream[RawMessage] = op.input("ingest", flow, source)
-    raw = counted(
-        "count_received", raw, meter, RECEIVED, lambda m: m.device, lambda m: len(m.payload)
-    )
-    decoded = op.flat_map_batch("decode", raw, _decode_batch(config.max_payload_bytes))
-    split = op.branch("split_errors", decoded, lambda x: isinstance(x, Reading))
-    readings: Stream[Reading] = split.trues  # type: ignore[assignment]
-    errors: Stream[DeadLetter] = split.falses  # type: ignore[assignment]
-
-    kinds = op.branch("split_text", readings, lambda r: isinstance(r.value, float))
-    numeric = counted("count_readings", kinds.trues, meter, "readings", lambda r: r.device)
-    keyed = op.key_on("by_series", numeric, lambda r: series_key(r.device, r.key))
+    decoded = op.flat_map_batch("decode", raw, _decoder(config.max_payload_bytes, meter))
+    numbers = op.branch("split_numbers", decoded, _is_number)
+    keyed: KeyedStream[Reading] = numbers.trues  # type: ignore[assignment]
+    others = op.branch("split_text", numbers.falses, lambda kv: type(kv[1]) is Reading)
+    text = op.map("text", others.trues, lambda kv: kv[1])
+    errors = op.map("errors", others.falses, lambda kv: kv[1])
 
     band = settings.deadband
     points = deadband(
@@ -126,7 +146,7 @@ def build(
 
     op.output("out_points", points_out, parquet_sink(config, "telemetry_points", meter))
     op.output("out_summary", summaries, parquet_sink(config, "telemetry_summary", meter))
-    op.output("out_text", kinds.falses, parquet_sink(config, "telemetry_text", meter))
+    op.output("out_text", text, parquet_sink(config, "telemetry_text", meter))
     op.output("out_dead_letters", dead, parquet_sink(config, "dead_letters", meter))
     return flow
 

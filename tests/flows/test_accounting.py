@@ -1,0 +1,56 @@
+import json
+import threading
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from flows.accounting import RECEIVED, Meter, report
+
+
+def test_counters_feed_both_report_and_prometheus(tmp_path):
+    registry = CollectorRegistry()
+    meter = Meter("telemetry", registry)
+    other = Meter("vibration", registry)  # flows can share one registry
+    meter.add(RECEIVED, {"a": 2, "b": 1}, {"a": 200, "b": 50})
+    meter.add("telemetry_points", {"a": 1})
+    meter.on_file("telemetry_points", 1, 25)
+    other.add(RECEIVED, {"c": 5}, {"c": 1000})
+
+    rep = report(meter)
+    assert rep.messages_in == 3 and rep.raw_bytes == 250
+    assert rep.stages == {RECEIVED: 3, "telemetry_points": 1}
+    assert rep.devices["a"] == {RECEIVED: 2, f"{RECEIVED}_bytes": 200, "telemetry_points": 1}
+    assert rep.ratio == 10.0
+    assert "reduction (raw bytes / local output bytes): 10.0:1" in rep.render()
+
+    text = generate_latest(registry).decode()
+    assert 'edgesieve_messages_total{device="a",flow="telemetry",stage="received"} 2.0' in text
+    assert 'edgesieve_bytes_total{device="c",flow="vibration",stage="received"} 1000.0' in text
+    assert 'edgesieve_output_bytes_total{flow="telemetry",stream="telemetry_points"} 25.0' in text
+
+    rep.write(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["ratio"] == 10.0
+
+
+def test_ratio_is_none_before_output_and_dead_letters_do_not_count():
+    meter = Meter("telemetry")
+    meter.add(RECEIVED, {"a": 1}, {"a": 100})
+    meter.on_file("dead_letters", 1, 50)
+    rep = report(meter)
+    assert rep.ratio is None
+    assert "n/a (nothing written yet)" in rep.render()
+
+
+def test_concurrent_adds_are_not_lost():
+    meter = Meter("telemetry")
+
+    def work() -> None:
+        for _ in range(5000):
+            meter.add("readings", {"a": 1, "b": 2})
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert meter.totals["readings"] == 4 * 5000 * 3
+    assert report(meter).devices["b"]["readings"] == 4 * 5000 * 2
