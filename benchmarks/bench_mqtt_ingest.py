@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 
 from connectors.broker import Mosquitto
 from flows import telemetry
-from flows.accounting import Meter, report
+from flows.accounting import RECEIVED, Meter, report
 from flows.config import parse_config
 from flows.runtime import run_flow
 from flows.simulator import publish_telemetry, telemetry_payloads
@@ -80,7 +80,7 @@ def drain_flow(
 
     def watch() -> None:
         deadline = time.monotonic() + timeout
-        while report(meter).messages_in < n and time.monotonic() < deadline:
+        while meter.totals[RECEIVED] < n and time.monotonic() < deadline:
             time.sleep(0.01)
         stop.set()
 
