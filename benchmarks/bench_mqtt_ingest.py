@@ -26,7 +26,8 @@ from flows.simulator import publish_telemetry, telemetry_payloads
 
 TOPIC = "v1/devices/+/telemetry"
 BARE_ID = "bench-bare"
-FLOW_ID = "bench-flow"
+FLOW_PREFIX = "bench-flow"
+FLOW_ID = f"{FLOW_PREFIX}-telemetry"  # flows add their channel to the configured client id
 
 
 def register_session(port: int, client_id: str) -> None:
@@ -72,7 +73,7 @@ def drain_flow(
     config = parse_config(
         {
             "data_dir": str(data_dir),
-            "transports": {"mqtt": {"url": f"mqtt://127.0.0.1:{port}", "client_id": FLOW_ID}},
+            "transports": {"mqtt": {"url": f"mqtt://127.0.0.1:{port}", "client_id": FLOW_PREFIX}},
         }
     )
     meter = Meter("telemetry")

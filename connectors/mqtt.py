@@ -14,9 +14,12 @@ exactly one worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +27,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -31,13 +35,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from connectors.records import RawMessage
 
-__all__ = ["MqttSettings", "MqttSource", "MqttSourcePartition"]
+__all__ = ["MqttSettings", "MqttSink", "MqttSinkPartition", "MqttSource", "MqttSourcePartition"]
 
 logger = logging.getLogger("edgesieve.mqtt")
 
 _PROTOCOLS = {"3.1.1": MQTTProtocolVersion.MQTTv311, "5": MQTTProtocolVersion.MQTTv5}
 _WILDCARDS = ("/", "+", "#")
 _IDLE_AWAKE = timedelta(milliseconds=5)
+_CLOSE_FLUSH_S = 5.0
 _FULL_WAIT_S = 0.05
 _DEFAULT_PORT = 1883
 
@@ -600,3 +605,105 @@ class MqttSource(DynamicSource[RawMessage]):
     def connect_failures(self) -> int:
         """Failed or refused connection attempts over all workers."""
         return sum(p.connect_failures for p in self.partitions)
+
+
+class MqttSinkPartition(StatelessSinkPartition[Any]):
+    """One worker's publishing client (see :class:`MqttSink`)."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        client_id: str,
+        topic: Callable[[Any], str],
+        payload: Callable[[Any], bytes],
+        max_queued: int,
+    ) -> None:
+        self._settings = settings
+        self._client_id = client_id
+        self._topic = topic
+        self._payload = payload
+        self._pending: deque[paho.MQTTMessageInfo] = deque()
+        self.published = 0
+        self.dropped = 0
+        protocol = _PROTOCOLS[settings.protocol]
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
+        )
+        if settings.username is not None:
+            self._client.username_pw_set(settings.username, settings.password)
+        self._client.max_queued_messages_set(max_queued)
+        self._client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)  # type: ignore[arg-type]
+        self._client.connect_async(settings.host, settings.port, keepalive=settings.keepalive_s)
+        self._client.loop_start()
+
+    def write_batch(self, items: list[Any]) -> None:
+        """Queue each item for publishing; paho sends it once connected."""
+        qos = self._settings.qos
+        for item in items:
+            info = self._client.publish(self._topic(item), self._payload(item), qos=qos)
+            if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+                self.dropped += 1
+                logger.warning(
+                    "mqtt publisher %s: outgoing queue full while the broker is unreachable; "
+                    "dropped a message for %s (it is still in the local outputs)",
+                    self._client_id,
+                    self._topic(item),
+                )
+                continue
+            self.published += 1
+            self._pending.append(info)
+        while self._pending and self._pending[0].is_published():
+            self._pending.popleft()
+
+    def close(self) -> None:
+        """Give queued messages a few seconds to leave, then disconnect."""
+        deadline = time.monotonic() + _CLOSE_FLUSH_S
+        for info in self._pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._client.is_connected():
+                break
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout=remaining)
+        unsent = sum(1 for info in self._pending if not info.is_published())
+        if unsent:
+            logger.warning(
+                "mqtt publisher %s: %d message(s) not delivered before shutdown",
+                self._client_id,
+                unsent,
+            )
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+class MqttSink(DynamicSink[Any]):
+    """Publish items to an MQTT broker, e.g. alarms on ``v1/devices/{id}/alarms``.
+
+    ``topic`` and ``payload`` map an item to its topic and bytes. Each worker has
+    its own client (``{client_id}-w{worker}``) that reconnects with backoff;
+    while the broker is unreachable up to ``max_queued`` messages wait in
+    memory, beyond that they are dropped with a warning (local outputs keep them).
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        topic: Callable[[Any], str],
+        payload: Callable[[Any], bytes],
+        max_queued: int = 10_000,
+    ) -> None:
+        self._settings = settings
+        self._topic = topic
+        self._payload = payload
+        self._max_queued = max_queued
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> MqttSinkPartition:
+        """One publishing client per worker."""
+        return MqttSinkPartition(
+            self._settings,
+            client_id=f"{self._settings.client_id}-w{worker_index}",
+            topic=self._topic,
+            payload=self._payload,
+            max_queued=self._max_queued,
+        )

@@ -13,6 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from operators.spectral import SpectralConfig
+from operators.threshold import Rule
+
 __all__ = [
     "ConfigError",
     "DeadbandSection",
@@ -20,6 +23,7 @@ __all__ = [
     "MqttSection",
     "ParquetSection",
     "TelemetrySection",
+    "VibrationSection",
     "WindowSection",
     "load_config",
     "parse_config",
@@ -84,6 +88,87 @@ class TelemetrySection(_Section):
     window: WindowSection = WindowSection()
 
 
+class AlarmRuleSection(_Section):
+    """One entry of ``vibration.alarms``: a threshold rule on a feature column."""
+
+    name: str
+    field: str = "velocity_rms_mm_s"
+    raise_above: float | None = None
+    clear_below: float | None = None
+    raise_below: float | None = None
+    clear_above: float | None = None
+    min_duration: timedelta = timedelta(0)
+    min_count: int = 1
+    severity: str = "warning"
+
+    def rule(self) -> Rule:
+        """The operator's rule (its checks run here)."""
+        return Rule(**self.model_dump())
+
+
+class VibrationSection(_Section):
+    """``vibration``: spectral features and alarms of the vibration flow."""
+
+    fft_size: int = 4096
+    overlap: float = 0.0
+    frames_per_row: int = 6
+    bands_hz: tuple[tuple[float, float], ...] = ((10, 100), (100, 1000), (1000, 5000))
+    velocity_band_hz: tuple[float, float] = (10.0, 1000.0)
+    iso_thresholds_mm_s: tuple[float, float, float] = (1.4, 2.8, 4.5)
+    alarms: tuple[AlarmRuleSection, ...] | None = None
+    """None: warn in ISO zone C, critical in zone D (10 % hysteresis), and warn on
+    impacts (kurtosis above 8 for 3 rows, cleared below 5; Gaussian noise is 3)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> VibrationSection:
+        self.spectral()
+        self.rules()
+        return self
+
+    def spectral(self) -> SpectralConfig:
+        """The spectral operator's settings (its checks run here)."""
+        return SpectralConfig(
+            fft_size=self.fft_size,
+            overlap=self.overlap,
+            frames_per_row=self.frames_per_row,
+            bands_hz=self.bands_hz,
+            velocity_band_hz=self.velocity_band_hz,
+            iso_thresholds_mm_s=self.iso_thresholds_mm_s,
+        )
+
+    def rules(self) -> tuple[Rule, ...]:
+        """The alarm rules: configured ones, or the defaults (ISO zones C/D, impacts)."""
+        if self.alarms is not None:
+            return tuple(a.rule() for a in self.alarms)
+        _, zone_c, zone_d = self.iso_thresholds_mm_s
+        return (
+            Rule(
+                "iso_zone_c",
+                "velocity_rms_mm_s",
+                raise_above=zone_c,
+                clear_below=0.9 * zone_c,
+                min_count=2,
+                severity="warning",
+            ),
+            Rule(
+                "iso_zone_d",
+                "velocity_rms_mm_s",
+                raise_above=zone_d,
+                clear_below=0.9 * zone_d,
+                min_count=2,
+                severity="critical",
+            ),
+            Rule(
+                "impacts_kurtosis",
+                "kurtosis",
+                raise_above=8.0,
+                clear_below=5.0,
+                min_count=3,
+                severity="warning",
+            ),
+        )
+
+
 class ParquetSection(_Section):
     """``parquet``: local Parquet files."""
 
@@ -101,6 +186,7 @@ class EdgeConfig(_Section):
     metrics_listen: str | None = None
     transports: TransportsSection = TransportsSection()
     telemetry: TelemetrySection = TelemetrySection()
+    vibration: VibrationSection = VibrationSection()
     parquet: ParquetSection = ParquetSection()
 
 
@@ -112,6 +198,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{where}: unknown key; check the spelling against the documented keys"
     if err["type"] == "missing":
         return f"{where}: required key is missing"
+    if isinstance(got, dict):
+        return f"{where}: {text}"
     return f"{where}: {text} (got {got!r})"
 
 

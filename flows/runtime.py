@@ -34,6 +34,7 @@ __all__ = [
     "install_stop_handlers",
     "lazy_flow",
     "load_flow_builder",
+    "mqtt_settings",
     "mqtt_source",
     "parquet_sink",
     "run_flow",
@@ -54,10 +55,14 @@ class FlowBuilder(Protocol):
         ...
 
 
-def mqtt_source(
-    config: EdgeConfig, *, channels: tuple[str, ...], stop: threading.Event | None
-) -> MqttSource:
-    """The MQTT source for ``channels`` from ``transports.mqtt``."""
+def mqtt_settings(
+    config: EdgeConfig, *, channels: tuple[str, ...], role: str = "ingest"
+) -> MqttSettings:
+    """Client settings from ``transports.mqtt``.
+
+    The client id is ``{client_id}-{channels}`` (``-{role}`` for publishers), so
+    flows sharing one broker never take each other's session.
+    """
     section = config.transports.mqtt
     if section is None:
         msg = (
@@ -65,11 +70,15 @@ def mqtt_source(
             'add transports: {mqtt: {url: "mqtt://127.0.0.1:1883"}} to the config'
         )
         raise ConfigError(msg)
-    settings = MqttSettings(
+    base = section.client_id or f"edgesieve-{config.edge_id}"
+    client_id = f"{base}-{'-'.join(channels)}"
+    if role != "ingest":
+        client_id = f"{client_id}-{role}"
+    return MqttSettings(
         url=section.url,
         qos=section.qos,
         channels=channels,
-        client_id=section.client_id or f"edgesieve-{config.edge_id}-{'-'.join(channels)}",
+        client_id=client_id,
         username=section.username,
         password=section.password,
         protocol=section.protocol,
@@ -77,7 +86,13 @@ def mqtt_source(
         keepalive_s=section.keepalive,
         buffer_messages=section.buffer_messages,
     )
-    return MqttSource(settings, stop=stop)
+
+
+def mqtt_source(
+    config: EdgeConfig, *, channels: tuple[str, ...], stop: threading.Event | None
+) -> MqttSource:
+    """The MQTT source for ``channels`` from ``transports.mqtt``."""
+    return MqttSource(mqtt_settings(config, channels=channels), stop=stop)
 
 
 def parquet_sink(config: EdgeConfig, stream: str, meter: Meter) -> ParquetSink:

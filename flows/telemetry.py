@@ -11,22 +11,18 @@ Run it with ``edgesieve run flows.telemetry --config edge.yaml`` or with
 
 from __future__ import annotations
 
-import json
 import threading
-from collections import Counter as Tally
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.operators import KeyedStream
 
-from connectors.decode import decode
-from connectors.records import DeadLetter, RawMessage, Reading, series_key
-from flows.accounting import RECEIVED, Meter, counted
+from connectors.records import DeadLetter, RawMessage, Reading
+from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
+from flows.ingest import Decoded, as_dead_letter, decoder, reading_payload
 from flows.runtime import lazy_flow, mqtt_source, parquet_sink
 from operators.deadband import deadband
 from operators.windows import window_aggregate
@@ -43,50 +39,12 @@ def late_letter(reading: Reading, allowed_lateness: timedelta) -> DeadLetter:
         f"closed (allowed lateness {allowed_lateness.total_seconds():g}s); "
         "raise telemetry.window.allowed_lateness or fix the device clock"
     )
-    value: Any = reading.value
-    payload = json.dumps({"ts": int(reading.ts.timestamp() * 1000), "values": {reading.key: value}})
     return DeadLetter(
-        reading.device, reading.transport, datetime.now(UTC), reason, payload.encode()
+        reading.device, reading.transport, datetime.now(UTC), reason, reading_payload(reading)
     )
 
 
-Keyed = tuple[str, Reading | DeadLetter]
-
-
-def _decoder(max_payload_bytes: int, meter: Meter) -> Callable[[list[RawMessage]], list[Keyed]]:
-    """Decode a batch, count it, and key it: readings by series, errors by device.
-
-    One pass over the batch does what would otherwise take a counting step, a
-    decoding step and a keying step, each walking every item.
-    """
-
-    def decode_batch(batch: list[RawMessage]) -> list[Keyed]:
-        received: Tally[str] = Tally()
-        sizes: Tally[str] = Tally()
-        readings: Tally[str] = Tally()
-        out: list[Keyed] = []
-        for msg in batch:
-            device = msg.device
-            received[device] += 1
-            sizes[device] += len(msg.payload)
-            result = decode(msg, max_payload_bytes=max_payload_bytes)
-            if isinstance(result, list):
-                readings[device] += len(result)
-                out.extend((series_key(device, r.key), r) for r in result)
-            elif isinstance(result, DeadLetter):
-                out.append((device, result))
-            else:
-                reason = "vibration blocks are handled by flows.vibration, not flows.telemetry"
-                letter = DeadLetter(device, msg.transport, msg.received_at, reason, msg.payload)
-                out.append((device, letter))
-        meter.add(RECEIVED, received, sizes)
-        meter.add("readings", readings)
-        return out
-
-    return decode_batch
-
-
-def _is_number(item: Keyed) -> bool:
+def _is_number(item: tuple[str, Decoded]) -> bool:
     value = item[1]
     return type(value) is Reading and type(value.value) is float
 
@@ -110,12 +68,12 @@ def build(
     if source is None:
         source = mqtt_source(config, channels=("telemetry",), stop=stop)
     raw: Stream[RawMessage] = op.input("ingest", flow, source)
-    decoded = op.flat_map_batch("decode", raw, _decoder(config.max_payload_bytes, meter))
+    decoded = op.flat_map_batch("decode", raw, decoder(config.max_payload_bytes, meter))
     numbers = op.branch("split_numbers", decoded, _is_number)
     keyed: KeyedStream[Reading] = numbers.trues  # type: ignore[assignment]
     others = op.branch("split_text", numbers.falses, lambda kv: type(kv[1]) is Reading)
     text = op.map("text", others.trues, lambda kv: kv[1])
-    errors = op.map("errors", others.falses, lambda kv: kv[1])
+    errors = op.map("errors", others.falses, lambda kv: as_dead_letter(kv[1], "telemetry"))
 
     band = settings.deadband
     points = deadband(

@@ -264,6 +264,8 @@ class Alarm:
     state: str
     severity: str
     value: float
+    key: str = ""
+    """The stream key the rule watched (e.g. ``pump-7/x``); flows fill it in."""
 
 
 @dataclass(slots=True)
