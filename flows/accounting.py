@@ -184,7 +184,7 @@ class FlowReport:
             rows, nbytes = self.output_rows[stream], self.output_bytes.get(stream, 0)
             lines.append(f"  out   {stream:<20} {rows:>10} rows {nbytes:>12} bytes")
         ratio = self.ratio
-        shown = f"{ratio:.1f}:1" if ratio is not None else "n/a (nothing written yet)"
+        shown = f"{ratio:.3g}:1" if ratio is not None else "n/a (nothing written yet)"
         lines.append(f"  reduction (raw bytes / local output bytes): {shown}")
         return "\n".join(lines)
 

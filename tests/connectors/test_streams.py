@@ -41,6 +41,28 @@ def test_stream_contract_columns_and_time_columns() -> None:
             ["device", "transport", "received_at", "reason", "payload"],
             "received_at",
         ),
+        "vibration_features": (
+            [
+                "device",
+                "axis",
+                "ts",
+                "window_s",
+                "sample_rate_hz",
+                "band_energy",
+                "rms",
+                "velocity_rms_mm_s",
+                "peak",
+                "crest_factor",
+                "kurtosis",
+                "dominant_hz",
+                "dominant_amplitude",
+                "iso_zone",
+                "frames",
+                "transport",
+            ],
+            "ts",
+        ),
+        "alarms": (["device", "ts", "rule", "state", "severity", "value", "key"], "ts"),
     }
     assert set(STREAMS) == set(expected)
     for name, (columns, time_column) in expected.items():

@@ -20,7 +20,7 @@ def test_counters_feed_both_report_and_prometheus(tmp_path):
     assert rep.stages == {RECEIVED: 3, "telemetry_points": 1}
     assert rep.devices["a"] == {RECEIVED: 2, f"{RECEIVED}_bytes": 200, "telemetry_points": 1}
     assert rep.ratio == 10.0
-    assert "reduction (raw bytes / local output bytes): 10.0:1" in rep.render()
+    assert "reduction (raw bytes / local output bytes): 10:1" in rep.render()
 
     text = generate_latest(registry).decode()
     assert 'edgesieve_messages_total{device="a",flow="telemetry",stage="received"} 2.0' in text

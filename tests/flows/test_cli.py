@@ -86,7 +86,7 @@ parquet: {{max_file_age: 3600}}
             "-p",
             str(mosquitto.port),
             "-i",
-            "cli-test",
+            "cli-test-telemetry",  # flows append their channel to the configured client_id
             "-c",
             "-q",
             "1",
