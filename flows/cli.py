@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="everything on loopback, then the reduction report")
     demo.add_argument("--devices", type=int, default=20, help="simulated sensors (default 20)")
+    demo.add_argument("--machines", type=int, default=3, help="vibrating machines (default 3)")
     demo.add_argument("--seconds", type=float, default=15.0, help="how long devices send")
     demo.add_argument("--rate", type=float, default=10.0, help="messages/s per device")
     demo.add_argument("--data-dir", type=Path, default=None, help="where outputs go")
@@ -62,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flows.demo import DemoSettings, run_demo
 
             run_demo(
-                DemoSettings(args.devices, args.seconds, args.rate, args.data_dir, args.broker)
+                DemoSettings(
+                    args.devices, args.seconds, args.rate, args.data_dir, args.broker, args.machines
+                )
             )
     except (ConfigError, ValueError) as exc:
         print(f"edgesieve: error: {exc}", file=sys.stderr)

@@ -42,16 +42,14 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
-from urllib.parse import urlsplit
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from connectors.evb1 import encode_evb1
+from flows.simulator import publish
 
 __all__ = ["KINDS", "Machine", "blocks", "publish_vibration"]
 
@@ -258,35 +256,14 @@ def publish_vibration(
     for the last QoS 1/2 publish to be acknowledged. The client connects as
     ``device`` (the broker's username convention for device identity).
     """
-    parts = urlsplit(url)
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device}-{time.monotonic_ns()}"
-    )
-    client.username_pw_set(parts.username or device, parts.password)
-    client.max_inflight_messages_set(100)
-    client.max_queued_messages_set(0)
-    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
-    client.loop_start()
     topic = f"v1/devices/{device}/vibration"
-    sent = 0
-    t0 = time.monotonic()
-    info = None
-    try:
-        for i, payload in enumerate(payloads):
-            now = time.monotonic() - t0
-            if now > deadline_s or (stop is not None and stop.is_set()):
-                break
-            if rate_per_s:
-                ahead = i / rate_per_s - now
-                if ahead > 0:
-                    if ahead + now > deadline_s:
-                        break
-                    time.sleep(ahead)
-            info = client.publish(topic, payload, qos=qos)
-            sent += 1
-        if info is not None:
-            info.wait_for_publish(timeout=max(0.1, deadline_s - (time.monotonic() - t0)))
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return sent
+    stats = publish(
+        url,
+        ((topic, payload) for payload in payloads),
+        rate_per_s=rate_per_s,
+        qos=qos,
+        deadline_s=deadline_s,
+        stop=stop,
+        username=device,
+    )
+    return stats.messages

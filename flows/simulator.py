@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import paho.mqtt.client as mqtt
 
-__all__ = ["PublishStats", "publish_telemetry", "telemetry_payloads"]
+__all__ = ["PublishStats", "publish", "publish_telemetry", "telemetry_payloads"]
 
 MAX_IN_FLIGHT = 1000
 """Messages a publisher may have unacknowledged; bounds its memory and message ids."""
@@ -68,43 +69,46 @@ class PublishStats:
     seconds: float = 0.0
 
 
-def _client(url: str, client_id: str) -> mqtt.Client:
-    parts = urlsplit(url)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
-    client.max_inflight_messages_set(MAX_IN_FLIGHT)
-    client.max_queued_messages_set(0)
-    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
-    client.loop_start()
-    return client
-
-
-def publish_telemetry(
+def publish(
     url: str,
-    payloads: list[tuple[str, bytes]],
+    messages: Iterable[tuple[str, bytes]],
     *,
     rate_per_s: float | None = None,
     qos: int = 1,
     deadline_s: float = 120.0,
     stop: threading.Event | None = None,
+    username: str | None = None,
 ) -> PublishStats:
-    """Publish ``payloads`` to ``v1/devices/{id}/telemetry``, paced to ``rate_per_s``.
+    """Publish ``(topic, payload)`` pairs with one client, paced to ``rate_per_s``.
 
-    Bounded: stops after the last payload, at ``deadline_s``, or when ``stop`` is set.
+    Bounded: stops after the last message, at ``deadline_s`` or when ``stop`` is
+    set; at most :data:`MAX_IN_FLIGHT` messages wait for their acknowledgement.
     """
+    parts = urlsplit(url)
     stats = PublishStats()
-    client = _client(url, f"edgesieve-sim-{time.monotonic_ns()}")
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgesieve-sim-{time.monotonic_ns()}"
+    )
+    if username or parts.username:
+        client.username_pw_set(parts.username or username, parts.password)
+    client.max_inflight_messages_set(MAX_IN_FLIGHT)
+    client.max_queued_messages_set(0)
+    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    client.loop_start()
     t0 = time.monotonic()
     pending: deque[mqtt.MQTTMessageInfo] = deque()
     try:
-        for i, (device, payload) in enumerate(payloads):
+        for i, (topic, payload) in enumerate(messages):
             now = time.monotonic() - t0
             if now > deadline_s or (stop is not None and stop.is_set()):
                 break
             if rate_per_s:
                 ahead = i / rate_per_s - now
                 if ahead > 0:
+                    if now + ahead > deadline_s:
+                        break
                     time.sleep(ahead)
-            pending.append(client.publish(f"v1/devices/{device}/telemetry", payload, qos=qos))
+            pending.append(client.publish(topic, payload, qos=qos))
             stats.messages += 1
             stats.bytes += len(payload)
             if len(pending) >= MAX_IN_FLIGHT:
@@ -116,3 +120,17 @@ def publish_telemetry(
         client.disconnect()
         client.loop_stop()
     return stats
+
+
+def publish_telemetry(
+    url: str,
+    payloads: list[tuple[str, bytes]],
+    *,
+    rate_per_s: float | None = None,
+    qos: int = 1,
+    deadline_s: float = 120.0,
+    stop: threading.Event | None = None,
+) -> PublishStats:
+    """Publish ``(device, payload)`` pairs to ``v1/devices/{device}/telemetry``."""
+    messages = ((f"v1/devices/{device}/telemetry", payload) for device, payload in payloads)
+    return publish(url, messages, rate_per_s=rate_per_s, qos=qos, deadline_s=deadline_s, stop=stop)

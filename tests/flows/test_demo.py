@@ -11,7 +11,8 @@ def test_demo_reduces_and_reports(tmp_path, broker, capsys):
     settings = DemoSettings(
         devices=3, seconds=3, rate_per_device=20, data_dir=tmp_path, broker=broker
     )
-    report = run_demo(settings)
+    reports = run_demo(settings)
+    report = reports["telemetry"]
 
     out = capsys.readouterr().out
     assert "reduction (raw bytes / local output bytes):" in out
@@ -28,3 +29,11 @@ def test_demo_reduces_and_reports(tmp_path, broker, capsys):
     assert report.ratio is not None and report.ratio > 1
     saved = json.loads((tmp_path / "report-telemetry.json").read_text())
     assert saved["messages_in"] == sent and saved["ratio"] == pytest.approx(report.ratio)
+
+    vib = reports["vibration"]
+    blocks = 3 * int(3 * 25_600 / 4096)
+    assert vib.messages_in == blocks
+    assert vib.stages["vibration_features"] > 0
+    assert vib.stages.get("alarms", 0) >= 1  # the imbalanced machine is in ISO zone D
+    assert vib.ratio is not None and vib.ratio > 50
+    assert "alarms:" in out and "total:" in out
