@@ -15,6 +15,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any, Protocol
@@ -95,11 +96,17 @@ def mqtt_source(
     return MqttSource(mqtt_settings(config, channels=channels), stop=stop)
 
 
-def parquet_sink(config: EdgeConfig, stream: str, meter: Meter) -> ParquetSink:
-    """A Parquet sink for ``stream`` under ``data_dir/parquet`` that reports to ``meter``."""
+def parquet_sink(
+    config: EdgeConfig, stream: str, meter: Meter, *, max_file_age: timedelta | None = None
+) -> ParquetSink:
+    """A Parquet sink for ``stream`` under ``data_dir/parquet`` that reports to ``meter``.
+
+    ``max_file_age`` overrides ``parquet.max_file_age`` for streams that must
+    land promptly (alarms).
+    """
     settings = ParquetSettings(
         max_file_bytes=config.parquet.max_file_bytes,
-        max_file_age=config.parquet.max_file_age,
+        max_file_age=max_file_age if max_file_age is not None else config.parquet.max_file_age,
     )
     return ParquetSink(
         config.data_dir / "parquet", stream, settings=settings, on_write=meter.on_file

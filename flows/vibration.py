@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+from datetime import timedelta
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
@@ -34,6 +35,8 @@ from operators.threshold import Alarm, threshold
 __all__ = ["STREAMS", "alarm_payload", "build"]
 
 STREAMS = ("vibration_features", "alarms", "dead_letters")
+ALARM_FILE_AGE = timedelta(seconds=1)
+"""Alarms are published to Parquet within about this long, whatever ``parquet.max_file_age`` is."""
 
 
 def alarm_payload(alarm: Alarm) -> bytes:
@@ -100,7 +103,8 @@ def build(
     dead = counted("count_dead_letters", dead, meter, "dead_letters", lambda d: d.device)
 
     op.output("out_features", features, parquet_sink(config, "vibration_features", meter))
-    op.output("out_alarms", alarms, parquet_sink(config, "alarms", meter))
+    prompt = min(ALARM_FILE_AGE, config.parquet.max_file_age)
+    op.output("out_alarms", alarms, parquet_sink(config, "alarms", meter, max_file_age=prompt))
     op.output("out_dead_letters", dead, parquet_sink(config, "dead_letters", meter))
     if config.transports.mqtt is not None:
         publisher = mqtt_settings(config, channels=("vibration",), role="alarms")
