@@ -155,6 +155,9 @@ def test_end_to_end_through_mosquitto_publishes_alarms(
             path.write_bytes(payload)
             mosquitto_pub(mosquitto, "v1/devices/pump-7/vibration", file=path)
         watcher.wait(timeout=60)
+        # alarms land in Parquet promptly, while the flow is still running
+        alarm_files = tmp_path / "edge" / "parquet" / "alarms"
+        wait_for(lambda: list(alarm_files.rglob("*.parquet")), "alarms on disk", timeout=5)
         wait_for(lambda: meter.totals["received"] == len(payloads), "all blocks to arrive")
         stop.set()
         runner.join(30)
