@@ -19,6 +19,7 @@ import socket
 import subprocess
 import threading
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self
@@ -63,7 +64,35 @@ def _check_loopback(host: str, where: str) -> None:
         raise ValueError(msg)
 
 
-class Mosquitto:
+class _Broker(ABC):
+    """What both loopback brokers share: start/stop, restart, context manager."""
+
+    @abstractmethod
+    def start(self) -> Self:
+        """Start the broker and wait until it accepts connections."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the broker."""
+
+    def restart(self) -> Self:
+        """Stop and start again on the same port (mosquitto keeps its persistence)."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Mosquitto(_Broker):
     """A ``mosquitto`` broker process on a loopback port, with persistence.
 
     ``port=0`` picks a free ephemeral port once; the same port is used again
@@ -256,27 +285,11 @@ class Mosquitto:
             self._log.close()
             self._log = None
 
-    def restart(self) -> Self:
-        """Stop and start again on the same port with the same persistence."""
-        self.stop()
-        return self.start()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"Mosquitto(url={self.url!r}, data_dir={str(self._data_dir)!r})"
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(_Broker):
     """An amqtt MQTT 3.1.1 broker on loopback, in a thread with its own event loop.
 
     Anonymous clients are allowed; there is no persistence. ``data_dir`` is
@@ -376,22 +389,6 @@ class EmbeddedBroker:
             thread.join(timeout=_STOP_TIMEOUT_S)
         if thread is None or not thread.is_alive():
             loop.close()
-
-    def restart(self) -> Self:
-        """Stop and start again on the same port (sessions are not kept)."""
-        self.stop()
-        return self.start()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"EmbeddedBroker(url={self.url!r})"

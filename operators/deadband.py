@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import bytewax.operators as op
 from bytewax.dataflow import operator
@@ -22,15 +22,16 @@ from connectors.records import Reading
 __all__ = ["DeadbandConfig", "DeadbandState", "deadband"]
 
 _NAN = math.nan
+_NEVER = datetime.max.replace(tzinfo=UTC)
 _NO_OUTPUT: tuple[()] = ()
 
-DeadbandState = tuple[float | str, datetime, float, datetime | None]
+DeadbandState = tuple[float | str, datetime, float, datetime]
 """Per-key state: ``(last_value, last_ts, tolerance, heartbeat_due)``.
 
 ``last_value``/``last_ts`` are the value and timestamp of the last kept
 reading, ``tolerance`` is the band around ``last_value`` (computed once when a
-reading is kept) and ``heartbeat_due`` is ``last_ts + max_silence`` (``None``
-without a heartbeat). A plain tuple, so it pickles into recovery snapshots.
+reading is kept) and ``heartbeat_due`` is ``last_ts + max_silence`` (the far
+future without a heartbeat). A plain tuple, so it pickles into recovery snapshots.
 """
 
 
@@ -122,48 +123,25 @@ def _deadband_mapper(
     tolerance_for = config.tolerance_for
     max_silence = config.max_silence
 
-    if max_silence is None:
-
-        def keep(value: float | str, ts: datetime) -> DeadbandState:
-            return (value, ts, tolerance_for(value), None)
-
-        def mapper(
-            state: DeadbandState | None, reading: Reading
-        ) -> tuple[DeadbandState, Iterable[Reading]]:
-            if state is None:
-                return keep(reading.value, reading.ts), (reading,)
-            ts = reading.ts
-            last_value, last_ts, tolerance, _ = state
-            if ts < last_ts:
-                return state, (reading,)
-            value = reading.value
-            try:
-                if abs(value - last_value) <= tolerance:  # type: ignore[operator]
-                    return state, _NO_OUTPUT
-            except TypeError:
-                if value == last_value:
-                    return state, _NO_OUTPUT
-            return keep(value, ts), (reading,)
-
-        return mapper
-
-    def keep_with_heartbeat(value: float | str, ts: datetime) -> DeadbandState:
+    def keep(value: float | str, ts: datetime) -> DeadbandState:
+        if max_silence is None:
+            return (value, ts, tolerance_for(value), _NEVER)
         try:
             due = ts + max_silence
         except OverflowError:
-            due = datetime.max.replace(tzinfo=ts.tzinfo)
+            due = _NEVER
         return (value, ts, tolerance_for(value), due)
 
-    def mapper_with_heartbeat(
+    def mapper(
         state: DeadbandState | None, reading: Reading
     ) -> tuple[DeadbandState, Iterable[Reading]]:
         if state is None:
-            return keep_with_heartbeat(reading.value, reading.ts), (reading,)
+            return keep(reading.value, reading.ts), (reading,)
         ts = reading.ts
         last_value, last_ts, tolerance, due = state
         if ts < last_ts:
             return state, (reading,)
-        if ts < due:  # type: ignore[operator]
+        if ts < due:
             value = reading.value
             try:
                 if abs(value - last_value) <= tolerance:  # type: ignore[operator]
@@ -171,9 +149,9 @@ def _deadband_mapper(
             except TypeError:
                 if value == last_value:
                     return state, _NO_OUTPUT
-        return keep_with_heartbeat(reading.value, ts), (reading,)
+        return keep(reading.value, ts), (reading,)
 
-    return mapper_with_heartbeat
+    return mapper
 
 
 @operator
