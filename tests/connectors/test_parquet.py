@@ -809,8 +809,9 @@ def test_two_workers_write_distinct_files_and_all_rows(tmp_path: Path) -> None:
 def test_unknown_stream_lists_known_streams(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError,
-        match=r"ParquetSink: unknown stream 'telemetry'; known streams: dead_letters, "
-        r"telemetry_points, telemetry_summary, telemetry_text\. Hint: add a StreamSpec",
+        match=r"ParquetSink: unknown stream 'telemetry'; known streams: alarms, dead_letters, "
+        r"telemetry_points, telemetry_summary, telemetry_text, vibration_features\. "
+        r"Hint: add a StreamSpec",
     ):
         ParquetSink(tmp_path, "telemetry")
 
