@@ -22,7 +22,7 @@ from flows import telemetry, vibration
 from flows.accounting import RECEIVED, FlowReport, Meter
 from flows.config import EdgeConfig, parse_config
 from flows.machines import Machine, blocks, publish_vibration
-from flows.runtime import FlowBuilder, install_stop_handlers, run_flow
+from flows.runtime import FlowBuilder, run_flow, stop_on_signals
 from flows.simulator import publish_telemetry, telemetry_payloads
 
 __all__ = ["DemoSettings", "run_demo"]
@@ -112,12 +112,11 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
         for i in range(settings.machines)
     }
     stop = threading.Event()
-    install_stop_handlers(stop)
     meters = {"telemetry": Meter("telemetry"), "vibration": Meter("vibration")}
     expected = {"telemetry": len(payloads), "vibration": block_count * len(machines)}
     deadline_s = settings.seconds * 3 + 30
 
-    with start_broker(data_dir / "broker", kind=settings.broker) as broker:
+    with stop_on_signals(stop), start_broker(data_dir / "broker", kind=settings.broker) as broker:
         print(f"broker: {type(broker).__name__} on {broker.url}")
         print(
             f"devices: {settings.devices} sensors sending {len(payloads)} telemetry messages and "

@@ -13,7 +13,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "mqtt_source",
     "parquet_sink",
     "run_flow",
+    "stop_on_signals",
 ]
 
 log = logging.getLogger("edgesieve.run")
@@ -128,6 +130,21 @@ def install_stop_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """:func:`install_stop_handlers` for a block; the previous handlers come back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    install_stop_handlers(stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def load_flow_builder(flow: str) -> FlowBuilder:
     """Find ``build`` in a flow module name (``flows.telemetry``) or a ``.py`` path."""
     module: ModuleType
@@ -181,15 +198,14 @@ def run_flow(
         flow_name = getattr(build, "__module__", "flow").rsplit(".", 1)[-1]
         meter = Meter(flow_name)
     flow = build(config, stop=stop, meter=meter)
-    if handle_signals:
-        install_stop_handlers(stop)
     if config.metrics_listen:
         host, _, port = config.metrics_listen.rpartition(":")
         start_http_server(int(port), addr=host or "127.0.0.1", registry=meter.registry)
     log.info(
         "flow %s starting with %d worker(s), data in %s", flow.flow_id, workers, config.data_dir
     )
-    cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    with stop_on_signals(stop) if handle_signals else nullcontext():
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
     result = report(meter)
     result.write(config.data_dir / f"report-{meter.flow}.json")
     return RunResult(result)

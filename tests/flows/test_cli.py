@@ -141,3 +141,19 @@ parquet: {{max_file_age: 3600}}
     if runner == "edgesieve":
         report = json.loads((data / "report-telemetry.json").read_text())
         assert report["messages_in"] == 5
+
+
+def test_stop_on_signals_sets_the_event_and_restores_handlers():
+    import threading
+
+    from flows.runtime import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop.is_set()
+    assert signal.getsignal(signal.SIGTERM) is before
