@@ -27,10 +27,12 @@ VIBRATION = "vibration"
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
-    """Bytes as a device sent them, before decoding.
+    """Bytes as a device sent them.
 
     ``channel`` is the device API channel (``"telemetry"`` or ``"vibration"``),
-    ``transport`` is ``"mqtt"``, ``"coap"`` or ``"http"``.
+    ``transport`` is ``"mqtt"``, ``"coap"`` or ``"http"``. Transports that must
+    answer "malformed" at once (HTTP 400, CoAP 4.00) decode on receipt and
+    carry the result in ``decoded``, so the flow does not decode twice.
     """
 
     device: str
@@ -38,6 +40,7 @@ class RawMessage:
     transport: str
     received_at: datetime
     payload: bytes
+    decoded: list[Reading] | VibrationBlock | DeadLetter | None = None
 
 
 @dataclass(frozen=True, slots=True)

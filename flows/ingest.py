@@ -38,7 +38,9 @@ def decoder(
             device = msg.device
             received[device] += 1
             sizes[device] += len(msg.payload)
-            result = decode(msg, max_payload_bytes=max_payload_bytes)
+            result = msg.decoded
+            if result is None:
+                result = decode(msg, max_payload_bytes=max_payload_bytes)
             if type(result) is list:
                 readings[device] += len(result)
                 out.extend((series_key(device, r.key), r) for r in result)
