@@ -3,7 +3,10 @@
 Layout (Hive partitioning, readable by ``pyarrow.dataset`` and DuckDB's
 ``read_parquet(..., hive_partitioning=true)``)::
 
-    root/<stream>/date=YYYY-MM-DD/part-<UTC %Y%m%dT%H%M%S%fZ>-w<worker>-<seq>.parquet
+    root/<stream>/date=YYYY-MM-DD/part-<UTC %Y%m%dT%H%M%S%fZ>-w<worker>-<writer>-<seq>.parquet
+
+``<writer>`` is random per sink partition, so several sinks of one stream
+(e.g. two flows writing ``dead_letters``) never pick the same name.
 
 Each worker buffers Arrow tables and rolls a file per UTC date when the
 buffer reaches ``max_file_bytes``, when its oldest row has waited
@@ -23,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -210,6 +214,7 @@ class ParquetSinkPartition(StatelessSinkPartition[object]):
         self._last_growth_log: float | None = None
         self._failing_since: int | None = None
         self._seq = 0
+        self._writer = secrets.token_hex(3)
         self.files_written = 0
         self.rows_written = 0
         self.write_failures = 0
@@ -365,7 +370,7 @@ class ParquetSinkPartition(StatelessSinkPartition[object]):
         directory = self._root / self._spec.name / f"date={day.isoformat()}"
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         self._seq += 1
-        name = f"part-{stamp}-w{self._worker}-{self._seq:06d}.parquet"
+        name = f"part-{stamp}-w{self._worker}-{self._writer}-{self._seq:06d}.parquet"
         final = directory / name
         temp = directory / f".{name}.tmp"
         try:

@@ -47,6 +47,18 @@ class Meter:
         self.totals: Tally[str] = Tally()
         """Records per stage summed over devices: a cheap progress view of the counters."""
         self.registry.register(_MeterCollector(self))
+        self._family: list[Meter] = [self]
+
+    def sibling(self, flow: str) -> Meter:
+        """A meter for another flow in the same run, sharing this one's registry."""
+        meter = Meter(flow, self.registry)
+        meter._family = self._family
+        self._family.append(meter)
+        return meter
+
+    def family(self) -> list[Meter]:
+        """The meter and its siblings, in creation order."""
+        return list(self._family)
 
     def add(
         self, stage: str, counts: Mapping[str, int], sizes: Mapping[str, int] | None = None

@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.config)
             build = load_flow_builder(args.flow)
             result = run_flow(build, config, workers=args.workers)
-            print(result.report.render())
+            for rep in result.reports.values():
+                print(rep.render())
         elif args.command == "demo":
             from flows.demo import DemoSettings, run_demo
 

@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "DeadbandSection",
     "EdgeConfig",
+    "ListenSection",
     "MqttSection",
     "ParquetSection",
     "TelemetrySection",
@@ -52,10 +53,30 @@ class MqttSection(_Section):
     buffer_messages: int = Field(10_000, gt=0)
 
 
+class ListenSection(_Section):
+    """``transports.http`` / ``transports.coap``: where the device server listens."""
+
+    listen: str
+
+    @model_validator(mode="after")
+    def _host_port(self) -> ListenSection:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            msg = (
+                f"listen must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080 (got {self.listen!r})"
+            )
+            raise ValueError(msg)
+        return self
+
+
 class TransportsSection(_Section):
     """``transports``: how devices reach the edge."""
 
     mqtt: MqttSection | None = None
+    http: ListenSection | None = None
+    coap: ListenSection | None = None
+    queue_messages: int = Field(10_000, gt=0)
+    """Bound of the hand-off queue of the HTTP and CoAP servers (503 / 5.03 beyond)."""
 
 
 class DeadbandSection(_Section):
@@ -221,6 +242,13 @@ def parse_config(
         lines = "; ".join(_describe(e) for e in exc.errors())
         msg = f"{source}: invalid configuration: {lines}"
         raise ConfigError(msg) from None
+    transports = config.transports
+    if (transports.http or transports.coap) and config.devices is None:
+        msg = (
+            f"{source}: transports.http/coap need a device registry; "
+            "set devices: devices.yaml (a list of {id, token})"
+        )
+        raise ConfigError(msg)
     if base_dir is not None:
         update: dict[str, Path] = {}
         if not config.data_dir.is_absolute():

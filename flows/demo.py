@@ -85,7 +85,7 @@ class _FlowThread(threading.Thread):
         try:
             self.report = run_flow(
                 build, config, stop=stop, meter=meter, handle_signals=False
-            ).report
+            ).reports[meter.flow]
         except BaseException as exc:  # reported by run_demo
             self.error = exc
             stop.set()

@@ -21,18 +21,23 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any, Protocol
 
-from bytewax.dataflow import Dataflow
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.testing import cluster_main
 from prometheus_client import start_http_server
 
+from connectors.ingress import DeviceServer, DeviceServers, Ingress
 from connectors.mqtt import MqttSettings, MqttSource
 from connectors.parquet import ParquetSettings, ParquetSink
+from connectors.records import RawMessage
+from connectors.registry import DeviceRegistry
 from flows.accounting import FlowReport, Meter, report
 from flows.config import ConfigError, EdgeConfig, load_config
 
 __all__ = [
     "FlowBuilder",
     "RunResult",
+    "device_inputs",
     "install_stop_handlers",
     "lazy_flow",
     "load_flow_builder",
@@ -96,6 +101,47 @@ def mqtt_source(
 ) -> MqttSource:
     """The MQTT source for ``channels`` from ``transports.mqtt``."""
     return MqttSource(mqtt_settings(config, channels=channels), stop=stop)
+
+
+def device_inputs(
+    flow: Dataflow,
+    config: EdgeConfig,
+    *,
+    channels: tuple[str, ...],
+    stop: threading.Event | None,
+) -> Stream[RawMessage]:
+    """One stream of device messages from every configured transport.
+
+    MQTT subscribes to ``channels``; the HTTP and CoAP servers (which need the
+    device registry) serve every channel of the device API.
+    """
+    transports = config.transports
+    streams: list[Stream[RawMessage]] = []
+    if transports.mqtt is not None:
+        streams.append(op.input("mqtt", flow, mqtt_source(config, channels=channels, stop=stop)))
+    servers: list[DeviceServer] = []
+    if transports.http is not None or transports.coap is not None:
+        assert config.devices is not None  # checked when the config was loaded
+        registry = DeviceRegistry.load(config.devices)
+        ingress = Ingress(
+            max_messages=transports.queue_messages, max_payload_bytes=config.max_payload_bytes
+        )
+        if transports.http is not None:
+            from connectors.http import HttpServer
+
+            servers.append(HttpServer(transports.http.listen, registry, ingress))
+        if transports.coap is not None:
+            from connectors.coap import CoapServer
+
+            servers.append(CoapServer(transports.coap.listen, registry, ingress))
+        streams.append(op.input("servers", flow, DeviceServers(ingress, servers, stop=stop)))
+    if not streams:
+        msg = (
+            "no transport is configured, so the flow has no input; add transports.mqtt, "
+            "transports.http or transports.coap to the config"
+        )
+        raise ConfigError(msg)
+    return streams[0] if len(streams) == 1 else op.merge("transports", *streams)
 
 
 def parquet_sink(
@@ -177,9 +223,9 @@ def load_flow_builder(flow: str) -> FlowBuilder:
 
 @dataclass
 class RunResult:
-    """The outcome of one run: the traffic report."""
+    """The outcome of one run: a traffic report per flow."""
 
-    report: FlowReport
+    reports: dict[str, FlowReport]
 
 
 def run_flow(
@@ -206,9 +252,13 @@ def run_flow(
     )
     with stop_on_signals(stop) if handle_signals else nullcontext():
         cluster_main(flow, [], 0, worker_count_per_proc=workers)
-    result = report(meter)
-    result.write(config.data_dir / f"report-{meter.flow}.json")
-    return RunResult(result)
+    reports: dict[str, FlowReport] = {}
+    for member in meter.family():
+        rep = report(member)
+        if rep.messages_in or member is meter:
+            rep.write(config.data_dir / f"report-{member.flow}.json")
+            reports[member.flow] = rep
+    return RunResult(reports)
 
 
 def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:

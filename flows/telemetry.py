@@ -15,7 +15,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow, Stream
+from bytewax.dataflow import Dataflow, Stream, operator
 from bytewax.inputs import Source
 from bytewax.operators import KeyedStream
 
@@ -23,11 +23,11 @@ from connectors.records import DeadLetter, RawMessage, Reading
 from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
 from flows.ingest import Decoded, as_dead_letter, decoder, reading_payload
-from flows.runtime import lazy_flow, mqtt_source, parquet_sink
+from flows.runtime import device_inputs, lazy_flow, parquet_sink
 from operators.deadband import deadband
 from operators.windows import window_aggregate
 
-__all__ = ["STREAMS", "build"]
+__all__ = ["STREAMS", "build", "pipeline"]
 
 STREAMS = ("telemetry_points", "telemetry_summary", "telemetry_text", "dead_letters")
 
@@ -49,26 +49,11 @@ def _is_number(item: tuple[str, Decoded]) -> bool:
     return type(value) is Reading and type(value.value) is float
 
 
-def build(
-    config: EdgeConfig,
-    *,
-    stop: threading.Event | None = None,
-    meter: Meter | None = None,
-    source: Source[RawMessage] | None = None,
-) -> Dataflow:
-    """Build the telemetry dataflow from a validated configuration.
-
-    ``source`` replaces the MQTT source (tests and benchmarks feed recorded
-    messages); ``stop`` ends the flow cleanly when set; ``meter`` collects the
-    traffic counters for the reduction report.
-    """
-    meter = meter if meter is not None else Meter("telemetry")
+@operator
+def pipeline(step_id: str, up: Stream[RawMessage], config: EdgeConfig, meter: Meter) -> None:
+    """Decode, deadband, windows and sinks of the telemetry flow, on any message stream."""
     settings = config.telemetry
-    flow = Dataflow("telemetry")
-    if source is None:
-        source = mqtt_source(config, channels=("telemetry",), stop=stop)
-    raw: Stream[RawMessage] = op.input("ingest", flow, source)
-    decoded = op.flat_map_batch("decode", raw, decoder(config.max_payload_bytes, meter))
+    decoded = op.flat_map_batch("decode", up, decoder(config.max_payload_bytes, meter))
     numbers = op.branch("split_numbers", decoded, _is_number)
     keyed: KeyedStream[Reading] = numbers.trues  # type: ignore[assignment]
     others = op.branch("split_text", numbers.falses, lambda kv: type(kv[1]) is Reading)
@@ -106,6 +91,28 @@ def build(
     op.output("out_summary", summaries, parquet_sink(config, "telemetry_summary", meter))
     op.output("out_text", text, parquet_sink(config, "telemetry_text", meter))
     op.output("out_dead_letters", dead, parquet_sink(config, "dead_letters", meter))
+
+
+def build(
+    config: EdgeConfig,
+    *,
+    stop: threading.Event | None = None,
+    meter: Meter | None = None,
+    source: Source[RawMessage] | None = None,
+) -> Dataflow:
+    """Build the telemetry dataflow from a validated configuration.
+
+    Input comes from every configured transport, or from ``source`` (tests and
+    benchmarks feed recorded messages); ``stop`` ends the flow cleanly when
+    set; ``meter`` collects the traffic counters for the reduction report.
+    """
+    meter = meter if meter is not None else Meter("telemetry")
+    flow = Dataflow("telemetry")
+    if source is not None:
+        raw: Stream[RawMessage] = op.input("ingest", flow, source)
+    else:
+        raw = device_inputs(flow, config, channels=("telemetry",), stop=stop)
+    pipeline("telemetry", raw, config, meter)
     return flow
 
 

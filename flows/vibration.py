@@ -19,7 +19,7 @@ import threading
 from datetime import timedelta
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow, Stream
+from bytewax.dataflow import Dataflow, Stream, operator
 from bytewax.inputs import Source
 from bytewax.operators import KeyedStream
 
@@ -28,11 +28,11 @@ from connectors.records import RawMessage, VibrationBlock
 from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
 from flows.ingest import Decoded, as_dead_letter, decoder
-from flows.runtime import lazy_flow, mqtt_settings, mqtt_source, parquet_sink
+from flows.runtime import device_inputs, lazy_flow, mqtt_settings, parquet_sink
 from operators.spectral import spectral
 from operators.threshold import Alarm, threshold
 
-__all__ = ["STREAMS", "alarm_payload", "build"]
+__all__ = ["STREAMS", "alarm_payload", "build", "pipeline"]
 
 STREAMS = ("vibration_features", "alarms", "dead_letters")
 ALARM_FILE_AGE = timedelta(seconds=1)
@@ -57,26 +57,12 @@ def _is_block(item: tuple[str, Decoded]) -> bool:
     return type(item[1]) is VibrationBlock
 
 
-def build(
-    config: EdgeConfig,
-    *,
-    stop: threading.Event | None = None,
-    meter: Meter | None = None,
-    source: Source[RawMessage] | None = None,
-) -> Dataflow:
-    """Build the vibration dataflow from a validated configuration.
-
-    ``source`` replaces the MQTT source (tests and benchmarks feed recorded
-    blocks); ``stop`` ends the flow cleanly; ``meter`` collects the counters.
-    """
-    meter = meter if meter is not None else Meter("vibration")
+@operator
+def pipeline(step_id: str, up: Stream[RawMessage], config: EdgeConfig, meter: Meter) -> None:
+    """Decode, spectral features, alarms and sinks of the vibration flow, on any message stream."""
     settings = config.vibration
     spectral_config = settings.spectral()
-    flow = Dataflow("vibration")
-    if source is None:
-        source = mqtt_source(config, channels=("vibration",), stop=stop)
-    raw: Stream[RawMessage] = op.input("ingest", flow, source)
-    decoded = op.flat_map_batch("decode", raw, decoder(config.max_payload_bytes, meter))
+    decoded = op.flat_map_batch("decode", up, decoder(config.max_payload_bytes, meter))
     split = op.branch("split_blocks", decoded, _is_block)
     blocks: KeyedStream[VibrationBlock] = split.trues  # type: ignore[assignment]
     rejected = op.map("rejected", split.falses, lambda kv: as_dead_letter(kv[1], "vibration"))
@@ -114,6 +100,28 @@ def build(
             payload=alarm_payload,
         )
         op.output("publish_alarms", alarms, sink)
+
+
+def build(
+    config: EdgeConfig,
+    *,
+    stop: threading.Event | None = None,
+    meter: Meter | None = None,
+    source: Source[RawMessage] | None = None,
+) -> Dataflow:
+    """Build the vibration dataflow from a validated configuration.
+
+    Input comes from every configured transport, or from ``source`` (tests and
+    benchmarks feed recorded messages); ``stop`` ends the flow cleanly when
+    set; ``meter`` collects the traffic counters for the reduction report.
+    """
+    meter = meter if meter is not None else Meter("vibration")
+    flow = Dataflow("vibration")
+    if source is not None:
+        raw: Stream[RawMessage] = op.input("ingest", flow, source)
+    else:
+        raw = device_inputs(flow, config, channels=("vibration",), stop=stop)
+    pipeline("vibration", raw, config, meter)
     return flow
 
 

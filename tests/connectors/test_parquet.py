@@ -31,7 +31,7 @@ from connectors.streams import STREAMS, to_table
 T0 = datetime(2025, 11, 22, 8, 30, tzinfo=UTC)
 POINTS = "telemetry_points"
 LOGGER = "edgesieve.parquet"
-FILE_NAME = r"part-\d{8}T\d{12}Z-w\d+-\d{6}\.parquet"
+FILE_NAME = r"part-\d{8}T\d{12}Z-w\d+-[0-9a-f]{6}-\d{6}\.parquet"
 
 _real_write_table = pq.write_table
 

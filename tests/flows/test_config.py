@@ -88,3 +88,27 @@ def test_negative_tolerance_is_refused():
         match=r"telemetry\.deadband\.absolute: .*greater than or equal to 0.*\(got -1\)",
     ):
         parse_config({"telemetry": {"deadband": {"absolute": -1}}})
+
+
+def test_http_and_coap_need_a_registry():
+    with pytest.raises(ConfigError, match=r"transports\.http/coap need a device registry"):
+        parse_config({"transports": {"http": {"listen": "127.0.0.1:8080"}}})
+
+
+def test_listen_must_be_host_port():
+    with pytest.raises(
+        ConfigError, match=r"transports\.coap: listen must be HOST:PORT.*\(got '5683'\)"
+    ):
+        parse_config({"devices": "d.yaml", "transports": {"coap": {"listen": "5683"}}})
+
+
+def test_listen_accepts_ipv6_and_queue_bound(tmp_path):
+    path = tmp_path / "edge.yaml"
+    path.write_text(
+        "devices: devices.yaml\n"
+        "transports: {http: {listen: '[::1]:8080'}, coap: {listen: '127.0.0.1:5683'}, queue_messages: 50}\n"
+    )
+    config = load_config(path)
+    assert config.transports.http is not None and config.transports.http.listen == "[::1]:8080"
+    assert config.transports.queue_messages == 50
+    assert config.devices == tmp_path / "devices.yaml"

@@ -132,5 +132,5 @@ def test_late_letter_reason_names_the_setting():
 def test_flow_without_mqtt_config_fails_at_build(tmp_path):
     from flows.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"transports\.mqtt is not configured"):
+    with pytest.raises(ConfigError, match=r"no transport is configured, so the flow has no input"):
         telemetry.build(config(tmp_path))
