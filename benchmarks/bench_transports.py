@@ -1,0 +1,499 @@
+"""HTTP and CoAP ingest: the telemetry flow versus the same server with a bare drain.
+
+For each transport the same device server (same registry, same Ingress, which
+decodes every body once) answers the same list of telemetry POSTs twice:
+
+(a) bare: a plain thread empties the Ingress and discards the messages (no
+    Bytewax), so the server answers as fast as it can;
+(b) flow: the server feeds ``flows.telemetry`` through ``DeviceServers``; the
+    flow (``run_flow`` in a thread) decodes, deadbands, windows and writes
+    Parquet into a temporary directory, and is stopped with its stop event.
+
+The load generator runs in a separate (spawned) process, so it shares no GIL
+with the server. HTTP: POSTs over keep-alive connections; CoAP: confirmable
+POSTs. Both keep a fixed number of requests in flight. aiocoap sends one
+confirmable request at a time per peer (NSTART = 1), so each concurrent CoAP
+requester has its own client context, like a separate device. A warm-up batch
+precedes the timed requests; latency is measured by the client from sending a
+request to reading its answer. The load process's garbage collector is held
+off during the timed requests (it would add its own pauses); the server
+process collects before each side, so (a) and (b) start alike. Each round runs
+(a) and (b), in alternating order; the ratios are given per round and as the
+median.
+
+Prints per side: accepted requests/s (503 / 5.03 answers do not count), p50 and
+p99 latency, the answer counts, and the CPU used by the load process (near 100%
+means the client, not the server, set the pace) and by the server process.
+Then the ratios (b)/(a) of throughput and of p99 latency, the 503 / 5.03
+answers (back-pressure: the flow fell behind its bounded queue) with the
+queue's high water mark, and a check that the flow received one message for
+every 200 / 2.04 answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import math
+import multiprocessing
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from connectors.coap import CoapServer
+from connectors.http import HttpServer
+from connectors.ingress import DeviceServers, Ingress
+from connectors.registry import Device, DeviceRegistry
+from flows import telemetry
+from flows.accounting import RECEIVED, Meter, report
+from flows.config import EdgeConfig, parse_config
+from flows.ingest import READINGS
+from flows.runtime import run_flow
+from flows.simulator import telemetry_payloads
+
+TRANSPORTS = ("http", "coap")
+OK = {"http": "200", "coap": "2.04"}
+BUSY = {"http": "503", "coap": "5.03"}
+REQUEST_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 60.0
+UNSENT = "unsent"
+
+Request = tuple[str, bytes]
+"""(device token, JSON body)."""
+Timed = tuple[list[str], list[float], float, float]
+"""Answers and latencies (ms) of the timed requests, wall and CPU seconds of the load process."""
+
+
+# --- load generator (runs in the spawned process) --------------------------------------------
+
+
+async def _drive(
+    requests: list[Request],
+    concurrency: int,
+    deadline_s: float,
+    send: Callable[[int, Request], Awaitable[str]],
+) -> tuple[list[str], list[float], float]:
+    """Send ``requests`` with ``concurrency`` in flight; answers, latencies (ms), seconds."""
+    answers = [UNSENT] * len(requests)
+    latencies = [math.nan] * len(requests)
+    indices = iter(range(len(requests)))
+    t0 = time.perf_counter()
+    deadline = t0 + deadline_s
+
+    async def requester(slot: int) -> None:
+        for i in indices:
+            if time.perf_counter() > deadline:
+                return
+            start = time.perf_counter()
+            try:
+                answer = await asyncio.wait_for(send(slot, requests[i]), REQUEST_TIMEOUT_S)
+            except Exception as exc:  # a failed request is counted by kind, not raised
+                answer = type(exc).__name__
+            latencies[i] = (time.perf_counter() - start) * 1000.0
+            answers[i] = answer
+
+    await asyncio.gather(*(requester(slot) for slot in range(concurrency)))
+    return answers, latencies, time.perf_counter() - t0
+
+
+async def _timed(
+    requests: list[Request],
+    concurrency: int,
+    deadline_s: float,
+    send: Callable[[int, Request], Awaitable[str]],
+) -> Timed:
+    """:func:`_drive` with the collector held off (bounded memory), plus the CPU seconds used."""
+    gc.collect()
+    gc.disable()
+    cpu = time.process_time()
+    try:
+        answers, latencies, seconds = await _drive(requests, concurrency, deadline_s, send)
+    finally:
+        gc.enable()
+    return answers, latencies, seconds, time.process_time() - cpu
+
+
+async def _load_http(
+    port: int, warmup: list[Request], timed: list[Request], concurrency: int, deadline_s: float
+) -> tuple[list[str], Timed]:
+    import aiohttp
+
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector) as session:
+
+        async def send(slot: int, request: Request) -> str:
+            token, body = request
+            url = f"/api/v1/{token}/telemetry"
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                return str(response.status)
+
+        warm, _, _ = await _drive(warmup, concurrency, deadline_s, send)
+        return warm, await _timed(timed, concurrency, deadline_s, send)
+
+
+async def _load_coap(
+    port: int, warmup: list[Request], timed: list[Request], concurrency: int, deadline_s: float
+) -> tuple[list[str], Timed]:
+    import aiocoap
+
+    contexts = []
+    try:
+        for _ in range(concurrency):
+            contexts.append(await aiocoap.Context.create_client_context(transports=["udp6"]))
+
+        async def send(slot: int, request: Request) -> str:
+            token, body = request
+            message = aiocoap.Message(
+                code=aiocoap.POST,
+                mtype=aiocoap.CON,
+                uri=f"coap://127.0.0.1:{port}/api/v1/{token}/telemetry",
+                payload=body,
+            )
+            response = await contexts[slot].request(message).response
+            return str(response.code.dotted)
+
+        warm, _, _ = await _drive(warmup, concurrency, deadline_s, send)
+        return warm, await _timed(timed, concurrency, deadline_s, send)
+    finally:
+        for context in contexts:
+            await context.shutdown()
+
+
+def generate_load(
+    transport: str,
+    port: int,
+    warmup: list[Request],
+    timed: list[Request],
+    concurrency: int,
+    deadline_s: float,
+) -> tuple[list[str], Timed]:
+    """Warm-up answers, then the timed requests' answers and figures."""
+    load = _load_http if transport == "http" else _load_coap
+    return asyncio.run(load(port, warmup, timed, concurrency, deadline_s))
+
+
+# --- server side -----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One side of the comparison."""
+
+    ok: str
+    """The success answer (200 / 2.04); throughput counts only these."""
+    warmup: Counter[str]
+    answers: Counter[str]
+    latencies_ms: np.ndarray
+    """Of the requests that got an answer code."""
+    seconds: float
+    load_cpu: float
+    """CPU share of one core the load process used during the timed requests."""
+    server_cpu: float
+    """CPU cores' worth the server process used while the load ran (warm-up included)."""
+    received: int = 0
+    high_water: int = 0
+    meter: Meter | None = None
+
+    @property
+    def rate(self) -> float:
+        """Accepted requests per second: refused ones (503 / 5.03) do not count."""
+        return self.answers[self.ok] / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else math.nan
+
+    def count(self, answer: str) -> int:
+        return self.warmup[answer] + self.answers[answer]
+
+
+def make_server(
+    transport: str, registry: DeviceRegistry, ingress: Ingress
+) -> HttpServer | CoapServer:
+    if transport == "http":
+        return HttpServer("127.0.0.1:0", registry, ingress)
+    return CoapServer("127.0.0.1:0", registry, ingress)
+
+
+def listening_port(server: HttpServer | CoapServer) -> int | None:
+    if isinstance(server, CoapServer):
+        return server.port if server.running else None
+    try:
+        return server.port
+    except RuntimeError:
+        return None
+
+
+def make_ingress(config: EdgeConfig) -> Ingress:
+    return Ingress(
+        max_messages=config.transports.queue_messages,
+        max_payload_bytes=config.max_payload_bytes,
+    )
+
+
+def apply_load(
+    transport: str,
+    port: int,
+    warmup: list[Request],
+    timed: list[Request],
+    args: argparse.Namespace,
+    pool: ProcessPoolExecutor,
+) -> Run:
+    """Run the load process against ``port`` and collect what it measured."""
+    gc.collect()  # both sides start from the same collector state
+    cpu, wall = time.process_time(), time.perf_counter()
+    future = pool.submit(
+        generate_load, transport, port, warmup, timed, args.concurrency, args.deadline
+    )
+    warm, (answers, latencies, seconds, load_cpu) = future.result(
+        timeout=2 * args.deadline + REQUEST_TIMEOUT_S + 30.0
+    )
+    server_cpu = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    answered = [ms for ms, a in zip(latencies, answers, strict=True) if a[:1].isdigit()]
+    return Run(
+        OK[transport],
+        Counter(warm),
+        Counter(answers),
+        np.array(answered),
+        seconds,
+        load_cpu / seconds if seconds > 0 else math.nan,
+        server_cpu,
+    )
+
+
+def run_bare(
+    transport: str,
+    registry: DeviceRegistry,
+    config: EdgeConfig,
+    warmup: list[Request],
+    timed: list[Request],
+    args: argparse.Namespace,
+    pool: ProcessPoolExecutor,
+) -> Run:
+    ingress = make_ingress(config)
+    server = make_server(transport, registry, ingress)
+    partition = DeviceServers(ingress, [server]).build("servers", 0, 1)
+    done = threading.Event()
+    drained = 0
+
+    def drain() -> None:
+        nonlocal drained
+        while not done.is_set() or len(ingress):
+            batch = ingress.take(args.batch)
+            if batch:
+                drained += len(batch)
+            else:
+                time.sleep(0.001)
+
+    drainer = threading.Thread(target=drain, name="bench-bare-drain", daemon=True)
+    drainer.start()
+    try:
+        port = listening_port(server)
+        assert port is not None
+        run = apply_load(transport, port, warmup, timed, args, pool)
+    finally:
+        partition.close()
+        done.set()
+        drainer.join(timeout=STOP_TIMEOUT_S)
+    run.received, run.high_water = drained, ingress.high_water
+    return run
+
+
+def run_with_flow(
+    transport: str,
+    registry: DeviceRegistry,
+    config: EdgeConfig,
+    warmup: list[Request],
+    timed: list[Request],
+    args: argparse.Namespace,
+    pool: ProcessPoolExecutor,
+) -> Run:
+    ingress = make_ingress(config)
+    server = make_server(transport, registry, ingress)
+    stop = threading.Event()
+    meter = Meter("telemetry")
+    source = DeviceServers(ingress, [server], stop=stop, max_batch=args.batch)
+    failures: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            build = partial(telemetry.build, source=source)
+            run_flow(build, config, stop=stop, meter=meter, handle_signals=False)
+        except BaseException as exc:
+            failures.append(exc)
+
+    flow = threading.Thread(target=target, name="bench-flow", daemon=True)
+    flow.start()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        port = listening_port(server)
+        while port is None and flow.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+            port = listening_port(server)
+        if port is None:
+            msg = f"{transport}: the flow's server did not start within {START_TIMEOUT_S:g}s"
+            raise RuntimeError(msg)
+        run = apply_load(transport, port, warmup, timed, args, pool)
+    finally:
+        stop.set()
+        flow.join(timeout=STOP_TIMEOUT_S)
+    if failures:
+        raise failures[0]
+    if flow.is_alive():
+        msg = f"{transport}: the flow did not stop within {STOP_TIMEOUT_S:g}s of its stop event"
+        raise RuntimeError(msg)
+    run.received, run.high_water, run.meter = meter.totals[RECEIVED], ingress.high_water, meter
+    return run
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def describe(label: str, run: Run) -> str:
+    answers = ", ".join(f"{k}: {v}" for k, v in sorted(run.answers.items()))
+    return (
+        f"  {label:<34} {run.rate:>8,.0f} accepted/s  p50 {run.percentile(50):6.2f} ms  "
+        f"p99 {run.percentile(99):6.2f} ms  ({run.seconds:.2f} s, cpu load {run.load_cpu:.0%} "
+        f"server {run.server_cpu:.0%})  {{{answers}}}"
+    )
+
+
+def figures(values: list[float]) -> str:
+    shown = " ".join(f"{v:.2f}" for v in values)
+    return f"{shown} -> median {float(np.median(values)):.2f}"
+
+
+def compare(
+    transport: str,
+    registry: DeviceRegistry,
+    payloads: list[tuple[str, bytes]],
+    tokens: dict[str, str],
+    args: argparse.Namespace,
+    pool: ProcessPoolExecutor,
+    tmp: Path,
+) -> bool:
+    n = args.http_requests if transport == "http" else args.coap_requests
+    requests = [(tokens[device], body) for device, body in payloads[: args.warmup + n]]
+    warmup, timed = requests[: args.warmup], requests[args.warmup :]
+    ok, busy = OK[transport], BUSY[transport]
+    queue_setting = {} if args.queue is None else {"queue_messages": args.queue}
+    kind = "HTTP POST, keep-alive" if transport == "http" else "CoAP confirmable POST"
+    raw = sum(len(b) for _, b in timed)
+    print(
+        f"{transport.upper()}: {len(timed):,} requests ({kind}), {raw:,} bytes of telemetry JSON "
+        f"from {args.devices} devices, {args.concurrency} in flight, after {len(warmup)} "
+        f"warm-up requests; {args.rounds} round(s), (a) and (b) in alternating order"
+    )
+
+    bares: list[Run] = []
+    flows: list[Run] = []
+    for r in range(args.rounds):
+        data_dir = tmp / f"edge-{transport}-{r}"
+        config = parse_config({"data_dir": str(data_dir), "transports": queue_setting})
+        sides = [("a", run_bare), ("b", run_with_flow)]
+        for side, run_side in sides if r % 2 == 0 else reversed(sides):
+            run = run_side(transport, registry, config, warmup, timed, args, pool)
+            (bares if side == "a" else flows).append(run)
+        print(describe(f"round {r + 1} (a) server + bare drain:", bares[-1]))
+        print(describe(f"round {r + 1} (b) server + telemetry flow:", flows[-1]))
+
+    rate_ratios = [
+        b.rate / a.rate if a.rate else math.nan for a, b in zip(bares, flows, strict=True)
+    ]
+    p99_ratios = [b.percentile(99) / a.percentile(99) for a, b in zip(bares, flows, strict=True)]
+    print(f"  ratio (b)/(a) throughput:  {figures(rate_ratios)}")
+    print(f"  ratio (b)/(a) p99 latency: {figures(p99_ratios)}")
+    queue = config.transports.queue_messages
+    print(
+        f"  {busy} answers (all rounds, warm-up included): "
+        f"(a) {sum(run.count(busy) for run in bares)}, (b) {sum(run.count(busy) for run in flows)}"
+        f"   (queue bound {queue:,}; high water (a) {max(run.high_water for run in bares):,}, "
+        f"(b) {max(run.high_water for run in flows):,})"
+    )
+    failed: Counter[str] = Counter()
+    for run in (*bares, *flows):
+        failed.update({k: v for k, v in (run.warmup + run.answers).items() if k not in (ok, busy)})
+    if failed:
+        shown = ", ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
+        print(f"  other answers or failures (all rounds, warm-up included): {shown}")
+
+    consistent = True
+    for label, runs in (("(a) bare drain", bares), ("(b) flow", flows)):
+        pairs = [(run.received, run.count(ok)) for run in runs]
+        match = all(received == accepted for received, accepted in pairs)
+        consistent &= match
+        shown = ", ".join(f"{received:,}/{accepted:,}" for received, accepted in pairs)
+        verdict = "ok" if match else "MISMATCH"
+        print(f"  {label} received / {ok} answers per round (warm-up included): {shown}: {verdict}")
+    meter = flows[-1].meter
+    assert meter is not None
+    rep = report(meter)
+    print(
+        f"  flow output (last round): {meter.totals[READINGS]:,} readings -> "
+        f"{rep.output_rows.get('telemetry_points', 0):,} points, "
+        f"{rep.output_rows.get('telemetry_summary', 0):,} summaries, "
+        f"{rep.output_rows.get('dead_letters', 0):,} dead letters in Parquet"
+    )
+    return consistent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--http-requests", type=int, default=10_000)
+    parser.add_argument("--coap-requests", type=int, default=4_000)
+    parser.add_argument("--rounds", type=int, default=3, help="(a)/(b) pairs per transport")
+    parser.add_argument("--warmup", type=int, default=200, help="untimed requests first")
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument(
+        "--queue", type=int, default=None, help="hand-off queue bound (default: the config's)"
+    )
+    parser.add_argument("--batch", type=int, default=1_000, help="messages taken per drain")
+    parser.add_argument(
+        "--deadline", type=float, default=30.0, help="seconds allowed per timed load"
+    )
+    parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
+    args = parser.parse_args()
+    counts = (args.http_requests, args.coap_requests, args.rounds, args.devices, args.concurrency)
+    if min(counts) < 1:
+        parser.error(
+            "--http-requests, --coap-requests, --rounds, --devices, --concurrency must be >= 1"
+        )
+    if args.warmup < 0 or (args.queue is not None and args.queue < 1):
+        parser.error("--warmup must be >= 0 and --queue >= 1")
+
+    registry = DeviceRegistry(
+        Device(f"sensor-{i:03d}", secrets.token_urlsafe(24)) for i in range(args.devices)
+    )
+    tokens = {device.id: device.token for device in registry}
+    most = args.warmup + max(args.http_requests, args.coap_requests)
+    payloads = telemetry_payloads(args.devices, -(-most // args.devices))
+
+    consistent = True
+    spawn = multiprocessing.get_context("spawn")
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool,
+    ):
+        pool.submit(int).result(timeout=START_TIMEOUT_S)  # load process started and imported
+        for transport in args.transports:
+            consistent &= compare(transport, registry, payloads, tokens, args, pool, Path(tmp))
+    if not consistent:
+        sys.exit("some accepted requests did not reach the flow (see MISMATCH above)")
+
+
+if __name__ == "__main__":
+    main()
