@@ -3,8 +3,14 @@
 :class:`Mosquitto` runs the real ``mosquitto`` binary with persistence, so
 persistent sessions and queued QoS 1 messages survive :meth:`Mosquitto.restart`.
 :class:`EmbeddedBroker` runs an amqtt broker in a background thread for
-machines without mosquitto (MQTT 3.1.1 only, no persistence).
-:func:`start_broker` picks whichever is available.
+machines without mosquitto (MQTT 3.1.1 only, no persistence, no shared
+subscriptions). :func:`start_broker` picks whichever is available.
+
+Given a :class:`~connectors.registry.DeviceRegistry` and the edge's
+:class:`~connectors.mosquitto_auth.EdgeAccount`, both brokers enforce the
+device API's rules (:mod:`connectors.mosquitto_auth`): mosquitto through the
+password and ACL files written into its data directory, the embedded broker
+through two amqtt plugins that ask an :class:`~connectors.mosquitto_auth.AccessPolicy`.
 """
 
 from __future__ import annotations
@@ -20,9 +26,19 @@ import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Self
+from typing import IO, TYPE_CHECKING, Any, Literal, Self
+
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+from connectors.mosquitto_auth import AccessPolicy, EdgeAccount, write_mosquitto_config
+from connectors.registry import DeviceRegistry
+
+if TYPE_CHECKING:
+    from amqtt.session import Session
 
 __all__ = ["EmbeddedBroker", "Mosquitto", "start_broker"]
 
@@ -31,6 +47,8 @@ logger = logging.getLogger("edgesieve.broker")
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
 _LOG_TAIL_CHARS = 2_000
+_AMQTT_SHUTDOWN_S = 2.0
+"""How long the embedded broker may shut down gracefully before its tasks are cancelled."""
 
 
 def _free_port(host: str) -> int:
@@ -185,7 +203,7 @@ class Mosquitto(_Broker):
             f"persistence_location {persist}/",
             "autosave_interval 1",
             "autosave_on_changes false",
-            "max_queued_messages 0",
+            "max_queued_messages 1000000",
             "max_queued_bytes 0",
             "set_tcp_nodelay true",
             "log_dest stderr",
@@ -289,11 +307,142 @@ class Mosquitto(_Broker):
         return f"Mosquitto(url={self.url!r}, data_dir={str(self._data_dir)!r})"
 
 
+_PRINCIPAL = "edgesieve.user"
+"""``Session.attributes`` key: the user name the session authenticated as."""
+
+
+def _check_auth_pair(registry: DeviceRegistry | None, edge: EdgeAccount | None, where: str) -> None:
+    if (registry is None) != (edge is None):
+        given, missing = ("registry", "edge") if edge is None else ("edge", "registry")
+        msg = (
+            f"{where}: {given}= was given without {missing}=; they go together; hint: the "
+            "devices log in from the registry and the edge needs its own EdgeAccount to read them"
+        )
+        raise ValueError(msg)
+    if registry is not None and not isinstance(registry, DeviceRegistry):
+        msg = (
+            f"{where}: registry must be a DeviceRegistry, got {type(registry).__name__}; "
+            "hint: DeviceRegistry.load('devices.yaml')"
+        )
+        raise TypeError(msg)
+
+
+class RegistryAuthPlugin(BaseAuthPlugin):
+    """amqtt plugin: log in devices (id + token) and the edge account; refuse everyone else.
+
+    The authenticated user name is kept in the session's attributes (the topic
+    plugin trusts it, not the name a later CONNECT for the same client id
+    claims). A persistent session belongs to the user who created it: another
+    user asking for it is refused. A will whose topic the user may not publish
+    is dropped, as mosquitto does.
+    """
+
+    @dataclass
+    class Config:
+        """Plugin settings: the policy shared with :class:`RegistryTopicPlugin`."""
+
+        policy: Any = None
+
+    async def authenticate(self, *, session: Session) -> bool:
+        """Whether the session's credentials belong to a device or to the edge account."""
+        policy: AccessPolicy = self.config.policy
+        user = policy.authenticate(session.username, session.password)
+        if user is None:
+            logger.info(
+                "embedded broker: refused client %r: unknown user %r or wrong password",
+                session.client_id,
+                session.username,
+            )
+            return False
+        owner = session.attributes.get(_PRINCIPAL)
+        if owner is not None and owner != user:
+            logger.warning(
+                "embedded broker: refused client %r logging in as %r: its persistent session "
+                "belongs to user %r",
+                session.client_id,
+                user,
+                owner,
+            )
+            return False
+        if session.will_flag and not policy.allowed(user, "write", session.will_topic or ""):
+            logger.warning(
+                "embedded broker: client %r (user %r) may not publish its will topic %r; "
+                "the will is dropped",
+                session.client_id,
+                user,
+                session.will_topic,
+            )
+            session.will_flag = False
+            session.will_retain = False
+        session.attributes[_PRINCIPAL] = user
+        return True
+
+
+class RegistryTopicPlugin(BaseTopicPlugin):
+    """amqtt plugin: the device API's topic rules on every publish, subscribe and delivery.
+
+    amqtt does not implement shared subscriptions (``$share/...`` would be a
+    literal filter that never matches), so they are refused outright instead
+    of being granted and silently never delivered.
+    """
+
+    @dataclass
+    class Config:
+        """Plugin settings: the policy shared with :class:`RegistryAuthPlugin`."""
+
+        policy: Any = None
+
+    async def topic_filtering(
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Action | None = None,
+    ) -> bool:
+        """Whether the authenticated user of ``session`` may do ``action`` on ``topic``."""
+        policy: AccessPolicy = self.config.policy
+        user = session.attributes.get(_PRINCIPAL) if session is not None else None
+        if user is None or not topic:
+            return False
+        if action == Action.PUBLISH:
+            allowed = policy.allowed(user, "write", topic)
+        elif action == Action.RECEIVE:
+            allowed = policy.allowed(user, "read", topic)
+        elif action == Action.SUBSCRIBE:
+            if topic.startswith("$share/"):
+                logger.warning(
+                    "embedded broker: refused shared subscription %r of user %r: amqtt does "
+                    "not implement shared subscriptions; hint: run mosquitto for several workers",
+                    topic,
+                    user,
+                )
+                return False
+            allowed = policy.may_subscribe(user, topic)
+        else:
+            return False
+        if not allowed:
+            logger.info("embedded broker: denied %s of %r to user %r", action, topic, user)
+        return allowed
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancel every other task of the running loop and wait for them to end."""
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class EmbeddedBroker(_Broker):
     """An amqtt MQTT 3.1.1 broker on loopback, in a thread with its own event loop.
 
-    Anonymous clients are allowed; there is no persistence. ``data_dir`` is
-    accepted for interface parity with :class:`Mosquitto` and is not used.
+    Without ``registry`` anonymous clients are allowed and every topic is
+    open. With ``registry`` and ``edge`` only devices (user name = device id,
+    password = token) and the edge account log in, and the rules of
+    :mod:`connectors.mosquitto_auth` hold for publish, subscribe and delivery.
+    There is no persistence. ``data_dir`` is accepted for interface parity
+    with :class:`Mosquitto` and is not used.
     """
 
     def __init__(
@@ -302,17 +451,28 @@ class EmbeddedBroker(_Broker):
         *,
         port: int = 0,
         host: str = "127.0.0.1",
+        registry: DeviceRegistry | None = None,
+        edge: EdgeAccount | None = None,
     ) -> None:
         _check_loopback(host, "EmbeddedBroker")
         if not 0 <= port <= 65_535:
             msg = f"EmbeddedBroker: port must be 0..65535 (0 = pick a free one), got {port!r}"
             raise ValueError(msg)
+        _check_auth_pair(registry, edge, "EmbeddedBroker")
+        self._policy = (
+            AccessPolicy(registry, edge) if registry is not None and edge is not None else None
+        )
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self._host = host
         self._port = port or _free_port(host)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether clients must log in (a registry was given)."""
+        return self._policy is not None
 
     @property
     def port(self) -> int:
@@ -334,15 +494,22 @@ class EmbeddedBroker(_Broker):
         """Whether the broker thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
+    def _plugins(self) -> dict[str, dict[str, Any]]:
+        if self._policy is None:
+            return {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        config = {"policy": self._policy}
+        return {
+            f"{__name__}.{RegistryAuthPlugin.__name__}": config,
+            f"{__name__}.{RegistryTopicPlugin.__name__}": config,
+        }
+
     async def _start_broker(self) -> None:
         from amqtt.broker import Broker
 
         bind = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
         config = {
             "listeners": {"default": {"type": "tcp", "bind": bind}},
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-            },
+            "plugins": self._plugins(),
         }
         self._broker = Broker(config, loop=asyncio.get_running_loop())
         await self._broker.start()
@@ -382,6 +549,13 @@ class EmbeddedBroker(_Broker):
         if broker is not None and loop.is_running():
             future = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
             with contextlib.suppress(Exception):
+                future.result(timeout=_AMQTT_SHUTDOWN_S)
+        if loop.is_running():
+            # amqtt's shutdown can hang on a connected client's reader, and it leaves the
+            # waiters of refused clients pending; end them all before the loop closes, or
+            # they fail noisily ("Event loop is closed") when collected.
+            future = asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), loop)
+            with contextlib.suppress(Exception):
                 future.result(timeout=_STOP_TIMEOUT_S)
         if loop.is_running():
             loop.call_soon_threadsafe(loop.stop)
@@ -395,11 +569,25 @@ class EmbeddedBroker(_Broker):
 
 
 def start_broker(
-    data_dir: Path, *, port: int = 0, kind: Literal["auto", "mosquitto", "embedded"] = "auto"
+    data_dir: Path,
+    *,
+    port: int = 0,
+    kind: Literal["auto", "mosquitto", "embedded"] = "auto",
+    registry: DeviceRegistry | None = None,
+    edge: EdgeAccount | None = None,
 ) -> Mosquitto | EmbeddedBroker:
-    """Start a loopback broker: ``mosquitto`` when installed (``auto``), else the embedded one."""
+    """Start a loopback broker: ``mosquitto`` when installed (``auto``), else the embedded one.
+
+    With ``registry`` and ``edge`` the broker admits only the registered
+    devices and the edge account and enforces the device API's topic rules;
+    for mosquitto the password and ACL files are written into ``data_dir``.
+    """
+    _check_auth_pair(registry, edge, "start_broker")
     if kind == "mosquitto" or (kind == "auto" and Mosquitto.available()):
-        return Mosquitto(data_dir, port=port).start()
+        if registry is None or edge is None:
+            return Mosquitto(data_dir, port=port).start()
+        passwd, acl = write_mosquitto_config(registry, edge, Path(data_dir))
+        return Mosquitto(data_dir, port=port, password_file=passwd, acl_file=acl).start()
     if kind == "auto":
         logger.info("mosquitto is not installed; using the embedded amqtt broker")
-    return EmbeddedBroker(data_dir, port=port).start()
+    return EmbeddedBroker(data_dir, port=port, registry=registry, edge=edge).start()

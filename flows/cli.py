@@ -26,9 +26,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", type=Path, default=Path("edge.yaml"), help="edge.yaml")
     run.add_argument("--workers", "-w", type=int, default=1, help="Bytewax workers (threads)")
 
+    devices = sub.add_parser("devices", help="device registry tools")
+    devices_sub = devices.add_subparsers(dest="devices_command", required=True)
+    mosq = devices_sub.add_parser(
+        "mosquitto-config",
+        help="write mosquitto passwd and ACL files from the registry and the edge account",
+    )
+    mosq.add_argument("--config", "-c", type=Path, default=Path("edge.yaml"), help="edge.yaml")
+    mosq.add_argument("--out", type=Path, required=True, help="directory for passwd and acl")
+
     demo = sub.add_parser("demo", help="everything on loopback, then the reduction report")
     demo.add_argument("--devices", type=int, default=20, help="simulated sensors (default 20)")
     demo.add_argument("--machines", type=int, default=3, help="vibrating machines (default 3)")
+    demo.add_argument("--http-devices", type=int, default=3, help="HTTP sensors (default 3)")
+    demo.add_argument("--coap-devices", type=int, default=3, help="CoAP sensors (default 3)")
     demo.add_argument("--seconds", type=float, default=15.0, help="how long devices send")
     demo.add_argument("--rate", type=float, default=10.0, help="messages/s per device")
     demo.add_argument("--data-dir", type=Path, default=None, help="where outputs go")
@@ -39,6 +50,32 @@ def _parser() -> argparse.ArgumentParser:
         help="MQTT broker: mosquitto when installed (auto), or the embedded one",
     )
     return parser
+
+
+def _mosquitto_config(config_path: Path, out: Path) -> None:
+    from connectors.mosquitto_auth import EdgeAccount, write_mosquitto_config
+    from connectors.registry import DeviceRegistry
+
+    config = load_config(config_path)
+    mqtt = config.transports.mqtt
+    if config.devices is None:
+        msg = (
+            f"{config_path}: set devices: devices.yaml, the registry to write the broker files from"
+        )
+        raise ConfigError(msg)
+    if mqtt is None or mqtt.username is None or mqtt.password is None:
+        msg = (
+            f"{config_path}: transports.mqtt needs username and password: they become the "
+            "edge's own broker account (it reads device topics and publishes alarms)"
+        )
+        raise ConfigError(msg)
+    registry = DeviceRegistry.load(config.devices)
+    passwd, acl = write_mosquitto_config(registry, EdgeAccount(mqtt.username, mqtt.password), out)
+    print(f"wrote {passwd} ({len(registry)} devices + edge account {mqtt.username!r}) and {acl}")
+    print("add to mosquitto.conf:")
+    print(
+        f"  allow_anonymous false\n  password_file {passwd.resolve()}\n  acl_file {acl.resolve()}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,12 +97,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_flow(build, config, workers=args.workers)
             for rep in result.reports.values():
                 print(rep.render())
+        elif args.command == "devices":
+            _mosquitto_config(args.config, args.out)
         elif args.command == "demo":
             from flows.demo import DemoSettings, run_demo
 
             run_demo(
                 DemoSettings(
-                    args.devices, args.seconds, args.rate, args.data_dir, args.broker, args.machines
+                    devices=args.devices,
+                    seconds=args.seconds,
+                    rate_per_device=args.rate,
+                    data_dir=args.data_dir,
+                    broker=args.broker,
+                    machines=args.machines,
+                    http_devices=args.http_devices,
+                    coap_devices=args.coap_devices,
                 )
             )
     except (ConfigError, ValueError) as exc:

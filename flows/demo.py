@@ -1,29 +1,39 @@
 """``edgesieve demo``: everything embedded on loopback, then the reduction report.
 
-Starts an MQTT broker (``mosquitto`` when installed, else an embedded one),
-simulated temperature/humidity sensors and vibrating machines (healthy,
-imbalance, bearing fault), and the telemetry and vibration flows side by side
-for a bounded time; then prints messages and bytes in, rows and bytes out,
-alarms, and the reduction ratio per flow.
+Writes a device registry, starts an MQTT broker that enforces it (``mosquitto``
+when installed, else an embedded one), the edge (``flows.edge``: telemetry and
+vibration flows fed by MQTT, HTTP and CoAP), and simulated devices on all
+three transports: temperature/humidity sensors and vibrating machines
+(healthy, imbalance, bearing fault). After a bounded time it stops cleanly and
+prints messages and bytes in, rows and bytes out, alarms and the reduction
+ratio per flow.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
+import socket
 import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import yaml
 
 from connectors.broker import start_broker
-from flows import telemetry, vibration
+from connectors.mosquitto_auth import EdgeAccount
+from connectors.registry import Device, DeviceRegistry
+from flows import edge
 from flows.accounting import RECEIVED, FlowReport, Meter
 from flows.config import EdgeConfig, parse_config
 from flows.machines import Machine, blocks, publish_vibration
-from flows.runtime import FlowBuilder, run_flow, stop_on_signals
-from flows.simulator import publish_telemetry, telemetry_payloads
+from flows.runtime import run_flow, stop_on_signals
+from flows.simulator import Post, post_coap, post_http, publish, telemetry_payloads
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -35,7 +45,11 @@ BLOCK_FRAMES = 4096
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """How big and how long the demo is."""
+    """How big and how long the demo is.
+
+    ``devices`` MQTT sensors, ``machines`` vibrating machines on MQTT, and
+    ``http_devices`` / ``coap_devices`` sensors on those transports.
+    """
 
     devices: int = 20
     seconds: float = 15.0
@@ -43,6 +57,8 @@ class DemoSettings:
     data_dir: Path | None = None
     broker: Literal["auto", "mosquitto", "embedded"] = "auto"
     machines: int = 3
+    http_devices: int = 3
+    coap_devices: int = 3
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.seconds <= 0 or self.rate_per_device <= 0:
@@ -52,17 +68,37 @@ class DemoSettings:
                 f"rate={self.rate_per_device})"
             )
             raise ValueError(msg)
-        if self.machines < 0:
-            msg = f"demo machines must be 0 or more (got {self.machines})"
+        if min(self.machines, self.http_devices, self.coap_devices) < 0:
+            msg = (
+                f"demo machines, http_devices and coap_devices must be 0 or more (got "
+                f"{self.machines}, {self.http_devices}, {self.coap_devices})"
+            )
             raise ValueError(msg)
 
 
-def _demo_config(data_dir: Path, url: str) -> EdgeConfig:
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _demo_config(data_dir: Path, url: str, edge_account: EdgeAccount) -> EdgeConfig:
     return parse_config(
         {
             "edge_id": "demo-edge",
             "data_dir": str(data_dir),
-            "transports": {"mqtt": {"url": url, "qos": 1, "client_id": "edgesieve-demo"}},
+            "devices": str(data_dir / "devices.yaml"),
+            "transports": {
+                "mqtt": {
+                    "url": url,
+                    "qos": 1,
+                    "client_id": "edgesieve-demo",
+                    "username": edge_account.username,
+                    "password": edge_account.password,
+                },
+                "http": {"listen": f"127.0.0.1:{_free_port(socket.SOCK_STREAM)}"},
+                "coap": {"listen": f"127.0.0.1:{_free_port(socket.SOCK_DGRAM)}"},
+            },
             "telemetry": {
                 "deadband": {"absolute": 0.1, "max_silence": 60},
                 "window": {"length": 5, "allowed_lateness": 2},
@@ -73,24 +109,6 @@ def _demo_config(data_dir: Path, url: str) -> EdgeConfig:
     )
 
 
-class _FlowThread(threading.Thread):
-    def __init__(self, build: FlowBuilder, config: EdgeConfig, stop: threading.Event, meter: Meter):
-        super().__init__(name=f"demo-{meter.flow}", daemon=True)
-        self._args = (build, config, stop, meter)
-        self.report: FlowReport | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        build, config, stop, meter = self._args
-        try:
-            self.report = run_flow(
-                build, config, stop=stop, meter=meter, handle_signals=False
-            ).reports[meter.flow]
-        except BaseException as exc:  # reported by run_demo
-            self.error = exc
-            stop.set()
-
-
 def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
     """Run the demo; return each flow's report (also written to ``data_dir``)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -98,7 +116,13 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
     data_dir.mkdir(parents=True, exist_ok=True)
     per_device = max(1, int(settings.seconds * settings.rate_per_device))
     period = timedelta(seconds=1 / settings.rate_per_device)
-    payloads = telemetry_payloads(settings.devices, per_device, period=period)
+    mqtt_payloads = telemetry_payloads(settings.devices, per_device, period=period)
+    http_payloads = telemetry_payloads(
+        settings.http_devices, per_device, period=period, prefix="http-sensor", seed=8
+    )
+    coap_payloads = telemetry_payloads(
+        settings.coap_devices, per_device, period=period, prefix="coap-sensor", seed=9
+    )
     machine_rate = Machine("healthy").sample_rate_hz / BLOCK_FRAMES
     block_count = max(1, int(settings.seconds * machine_rate))
     now = datetime.now(UTC)
@@ -111,71 +135,148 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
         )
         for i in range(settings.machines)
     }
+    ids = sorted({d for d, _ in mqtt_payloads + http_payloads + coap_payloads} | set(machines))
+    tokens = {device: secrets.token_urlsafe(18) for device in ids}
+    registry = DeviceRegistry(Device(d, t) for d, t in tokens.items())
+    (data_dir / "devices.yaml").write_text(
+        yaml.safe_dump({"devices": [{"id": d, "token": t} for d, t in tokens.items()]})
+    )
+    edge_account = EdgeAccount("edgesieve-demo", secrets.token_urlsafe(18))
     stop = threading.Event()
-    meters = {"telemetry": Meter("telemetry"), "vibration": Meter("vibration")}
-    expected = {"telemetry": len(payloads), "vibration": block_count * len(machines)}
+    meter = Meter("edge")
+    expected_telemetry = len(mqtt_payloads) + len(http_payloads) + len(coap_payloads)
+    expected_vibration = block_count * len(machines)
     deadline_s = settings.seconds * 3 + 30
+    results: dict[str, Any] = {}
 
-    with stop_on_signals(stop), start_broker(data_dir / "broker", kind=settings.broker) as broker:
-        print(f"broker: {type(broker).__name__} on {broker.url}")
+    with (
+        stop_on_signals(stop),
+        start_broker(
+            data_dir / "broker", kind=settings.broker, registry=registry, edge=edge_account
+        ) as broker,
+    ):
+        config = _demo_config(data_dir, broker.url, edge_account)
+        transports = config.transports
+        assert transports.http is not None and transports.coap is not None
+        print(f"broker: {type(broker).__name__} on {broker.url} (registry passwords and ACL)")
         print(
-            f"devices: {settings.devices} sensors sending {len(payloads)} telemetry messages and "
-            f"{len(machines)} machines sending {expected['vibration']} vibration blocks "
-            f"over {settings.seconds:g}s; outputs in {data_dir}"
+            f"edge: flows.edge on MQTT, http://{transports.http.listen}, "
+            f"coap://{transports.coap.listen}; outputs in {data_dir}"
         )
-        config = _demo_config(data_dir, broker.url)
-        flows = [
-            _FlowThread(telemetry.build, config, stop, meters["telemetry"]),
-            _FlowThread(vibration.build, config, stop, meters["vibration"]),
-        ]
-        for flow in flows:
-            flow.start()
+        print(
+            f"devices: {settings.devices} MQTT, {settings.http_devices} HTTP and "
+            f"{settings.coap_devices} CoAP sensors ({expected_telemetry} messages), "
+            f"{len(machines)} machines ({expected_vibration} vibration blocks) "
+            f"over {settings.seconds:g}s"
+        )
 
-        def send() -> None:
-            time.sleep(1.0)  # let the flows subscribe first
-            senders = [
-                threading.Thread(
-                    target=publish_telemetry,
-                    args=(broker.url, payloads),
-                    kwargs={
-                        "rate_per_s": settings.devices * settings.rate_per_device,
+        def edge_run() -> None:
+            try:
+                results["edge"] = run_flow(
+                    edge.build, config, stop=stop, meter=meter, handle_signals=False
+                )
+            except BaseException as exc:
+                results["error"] = exc
+                stop.set()
+
+        edge_thread = threading.Thread(target=edge_run, name="demo-edge", daemon=True)
+        edge_thread.start()
+
+        def posts(payloads: list[tuple[str, bytes]]) -> list[Post]:
+            return [Post(tokens[d], "telemetry", body) for d, body in payloads]
+
+        by_device: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
+        for device, body in mqtt_payloads:
+            by_device[device].append((f"v1/devices/{device}/telemetry", body))
+        rate = settings.rate_per_device
+        jobs: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = [
+            (
+                publish,
+                (broker.url, msgs),
+                {
+                    "rate_per_s": rate,
+                    "deadline_s": deadline_s,
+                    "stop": stop,
+                    "username": device,
+                    "password": tokens[device],
+                },
+            )
+            for device, msgs in by_device.items()
+        ]
+        jobs += [
+            (
+                publish_vibration,
+                (broker.url, device, device_blocks),
+                {
+                    "rate_per_s": machine_rate,
+                    "deadline_s": deadline_s,
+                    "stop": stop,
+                    "token": tokens[device],
+                },
+            )
+            for device, device_blocks in machines.items()
+        ]
+        if http_payloads:
+            jobs.append(
+                (
+                    post_http,
+                    (f"http://{transports.http.listen}", posts(http_payloads)),
+                    {
+                        "rate_per_s": rate * settings.http_devices,
                         "deadline_s": deadline_s,
                         "stop": stop,
                     },
-                ),
-                *(
-                    threading.Thread(
-                        target=publish_vibration,
-                        args=(broker.url, device, device_blocks),
-                        kwargs={"rate_per_s": machine_rate, "deadline_s": deadline_s, "stop": stop},
-                    )
-                    for device, device_blocks in machines.items()
-                ),
-            ]
+                )
+            )
+        if coap_payloads:
+            jobs.append(
+                (
+                    post_coap,
+                    (transports.coap.listen, posts(coap_payloads)),
+                    {
+                        "rate_per_s": rate * settings.coap_devices,
+                        "deadline_s": deadline_s,
+                        "stop": stop,
+                    },
+                )
+            )
+
+        def run_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            try:
+                results.setdefault(fn.__name__, []).append(fn(*args, **kwargs))
+            except Exception:
+                log.exception("simulated devices (%s) failed", fn.__name__)
+
+        try:
+            time.sleep(1.0)  # let the edge subscribe and bind first
+            senders = [threading.Thread(target=run_job, args=job, daemon=True) for job in jobs]
             for sender in senders:
                 sender.start()
             for sender in senders:
-                sender.join()
-
-        try:
-            send()
+                sender.join(timeout=deadline_s + 10)
+            flows = {m.flow: m for m in meter.family()}
+            expected = {"telemetry": expected_telemetry, "vibration": expected_vibration}
             until = time.monotonic() + 30
             while (
                 time.monotonic() < until
                 and not stop.is_set()
-                and any(meters[f].totals[RECEIVED] < n for f, n in expected.items())
+                and any(flows[f].totals[RECEIVED] < n for f, n in expected.items() if f in flows)
             ):
                 time.sleep(0.1)
         finally:
             stop.set()
-            for flow in flows:
-                flow.join()
-    for flow in flows:
-        if flow.error is not None:
-            raise flow.error
-    reports = {flow.report.flow: flow.report for flow in flows if flow.report is not None}
+            edge_thread.join()
+    if "error" in results:
+        raise results["error"]
+    reports: dict[str, FlowReport] = {
+        f: r for f, r in results["edge"].reports.items() if f != "edge"
+    }
     for rep in reports.values():
         print(rep.render())
+    for name in ("post_http", "post_coap"):
+        for stats in results.get(name, []):
+            kind = name.removeprefix("post_")
+            print(f"{kind} devices: {stats.sent} requests, answers {stats.answers}")
     alarms = reports["vibration"].stages.get("alarms", 0) if "vibration" in reports else 0
     print(f"alarms: {alarms} raised/cleared events (also published on v1/devices/+/alarms)")
     raw = sum(r.raw_bytes for r in reports.values())

@@ -247,6 +247,7 @@ def publish_vibration(
     qos: int = 1,
     deadline_s: float = 60,
     stop: threading.Event | None = None,
+    token: str | None = None,
 ) -> int:
     """Publish ``payloads`` to ``v1/devices/{device}/vibration``; return how many were sent.
 
@@ -254,7 +255,7 @@ def publish_vibration(
     broker accepts them). Bounded: stops after the last payload, at
     ``deadline_s`` or when ``stop`` is set, and waits (within the deadline)
     for the last QoS 1/2 publish to be acknowledged. The client connects as
-    ``device`` (the broker's username convention for device identity).
+    ``device`` with ``token`` as password (the device API's MQTT credentials).
     """
     topic = f"v1/devices/{device}/vibration"
     stats = publish(
@@ -265,5 +266,6 @@ def publish_vibration(
         deadline_s=deadline_s,
         stop=stop,
         username=device,
+        password=token,
     )
     return stats.messages

@@ -8,19 +8,30 @@ with NumPy up front; publishing is bounded in message count and time.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
-__all__ = ["PublishStats", "publish", "publish_telemetry", "telemetry_payloads"]
+__all__ = [
+    "Post",
+    "PostStats",
+    "PublishStats",
+    "post_coap",
+    "post_http",
+    "publish",
+    "publish_telemetry",
+    "telemetry_payloads",
+]
 
 MAX_IN_FLIGHT = 1000
 """Messages a publisher may have unacknowledged; bounds its memory and message ids."""
@@ -34,6 +45,7 @@ def telemetry_payloads(
     start: datetime | None = None,
     seed: int = 7,
     with_ts: bool = True,
+    prefix: str = "sensor",
 ) -> list[tuple[str, bytes]]:
     """``(device_id, json_payload)`` pairs, interleaved across devices in time order."""
     rng = np.random.default_rng(seed)
@@ -46,7 +58,7 @@ def telemetry_payloads(
     start = start if start is not None else datetime.now(UTC)
     start_ms = int(start.timestamp() * 1000)
     period_ms = int(period.total_seconds() * 1000)
-    ids = [f"sensor-{i:03d}" for i in range(device_count)]
+    ids = [f"{prefix}-{i:03d}" for i in range(device_count)]
     out: list[tuple[str, bytes]] = []
     for j in range(n):
         ts = start_ms + j * period_ms
@@ -78,6 +90,7 @@ def publish(
     deadline_s: float = 120.0,
     stop: threading.Event | None = None,
     username: str | None = None,
+    password: str | None = None,
 ) -> PublishStats:
     """Publish ``(topic, payload)`` pairs with one client, paced to ``rate_per_s``.
 
@@ -90,7 +103,7 @@ def publish(
         mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgesieve-sim-{time.monotonic_ns()}"
     )
     if username or parts.username:
-        client.username_pw_set(parts.username or username, parts.password)
+        client.username_pw_set(parts.username or username, parts.password or password)
     client.max_inflight_messages_set(MAX_IN_FLIGHT)
     client.max_queued_messages_set(0)
     client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
@@ -134,3 +147,159 @@ def publish_telemetry(
     """Publish ``(device, payload)`` pairs to ``v1/devices/{device}/telemetry``."""
     messages = ((f"v1/devices/{device}/telemetry", payload) for device, payload in payloads)
     return publish(url, messages, rate_per_s=rate_per_s, qos=qos, deadline_s=deadline_s, stop=stop)
+
+
+@dataclass(frozen=True)
+class Post:
+    """One device request: the device's token, the channel and the body."""
+
+    token: str
+    channel: str
+    body: bytes
+
+
+@dataclass
+class PostStats:
+    """What a poster sent and how the edge answered (status code -> count)."""
+
+    sent: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    answers: dict[str, int] = field(default_factory=dict)
+
+    def count(self, answer: str) -> None:
+        """Record one answer (an HTTP status or a CoAP code)."""
+        self.answers[answer] = self.answers.get(answer, 0) + 1
+
+
+async def _paced(
+    posts: list[Post],
+    send: Callable[[Post], Awaitable[str]],
+    *,
+    rate_per_s: float | None,
+    deadline_s: float,
+    stop: threading.Event | None,
+    concurrency: int,
+) -> PostStats:
+    stats = PostStats()
+    t0 = time.monotonic()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(post: Post) -> None:
+        try:
+            answer = await asyncio.wait_for(send(post), timeout=10)
+        except Exception as exc:  # a refused or timed-out request is counted, not raised
+            answer = type(exc).__name__
+        finally:
+            gate.release()
+        stats.count(answer)
+
+    tasks = []
+    for i, post in enumerate(posts):
+        now = time.monotonic() - t0
+        if now > deadline_s or (stop is not None and stop.is_set()):
+            break
+        if rate_per_s:
+            ahead = i / rate_per_s - now
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        await gate.acquire()
+        tasks.append(asyncio.create_task(one(post)))
+        stats.sent += 1
+        stats.bytes += len(post.body)
+    await asyncio.gather(*tasks)
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def post_http(
+    base_url: str,
+    posts: list[Post],
+    *,
+    rate_per_s: float | None = None,
+    deadline_s: float = 120.0,
+    stop: threading.Event | None = None,
+    concurrency: int = 8,
+) -> PostStats:
+    """POST each body to ``{base_url}/api/v1/{token}/{channel}`` over keep-alive connections.
+
+    Bounded in count (``posts``), time (``deadline_s``) and concurrency.
+    """
+    import aiohttp
+
+    async def run() -> PostStats:
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(base_url, connector=connector) as session:
+
+            async def send(post: Post) -> str:
+                kind = (
+                    "application/json"
+                    if post.channel == "telemetry"
+                    else "application/octet-stream"
+                )
+                url = f"/api/v1/{post.token}/{post.channel}"
+                async with session.post(
+                    url, data=post.body, headers={"Content-Type": kind}
+                ) as resp:
+                    await resp.read()
+                    return str(resp.status)
+
+            return await _paced(
+                posts,
+                send,
+                rate_per_s=rate_per_s,
+                deadline_s=deadline_s,
+                stop=stop,
+                concurrency=concurrency,
+            )
+
+    return asyncio.run(run())
+
+
+def post_coap(
+    host_port: str,
+    posts: list[Post],
+    *,
+    rate_per_s: float | None = None,
+    deadline_s: float = 120.0,
+    stop: threading.Event | None = None,
+    concurrency: int = 8,
+    confirmable: bool = True,
+) -> PostStats:
+    """POST each body to ``coap://{host_port}/api/v1/{token}/{channel}`` (block-wise when large).
+
+    Bounded in count (``posts``), time (``deadline_s``) and concurrency.
+    """
+    import aiocoap
+
+    async def run() -> PostStats:
+        # aiocoap keeps one confirmable exchange per server in flight, so each
+        # concurrent sender gets its own client, like separate devices.
+        contexts = [await aiocoap.Context.create_client_context() for _ in range(concurrency)]
+        turn = itertools.count()
+        try:
+
+            async def send(post: Post) -> str:
+                request = aiocoap.Message(
+                    code=aiocoap.POST,
+                    transport_tuning=aiocoap.Reliable if confirmable else aiocoap.Unreliable,
+                    uri=f"coap://{host_port}/api/v1/{post.token}/{post.channel}",
+                    payload=post.body,
+                )
+                context = contexts[next(turn) % len(contexts)]
+                response = await context.request(request).response
+                return str(response.code.dotted)
+
+            return await _paced(
+                posts,
+                send,
+                rate_per_s=rate_per_s,
+                deadline_s=deadline_s,
+                stop=stop,
+                concurrency=concurrency,
+            )
+        finally:
+            for context in contexts:
+                await context.shutdown()
+
+    return asyncio.run(run())

@@ -157,3 +157,50 @@ def test_stop_on_signals_sets_the_event_and_restores_handlers():
             time.sleep(0.01)
         assert stop.is_set()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _edge_files(tmp_path, *, mqtt: str = "{url: 'mqtt://127.0.0.1:1883', username: edge, password: edge-secret-1}"):
+    (tmp_path / "devices.yaml").write_text(
+        "devices:\n  - {id: pump-7, token: token-pump-7}\n  - {id: pump-8, token: token-pump-8}\n"
+    )
+    (tmp_path / "edge.yaml").write_text(f"devices: devices.yaml\ntransports:\n  mqtt: {mqtt}\n")
+    return tmp_path / "edge.yaml"
+
+
+def test_mosquitto_config_is_enforced_by_a_real_mosquitto(tmp_path, capsys, mosquitto_factory, mosquitto_pub):
+
+    config = _edge_files(tmp_path)
+    out = tmp_path / "broker-auth"
+    assert main(["devices", "mosquitto-config", "--config", str(config), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(2 devices + edge account 'edge')" in printed and "allow_anonymous false" in printed
+    assert (out / "passwd").stat().st_mode & 0o777 == 0o600
+
+    broker = mosquitto_factory(password_file=out / "passwd", acl_file=out / "acl").start()
+    received = tmp_path / "received.txt"
+    with received.open("w") as sink:
+        sub = subprocess.Popen(
+            ["mosquitto_sub", "-p", str(broker.port), "-u", "edge", "-P", "edge-secret-1",
+             "-t", "v1/devices/+/telemetry", "-v", "-W", "5"],
+            stdout=sink,
+        )
+        time.sleep(0.5)
+        mosquitto_pub(broker, "v1/devices/pump-8/telemetry", message='{"t": 2}', username="pump-7", password="token-pump-7")
+        mosquitto_pub(broker, "v1/devices/pump-7/telemetry", message='{"t": 1}', username="pump-7", password="token-pump-7")
+        with pytest.raises(RuntimeError, match="mosquitto_pub"):
+            mosquitto_pub(broker, "v1/devices/pump-7/telemetry", message="{}", username="pump-7", password="wrong-token")
+        sub.wait(timeout=15)
+    lines = received.read_text().splitlines()
+    assert lines == ['v1/devices/pump-7/telemetry {"t": 1}']  # pump-7 cannot speak for pump-8
+
+
+def test_mosquitto_config_needs_the_edge_account(tmp_path, capsys):
+    config = _edge_files(tmp_path, mqtt="{url: 'mqtt://127.0.0.1:1883'}")
+    assert main(["devices", "mosquitto-config", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "transports.mqtt needs username and password" in capsys.readouterr().err
+
+
+def test_mosquitto_config_needs_a_registry(tmp_path, capsys):
+    (tmp_path / "edge.yaml").write_text("transports: {mqtt: {username: e, password: p}}\n")
+    assert main(["devices", "mosquitto-config", "--config", str(tmp_path / "edge.yaml"), "--out", str(tmp_path)]) == 2
+    assert "set devices: devices.yaml" in capsys.readouterr().err

@@ -9,23 +9,31 @@ from flows.demo import DemoSettings, run_demo
 @pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
 def test_demo_reduces_and_reports(tmp_path, broker, capsys):
     settings = DemoSettings(
-        devices=3, seconds=3, rate_per_device=20, data_dir=tmp_path, broker=broker
+        devices=3,
+        seconds=3,
+        rate_per_device=20,
+        data_dir=tmp_path,
+        broker=broker,
+        machines=3,
+        http_devices=2,
+        coap_devices=2,
     )
     reports = run_demo(settings)
     report = reports["telemetry"]
 
     out = capsys.readouterr().out
     assert "reduction (raw bytes / local output bytes):" in out
-    sent = 3 * 3 * 20
+    sent = (3 + 2 + 2) * 3 * 20
     assert report.messages_in == sent
     assert report.stages["readings"] == 2 * sent
     # the deadband keeps far fewer points than readings, and every point is on disk
     assert 0 < report.stages["telemetry_points"] < report.stages["readings"] / 2
     glob = str(tmp_path / "parquet" / "telemetry_points" / "**" / "*.parquet")
-    assert (
-        duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0][0]
-        == report.stages["telemetry_points"]
-    )
+    rows = duckdb.sql(f"select transport, count(*) from read_parquet('{glob}') group by all").fetchall()
+    assert sum(n for _, n in rows) == report.stages["telemetry_points"]
+    assert {t for t, _ in rows} == {"mqtt", "http", "coap"}  # each reading records its transport
+    assert "http devices: 120 requests, answers {'200': 120}" in out
+    assert "coap devices: 120 requests, answers {'2.04': 120}" in out
     assert report.ratio is not None and report.ratio > 1
     saved = json.loads((tmp_path / "report-telemetry.json").read_text())
     assert saved["messages_in"] == sent and saved["ratio"] == pytest.approx(report.ratio)
@@ -37,3 +45,4 @@ def test_demo_reduces_and_reports(tmp_path, broker, capsys):
     assert vib.stages.get("alarms", 0) >= 1  # the imbalanced machine is in ISO zone D
     assert vib.ratio is not None and vib.ratio > 50
     assert "alarms:" in out and "total:" in out
+    assert "registry passwords and ACL" in out
