@@ -69,3 +69,60 @@ def test_pipeline_step_ids_do_not_clash(tmp_path):
     ]
     run_main(edge.build(config, source=TestingSource(bad)))
     assert count(tmp_path, "dead_letters") == 2
+
+
+def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
+    tmp_path, mosquitto, mosquitto_pub, run_flow, wait_for
+):
+    import threading
+
+    from connectors.evb1 import encode_evb1
+    from flows.runtime import mqtt_source
+
+    config = parse_config(
+        {
+            "data_dir": str(tmp_path),
+            "max_payload_bytes": 4096,
+            "transports": {"mqtt": {"url": mosquitto.url, "client_id": "bad-input"}},
+        }
+    )
+    stop = threading.Event()
+    meter = Meter("edge")
+    source = mqtt_source(config, channels=("telemetry", "vibration"), stop=stop)
+    runner = run_flow(edge.build(config, source=source, meter=meter), stops=[stop])
+    wait_for(lambda: source.ready, "the edge to subscribe")
+
+    import numpy as np
+
+    good_block = encode_evb1(np.zeros((64, 3)), sample_rate_hz=1000, start_ts=T0)
+    bad = {
+        ("telemetry", b"{not json"): "telemetry: ",
+        ("telemetry", b'{"t": [1, 2]}'): "telemetry: ",
+        ("telemetry", b'{"t": NaN}'): "NaN",
+        ("telemetry", b""): "telemetry: ",
+        ("telemetry", b'{"t": "' + b"x" * 5000 + b'"}'): "over the 4096-byte limit",
+        ("vibration", good_block[:-5]): "vibration: ",
+        ("vibration", b"XXXX" + good_block[4:]): "bad magic",
+    }
+    sent_good = 0
+    for i, (channel, payload) in enumerate(bad):
+        # an empty payload goes as -m "" (mosquitto_pub refuses empty stdin)
+        mosquitto_pub(mosquitto, f"v1/devices/dev-{i}/{channel}", message=payload or "")
+        body = json.dumps({"ts": 1763640000000 + i * 1000, "values": {"t": float(i * 10)}})
+        mosquitto_pub(mosquitto, "v1/devices/good/telemetry", message=body)
+        sent_good += 1
+    total = len(bad) + sent_good
+    wait_for(lambda: sum(m.totals["received"] for m in meter.family()) == total, "every message")
+    stop.set()
+    runner.join(30)
+
+    glob = str(tmp_path / "parquet" / "dead_letters" / "**" / "*.parquet")
+    letters = duckdb.sql(f"select device, transport, reason from read_parquet('{glob}') order by device").fetchall()
+    assert [d for d, _, _ in letters] == [f"dev-{i}" for i in range(len(bad))]
+    assert all(t == "mqtt" for _, t, _ in letters)
+    for (_, _, reason), expected in zip(letters, bad.values(), strict=True):
+        assert expected in reason and "\n" not in reason
+    points = duckdb.sql(
+        f"select count(*) from read_parquet('{str(tmp_path / 'parquet' / 'telemetry_points' / '**' / '*.parquet')}') where device = 'good'"
+    ).fetchall()[0][0]
+    assert points == sent_good  # each good reading moved 10 units: all pass the deadband
