@@ -12,14 +12,14 @@ from __future__ import annotations
 import threading
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow, Stream
+from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 
 from connectors.records import TELEMETRY, VIBRATION, RawMessage
 from flows import telemetry, vibration
 from flows.accounting import Meter
 from flows.config import EdgeConfig
-from flows.runtime import device_inputs, lazy_flow
+from flows.runtime import flow_inputs, lazy_flow
 
 __all__ = ["build"]
 
@@ -34,10 +34,7 @@ def build(
     """Build the edge dataflow; counts go to ``telemetry``/``vibration`` siblings of ``meter``."""
     meter = meter if meter is not None else Meter("edge")
     flow = Dataflow("edge")
-    if source is not None:
-        raw: Stream[RawMessage] = op.input("ingest", flow, source)
-    else:
-        raw = device_inputs(flow, config, channels=(TELEMETRY, VIBRATION), stop=stop)
+    raw = flow_inputs(flow, config, channels=(TELEMETRY, VIBRATION), stop=stop, source=source)
     by_channel = op.branch("by_channel", raw, lambda m: m.channel == TELEMETRY)
     telemetry.pipeline("telemetry", by_channel.trues, config, meter.sibling("telemetry"))
     vibration.pipeline("vibration", by_channel.falses, config, meter.sibling("vibration"))

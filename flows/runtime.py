@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
 from bytewax.testing import cluster_main
 from prometheus_client import start_http_server
 
@@ -38,6 +39,7 @@ __all__ = [
     "FlowBuilder",
     "RunResult",
     "device_inputs",
+    "flow_inputs",
     "install_stop_handlers",
     "lazy_flow",
     "load_flow_builder",
@@ -101,6 +103,20 @@ def mqtt_source(
 ) -> MqttSource:
     """The MQTT source for ``channels`` from ``transports.mqtt``."""
     return MqttSource(mqtt_settings(config, channels=channels), stop=stop)
+
+
+def flow_inputs(
+    flow: Dataflow,
+    config: EdgeConfig,
+    *,
+    channels: tuple[str, ...],
+    stop: threading.Event | None,
+    source: Source[RawMessage] | None,
+) -> Stream[RawMessage]:
+    """``source`` when given (tests, benchmarks, recorded data), else :func:`device_inputs`."""
+    if source is not None:
+        return op.input("ingest", flow, source)
+    return device_inputs(flow, config, channels=channels, stop=stop)
 
 
 def device_inputs(

@@ -23,7 +23,7 @@ from connectors.records import DeadLetter, RawMessage, Reading
 from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
 from flows.ingest import Decoded, as_dead_letter, decoder, reading_payload
-from flows.runtime import device_inputs, lazy_flow, parquet_sink
+from flows.runtime import flow_inputs, lazy_flow, parquet_sink
 from operators.deadband import deadband
 from operators.windows import window_aggregate
 
@@ -108,10 +108,7 @@ def build(
     """
     meter = meter if meter is not None else Meter("telemetry")
     flow = Dataflow("telemetry")
-    if source is not None:
-        raw: Stream[RawMessage] = op.input("ingest", flow, source)
-    else:
-        raw = device_inputs(flow, config, channels=("telemetry",), stop=stop)
+    raw = flow_inputs(flow, config, channels=("telemetry",), stop=stop, source=source)
     pipeline("telemetry", raw, config, meter)
     return flow
 

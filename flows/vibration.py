@@ -28,7 +28,7 @@ from connectors.records import RawMessage, VibrationBlock
 from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
 from flows.ingest import Decoded, as_dead_letter, decoder
-from flows.runtime import device_inputs, lazy_flow, mqtt_settings, parquet_sink
+from flows.runtime import flow_inputs, lazy_flow, mqtt_settings, parquet_sink
 from operators.spectral import spectral
 from operators.threshold import Alarm, threshold
 
@@ -117,10 +117,7 @@ def build(
     """
     meter = meter if meter is not None else Meter("vibration")
     flow = Dataflow("vibration")
-    if source is not None:
-        raw: Stream[RawMessage] = op.input("ingest", flow, source)
-    else:
-        raw = device_inputs(flow, config, channels=("vibration",), stop=stop)
+    raw = flow_inputs(flow, config, channels=("vibration",), stop=stop, source=source)
     pipeline("vibration", raw, config, meter)
     return flow
 
