@@ -163,9 +163,19 @@ class _ServersPartition(StatelessSourcePartition[RawMessage]):
         )
         self._thread.start()
         self._stopped = False
-        future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        # on timeout wait_for cancels _start, which stops the servers it had started
+        starting = asyncio.wait_for(self._start(), _START_TIMEOUT_S)
+        future = asyncio.run_coroutine_threadsafe(starting, self._loop)
         try:
-            future.result(timeout=_START_TIMEOUT_S)
+            future.result(timeout=_START_TIMEOUT_S + _STOP_TIMEOUT_S)
+        except TimeoutError as exc:
+            self._shutdown()
+            names = ", ".join(server.name for server in self._servers)
+            msg = (
+                f"DeviceServers: the device servers ({names}) did not start within "
+                f"{_START_TIMEOUT_S:g}s; hint: check their listen addresses"
+            )
+            raise TimeoutError(msg) from exc
         except BaseException:
             self._shutdown()
             raise

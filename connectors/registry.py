@@ -97,6 +97,12 @@ class DeviceRegistry:
         except FileNotFoundError:
             msg = f"device registry {str(path)!r} does not exist; set `devices:` in the config"
             raise RegistryError(msg) from None
+        except UnicodeDecodeError:
+            msg = f"device registry {str(path)!r} is not UTF-8 text; save it as UTF-8 YAML"
+            raise RegistryError(msg) from None
+        except OSError as exc:
+            msg = f"device registry {str(path)!r} cannot be read: {exc.strerror or exc}"
+            raise RegistryError(msg) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -115,7 +121,14 @@ class DeviceRegistry:
                 keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
                 msg = f"{path}: devices[{index}] must have exactly `id` and `token` (got {keys})"
                 raise RegistryError(msg)
-            devices.append(Device(str(entry["id"]), entry["token"]))
+            device_id = entry["id"]
+            if not isinstance(device_id, str):
+                msg = (
+                    f"{path}: devices[{index}]: id must be a string, but YAML read "
+                    f'{device_id!r} ({type(device_id).__name__}); quote it, e.g. id: "pump-7"'
+                )
+                raise RegistryError(msg)
+            devices.append(Device(device_id, entry["token"]))
         return cls(devices, source=str(path))
 
     def authenticate(self, token: str) -> str | None:
@@ -123,7 +136,9 @@ class DeviceRegistry:
         device = self._by_digest.get(_digest(token))
         if device is None:
             return None
-        if hmac.compare_digest(device.token.encode(), token.encode("utf-8", "surrogatepass")):
+        if hmac.compare_digest(
+            device.token.encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass")
+        ):
             return device.id
         return None
 
