@@ -52,6 +52,10 @@ case "${1:-}" in
     "$VENV/bin/ruff" check .
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
+  protos)
+    setup_venv "[test]"
+    "$VENV/bin/python" -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/uplink.proto
+    ;;
   bench)
     shift
     setup_debs
@@ -62,7 +66,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: ./dev.sh {setup|demo|test|bench} [args...]" >&2
+    echo "usage: ./dev.sh {setup|demo|test|bench|protos} [args...]" >&2
     exit 2
     ;;
 esac
