@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["FlowReport", "Meter", "counted", "report"]
+__all__ = ["FlowReport", "Meter", "counted", "ratio_text", "report"]
 
 X = TypeVar("X")
 
@@ -44,8 +44,11 @@ class Meter:
         self._bytes: Tally[tuple[str, str]] = Tally()
         self._rows: Tally[str] = Tally()
         self._file_bytes: Tally[str] = Tally()
+        self._wire_rows: Tally[str] = Tally()
+        self._wire_bytes: Tally[str] = Tally()
         self.totals: Tally[str] = Tally()
         """Records per stage summed over devices: a cheap progress view of the counters."""
+        self._unclaimed_raw = 0
         self.registry.register(_MeterCollector(self))
         self._family: list[Meter] = [self]
 
@@ -70,12 +73,26 @@ class Meter:
                 self._messages[stage, device] += n
             for device, n in (sizes or {}).items():
                 self._bytes[stage, device] += n
+            if stage == RECEIVED and sizes:
+                self._unclaimed_raw += sum(sizes.values())
+
+    def claim_raw_bytes(self) -> int:
+        """Device bytes received since the last claim (a sealed cloud batch stands for them)."""
+        with self._lock:
+            claimed, self._unclaimed_raw = self._unclaimed_raw, 0
+            return claimed
 
     def on_file(self, stream: str, rows: int, nbytes: int) -> None:
         """Record one published output file; matches ``ParquetSink``'s ``on_write``."""
         with self._lock:
             self._rows[stream] += rows
             self._file_bytes[stream] += nbytes
+
+    def on_wire(self, stream: str, rows: int, nbytes: int) -> None:
+        """Record one batch sealed for the cloud: ``nbytes`` is its serialized gRPC message."""
+        with self._lock:
+            self._wire_rows[stream] += rows
+            self._wire_bytes[stream] += nbytes
 
     def snapshot(self) -> dict[str, dict]:
         """A consistent copy of every tally."""
@@ -85,6 +102,8 @@ class Meter:
                 "bytes": dict(self._bytes),
                 "rows": dict(self._rows),
                 "file_bytes": dict(self._file_bytes),
+                "wire_rows": dict(self._wire_rows),
+                "wire_bytes": dict(self._wire_bytes),
             }
 
 
@@ -164,6 +183,8 @@ class FlowReport:
     stages: dict[str, int] = field(default_factory=dict)
     output_rows: dict[str, int] = field(default_factory=dict)
     output_bytes: dict[str, int] = field(default_factory=dict)
+    wire_rows: dict[str, int] = field(default_factory=dict)
+    wire_bytes: dict[str, int] = field(default_factory=dict)
     devices: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def reduced_bytes(self, exclude: Iterable[str] = ("dead_letters",)) -> int:
@@ -177,9 +198,16 @@ class FlowReport:
         out = self.reduced_bytes()
         return self.raw_bytes / out if out else None
 
+    @property
+    def wire_ratio(self) -> float | None:
+        """Raw device bytes per byte sent to the cloud (DESIGN's reduction ratio), if any was."""
+        wire = sum(self.wire_bytes.values())
+        return self.raw_bytes / wire if wire else None
+
     def to_json(self) -> str:
         """The report as JSON (for ``data_dir/report.json``)."""
-        return json.dumps({**asdict(self), "ratio": self.ratio}, indent=2, sort_keys=True)
+        body = {**asdict(self), "ratio": self.ratio, "wire_ratio": self.wire_ratio}
+        return json.dumps(body, indent=2, sort_keys=True)
 
     def write(self, path: Path) -> None:
         """Write the JSON report atomically."""
@@ -195,10 +223,21 @@ class FlowReport:
         for stream in sorted(self.output_rows):
             rows, nbytes = self.output_rows[stream], self.output_bytes.get(stream, 0)
             lines.append(f"  out   {stream:<20} {rows:>10} rows {nbytes:>12} bytes")
+        for stream in sorted(self.wire_rows):
+            rows, nbytes = self.wire_rows[stream], self.wire_bytes.get(stream, 0)
+            lines.append(f"  cloud {stream:<20} {rows:>10} rows {nbytes:>12} wire bytes")
         ratio = self.ratio
-        shown = f"{ratio:.3g}:1" if ratio is not None else "n/a (nothing written yet)"
+        shown = ratio_text(ratio) if ratio is not None else "n/a (nothing written yet)"
         lines.append(f"  reduction (raw bytes / local output bytes): {shown}")
+        wire = self.wire_ratio
+        if wire is not None:
+            lines.append(f"  reduction (raw bytes / wire bytes to the cloud): {ratio_text(wire)}")
         return "\n".join(lines)
+
+
+def ratio_text(ratio: float) -> str:
+    """``1,012:1`` for large ratios, three significant digits below 100."""
+    return f"{ratio:,.0f}:1" if ratio >= 100 else f"{ratio:.3g}:1"
 
 
 def report(meter: Meter) -> FlowReport:
@@ -216,4 +255,6 @@ def report(meter: Meter) -> FlowReport:
             rep.raw_bytes += n
     rep.output_rows = dict(snap["rows"])
     rep.output_bytes = dict(snap["file_bytes"])
+    rep.wire_rows = dict(snap["wire_rows"])
+    rep.wire_bytes = dict(snap["wire_bytes"])
     return rep

@@ -26,6 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", type=Path, default=Path("edge.yaml"), help="edge.yaml")
     run.add_argument("--workers", "-w", type=int, default=1, help="Bytewax workers (threads)")
 
+    cloud = sub.add_parser("cloud", help="run the reference cloud receiver until SIGTERM/SIGINT")
+    cloud.add_argument("--listen", required=True, help="HOST:PORT, e.g. 127.0.0.1:50051")
+    cloud.add_argument("--db", type=Path, required=True, help="DuckDB file, e.g. cloud.duckdb")
+    cloud.add_argument("--auth", type=Path, required=True, help="YAML: edges: [{key, secret}]")
+    cloud.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS")
+    cloud.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    cloud.add_argument("--client-ca", type=Path, help="require client certificates from this CA")
+
     devices = sub.add_parser("devices", help="device registry tools")
     devices_sub = devices.add_subparsers(dest="devices_command", required=True)
     mosq = devices_sub.add_parser(
@@ -50,6 +58,24 @@ def _parser() -> argparse.ArgumentParser:
         help="MQTT broker: mosquitto when installed (auto), or the embedded one",
     )
     return parser
+
+
+def _cloud(args: argparse.Namespace) -> None:
+    import threading
+
+    from connectors.cloud_receiver import ReceiverTls, serve
+
+    from flows.runtime import stop_on_signals
+
+    tls = None
+    if args.tls_cert or args.tls_key or args.client_ca:
+        if not (args.tls_cert and args.tls_key):
+            msg = "TLS needs both --tls-cert and --tls-key (--client-ca adds mutual TLS)"
+            raise ConfigError(msg)
+        tls = ReceiverTls(args.tls_cert, args.tls_key, args.client_ca)
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        serve(args.listen, args.db, args.auth, tls=tls, stop=stop)
 
 
 def _mosquitto_config(config_path: Path, out: Path) -> None:
@@ -97,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_flow(build, config, workers=args.workers)
             for rep in result.reports.values():
                 print(rep.render())
+        elif args.command == "cloud":
+            _cloud(args)
         elif args.command == "devices":
             _mosquitto_config(args.config, args.out)
         elif args.command == "demo":

@@ -19,6 +19,7 @@ from operators.threshold import Rule
 __all__ = [
     "ConfigError",
     "DeadbandSection",
+    "CloudSection",
     "EdgeConfig",
     "ListenSection",
     "MqttSection",
@@ -190,6 +191,38 @@ class VibrationSection(_Section):
         )
 
 
+class CloudTlsSection(_Section):
+    """``cloud.tls``: verify the receiver with ``ca``; ``cert``/``key`` for mutual TLS."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> CloudTlsSection:
+        if (self.cert is None) != (self.key is None):
+            msg = "set both cert and key for mutual TLS, or neither"
+            raise ValueError(msg)
+        return self
+
+
+class CloudSection(_Section):
+    """``cloud``: the gRPC receiver that reduced streams are sent to, through the outbox."""
+
+    target: str
+    key: str = Field(min_length=1)
+    secret: str = Field(min_length=1, repr=False)
+    tls: CloudTlsSection | None = None
+    send_points: bool = False
+    """Also send ``telemetry_points`` (summaries, features and alarms are always sent)."""
+    batch_rows: int = Field(10_000, gt=0)
+    batch_age: timedelta = timedelta(seconds=10)
+    outbox_max_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    outbox_ttl: timedelta = timedelta(days=7)
+    backoff_max: timedelta = timedelta(seconds=60)
+    bandwidth_bytes_per_s: int | None = Field(None, gt=0)
+
+
 class ParquetSection(_Section):
     """``parquet``: local Parquet files."""
 
@@ -209,6 +242,7 @@ class EdgeConfig(_Section):
     telemetry: TelemetrySection = TelemetrySection()
     vibration: VibrationSection = VibrationSection()
     parquet: ParquetSection = ParquetSection()
+    cloud: CloudSection | None = None
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -255,6 +289,13 @@ def parse_config(
             update["data_dir"] = base_dir / config.data_dir
         if config.devices is not None and not config.devices.is_absolute():
             update["devices"] = base_dir / config.devices
+        tls = config.cloud.tls if config.cloud is not None else None
+        if config.cloud is not None and tls is not None:
+            paths = {
+                name: (p if p is None or p.is_absolute() else base_dir / p)
+                for name, p in (("ca", tls.ca), ("cert", tls.cert), ("key", tls.key))
+            }
+            update["cloud"] = config.cloud.model_copy(update={"tls": tls.model_copy(update=paths)})
         config = config.model_copy(update=update)
     return config
 

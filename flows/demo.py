@@ -29,7 +29,7 @@ from connectors.broker import start_broker
 from connectors.mosquitto_auth import EdgeAccount
 from connectors.registry import Device, DeviceRegistry
 from flows import edge
-from flows.accounting import RECEIVED, FlowReport, Meter
+from flows.accounting import RECEIVED, FlowReport, Meter, ratio_text
 from flows.config import EdgeConfig, parse_config
 from flows.machines import Machine, blocks, publish_vibration
 from flows.runtime import run_flow, stop_on_signals
@@ -282,6 +282,6 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
     raw = sum(r.raw_bytes for r in reports.values())
     out = sum(r.reduced_bytes() for r in reports.values())
     if out:
-        print(f"total: {raw} raw bytes in, {out} bytes out, reduction {raw / out:.3g}:1")
+        print(f"total: {raw} raw bytes in, {out} bytes out, reduction {ratio_text(raw / out)}")
     print(f"reports: {data_dir}/report-telemetry.json, {data_dir}/report-vibration.json")
     return reports

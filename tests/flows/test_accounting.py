@@ -54,3 +54,26 @@ def test_concurrent_adds_are_not_lost():
         t.join()
     assert meter.totals["readings"] == 4 * 5000 * 3
     assert report(meter).devices["b"]["readings"] == 4 * 5000 * 2
+
+
+def test_raw_bytes_are_claimed_once():
+    meter = Meter("telemetry")
+    meter.add(RECEIVED, {"a": 1}, {"a": 100})
+    meter.add("readings", {"a": 2}, {"a": 7})  # only received bytes are device bytes
+    assert meter.claim_raw_bytes() == 100
+    assert meter.claim_raw_bytes() == 0
+    meter.add(RECEIVED, {"b": 1}, {"b": 5})
+    assert meter.claim_raw_bytes() == 5
+
+
+def test_wire_bytes_give_the_cloud_reduction_ratio():
+    meter = Meter("vibration")
+    meter.add(RECEIVED, {"m": 3}, {"m": 300_000})
+    meter.on_wire("vibration_features", 6, 250)
+    meter.on_wire("alarms", 1, 50)
+    rep = report(meter)
+    assert rep.wire_ratio == 1000.0
+    assert rep.wire_rows == {"vibration_features": 6, "alarms": 1}
+    assert "reduction (raw bytes / wire bytes to the cloud): 1,000:1" in rep.render()
+    assert json.loads(rep.to_json())["wire_ratio"] == 1000.0
+    assert report(Meter("x")).wire_ratio is None
