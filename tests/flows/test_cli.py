@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -204,3 +205,58 @@ def test_mosquitto_config_needs_a_registry(tmp_path, capsys):
     (tmp_path / "edge.yaml").write_text("transports: {mqtt: {username: e, password: p}}\n")
     assert main(["devices", "mosquitto-config", "--config", str(tmp_path / "edge.yaml"), "--out", str(tmp_path)]) == 2
     assert "set devices: devices.yaml" in capsys.readouterr().err
+
+
+def test_cloud_tls_needs_cert_and_key(tmp_path, capsys):
+    args = ["cloud", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.duckdb"), "--auth", str(tmp_path / "a.yaml")]
+    assert main([*args, "--tls-cert", str(tmp_path / "c.pem")]) == 2
+    assert "TLS needs both --tls-cert and --tls-key" in capsys.readouterr().err
+
+
+def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
+    import socket
+
+    import grpc
+    import pyarrow as pa
+
+    from connectors.cloud_receiver import KEY_HEADER, SECRET_HEADER
+    from connectors.streams import STREAMS, to_table
+    from operators.threshold import Alarm
+    from protos import uplink_pb2, uplink_pb2_grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "s3cret-for-edge-01-xyz"
+    (tmp_path / "edges.yaml").write_text(f"edges:\n  - {{key: edge-01, secret: {secret}}}\n")
+    db = tmp_path / "cloud.duckdb"
+    proc = subprocess.Popen(
+        [*EDGESIEVE, "cloud", "--listen", f"127.0.0.1:{port}", "--db", str(db), "--auth", str(tmp_path / "edges.yaml")],
+        cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        now = datetime.now(UTC)
+        table = to_table(STREAMS["alarms"], [Alarm("pump-7", now, "iso_zone_d", "raised", "critical", 7.1, "pump-7/x")])
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+            w.write_table(table)
+        batch = uplink_pb2.Batch(edge_id="edge-01", batch_id="b-1", stream="alarms", priority=0, rows=1,
+                                 arrow_ipc=sink.getvalue().to_pybytes(), raw_bytes=4096)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=20)
+        stub = uplink_pb2_grpc.UplinkStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Push(iter([batch]), metadata=[(KEY_HEADER, "edge-01"), (SECRET_HEADER, "wrong")], timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        acks = list(stub.Push(iter([batch]), metadata=[(KEY_HEADER, "edge-01"), (SECRET_HEADER, secret)], timeout=10))
+        assert [(a.batch_id, a.status) for a in acks] == [("b-1", uplink_pb2.Ack.STORED)]
+        channel.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.sql("select batch_id, rows, raw_bytes from uplink_batches").fetchall() == [("b-1", 1, 4096)]
+        assert con.sql("select device, rule, state from alarms").fetchall() == [("pump-7", "iso_zone_d", "raised")]
