@@ -222,6 +222,13 @@ class CloudSection(_Section):
     backoff_max: timedelta = timedelta(seconds=60)
     bandwidth_bytes_per_s: int | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _backoff(self) -> CloudSection:
+        if self.backoff_max < timedelta(seconds=0.5):
+            msg = "backoff_max must be at least 0.5 seconds (the first retry waits up to 0.5 s)"
+            raise ValueError(msg)
+        return self
+
 
 class ParquetSection(_Section):
     """``parquet``: local Parquet files."""

@@ -7,6 +7,7 @@ closes every open window (end of input), and sinks flush on close.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import logging
@@ -25,7 +26,12 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.testing import cluster_main
-from prometheus_client import start_http_server
+from connectors.cloud_sink import CloudSink, CloudSinkSettings
+from connectors.outbox import Outbox, OutboxSettings
+from connectors.uplink import UplinkSender, UplinkSettings
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from connectors.ingress import DeviceServer, DeviceServers, Ingress
 from connectors.mqtt import MqttSettings, MqttSource
@@ -36,8 +42,12 @@ from flows.accounting import FlowReport, Meter, report
 from flows.config import ConfigError, EdgeConfig, load_config
 
 __all__ = [
+    "CloudLink",
     "FlowBuilder",
     "RunResult",
+    "close_cloud_links",
+    "cloud_link",
+    "cloud_sink",
     "device_inputs",
     "flow_inputs",
     "install_stop_handlers",
@@ -160,6 +170,131 @@ def device_inputs(
     return streams[0] if len(streams) == 1 else op.merge("transports", *streams)
 
 
+@dataclass
+class CloudLink:
+    """The process's outbox and sender for one data directory."""
+
+    outbox: Outbox
+    sender: UplinkSender
+
+
+_links: dict[Path, CloudLink] = {}
+_links_lock = threading.Lock()
+CLOUD_FLUSH_S = 10.0
+"""How long a clean stop waits for the cloud to acknowledge what is in the outbox."""
+
+
+def cloud_link(config: EdgeConfig, registry: CollectorRegistry | None = None) -> CloudLink | None:
+    """The outbox and running sender for ``config`` (one per data directory), or None."""
+    cloud = config.cloud
+    if cloud is None:
+        return None
+    path = (config.data_dir / "outbox.sqlite").resolve()
+    with _links_lock:
+        link = _links.get(path)
+        if link is not None:
+            return link
+        path.parent.mkdir(parents=True, exist_ok=True)
+        outbox = Outbox(
+            path, OutboxSettings(max_bytes=cloud.outbox_max_bytes, ttl=cloud.outbox_ttl)
+        )
+        tls = cloud.tls
+        sender = UplinkSender(
+            outbox,
+            UplinkSettings(
+                target=cloud.target,
+                key=cloud.key,
+                secret=cloud.secret,
+                tls_ca=tls.ca if tls else None,
+                tls_cert=tls.cert if tls else None,
+                tls_key=tls.key if tls else None,
+                backoff_max_s=cloud.backoff_max.total_seconds(),
+                bandwidth_bytes_per_s=cloud.bandwidth_bytes_per_s,
+            ),
+        )
+        sender.start()
+        link = _links[path] = CloudLink(outbox, sender)
+        if registry is not None:
+            registry.register(_UplinkCollector(link))
+        return link
+
+
+def close_cloud_links(flush_s: float | None = None) -> None:
+    """Give the cloud ``flush_s`` to take what is queued, then stop; the rest stays queued."""
+    with _links_lock:
+        links = list(_links.values())
+        _links.clear()
+    for link in links:
+        if not link.sender.flush(timeout=CLOUD_FLUSH_S if flush_s is None else flush_s):
+            stats = link.outbox.stats()
+            log.warning(
+                "cloud did not acknowledge everything before shutdown: %d batch(es), %d bytes "
+                "stay in the outbox and are sent at the next start",
+                stats.batches,
+                stats.bytes,
+            )
+        link.sender.stop()
+        link.outbox.close()
+
+
+class _UplinkCollector(Collector):
+    """Outbox depth and connection state as Prometheus gauges."""
+
+    def __init__(self, link: CloudLink) -> None:
+        self._link = link
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._link.outbox.stats()
+        yield GaugeMetricFamily(
+            "edgesieve_outbox_batches", "Batches waiting for the cloud", value=stats.batches
+        )
+        yield GaugeMetricFamily(
+            "edgesieve_outbox_bytes", "Bytes waiting for the cloud", value=stats.bytes
+        )
+        yield GaugeMetricFamily(
+            "edgesieve_outbox_oldest_age_seconds",
+            "Age of the oldest waiting batch",
+            value=stats.oldest_age_s or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "edgesieve_outbox_dropped_full",
+            "Batches dropped because the outbox was full",
+            value=stats.dropped_full,
+        )
+        yield GaugeMetricFamily(
+            "edgesieve_outbox_expired", "Batches dropped after their TTL", value=stats.expired
+        )
+        yield GaugeMetricFamily(
+            "edgesieve_cloud_connected",
+            "1 while the uplink stream is open",
+            value=1.0 if self._link.sender.state == "connected" else 0.0,
+        )
+
+
+def cloud_sink(
+    config: EdgeConfig, stream: str, meter: Meter, *, claims_raw_bytes: bool = False
+) -> CloudSink | None:
+    """A sink sending ``stream`` to the cloud through the outbox, or None without ``cloud``.
+
+    The sink of a flow's main reduced stream claims the device bytes its
+    batches stand for (``claims_raw_bytes``), so the batches' ``raw_bytes``
+    add up to what the flow received.
+    """
+    link = cloud_link(config, meter.registry)
+    if link is None or config.cloud is None:
+        return None
+    return CloudSink(
+        link.outbox,
+        config.edge_id,
+        stream,
+        settings=CloudSinkSettings(
+            max_rows=config.cloud.batch_rows, max_age=config.cloud.batch_age
+        ),
+        raw_bytes=(lambda rows: meter.claim_raw_bytes()) if claims_raw_bytes else None,
+        on_seal=lambda sealed: meter.on_wire(sealed.stream, sealed.rows, len(sealed.payload)),
+    )
+
+
 def parquet_sink(
     config: EdgeConfig, stream: str, meter: Meter, *, max_file_age: timedelta | None = None
 ) -> ParquetSink:
@@ -266,8 +401,11 @@ def run_flow(
     log.info(
         "flow %s starting with %d worker(s), data in %s", flow.flow_id, workers, config.data_dir
     )
-    with stop_on_signals(stop) if handle_signals else nullcontext():
-        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    try:
+        with stop_on_signals(stop) if handle_signals else nullcontext():
+            cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    finally:
+        close_cloud_links()
     reports: dict[str, FlowReport] = {}
     for member in meter.family():
         rep = report(member)
@@ -296,6 +434,7 @@ def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
             stop = threading.Event()
             install_stop_handlers(stop)
             built["flow"] = build(config, stop=stop)
+            atexit.register(close_cloud_links)
         return built["flow"]
 
     return __getattr__

@@ -23,7 +23,7 @@ from connectors.records import DeadLetter, RawMessage, Reading
 from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
 from flows.ingest import Decoded, as_dead_letter, decoder, reading_payload
-from flows.runtime import flow_inputs, lazy_flow, parquet_sink
+from flows.runtime import cloud_sink, flow_inputs, lazy_flow, parquet_sink
 from operators.deadband import deadband
 from operators.windows import window_aggregate
 
@@ -91,6 +91,13 @@ def pipeline(step_id: str, up: Stream[RawMessage], config: EdgeConfig, meter: Me
     op.output("out_summary", summaries, parquet_sink(config, "telemetry_summary", meter))
     op.output("out_text", text, parquet_sink(config, "telemetry_text", meter))
     op.output("out_dead_letters", dead, parquet_sink(config, "dead_letters", meter))
+    to_cloud = cloud_sink(config, "telemetry_summary", meter, claims_raw_bytes=True)
+    if to_cloud is not None:
+        op.output("cloud_telemetry_summary", summaries, to_cloud)
+    if config.cloud is not None and config.cloud.send_points:
+        points_to_cloud = cloud_sink(config, "telemetry_points", meter)
+        assert points_to_cloud is not None
+        op.output("cloud_telemetry_points", points_out, points_to_cloud)
 
 
 def build(

@@ -28,7 +28,7 @@ from connectors.records import RawMessage, VibrationBlock
 from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
 from flows.ingest import Decoded, as_dead_letter, decoder
-from flows.runtime import flow_inputs, lazy_flow, mqtt_settings, parquet_sink
+from flows.runtime import cloud_sink, flow_inputs, lazy_flow, mqtt_settings, parquet_sink
 from operators.spectral import spectral
 from operators.threshold import Alarm, threshold
 
@@ -92,6 +92,12 @@ def pipeline(step_id: str, up: Stream[RawMessage], config: EdgeConfig, meter: Me
     prompt = min(ALARM_FILE_AGE, config.parquet.max_file_age)
     op.output("out_alarms", alarms, parquet_sink(config, "alarms", meter, max_file_age=prompt))
     op.output("out_dead_letters", dead, parquet_sink(config, "dead_letters", meter))
+    to_cloud = cloud_sink(config, "vibration_features", meter, claims_raw_bytes=True)
+    if to_cloud is not None:
+        op.output("cloud_vibration_features", features, to_cloud)
+    to_cloud = cloud_sink(config, "alarms", meter, claims_raw_bytes=False)
+    if to_cloud is not None:
+        op.output("cloud_alarms", alarms, to_cloud)
     if config.transports.mqtt is not None:
         publisher = mqtt_settings(config, channels=("vibration",), role="alarms")
         sink = MqttSink(

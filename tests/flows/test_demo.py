@@ -46,3 +46,15 @@ def test_demo_reduces_and_reports(tmp_path, broker, capsys):
     assert vib.ratio is not None and vib.ratio > 50
     assert "alarms:" in out and "total:" in out
     assert "registry passwords and ACL" in out
+
+    # the cloud receiver stored what the edge sealed, and its table gives the wire ratio
+    from flows.demo import cloud_totals
+
+    cloud = cloud_totals(tmp_path / "cloud.duckdb")
+    assert set(cloud) == {"telemetry", "vibration"}
+    assert cloud["telemetry"][1] == report.stages["telemetry_summary"]
+    assert cloud["vibration"][1] == vib.stages["vibration_features"] + vib.stages.get("alarms", 0)
+    assert cloud["vibration"][2] == vib.raw_bytes  # the batches stand for every device byte
+    assert sum(vib.wire_bytes.values()) == cloud["vibration"][3]
+    assert vib.wire_ratio is not None and vib.wire_ratio > 100
+    assert "cloud received for vibration:" in out

@@ -1,0 +1,623 @@
+"""Durable store-and-forward outbox for batches on their way to the cloud.
+
+The outbox is one SQLite file in ``data_dir`` (WAL journal,
+``synchronous=FULL``). A sealed batch is committed before :meth:`Outbox.put`
+returns and deleted only by :meth:`Outbox.ack`, after the cloud acknowledged
+it, so a batch survives a crash (``kill -9``) of the edge at any point between
+the two.
+
+Policies:
+
+- **Order**: :meth:`Outbox.next` hands out batches by priority (0, alarms,
+  first), then by age (``created_at``, then insertion order).
+- **Idempotency**: a ``batch_id`` already waiting is not stored twice; a
+  ``batch_id`` the cloud rejected is not queued again.
+- **Byte cap** (``OutboxSettings.max_bytes``, counted on the serialized
+  batches): when a new batch does not fit, batches are dropped *oldest first
+  from the lowest priority class* (highest number) until it fits. Only
+  classes of the new batch's priority or lower are candidates, and the new
+  batch counts as the newest of its class: a batch never displaces a more
+  urgent one, and when the candidates older than it cannot free enough room,
+  the new batch itself is the one dropped (and nothing else is). Every drop is
+  logged and counted in ``dropped_full``. A single batch larger than
+  ``max_bytes`` is refused with ``ValueError``.
+- **TTL**: :meth:`Outbox.expire` drops batches older than ``ttl``, counted
+  in ``expired``.
+- **Rejected batches** (the cloud answered ``REJECTED``) move to a
+  ``rejected`` table with the cloud's reason, kept for inspection up to
+  ``rejected_max_bytes`` (oldest forgotten first) and never sent again.
+
+Counters live in a table of the same file, so they survive restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+__all__ = ["Outbox", "OutboxSettings", "OutboxStats", "Rejected", "Sealed"]
+
+logger = logging.getLogger("edgesieve.outbox")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch_id TEXT NOT NULL UNIQUE,
+    stream TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    raw_bytes INTEGER NOT NULL,
+    created_at_us INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_order ON batches (priority, created_at_us, seq, size);
+CREATE INDEX IF NOT EXISTS batches_age ON batches (created_at_us);
+CREATE TABLE IF NOT EXISTS rejected (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch_id TEXT NOT NULL UNIQUE,
+    stream TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    raw_bytes INTEGER NOT NULL,
+    created_at_us INTEGER NOT NULL,
+    rejected_at_us INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters (name, value)
+VALUES ('dropped_full', 0), ('expired', 0), ('rejected', 0);
+"""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _to_us(when: datetime) -> int:
+    delta = when - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _check_aware(where: str, value: object) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        msg = f"{where} must be a timezone-aware datetime; got {value!r}. Hint: datetime.now(UTC)"
+        raise ValueError(msg)
+    return value
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """Size and age limits of the outbox.
+
+    ``max_bytes`` caps the serialized batches waiting for the cloud (see the
+    module docstring for what is dropped when it is reached); ``ttl`` is how
+    long a batch may wait before :meth:`Outbox.expire` drops it;
+    ``rejected_max_bytes`` caps the batches kept for inspection after the
+    cloud rejected them.
+    """
+
+    max_bytes: int = 256 * 1024 * 1024
+    ttl: timedelta = timedelta(days=7)
+    rejected_max_bytes: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        size = self.max_bytes
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            msg = (
+                f"OutboxSettings.max_bytes must be a positive int (bytes); got {size!r}. "
+                "Hint: the default is 256 MiB, 256 * 1024 * 1024"
+            )
+            raise ValueError(msg)
+        if not isinstance(self.ttl, timedelta) or self.ttl <= timedelta(0):
+            msg = (
+                f"OutboxSettings.ttl must be a positive datetime.timedelta; got {self.ttl!r}. "
+                "Hint: timedelta(days=7)"
+            )
+            raise ValueError(msg)
+        kept = self.rejected_max_bytes
+        if isinstance(kept, bool) or not isinstance(kept, int) or kept < 0:
+            msg = (
+                f"OutboxSettings.rejected_max_bytes must be a non-negative int (bytes); got "
+                f"{kept!r}. Hint: 0 keeps no rejected batches for inspection"
+            )
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """One batch ready for the cloud: ``payload`` is a serialized ``uplink_pb2.Batch``.
+
+    The other fields repeat what the outbox needs to order, cap and report
+    batches without parsing the payload.
+    """
+
+    batch_id: str
+    stream: str
+    priority: int
+    rows: int
+    raw_bytes: int
+    created_at: datetime
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        for name in ("batch_id", "stream"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                msg = f"Sealed.{name} must be a non-empty string; got {value!r}"
+                raise ValueError(msg)
+        for name in ("priority", "rows", "raw_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                msg = (
+                    f"Sealed.{name} of batch {self.batch_id!r} must be a non-negative int; "
+                    f"got {value!r}"
+                )
+                raise ValueError(msg)
+        _check_aware(f"Sealed.created_at of batch {self.batch_id!r}", self.created_at)
+        if not isinstance(self.payload, bytes | bytearray | memoryview):
+            msg = (
+                f"Sealed.payload of batch {self.batch_id!r} must be bytes (a serialized "
+                f"uplink_pb2.Batch); got {type(self.payload).__name__}"
+            )
+            raise TypeError(msg)
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """What is waiting, and what was dropped since the outbox file was created.
+
+    ``bytes`` sums the serialized batches (the SQLite file is somewhat
+    larger); ``oldest_age_s`` is None when the outbox is empty;
+    ``dropped_full`` counts batches dropped by the byte cap (stored ones
+    evicted and new ones refused), ``expired`` those dropped by the TTL and
+    ``rejected`` those the cloud refused.
+    """
+
+    batches: int
+    bytes: int
+    oldest_age_s: float | None
+    dropped_full: int
+    expired: int
+    rejected: int = 0
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A batch the cloud answered with ``REJECTED``, kept for inspection."""
+
+    batch_id: str
+    stream: str
+    priority: int
+    rows: int
+    raw_bytes: int
+    created_at: datetime
+    rejected_at: datetime
+    detail: str
+    payload: bytes
+
+
+_COLUMNS = "batch_id, stream, priority, rows, raw_bytes, created_at_us"
+
+
+class Outbox:
+    """The SQLite outbox at ``path`` (created with missing parent directories).
+
+    Thread-safe: one connection guarded by a lock. Several processes may open
+    the same file (SQLite locking keeps it consistent), but one sender per
+    outbox is the intended use. Use as a context manager or call
+    :meth:`close`.
+    """
+
+    def __init__(self, path: Path, settings: OutboxSettings = OutboxSettings()) -> None:
+        if not isinstance(settings, OutboxSettings):
+            msg = f"Outbox: settings must be an OutboxSettings; got {type(settings).__name__}"
+            raise TypeError(msg)
+        path = Path(path)
+        if path.is_dir():
+            msg = (
+                f"Outbox: {str(path)!r} is a directory; give the path of the outbox file, "
+                "e.g. data_dir / 'outbox.sqlite'"
+            )
+            raise ValueError(msg)
+        self.path = path
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db: sqlite3.Connection | None = sqlite3.connect(
+                path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            self._open()
+        except (sqlite3.Error, OSError) as exc:
+            db = getattr(self, "_db", None)
+            if db is not None:
+                db.close()
+            self._db = None
+            msg = (
+                f"Outbox: cannot open {str(path)!r}: {type(exc).__name__}: {exc}. Hint: the "
+                "path must be a writable SQLite outbox file (or not exist yet); move a "
+                "foreign or corrupt file out of the way"
+            )
+            raise RuntimeError(msg) from exc
+
+    def _open(self) -> None:
+        db = self._db
+        assert db is not None
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            msg = (
+                f"outbox schema version {version} is newer than this edgesieve supports "
+                f"({SCHEMA_VERSION}). Hint: run the edgesieve version that wrote it"
+            )
+            raise sqlite3.DatabaseError(msg)
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            logger.warning(
+                "outbox %s: SQLite refused WAL journaling (journal_mode=%s); commits are still "
+                "durable but slower",
+                self.path,
+                mode,
+            )
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._db is None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            msg = f"Outbox {str(self.path)!r} is closed; open a new Outbox to use it again"
+            raise RuntimeError(msg)
+        return self._db
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after each batch stored by :meth:`put` (from the putting thread)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener``; unknown listeners are ignored."""
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def put(self, sealed: Sealed) -> bool:
+        """Store ``sealed`` durably; return whether it was stored.
+
+        Returns False, storing nothing, when the ``batch_id`` is already
+        waiting or was rejected by the cloud, and when the outbox is full and
+        the byte-cap policy drops the new batch itself. Raises ``ValueError``
+        for a batch larger than ``max_bytes``.
+        """
+        if not isinstance(sealed, Sealed):
+            msg = f"Outbox.put expects a Sealed batch; got {type(sealed).__name__}"
+            raise TypeError(msg)
+        payload = bytes(sealed.payload)
+        size = len(payload)
+        cap = self.settings.max_bytes
+        if size > cap:
+            msg = (
+                f"Outbox {str(self.path)!r}: batch {sealed.batch_id!r} (stream "
+                f"{sealed.stream!r}, {sealed.rows} rows) is {size} bytes, larger than the "
+                f"whole outbox (max_bytes={cap}); it is not stored. Hint: raise "
+                "OutboxSettings.max_bytes or seal smaller batches (CloudSinkSettings.max_rows)"
+            )
+            raise ValueError(msg)
+        evicted: list[tuple[str, str, int, int]] = []
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if db.execute(
+                    "SELECT 1 FROM batches WHERE batch_id = ?", (sealed.batch_id,)
+                ).fetchone():
+                    db.execute("ROLLBACK")
+                    logger.debug("outbox %s: batch %s already queued", self.path, sealed.batch_id)
+                    return False
+                if db.execute(
+                    "SELECT 1 FROM rejected WHERE batch_id = ?", (sealed.batch_id,)
+                ).fetchone():
+                    db.execute("ROLLBACK")
+                    logger.warning(
+                        "outbox %s: batch %s (stream %r) was rejected by the cloud before; it "
+                        "is not queued again (see the rejected table for the reason)",
+                        self.path,
+                        sealed.batch_id,
+                        sealed.stream,
+                    )
+                    return False
+                total = db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
+                if total + size > cap:
+                    victims = self._victims(db, sealed.priority, total + size - cap)
+                    if victims is None:
+                        db.execute(
+                            "UPDATE counters SET value = value + 1 WHERE name = 'dropped_full'"
+                        )
+                        dropped = self._counter(db, "dropped_full")
+                        db.execute("COMMIT")
+                        logger.error(
+                            "outbox %s is full (%d of %d bytes) with batches of priority %d or "
+                            "more urgent: dropped the NEW batch %s (stream %r, priority %d, %d "
+                            "rows, %d bytes); dropped_full is now %d. Hint: raise "
+                            "OutboxSettings.max_bytes or check why the cloud is not "
+                            "acknowledging",
+                            self.path,
+                            total,
+                            cap,
+                            sealed.priority,
+                            sealed.batch_id,
+                            sealed.stream,
+                            sealed.priority,
+                            sealed.rows,
+                            size,
+                            dropped,
+                        )
+                        return False
+                    evicted = victims
+                    db.executemany(
+                        "DELETE FROM batches WHERE batch_id = ?", [(v[0],) for v in evicted]
+                    )
+                    db.execute(
+                        "UPDATE counters SET value = value + ? WHERE name = 'dropped_full'",
+                        (len(evicted),),
+                    )
+                db.execute(
+                    "INSERT INTO batches (batch_id, stream, priority, rows, raw_bytes, "
+                    "created_at_us, size, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        sealed.batch_id,
+                        sealed.stream,
+                        sealed.priority,
+                        sealed.rows,
+                        sealed.raw_bytes,
+                        _to_us(sealed.created_at),
+                        size,
+                        payload,
+                    ),
+                )
+                dropped = self._counter(db, "dropped_full")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            listeners = list(self._listeners)
+        if evicted:
+            freed = sum(v[3] for v in evicted)
+            streams = sorted({f"{v[1]}/p{v[2]}" for v in evicted})
+            logger.warning(
+                "outbox %s is full (max_bytes=%d): dropped the %d oldest batch(es) of the "
+                "lowest priority (%s; %d bytes) to store batch %s (stream %r, priority %d, "
+                "%d bytes); dropped_full is now %d. Hint: raise OutboxSettings.max_bytes or "
+                "check why the cloud is not acknowledging",
+                self.path,
+                cap,
+                len(evicted),
+                ", ".join(streams),
+                freed,
+                sealed.batch_id,
+                sealed.stream,
+                sealed.priority,
+                size,
+                dropped,
+            )
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:
+                logger.exception("outbox %s: a put listener raised; ignored", self.path)
+        return True
+
+    @staticmethod
+    def _victims(
+        db: sqlite3.Connection, priority: int, need: int
+    ) -> list[tuple[str, str, int, int]] | None:
+        """Batches to evict to free ``need`` bytes, or None to drop the new batch instead."""
+        victims: list[tuple[str, str, int, int]] = []
+        freed = 0
+        rows = db.execute(
+            "SELECT batch_id, stream, priority, size FROM batches WHERE priority >= ? "
+            "ORDER BY priority DESC, created_at_us ASC, seq ASC",
+            (priority,),
+        )
+        for row in rows:
+            victims.append(row)
+            freed += row[3]
+            if freed >= need:
+                return victims
+        return None
+
+    @staticmethod
+    def _counter(db: sqlite3.Connection, name: str) -> int:
+        return int(db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0])
+
+    def next(self, limit: int, *, exclude: Iterable[str] = frozenset()) -> list[Sealed]:
+        """Up to ``limit`` waiting batches, most urgent first, then oldest first.
+
+        Batches whose id is in ``exclude`` (e.g. already in flight) are skipped.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            msg = f"Outbox.next: limit must be a non-negative int; got {limit!r}"
+            raise ValueError(msg)
+        skip = set(exclude)
+        if limit == 0:
+            return []
+        with self._lock:
+            db = self._conn()
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT batch_id FROM batches ORDER BY priority, created_at_us, seq LIMIT ?",
+                    (limit + len(skip),),
+                )
+                if row[0] not in skip
+            ][:limit]
+            out: list[Sealed] = []
+            for batch_id in ids:
+                row = db.execute(
+                    f"SELECT {_COLUMNS}, payload FROM batches WHERE batch_id = ?", (batch_id,)
+                ).fetchone()
+                if row is not None:
+                    out.append(
+                        Sealed(row[0], row[1], row[2], row[3], row[4], _from_us(row[5]), row[6])
+                    )
+            return out
+
+    def ack(self, batch_id: str) -> None:
+        """Delete a batch the cloud acknowledged (unknown ids are ignored)."""
+        with self._lock:
+            self._conn().execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+
+    def reject(self, batch_id: str, detail: str, now: datetime | None = None) -> bool:
+        """Move a batch the cloud rejected to the ``rejected`` table; False if unknown.
+
+        The rejected table keeps the newest rejections within
+        ``rejected_max_bytes``; a rejected ``batch_id`` is never queued again.
+        """
+        when = _check_aware("Outbox.reject: now", now) if now is not None else datetime.now(UTC)
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = db.execute(
+                    f"INSERT OR REPLACE INTO rejected ({_COLUMNS}, rejected_at_us, detail, size, "
+                    f"payload) SELECT {_COLUMNS}, ?, ?, size, payload FROM batches "
+                    "WHERE batch_id = ?",
+                    (_to_us(when), str(detail), batch_id),
+                )
+                if cur.rowcount == 0:
+                    db.execute("ROLLBACK")
+                    return False
+                db.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+                db.execute("UPDATE counters SET value = value + 1 WHERE name = 'rejected'")
+                self._trim_rejected(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return True
+
+    def _trim_rejected(self, db: sqlite3.Connection) -> None:
+        cap = self.settings.rejected_max_bytes
+        total = db.execute("SELECT COALESCE(SUM(size), 0) FROM rejected").fetchone()[0]
+        if total <= cap:
+            return
+        doomed: list[tuple[str]] = []
+        for batch_id, size in db.execute("SELECT batch_id, size FROM rejected ORDER BY seq"):
+            if total <= cap:
+                break
+            doomed.append((batch_id,))
+            total -= size
+        db.executemany("DELETE FROM rejected WHERE batch_id = ?", doomed)
+
+    def rejected(self) -> list[Rejected]:
+        """The rejected batches still kept, oldest rejection first."""
+        with self._lock:
+            rows = (
+                self._conn()
+                .execute(
+                    f"SELECT {_COLUMNS}, rejected_at_us, detail, payload FROM rejected ORDER BY seq"
+                )
+                .fetchall()
+            )
+        return [
+            Rejected(r[0], r[1], r[2], r[3], r[4], _from_us(r[5]), _from_us(r[6]), r[7], r[8])
+            for r in rows
+        ]
+
+    def expire(self, now: datetime | None = None) -> int:
+        """Drop batches created more than ``ttl`` before ``now``; return how many."""
+        when = _check_aware("Outbox.expire: now", now) if now is not None else datetime.now(UTC)
+        cutoff = _to_us(when - self.settings.ttl)
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                per_stream = db.execute(
+                    "SELECT stream, COUNT(*), SUM(size) FROM batches WHERE created_at_us < ? "
+                    "GROUP BY stream ORDER BY stream",
+                    (cutoff,),
+                ).fetchall()
+                count = sum(row[1] for row in per_stream)
+                if count:
+                    db.execute("DELETE FROM batches WHERE created_at_us < ?", (cutoff,))
+                    db.execute(
+                        "UPDATE counters SET value = value + ? WHERE name = 'expired'", (count,)
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        if count:
+            logger.warning(
+                "outbox %s: %d batch(es) waited longer than the TTL (%s) for the cloud and "
+                "were dropped (%s). Hint: check the uplink errors above, or raise "
+                "OutboxSettings.ttl",
+                self.path,
+                count,
+                self.settings.ttl,
+                ", ".join(f"{s}: {n} batches, {b} bytes" for s, n, b in per_stream),
+            )
+        return count
+
+    def stats(self) -> OutboxStats:
+        """Depth and drop counters (counters persist across restarts)."""
+        with self._lock:
+            db = self._conn()
+            batches, size, oldest = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created_at_us) FROM batches"
+            ).fetchone()
+            counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+        age = None
+        if oldest is not None:
+            age = max(0.0, (datetime.now(UTC) - _from_us(oldest)).total_seconds())
+        return OutboxStats(
+            batches=batches,
+            bytes=size,
+            oldest_age_s=age,
+            dropped_full=counters.get("dropped_full", 0),
+            expired=counters.get("expired", 0),
+            rejected=counters.get("rejected", 0),
+        )
+
+    def close(self) -> None:
+        """Close the database (idempotent); later calls raise ``RuntimeError``."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
