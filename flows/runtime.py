@@ -26,18 +26,18 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.testing import cluster_main
-from connectors.cloud_sink import CloudSink, CloudSinkSettings
-from connectors.outbox import Outbox, OutboxSettings
-from connectors.uplink import UplinkSender, UplinkSettings
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from connectors.cloud_sink import CloudSink, CloudSinkSettings
 from connectors.ingress import DeviceServer, DeviceServers, Ingress
 from connectors.mqtt import MqttSettings, MqttSource
+from connectors.outbox import Outbox, OutboxSettings
 from connectors.parquet import ParquetSettings, ParquetSink
 from connectors.records import RawMessage
 from connectors.registry import DeviceRegistry
+from connectors.uplink import UplinkSender, UplinkSettings
 from flows.accounting import FlowReport, Meter, report
 from flows.config import ConfigError, EdgeConfig, load_config
 
