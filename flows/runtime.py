@@ -244,6 +244,8 @@ class _UplinkCollector(Collector):
         self._link = link
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self._link.outbox.closed:
+            return
         stats = self._link.outbox.stats()
         yield GaugeMetricFamily(
             "edgesieve_outbox_batches", "Batches waiting for the cloud", value=stats.batches
