@@ -112,3 +112,25 @@ def test_listen_accepts_ipv6_and_queue_bound(tmp_path):
     assert config.transports.http is not None and config.transports.http.listen == "[::1]:8080"
     assert config.transports.queue_messages == 50
     assert config.devices == tmp_path / "devices.yaml"
+
+
+def test_cloud_section(tmp_path):
+    path = tmp_path / "edge.yaml"
+    path.write_text(
+        "cloud: {target: '127.0.0.1:50051', key: edge-01, secret: s3cret,"
+        " tls: {ca: ca.pem, cert: edge.pem, key: edge.key}, send_points: true, outbox_ttl: P1D}\n"
+    )
+    cloud = load_config(path).cloud
+    assert cloud is not None and cloud.send_points and cloud.outbox_ttl == timedelta(days=1)
+    assert cloud.tls is not None and cloud.tls.ca == tmp_path / "ca.pem" and cloud.tls.key == tmp_path / "edge.key"
+    assert "s3cret" not in repr(cloud)
+
+
+def test_cloud_tls_needs_cert_and_key_together():
+    with pytest.raises(ConfigError, match=r"cloud\.tls: set both cert and key for mutual TLS, or neither"):
+        parse_config({"cloud": {"target": "h:1", "key": "k", "secret": "s", "tls": {"ca": "ca.pem", "cert": "c.pem"}}})
+
+
+def test_cloud_backoff_has_a_floor():
+    with pytest.raises(ConfigError, match=r"cloud: backoff_max must be at least 0\.5 seconds"):
+        parse_config({"cloud": {"target": "h:1", "key": "k", "secret": "s", "backoff_max": 0.1}})
