@@ -49,7 +49,7 @@ case "${1:-}" in
     shift
     setup_debs
     setup_venv "[test]"
-    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" check --no-cache .
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
   protos)

@@ -64,7 +64,6 @@ def _cloud(args: argparse.Namespace) -> None:
     import threading
 
     from connectors.cloud_receiver import ReceiverTls, serve
-
     from flows.runtime import stop_on_signals
 
     tls = None

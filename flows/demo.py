@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import duckdb
 import yaml
-from connectors.cloud_receiver import CloudReceiver
 
 from connectors.broker import start_broker
+from connectors.cloud_receiver import CloudReceiver
 from connectors.mosquitto_auth import EdgeAccount
 from connectors.registry import Device, DeviceRegistry
 from flows import edge
