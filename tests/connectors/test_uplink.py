@@ -20,6 +20,7 @@ from unittest import mock
 import grpc
 import pytest
 import trustme
+from conftest import wait_for as wait_until
 
 from connectors.outbox import Outbox, OutboxSettings, Sealed
 from connectors.uplink import (
@@ -240,15 +241,6 @@ def fill(
     return batches
 
 
-def wait_until(cond: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.01)
 
 
 # -- delivery ---------------------------------------------------------------------------------
