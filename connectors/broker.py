@@ -83,7 +83,25 @@ def _check_loopback(host: str, where: str) -> None:
 
 
 class _Broker(ABC):
-    """What both loopback brokers share: start/stop, restart, context manager."""
+    """What both loopback brokers share: address, start/stop, restart, context manager."""
+
+    _host: str
+    _port: int
+
+    @property
+    def port(self) -> int:
+        """TCP port the broker listens on."""
+        return self._port
+
+    @property
+    def host(self) -> str:
+        """Loopback address the broker listens on."""
+        return self._host
+
+    @property
+    def url(self) -> str:
+        """``mqtt://HOST:PORT`` of the broker."""
+        return _url(self._host, self._port)
 
     @abstractmethod
     def start(self) -> Self:
@@ -157,21 +175,6 @@ class Mosquitto(_Broker):
         return shutil.which("mosquitto") or shutil.which(
             "mosquitto", path="/usr/sbin:/usr/local/sbin"
         )
-
-    @property
-    def port(self) -> int:
-        """TCP port the broker listens on."""
-        return self._port
-
-    @property
-    def host(self) -> str:
-        """Loopback address the broker listens on."""
-        return self._host
-
-    @property
-    def url(self) -> str:
-        """``mqtt://HOST:PORT`` of the broker."""
-        return _url(self._host, self._port)
 
     @property
     def data_dir(self) -> Path:
@@ -473,21 +476,6 @@ class EmbeddedBroker(_Broker):
     def authenticated(self) -> bool:
         """Whether clients must log in (a registry was given)."""
         return self._policy is not None
-
-    @property
-    def port(self) -> int:
-        """TCP port the broker listens on."""
-        return self._port
-
-    @property
-    def host(self) -> str:
-        """Loopback address the broker listens on."""
-        return self._host
-
-    @property
-    def url(self) -> str:
-        """``mqtt://HOST:PORT`` of the broker."""
-        return _url(self._host, self._port)
 
     @property
     def running(self) -> bool:
