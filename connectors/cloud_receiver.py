@@ -77,9 +77,9 @@ from typing import Any
 import duckdb
 import grpc
 import pyarrow as pa
-import yaml
 
 from connectors.streams import STREAMS, StreamSpec, conform
+from connectors.yamlfile import read_entries
 from protos import uplink_pb2, uplink_pb2_grpc
 
 __all__ = [
@@ -202,6 +202,9 @@ def _check_all(where: str, credentials: Iterable[EdgeCredentials]) -> dict[str, 
     return edges
 
 
+_AUTH_EXAMPLE = 'edges: [{key: edge-01, secret: "..."}]'
+
+
 def load_auth(path: str | Path) -> dict[str, str]:
     """Read and check the receiver's auth file; return ``{edge key: secret}``.
 
@@ -211,38 +214,18 @@ def load_auth(path: str | Path) -> dict[str, str]:
     file and the entry; secrets never appear in the message.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        msg = (
-            f"auth file {str(path)!r} does not exist; pass `--auth FILE` with a YAML file "
-            'like edges: [{key: edge-01, secret: "..."}]'
-        )
-        raise AuthError(msg) from None
-    except UnicodeDecodeError:
-        msg = f"auth file {str(path)!r} is not UTF-8 text; save it as UTF-8 YAML"
-        raise AuthError(msg) from None
-    except OSError as exc:
-        msg = f"auth file {str(path)!r} cannot be read: {exc.strerror or type(exc).__name__}"
-        raise AuthError(msg) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        msg = f"{path}: not valid YAML{where}; expected edges: [{{key: ..., secret: ...}}]"
-        raise AuthError(msg) from None
-    entries = data.get("edges") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        msg = (
-            f"{path}: expected a mapping with an `edges:` list, e.g. "
-            'edges: [{key: edge-01, secret: "..."}]'
-        )
-        raise AuthError(msg)
+    entries = read_entries(
+        path,
+        "edges",
+        ("key", "secret"),
+        what="auth file",
+        missing_hint=f"pass `--auth FILE` with a YAML file like {_AUTH_EXAMPLE}",
+        example=_AUTH_EXAMPLE,
+        error=AuthError,
+        yaml_hint="; expected edges: [{key: ..., secret: ...}]",
+    )
     credentials = []
     for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or set(entry) != {"key", "secret"}:
-            got = sorted(str(k) for k in entry) if isinstance(entry, dict) else type(entry).__name__
-            msg = f"{path}: edges[{index}] must have exactly `key` and `secret` (got {got})"
-            raise AuthError(msg)
         key = entry["key"]
         if not isinstance(key, str):
             msg = (

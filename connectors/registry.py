@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from connectors.yamlfile import read_entries
 
 __all__ = ["Device", "DeviceRegistry", "RegistryError"]
 
@@ -92,35 +92,17 @@ class DeviceRegistry:
     def load(cls, path: str | Path) -> DeviceRegistry:
         """Read and check ``devices.yaml``."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            msg = f"device registry {str(path)!r} does not exist; set `devices:` in the config"
-            raise RegistryError(msg) from None
-        except UnicodeDecodeError:
-            msg = f"device registry {str(path)!r} is not UTF-8 text; save it as UTF-8 YAML"
-            raise RegistryError(msg) from None
-        except OSError as exc:
-            msg = f"device registry {str(path)!r} cannot be read: {exc.strerror or exc}"
-            raise RegistryError(msg) from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            msg = f"{path}: not valid YAML{where}"
-            raise RegistryError(msg) from None
-        entries = data.get("devices") if isinstance(data, dict) else None
-        if not isinstance(entries, list):
-            msg = (
-                f"{path}: expected a mapping with a `devices:` list, e.g. "
-                "devices: [{id: pump-7, token: ...}]"
-            )
-            raise RegistryError(msg)
+        entries = read_entries(
+            path,
+            "devices",
+            ("id", "token"),
+            what="device registry",
+            missing_hint="set `devices:` in the config",
+            example="devices: [{id: pump-7, token: ...}]",
+            error=RegistryError,
+        )
         devices = []
         for index, entry in enumerate(entries):
-            if not isinstance(entry, dict) or set(entry) != {"id", "token"}:
-                keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-                msg = f"{path}: devices[{index}] must have exactly `id` and `token` (got {keys})"
-                raise RegistryError(msg)
             device_id = entry["id"]
             if not isinstance(device_id, str):
                 msg = (

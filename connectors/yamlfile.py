@@ -1,0 +1,56 @@
+"""Reading the small YAML files of credentials (device registry, receiver auth)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+__all__ = ["read_entries"]
+
+
+def read_entries(
+    path: Path,
+    key: str,
+    fields: tuple[str, ...],
+    *,
+    what: str,
+    missing_hint: str,
+    example: str,
+    error: type[ValueError],
+    yaml_hint: str = "",
+) -> list[dict[str, object]]:
+    """The ``key:`` list of mappings in ``path``, each with exactly ``fields``.
+
+    Every failure raises ``error`` naming the file (as ``what``) and the entry;
+    values are never quoted, so secrets stay out of messages. ``yaml_hint``
+    ends the message for unparsable YAML.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        msg = f"{what} {str(path)!r} does not exist; {missing_hint}"
+        raise error(msg) from None
+    except UnicodeDecodeError:
+        msg = f"{what} {str(path)!r} is not UTF-8 text; save it as UTF-8 YAML"
+        raise error(msg) from None
+    except OSError as exc:
+        msg = f"{what} {str(path)!r} cannot be read: {exc.strerror or type(exc).__name__}"
+        raise error(msg) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        msg = f"{path}: not valid YAML{where}{yaml_hint}"
+        raise error(msg) from None
+    entries = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        article = "an" if key[0] in "aeiou" else "a"
+        msg = f"{path}: expected a mapping with {article} `{key}:` list, e.g. {example}"
+        raise error(msg)
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != set(fields):
+            got = sorted(str(k) for k in entry) if isinstance(entry, dict) else type(entry).__name__
+            wanted = " and ".join(f"`{f}`" for f in fields)
+            msg = f"{path}: {key}[{index}] must have exactly {wanted} (got {got})"
+            raise error(msg)
+    return entries
