@@ -48,6 +48,7 @@ __all__ = [
     "close_cloud_links",
     "cloud_link",
     "cloud_sink",
+    "channel_flow",
     "device_inputs",
     "flow_inputs",
     "install_stop_handlers",
@@ -127,6 +128,23 @@ def flow_inputs(
     if source is not None:
         return op.input("ingest", flow, source)
     return device_inputs(flow, config, channels=channels, stop=stop)
+
+
+def channel_flow(
+    channel: str,
+    pipeline: Callable[[str, Stream[RawMessage], EdgeConfig, Meter], None],
+    config: EdgeConfig,
+    *,
+    stop: threading.Event | None,
+    meter: Meter | None,
+    source: Source[RawMessage] | None,
+) -> Dataflow:
+    """A dataflow named ``channel`` running ``pipeline`` on that channel's messages."""
+    meter = meter if meter is not None else Meter(channel)
+    flow = Dataflow(channel)
+    raw = flow_inputs(flow, config, channels=(channel,), stop=stop, source=source)
+    pipeline(channel, raw, config, meter)
+    return flow
 
 
 def device_inputs(

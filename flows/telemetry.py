@@ -23,7 +23,7 @@ from connectors.records import DeadLetter, RawMessage, Reading
 from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
 from flows.ingest import Decoded, as_dead_letter, decoder, reading_payload
-from flows.runtime import cloud_sink, flow_inputs, lazy_flow, parquet_sink
+from flows.runtime import channel_flow, cloud_sink, lazy_flow, parquet_sink
 from operators.deadband import deadband
 from operators.windows import window_aggregate
 
@@ -113,11 +113,7 @@ def build(
     benchmarks feed recorded messages); ``stop`` ends the flow cleanly when
     set; ``meter`` collects the traffic counters for the reduction report.
     """
-    meter = meter if meter is not None else Meter("telemetry")
-    flow = Dataflow("telemetry")
-    raw = flow_inputs(flow, config, channels=("telemetry",), stop=stop, source=source)
-    pipeline("telemetry", raw, config, meter)
-    return flow
+    return channel_flow("telemetry", pipeline, config, stop=stop, meter=meter, source=source)
 
 
 __getattr__ = lazy_flow(__name__, build)

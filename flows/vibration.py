@@ -28,7 +28,7 @@ from connectors.records import RawMessage, VibrationBlock
 from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
 from flows.ingest import Decoded, as_dead_letter, decoder
-from flows.runtime import cloud_sink, flow_inputs, lazy_flow, mqtt_settings, parquet_sink
+from flows.runtime import channel_flow, cloud_sink, lazy_flow, mqtt_settings, parquet_sink
 from operators.spectral import spectral
 from operators.threshold import Alarm, threshold
 
@@ -121,11 +121,7 @@ def build(
     benchmarks feed recorded messages); ``stop`` ends the flow cleanly when
     set; ``meter`` collects the traffic counters for the reduction report.
     """
-    meter = meter if meter is not None else Meter("vibration")
-    flow = Dataflow("vibration")
-    raw = flow_inputs(flow, config, channels=("vibration",), stop=stop, source=source)
-    pipeline("vibration", raw, config, meter)
-    return flow
+    return channel_flow("vibration", pipeline, config, stop=stop, meter=meter, source=source)
 
 
 __getattr__ = lazy_flow(__name__, build)
