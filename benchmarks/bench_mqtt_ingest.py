@@ -17,7 +17,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from connectors.broker import Mosquitto
+from connectors.devices.broker import Mosquitto
 from flows import telemetry
 from flows.accounting import RECEIVED, Meter, report
 from flows.config import parse_config

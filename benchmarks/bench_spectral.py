@@ -37,13 +37,13 @@ from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import TestingSource, run_main
 
-from connectors.evb1 import decode_vibration
-from connectors.records import RawMessage
+from connectors.codecs.evb1 import decode_vibration
 from connectors.streams import STREAMS, to_table
 from flows import vibration
 from flows.accounting import Meter, report
 from flows.config import parse_config
 from flows.machines import Machine, blocks
+from operators.records import RawMessage
 from operators.spectral import Features, spectral
 
 FS = 25_600

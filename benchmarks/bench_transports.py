@@ -51,10 +51,10 @@ from pathlib import Path
 
 import numpy as np
 
-from connectors.coap import CoapServer
-from connectors.http import HttpServer
-from connectors.ingress import DeviceServers, Ingress
-from connectors.registry import Device, DeviceRegistry
+from connectors.devices.coap import CoapServer
+from connectors.devices.http import HttpServer
+from connectors.devices.ingress import DeviceServers, Ingress
+from connectors.devices.registry import Device, DeviceRegistry
 from flows import telemetry
 from flows.accounting import RECEIVED, Meter, report
 from flows.config import EdgeConfig, parse_config

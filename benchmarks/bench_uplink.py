@@ -46,11 +46,11 @@ import duckdb
 import grpc
 import pyarrow as pa
 
-from connectors.cloud_receiver import KEY_HEADER, SECRET_HEADER, CloudReceiver
-from connectors.cloud_sink import PRIORITIES, seal
-from connectors.outbox import Outbox, OutboxSettings, Sealed
+from connectors.cloud.receiver import KEY_HEADER, SECRET_HEADER, CloudReceiver
+from connectors.sinks.cloud import PRIORITIES, seal
 from connectors.streams import STREAMS, to_table
-from connectors.uplink import PUSH_METHOD, UplinkSender, UplinkSettings
+from connectors.uplink.outbox import Outbox, OutboxSettings, Sealed
+from connectors.uplink.sender import PUSH_METHOD, UplinkSender, UplinkSettings
 from operators.windows import Summary
 from protos import uplink_pb2
 

@@ -2,7 +2,7 @@
 
 Every local sink (Parquet, DuckDB) and the cloud uplink move Arrow tables
 whose columns are fixed here. :func:`to_table` turns a batch of records
-(frozen dataclasses such as :class:`~connectors.records.Reading`, any object
+(frozen dataclasses such as :class:`~operators.records.Reading`, any object
 with attributes named like the columns, or dicts keyed by column name) into
 one such table, column by column, without building a dict per row;
 :func:`conform` checks and casts data that is already Arrow.

@@ -200,7 +200,7 @@ class FlowReport:
 
     @property
     def wire_ratio(self) -> float | None:
-        """Raw device bytes per byte sent to the cloud (DESIGN's reduction ratio), if any was."""
+        """Raw device bytes per byte sent to the cloud, if any was."""
         wire = sum(self.wire_bytes.values())
         return self.raw_bytes / wire if wire else None
 

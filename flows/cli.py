@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cloud(args: argparse.Namespace) -> None:
     import threading
 
-    from connectors.cloud_receiver import ReceiverTls, serve
+    from connectors.cloud.receiver import ReceiverTls, serve
     from flows.runtime import stop_on_signals
 
     tls = None
@@ -78,8 +78,8 @@ def _cloud(args: argparse.Namespace) -> None:
 
 
 def _mosquitto_config(config_path: Path, out: Path) -> None:
-    from connectors.mosquitto_auth import EdgeAccount, write_mosquitto_config
-    from connectors.registry import DeviceRegistry
+    from connectors.devices.broker_auth import EdgeAccount, write_mosquitto_config
+    from connectors.devices.registry import DeviceRegistry
 
     config = load_config(config_path)
     mqtt = config.transports.mqtt

@@ -1,4 +1,4 @@
-"""Edge configuration: the YAML file of DESIGN.md §4, validated at load time.
+"""Edge configuration (edge.yaml), validated at load time.
 
 Durations are seconds (``60``, ``0.5``) or ISO 8601 (``PT1M``). Unknown keys are
 errors, so a typo fails at start instead of being silently ignored.

@@ -26,10 +26,10 @@ from typing import Any, Literal
 import duckdb
 import yaml
 
-from connectors.broker import start_broker
-from connectors.cloud_receiver import CloudReceiver
-from connectors.mosquitto_auth import EdgeAccount
-from connectors.registry import Device, DeviceRegistry
+from connectors.cloud.receiver import CloudReceiver
+from connectors.devices.broker import start_broker
+from connectors.devices.broker_auth import EdgeAccount
+from connectors.devices.registry import Device, DeviceRegistry
 from flows import edge
 from flows.accounting import RECEIVED, FlowReport, Meter, ratio_text
 from flows.config import EdgeConfig, parse_config

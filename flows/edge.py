@@ -15,11 +15,11 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 
-from connectors.records import TELEMETRY, VIBRATION, RawMessage
 from flows import telemetry, vibration
 from flows.accounting import Meter
 from flows.config import EdgeConfig
 from flows.runtime import flow_inputs, lazy_flow
+from operators.records import TELEMETRY, VIBRATION, RawMessage
 
 __all__ = ["build"]
 

@@ -12,10 +12,10 @@ from collections import Counter as Tally
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from connectors.decode import decode
-from connectors.evb1 import encode_evb1
-from connectors.records import DeadLetter, RawMessage, Reading, VibrationBlock, series_key
+from connectors.codecs.decode import decode
+from connectors.codecs.evb1 import encode_evb1
 from flows.accounting import RECEIVED, Meter
+from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock, series_key
 
 __all__ = ["READINGS", "Decoded", "as_dead_letter", "decoder", "reading_payload"]
 

@@ -48,7 +48,7 @@ from typing import Literal
 
 import numpy as np
 
-from connectors.evb1 import encode_evb1
+from connectors.codecs.evb1 import encode_evb1
 from flows.simulator import publish
 
 __all__ = ["KINDS", "Machine", "blocks", "publish_vibration"]

@@ -30,16 +30,16 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from connectors.cloud_sink import CloudSink, CloudSinkSettings
-from connectors.ingress import DeviceServer, DeviceServers, Ingress
-from connectors.mqtt import MqttSettings, MqttSource
-from connectors.outbox import Outbox, OutboxSettings
-from connectors.parquet import ParquetSettings, ParquetSink
-from connectors.records import RawMessage
-from connectors.registry import DeviceRegistry
-from connectors.uplink import UplinkSender, UplinkSettings
+from connectors.devices.ingress import DeviceServer, DeviceServers, Ingress
+from connectors.devices.mqtt import MqttSettings, MqttSource
+from connectors.devices.registry import DeviceRegistry
+from connectors.sinks.cloud import CloudSink, CloudSinkSettings
+from connectors.sinks.parquet import ParquetSettings, ParquetSink
+from connectors.uplink.outbox import Outbox, OutboxSettings
+from connectors.uplink.sender import UplinkSender, UplinkSettings
 from flows.accounting import FlowReport, Meter, report
 from flows.config import ConfigError, EdgeConfig, load_config
+from operators.records import RawMessage
 
 __all__ = [
     "CloudLink",
@@ -171,11 +171,11 @@ def device_inputs(
             max_messages=transports.queue_messages, max_payload_bytes=config.max_payload_bytes
         )
         if transports.http is not None:
-            from connectors.http import HttpServer
+            from connectors.devices.http import HttpServer
 
             servers.append(HttpServer(transports.http.listen, registry, ingress))
         if transports.coap is not None:
-            from connectors.coap import CoapServer
+            from connectors.devices.coap import CoapServer
 
             servers.append(CoapServer(transports.coap.listen, registry, ingress))
         streams.append(op.input("servers", flow, DeviceServers(ingress, servers, stop=stop)))

@@ -19,12 +19,12 @@ from bytewax.dataflow import Dataflow, Stream, operator
 from bytewax.inputs import Source
 from bytewax.operators import KeyedStream
 
-from connectors.records import DeadLetter, RawMessage, Reading
 from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
 from flows.ingest import Decoded, as_dead_letter, decoder, reading_payload
 from flows.runtime import channel_flow, cloud_sink, lazy_flow, parquet_sink
 from operators.deadband import deadband
+from operators.records import DeadLetter, RawMessage, Reading
 from operators.windows import window_aggregate
 
 __all__ = ["STREAMS", "build", "pipeline"]

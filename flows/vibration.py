@@ -23,12 +23,12 @@ from bytewax.dataflow import Dataflow, Stream, operator
 from bytewax.inputs import Source
 from bytewax.operators import KeyedStream
 
-from connectors.mqtt import MqttSink
-from connectors.records import RawMessage, VibrationBlock
+from connectors.devices.mqtt import MqttSink
 from flows.accounting import Meter, counted
 from flows.config import EdgeConfig
 from flows.ingest import Decoded, as_dead_letter, decoder
 from flows.runtime import channel_flow, cloud_sink, lazy_flow, mqtt_settings, parquet_sink
+from operators.records import RawMessage, VibrationBlock
 from operators.spectral import spectral
 from operators.threshold import Alarm, threshold
 

@@ -17,7 +17,7 @@ import bytewax.operators as op
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream
 
-from connectors.records import Reading
+from operators.records import Reading
 
 __all__ = ["DeadbandConfig", "DeadbandState", "deadband"]
 
@@ -165,7 +165,7 @@ def deadband(
 ) -> KeyedStream[Reading]:
     """Drop readings that stay within a band around the last kept value.
 
-    State is per key (flows key by :func:`connectors.records.series_key`, so
+    State is per key (flows key by :func:`operators.records.series_key`, so
     one state per device and telemetry key) and time is event time
     (``Reading.ts``):
 

@@ -1,6 +1,6 @@
 """Spectral (FFT) features of vibration blocks: band energies, velocity RMS, ISO zone.
 
-Each device's :class:`~connectors.records.VibrationBlock` stream is cut into
+Each device's :class:`~operators.records.VibrationBlock` stream is cut into
 Hann-windowed frames of ``fft_size`` samples (blocks need not align with
 frames; the tail of one block is joined to the next), the power spectra of
 ``frames_per_row`` consecutive frames are averaged (Welch's method) and every
@@ -25,8 +25,8 @@ import numpy as np
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
-from connectors.evb1 import encode_evb1
-from connectors.records import DeadLetter, VibrationBlock
+from connectors.codecs.evb1 import encode_evb1
+from operators.records import DeadLetter, VibrationBlock
 
 __all__ = [
     "AXIS_NAMES",

@@ -379,7 +379,7 @@ def _threshold_mapper(
             msg = (
                 f"threshold {step_id!r}: items need `device` and `ts` attributes; got "
                 f"{_describe(item)}. Hint: key a stream of records such as "
-                "connectors.records.Reading or vibration features, e.g. "
+                "operators.records.Reading or vibration features, e.g. "
                 "op.key_on('key', s, lambda r: f'{r.device}/{r.axis}')."
             )
             raise TypeError(msg) from None

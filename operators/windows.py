@@ -25,7 +25,7 @@ from bytewax.operators.windowing import (
     window,
 )
 
-from connectors.records import Reading
+from operators.records import Reading
 
 __all__ = ["SeriesClock", "Summary", "WindowAggOut", "WindowConfig", "window_aggregate"]
 
@@ -349,7 +349,7 @@ def window_aggregate(
 ) -> WindowAggOut:
     """Summarise each series over tumbling or sliding event-time windows.
 
-    Per key (flows key by :func:`connectors.records.series_key`) and window,
+    Per key (flows key by :func:`operators.records.series_key`) and window,
     emits a :class:`Summary` with count, mean, min, max, population standard
     deviation (``ddof=0``; ``0.0`` for a single reading), and the first and
     last values by timestamp. Window ``i`` spans ``[align_to + i * slide,

@@ -15,7 +15,7 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import cluster_main, run_main
 
-from connectors.broker import EmbeddedBroker, Mosquitto
+from connectors.devices.broker import EmbeddedBroker, Mosquitto
 
 PUB_TIMEOUT_S = 15.0
 

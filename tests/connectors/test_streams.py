@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connectors.records import DeadLetter, Reading
 from connectors.streams import STREAMS, UTC_US, StreamSpec, conform, to_table
+from operators.records import DeadLetter, Reading
 
 T0 = datetime(2025, 11, 22, 8, 30, tzinfo=UTC)
 

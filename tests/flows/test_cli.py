@@ -219,7 +219,7 @@ def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
     import grpc
     import pyarrow as pa
 
-    from connectors.cloud_receiver import KEY_HEADER, SECRET_HEADER
+    from connectors.cloud.receiver import KEY_HEADER, SECRET_HEADER
     from connectors.streams import STREAMS, to_table
     from operators.threshold import Alarm
     from protos import uplink_pb2, uplink_pb2_grpc

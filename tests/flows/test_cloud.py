@@ -6,13 +6,13 @@ import duckdb
 from bytewax.testing import TestingSource
 from prometheus_client import CollectorRegistry, generate_latest
 
-from connectors.cloud_receiver import CloudReceiver
-from connectors.outbox import Outbox
-from connectors.records import RawMessage
+from connectors.cloud.receiver import CloudReceiver
+from connectors.uplink.outbox import Outbox
 from flows import edge, runtime
 from flows.accounting import Meter
 from flows.config import parse_config
 from flows.machines import Machine, blocks
+from operators.records import RawMessage
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 SECRET = "cloud-secret-for-tests-0001"

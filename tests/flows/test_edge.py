@@ -4,12 +4,12 @@ from datetime import UTC, datetime
 import duckdb
 from bytewax.testing import TestingSource, run_main
 
-from connectors.records import RawMessage
 from flows import edge
 from flows.accounting import Meter
 from flows.config import parse_config
 from flows.machines import Machine, blocks
 from flows.runtime import run_flow
+from operators.records import RawMessage
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -76,7 +76,7 @@ def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
 ):
     import threading
 
-    from connectors.evb1 import encode_evb1
+    from connectors.codecs.evb1 import encode_evb1
     from flows.runtime import mqtt_source
 
     config = parse_config(

@@ -12,9 +12,9 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from connectors.evb1 import decode_vibration
-from connectors.records import DeadLetter, RawMessage, VibrationBlock
+from connectors.codecs.evb1 import decode_vibration
 from flows.machines import KINDS, Machine, blocks, publish_vibration
+from operators.records import DeadLetter, RawMessage, VibrationBlock
 from operators.spectral import Features, spectral
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

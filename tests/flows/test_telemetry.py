@@ -5,10 +5,10 @@ import duckdb
 import pytest
 from bytewax.testing import TestingSource, run_main
 
-from connectors.records import RawMessage
 from flows import telemetry
 from flows.accounting import Meter, report
 from flows.config import parse_config
+from operators.records import RawMessage
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -119,7 +119,7 @@ def test_flow_writes_every_stream(tmp_path, recorded):
 
 
 def test_late_letter_reason_names_the_setting():
-    from connectors.records import Reading
+    from operators.records import Reading
 
     letter = telemetry.late_letter(Reading("d", "k", T0, 1.5), timedelta(seconds=5))
     assert letter.reason == (

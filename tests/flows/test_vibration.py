@@ -7,12 +7,12 @@ import duckdb
 import pytest
 from bytewax.testing import TestingSource, run_main
 
-from connectors.records import RawMessage
 from flows import vibration
 from flows.accounting import Meter, report
 from flows.config import parse_config
 from flows.machines import Machine, blocks
 from flows.runtime import mqtt_source
+from operators.records import RawMessage
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 BLOCK_S = 4096 / 25_600

@@ -16,8 +16,8 @@ from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.records import Reading, series_key
 from operators.deadband import DeadbandConfig, _deadband_mapper, deadband
+from operators.records import Reading, series_key
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

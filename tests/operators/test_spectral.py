@@ -15,8 +15,8 @@ from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.evb1 import decode_vibration
-from connectors.records import DeadLetter, RawMessage, VibrationBlock
+from connectors.codecs.evb1 import decode_vibration
+from operators.records import DeadLetter, RawMessage, VibrationBlock
 from operators.spectral import (
     Features,
     SpectralConfig,

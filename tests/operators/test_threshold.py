@@ -18,7 +18,7 @@ from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.records import Reading, series_key
+from operators.records import Reading, series_key
 from operators.threshold import (
     CLEARED,
     RAISED,
@@ -783,7 +783,7 @@ def test_item_without_device_or_ts_fails_with_a_clear_error():
         TypeError,
         match=r"threshold 'bad\.alarms': items need `device` and `ts` attributes; got "
         r"\{'device': 'd'.*\(dict\)\. Hint: key a stream of records such as "
-        r"connectors\.records\.Reading",
+        r"operators\.records\.Reading",
     ):
         raise cause
 

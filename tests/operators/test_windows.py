@@ -17,7 +17,7 @@ from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.records import Reading, series_key
+from operators.records import Reading, series_key
 from operators.windows import Summary, WindowConfig, _SummaryLogic, window_aggregate
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

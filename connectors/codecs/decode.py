@@ -1,0 +1,38 @@
+"""Decode once: turn raw device bytes into typed records or a dead letter."""
+
+from __future__ import annotations
+
+from connectors.codecs.evb1 import decode_vibration
+from connectors.codecs.telemetry_json import decode_telemetry
+from operators.records import TELEMETRY, VIBRATION, DeadLetter, RawMessage, Reading, VibrationBlock
+
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "decode"]
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+
+
+def decode(
+    msg: RawMessage, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> list[Reading] | VibrationBlock | DeadLetter:
+    """Decode one message by its channel; never raises for bad device input.
+
+    An oversized payload becomes a dead letter that keeps the first
+    ``max_payload_bytes`` bytes, so the record itself stays bounded.
+    """
+    size = len(msg.payload)
+    if size > max_payload_bytes:
+        reason = (
+            f"{msg.channel}: payload of {size} bytes is over the {max_payload_bytes}-byte limit; "
+            "split it or raise max_payload_bytes (first bytes kept)"
+        )
+        return _dead(msg, reason, msg.payload[:max_payload_bytes])
+    if msg.channel == TELEMETRY:
+        return decode_telemetry(msg)
+    if msg.channel == VIBRATION:
+        return decode_vibration(msg)
+    reason = f"unknown channel {msg.channel!r}; expected {TELEMETRY!r} or {VIBRATION!r}"
+    return _dead(msg, reason, msg.payload)
+
+
+def _dead(msg: RawMessage, reason: str, payload: bytes) -> DeadLetter:
+    return DeadLetter(msg.device, msg.transport, msg.received_at, reason, payload)

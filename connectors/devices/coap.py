@@ -1,0 +1,485 @@
+"""CoAP device server on aiocoap, run by :class:`~connectors.devices.ingress.DeviceServers`.
+
+Devices ``POST`` to ``coap://HOST:PORT/api/v1/{token}/telemetry`` (JSON) and
+``.../api/v1/{token}/vibration`` (EVB1 blocks, block-wise when larger than a
+datagram), confirmable or not. One path-capable resource serves the whole
+device API, so tokens are never enumerated as resources; the token is checked
+against the :class:`~connectors.devices.registry.DeviceRegistry` on every request
+(and every block) and never logged.
+
+Response codes:
+
+====================================  =======================================================
+2.04 Changed                          accepted and queued for the flow
+2.31 Continue                         block received, send the next one (Block1)
+4.00 Bad Request                      malformed payload (one-line reason as diagnostic
+                                      payload; queued as a dead letter), empty payload,
+                                      or Block1 blocks of the wrong size
+4.01 Unauthorized                     unknown access token
+4.04 Not Found                        not ``/api/v1/{token}/telemetry|vibration``
+4.05 Method Not Allowed               anything but POST on the device API
+4.08 Request Entity Incomplete        a later block without the earlier ones
+4.13 Request Entity Too Large         body over ``ingress.max_payload_bytes`` (Size1 = limit)
+5.03 Service Unavailable              the ingress queue (or the block-wise spool) is full;
+                                      Max-Age = ``ingress.retry_after_s``
+====================================  =======================================================
+
+Block-wise uploads (RFC 7959 Block1) are reassembled here rather than by
+aiocoap's generic spool, which has no size limit and keeps each completed
+body for 93 s or more after the last block: a transfer is refused with 4.13 as soon as a
+block (or the client's Size1 option) goes past the payload limit, at most
+``max_transfers`` transfers are held at once (5.03 beyond that) and an
+abandoned transfer is dropped after ``transfer_timeout_s``. The spool thus
+never holds more than ``max_transfers × max_payload_bytes`` bytes, and
+nothing is spooled for an unknown token (every block is authenticated).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass
+
+import aiocoap
+from aiocoap.message import Message
+from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import BlockOption
+from aiocoap.resource import PathCapable, Resource
+
+from connectors.devices.ingress import Ingress, Verdict
+from connectors.devices.registry import DeviceRegistry
+from operators.records import TELEMETRY, VIBRATION
+
+__all__ = ["WIRE_LOGGER", "CoapServer"]
+
+logger = logging.getLogger("edgesieve.coap")
+
+WIRE_LOGGER = "edgesieve.coap.wire"
+"""aiocoap's own logger for the server; set to WARNING unless configured otherwise."""
+
+TRANSPORT = "coap"
+CHANNELS = (TELEMETRY, VIBRATION)
+DEFAULT_MAX_TRANSFERS = 16
+DEFAULT_TRANSFER_TIMEOUT_S = 93.0
+"""RFC 7252's MAX_TRANSMIT_WAIT: the longest a client may take between blocks."""
+
+_MAX_DIAGNOSTIC_BYTES = 512
+_BERT_EXPONENT = 7
+_LISTEN = re.compile(
+    r"\[(?P<v6>[^\[\]]+)\]:(?P<v6port>\d{1,5})|(?P<host>[^\[\]:]+):(?P<port>\d{1,5})"
+)
+_LISTEN_HINT = (
+    'use "HOST:PORT", e.g. "127.0.0.1:5683", "[::1]:5683" or "127.0.0.1:0" (any free port)'
+)
+_API_PATHS = "POST to /api/v1/{token}/telemetry or /api/v1/{token}/vibration"
+_REDACT = re.compile(r"(api/v1/|'api', 'v1', ')[^/'\"\s]+")
+
+
+def _diagnostic(text: str) -> bytes:
+    """A diagnostic payload: UTF-8, one line, short enough for one datagram."""
+    data = " ".join(text.split()).encode()
+    if len(data) <= _MAX_DIAGNOSTIC_BYTES:
+        return data
+    return data[: _MAX_DIAGNOSTIC_BYTES - 3].decode(errors="ignore").encode() + b"..."
+
+
+def _reply(code: Code, reason: str = "") -> Message:
+    return Message(code=code, payload=_diagnostic(reason) if reason else b"")
+
+
+class _RedactTokens(logging.Filter):
+    """Replace the token in anything that looks like a device API path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        redacted = _REDACT.sub(r"\1***", text)
+        if redacted != text:
+            record.msg = redacted
+            record.args = None
+        return True
+
+
+def _quiet_wire_logger() -> None:
+    wire = logging.getLogger(WIRE_LOGGER)
+    if wire.level == logging.NOTSET:
+        wire.setLevel(logging.WARNING)
+    if not any(isinstance(f, _RedactTokens) for f in wire.filters):
+        wire.addFilter(_RedactTokens())
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """One block-wise upload in progress."""
+
+    device: str
+    channel: str
+    body: bytearray
+    touched: float
+
+
+_TransferKey = tuple[object, str, str, tuple[bytes, ...]]
+"""Which blocks belong together: the client endpoint, device, channel and Request-Tag."""
+
+
+class _DeviceApi(Resource, PathCapable):
+    """The whole device API as one resource: ``/api/v1/{token}/{channel}``."""
+
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        ingress: Ingress,
+        *,
+        max_transfers: int,
+        transfer_timeout_s: float,
+    ) -> None:
+        super().__init__()
+        self._registry = registry
+        self._ingress = ingress
+        self._max_transfers = max_transfers
+        self._transfer_timeout_s = transfer_timeout_s
+        self._transfers: dict[_TransferKey, _Transfer] = {}
+
+    def get_link_description(self) -> None:
+        """Keep the device API out of ``/.well-known/core``."""
+        return None
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        """Block1 is reassembled by :meth:`handle`, with limits."""
+        return False
+
+    async def render(self, request: Message) -> Message:
+        """Answer one request (or one block of a request)."""
+        return self.handle(request)
+
+    @property
+    def pending_transfers(self) -> int:
+        return len(self._transfers)
+
+    def clear(self) -> None:
+        self._transfers.clear()
+
+    def handle(self, request: Message) -> Message:
+        path = request.opt.uri_path
+        if len(path) != 4 or path[:2] != ("api", "v1") or not path[2] or path[3] not in CHANNELS:
+            return _reply(Code.NOT_FOUND, f"no such resource; devices {_API_PATHS}")
+        token, channel = path[2], path[3]
+        if request.code != Code.POST:
+            reason = f"method {request.code.name} is not allowed; devices {_API_PATHS}"
+            return _reply(Code.METHOD_NOT_ALLOWED, reason)
+        device = self._registry.authenticate(token)
+        if device is None:
+            logger.info(
+                "coap: unknown access token on %s from %s", channel, request.remote.hostinfo
+            )
+            reason = "unknown access token; check the token in the URI path against devices.yaml"
+            return _reply(Code.UNAUTHORIZED, reason)
+        block1 = request.opt.block1
+        if block1 is None:
+            payload = request.payload
+        else:
+            assembled = self._assemble(request, device, channel, block1)
+            if isinstance(assembled, Message):
+                return assembled
+            payload = assembled
+        response = self._offer(device, channel, payload, request.opt.size1)
+        if block1 is not None:
+            response.opt.block1 = BlockOption.BlockwiseTuple(
+                block1.block_number, False, block1.size_exponent
+            )
+        return response
+
+    def _offer(self, device: str, channel: str, payload: bytes, size1: int | None) -> Message:
+        ingress = self._ingress
+        limit = ingress.max_payload_bytes
+        if size1 is not None and size1 > limit:
+            return self._too_large(channel, size1, "announced (Size1)")
+        if not payload:
+            reason = f"{channel}: payload is empty; POST a JSON document or an EVB1 block"
+            return _reply(Code.BAD_REQUEST, reason)
+        offer = ingress.offer(device, channel, TRANSPORT, payload)
+        verdict = offer.verdict
+        logger.debug("coap: %s from %s: %s", channel, device, verdict.value)
+        if verdict is Verdict.ACCEPTED:
+            return Message(code=Code.CHANGED)
+        if verdict is Verdict.REJECTED:
+            return _reply(Code.BAD_REQUEST, offer.reason)
+        if verdict is Verdict.TOO_LARGE:
+            response = _reply(Code.REQUEST_ENTITY_TOO_LARGE, offer.reason)
+            response.opt.size1 = limit
+            return response
+        return self._busy(offer.reason)
+
+    def _busy(self, reason: str) -> Message:
+        response = _reply(Code.SERVICE_UNAVAILABLE, reason)
+        response.opt.max_age = self._ingress.retry_after_s
+        return response
+
+    def _too_large(self, channel: str, size: int, what: str) -> Message:
+        limit = self._ingress.max_payload_bytes
+        reason = (
+            f"{channel}: body of {size} bytes {what} is over the {limit}-byte limit; "
+            "split it into smaller messages"
+        )
+        response = _reply(Code.REQUEST_ENTITY_TOO_LARGE, reason)
+        response.opt.size1 = limit
+        return response
+
+    def _assemble(
+        self,
+        request: Message,
+        device: str,
+        channel: str,
+        block1: BlockOption.BlockwiseTuple,
+    ) -> bytes | Message:
+        """Spool one Block1 block: the whole body once complete, else the response to send."""
+        key: _TransferKey = (
+            request.remote.blockwise_key,
+            device,
+            channel,
+            tuple(request.opt.request_tag),
+        )
+        number, more, exponent = block1.block_number, block1.more, block1.size_exponent
+        payload = request.payload
+        if exponent == _BERT_EXPONENT:
+            self._transfers.pop(key, None)
+            reason = (
+                f"{channel}: Block1 size exponent 7 (BERT) is only defined for CoAP over TCP; "
+                "use blocks of 16 to 1024 bytes"
+            )
+            return _reply(Code.BAD_REQUEST, reason)
+        if len(payload) > block1.size or (more and len(payload) != block1.size):
+            self._transfers.pop(key, None)
+            reason = (
+                f"{channel}: block {number} carries {len(payload)} bytes but Block1 announces "
+                f"{block1.size}-byte blocks; every block but the last must be full"
+            )
+            return _reply(Code.BAD_REQUEST, reason)
+        size1 = request.opt.size1
+        limit = self._ingress.max_payload_bytes
+        if size1 is not None and size1 > limit:
+            self._transfers.pop(key, None)
+            return self._too_large(channel, size1, "announced (Size1)")
+        end = block1.start + len(payload)
+        if end > limit:
+            self._transfers.pop(key, None)
+            return self._too_large(channel, end, f"reached at block {number}")
+        now = time.monotonic()
+        if number == 0:
+            self._transfers.pop(key, None)
+            if not more:
+                return payload
+            self._expire(now)
+            if len(self._transfers) >= self._max_transfers:
+                reason = (
+                    f"edge is busy: {len(self._transfers)} block-wise uploads in progress, "
+                    f"the most it holds; retry in {self._ingress.retry_after_s}s"
+                )
+                return self._busy(reason)
+            if len(self._ingress) >= self._ingress.max_messages:
+                return self._busy(f"edge is busy; retry in {self._ingress.retry_after_s}s")
+            self._transfers[key] = _Transfer(device, channel, bytearray(payload), now)
+            return self._continue(block1)
+        transfer = self._transfers.get(key)
+        if transfer is None or now - transfer.touched > self._transfer_timeout_s:
+            self._transfers.pop(key, None)
+            reason = (
+                f"{channel}: block {number} arrived without the earlier blocks of its transfer "
+                "(or after it timed out); restart from block 0"
+            )
+            return _reply(Code.REQUEST_ENTITY_INCOMPLETE, reason)
+        if block1.start != len(transfer.body):
+            del self._transfers[key]
+            reason = (
+                f"{channel}: block {number} starts at byte {block1.start} but "
+                f"{len(transfer.body)} bytes have arrived; restart from block 0"
+            )
+            return _reply(Code.REQUEST_ENTITY_INCOMPLETE, reason)
+        transfer.body += payload
+        transfer.touched = now
+        if more:
+            return self._continue(block1)
+        del self._transfers[key]
+        return bytes(transfer.body)
+
+    @staticmethod
+    def _continue(block1: BlockOption.BlockwiseTuple) -> Message:
+        response = Message(code=Code.CONTINUE)
+        response.opt.block1 = BlockOption.BlockwiseTuple(
+            block1.block_number, True, block1.size_exponent
+        )
+        return response
+
+    def _expire(self, now: float) -> None:
+        timeout = self._transfer_timeout_s
+        for key in [k for k, t in self._transfers.items() if now - t.touched > timeout]:
+            del self._transfers[key]
+
+
+def _parse_listen(listen: object) -> tuple[str, int]:
+    if not isinstance(listen, str):
+        msg = f"CoapServer: listen must be a string; got {listen!r}; hint: {_LISTEN_HINT}"
+        raise ValueError(msg)
+    match = _LISTEN.fullmatch(listen.strip())
+    if match is None:
+        hint = _LISTEN_HINT
+        if listen.count(":") > 1 and "[" not in listen:
+            hint = 'put an IPv6 address in brackets, e.g. "[::1]:5683"'
+        msg = f"CoapServer: listen must be HOST:PORT; got {listen!r}; hint: {hint}"
+        raise ValueError(msg)
+    host = match["v6"] or match["host"]
+    port = int(match["v6port"] or match["port"])
+    if match["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            msg = (
+                f"CoapServer: listen {listen!r}: {host!r} in brackets is not an IPv6 address; "
+                f"hint: {_LISTEN_HINT}"
+            )
+            raise ValueError(msg) from None
+    if port > 65_535:
+        msg = (
+            f"CoapServer: listen {listen!r}: port must be 0-65535; got {port}; hint: {_LISTEN_HINT}"
+        )
+        raise ValueError(msg)
+    return host, port
+
+
+class CoapServer:
+    """The CoAP device API server; a :class:`~connectors.devices.ingress.DeviceServer`.
+
+    ``listen`` is ``"HOST:PORT"`` (``"[::1]:5683"`` for IPv6); port 0 picks
+    a free UDP port, readable from :attr:`port` once started. Each request is
+    authenticated with ``registry`` and offered to ``ingress`` on the event
+    loop thread. ``max_transfers`` and ``transfer_timeout_s`` bound the
+    block-wise uploads held at once (see the module docstring).
+    """
+
+    name = "coap"
+
+    def __init__(
+        self,
+        listen: str,
+        registry: DeviceRegistry,
+        ingress: Ingress,
+        *,
+        max_transfers: int = DEFAULT_MAX_TRANSFERS,
+        transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
+    ) -> None:
+        self.host, self._requested_port = _parse_listen(listen)
+        self.listen = listen
+        if (
+            isinstance(max_transfers, bool)
+            or not isinstance(max_transfers, int)
+            or max_transfers < 1
+        ):
+            msg = (
+                f"CoapServer: max_transfers must be an int >= 1; got {max_transfers!r}; "
+                "hint: block-wise uploads held at once, e.g. 16"
+            )
+            raise ValueError(msg)
+        if not isinstance(transfer_timeout_s, int | float) or not transfer_timeout_s > 0:
+            msg = (
+                f"CoapServer: transfer_timeout_s must be a number > 0; got {transfer_timeout_s!r}; "
+                "hint: seconds a client may pause between blocks, e.g. 93"
+            )
+            raise ValueError(msg)
+        self.registry = registry
+        self.ingress = ingress
+        self._api = _DeviceApi(
+            registry,
+            ingress,
+            max_transfers=max_transfers,
+            transfer_timeout_s=float(transfer_timeout_s),
+        )
+        self._context: aiocoap.Context | None = None
+        self._port = self._requested_port
+
+    @property
+    def port(self) -> int:
+        """The UDP port served (the chosen one once started, if ``listen`` said 0)."""
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is bound and answering."""
+        return self._context is not None
+
+    @property
+    def pending_transfers(self) -> int:
+        """Block-wise uploads currently held in the spool."""
+        return self._api.pending_transfers
+
+    async def start(self) -> None:
+        """Bind the UDP socket and start answering; raise a clear OSError if the port is taken."""
+        if self._context is not None:
+            msg = f"CoapServer on {self.listen}: already started; hint: call stop() first"
+            raise RuntimeError(msg)
+        _quiet_wire_logger()
+        family, address = self._resolve()
+        port = self._reserve(family, address)
+        try:
+            context = await aiocoap.Context.create_server_context(
+                self._api,
+                bind=(address, port),
+                loggername=WIRE_LOGGER,
+                transports=["udp6"],
+            )
+        except OSError as exc:
+            raise self._bind_error(exc, port) from None
+        self._context = context
+        self._port = port
+        logger.info("coap: device API listening on udp %s port %d", address, port)
+
+    async def stop(self) -> None:
+        """Stop answering and release the port; block-wise uploads in progress are dropped."""
+        context, self._context = self._context, None
+        if context is None:
+            return
+        self._api.clear()
+        await context.shutdown()
+        logger.info("coap: device API on port %d stopped", self._port)
+
+    def _resolve(self) -> tuple[socket.AddressFamily, str]:
+        try:
+            infos = socket.getaddrinfo(
+                self.host, None, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICSERV
+            )
+        except socket.gaierror as exc:
+            msg = (
+                f"CoapServer: cannot resolve host {self.host!r} of listen {self.listen!r} "
+                f"({exc.strerror}); hint: use an IP address such as 127.0.0.1 or [::1]"
+            )
+            raise OSError(errno.EADDRNOTAVAIL, msg) from None
+        family, _, _, _, sockaddr = infos[0]
+        return family, str(sockaddr[0])
+
+    def _reserve(self, family: socket.AddressFamily, address: str) -> int:
+        """Check that the port is free (aiocoap binds with SO_REUSEPORT, which would share it)."""
+        port = self._requested_port
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address, port))
+            except OSError as exc:
+                raise self._bind_error(exc, port) from None
+            return int(probe.getsockname()[1])
+
+    def _bind_error(self, exc: OSError, port: int) -> OSError:
+        if exc.errno == errno.EADDRINUSE:
+            msg = (
+                f"CoapServer: cannot listen on udp {self.host} port {port} "
+                f"(listen {self.listen!r}): the port is already in use; hint: stop the other "
+                "CoAP server or pick another port in transports.coap.listen "
+                "(port 0 picks a free one)"
+            )
+        else:
+            msg = (
+                f"CoapServer: cannot listen on udp {self.host} port {port} "
+                f"(listen {self.listen!r}): {exc.strerror or exc}; hint: use an address of this "
+                "machine, e.g. 127.0.0.1 or [::1]"
+            )
+        return OSError(exc.errno, msg)

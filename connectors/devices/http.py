@@ -1,0 +1,360 @@
+"""The HTTP device API server, run by :class:`~connectors.devices.ingress.DeviceServers`.
+
+Devices ``POST`` to::
+
+    /api/v1/{token}/telemetry   JSON telemetry (any Content-Type; application/json expected)
+    /api/v1/{token}/vibration   one EVB1 block (any Content-Type; application/octet-stream expected)
+
+The Content-Type header is not checked: the path names the channel and the
+channel's decoder judges the bytes, so a device that sends JSON as
+``application/x-www-form-urlencoded`` (curl's ``-d`` default) is served too.
+``Content-Encoding: gzip`` / ``deflate`` bodies are decompressed by aiohttp and
+the size limit applies to the decompressed bytes. ``Expect: 100-continue`` is
+answered only after the token, the declared size and the queue are checked,
+so a refused device never sends its body.
+
+Answers (every error body is JSON ``{"error": "<one line reason>"}``):
+
+====  ===========================================================  ===================
+code  when                                                         queued
+====  ===========================================================  ===================
+200   accepted; body ``{"status": "accepted"}``                    yes
+400   malformed payload (the decoder's reason)                     yes, a dead letter
+400   empty body                                                   no
+401   unknown token                                                no
+404   any other path                                               no
+405   a method other than POST on a device path (``Allow: POST``)  no
+413   body over ``ingress.max_payload_bytes``                      no
+417   an ``Expect`` other than ``100-continue``                    no
+503   the hand-off queue is full (``Retry-After`` seconds)         no
+====  ===========================================================  ===================
+
+A 401 or 413 sent before the body was read closes the connection (the rest of
+the body is discarded, bounded by aiohttp's lingering time); every other answer
+keeps the connection alive. Offers run on the event loop thread, as
+:class:`~connectors.devices.ingress.Ingress` requires.
+
+Tokens never reach the logs: aiohttp's access log is replaced by one that
+logs the route template (``/api/v1/{token}/telemetry``) and the device id, and
+parse errors of malformed requests, whose text may hold the request line, are
+logged by class only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+from connectors.devices.ingress import Ingress, Offer, Verdict
+from connectors.devices.registry import DeviceRegistry
+
+__all__ = ["HttpServer"]
+
+logger = logging.getLogger("edgesieve.http")
+access_logger = logging.getLogger("edgesieve.http.access")
+server_logger = logging.getLogger("edgesieve.http.server")
+"""aiohttp's own connection-level messages; see :class:`_RedactParseErrors`."""
+
+TRANSPORT: Final = "http"
+ROUTE: Final = "/api/v1/{token:[^/]+}/{channel:telemetry|vibration}"
+KEEPALIVE_TIMEOUT_S: Final = 75.0
+"""Idle keep-alive connections are closed after this long."""
+SHUTDOWN_TIMEOUT_S: Final = 5.0
+""":meth:`HttpServer.stop` waits this long for requests in progress."""
+
+_ACCEPTED: Final = {"status": "accepted"}
+_HINTS: Final = {
+    "telemetry": 'POST JSON telemetry like {"temperature": 21.5}',
+    "vibration": "POST one EVB1 block as application/octet-stream",
+}
+_ENDPOINTS: Final = "devices POST to /api/v1/{token}/telemetry or /api/v1/{token}/vibration"
+_TOKEN_IN_PATH = re.compile(r"(/api/v1/)[^/\s]+")
+
+if hasattr(web, "RequestKey"):
+    _DEVICE: Any = web.RequestKey("edgesieve_device", str)
+else:  # aiohttp < 3.13 has no typed request keys
+    _DEVICE = "edgesieve_device"
+
+
+def _error(status: int, reason: str, *, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": reason}, status=status, headers=headers)
+
+
+def _parse_listen(listen: object) -> tuple[str, int]:
+    """Split ``"HOST:PORT"`` / ``"[IPv6]:PORT"`` into host and port, or raise ValueError."""
+    example = "e.g. '127.0.0.1:8080', '[::1]:8080' or '127.0.0.1:0' for an ephemeral port"
+    if not isinstance(listen, str):
+        got = type(listen).__name__
+        msg = f"HttpServer: listen must be a string 'HOST:PORT' (got {got}); {example}"
+        raise ValueError(msg)
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port:
+        msg = f"HttpServer: listen must be 'HOST:PORT' (got {listen!r}); {example}"
+        raise ValueError(msg)
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        msg = (
+            f"HttpServer: listen {listen!r}: port {port!r} is not a number in 0-65535; "
+            "hint: 0 picks an ephemeral port"
+        )
+        raise ValueError(msg)
+    if host.startswith("[") and host.endswith("]"):
+        inner = host[1:-1]
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            msg = (
+                f"HttpServer: listen {listen!r}: {inner!r} in brackets is not an IPv6 address; "
+                "hint: brackets are only for IPv6, e.g. '[::1]:8080'"
+            )
+            raise ValueError(msg) from None
+        host = inner
+    elif ":" in host or "[" in host or "]" in host:
+        msg = (
+            f"HttpServer: listen {listen!r}: an IPv6 address needs brackets; "
+            f"hint: write '[{host.strip('[]')}]:{port}'"
+        )
+        raise ValueError(msg)
+    return host, int(port)
+
+
+class _RedactParseErrors(logging.Filter):
+    """Keeps request lines, which hold the token, out of aiohttp's connection-level logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        message = _TOKEN_IN_PATH.sub(r"\1<token>", record.getMessage())
+        if isinstance(exc, HttpProcessingError):
+            message = (
+                f"{message}: {type(exc).__name__} (HTTP {exc.code}); "
+                "the request text is not logged, it may hold a device token"
+            )
+            record.exc_info = None
+            record.exc_text = None
+        record.msg, record.args = message, ()
+        return True
+
+
+server_logger.addFilter(_RedactParseErrors())
+
+
+def _route(request: BaseRequest) -> str:
+    """The request's route template with the channel filled in; never the token."""
+    try:
+        match_info = request.match_info  # type: ignore[attr-defined]
+    except (AttributeError, AssertionError):  # a request aiohttp could not parse
+        return "(unparsed request)"
+    resource = match_info.route.resource if match_info is not None else None
+    if resource is None:
+        return "(no route)"
+    return resource.canonical.replace("{channel}", match_info.get("channel", "{channel}"))
+
+
+class _AccessLogger(AbstractAccessLogger):
+    """One line per request with the route template instead of the path (which holds the token)."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %d %dB %.4fs device=%s",
+            request.remote,
+            request.method,
+            _route(request),
+            response.status,
+            response.body_length,
+            time,
+            request.get(_DEVICE, "-"),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether INFO lines would be emitted at all."""
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+class HttpServer:
+    """The HTTP device API on ``listen``, handing bodies to ``ingress``.
+
+    Implements :class:`connectors.devices.ingress.DeviceServer`. ``listen`` is
+    ``"HOST:PORT"`` (``"[::1]:8080"`` for IPv6, port 0 for an ephemeral port,
+    read back from :attr:`port` after :meth:`start`). Request bodies are
+    bounded by ``ingress.max_payload_bytes``.
+    """
+
+    name = "http"
+
+    def __init__(self, listen: str, registry: DeviceRegistry, ingress: Ingress) -> None:
+        self._host, self._port = _parse_listen(listen)
+        self.listen = listen
+        self._registry = registry
+        self._ingress = ingress
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    def __repr__(self) -> str:
+        return f"HttpServer({self.listen!r})"
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (the real one when ``listen`` asked for port 0)."""
+        if self._site is None:
+            msg = f"HttpServer({self.listen!r}).port: not started yet; await start() first"
+            raise RuntimeError(msg)
+        return self._site.port
+
+    async def start(self) -> None:
+        """Bind ``listen`` and serve; raise OSError naming the address if it cannot be used."""
+        if self._runner is not None:
+            msg = f"HttpServer({self.listen!r}).start: already started; stop() it first"
+            raise RuntimeError(msg)
+        app = web.Application(
+            client_max_size=self._ingress.max_payload_bytes, middlewares=[self._json_errors]
+        )
+        app.router.add_post(ROUTE, self._receive, expect_handler=self._expect)
+        runner = web.AppRunner(
+            app,
+            access_log_class=_AccessLogger,
+            access_log=access_logger,
+            logger=server_logger,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            msg = (
+                f"HttpServer: cannot listen on {self.listen!r}: {exc.strerror or exc}; hint: "
+                f"another process may hold port {self._port} (pick another, or 0 for an "
+                f"ephemeral port), or {self._host!r} is not an address of this machine"
+            )
+            raise OSError(exc.errno, msg) from exc
+        self._runner, self._site = runner, site
+        logger.info("http device API listening on %s", self._url())
+
+    async def stop(self) -> None:
+        """Stop accepting, finish requests in progress and close keep-alive connections."""
+        if self._runner is None:
+            return
+        url = self._url()
+        runner, self._runner, self._site = self._runner, None, None
+        await runner.cleanup()
+        logger.info("http device API on %s stopped", url)
+
+    def _url(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    def _precheck(self, request: web.Request) -> web.Response | None:
+        """Refuse before reading the body: unknown token (401), too large a Content-Length (413)."""
+        device = self._registry.authenticate(request.match_info["token"])
+        if device is None:
+            response = _error(
+                401,
+                "unknown access token; use the token of this device in devices.yaml "
+                "(/api/v1/{token}/...)",
+            )
+            response.force_close()
+            return response
+        request[_DEVICE] = device
+        limit = self._ingress.max_payload_bytes
+        size = request.content_length
+        if size is not None and size > limit:
+            response = _error(
+                413,
+                f"Content-Length {size} is over the {limit}-byte limit; "
+                "split the payload into smaller messages",
+            )
+            response.force_close()
+            return response
+        return None
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer ``Expect: 100-continue`` only when the body would be taken."""
+        if request.version < (1, 1):
+            return None  # RFC 9110 §10.1.1: an HTTP/1.0 expectation is ignored
+        expect = request.headers.get("Expect", "")
+        if expect.lower() != "100-continue":
+            response = _error(
+                417,
+                f"Expect: {expect[:40]!r} is not supported; send 'Expect: 100-continue' "
+                "or no Expect header",
+            )
+            response.force_close()
+            return response
+        refusal = self._precheck(request)
+        if refusal is not None:
+            return refusal
+        ingress = self._ingress
+        if len(ingress) >= ingress.max_messages:
+            ingress.refused += 1
+            response = self._overloaded(f"edge is busy; retry in {ingress.retry_after_s}s")
+            response.force_close()
+            return response
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    def _overloaded(self, reason: str) -> web.Response:
+        retry = str(self._ingress.retry_after_s)
+        return _error(503, reason, headers={"Retry-After": retry})
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        """Authenticate, read the bounded body and offer it to the ingress."""
+        refusal = self._precheck(request)
+        if refusal is not None:
+            return refusal
+        device: str = request[_DEVICE]
+        channel = request.match_info["channel"]
+        limit = self._ingress.max_payload_bytes
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            response = _error(
+                413,
+                f"payload is over the {limit}-byte limit (refused while reading); "
+                "split it into smaller messages",
+            )
+            response.force_close()
+            return response
+        if not body:
+            return _error(400, f"empty body; {_HINTS[channel]}")
+        offer: Offer = self._ingress.offer(device, channel, TRANSPORT, body)
+        verdict = offer.verdict
+        if verdict is Verdict.ACCEPTED:
+            return web.json_response(_ACCEPTED)
+        logger.debug("http %s from %s: %s (%s)", channel, device, verdict.value, offer.reason)
+        if verdict is Verdict.REJECTED:
+            return _error(400, offer.reason)
+        if verdict is Verdict.TOO_LARGE:
+            return _error(413, offer.reason)
+        return self._overloaded(offer.reason)
+
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Turn aiohttp's routing errors and unexpected failures into JSON error bodies."""
+        try:
+            return await handler(request)
+        except web.HTTPMethodNotAllowed as exc:
+            allow = exc.headers.get("Allow", "POST")
+            reason = f"method {request.method} is not allowed here; use {allow}"
+            return _error(405, reason, headers={"Allow": allow})
+        except web.HTTPNotFound:
+            return _error(404, f"no such endpoint; {_ENDPOINTS}")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.status, exc.reason)
+        except ConnectionError:
+            raise
+        except Exception:
+            logger.exception("http: %s %s failed", request.method, _route(request))
+            return _error(500, "internal error in the edge; see its logs")

@@ -1,0 +1,284 @@
+"""Device servers (HTTP, CoAP) feeding the dataflow through one bounded hand-off.
+
+The servers run on one asyncio loop in a thread beside the dataflow. Each
+request is authenticated by the server, then :meth:`Ingress.offer` decodes the
+body once and either queues it (accepted, or rejected-but-kept as a dead
+letter) or refuses it because the queue is full — the server then answers
+503 / 5.03 and memory never grows without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from bytewax.inputs import DynamicSource, StatelessSourcePartition
+
+from connectors.codecs.decode import DEFAULT_MAX_PAYLOAD_BYTES, decode
+from operators.records import DeadLetter, RawMessage
+
+__all__ = [
+    "DeviceServer",
+    "DeviceServers",
+    "Ingress",
+    "Offer",
+    "Verdict",
+]
+
+logger = logging.getLogger("edgesieve.ingress")
+
+_IDLE_AWAKE = timedelta(milliseconds=5)
+_START_TIMEOUT_S = 10.0
+_STOP_TIMEOUT_S = 10.0
+
+
+class Verdict(enum.Enum):
+    """What became of one offered message."""
+
+    ACCEPTED = "accepted"
+    """Queued for the flow (HTTP 200, CoAP 2.04)."""
+    REJECTED = "rejected"
+    """Malformed; queued as a dead letter (HTTP 400, CoAP 4.00)."""
+    TOO_LARGE = "too_large"
+    """Over the payload limit; not queued (HTTP 413, CoAP 4.13)."""
+    OVERLOADED = "overloaded"
+    """The queue is full; not queued, the device should retry (HTTP 503, CoAP 5.03)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """The verdict on one message, with the one-line reason for the device."""
+
+    verdict: Verdict
+    reason: str = ""
+
+
+class Ingress:
+    """Bounded, thread-safe hand-off from device servers to the dataflow."""
+
+    def __init__(
+        self,
+        *,
+        max_messages: int = 10_000,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        retry_after_s: int = 1,
+    ) -> None:
+        if max_messages < 1 or max_payload_bytes < 1 or retry_after_s < 0:
+            msg = (
+                f"Ingress: max_messages and max_payload_bytes must be positive and "
+                f"retry_after_s >= 0 (got {max_messages}, {max_payload_bytes}, {retry_after_s})"
+            )
+            raise ValueError(msg)
+        self.max_messages = max_messages
+        self.max_payload_bytes = max_payload_bytes
+        self.retry_after_s = retry_after_s
+        self._buf: deque[RawMessage] = deque()
+        self.accepted = 0
+        self.rejected = 0
+        self.refused = 0
+        self.high_water = 0
+
+    def offer(self, device: str, channel: str, transport: str, payload: bytes) -> Offer:
+        """Decode ``payload`` once and queue it, unless it is too large or the queue is full."""
+        size = len(payload)
+        if size > self.max_payload_bytes:
+            self.refused += 1
+            reason = (
+                f"payload of {size} bytes is over the {self.max_payload_bytes}-byte limit; "
+                "split it into smaller messages"
+            )
+            return Offer(Verdict.TOO_LARGE, reason)
+        if len(self._buf) >= self.max_messages:
+            self.refused += 1
+            reason = f"edge is busy; retry in {self.retry_after_s}s"
+            return Offer(Verdict.OVERLOADED, reason)
+        msg = RawMessage(device, channel, transport, datetime.now(UTC), payload)
+        result = decode(msg, max_payload_bytes=self.max_payload_bytes)
+        self._buf.append(RawMessage(device, channel, transport, msg.received_at, payload, result))
+        size = len(self._buf)
+        if size > self.high_water:
+            self.high_water = size
+        if isinstance(result, DeadLetter):
+            self.rejected += 1
+            return Offer(Verdict.REJECTED, result.reason)
+        self.accepted += 1
+        return Offer(Verdict.ACCEPTED)
+
+    def take(self, most: int) -> list[RawMessage]:
+        """Remove and return up to ``most`` queued messages, oldest first."""
+        buf = self._buf
+        popleft = buf.popleft
+        return [popleft() for _ in range(min(len(buf), most))]
+
+    def oldest(self) -> datetime | None:
+        """Receive time of the oldest queued message."""
+        try:
+            return self._buf[0].received_at
+        except IndexError:
+            return None
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+
+class DeviceServer(Protocol):
+    """A device-facing server run by :class:`DeviceServers` on its event loop."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Bind and start serving; raise if the address cannot be used."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop accepting requests and close connections."""
+        ...
+
+
+class _ServersPartition(StatelessSourcePartition[RawMessage]):
+    def __init__(
+        self,
+        ingress: Ingress,
+        servers: Sequence[DeviceServer],
+        stop: threading.Event,
+        *,
+        max_batch: int,
+        linger: timedelta,
+    ) -> None:
+        self._ingress = ingress
+        self._servers = list(servers)
+        self._stop = stop
+        self._max_batch = max_batch
+        self._linger = linger
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="edgesieve-device-servers", daemon=True
+        )
+        self._thread.start()
+        self._stopped = False
+        # on timeout wait_for cancels _start, which stops the servers it had started
+        starting = asyncio.wait_for(self._start(), _START_TIMEOUT_S)
+        future = asyncio.run_coroutine_threadsafe(starting, self._loop)
+        try:
+            future.result(timeout=_START_TIMEOUT_S + _STOP_TIMEOUT_S)
+        except TimeoutError as exc:
+            self._shutdown()
+            names = ", ".join(server.name for server in self._servers)
+            msg = (
+                f"DeviceServers: the device servers ({names}) did not start within "
+                f"{_START_TIMEOUT_S:g}s; hint: check their listen addresses"
+            )
+            raise TimeoutError(msg) from exc
+        except BaseException:
+            self._shutdown()
+            raise
+
+    async def _start(self) -> None:
+        started: list[DeviceServer] = []
+        try:
+            for server in self._servers:
+                await server.start()
+                started.append(server)
+        except BaseException:
+            for server in started:
+                await server.stop()
+            raise
+
+    def _shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self._stop_servers(), self._loop)
+            try:
+                future.result(timeout=_STOP_TIMEOUT_S)
+            except Exception:
+                logger.exception("device servers did not stop cleanly")
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=_STOP_TIMEOUT_S)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    async def _stop_servers(self) -> None:
+        for server in self._servers:
+            try:
+                await server.stop()
+            except Exception:
+                logger.exception("%s server did not stop cleanly", server.name)
+
+    def next_batch(self) -> list[RawMessage]:
+        ingress = self._ingress
+        if self._stop.is_set():
+            self._shutdown()  # stop accepting first, then hand over everything
+            batch = ingress.take(self._max_batch)
+            if not batch:
+                raise StopIteration
+            return batch
+        oldest = ingress.oldest()
+        if oldest is None:
+            return []
+        if len(ingress) < self._max_batch and datetime.now(UTC) - oldest < self._linger:
+            return []
+        return ingress.take(self._max_batch)
+
+    def next_awake(self) -> datetime | None:
+        if self._stop.is_set() or len(self._ingress) >= self._max_batch:
+            return None
+        oldest = self._ingress.oldest()
+        if oldest is None:
+            return datetime.now(UTC) + _IDLE_AWAKE
+        return oldest + self._linger
+
+    def close(self) -> None:
+        self._shutdown()
+
+
+class _Idle(StatelessSourcePartition[RawMessage]):
+    def next_batch(self) -> list[RawMessage]:
+        raise StopIteration
+
+
+class DeviceServers(DynamicSource[RawMessage]):
+    """Runs device servers on worker 0 and hands their messages to the dataflow.
+
+    The servers share one asyncio loop in a background thread. When ``stop``
+    is set they stop accepting requests, the queued messages are handed over,
+    and the input ends (so windows close and sinks flush). Other workers get
+    no input from here; the messages reach them through Bytewax's keyed routing.
+    """
+
+    def __init__(
+        self,
+        ingress: Ingress,
+        servers: Sequence[DeviceServer],
+        *,
+        stop: threading.Event | None = None,
+        max_batch: int = 1_000,
+        linger: timedelta = timedelta(milliseconds=20),
+    ) -> None:
+        self.ingress = ingress
+        self.servers = list(servers)
+        self.stop = stop if stop is not None else threading.Event()
+        self._max_batch = max_batch
+        self._linger = linger
+
+    def build(
+        self, step_id: str, worker_index: int, worker_count: int
+    ) -> StatelessSourcePartition[RawMessage]:
+        """Worker 0 hosts the servers; the others end their input at once."""
+        if worker_index != 0:
+            return _Idle()
+        return _ServersPartition(
+            self.ingress,
+            self.servers,
+            self.stop,
+            max_batch=self._max_batch,
+            linger=self._linger,
+        )

@@ -1,0 +1,479 @@
+"""Bytewax sink sealing one stream into batches for the cloud outbox.
+
+Each worker buffers the stream's rows as Arrow tables and seals a batch when
+``max_rows`` rows are buffered, when the oldest buffered row has waited
+``max_age`` (checked on every write and by a timer thread, so an idle stream
+still seals), and on ``close()``. A sealed batch is::
+
+    to_table(STREAMS[stream], rows) -> Arrow IPC stream, zstd buffers
+    -> uplink_pb2.Batch(edge_id, batch_id, stream, priority, rows, arrow_ipc,
+                        raw_bytes, created_at_us)
+    -> Outbox.put(Sealed(...))      # committed before the sink returns
+
+``batch_id`` is the hex SHA-256 of the edge id, the stream and the IPC bytes:
+the same rows in the same order always give the same id, so a batch replayed
+after a crash is recognised by the outbox and by the cloud.
+
+When the outbox cannot store a batch (disk full, I/O error), the rows stay
+buffered, the error is logged and the seal is retried after
+``retry_interval``; the dataflow never stops for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from connectors.streams import STREAMS, StreamSpec, conform, to_table
+from connectors.uplink.outbox import Outbox, Sealed
+from protos import uplink_pb2
+
+__all__ = [
+    "PRIORITIES",
+    "CloudSink",
+    "CloudSinkPartition",
+    "CloudSinkSettings",
+    "batch_id_of",
+    "encode_ipc",
+    "seal",
+]
+
+logger = logging.getLogger("edgesieve.cloud_sink")
+
+PRIORITIES: dict[str, int] = {
+    "alarms": 0,
+    "vibration_features": 1,
+    "telemetry_summary": 2,
+    "telemetry_points": 3,
+    "telemetry_text": 3,
+    "dead_letters": 4,
+}
+"""Outbox priority of each stream: 0 is sent first and dropped last."""
+
+RawBytes = Callable[[list[object]], int]
+OnSeal = Callable[[Sealed], None]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
+@dataclass(frozen=True)
+class CloudSinkSettings:
+    """When to seal a batch.
+
+    ``max_rows`` rows per batch at most; ``max_age`` is how long the oldest
+    buffered row may wait; ``retry_interval`` is the least time between a
+    failed ``Outbox.put`` and its retry.
+    """
+
+    max_rows: int = 10_000
+    max_age: timedelta = timedelta(seconds=10)
+    retry_interval: timedelta = timedelta(seconds=5)
+
+    def __post_init__(self) -> None:
+        rows = self.max_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
+            msg = f"CloudSinkSettings.max_rows must be a positive int; got {rows!r}. Hint: 10_000"
+            raise ValueError(msg)
+        if not isinstance(self.max_age, timedelta) or self.max_age <= timedelta(0):
+            msg = (
+                f"CloudSinkSettings.max_age must be a positive datetime.timedelta; got "
+                f"{self.max_age!r}. Hint: timedelta(seconds=10)"
+            )
+            raise ValueError(msg)
+        if not isinstance(self.retry_interval, timedelta) or self.retry_interval < timedelta(0):
+            msg = (
+                f"CloudSinkSettings.retry_interval must be a non-negative datetime.timedelta; "
+                f"got {self.retry_interval!r}. Hint: timedelta(seconds=5)"
+            )
+            raise ValueError(msg)
+
+
+def _zstd_available() -> bool:
+    return bool(pa.Codec.is_available("zstd"))
+
+
+def encode_ipc(table: pa.Table) -> bytes:
+    """``table`` as one Arrow IPC stream with zstd-compressed buffers (one record batch).
+
+    Every column is first copied into fresh, unsliced buffers, so the bytes
+    depend only on the rows and their order, not on how they were chunked or
+    sliced in memory (the batch id is a hash of these bytes).
+    """
+    columns = [pa.concat_arrays(column.chunks) for column in table.columns]
+    batch = pa.RecordBatch.from_arrays(columns, schema=table.schema)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def batch_id_of(edge_id: str, stream: str, arrow_ipc: bytes) -> str:
+    """The deterministic batch id: hex SHA-256 over edge id, stream and IPC bytes."""
+    digest = hashlib.sha256()
+    for part in (edge_id.encode(), stream.encode()):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    digest.update(arrow_ipc)
+    return digest.hexdigest()
+
+
+def seal(
+    edge_id: str,
+    stream: str,
+    table: pa.Table,
+    *,
+    priority: int,
+    raw_bytes: int = 0,
+    created_at: datetime | None = None,
+) -> Sealed:
+    """Turn a stream table into a :class:`Sealed` batch ready for :meth:`Outbox.put`."""
+    created = created_at if created_at is not None else datetime.now(UTC)
+    arrow_ipc = encode_ipc(table)
+    batch_id = batch_id_of(edge_id, stream, arrow_ipc)
+    delta = created - _EPOCH
+    created_us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    message = uplink_pb2.Batch(
+        edge_id=edge_id,
+        batch_id=batch_id,
+        stream=stream,
+        priority=priority,
+        rows=table.num_rows,
+        arrow_ipc=arrow_ipc,
+        raw_bytes=raw_bytes,
+        created_at_us=created_us,
+    )
+    return Sealed(
+        batch_id=batch_id,
+        stream=stream,
+        priority=priority,
+        rows=table.num_rows,
+        raw_bytes=raw_bytes,
+        created_at=created,
+        payload=message.SerializeToString(),
+    )
+
+
+class CloudSink(DynamicSink[object]):
+    """Seal the records of ``stream`` into batches in ``outbox`` (see the module docstring).
+
+    Items are records with attributes (or dict keys) named like the stream's
+    columns, or pyarrow tables / record batches with those columns.
+    ``raw_bytes(rows)`` says how many device bytes a batch stands for; it is
+    called once per sealed batch with the batch's items (the records, or the
+    Arrow slices for Arrow input); without it ``raw_bytes`` is 0.
+    ``on_seal(sealed)`` is called after each batch newly stored in the outbox.
+    Both run on the worker thread or the partition's timer thread.
+    ``priority`` overrides :data:`PRIORITIES`.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        edge_id: str,
+        stream: str,
+        *,
+        settings: CloudSinkSettings = CloudSinkSettings(),
+        raw_bytes: RawBytes | None = None,
+        on_seal: OnSeal | None = None,
+        priority: int | None = None,
+    ) -> None:
+        spec = STREAMS.get(stream)
+        if spec is None:
+            msg = (
+                f"CloudSink: unknown stream {stream!r}; known streams: "
+                f"{', '.join(sorted(STREAMS))}. Hint: add a StreamSpec to "
+                "connectors.streams.STREAMS for a new stream"
+            )
+            raise ValueError(msg)
+        if not isinstance(outbox, Outbox):
+            msg = f"CloudSink({stream!r}): outbox must be an Outbox; got {type(outbox).__name__}"
+            raise TypeError(msg)
+        if not isinstance(edge_id, str) or not edge_id:
+            msg = f"CloudSink({stream!r}): edge_id must be a non-empty string; got {edge_id!r}"
+            raise ValueError(msg)
+        if not isinstance(settings, CloudSinkSettings):
+            msg = (
+                f"CloudSink({stream!r}): settings must be a CloudSinkSettings; "
+                f"got {type(settings).__name__}"
+            )
+            raise TypeError(msg)
+        for name, fn in (("raw_bytes", raw_bytes), ("on_seal", on_seal)):
+            if fn is not None and not callable(fn):
+                msg = f"CloudSink({stream!r}): {name} must be callable; got {type(fn).__name__}"
+                raise TypeError(msg)
+        if priority is None:
+            priority = PRIORITIES.get(stream, max(PRIORITIES.values()))
+        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+            msg = f"CloudSink({stream!r}): priority must be an int >= 0; got {priority!r}"
+            raise ValueError(msg)
+        if not _zstd_available():
+            msg = (
+                "CloudSink: this pyarrow has no zstd codec, which the uplink requires. "
+                "Hint: install the pyarrow wheels from PyPI"
+            )
+            raise RuntimeError(msg)
+        self.outbox = outbox
+        self.edge_id = edge_id
+        self.spec: StreamSpec = spec
+        self.priority = priority
+        self.settings = settings
+        self.raw_bytes = raw_bytes
+        self.on_seal = on_seal
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> CloudSinkPartition:
+        """Build this worker's partition (starts its timer thread)."""
+        return CloudSinkPartition(self, step_id=step_id, worker_index=worker_index)
+
+
+@dataclass
+class _Segment:
+    items: list[object] | None
+    table: pa.Table
+    arrived: float
+
+
+class CloudSinkPartition(StatelessSinkPartition[object]):
+    """One worker's buffer; see :class:`CloudSink`.
+
+    Counters: ``batches_sealed`` (stored in the outbox), ``rows_sealed``,
+    ``put_failures`` (outbox errors, retried), ``dropped_rows`` (batches the
+    outbox can never hold, or lost on close), and ``buffered_rows``.
+    """
+
+    def __init__(self, sink: CloudSink, *, step_id: str, worker_index: int) -> None:
+        self._sink = sink
+        self._spec = sink.spec
+        self._settings = sink.settings
+        self._where = f"CloudSink {step_id!r} (stream {sink.spec.name!r}, worker {worker_index})"
+        self._max_age_s = sink.settings.max_age.total_seconds()
+        self._retry_s = sink.settings.retry_interval.total_seconds()
+        self._lock = threading.Lock()
+        self._segments: list[_Segment] = []
+        self._rows = 0
+        self._oldest: float | None = None
+        self._retry_at = 0.0
+        self._carry_raw = 0
+        self._carry_rows = 0
+        self.batches_sealed = 0
+        self.rows_sealed = 0
+        self.put_failures = 0
+        self.dropped_rows = 0
+        self._stop = threading.Event()
+        self._timer = threading.Thread(
+            target=self._run_timer, name=f"cloud-{sink.spec.name}-w{worker_index}", daemon=True
+        )
+        self._timer.start()
+
+    @property
+    def buffered_rows(self) -> int:
+        """Rows not yet sealed into the outbox."""
+        return self._rows
+
+    def write_batch(self, items: list[object]) -> None:
+        """Buffer a batch; seal when ``max_rows`` or ``max_age`` is reached."""
+        if not items:
+            return
+        if isinstance(items[0], pa.Table | pa.RecordBatch):
+            for item in items:
+                table = conform(self._spec, item)  # type: ignore[arg-type]
+                if table.num_rows:
+                    self._add(_Segment(None, table, time.monotonic()))
+        else:
+            self._add(_Segment(list(items), to_table(self._spec, items), time.monotonic()))
+
+    def _add(self, segment: _Segment) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._segments.append(segment)
+            self._rows += segment.table.num_rows
+            if self._oldest is None:
+                self._oldest = now
+            self._seal_due_locked(now)
+
+    def close(self) -> None:
+        """Stop the timer and seal everything still buffered."""
+        self._stop.set()
+        if self._timer.is_alive() and self._timer is not threading.current_thread():
+            self._timer.join()
+        with self._lock:
+            while self._rows:
+                if not self._seal_locked(min(self._rows, self._settings.max_rows)):
+                    self.dropped_rows += self._rows
+                    logger.error(
+                        "%s: the final seal on close failed; %d rows were NOT stored in the "
+                        "outbox %s and are lost. See the errors above for the cause",
+                        self._where,
+                        self._rows,
+                        self._sink.outbox.path,
+                    )
+                    self._segments, self._rows, self._oldest = [], 0, None
+                    return
+
+    def _seal_due_locked(self, now: float) -> None:
+        while self._rows and now >= self._retry_at:
+            if self._rows >= self._settings.max_rows:
+                count = self._settings.max_rows
+            elif self._oldest is not None and now - self._oldest >= self._max_age_s:
+                count = self._rows
+            else:
+                return
+            if not self._seal_locked(count):
+                return
+
+    def _run_timer(self) -> None:
+        interval = min(1.0, max(0.01, self._max_age_s / 10))
+        while not self._stop.wait(interval):
+            try:
+                with self._lock:
+                    self._seal_due_locked(time.monotonic())
+            except Exception:
+                self._retry_at = time.monotonic() + max(self._retry_s, interval)
+                logger.exception(
+                    "%s: a seal started by the timer thread failed unexpectedly; rows stay "
+                    "buffered and the seal is retried",
+                    self._where,
+                )
+
+    def _seal_locked(self, count: int) -> bool:
+        """Seal the first ``count`` buffered rows; False (rows kept) if the outbox failed."""
+        sink = self._sink
+        head, rest = _split(self._segments, count)
+        table = pa.concat_tables([s.table for s in head]).combine_chunks()
+        raw, carry = self._raw_for(head, count)
+        try:
+            sealed = seal(
+                sink.edge_id, self._spec.name, table, priority=sink.priority, raw_bytes=raw
+            )
+            stored = sink.outbox.put(sealed)
+        except ValueError as exc:
+            self.dropped_rows += table.num_rows
+            logger.error(
+                "%s: %d rows can never be stored and are dropped: %s",
+                self._where,
+                table.num_rows,
+                exc,
+            )
+            self._carry_raw, self._carry_rows = carry
+            self._consume(rest)
+            return True
+        except Exception as exc:
+            self.put_failures += 1
+            self._carry_raw = raw + carry[0]
+            self._carry_rows = max(count, self._carry_rows)
+            self._retry_at = time.monotonic() + self._retry_s
+            logger.error(
+                "%s: could not store a batch of %d rows in the outbox %s: %s: %s. The rows "
+                "stay buffered (%d rows) and the seal is retried in %.1fs. Hint: check free "
+                "disk space and permissions of data_dir",
+                self._where,
+                table.num_rows,
+                sink.outbox.path,
+                type(exc).__name__,
+                exc,
+                self._rows,
+                self._retry_s,
+            )
+            return False
+        self._carry_raw, self._carry_rows = carry
+        self._consume(rest)
+        if stored:
+            self.batches_sealed += 1
+            self.rows_sealed += sealed.rows
+            if sink.on_seal is not None:
+                try:
+                    sink.on_seal(sealed)
+                except Exception:
+                    logger.exception(
+                        "%s: the on_seal callback raised for batch %s; the batch is stored "
+                        "and sealing continues",
+                        self._where,
+                        sealed.batch_id,
+                    )
+        return True
+
+    def _consume(self, rest: list[_Segment]) -> None:
+        self._segments = rest
+        self._rows = sum(s.table.num_rows for s in rest)
+        self._oldest = rest[0].arrived if rest else None
+        self._retry_at = 0.0
+
+    def _raw_for(self, head: list[_Segment], count: int) -> tuple[int, tuple[int, int]]:
+        """Raw bytes of the first ``count`` rows and what stays carried after them.
+
+        The first ``_carry_rows`` buffered rows were already given to the
+        ``raw_bytes`` callback by a seal that failed (their sum is
+        ``_carry_raw``), so the callback only ever sees each row once.
+        """
+        covered, carried = self._carry_rows, self._carry_raw
+        if count <= covered:
+            raw = carried * count // covered
+            return raw, (carried - raw, covered - count)
+        _, fresh = _split(head, covered)
+        return carried + self._raw_bytes(fresh), (0, 0)
+
+    def _raw_bytes(self, head: list[_Segment]) -> int:
+        fn = self._sink.raw_bytes
+        if fn is None:
+            return 0
+        items: list[object] = []
+        for segment in head:
+            if segment.items is not None:
+                items.extend(segment.items)
+            else:
+                items.append(segment.table)
+        try:
+            value = fn(items)
+        except Exception:
+            logger.exception(
+                "%s: the raw_bytes callback raised for a batch of %d rows; the batch is sent "
+                "with raw_bytes=0",
+                self._where,
+                sum(s.table.num_rows for s in head),
+            )
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            logger.error(
+                "%s: the raw_bytes callback returned %r; it must return a non-negative int. "
+                "The batch is sent with raw_bytes=0",
+                self._where,
+                value,
+            )
+            return 0
+        return value
+
+
+def _split(segments: list[_Segment], count: int) -> tuple[list[_Segment], list[_Segment]]:
+    """Split ``segments`` into the first ``count`` rows and the rest."""
+    head: list[_Segment] = []
+    rest: list[_Segment] = []
+    need = count
+    for segment in segments:
+        n = segment.table.num_rows
+        if need <= 0:
+            rest.append(segment)
+        elif n <= need:
+            head.append(segment)
+            need -= n
+        else:
+            items = segment.items
+            head.append(
+                _Segment(
+                    items[:need] if items else None, segment.table.slice(0, need), segment.arrived
+                )
+            )
+            rest.append(
+                _Segment(
+                    items[need:] if items else None, segment.table.slice(need), segment.arrived
+                )
+            )
+            need = 0
+    return head, rest

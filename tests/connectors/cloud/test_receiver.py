@@ -1,0 +1,1108 @@
+"""The cloud receiver: a real gRPC server and client on loopback, the DuckDB file read back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import grpc
+import pyarrow as pa
+import pytest
+import trustme
+
+from connectors.cloud.receiver import (
+    KEY_HEADER,
+    SECRET_HEADER,
+    UNAUTHENTICATED_DETAIL,
+    AuthError,
+    CloudReceiver,
+    EdgeCredentials,
+    ReceiverError,
+    ReceiverTls,
+    load_auth,
+    serve,
+)
+from connectors.streams import STREAMS, UTC_US
+from protos import uplink_pb2, uplink_pb2_grpc
+
+ROOT = Path(__file__).parents[3]
+SECRET_01 = "s3cret-edge-01-Qx7vN2kLp9"
+SECRET_02 = "s3cret-edge-02-Wm4hT8rZc1"
+EDGES = {"edge-01": SECRET_01, "edge-02": SECRET_02}
+AUTH_01 = ((KEY_HEADER, "edge-01"), (SECRET_HEADER, SECRET_01))
+AUTH_02 = ((KEY_HEADER, "edge-02"), (SECRET_HEADER, SECRET_02))
+T0 = datetime(2025, 11, 22, 8, 0, tzinfo=UTC)
+CALL_TIMEOUT_S = 10.0
+STORED = uplink_pb2.Ack.STORED
+DUPLICATE = uplink_pb2.Ack.DUPLICATE
+REJECTED = uplink_pb2.Ack.REJECTED
+SECRET_HINT = "generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+AUTH_YAML = f"""\
+# edges allowed to push
+edges:
+  - {{key: edge-01, secret: "{SECRET_01}"}}
+  - key: edge-02
+    secret: {SECRET_02}
+"""
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def summary_table(n: int, device: str = "pump-7", start: int = 0) -> pa.Table:
+    starts = [T0 + timedelta(minutes=start + i) for i in range(n)]
+    return pa.table(
+        {
+            "device": [device] * n,
+            "key": ["temperature"] * n,
+            "window_start": pa.array(starts, type=UTC_US),
+            "window_end": pa.array([s + timedelta(minutes=1) for s in starts], type=UTC_US),
+            "count": pa.array(range(10, 10 + n), type=pa.int64()),
+            "mean": [20.0 + i for i in range(n)],
+            "min": [19.0 + i for i in range(n)],
+            "max": [21.0 + i for i in range(n)],
+            "std": [0.5] * n,
+            "first": [19.5 + i for i in range(n)],
+            "last": [20.5 + i for i in range(n)],
+        },
+        schema=STREAMS["telemetry_summary"].schema,
+    )
+
+
+def alarms_table(n: int, device: str = "pump-7") -> pa.Table:
+    return pa.table(
+        {
+            "device": [device] * n,
+            "ts": pa.array([T0 + timedelta(seconds=i) for i in range(n)], type=UTC_US),
+            "rule": ["temp-high"] * n,
+            "state": ["raised" if i % 2 == 0 else "cleared" for i in range(n)],
+            "severity": ["critical"] * n,
+            "value": [80.0 + i for i in range(n)],
+            "key": ["temperature"] * n,
+        },
+        schema=STREAMS["alarms"].schema,
+    )
+
+
+def ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def make_batch(
+    batch_id: str,
+    stream: str,
+    table: pa.Table,
+    *,
+    edge: str = "edge-01",
+    raw_bytes: int | None = None,
+    rows: int | None = None,
+    priority: int = 1,
+) -> uplink_pb2.Batch:
+    return uplink_pb2.Batch(
+        edge_id=edge,
+        batch_id=batch_id,
+        stream=stream,
+        priority=priority,
+        rows=table.num_rows if rows is None else rows,
+        arrow_ipc=ipc(table),
+        raw_bytes=100 * table.num_rows if raw_bytes is None else raw_bytes,
+        created_at_us=int((T0 - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1_000_000),
+    )
+
+
+def channel(port: int, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(f"127.0.0.1:{port}")
+    return grpc.secure_channel(f"127.0.0.1:{port}", credentials)
+
+
+def push(
+    port: int,
+    batches: Iterable[uplink_pb2.Batch],
+    *,
+    metadata: Iterable[tuple[str, str]] | None = AUTH_01,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> list[uplink_pb2.Ack]:
+    """One Push call; every Ack, or the RpcError the call ended with."""
+    with channel(port, credentials) as chan:
+        stub = uplink_pb2_grpc.UplinkStub(chan)
+        call = stub.Push(
+            iter(list(batches)),
+            metadata=tuple(metadata) if metadata is not None else None,
+            timeout=CALL_TIMEOUT_S,
+        )
+        return list(call)
+
+
+def push_error(port: int, batches: Iterable[uplink_pb2.Batch], **kwargs: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        push(port, batches, **kwargs)
+    return info.value
+
+
+def statuses(acks: list[uplink_pb2.Ack]) -> list[tuple[str, str]]:
+    return [(ack.batch_id, uplink_pb2.Ack.Status.Name(ack.status)) for ack in acks]
+
+
+def query(db: Path, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    """Read the receiver's DuckDB file (after the receiver is stopped)."""
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def tables(db: Path) -> set[str]:
+    return {row[0] for row in query(db, "SELECT table_name FROM duckdb_tables()")}
+
+
+def printed(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+def write_auth(tmp_path: Path, text: str | bytes, name: str = "auth.yaml") -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "cloud.duckdb"
+
+
+@pytest.fixture
+def start_receiver(db: Path) -> Iterator[Callable[..., CloudReceiver]]:
+    """Start receivers on an ephemeral loopback port; all are stopped at teardown."""
+    started: list[CloudReceiver] = []
+
+    def start(**kwargs: Any) -> CloudReceiver:
+        kwargs.setdefault("db", db)
+        kwargs.setdefault("edges", EDGES)
+        receiver = CloudReceiver(kwargs.pop("listen", "127.0.0.1:0"), **kwargs).start()
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        receiver.stop(grace=0.5)
+
+
+@pytest.fixture
+def receiver(start_receiver: Callable[..., CloudReceiver]) -> CloudReceiver:
+    return start_receiver()
+
+
+# ---------------------------------------------------------------- storing
+
+
+def test_batches_of_two_streams_are_stored_with_their_accounting(receiver, db, caplog):
+    caplog.set_level(logging.DEBUG, logger="edgesieve.cloud")
+    s1, s2, a1 = summary_table(3), summary_table(2, device="fan-1", start=10), alarms_table(4)
+    batches = [
+        make_batch("b-sum-1", "telemetry_summary", s1, raw_bytes=12_345),
+        make_batch("b-alarm-1", "alarms", a1, raw_bytes=999, priority=0),
+        make_batch("b-sum-2", "telemetry_summary", s2, raw_bytes=7),
+    ]
+    before = datetime.now(UTC)
+    acks = push(receiver.port, batches)
+    after = datetime.now(UTC)
+    assert statuses(acks) == [
+        ("b-sum-1", "STORED"),
+        ("b-alarm-1", "STORED"),
+        ("b-sum-2", "STORED"),
+    ]
+    assert all(ack.detail == "" for ack in acks)
+    receiver.stop()
+
+    assert {"uplink_batches", "telemetry_summary", "alarms"} <= tables(db)
+    rows = query(
+        db,
+        "SELECT batch_id, edge_id, stream, rows, raw_bytes, wire_bytes, priority, created_at, "
+        "received_at FROM uplink_batches ORDER BY received_at",
+    )
+    expected = [
+        (b.batch_id, "edge-01", b.stream, b.rows, b.raw_bytes, b.ByteSize(), b.priority, T0)
+        for b in batches
+    ]
+    assert [row[:8] for row in rows] == expected
+    assert all(before <= row[8] <= after and row[8].utcoffset() == timedelta(0) for row in rows)
+    assert sum(row[5] for row in rows) == sum(len(b.SerializeToString()) for b in batches)
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        got = con.sql(
+            "SELECT * EXCLUDE (edge_id, batch_id) FROM telemetry_summary ORDER BY window_start"
+        ).to_arrow_table()
+        assert got.cast(STREAMS["telemetry_summary"].schema).equals(pa.concat_tables([s1, s2]))
+        columns = dict(
+            con.execute(
+                "SELECT column_name, data_type FROM duckdb_columns() "
+                "WHERE table_name = 'telemetry_summary'"
+            ).fetchall()
+        )
+        assert list(columns)[-2:] == ["edge_id", "batch_id"]
+        assert columns["window_start"] == "TIMESTAMP WITH TIME ZONE"
+        assert columns["count"] == "BIGINT"
+        per_batch = con.execute(
+            "SELECT batch_id, edge_id, count(*) FROM telemetry_summary GROUP BY ALL ORDER BY 1"
+        ).fetchall()
+        assert per_batch == [("b-sum-1", "edge-01", 3), ("b-sum-2", "edge-01", 2)]
+        alarms = con.execute(
+            "SELECT device, ts, rule, state, severity, value, key, edge_id, batch_id "
+            "FROM alarms ORDER BY ts"
+        ).fetchall()
+    assert [row[:7] for row in alarms] == [tuple(r.values()) for r in a1.to_pylist()]
+    assert {row[7:] for row in alarms} == {("edge-01", "b-alarm-1")}
+
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(
+        "batch 'b-alarm-1' (alarms, 4 rows, 999 raw bytes" in line and "STORED" in line
+        for line in debug
+    )
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Push from")]
+    assert len(summary) == 1
+    assert re.search(
+        r"Push from edge edge-01 \(.+\) ended after [\d.]+ s: 3 batch\(es\): 3 stored, "
+        r"0 duplicate, 0 rejected; 9 rows, 13351 raw bytes stored",
+        summary[0],
+    )
+    assert SECRET_01 not in caplog.text
+
+
+def test_a_repeated_batch_id_is_acknowledged_duplicate_and_not_stored_again(receiver, db):
+    batch = make_batch("b-1", "alarms", alarms_table(3))
+    assert statuses(push(receiver.port, [batch, batch])) == [
+        ("b-1", "STORED"),
+        ("b-1", "DUPLICATE"),
+    ]
+    assert statuses(push(receiver.port, [batch])) == [("b-1", "DUPLICATE")]
+    receiver.stop()
+    assert query(db, "SELECT count(*) FROM alarms") == [(3,)]
+    assert query(db, "SELECT batch_id, rows FROM uplink_batches") == [("b-1", 3)]
+
+
+def test_a_batch_id_stored_for_another_edge_is_rejected(receiver, db):
+    assert statuses(push(receiver.port, [make_batch("b-1", "alarms", alarms_table(2))])) == [
+        ("b-1", "STORED")
+    ]
+    again = make_batch("b-1", "alarms", alarms_table(5), edge="edge-02")
+    (ack,) = push(receiver.port, [again], metadata=AUTH_02)
+    assert ack.status == REJECTED
+    assert ack.detail == (
+        "batch_id 'b-1' is already stored for another edge; batch ids must be unique across "
+        "edges (derive them from the edge id)"
+    )
+    receiver.stop()
+    assert query(db, "SELECT edge_id, count(*) FROM alarms GROUP BY ALL") == [("edge-01", 2)]
+
+
+def test_concurrent_edges_are_all_stored(receiver, db):
+    per_edge = 8
+    barrier = threading.Barrier(2, timeout=10)
+    results: dict[str, list[tuple[str, str]]] = {}
+    errors: list[BaseException] = []
+
+    def run(edge: str, auth: tuple[tuple[str, str], ...]) -> None:
+        try:
+            barrier.wait()
+            batches = [
+                make_batch(
+                    f"{edge}-{i}", "telemetry_summary", summary_table(5, start=5 * i), edge=edge
+                )
+                for i in range(per_edge)
+            ]
+            results[edge] = statuses(push(receiver.port, batches, metadata=auth))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=("edge-01", AUTH_01)),
+        threading.Thread(target=run, args=("edge-02", AUTH_02)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert not errors, errors
+    for edge in ("edge-01", "edge-02"):
+        assert results[edge] == [(f"{edge}-{i}", "STORED") for i in range(per_edge)]
+    receiver.stop()
+    assert query(db, "SELECT edge_id, count(*) FROM telemetry_summary GROUP BY ALL ORDER BY 1") == [
+        ("edge-01", 5 * per_edge),
+        ("edge-02", 5 * per_edge),
+    ]
+    assert query(db, "SELECT count(*) FROM uplink_batches") == [(2 * per_edge,)]
+
+
+def test_extra_columns_are_not_stored_and_the_ack_says_so(receiver, db):
+    table = alarms_table(2).append_column("humidity", pa.array([0.5, 0.6]))
+    (ack,) = push(receiver.port, [make_batch("b-x", "alarms", table)])
+    assert ack.status == STORED
+    assert ack.detail == "stored without column(s) humidity, which stream 'alarms' does not define"
+    receiver.stop()
+    names = [
+        row[0]
+        for row in query(db, "SELECT column_name FROM duckdb_columns() WHERE table_name = 'alarms'")
+    ]
+    assert names == [*STREAMS["alarms"].schema.names, "edge_id", "batch_id"]
+
+
+def test_an_empty_batch_is_recorded_without_rows(receiver, db):
+    (ack,) = push(receiver.port, [make_batch("b-0", "alarms", alarms_table(0), raw_bytes=0)])
+    assert ack.status == STORED
+    receiver.stop()
+    assert query(db, "SELECT count(*) FROM alarms") == [(0,)]
+    assert query(db, "SELECT rows FROM uplink_batches") == [(0,)]
+
+
+# ---------------------------------------------------------------- authentication
+
+
+@pytest.mark.parametrize(
+    ("metadata", "logged"),
+    [
+        pytest.param(
+            ((KEY_HEADER, "edge-01"), (SECRET_HEADER, SECRET_02)),
+            "wrong secret for edge 'edge-01'",
+            id="wrong-secret",
+        ),
+        pytest.param(
+            ((KEY_HEADER, "edge-99"), (SECRET_HEADER, SECRET_01)),
+            "unknown edge key 'edge-99'",
+            id="unknown-key",
+        ),
+        pytest.param(None, "no x-edgesieve-key / x-edgesieve-secret metadata", id="no-metadata"),
+        pytest.param(
+            ((KEY_HEADER, "edge-01"),),
+            "no x-edgesieve-key / x-edgesieve-secret metadata",
+            id="no-secret",
+        ),
+    ],
+)
+def test_bad_credentials_are_refused_before_any_batch_is_read(
+    receiver, db, caplog, metadata, logged
+):
+    caplog.set_level(logging.DEBUG, logger="edgesieve.cloud")
+    release = threading.Event()
+
+    def batches() -> Iterator[uplink_pb2.Batch]:
+        yield make_batch("b-1", "alarms", alarms_table(2))
+        release.wait(5.0)  # the stream stays open: the refusal must not wait for it
+
+    started = time.monotonic()
+    with channel(receiver.port) as chan:
+        call = uplink_pb2_grpc.UplinkStub(chan).Push(
+            batches(), metadata=metadata, timeout=CALL_TIMEOUT_S
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        release.set()
+    assert time.monotonic() - started < 4.0
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.details() == UNAUTHENTICATED_DETAIL == "unknown edge key or wrong secret"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert re.fullmatch(
+        rf"refused Push from ipv4:127\.0\.0\.1:\d+: {re.escape(logged)}", warnings[0]
+    )
+    assert SECRET_01 not in caplog.text and SECRET_02 not in caplog.text
+    receiver.stop()
+    assert query(db, "SELECT count(*) FROM uplink_batches") == [(0,)]
+    assert tables(db) == {"uplink_batches"}
+
+
+def test_an_unknown_key_is_logged_cut_to_64_characters(receiver, caplog):
+    key = "k" * 100
+    error = push_error(receiver.port, [], metadata=((KEY_HEADER, key), (SECRET_HEADER, "x" * 20)))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert f"unknown edge key '{'k' * 64}'" in caplog.text
+    assert "k" * 65 not in caplog.text
+
+
+def test_authenticate_compares_every_secret(receiver):
+    assert receiver.authenticate(AUTH_01) == "edge-01"
+    assert receiver.authenticate(AUTH_02) == "edge-02"
+    assert receiver.authenticate(((KEY_HEADER, "edge-02"), (SECRET_HEADER, SECRET_01))) is None
+    assert receiver.authenticate(((KEY_HEADER, "edge-01"), (SECRET_HEADER, SECRET_01[:-1]))) is None
+    assert receiver.authenticate(((KEY_HEADER, "edge-01"), (SECRET_HEADER, b"bytes"))) is None
+    assert receiver.authenticate(((KEY_HEADER, "edge-01"), (SECRET_HEADER, "sëcret"))) is None
+    assert receiver.authenticate(()) is None
+
+
+# ---------------------------------------------------------------- rejected batches
+
+
+def _corrupt(batch: uplink_pb2.Batch) -> uplink_pb2.Batch:
+    batch.arrow_ipc = b"\xff\xff\xff\xff" + batch.arrow_ipc[8:40]
+    return batch
+
+
+def _truncated(batch: uplink_pb2.Batch) -> uplink_pb2.Batch:
+    batch.arrow_ipc = batch.arrow_ipc[: len(batch.arrow_ipc) // 2]
+    return batch
+
+
+def _naive_ts() -> pa.Table:
+    table = alarms_table(2)
+    return table.set_column(1, "ts", table.column("ts").cast(pa.timestamp("us")))
+
+
+def _no_value() -> pa.Table:
+    return alarms_table(2).drop_columns(["value"])
+
+
+def _text_value() -> pa.Table:
+    return alarms_table(2).set_column(5, "value", pa.array(["hot", "cold"]))
+
+
+REJECTIONS = [
+    pytest.param(
+        lambda: make_batch("bad", "telemetry_raw", alarms_table(2)),
+        r"unknown stream 'telemetry_raw'; this receiver stores alarms, dead_letters, "
+        r"telemetry_points, telemetry_summary, telemetry_text, vibration_features",
+        id="unknown-stream",
+    ),
+    pytest.param(
+        lambda: _corrupt(make_batch("bad", "alarms", alarms_table(2))),
+        r"stream 'alarms': arrow_ipc \(36 bytes\) is not a readable Arrow IPC stream: .+",
+        id="corrupt-ipc",
+    ),
+    pytest.param(
+        lambda: _truncated(make_batch("bad", "alarms", alarms_table(2))),
+        r"stream 'alarms': arrow_ipc \(\d+ bytes\) is not a readable Arrow IPC stream: .+",
+        id="truncated-ipc",
+    ),
+    pytest.param(
+        lambda: uplink_pb2.Batch(edge_id="edge-01", batch_id="bad", stream="alarms", rows=0),
+        r"stream 'alarms': arrow_ipc is empty; it must hold an Arrow IPC stream",
+        id="empty-ipc",
+    ),
+    pytest.param(
+        lambda: make_batch("bad", "alarms", alarms_table(2), edge="edge-02"),
+        r"edge_id 'edge-02' does not match the authenticated edge key 'edge-01'; an edge may "
+        r"push only its own batches \(check edge_id and cloud.key in the edge config\)",
+        id="edge-id-mismatch",
+    ),
+    pytest.param(
+        lambda: make_batch("", "alarms", alarms_table(2)),
+        r"batch has no batch_id; the edge must set a deterministic batch_id",
+        id="no-batch-id",
+    ),
+    pytest.param(
+        lambda: make_batch("b" * 257, "alarms", alarms_table(2)),
+        r"batch_id is 257 characters long; at most 256",
+        id="long-batch-id",
+    ),
+    pytest.param(
+        lambda: make_batch("bad", "alarms", alarms_table(2), rows=5),
+        r"stream 'alarms': the batch says rows=5 but its Arrow data holds 2 rows; the batch was "
+        r"built wrongly or corrupted",
+        id="rows-mismatch",
+    ),
+    pytest.param(
+        lambda: make_batch("bad", "alarms", _no_value()),
+        r"stream 'alarms': Arrow data lacks column\(s\) value; it has device, ts, rule, state, "
+        r"severity, key\. Hint: rename or add the columns so they match the stream",
+        id="missing-column",
+    ),
+    pytest.param(
+        lambda: make_batch("bad", "alarms", _naive_ts()),
+        r"stream 'alarms': Arrow column 'ts' is timestamp\[us\] without a timezone; it must be "
+        r"timezone-aware\. .+",
+        id="naive-timestamp",
+    ),
+    pytest.param(
+        lambda: make_batch("bad", "alarms", _text_value()),
+        r"stream 'alarms': Arrow data does not cast to the stream schema \(.+\); Arrow said: .+",
+        id="wrong-type",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_bad", "detail"), REJECTIONS)
+def test_a_bad_batch_is_rejected_and_the_stream_goes_on(receiver, db, caplog, make_bad, detail):
+    bad = make_bad()
+    good = make_batch("good", "alarms", alarms_table(3))
+    acks = push(receiver.port, [bad, good, make_batch("good", "alarms", alarms_table(3))])
+    assert statuses(acks) == [(bad.batch_id, "REJECTED"), ("good", "STORED"), ("good", "DUPLICATE")]
+    assert re.fullmatch(detail, acks[0].detail), acks[0].detail
+    assert "\n" not in acks[0].detail
+    assert f"rejected: {acks[0].detail}" in caplog.text
+    receiver.stop()
+    assert query(db, "SELECT batch_id FROM uplink_batches") == [("good",)]
+    assert query(db, "SELECT count(*) FROM alarms") == [(3,)]
+
+
+def test_a_database_fault_ends_the_call_internal_and_stores_nothing(start_receiver, db):
+    with duckdb.connect(str(db)) as con:  # a table changed by hand, missing most columns
+        con.execute("CREATE TABLE alarms (device VARCHAR)")
+    receiver = start_receiver()
+    error = push_error(receiver.port, [make_batch("b-1", "alarms", alarms_table(2))])
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert re.fullmatch(
+        r"the receiver could not store batch 'b-1' \(alarms\): Binder Error: .+ "
+        r"\(nothing was stored; retry later\)",
+        error.details(),
+    ), error.details()
+    assert "\n" not in error.details()
+    (ack,) = push(receiver.port, [make_batch("b-2", "telemetry_summary", summary_table(1))])
+    assert ack.status == STORED
+    receiver.stop()
+    assert query(db, "SELECT batch_id FROM uplink_batches") == [("b-2",)]
+    assert query(db, "SELECT count(*) FROM alarms") == [(0,)]
+
+
+# ---------------------------------------------------------------- crash between commit and ack
+
+CRASHING_RECEIVER = """
+import os, sys
+from pathlib import Path
+from connectors.cloud.receiver import CloudReceiver, load_auth
+
+def crash(batch_id):
+    os._exit(1)
+
+receiver = CloudReceiver("127.0.0.1:0", Path(sys.argv[1]), load_auth(sys.argv[2]), on_commit=crash)
+print(receiver.start().port, flush=True)
+sys.stdin.read()
+"""
+
+
+def run_serve(
+    db: Path, auth: Path, caplog: pytest.LogCaptureFixture, tls: ReceiverTls | None = None
+) -> tuple[threading.Thread, threading.Event, int]:
+    """Run serve() in a thread; return it, its stop event and the port it logged."""
+    caplog.set_level(logging.INFO, logger="edgesieve.cloud")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve("127.0.0.1:0", db, auth, tls=tls, stop=stop)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not errors:
+        found = re.search(r"cloud receiver listening on 127\.0\.0\.1:(\d+)", caplog.text)
+        if found:
+            return thread, stop, int(found.group(1))
+        time.sleep(0.01)
+    stop.set()
+    pytest.fail(f"serve() did not log its port: {errors}")
+
+
+def test_a_crash_between_commit_and_ack_is_answered_duplicate_after_restart(tmp_path, db, caplog):
+    auth = write_auth(tmp_path, AUTH_YAML)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_RECEIVER, str(db), str(auth)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip().isdigit(), f"receiver did not start: {line!r} {proc.stderr.read()}"
+        port = int(line)
+        batch = make_batch("b-crash", "alarms", alarms_table(4))
+        acks: list[uplink_pb2.Ack] = []
+        with channel(port) as chan:
+            call = uplink_pb2_grpc.UplinkStub(chan).Push(
+                iter([batch]), metadata=AUTH_01, timeout=CALL_TIMEOUT_S
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                for ack in call:
+                    acks.append(ack)
+        assert acks == []
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert proc.wait(10) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+
+    assert query(db, "SELECT batch_id FROM uplink_batches") == [("b-crash",)]
+    thread, stop, port = run_serve(db, auth, caplog)
+    try:
+        acks = push(port, [batch, make_batch("b-next", "alarms", alarms_table(1))])
+        assert statuses(acks) == [("b-crash", "DUPLICATE"), ("b-next", "STORED")]
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert query(db, "SELECT batch_id, count(*) FROM alarms GROUP BY ALL ORDER BY 1") == [
+        ("b-crash", 4),
+        ("b-next", 1),
+    ]
+
+
+# ---------------------------------------------------------------- TLS and mutual TLS
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path, ca: trustme.CA) -> dict[str, Path]:
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {
+        "ca": tmp_path / "ca.pem",
+        "cert": tmp_path / "server.pem",
+        "key": tmp_path / "server.key",
+    }
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    server.private_key_pem.write_to_path(str(paths["key"]))
+    with paths["cert"].open("wb") as f:
+        for blob in server.cert_chain_pems:
+            f.write(blob.bytes())
+    return paths
+
+
+def client_credentials(
+    ca: trustme.CA, client: trustme.LeafCert | None = None
+) -> grpc.ChannelCredentials:
+    if client is None:
+        return grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.cert_pem.bytes(),
+        private_key=client.private_key_pem.bytes(),
+        certificate_chain=b"".join(blob.bytes() for blob in client.cert_chain_pems),
+    )
+
+
+def test_tls_clients_are_served_and_plaintext_clients_are_not(start_receiver, tls_files, ca, db):
+    receiver = start_receiver(tls=ReceiverTls(tls_files["cert"], tls_files["key"]))
+    assert receiver.mode == "TLS"
+    batch = make_batch("b-tls", "alarms", alarms_table(2))
+    assert statuses(push(receiver.port, [batch], credentials=client_credentials(ca))) == [
+        ("b-tls", "STORED")
+    ]
+    error = push_error(receiver.port, [make_batch("b-plain", "alarms", alarms_table(2))])
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    other_ca = trustme.CA()
+    error = push_error(
+        receiver.port,
+        [make_batch("b-other", "alarms", alarms_table(2))],
+        credentials=client_credentials(other_ca),
+    )
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    receiver.stop()
+    assert query(db, "SELECT batch_id FROM uplink_batches") == [("b-tls",)]
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(
+    start_receiver, tls_files, ca, db
+):
+    receiver = start_receiver(
+        tls=ReceiverTls(tls_files["cert"], tls_files["key"], client_ca=tls_files["ca"])
+    )
+    assert receiver.mode == "mutual TLS"
+    error = push_error(
+        receiver.port,
+        [make_batch("b-nocert", "alarms", alarms_table(2))],
+        credentials=client_credentials(ca),
+    )
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    stranger = trustme.CA().issue_cert("edge-01.example")
+    error = push_error(
+        receiver.port,
+        [make_batch("b-stranger", "alarms", alarms_table(2))],
+        credentials=client_credentials(ca, stranger),
+    )
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    client = ca.issue_cert("edge-01.example")
+    acks = push(
+        receiver.port,
+        [make_batch("b-mtls", "alarms", alarms_table(2))],
+        credentials=client_credentials(ca, client),
+    )
+    assert statuses(acks) == [("b-mtls", "STORED")]
+    error = push_error(
+        receiver.port,
+        [make_batch("b-mtls-2", "alarms", alarms_table(2))],
+        credentials=client_credentials(ca, client),
+        metadata=((KEY_HEADER, "edge-01"), (SECRET_HEADER, SECRET_02)),
+    )
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    receiver.stop()
+    assert query(db, "SELECT batch_id FROM uplink_batches") == [("b-mtls",)]
+
+
+def test_serve_runs_with_tls_until_stop_is_set(tmp_path, db, tls_files, ca, caplog):
+    auth = write_auth(tmp_path, AUTH_YAML)
+    tls = ReceiverTls(str(tls_files["cert"]), str(tls_files["key"]), str(tls_files["ca"]))
+    assert isinstance(tls.cert, Path) and isinstance(tls.client_ca, Path)
+    thread, stop, port = run_serve(db, auth, caplog, tls=tls)
+    try:
+        acks = push(
+            port,
+            [make_batch("b-1", "alarms", alarms_table(1))],
+            credentials=client_credentials(ca, ca.issue_cert("edge-01.example")),
+        )
+        assert statuses(acks) == [("b-1", "STORED")]
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert "(mutual TLS), storing to" in caplog.text
+    assert "2 edge(s) authorised" in caplog.text
+
+
+def test_tls_file_errors_name_the_file(tmp_path, tls_files):
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"TLS cert file {str(missing)!r} does not exist; check the path"),
+    ):
+        CloudReceiver(
+            "127.0.0.1:0", tmp_path / "c.duckdb", EDGES, tls=ReceiverTls(missing, tls_files["key"])
+        )
+    der = tmp_path / "ca.der"
+    der.write_bytes(b"\x30\x82\x01\x0a")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"TLS client_ca file {str(der)!r} is not PEM (4 bytes without a '-----BEGIN' line); "
+            "convert it, e.g. `openssl x509 -in cert.der -inform der -out cert.pem`"
+        ),
+    ):
+        ReceiverTls(tls_files["cert"], tls_files["key"], client_ca=der).server_credentials()
+    with pytest.raises(ValueError, match=r"TLS key file '.+' cannot be read: "):
+        ReceiverTls(tls_files["cert"], tmp_path).server_credentials()
+    with pytest.raises(
+        TypeError, match=re.escape("ReceiverTls.key must be a path to a PEM file; got bytes")
+    ):
+        ReceiverTls(tls_files["cert"], b"key.pem")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- lifecycle and arguments
+
+
+def test_stop_ends_an_open_push_and_closes_the_database(receiver, db):
+    release = threading.Event()
+    got: list[Any] = []
+
+    def batches() -> Iterator[uplink_pb2.Batch]:
+        yield make_batch("b-1", "alarms", alarms_table(1))
+        release.wait(5.0)
+
+    def run() -> None:
+        with channel(receiver.port) as chan:
+            call = uplink_pb2_grpc.UplinkStub(chan).Push(
+                batches(), metadata=AUTH_01, timeout=CALL_TIMEOUT_S
+            )
+            try:
+                for ack in call:
+                    got.append(ack)
+            except grpc.RpcError as exc:
+                got.append(exc.code())
+
+    client = threading.Thread(target=run)
+    client.start()
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    receiver.stop(grace=0.2)
+    assert time.monotonic() - started < 3.0
+    release.set()
+    client.join(10)
+    assert got[0].status == STORED
+    assert got[1] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert query(db, "SELECT count(*) FROM alarms") == [(1,)]  # the file is no longer locked
+    receiver.stop()  # idempotent
+
+
+def test_receiver_argument_errors(tmp_path, receiver):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "listen address '127.0.0.1' is not HOST:PORT; use e.g. 127.0.0.1:50051, "
+            "0.0.0.0:50051 or [::1]:50051 (port 0 picks a free port)"
+        ),
+    ):
+        CloudReceiver("127.0.0.1", tmp_path / "c.duckdb", EDGES)
+    for bad in ("::1:50051", ":50051", "host:http", "[]:1"):
+        with pytest.raises(ValueError, match="is not HOST:PORT"):
+            CloudReceiver(bad, tmp_path / "c.duckdb", EDGES)
+    with pytest.raises(
+        ValueError,
+        match=re.escape("listen address '127.0.0.1:70000': port 70000 is out of range 0-65535"),
+    ):
+        CloudReceiver("127.0.0.1:70000", tmp_path / "c.duckdb", EDGES)
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "CloudReceiver edges must be a mapping of edge key to secret; got list. "
+            "Hint: edges=load_auth(path)"
+        ),
+    ):
+        CloudReceiver("127.0.0.1:0", tmp_path / "c.duckdb", [("edge-01", SECRET_01)])
+    with pytest.raises(
+        AuthError,
+        match=re.escape(
+            "CloudReceiver edges[0] (edge-01): secret must be 16-1024 characters (got 5); "
+        ),
+    ) as info:
+        CloudReceiver("127.0.0.1:0", tmp_path / "c.duckdb", {"edge-01": "short"})
+    assert "short" not in str(info.value)
+    with pytest.raises(
+        AuthError,
+        match=re.escape("CloudReceiver edges: no edges are listed, so every Push would be refused"),
+    ):
+        CloudReceiver("127.0.0.1:0", tmp_path / "c.duckdb", {})
+    with pytest.raises(
+        ValueError, match=re.escape("CloudReceiver max_workers must be an int >= 1; got 0")
+    ):
+        CloudReceiver("127.0.0.1:0", tmp_path / "c.duckdb", EDGES, max_workers=0)
+    with pytest.raises(
+        ValueError,
+        match=re.escape("CloudReceiver max_message_bytes must be an int >= 1024; got 10"),
+    ):
+        CloudReceiver("127.0.0.1:0", tmp_path / "c.duckdb", EDGES, max_message_bytes=10)
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape("CloudReceiver.port is known only after start(); call start() first"),
+    ):
+        _ = CloudReceiver("127.0.0.1:0", tmp_path / "c.duckdb", EDGES).port
+    assert SECRET_01 not in repr(receiver)
+    assert re.fullmatch(
+        r"CloudReceiver\('127\.0\.0\.1:0', db='.+cloud\.duckdb', port \d+\)", repr(receiver)
+    )
+
+
+def test_an_ipv6_loopback_receiver_is_served(start_receiver, db):
+    try:
+        receiver = start_receiver(listen="[::1]:0")
+    except ReceiverError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    assert re.fullmatch(r"CloudReceiver\('\[::1\]:0', .+, port \d+\)", repr(receiver))
+    with grpc.insecure_channel(f"[::1]:{receiver.port}") as chan:
+        acks = list(
+            uplink_pb2_grpc.UplinkStub(chan).Push(
+                iter([make_batch("b-v6", "alarms", alarms_table(1))]),
+                metadata=AUTH_01,
+                timeout=CALL_TIMEOUT_S,
+            )
+        )
+    assert statuses(acks) == [("b-v6", "STORED")]
+
+
+def test_start_errors_name_the_address_or_database(tmp_path, receiver):
+    taken = CloudReceiver(f"127.0.0.1:{receiver.port}", tmp_path / "other.duckdb", EDGES)
+    with pytest.raises(
+        ReceiverError,
+        match=re.escape(f"cloud receiver cannot listen on '127.0.0.1:{receiver.port}': "),
+    ) as info:
+        taken.start()
+    assert str(info.value).endswith(
+        "Hint: the port may be in use, or the host is not an address of this machine"
+    )
+    # the database of the failed receiver was closed again: it can be opened
+    query(tmp_path / "other.duckdb", "SELECT 1")
+
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(
+        ReceiverError,
+        match=re.escape(f"cloud receiver cannot open its database {str(tmp_path / 'adir')!r}: "),
+    ) as info:
+        CloudReceiver("127.0.0.1:0", tmp_path / "adir", EDGES).start()
+    assert "Hint: another `edgesieve cloud` may be using the file" in str(info.value)
+
+
+def test_a_message_over_the_size_limit_is_refused(start_receiver, db):
+    receiver = start_receiver(max_message_bytes=4096)
+    big = make_batch(
+        "b-big",
+        "dead_letters",
+        pa.table(
+            {
+                "device": ["d"],
+                "transport": ["http"],
+                "received_at": pa.array([T0], type=UTC_US),
+                "reason": ["x"],
+                "payload": [os.urandom(10_000)],
+            },
+            schema=STREAMS["dead_letters"].schema,
+        ),
+    )
+    error = push_error(receiver.port, [big])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    receiver.stop()
+    assert query(db, "SELECT count(*) FROM uplink_batches") == [(0,)]
+
+
+# ---------------------------------------------------------------- the auth file
+
+
+def test_load_auth_reads_every_edge(tmp_path):
+    assert load_auth(write_auth(tmp_path, AUTH_YAML)) == EDGES
+    assert load_auth(str(write_auth(tmp_path, AUTH_YAML))) == EDGES
+
+
+def test_edge_credentials_hide_the_secret():
+    creds = EdgeCredentials("edge-01", SECRET_01)
+    assert repr(creds) == "EdgeCredentials(key='edge-01')"
+    assert SECRET_01 not in str(creds)
+
+
+def _entry(key: str, secret: str) -> str:
+    return f"edges:\n  - {{key: {key}, secret: {secret}}}\n"
+
+
+AUTH_ERRORS = [
+    pytest.param(
+        "edges: [",
+        r"{path}: not valid YAML at line 1; expected edges: \[\{{key: \.\.\., secret: \.\.\.\}}\]",
+        id="yaml",
+    ),
+    pytest.param(
+        "- {key: edge-01}",
+        r"{path}: expected a mapping with an `edges:` list, e\.g\. "
+        r'edges: \[\{{key: edge-01, secret: "\.\.\."\}}\]',
+        id="not-a-mapping",
+    ),
+    pytest.param(
+        "edges:\n",
+        r"{path}: expected a mapping with an `edges:` list, .+",
+        id="edges-null",
+    ),
+    pytest.param(
+        "edges: []\n",
+        r"{path}: edges: no edges are listed, so every Push would be refused; add one, e\.g\. "
+        r'edges: \[\{{key: edge-01, secret: "\.\.\."\}}\]',
+        id="empty",
+    ),
+    pytest.param(
+        f"edges:\n  - {{key: edge-01, secret: {SECRET_01}, note: x}}\n",
+        r"{path}: edges\[0\] must have exactly `key` and `secret` \(got \['key', 'note', "
+        r"'secret'\]\)",
+        id="extra-field",
+    ),
+    pytest.param(
+        f"edges:\n  - {SECRET_01}\n",
+        r"{path}: edges\[0\] must have exactly `key` and `secret` \(got str\)",
+        id="not-an-entry",
+    ),
+    pytest.param(
+        _entry("42", SECRET_01),
+        r"{path}: edges\[0\]: key must be a string, but YAML read 42 \(int\); quote it, "
+        r'e\.g\. key: "edge-01"',
+        id="int-key",
+    ),
+    pytest.param(
+        _entry('"edge 01"', SECRET_01),
+        r"{path}: edges\[0\]: key 'edge 01' is not a valid edge key; use 1-128 letters, digits, "
+        r"'\.', '_', ':' or '-', starting with a letter or digit \(it is the edge_id of its rows\)",
+        id="bad-key",
+    ),
+    pytest.param(
+        _entry("edge-01", "1234567890123456789"),
+        r"{path}: edges\[0\] \(edge-01\): secret must be a string, but got int; quote it in "
+        r'YAML, e\.g\. secret: "\.\.\."',
+        id="int-secret",
+    ),
+    pytest.param(
+        _entry("edge-01", "hunter2"),
+        r"{path}: edges\[0\] \(edge-01\): secret must be 16-1024 characters \(got 7\); "
+        + re.escape(SECRET_HINT),
+        id="short-secret",
+    ),
+    pytest.param(
+        _entry("edge-01", '"correct horse battery staple"'),
+        r"{path}: edges\[0\] \(edge-01\): secret contains spaces or characters outside "
+        r"printable ASCII, which gRPC metadata cannot carry; " + re.escape(SECRET_HINT),
+        id="spaces-in-secret",
+    ),
+    pytest.param(
+        _entry("edge-01", "sécret-päss-wörd-long"),
+        r"{path}: edges\[0\] \(edge-01\): secret contains spaces or characters outside "
+        r"printable ASCII, .+",
+        id="non-ascii-secret",
+    ),
+    pytest.param(
+        f"edges:\n  - {{key: edge-01, secret: {SECRET_01}}}\n  - {{key: edge-01, secret: {SECRET_02}}}\n",
+        r"{path}: edges\[1\]: edge key 'edge-01' is listed twice; keys must be unique",
+        id="duplicate-key",
+    ),
+    pytest.param(
+        f"edges:\n  - {{key: edge-01, secret: {SECRET_01}}}\n  - {{key: edge-02, secret: {SECRET_01}}}\n",
+        r"{path}: edges\[1\] \(edge-02\): secret is the same as edge 'edge-01''s; every edge "
+        r"needs its own secret; " + re.escape(SECRET_HINT),
+        id="shared-secret",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "pattern"), AUTH_ERRORS)
+def test_load_auth_errors(tmp_path, text, pattern):
+    path = write_auth(tmp_path, text)
+    with pytest.raises(AuthError) as info:
+        load_auth(path)
+    assert re.fullmatch(pattern.format(path=re.escape(str(path))), str(info.value)), str(info.value)
+    shown = printed(info.value)
+    for secret in (
+        SECRET_01,
+        SECRET_02,
+        "hunter2",
+        "1234567890123456789",
+        "correct horse",
+        "sécret",
+    ):
+        assert secret not in shown
+
+
+def test_load_auth_file_errors(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(
+        AuthError,
+        match=re.escape(
+            f"auth file {str(missing)!r} does not exist; pass `--auth FILE` with a YAML file like "
+            'edges: [{key: edge-01, secret: "..."}]'
+        ),
+    ):
+        load_auth(missing)
+    latin = write_auth(tmp_path, "edges: [{key: édge, secret: x}]".encode("latin-1"))
+    with pytest.raises(
+        AuthError,
+        match=re.escape(f"auth file {str(latin)!r} is not UTF-8 text; save it as UTF-8 YAML"),
+    ):
+        load_auth(latin)
+    with pytest.raises(
+        AuthError, match=re.escape(f"auth file {str(tmp_path)!r} cannot be read: Is a directory")
+    ):
+        load_auth(tmp_path)
+    assert issubclass(AuthError, ValueError)
+
+
+def test_serve_fails_fast_on_a_bad_auth_file(tmp_path, db):
+    stop = threading.Event()
+    with pytest.raises(AuthError, match="no edges are listed"):
+        serve("127.0.0.1:0", db, write_auth(tmp_path, "edges: []\n"), tls=None, stop=stop)
+    assert not db.exists()

@@ -1,0 +1,788 @@
+"""The HTTP device API: real curl and aiohttp clients against the server, alone and in real flows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import bytewax.operators as op
+import duckdb
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink
+
+from connectors.codecs.evb1 import encode_evb1
+from connectors.devices.http import HttpServer
+from connectors.devices.ingress import DeviceServers, Ingress
+from connectors.devices.registry import Device, DeviceRegistry
+from flows import telemetry, vibration
+from flows.accounting import Meter
+from flows.config import parse_config
+from flows.machines import Machine, blocks
+from operators.records import RawMessage
+
+TOKEN_1 = "tok-pump-1-Zq8xW3vK"
+TOKEN_2 = "tok-fan-2-Hh4tLr9P"
+CURL_TIMEOUT_S = 10.0
+T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+EMPTY_TELEMETRY = 'empty body; POST JSON telemetry like {"temperature": 21.5}'
+UNKNOWN_TOKEN = (
+    "unknown access token; use the token of this device in devices.yaml (/api/v1/{token}/...)"
+)
+NOT_FOUND = (
+    "no such endpoint; devices POST to /api/v1/{token}/telemetry or /api/v1/{token}/vibration"
+)
+
+
+def registry() -> DeviceRegistry:
+    return DeviceRegistry([Device("pump-1", TOKEN_1), Device("fan-2", TOKEN_2)])
+
+
+def require_curl() -> None:
+    if shutil.which("curl") is None:
+        if os.environ.get("CI") is not None:
+            pytest.fail("curl is not installed; CI is set, so the HTTP tests must run")
+        pytest.skip("curl is not installed (apt-get install curl)")
+
+
+@dataclass
+class Reply:
+    """The final response curl received."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    @property
+    def error(self) -> str:
+        doc = json.loads(self.body)
+        assert set(doc) == {"error"}, doc
+        return doc["error"]
+
+
+def curl(
+    url: str,
+    data: bytes | None = None,
+    *,
+    method: str | None = None,
+    headers: tuple[str, ...] = (),
+    args: tuple[str, ...] = (),
+) -> Reply:
+    """One request with the real curl binary (``data`` goes through stdin)."""
+    require_curl()
+    with tempfile.TemporaryDirectory() as tmp:
+        head, body = Path(tmp, "head"), Path(tmp, "body")
+        cmd = ["curl", "-sS", "-g", "--max-time", str(CURL_TIMEOUT_S), "-D", str(head)]
+        cmd += ["-o", str(body), "-w", "%{http_code}"]
+        if data is not None:
+            cmd += ["--data-binary", "@-"]
+        if method is not None:
+            cmd += ["-X", method]
+        for header in headers:
+            cmd += ["-H", header]
+        cmd += [*args, url]
+        proc = subprocess.run(
+            cmd, input=data, capture_output=True, timeout=CURL_TIMEOUT_S + 5, check=False
+        )
+        if proc.returncode != 0:
+            msg = f"curl {url} failed (exit {proc.returncode}): {proc.stderr.decode().strip()}"
+            raise RuntimeError(msg)
+        blocks_ = head.read_bytes().decode("latin-1").strip().split("\r\n\r\n")
+        final = blocks_[-1].split("\r\n")[1:]  # after any "100 Continue"
+        parsed = dict(line.split(": ", 1) for line in final)
+        return Reply(
+            int(proc.stdout),
+            {k.lower(): v for k, v in parsed.items()},
+            body.read_bytes() if body.exists() else b"",
+        )
+
+
+def base_url(server: HttpServer, host: str = "127.0.0.1") -> str:
+    return f"http://{host}:{server.port}"
+
+
+def api(server: HttpServer, token: str, channel: str) -> str:
+    return f"{base_url(server)}/api/v1/{token}/{channel}"
+
+
+def port_when_listening(server: HttpServer, wait_for: Callable[..., object]) -> int:
+    def port() -> int | None:
+        try:
+            return server.port
+        except RuntimeError:
+            return None
+
+    return wait_for(port, "the HTTP server to listen")  # type: ignore[return-value]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., HttpServer]]:
+    """Run HttpServers on DeviceServers' loop thread without a dataflow draining the ingress."""
+    partitions = []
+
+    def start(ingress: Ingress, listen: str = "127.0.0.1:0") -> HttpServer:
+        server = HttpServer(listen, registry(), ingress)
+        partitions.append(DeviceServers(ingress, [server]).build("http", 0, 1))
+        return server
+
+    yield start
+    for partition in partitions:
+        partition.close()
+
+
+def query(data_dir: Path, stream: str, sql: str) -> list[tuple]:
+    glob = data_dir / "parquet" / stream / "**" / "*.parquet"
+    if not list((data_dir / "parquet" / stream).glob("**/*.parquet")):
+        return []
+    src = f"read_parquet('{glob}', hive_partitioning=true)"
+    return duckdb.sql(sql.format(src=src)).fetchall()
+
+
+def ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
+
+
+# --- end to end through the standard flows ---------------------------------------------------
+
+
+def test_telemetry_flow_end_to_end(tmp_path, run_flow, wait_for):
+    config = parse_config(
+        {
+            "data_dir": str(tmp_path),
+            "telemetry": {
+                "deadband": {"absolute": 0.5, "max_silence": None},
+                "window": {"length": 10, "allowed_lateness": 1},
+            },
+        }
+    )
+    ingress = Ingress()
+    server = HttpServer("127.0.0.1:0", registry(), ingress)
+    stop = threading.Event()
+    source = DeviceServers(ingress, [server], stop=stop)
+    meter = Meter("telemetry")
+    runner = run_flow(telemetry.build(config, source=source, meter=meter), stops=[stop])
+    port_when_listening(server, wait_for)
+
+    now = datetime.now(UTC)
+    sent_at = now
+    shapes = [
+        (TOKEN_1, {"ts": ms(now - timedelta(seconds=3)), "values": {"temperature": 30.0}}),
+        (TOKEN_1, {"pressure": 1.5, "status": "ok"}),  # no ts: the receive time
+        (
+            TOKEN_2,
+            [
+                {"ts": ms(now - timedelta(seconds=4)), "values": {"humidity": 40}},
+                {"ts": ms(now - timedelta(seconds=2)), "values": {"humidity": 45.5, "on": True}},
+            ],
+        ),
+    ]
+    content_types = ("application/json", "text/plain; charset=utf-8", None)
+    for (token, doc), ctype in zip(shapes, content_types, strict=True):
+        headers = () if ctype is None else (f"Content-Type: {ctype}",)
+        reply = curl(api(server, token, "telemetry"), json.dumps(doc).encode(), headers=headers)
+        assert (reply.status, json.loads(reply.body)) == (200, {"status": "accepted"})
+        assert reply.headers["content-type"].startswith("application/json")
+    # curl's -d default (form-urlencoded) is accepted too: the path names the channel
+    form = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-d",
+            '{"rpm": 1480}',
+            api(server, TOKEN_2, "telemetry"),
+        ],
+        capture_output=True,
+        timeout=15,
+        check=True,
+    )
+    assert json.loads(form.stdout) == {"status": "accepted"}
+
+    url = api(server, TOKEN_1, "telemetry")
+    stop.set()
+    runner.join()
+    with pytest.raises(RuntimeError, match=r"exit 7\)"):  # stopped: connection refused
+        curl(url, b'{"x": 1}')
+
+    points = query(
+        tmp_path,
+        "telemetry_points",
+        "select device, key, value, transport, ts from {src} order by device, key, ts",
+    )
+    assert [p[:4] for p in points] == [
+        ("fan-2", "humidity", 40.0, "http"),
+        ("fan-2", "humidity", 45.5, "http"),
+        ("fan-2", "on", 1.0, "http"),
+        ("fan-2", "rpm", 1480.0, "http"),
+        ("pump-1", "pressure", 1.5, "http"),
+        ("pump-1", "temperature", 30.0, "http"),
+    ]
+    pressure_ts = points[4][4]
+    assert sent_at - timedelta(seconds=1) <= pressure_ts <= datetime.now(UTC)
+    text = query(tmp_path, "telemetry_text", "select device, key, value, transport from {src}")
+    assert text == [("pump-1", "status", "ok", "http")]
+    assert query(tmp_path, "dead_letters", "select count(*) from {src}") in ([], [(0,)])
+    assert ingress.accepted == 4 and len(ingress) == 0
+
+
+def test_vibration_flow_end_to_end(tmp_path, run_flow, wait_for):
+    config = parse_config({"data_dir": str(tmp_path), "vibration": {"frames_per_row": 1}})
+    ingress = Ingress()
+    server = HttpServer("127.0.0.1:0", registry(), ingress)
+    stop = threading.Event()
+    source = DeviceServers(ingress, [server], stop=stop)
+    runner = run_flow(
+        vibration.build(config, source=source, meter=Meter("vibration")), stops=[stop]
+    )
+    port_when_listening(server, wait_for)
+
+    payloads = blocks(Machine("imbalance", seed=5), device="fan-2", count=3, start_ts=T0)
+    assert all(len(p) > 40_000 for p in payloads)  # 4096 frames x 3 axes x float32
+    for payload in payloads:
+        reply = curl(
+            api(server, TOKEN_2, "vibration"),
+            payload,
+            headers=("Content-Type: application/octet-stream",),
+        )
+        assert reply.status == 200, reply.body
+    stop.set()
+    runner.join()
+
+    rows = query(
+        tmp_path,
+        "vibration_features",
+        "select device, axis, transport, count(*), min(ts), max(velocity_rms_mm_s) "
+        "from {src} group by all order by axis",
+    )
+    assert [r[:4] for r in rows] == [("fan-2", a, "http", 3) for a in "xyz"]
+    assert all(r[4] == T0 for r in rows)
+    assert rows[0][5] > 4.5  # imbalance: ISO zone D on x
+    assert query(tmp_path, "dead_letters", "select count(*) from {src}") in ([], [(0,)])
+
+
+# --- the bad-input matrix ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request of the matrix: what is sent, what must come back, and whether it is kept."""
+
+    server: HttpServer
+    token: str
+    path: str
+    body: bytes | None
+    status: int
+    reason: str | None = None
+    """A regex the ``error`` text must start with."""
+    dead: bool = False
+    """Whether the body must be stored as a dead letter."""
+    method: str | None = None
+    args: tuple[str, ...] = ()
+
+
+def test_bad_input_matrix(tmp_path, run_flow, wait_for):
+    limit = 64 * 1024
+    dirs = {name: tmp_path / name for name in ("telemetry", "vibration")}
+    servers: dict[str, HttpServer] = {}
+    stops = []
+    runners = []
+    for name, module, section in (
+        ("telemetry", telemetry, {"deadband": {"absolute": 0.5, "max_silence": None}}),
+        ("vibration", vibration, {"frames_per_row": 1}),
+    ):
+        config = parse_config({"data_dir": str(dirs[name]), name: section})
+        ingress = Ingress(max_payload_bytes=limit)
+        servers[name] = HttpServer("127.0.0.1:0", registry(), ingress)
+        stop = threading.Event()
+        stops.append(stop)
+        source = DeviceServers(ingress, [servers[name]], stop=stop)
+        runners.append(
+            run_flow(module.build(config, source=source, meter=Meter(name)), stops=[stop])
+        )
+    for server in servers.values():
+        port_when_listening(server, wait_for)
+    tel, vib = servers["telemetry"], servers["vibration"]
+    now = datetime.now(UTC)
+
+    def good_reading(seconds: int, value: float) -> bytes:
+        return json.dumps(
+            {"ts": ms(now + timedelta(seconds=seconds)), "values": {"t": value}}
+        ).encode()
+
+    good_blocks = blocks(Machine("healthy", seed=2), device="fan-2", count=3, start_ts=T0)
+    big_block = encode_evb1(
+        Machine("healthy", seed=2).signal(0, 6000), sample_rate_hz=25_600, start_ts=T0
+    )
+    assert len(big_block) > limit
+
+    cases = [
+        Case(tel, TOKEN_1, "telemetry", good_reading(-9, 1.0), 200),
+        Case(tel, TOKEN_1, "telemetry", b'{"t": 21.5', 400, dead=True, reason=(
+            r"telemetry: not valid JSON \(Expecting ',' delimiter at line 1 column 11\); "
+            r"send UTF-8 JSON")),
+        Case(tel, TOKEN_1, "telemetry", b'{"t": [1, 2]}', 400, dead=True, reason=(
+            r"telemetry: value of 't' is an array; send finite numbers, booleans or strings")),
+        Case(tel, TOKEN_2, "telemetry", b'{"t": NaN}', 400, dead=True,
+             reason=r"telemetry: value of 't' is NaN; send finite numbers"),
+        Case(tel, TOKEN_2, "telemetry", good_reading(-8, 5.0), 200),
+        Case(tel, TOKEN_1, "telemetry", b"", 400, reason=re.escape(EMPTY_TELEMETRY)),
+        Case(tel, "not-a-known-token", "telemetry", b'{"t": 99.25}', 401,
+             reason=re.escape(UNKNOWN_TOKEN)),
+        Case(tel, TOKEN_1, "telemetry", None, 405, method="GET",
+             reason=r"method GET is not allowed here; use POST"),
+        Case(tel, TOKEN_1, "telemetry", b'{"t": 98.5}', 405, method="PUT",
+             reason=r"method PUT is not allowed here; use POST"),
+        Case(tel, TOKEN_1, "alarms", b'{"t": 97.5}', 404, reason=re.escape(NOT_FOUND)),
+        Case(tel, TOKEN_1, "telemetry/extra", b'{"t": 96.5}', 404, reason=re.escape(NOT_FOUND)),
+        Case(tel, TOKEN_1, "telemetry", json.dumps({"t": 1, "pad": "x" * limit}).encode(), 413,
+             reason=r"Content-Length \d+ is over the 65536-byte limit; split the payload into "
+             r"smaller messages"),
+        Case(tel, TOKEN_2, "telemetry", good_reading(-7, 9.0), 200),
+        Case(vib, TOKEN_2, "vibration", good_blocks[0], 200),
+        Case(vib, TOKEN_2, "vibration", good_blocks[1][:-3], 400, dead=True, reason=(
+            r"vibration: truncated block: 49149 sample bytes is not a multiple of 12 "
+            r"\(3 axes x float32\)")),
+        Case(vib, TOKEN_2, "vibration", b"EVB2" + good_blocks[1][4:], 400, dead=True,
+             reason=r"vibration: bad magic b'EVB2', expected b'EVB1'"),
+        Case(vib, TOKEN_2, "vibration", good_blocks[1], 200),
+        Case(vib, TOKEN_2, "vibration", big_block, 413,
+             reason=r"Content-Length 72024 is over the 65536-byte limit"),
+        Case(vib, TOKEN_2, "vibration", big_block, 413, args=("-H", "Transfer-Encoding: chunked"),
+             reason=r"payload is over the 65536-byte limit \(refused while reading\); split it "
+             r"into smaller messages"),
+        Case(vib, TOKEN_2, "vibration", big_block, 413, args=("-H", "Expect: 100-continue"),
+             reason=r"Content-Length 72024 is over the 65536-byte limit"),
+        Case(vib, TOKEN_1, "vibration", b"", 400,
+             reason=r"empty body; POST one EVB1 block as application/octet-stream"),
+        Case(vib, "not-a-known-token", "vibration", good_blocks[2][:100], 401,
+             reason=re.escape(UNKNOWN_TOKEN)),
+        Case(vib, TOKEN_2, "vibration", None, 405, method="DELETE",
+             reason=r"method DELETE is not allowed here; use POST"),
+        Case(vib, TOKEN_2, "vibration", good_blocks[2], 200,
+             args=("-H", "Content-Type: application/octet-stream")),
+    ]  # fmt: skip
+    answers: dict[int, str] = {}
+    for index, case in enumerate(cases):
+        url = f"{base_url(case.server)}/api/v1/{case.token}/{case.path}"
+        reply = curl(url, case.body, method=case.method, args=case.args)
+        assert reply.status == case.status, (index, reply)
+        if case.status == 200:
+            assert json.loads(reply.body) == {"status": "accepted"}
+            continue
+        assert reply.headers["content-type"].startswith("application/json"), (index, reply)
+        assert re.fullmatch(rf"{case.reason}.*", reply.error), (index, reply.error)
+        if case.status == 405:
+            assert reply.headers["allow"] == "POST"
+        # a refusal before the body was read closes the connection; the others keep it
+        assert (reply.headers.get("connection") == "close") == (case.status in (401, 413)), index
+        answers[index] = reply.error
+    # wrong paths that are not device paths at all
+    for path in ("/", "/api/v1", f"/api/v2/{TOKEN_1}/telemetry"):
+        reply = curl(f"{base_url(tel)}{path}", b'{"t": 95.5}')
+        assert (reply.status, reply.error) == (404, NOT_FOUND)
+
+    for stop in stops:
+        stop.set()
+    for runner in runners:
+        runner.join()
+
+    for name, server in servers.items():
+        expected = sorted(
+            (case.body, answers[i])
+            for i, case in enumerate(cases)
+            if case.server is server and case.dead
+        )
+        stored = query(dirs[name], "dead_letters", "select payload, reason, transport from {src}")
+        # exactly the accepted bad bodies, with the reason the device was told
+        assert sorted((bytes(p), r) for p, r, _ in stored) == expected
+        assert {t for *_, t in stored} == {"http"}
+    points = query(
+        dirs["telemetry"], "telemetry_points", "select device, value from {src} order by value"
+    )
+    assert points == [("pump-1", 1.0), ("fan-2", 5.0), ("fan-2", 9.0)]
+    features = query(dirs["vibration"], "vibration_features", "select count(*), min(ts) from {src}")
+    assert features == [(9, T0)]  # 3 good blocks x 3 axes, in order, nothing lost
+
+
+# --- overload ---------------------------------------------------------------------------------
+
+
+async def flood(
+    url: str, count: int, *, concurrency: int = 20
+) -> list[tuple[int, str | None, dict]]:
+    """POST ``count`` small bodies, ``concurrency`` at a time; (status, Retry-After, JSON) each."""
+    limit = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=20)
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def one(i: int) -> tuple[int, str | None, dict]:
+            async with limit, session.post(url, data=json.dumps({"n": i}).encode()) as resp:
+                return resp.status, resp.headers.get("Retry-After"), await resp.json()
+
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def test_overload_answers_503_and_the_queue_stays_bounded(serve):
+    ingress = Ingress(max_messages=5, retry_after_s=2)
+    server = serve(ingress)
+    replies = asyncio.run(flood(api(server, TOKEN_1, "telemetry"), 200))
+
+    ok = [r for r in replies if r[0] == 200]
+    busy = [r for r in replies if r[0] == 503]
+    assert len(ok) == 5 and len(busy) == 195
+    assert all(r[1:] == ("2", {"error": "edge is busy; retry in 2s"}) for r in busy)
+    assert ingress.high_water == 5 and len(ingress) == 5 and ingress.refused == 195
+
+    # Expect: 100-continue is refused before the body is sent
+    reply = curl(
+        api(server, TOKEN_1, "telemetry"), b'{"late": 1}', headers=("Expect: 100-continue",)
+    )
+    assert (reply.status, reply.headers["retry-after"], reply.error) == (
+        503,
+        "2",
+        "edge is busy; retry in 2s",
+    )
+    assert ingress.refused == 196
+
+    taken = ingress.take(100)
+    assert sorted(json.loads(m.payload)["n"] for m in taken) == [
+        i for i, r in enumerate(replies) if r[0] == 200
+    ]
+    assert curl(api(server, TOKEN_1, "telemetry"), b'{"n": -1}').status == 200  # recovered
+
+
+def test_overload_with_a_slow_flow_loses_no_accepted_message(run_flow, wait_for):
+    ingress = Ingress(max_messages=5, retry_after_s=1)
+    server = HttpServer("127.0.0.1:0", registry(), ingress)
+    stop = threading.Event()
+    out: list[RawMessage] = []
+
+    def slow(msg: RawMessage) -> RawMessage:
+        time.sleep(0.02)
+        return msg
+
+    flow = Dataflow("slow")
+    raw = op.input("in", flow, DeviceServers(ingress, [server], stop=stop, max_batch=5))
+    op.output("out", op.map("slow", raw, slow), TestingSink(out))
+    runner = run_flow(flow, stops=[stop])
+    port_when_listening(server, wait_for)
+
+    replies = asyncio.run(flood(api(server, TOKEN_2, "telemetry"), 200))
+    stop.set()
+    runner.join()
+
+    statuses = [r[0] for r in replies]
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0
+    assert ingress.high_water <= 5
+    delivered = sorted(json.loads(m.payload)["n"] for m in out)
+    assert len(delivered) == statuses.count(200) == ingress.accepted
+    assert len(set(delivered)) == len(delivered)
+    assert {m.transport for m in out} == {"http"} and {m.device for m in out} == {"fan-2"}
+
+
+# --- connections, limits, logs ------------------------------------------------------------------
+
+
+def test_keep_alive_several_requests_on_one_connection(serve):
+    require_curl()
+    ingress = Ingress()
+    server = serve(ingress)
+    url = api(server, TOKEN_1, "telemetry")
+    cmd = ["curl", "-sS", "--max-time", "10", "-o", "/dev/null"]
+    for i in range(5):
+        if i:
+            cmd.append("--next")
+        cmd += [
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{num_connects}\n",
+            "-d",
+            f'{{"n": {i}}}',
+            url,
+        ]
+    proc = subprocess.run(cmd, capture_output=True, timeout=20, check=True, text=True)
+    assert proc.stdout.split("\n")[:5] == ["200 1", "200 0", "200 0", "200 0", "200 0"]
+
+    # a 400 keeps the connection too; an aiohttp session makes one connection for all
+    connects = 0
+
+    async def count_connects(*_: object) -> None:
+        nonlocal connects
+        connects += 1
+
+    async def session_run() -> list[int]:
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(count_connects)
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
+            statuses = []
+            for i in range(20):
+                body = b"{bad" if i % 5 == 0 else json.dumps({"n": i}).encode()
+                async with session.post(url, data=body) as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+            return statuses
+
+    statuses = asyncio.run(session_run())
+    assert statuses == [400 if i % 5 == 0 else 200 for i in range(20)]
+    assert connects == 1
+    assert len(ingress) == 25
+
+
+def test_stop_closes_idle_keep_alive_connections():
+    ingress = Ingress()
+    server = HttpServer("127.0.0.1:0", registry(), ingress)
+    partition = DeviceServers(ingress, [server]).build("http", 0, 1)
+    port = server.port
+    with (
+        contextlib.closing(partition),
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+    ):
+        body = b'{"n": 1}'
+        sock.sendall(
+            f"POST /api/v1/{TOKEN_1}/telemetry HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        head = b""
+        while b'"accepted"}' not in head:
+            chunk = sock.recv(4096)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"connection: close" not in head.lower()
+        started = time.monotonic()
+        partition.close()
+        assert sock.recv(4096) == b""  # the server closed the idle connection
+        assert time.monotonic() - started < 5
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_gzip_bodies_are_decompressed_and_bounded_after_decompression(serve):
+    ingress = Ingress(max_payload_bytes=64 * 1024)
+    server = serve(ingress)
+    url = api(server, TOKEN_1, "telemetry")
+    doc = {"temperature": 21.5}
+    reply = curl(url, gzip.compress(json.dumps(doc).encode()), headers=("Content-Encoding: gzip",))
+    assert reply.status == 200
+    [msg] = ingress.take(10)
+    assert json.loads(msg.payload) == doc and msg.device == "pump-1"
+
+    bomb = gzip.compress(b'{"t": "' + b"0" * 1_000_000 + b'"}')
+    assert len(bomb) < 64 * 1024
+    reply = curl(url, bomb, headers=("Content-Encoding: gzip",))
+    assert reply.status == 413
+    assert reply.error == (
+        "payload is over the 65536-byte limit (refused while reading); split it into smaller messages"
+    )
+    assert len(ingress) == 0
+
+
+def test_ingress_verdict_too_large_maps_to_413(serve):
+    ingress = Ingress(max_payload_bytes=1000)
+    server = serve(ingress)
+    ingress.max_payload_bytes = 100  # lowered after start: aiohttp still reads up to 1000 bytes
+    reply = curl(
+        api(server, TOKEN_1, "telemetry"),
+        json.dumps({"pad": "x" * 200}).encode(),
+        headers=("Transfer-Encoding: chunked",),
+    )
+    assert (reply.status, reply.error) == (
+        413,
+        "payload of 211 bytes is over the 100-byte limit; split it into smaller messages",
+    )
+
+
+def test_unsupported_expectation_is_417(serve):
+    server = serve(Ingress())
+    reply = curl(api(server, TOKEN_1, "telemetry"), b'{"a": 1}', headers=("Expect: magic",))
+    assert (reply.status, reply.error) == (
+        417,
+        "Expect: 'magic' is not supported; send 'Expect: 100-continue' or no Expect header",
+    )
+    # HTTP/1.0 ignores the expectation and takes the body
+    reply = curl(
+        api(server, TOKEN_1, "telemetry"),
+        b'{"a": 1}',
+        headers=("Expect: 100-continue",),
+        args=("--http1.0", "--expect100-timeout", "0.1"),
+    )
+    assert reply.status == 200
+
+
+def test_unexpected_failure_is_a_json_500_and_logged(serve, caplog, monkeypatch):
+    ingress = Ingress()
+    server = serve(ingress)
+
+    def broken(*_: object) -> None:
+        msg = "injected fault"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(ingress, "offer", broken)
+    with caplog.at_level(logging.ERROR, logger="edgesieve.http"):
+        reply = curl(api(server, TOKEN_1, "telemetry"), b'{"a": 1}')
+    assert (reply.status, reply.error) == (500, "internal error in the edge; see its logs")
+    assert "http: POST /api/v1/{token}/telemetry failed" in caplog.text
+    assert "injected fault" in caplog.text and TOKEN_1 not in caplog.text
+
+
+def test_tokens_never_reach_the_logs(serve, caplog):
+    caplog.set_level(logging.DEBUG)
+    ingress = Ingress(max_messages=2, max_payload_bytes=1000)
+    server = serve(ingress)
+    unknown = "unknown-token-Qx7"
+    curl(api(server, TOKEN_1, "telemetry"), b'{"a": 1}')
+    curl(api(server, TOKEN_2, "telemetry"), b"{oops")
+    curl(api(server, TOKEN_2, "vibration"), b"EVB0....")  # queue full now: 503
+    curl(api(server, unknown, "telemetry"), b'{"a": 1}')
+    curl(api(server, TOKEN_1, "telemetry"), b"x" * 2000)
+    curl(api(server, TOKEN_1, "telemetry"), method="GET")
+    curl(f"{base_url(server)}/api/v2/{TOKEN_1}/telemetry", b'{"a": 1}')
+    curl(f"{base_url(server)}/{TOKEN_1}", b'{"a": 1}')
+    # a request line aiohttp cannot parse, holding the token
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(f"POST /api/v1/{TOKEN_1}/tele metry HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.0 400")
+    time.sleep(0.1)  # the parse error is logged after the answer
+
+    log = caplog.text + "".join(r.getMessage() for r in caplog.records)
+    for token in (TOKEN_1, TOKEN_2, unknown):
+        assert token not in log
+    access = [r.getMessage() for r in caplog.records if r.name == "edgesieve.http.access"]
+    assert len(access) == 9
+    assert access[-1].startswith("127.0.0.1 UNKNOWN (unparsed request) 400 ")
+    assert any(
+        re.fullmatch(
+            r"127\.0\.0\.1 POST /api/v1/\{token\}/telemetry 200 \d+B [\d.]+s device=pump-1", a
+        )
+        for a in access
+    ), access
+    assert any(" 401 " in a and a.endswith("device=-") for a in access)
+    assert sum("(no route)" in a for a in access) == 3  # GET (405) and the two 404s
+    assert re.search(
+        r"Error handling request from 127\.0\.0\.1: BadStatusLine \(HTTP 400\); "
+        r"the request text is not logged, it may hold a device token",
+        caplog.text,
+    )
+
+
+# --- addresses and lifecycle ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        (
+            8080,
+            r"HttpServer: listen must be a string 'HOST:PORT' \(got int\); e\.g\. '127\.0\.0\.1:8080'",
+        ),
+        ("8080", r"HttpServer: listen must be 'HOST:PORT' \(got '8080'\); e\.g\."),
+        (":8080", r"HttpServer: listen must be 'HOST:PORT' \(got ':8080'\)"),
+        ("127.0.0.1:", r"HttpServer: listen must be 'HOST:PORT' \(got '127\.0\.0\.1:'\)"),
+        (
+            "127.0.0.1:http",
+            r"HttpServer: listen '127\.0\.0\.1:http': port 'http' is not a number in 0-65535; "
+            r"hint: 0 picks an ephemeral port",
+        ),
+        ("127.0.0.1:70000", r"port '70000' is not a number in 0-65535"),
+        (
+            "::1:8080",
+            r"HttpServer: listen '::1:8080': an IPv6 address needs brackets; "
+            r"hint: write '\[::1\]:8080'",
+        ),
+        (
+            "[127.0.0.1]:8080",
+            r"HttpServer: listen '\[127\.0\.0\.1\]:8080': '127\.0\.0\.1' in brackets is not an "
+            r"IPv6 address; hint: brackets are only for IPv6",
+        ),
+    ],
+)
+def test_listen_is_checked(listen, message):
+    with pytest.raises(ValueError, match=message):
+        HttpServer(listen, registry(), Ingress())
+
+
+def test_port_before_start_and_double_start_are_errors():
+    server = HttpServer("127.0.0.1:0", registry(), Ingress())
+    with pytest.raises(
+        RuntimeError,
+        match=r"HttpServer\('127\.0\.0\.1:0'\)\.port: not started yet; await start\(\) first",
+    ):
+        _ = server.port
+
+    async def twice() -> None:
+        await server.start()
+        try:
+            with pytest.raises(
+                RuntimeError,
+                match=r"HttpServer\('127\.0\.0\.1:0'\)\.start: already started; stop\(\) it first",
+            ):
+                await server.start()
+        finally:
+            await server.stop()
+            await server.stop()  # idempotent
+
+    asyncio.run(twice())
+    assert repr(server) == "HttpServer('127.0.0.1:0')"
+
+
+def test_port_in_use_is_a_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ingress = Ingress()
+        source = DeviceServers(ingress, [HttpServer(f"127.0.0.1:{port}", registry(), ingress)])
+        with pytest.raises(
+            OSError, match=rf"HttpServer: cannot listen on '127\.0\.0\.1:{port}': "
+        ) as info:
+            source.build("http", 0, 1)
+        assert info.value.errno == errno.EADDRINUSE
+        assert f"hint: another process may hold port {port}" in str(info.value)
+
+
+def ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_ipv6_loopback(serve):
+    ingress = Ingress()
+    server = serve(ingress, "[::1]:0")
+    reply = curl(f"{base_url(server, '[::1]')}/api/v1/{TOKEN_2}/telemetry", b'{"v6": 1}')
+    assert reply.status == 200
+    [msg] = ingress.take(5)
+    assert (msg.device, msg.channel, msg.transport, msg.payload) == (
+        "fan-2",
+        "telemetry",
+        "http",
+        b'{"v6": 1}',
+    )
