@@ -17,13 +17,8 @@ from hypothesis import strategies as st
 
 from connectors.codecs.evb1 import decode_vibration
 from operators.records import DeadLetter, RawMessage, VibrationBlock
-from operators.spectral import (
-    Features,
-    SpectralConfig,
-    SpectralState,
-    _SpectralLogic,
-    spectral,
-)
+from operators.spectral import Features, SpectralConfig, SpectralState, spectral
+from operators.spectral.operator import SpectralLogic
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 FS = 25_600
@@ -88,11 +83,19 @@ def build(
 
 
 def run(
-    blocks: Sequence[VibrationBlock], *, batch_size: int = 4, **settings_: object
+    blocks: Sequence[VibrationBlock],
+    *,
+    batch_size: int = 4,
+    frames_per_row: int = 1,
+    **settings_: object,
 ) -> tuple[list[Features], list[DeadLetter]]:
+    """Run ``blocks`` through the operator; rows of one frame unless told otherwise."""
     features: list[tuple[str, Features]] = []
     errors: list[tuple[str, DeadLetter]] = []
-    run_main(build(blocks, features, errors, batch_size=batch_size, **settings_))
+    flow = build(
+        blocks, features, errors, batch_size=batch_size, frames_per_row=frames_per_row, **settings_
+    )
+    run_main(flow)
     for key, f in features:
         assert key == f.device
     for key, e in errors:
@@ -524,15 +527,15 @@ def test_resume_from_recovery_snapshot_gives_the_same_features(tmp_path):
 def test_state_pickles_and_resumes_mid_frame():
     config = SpectralConfig(fft_size=256, frames_per_row=3, overlap=0.5)
     blocks = cut(np.random.default_rng(3).normal(0, 1, (3000, 2)), [333] * 10)
-    straight = _SpectralLogic(config, None)
+    straight = SpectralLogic(config, None)
     expected = [f for b in blocks for f in straight.on_batch([b])[0]]
 
-    first = _SpectralLogic(config, None)
+    first = SpectralLogic(config, None)
     got = [f for b in blocks[:7] for f in first.on_batch([b])[0]]
     state = pickle.loads(pickle.dumps(first.snapshot()))
     assert isinstance(state, SpectralState)
     assert len(state.tail) and len(state.pending_power)
-    second = _SpectralLogic(config, state)
+    second = SpectralLogic(config, state)
     got += [f for b in blocks[7:] for f in second.on_batch([b])[0]]
     assert got == expected
     assert len(pickle.dumps(state)) < 20_000
@@ -687,6 +690,21 @@ def test_config_errors(settings_, error, pattern):
     s = op.input("in", flow, TestingSource([]))
     with pytest.raises(error, match=pattern):
         spectral("spectral", s, **settings_)
+
+
+def test_operator_defaults_are_the_config_defaults():
+    # Six 4096-sample frames per row, about 1 s at 25.6 kHz.
+    default = SpectralConfig()
+    assert (default.fft_size, default.overlap, default.frames_per_row) == (4096, 0.0, 6)
+    signal = tone(1.0, 250.0, 7 * N)
+    features: list[tuple[str, Features]] = []
+    run_main(build(cut(signal, [N] * 7), features, []))
+    rows = [f for _, f in features]
+    assert [(f.frames, f.ts) for f in rows] == [(6, T0), (1, start_of(6 * N, FS))]
+    assert rows[0].window_s == 6 * N / FS
+    assert len(rows[0].band_energy) == len(default.bands_hz)
+    assert rows[0].velocity_rms_mm_s == pytest.approx(velocity_mm_s(1.0, 250.0), rel=0.01)
+    assert rows[0].iso_zone == default.zone(rows[0].velocity_rms_mm_s)
 
 
 def test_config_accepts_and_normalises_valid_settings():
