@@ -1,23 +1,49 @@
-"""Fixtures shared by the whole suite: a real mosquitto broker, its clients, dataflow runners."""
+"""Fixtures and helpers shared by the whole suite.
+
+A real mosquitto broker and its clients, dataflow runners, the real ``curl`` and
+``coap-client`` binaries, device registries, Parquet output readers and loopback
+port helpers. Test modules import the plain helpers with
+``from tests.conftest import ...``; the fixtures are found by pytest.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import socket
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import duckdb
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import cluster_main, run_main
 
 from connectors.devices.broker import EmbeddedBroker, Mosquitto
+from connectors.devices.registry import Device, DeviceRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root."""
 
 PUB_TIMEOUT_S = 15.0
+CURL_TIMEOUT_S = 10.0
+COAP_CLIENT_TIMEOUT_S = 15.0
+
+TOKEN_1 = "tok-pump-1-Zq8xW3vK"
+"""The access token of ``pump-1`` in :func:`device_registry`'s default registry."""
+TOKEN_2 = "tok-fan-2-Hh4tLr9P"
+"""The access token of ``fan-2`` in :func:`device_registry`'s default registry."""
+DEVICES = {"pump-1": TOKEN_1, "fan-2": TOKEN_2}
 
 
 class Broker(Protocol):
@@ -42,6 +68,21 @@ def require_binaries(*names: str) -> None:
     reason = f"{', '.join(missing)} not installed (apt-get install mosquitto mosquitto-clients)"
     if os.environ.get("CI") is not None:
         pytest.fail(f"{reason}; CI is set, so the MQTT tests must run", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tool(*names: str, package: str, tests: str) -> str:
+    """The path of the first of ``names`` on PATH; skip (locally) or fail (CI set) without one.
+
+    ``package`` is what to ``apt-get install``; ``tests`` names the tests that need it.
+    """
+    for name in names:
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    reason = f"{' or '.join(names)} is not installed (apt-get install {package})"
+    if os.environ.get("CI") is not None:
+        pytest.fail(f"{reason}; CI is set, so the {tests} tests must run", pytrace=False)
     pytest.skip(reason)
 
 
@@ -219,3 +260,226 @@ def run_flow() -> Iterator[Callable[..., FlowThread]]:
             stop.set()
     for runner, _ in started:
         runner._thread.join(10.0)
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def write_file(directory: Path, name: str, content: str | bytes) -> Path:
+    """Write ``content`` (str as UTF-8, bytes as they are) to ``directory / name``."""
+    path = directory / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def write_devices(directory: Path, devices: str | bytes | Mapping[str, str]) -> Path:
+    """Write ``directory/devices.yaml``: given text as is, or a ``{id: token}`` mapping."""
+    if isinstance(devices, Mapping):
+        devices = "devices:\n" + "".join(
+            f"  - {{id: {json.dumps(id_)}, token: {json.dumps(token)}}}\n"
+            for id_, token in devices.items()
+        )
+    return write_file(directory, "devices.yaml", devices)
+
+
+def device_registry(devices: Mapping[str, str] = DEVICES) -> DeviceRegistry:
+    """A registry of ``{id: token}``; by default ``pump-1`` (:data:`TOKEN_1`), ``fan-2``."""
+    return DeviceRegistry(Device(id_, token) for id_, token in devices.items())
+
+
+def query_parquet(data_dir: Path, stream: str, sql: str) -> list[tuple]:
+    """Run ``sql`` over the Parquet files of ``stream`` under ``data_dir/parquet``.
+
+    ``{src}`` in ``sql`` stands for the (hive-partitioned) files; no files give ``[]``.
+    """
+    folder = data_dir / "parquet" / stream
+    if not list(folder.glob("**/*.parquet")):
+        return []
+    src = f"read_parquet('{folder / '**' / '*.parquet'}', hive_partitioning=true)"
+    return duckdb.sql(sql.format(src=src)).fetchall()
+
+
+def printed(exc: BaseException) -> str:
+    """Everything a crash would print: the message, the chain and the traceback."""
+    return "".join(traceback.format_exception(exc))
+
+
+def assert_not_printed(exc: BaseException, *secrets: str) -> None:
+    """None of ``secrets`` shows anywhere in what ``exc`` would print."""
+    shown = printed(exc)
+    for secret in secrets:
+        assert secret not in shown, shown
+
+
+def ms(ts: datetime) -> int:
+    """Unix milliseconds of ``ts``."""
+    return int(ts.timestamp() * 1000)
+
+
+# --- loopback ports ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def refused(port: int) -> bool:
+    """Whether a TCP connection to 127.0.0.1:``port`` is refused (nothing listens)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine can bind ``::1``."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def port_when_listening(server: Any, what: str = "the server to listen") -> int:
+    """Wait until ``server.port`` stops raising ``RuntimeError`` (not started yet); return it."""
+
+    def port() -> int | None:
+        try:
+            return server.port
+        except RuntimeError:
+            return None
+
+    return wait_for(port, what)
+
+
+# --- curl --------------------------------------------------------------------------------------
+
+
+def require_curl() -> str:
+    """Skip (locally) or fail (CI set) without the curl binary."""
+    return require_tool("curl", package="curl", tests="HTTP")
+
+
+@dataclass
+class HttpReply:
+    """The final response curl received."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    """Lower-case header names."""
+    body: bytes = b""
+
+    @property
+    def json(self) -> Any:
+        """The body as JSON."""
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> str:
+        """The text of an ``{"error": ...}`` body (asserting that is all the body holds)."""
+        doc = self.json
+        assert set(doc) == {"error"}, doc
+        return doc["error"]
+
+
+def curl(
+    url: str,
+    data: bytes | None = None,
+    *,
+    method: str | None = None,
+    headers: tuple[str, ...] = (),
+    args: tuple[str, ...] = (),
+) -> HttpReply:
+    """One request with the real curl binary (``data`` goes through stdin).
+
+    Raises ``RuntimeError`` naming curl's exit code when the request fails
+    (``exit 7``: connection refused).
+    """
+    require_curl()
+    with tempfile.TemporaryDirectory() as tmp:
+        head, body = Path(tmp, "head"), Path(tmp, "body")
+        cmd = ["curl", "-sS", "-g", "--max-time", str(CURL_TIMEOUT_S), "-D", str(head)]
+        cmd += ["-o", str(body), "-w", "%{http_code}"]
+        if data is not None:
+            cmd += ["--data-binary", "@-"]
+        if method is not None:
+            cmd += ["-X", method]
+        for header in headers:
+            cmd += ["-H", header]
+        cmd += [*args, url]
+        proc = subprocess.run(
+            cmd, input=data, capture_output=True, timeout=CURL_TIMEOUT_S + 5, check=False
+        )
+        if proc.returncode != 0:
+            msg = f"curl {url} failed (exit {proc.returncode}): {proc.stderr.decode().strip()}"
+            raise RuntimeError(msg)
+        blocks = head.read_bytes().decode("latin-1").strip().split("\r\n\r\n")
+        final = blocks[-1].split("\r\n")[1:]  # after any "100 Continue"
+        parsed = dict(line.split(": ", 1) for line in final)
+        return HttpReply(
+            int(proc.stdout),
+            {k.lower(): v for k, v in parsed.items()},
+            body.read_bytes() if body.exists() else b"",
+        )
+
+
+# --- libcoap's coap-client ---------------------------------------------------------------------
+
+COAP_RESPONSE_LINE = re.compile(r"^v:1 t:(?:CON|NON|ACK) c:(\d\.\d\d) .*$", re.MULTILINE)
+
+
+def require_coap_client() -> str:
+    """The path of libcoap's coap-client; skip (locally) or fail (CI set) without it."""
+    return require_tool("coap-client", "coap-client-notls", package="libcoap3-bin", tests="CoAP")
+
+
+@dataclass
+class CoapReply:
+    """What coap-client got back: the final response code, its dump line, its diagnostic."""
+
+    code: str
+    line: str
+    diagnostic: str
+    codes: list[str]
+    """Every response code, block-wise continuations (``2.31``) included."""
+
+
+def coap_client(
+    url: str,
+    *,
+    method: str = "post",
+    text: str | None = None,
+    file: Path | None = None,
+    block: int | None = None,
+    non: bool = False,
+) -> CoapReply:
+    """Run the real coap-client once (bounded by -B and a subprocess timeout)."""
+    cmd = [require_coap_client(), "-v", "7", "-B", "5", "-m", method]
+    if non:
+        cmd.append("-N")
+    if text is not None:
+        cmd += ["-e", text]
+    if file is not None:
+        cmd += ["-f", str(file)]
+    if block is not None:
+        cmd += ["-b", str(block)]
+    cmd.append(url)
+    proc = subprocess.run(cmd, capture_output=True, timeout=COAP_CLIENT_TIMEOUT_S, check=False)
+    out = proc.stdout.decode(errors="replace")
+    lines = [m.group(0) for m in COAP_RESPONSE_LINE.finditer(out)]
+    codes = [m.group(1) for m in COAP_RESPONSE_LINE.finditer(out)]
+    if not codes:
+        pytest.fail(f"coap-client got no response from {url}: {proc.stderr.decode()[-500:]}")
+    err = proc.stderr.decode(errors="replace").strip().splitlines()
+    diagnostic = err[-1].removeprefix(codes[-1]).strip() if err else ""
+    return CoapReply(codes[-1], lines[-1], diagnostic, codes)
