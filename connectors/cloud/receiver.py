@@ -80,36 +80,36 @@ import pyarrow as pa
 
 from connectors.common.yamlfile import read_entries
 from connectors.streams import STREAMS, StreamSpec, conform
+from connectors.uplink.wire import (
+    DUPLICATE,
+    KEY_HEADER,
+    MAX_BATCH_ID_LENGTH,
+    REJECTED,
+    SECRET_HEADER,
+    STORED,
+    UNAUTHENTICATED_DETAIL,
+    status_name,
+)
 from protos import uplink_pb2, uplink_pb2_grpc
 
 __all__ = [
     "AuthError",
     "CloudReceiver",
     "EdgeCredentials",
-    "KEY_HEADER",
     "ReceiverError",
     "ReceiverTls",
-    "SECRET_HEADER",
-    "UNAUTHENTICATED_DETAIL",
     "load_auth",
     "serve",
 ]
 
 logger = logging.getLogger("edgesieve.cloud")
 
-KEY_HEADER = "x-edgesieve-key"
-"""Call metadata carrying the edge key."""
-SECRET_HEADER = "x-edgesieve-secret"
-"""Call metadata carrying the edge secret."""
-UNAUTHENTICATED_DETAIL = "unknown edge key or wrong secret"
-"""Detail of a refused ``Push``: the same for every cause, so it tells an attacker nothing."""
 
 EDGE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 """An edge key: it is also the ``edge_id`` stored with every row."""
 MIN_SECRET_LENGTH = 16
 MAX_SECRET_LENGTH = 1024
 _SECRET_CHARS = re.compile(r"[\x21-\x7e]+")
-MAX_BATCH_ID_LENGTH = 256
 DEFAULT_MAX_WORKERS = 32
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -119,11 +119,6 @@ _SECRET_HINT = "generate one with `python -c 'import secrets; print(secrets.toke
 _ROWS_VIEW = "_edgesieve_rows"
 _EMPTY_VIEW = "_edgesieve_empty"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-_Status = uplink_pb2.Ack.Status
-STORED = uplink_pb2.Ack.STORED
-DUPLICATE = uplink_pb2.Ack.DUPLICATE
-REJECTED = uplink_pb2.Ack.REJECTED
 
 
 class AuthError(ValueError):
@@ -644,7 +639,7 @@ class CloudReceiver:
             batch.rows,
             batch.raw_bytes,
             wire_bytes,
-            _Status.Name(status),
+            status_name(status),
         )
         return uplink_pb2.Ack(batch_id=batch.batch_id, status=status, detail=detail)
 

@@ -38,25 +38,24 @@ from typing import Any, Literal
 import grpc
 
 from connectors.uplink.outbox import Outbox, Sealed
+from connectors.uplink.wire import (
+    DUPLICATE,
+    KEY_HEADER,
+    PUSH_METHOD,
+    REJECTED,
+    SECRET_HEADER,
+    STORED,
+    status_name,
+)
 from protos import uplink_pb2
 
-__all__ = ["UplinkSender", "UplinkSettings", "UplinkStats", "backoff_delay", "PUSH_METHOD"]
+__all__ = ["UplinkSender", "UplinkSettings", "UplinkStats", "backoff_delay"]
 
 logger = logging.getLogger("edgesieve.uplink")
-
-_SERVICE = uplink_pb2.DESCRIPTOR.services_by_name["Uplink"]
-PUSH_METHOD = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Push'].name}"
-"""The gRPC method path of ``Uplink.Push``."""
-
-KEY_HEADER = "x-edgesieve-key"
-SECRET_HEADER = "x-edgesieve-secret"
 
 State = Literal["connected", "connecting", "backoff", "stopped"]
 
 _POLL_S = 1.0
-_STORED = uplink_pb2.Ack.STORED
-_DUPLICATE = uplink_pb2.Ack.DUPLICATE
-_REJECTED = uplink_pb2.Ack.REJECTED
 
 _HINTS = {
     grpc.StatusCode.UNAVAILABLE: (
@@ -666,7 +665,7 @@ class UplinkSender:
                 "%s: Ack for batch %r that is not in flight (status %s); ignored",
                 self._where,
                 ack.batch_id,
-                ack.status,
+                status_name(ack.status),
             )
             return None
         session.got_ack = True
@@ -675,15 +674,15 @@ class UplinkSender:
             session.ready = True
             self._set_state("connected")
         sealed = entry.sealed
-        if ack.status in (_STORED, _DUPLICATE):
+        if ack.status in (STORED, DUPLICATE):
             self._outbox.ack(sealed.batch_id)
             with self._progress:
                 self._acked += 1
-                if ack.status == _DUPLICATE:
+                if ack.status == DUPLICATE:
                     self._duplicates += 1
                 self._progress.notify_all()
             return None
-        if ack.status == _REJECTED:
+        if ack.status == REJECTED:
             self._outbox.reject(sealed.batch_id, ack.detail)
             with self._progress:
                 self._rejected += 1

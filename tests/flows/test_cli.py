@@ -219,8 +219,8 @@ def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
     import grpc
     import pyarrow as pa
 
-    from connectors.cloud.receiver import KEY_HEADER, SECRET_HEADER
     from connectors.streams import STREAMS, to_table
+    from connectors.uplink.wire import KEY_HEADER, SECRET_HEADER
     from operators.threshold import Alarm
     from protos import uplink_pb2, uplink_pb2_grpc
 

@@ -22,9 +22,6 @@ import pytest
 import trustme
 
 from connectors.cloud.receiver import (
-    KEY_HEADER,
-    SECRET_HEADER,
-    UNAUTHENTICATED_DETAIL,
     AuthError,
     CloudReceiver,
     EdgeCredentials,
@@ -34,6 +31,7 @@ from connectors.cloud.receiver import (
     serve,
 )
 from connectors.streams import STREAMS, UTC_US
+from connectors.uplink.wire import KEY_HEADER, SECRET_HEADER, UNAUTHENTICATED_DETAIL
 from protos import uplink_pb2, uplink_pb2_grpc
 
 ROOT = Path(__file__).parents[3]

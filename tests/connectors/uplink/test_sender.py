@@ -22,13 +22,8 @@ import pytest
 import trustme
 
 from connectors.uplink.outbox import Outbox, OutboxSettings, Sealed
-from connectors.uplink.sender import (
-    PUSH_METHOD,
-    UplinkSender,
-    UplinkSettings,
-    UplinkStats,
-    backoff_delay,
-)
+from connectors.uplink.sender import UplinkSender, UplinkSettings, UplinkStats, backoff_delay
+from connectors.uplink.wire import PUSH_METHOD
 from protos import uplink_pb2, uplink_pb2_grpc
 from tests.conftest import wait_for as wait_until
 
@@ -443,7 +438,7 @@ def test_ack_for_a_batch_not_in_flight_is_ignored(outbox, servers, senders, capl
         assert sender.flush(5.0)
     assert sender.stats.acked == 3
     assert len(cloud.streams_opened) == 1
-    assert "Ack for batch 'no-such-batch' that is not in flight (status 1); ignored" in caplog.text
+    assert "Ack for batch 'no-such-batch' that is not in flight (status STORED); ignored" in caplog.text
 
 
 def test_unexpected_error_in_the_sender_is_logged_and_retried(outbox, servers, senders, caplog):
