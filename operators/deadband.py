@@ -159,9 +159,9 @@ def deadband(
     step_id: str,
     up: KeyedStream[Reading],
     *,
-    absolute: float | None = None,
-    percent: float | None = None,
-    max_silence: timedelta | None = None,
+    absolute: float | None = DeadbandConfig.absolute,
+    percent: float | None = DeadbandConfig.percent,
+    max_silence: timedelta | None = DeadbandConfig.max_silence,
 ) -> KeyedStream[Reading]:
     """Drop readings that stay within a band around the last kept value.
 
@@ -186,7 +186,8 @@ def deadband(
       is lost silently, and the sink downstream sees them.
 
     Kept readings update the state. The state is a small tuple, so it goes
-    into Bytewax recovery snapshots as is.
+    into Bytewax recovery snapshots as is. Every setting defaults to the
+    :class:`DeadbandConfig` default.
 
     :arg step_id: Unique ID.
     :arg up: Readings keyed by series.

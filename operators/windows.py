@@ -343,9 +343,9 @@ def window_aggregate(
     up: KeyedStream[Reading],
     *,
     length: timedelta,
-    slide: timedelta | None = None,
-    allowed_lateness: timedelta = timedelta(seconds=5),
-    align_to: datetime = _EPOCH,
+    slide: timedelta | None = WindowConfig.slide,
+    allowed_lateness: timedelta = WindowConfig.allowed_lateness,
+    align_to: datetime = WindowConfig.align_to,
 ) -> WindowAggOut:
     """Summarise each series over tumbling or sliding event-time windows.
 
@@ -366,6 +366,8 @@ def window_aggregate(
     Only numbers are aggregated: ``str`` readings are skipped (they still
     advance their key's event time). A window that saw no number emits
     nothing. A NaN reading makes the window's mean and std NaN.
+
+    Every setting defaults to the :class:`WindowConfig` default.
 
     :arg step_id: Unique ID.
     :arg up: Readings keyed by series.
