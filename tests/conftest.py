@@ -338,6 +338,15 @@ def refused(port: int) -> bool:
         return True
 
 
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 held by a listening socket for the whole test."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
 def ipv6_loopback() -> bool:
     """Whether this machine can bind ``::1``."""
     if not socket.has_ipv6:

@@ -8,22 +8,17 @@ import errno
 import gzip
 import json
 import logging
-import os
 import re
-import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import aiohttp
 import bytewax.operators as op
-import duckdb
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink
@@ -31,16 +26,23 @@ from bytewax.testing import TestingSink
 from connectors.codecs.evb1 import encode_evb1
 from connectors.devices.http import HttpServer
 from connectors.devices.ingress import DeviceServers, Ingress
-from connectors.devices.registry import Device, DeviceRegistry
 from flows import telemetry, vibration
 from flows.accounting import Meter
 from flows.config import parse_config
 from flows.machines import Machine, blocks
 from operators.records import RawMessage
+from tests.conftest import (
+    TOKEN_1,
+    TOKEN_2,
+    curl,
+    device_registry,
+    ipv6_loopback,
+    ms,
+    port_when_listening,
+    query_parquet,
+    require_curl,
+)
 
-TOKEN_1 = "tok-pump-1-Zq8xW3vK"
-TOKEN_2 = "tok-fan-2-Hh4tLr9P"
-CURL_TIMEOUT_S = 10.0
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 EMPTY_TELEMETRY = 'empty body; POST JSON telemetry like {"temperature": 21.5}'
 UNKNOWN_TOKEN = (
@@ -51,69 +53,6 @@ NOT_FOUND = (
 )
 
 
-def registry() -> DeviceRegistry:
-    return DeviceRegistry([Device("pump-1", TOKEN_1), Device("fan-2", TOKEN_2)])
-
-
-def require_curl() -> None:
-    if shutil.which("curl") is None:
-        if os.environ.get("CI") is not None:
-            pytest.fail("curl is not installed; CI is set, so the HTTP tests must run")
-        pytest.skip("curl is not installed (apt-get install curl)")
-
-
-@dataclass
-class Reply:
-    """The final response curl received."""
-
-    status: int
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-
-    @property
-    def error(self) -> str:
-        doc = json.loads(self.body)
-        assert set(doc) == {"error"}, doc
-        return doc["error"]
-
-
-def curl(
-    url: str,
-    data: bytes | None = None,
-    *,
-    method: str | None = None,
-    headers: tuple[str, ...] = (),
-    args: tuple[str, ...] = (),
-) -> Reply:
-    """One request with the real curl binary (``data`` goes through stdin)."""
-    require_curl()
-    with tempfile.TemporaryDirectory() as tmp:
-        head, body = Path(tmp, "head"), Path(tmp, "body")
-        cmd = ["curl", "-sS", "-g", "--max-time", str(CURL_TIMEOUT_S), "-D", str(head)]
-        cmd += ["-o", str(body), "-w", "%{http_code}"]
-        if data is not None:
-            cmd += ["--data-binary", "@-"]
-        if method is not None:
-            cmd += ["-X", method]
-        for header in headers:
-            cmd += ["-H", header]
-        cmd += [*args, url]
-        proc = subprocess.run(
-            cmd, input=data, capture_output=True, timeout=CURL_TIMEOUT_S + 5, check=False
-        )
-        if proc.returncode != 0:
-            msg = f"curl {url} failed (exit {proc.returncode}): {proc.stderr.decode().strip()}"
-            raise RuntimeError(msg)
-        blocks_ = head.read_bytes().decode("latin-1").strip().split("\r\n\r\n")
-        final = blocks_[-1].split("\r\n")[1:]  # after any "100 Continue"
-        parsed = dict(line.split(": ", 1) for line in final)
-        return Reply(
-            int(proc.stdout),
-            {k.lower(): v for k, v in parsed.items()},
-            body.read_bytes() if body.exists() else b"",
-        )
-
-
 def base_url(server: HttpServer, host: str = "127.0.0.1") -> str:
     return f"http://{host}:{server.port}"
 
@@ -122,23 +61,13 @@ def api(server: HttpServer, token: str, channel: str) -> str:
     return f"{base_url(server)}/api/v1/{token}/{channel}"
 
 
-def port_when_listening(server: HttpServer, wait_for: Callable[..., object]) -> int:
-    def port() -> int | None:
-        try:
-            return server.port
-        except RuntimeError:
-            return None
-
-    return wait_for(port, "the HTTP server to listen")  # type: ignore[return-value]
-
-
 @pytest.fixture
 def serve() -> Iterator[Callable[..., HttpServer]]:
     """Run HttpServers on DeviceServers' loop thread without a dataflow draining the ingress."""
     partitions = []
 
     def start(ingress: Ingress, listen: str = "127.0.0.1:0") -> HttpServer:
-        server = HttpServer(listen, registry(), ingress)
+        server = HttpServer(listen, device_registry(), ingress)
         partitions.append(DeviceServers(ingress, [server]).build("http", 0, 1))
         return server
 
@@ -147,22 +76,10 @@ def serve() -> Iterator[Callable[..., HttpServer]]:
         partition.close()
 
 
-def query(data_dir: Path, stream: str, sql: str) -> list[tuple]:
-    glob = data_dir / "parquet" / stream / "**" / "*.parquet"
-    if not list((data_dir / "parquet" / stream).glob("**/*.parquet")):
-        return []
-    src = f"read_parquet('{glob}', hive_partitioning=true)"
-    return duckdb.sql(sql.format(src=src)).fetchall()
-
-
-def ms(ts: datetime) -> int:
-    return int(ts.timestamp() * 1000)
-
-
 # --- end to end through the standard flows ---------------------------------------------------
 
 
-def test_telemetry_flow_end_to_end(tmp_path, run_flow, wait_for):
+def test_telemetry_flow_end_to_end(tmp_path, run_flow):
     config = parse_config(
         {
             "data_dir": str(tmp_path),
@@ -173,12 +90,12 @@ def test_telemetry_flow_end_to_end(tmp_path, run_flow, wait_for):
         }
     )
     ingress = Ingress()
-    server = HttpServer("127.0.0.1:0", registry(), ingress)
+    server = HttpServer("127.0.0.1:0", device_registry(), ingress)
     stop = threading.Event()
     source = DeviceServers(ingress, [server], stop=stop)
     meter = Meter("telemetry")
     runner = run_flow(telemetry.build(config, source=source, meter=meter), stops=[stop])
-    port_when_listening(server, wait_for)
+    port_when_listening(server)
 
     now = datetime.now(UTC)
     sent_at = now
@@ -200,21 +117,8 @@ def test_telemetry_flow_end_to_end(tmp_path, run_flow, wait_for):
         assert (reply.status, json.loads(reply.body)) == (200, {"status": "accepted"})
         assert reply.headers["content-type"].startswith("application/json")
     # curl's -d default (form-urlencoded) is accepted too: the path names the channel
-    form = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "-d",
-            '{"rpm": 1480}',
-            api(server, TOKEN_2, "telemetry"),
-        ],
-        capture_output=True,
-        timeout=15,
-        check=True,
-    )
-    assert json.loads(form.stdout) == {"status": "accepted"}
+    form = curl(api(server, TOKEN_2, "telemetry"), args=("-d", '{"rpm": 1480}'))
+    assert (form.status, form.json) == (200, {"status": "accepted"})
 
     url = api(server, TOKEN_1, "telemetry")
     stop.set()
@@ -222,7 +126,7 @@ def test_telemetry_flow_end_to_end(tmp_path, run_flow, wait_for):
     with pytest.raises(RuntimeError, match=r"exit 7\)"):  # stopped: connection refused
         curl(url, b'{"x": 1}')
 
-    points = query(
+    points = query_parquet(
         tmp_path,
         "telemetry_points",
         "select device, key, value, transport, ts from {src} order by device, key, ts",
@@ -237,22 +141,24 @@ def test_telemetry_flow_end_to_end(tmp_path, run_flow, wait_for):
     ]
     pressure_ts = points[4][4]
     assert sent_at - timedelta(seconds=1) <= pressure_ts <= datetime.now(UTC)
-    text = query(tmp_path, "telemetry_text", "select device, key, value, transport from {src}")
+    text = query_parquet(
+        tmp_path, "telemetry_text", "select device, key, value, transport from {src}"
+    )
     assert text == [("pump-1", "status", "ok", "http")]
-    assert query(tmp_path, "dead_letters", "select count(*) from {src}") in ([], [(0,)])
+    assert query_parquet(tmp_path, "dead_letters", "select count(*) from {src}") in ([], [(0,)])
     assert ingress.accepted == 4 and len(ingress) == 0
 
 
-def test_vibration_flow_end_to_end(tmp_path, run_flow, wait_for):
+def test_vibration_flow_end_to_end(tmp_path, run_flow):
     config = parse_config({"data_dir": str(tmp_path), "vibration": {"frames_per_row": 1}})
     ingress = Ingress()
-    server = HttpServer("127.0.0.1:0", registry(), ingress)
+    server = HttpServer("127.0.0.1:0", device_registry(), ingress)
     stop = threading.Event()
     source = DeviceServers(ingress, [server], stop=stop)
     runner = run_flow(
         vibration.build(config, source=source, meter=Meter("vibration")), stops=[stop]
     )
-    port_when_listening(server, wait_for)
+    port_when_listening(server)
 
     payloads = blocks(Machine("imbalance", seed=5), device="fan-2", count=3, start_ts=T0)
     assert all(len(p) > 40_000 for p in payloads)  # 4096 frames x 3 axes x float32
@@ -266,7 +172,7 @@ def test_vibration_flow_end_to_end(tmp_path, run_flow, wait_for):
     stop.set()
     runner.join()
 
-    rows = query(
+    rows = query_parquet(
         tmp_path,
         "vibration_features",
         "select device, axis, transport, count(*), min(ts), max(velocity_rms_mm_s) "
@@ -275,7 +181,7 @@ def test_vibration_flow_end_to_end(tmp_path, run_flow, wait_for):
     assert [r[:4] for r in rows] == [("fan-2", a, "http", 3) for a in "xyz"]
     assert all(r[4] == T0 for r in rows)
     assert rows[0][5] > 4.5  # imbalance: ISO zone D on x
-    assert query(tmp_path, "dead_letters", "select count(*) from {src}") in ([], [(0,)])
+    assert query_parquet(tmp_path, "dead_letters", "select count(*) from {src}") in ([], [(0,)])
 
 
 # --- the bad-input matrix ---------------------------------------------------------------------
@@ -298,7 +204,7 @@ class Case:
     args: tuple[str, ...] = ()
 
 
-def test_bad_input_matrix(tmp_path, run_flow, wait_for):
+def test_bad_input_matrix(tmp_path, run_flow):
     limit = 64 * 1024
     dirs = {name: tmp_path / name for name in ("telemetry", "vibration")}
     servers: dict[str, HttpServer] = {}
@@ -310,7 +216,7 @@ def test_bad_input_matrix(tmp_path, run_flow, wait_for):
     ):
         config = parse_config({"data_dir": str(dirs[name]), name: section})
         ingress = Ingress(max_payload_bytes=limit)
-        servers[name] = HttpServer("127.0.0.1:0", registry(), ingress)
+        servers[name] = HttpServer("127.0.0.1:0", device_registry(), ingress)
         stop = threading.Event()
         stops.append(stop)
         source = DeviceServers(ingress, [servers[name]], stop=stop)
@@ -318,7 +224,7 @@ def test_bad_input_matrix(tmp_path, run_flow, wait_for):
             run_flow(module.build(config, source=source, meter=Meter(name)), stops=[stop])
         )
     for server in servers.values():
-        port_when_listening(server, wait_for)
+        port_when_listening(server)
     tel, vib = servers["telemetry"], servers["vibration"]
     now = datetime.now(UTC)
 
@@ -410,15 +316,19 @@ def test_bad_input_matrix(tmp_path, run_flow, wait_for):
             for i, case in enumerate(cases)
             if case.server is server and case.dead
         )
-        stored = query(dirs[name], "dead_letters", "select payload, reason, transport from {src}")
+        stored = query_parquet(
+            dirs[name], "dead_letters", "select payload, reason, transport from {src}"
+        )
         # exactly the accepted bad bodies, with the reason the device was told
         assert sorted((bytes(p), r) for p, r, _ in stored) == expected
         assert {t for *_, t in stored} == {"http"}
-    points = query(
+    points = query_parquet(
         dirs["telemetry"], "telemetry_points", "select device, value from {src} order by value"
     )
     assert points == [("pump-1", 1.0), ("fan-2", 5.0), ("fan-2", 9.0)]
-    features = query(dirs["vibration"], "vibration_features", "select count(*), min(ts) from {src}")
+    features = query_parquet(
+        dirs["vibration"], "vibration_features", "select count(*), min(ts) from {src}"
+    )
     assert features == [(9, T0)]  # 3 good blocks x 3 axes, in order, nothing lost
 
 
@@ -470,9 +380,9 @@ def test_overload_answers_503_and_the_queue_stays_bounded(serve):
     assert curl(api(server, TOKEN_1, "telemetry"), b'{"n": -1}').status == 200  # recovered
 
 
-def test_overload_with_a_slow_flow_loses_no_accepted_message(run_flow, wait_for):
+def test_overload_with_a_slow_flow_loses_no_accepted_message(run_flow):
     ingress = Ingress(max_messages=5, retry_after_s=1)
-    server = HttpServer("127.0.0.1:0", registry(), ingress)
+    server = HttpServer("127.0.0.1:0", device_registry(), ingress)
     stop = threading.Event()
     out: list[RawMessage] = []
 
@@ -484,7 +394,7 @@ def test_overload_with_a_slow_flow_loses_no_accepted_message(run_flow, wait_for)
     raw = op.input("in", flow, DeviceServers(ingress, [server], stop=stop, max_batch=5))
     op.output("out", op.map("slow", raw, slow), TestingSink(out))
     runner = run_flow(flow, stops=[stop])
-    port_when_listening(server, wait_for)
+    port_when_listening(server)
 
     replies = asyncio.run(flood(api(server, TOKEN_2, "telemetry"), 200))
     stop.set()
@@ -551,7 +461,7 @@ def test_keep_alive_several_requests_on_one_connection(serve):
 
 def test_stop_closes_idle_keep_alive_connections():
     ingress = Ingress()
-    server = HttpServer("127.0.0.1:0", registry(), ingress)
+    server = HttpServer("127.0.0.1:0", device_registry(), ingress)
     partition = DeviceServers(ingress, [server]).build("http", 0, 1)
     port = server.port
     with (
@@ -720,11 +630,11 @@ def test_tokens_never_reach_the_logs(serve, caplog):
 )
 def test_listen_is_checked(listen, message):
     with pytest.raises(ValueError, match=message):
-        HttpServer(listen, registry(), Ingress())
+        HttpServer(listen, device_registry(), Ingress())
 
 
 def test_port_before_start_and_double_start_are_errors():
-    server = HttpServer("127.0.0.1:0", registry(), Ingress())
+    server = HttpServer("127.0.0.1:0", device_registry(), Ingress())
     with pytest.raises(
         RuntimeError,
         match=r"HttpServer\('127\.0\.0\.1:0'\)\.port: not started yet; await start\(\) first",
@@ -747,30 +657,16 @@ def test_port_before_start_and_double_start_are_errors():
     assert repr(server) == "HttpServer('127.0.0.1:0')"
 
 
-def test_port_in_use_is_a_clear_error():
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        ingress = Ingress()
-        source = DeviceServers(ingress, [HttpServer(f"127.0.0.1:{port}", registry(), ingress)])
-        with pytest.raises(
-            OSError, match=rf"HttpServer: cannot listen on '127\.0\.0\.1:{port}': "
-        ) as info:
-            source.build("http", 0, 1)
-        assert info.value.errno == errno.EADDRINUSE
-        assert f"hint: another process may hold port {port}" in str(info.value)
-
-
-def ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
+def test_port_in_use_is_a_clear_error(taken_port):
+    port = taken_port
+    ingress = Ingress()
+    source = DeviceServers(ingress, [HttpServer(f"127.0.0.1:{port}", device_registry(), ingress)])
+    with pytest.raises(
+        OSError, match=rf"HttpServer: cannot listen on '127\.0\.0\.1:{port}': "
+    ) as info:
+        source.build("http", 0, 1)
+    assert info.value.errno == errno.EADDRINUSE
+    assert f"hint: another process may hold port {port}" in str(info.value)
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
