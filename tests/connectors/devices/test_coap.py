@@ -5,21 +5,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import re
-import shutil
 import socket
-import subprocess
 import threading
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiocoap
-import duckdb
 import pytest
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
@@ -28,78 +23,19 @@ from aiocoap.optiontypes import BlockOption
 from connectors.devices import coap as coap_module
 from connectors.devices.coap import WIRE_LOGGER, CoapServer
 from connectors.devices.ingress import DeviceServers, Ingress
-from connectors.devices.registry import Device, DeviceRegistry
 from flows import telemetry, vibration
 from flows.accounting import Meter
 from flows.config import parse_config
 from flows.machines import Machine, blocks
+from tests.conftest import coap_client, device_registry, ipv6_loopback, ms, query_parquet
 
 TOKEN = "tok-pump7-Qx81mZrV"
 FAN_TOKEN = "tok-fan2-Lw40pKbN"
 STRANGER = "tok-unknown-Hd93sJqT"
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
-CLIENT_TIMEOUT_S = 15.0
 REQUEST_TIMEOUT_S = 5.0
 
-RESPONSE_LINE = re.compile(r"^v:1 t:(?:CON|NON|ACK) c:(\d\.\d\d) .*$", re.MULTILINE)
-
-
-def registry() -> DeviceRegistry:
-    return DeviceRegistry([Device("pump-7", TOKEN), Device("fan-2", FAN_TOKEN)])
-
-
-# --- helpers: libcoap's coap-client ----------------------------------------------------------
-
-
-def client_binary() -> str:
-    found = shutil.which("coap-client") or shutil.which("coap-client-notls")
-    if found is None:
-        reason = "libcoap's coap-client is not installed (apt-get install libcoap3-bin)"
-        if os.environ.get("CI") is not None:
-            pytest.fail(f"{reason}; CI is set, so the CoAP tests must run", pytrace=False)
-        pytest.skip(reason)
-    return found
-
-
-@dataclass
-class Reply:
-    """What coap-client got back: the final response code, its dump line, its diagnostic."""
-
-    code: str
-    line: str
-    diagnostic: str
-    codes: list[str]
-
-
-def coap_client(
-    url: str,
-    *,
-    method: str = "post",
-    text: str | None = None,
-    file: Path | None = None,
-    block: int | None = None,
-    non: bool = False,
-) -> Reply:
-    """Run the real coap-client once (bounded by -B and a subprocess timeout)."""
-    cmd = [client_binary(), "-v", "7", "-B", "5", "-m", method]
-    if non:
-        cmd.append("-N")
-    if text is not None:
-        cmd += ["-e", text]
-    if file is not None:
-        cmd += ["-f", str(file)]
-    if block is not None:
-        cmd += ["-b", str(block)]
-    cmd.append(url)
-    proc = subprocess.run(cmd, capture_output=True, timeout=CLIENT_TIMEOUT_S, check=False)
-    out = proc.stdout.decode(errors="replace")
-    lines = [m.group(0) for m in RESPONSE_LINE.finditer(out)]
-    codes = [m.group(1) for m in RESPONSE_LINE.finditer(out)]
-    if not codes:
-        pytest.fail(f"coap-client got no response from {url}: {proc.stderr.decode()[-500:]}")
-    err = proc.stderr.decode(errors="replace").strip().splitlines()
-    diagnostic = err[-1].removeprefix(codes[-1]).strip() if err else ""
-    return Reply(codes[-1], lines[-1], diagnostic, codes)
+DEVICES = {"pump-7": TOKEN, "fan-2": FAN_TOKEN}
 
 
 class Case:
@@ -118,12 +54,6 @@ class Case:
         return f"Case({self.code} {self.options})"  # not the URL: it holds a token
 
 
-def parquet(tmp_path: Path, stream: str, sql: str) -> list[tuple]:
-    glob = str(tmp_path / "parquet" / stream / "**" / "*.parquet")
-    src = f"read_parquet('{glob}', hive_partitioning=true)"
-    return duckdb.sql(sql.format(src=src)).fetchall()
-
-
 # --- helpers: aiocoap client on its own loop ------------------------------------------------
 
 
@@ -134,7 +64,7 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
 @asynccontextmanager
 async def served(ingress: Ingress, **kwargs: Any) -> AsyncIterator[tuple[CoapServer, Any, str]]:
     """A started CoapServer, an aiocoap client context and the device API base URI."""
-    server = CoapServer("127.0.0.1:0", registry(), ingress, **kwargs)
+    server = CoapServer("127.0.0.1:0", device_registry(DEVICES), ingress, **kwargs)
     await server.start()
     client = await aiocoap.Context.create_client_context(
         loggername="test.coap-client", transports=["udp6"]
@@ -185,14 +115,19 @@ def post(
 )
 def test_listen_is_checked_at_construction(listen: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        CoapServer(listen, registry(), Ingress())
+        CoapServer(listen, device_registry(DEVICES), Ingress())
 
 
-def test_limits_are_checked_at_construction() -> None:
-    with pytest.raises(ValueError, match=r"max_transfers must be an int >= 1; got 0; hint"):
-        CoapServer("127.0.0.1:0", registry(), Ingress(), max_transfers=0)
-    with pytest.raises(ValueError, match=r"transfer_timeout_s must be a number > 0; got -1"):
-        CoapServer("127.0.0.1:0", registry(), Ingress(), transfer_timeout_s=-1)
+@pytest.mark.parametrize(
+    ("limits", "match"),
+    [
+        ({"max_transfers": 0}, r"max_transfers must be an int >= 1; got 0; hint"),
+        ({"transfer_timeout_s": -1}, r"transfer_timeout_s must be a number > 0; got -1"),
+    ],
+)
+def test_limits_are_checked_at_construction(limits: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CoapServer("127.0.0.1:0", device_registry(DEVICES), Ingress(), **limits)
 
 
 def test_port_taken_is_a_clear_error_even_by_another_coap_server() -> None:
@@ -200,15 +135,15 @@ def test_port_taken_is_a_clear_error_even_by_another_coap_server() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
             squatter.bind(("127.0.0.1", 0))
             port = squatter.getsockname()[1]
-            server = CoapServer(f"127.0.0.1:{port}", registry(), Ingress())
+            server = CoapServer(f"127.0.0.1:{port}", device_registry(DEVICES), Ingress())
             with pytest.raises(OSError, match=rf"udp 127.0.0.1 port {port} .*already in use"):
                 await server.start()
             assert not server.running
-        first = CoapServer("127.0.0.1:0", registry(), Ingress())
+        first = CoapServer("127.0.0.1:0", device_registry(DEVICES), Ingress())
         await first.start()
         try:
             # aiocoap binds with SO_REUSEPORT; a second server must still not share the port.
-            second = CoapServer(f"127.0.0.1:{first.port}", registry(), Ingress())
+            second = CoapServer(f"127.0.0.1:{first.port}", device_registry(DEVICES), Ingress())
             with pytest.raises(OSError, match=r"the port is already in use; hint: stop the other"):
                 await second.start()
             with pytest.raises(RuntimeError, match=r"already started; hint: call stop\(\) first"):
@@ -216,7 +151,7 @@ def test_port_taken_is_a_clear_error_even_by_another_coap_server() -> None:
         finally:
             await first.stop()
         # The port is free again after stop().
-        again = CoapServer(f"127.0.0.1:{first.port}", registry(), Ingress())
+        again = CoapServer(f"127.0.0.1:{first.port}", device_registry(DEVICES), Ingress())
         await again.start()
         assert again.running and again.port == first.port
         await again.stop()
@@ -228,7 +163,9 @@ def test_port_taken_is_a_clear_error_even_by_another_coap_server() -> None:
 
 def test_other_bind_and_resolution_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario() -> None:
-        foreign = CoapServer("192.0.2.1:0", registry(), Ingress())  # TEST-NET-1, not ours
+        foreign = CoapServer(
+            "192.0.2.1:0", device_registry(DEVICES), Ingress()
+        )  # TEST-NET-1, not ours
         with pytest.raises(OSError, match=r"udp 192.0.2.1 port 0 .*use an address of this machine"):
             await foreign.start()
 
@@ -237,7 +174,7 @@ def test_other_bind_and_resolution_errors(monkeypatch: pytest.MonkeyPatch) -> No
 
         with monkeypatch.context() as patch:
             patch.setattr(coap_module.socket, "getaddrinfo", no_dns)
-            named = CoapServer("edge.example:5683", registry(), Ingress())
+            named = CoapServer("edge.example:5683", device_registry(DEVICES), Ingress())
             with pytest.raises(
                 OSError, match=r"cannot resolve host 'edge.example'.*hint: use an IP"
             ):
@@ -248,7 +185,7 @@ def test_other_bind_and_resolution_errors(monkeypatch: pytest.MonkeyPatch) -> No
 
         with monkeypatch.context() as patch:
             patch.setattr(coap_module.aiocoap.Context, "create_server_context", lost_race)
-            raced = CoapServer("127.0.0.1:0", registry(), Ingress())
+            raced = CoapServer("127.0.0.1:0", device_registry(DEVICES), Ingress())
             with pytest.raises(OSError, match=r"the port is already in use"):
                 await raced.start()
             assert not raced.running
@@ -256,13 +193,12 @@ def test_other_bind_and_resolution_errors(monkeypatch: pytest.MonkeyPatch) -> No
     run(scenario())
 
 
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
 def test_ipv6_loopback_with_coap_client() -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 on this host")
     ingress = Ingress()
 
     async def scenario() -> None:
-        server = CoapServer("[::1]:0", registry(), ingress)
+        server = CoapServer("[::1]:0", device_registry(DEVICES), ingress)
         try:
             await server.start()
         except OSError as exc:
@@ -291,7 +227,7 @@ def start_flow(
     tmp_path: Path, module: Any, ingress: Ingress, run_flow: Any, wait_for: Any, **section: Any
 ) -> tuple[CoapServer, threading.Event, Any, Meter]:
     config = parse_config({"data_dir": str(tmp_path), **section})
-    server = CoapServer("127.0.0.1:0", registry(), ingress)
+    server = CoapServer("127.0.0.1:0", device_registry(DEVICES), ingress)
     stop = threading.Event()
     source = DeviceServers(ingress, [server], stop=stop)
     meter = Meter(module.__name__)
@@ -311,7 +247,7 @@ def test_telemetry_end_to_end_with_bad_input_matrix(
     )
     base = f"coap://127.0.0.1:{server.port}/api/v1"
     pump, fan = f"{base}/{TOKEN}/telemetry", f"{base}/{FAN_TOKEN}/telemetry"
-    ts = int(T0.timestamp() * 1000)
+    ts = ms(T0)
 
     stranger = f"{base}/{STRANGER}/telemetry"
     reading = f'{{"ts": {ts}, "values": {{"humidity": 40}}}}'
@@ -352,7 +288,7 @@ def test_telemetry_end_to_end_with_bad_input_matrix(
     stop.set()
     runner.join()
 
-    points = parquet(
+    points = query_parquet(
         tmp_path, "telemetry_points", "select device, key, value, transport from {src} order by ts"
     )
     assert sorted(points) == [
@@ -361,7 +297,9 @@ def test_telemetry_end_to_end_with_bad_input_matrix(
         ("pump-7", "temperature", 21.5, "coap"),
         ("pump-7", "temperature", 30.0, "coap"),
     ]
-    dead = parquet(tmp_path, "dead_letters", "select device, transport, reason, payload from {src}")
+    dead = query_parquet(
+        tmp_path, "dead_letters", "select device, transport, reason, payload from {src}"
+    )
     assert sorted((d, r, p) for d, t, r, p in dead) == sorted(dead_expected)
     assert {t for _, t, _, _ in dead} == {"coap"}
     assert (ingress.accepted, ingress.rejected, ingress.refused) == (4, 3, 0)
@@ -420,13 +358,15 @@ def test_vibration_blockwise_end_to_end(tmp_path: Path, run_flow: Any, wait_for:
     stop.set()
     runner.join()
 
-    rows = parquet(
+    rows = query_parquet(
         tmp_path,
         "vibration_features",
         "select device, axis, transport, count(*), max(frames) from {src} group by all order by axis",
     )
     assert rows == [("pump-7", axis, "coap", 3, 1) for axis in "xyz"]  # one FFT frame per block
-    dead = parquet(tmp_path, "dead_letters", "select device, transport, reason, payload from {src}")
+    dead = query_parquet(
+        tmp_path, "dead_letters", "select device, transport, reason, payload from {src}"
+    )
     assert sorted((r, p) for _, _, r, p in dead) == sorted(
         [
             (truncated.diagnostic, good[0][:-5]),
@@ -610,7 +550,7 @@ def test_tokens_never_appear_in_logs(caplog: pytest.LogCaptureFixture, tmp_path:
     block.write_bytes(b"EVB1" + bytes(3000))
 
     async def scenario() -> None:
-        server = CoapServer("127.0.0.1:0", registry(), ingress)
+        server = CoapServer("127.0.0.1:0", device_registry(DEVICES), ingress)
         await server.start()
         base = f"coap://127.0.0.1:{server.port}/api/v1"
         try:
@@ -651,7 +591,7 @@ def test_wire_logger_defaults_to_warning() -> None:
     try:
 
         async def scenario() -> None:
-            server = CoapServer("127.0.0.1:0", registry(), Ingress())
+            server = CoapServer("127.0.0.1:0", device_registry(DEVICES), Ingress())
             await server.start()
             await server.stop()
 
