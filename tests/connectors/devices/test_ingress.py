@@ -7,10 +7,6 @@ import errno
 import gc
 import json
 import logging
-import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -29,46 +25,22 @@ import connectors.devices.ingress as ingress_module
 from connectors.codecs.evb1 import encode_evb1
 from connectors.devices.http import HttpServer
 from connectors.devices.ingress import DeviceServers, Ingress, Offer, Verdict
-from connectors.devices.registry import Device, DeviceRegistry
 from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock
+from tests.conftest import TOKEN_1, TOKEN_2, curl, device_registry, port_when_listening, refused
 
-TOKEN_1 = "tok-pump-1-Zq8xW3vK"
-TOKEN_2 = "tok-fan-2-Hh4tLr9P"
 THREAD = "edgesieve-device-servers"
 MARGIN = timedelta(seconds=1.5)
 """Slack for scheduling on a busy machine; the hold-back itself is checked exactly."""
-
-
-def registry() -> DeviceRegistry:
-    return DeviceRegistry([Device("pump-1", TOKEN_1), Device("fan-2", TOKEN_2)])
 
 
 def server_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == THREAD}
 
 
-def refused(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return False
-    except ConnectionRefusedError:
-        return True
-
-
 def post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
     """POST ``body`` with the real curl binary; the status and the JSON answer."""
-    if shutil.which("curl") is None:
-        if os.environ.get("CI") is not None:
-            pytest.fail("curl is not installed; CI is set, so the HTTP tests must run")
-        pytest.skip("curl is not installed (apt-get install curl)")
-    cmd = ["curl", "-sS", "--max-time", "10", "--data-binary", "@-", "-o", "-"]
-    cmd += ["-w", "\n%{http_code}", url]
-    proc = subprocess.run(cmd, input=body, capture_output=True, timeout=15, check=False)
-    if proc.returncode != 0:
-        msg = f"curl {url} failed (exit {proc.returncode}): {proc.stderr.decode().strip()}"
-        raise RuntimeError(msg)
-    text, _, code = proc.stdout.decode().rpartition("\n")
-    return int(code), json.loads(text)
+    reply = curl(url, body)
+    return reply.status, reply.json
 
 
 def telemetry(n: int) -> bytes:
@@ -304,7 +276,7 @@ def test_stop_hands_over_everything_in_batches_of_max_batch() -> None:
 
 def test_other_workers_get_no_servers_and_end_at_once() -> None:
     ingress = Ingress()
-    server = HttpServer("127.0.0.1:0", registry(), ingress)
+    server = HttpServer("127.0.0.1:0", device_registry(), ingress)
     before = server_threads()
     partition = DeviceServers(ingress, [server]).build("servers", 1, 2)
     with pytest.raises(StopIteration):
@@ -319,10 +291,10 @@ def test_other_workers_get_no_servers_and_end_at_once() -> None:
 
 
 def test_two_worker_flow_with_curl_delivers_every_accepted_message_once(
-    run_flow: Callable[..., Any], wait_for: Callable[..., Any]
+    run_flow: Callable[..., Any],
 ) -> None:
     ingress = Ingress()
-    server = HttpServer("127.0.0.1:0", registry(), ingress)
+    server = HttpServer("127.0.0.1:0", device_registry(), ingress)
     stop = threading.Event()
     source = DeviceServers(ingress, [server], stop=stop, linger=MARGIN)
     flow = Dataflow("ingress_two_workers")
@@ -332,13 +304,7 @@ def test_two_worker_flow_with_curl_delivers_every_accepted_message_once(
     before = server_threads()
     runner = run_flow(flow, workers=2, stops=[stop])
 
-    def listening() -> int | None:
-        try:
-            return server.port
-        except RuntimeError:
-            return None
-
-    port = wait_for(listening, "the HTTP server to listen")
+    port = port_when_listening(server, "the HTTP server to listen")
     assert len(server_threads() - before) == 1  # only worker 0 runs servers
 
     base = f"http://127.0.0.1:{port}/api/v1"
@@ -436,41 +402,35 @@ class PortProbe:
         return None
 
 
-def test_a_server_that_cannot_bind_fails_the_build_and_stops_the_others() -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        ingress = Ingress()
-        first = HttpServer("127.0.0.1:0", registry(), ingress)
-        probe = PortProbe(first)
-        blocked = HttpServer(f"127.0.0.1:{port}", registry(), ingress)
-        before = server_threads()
-        with pytest.raises(OSError) as info:
-            DeviceServers(ingress, [first, probe, blocked]).build("servers", 0, 1)
-        assert info.value.errno == errno.EADDRINUSE
-        assert str(info.value).startswith(
-            f"[Errno {errno.EADDRINUSE}] HttpServer: cannot listen on '127.0.0.1:{port}': "
-        )
-        assert f"hint: another process may hold port {port}" in str(info.value)
-        assert not (server_threads() - before)
-        assert probe.port is not None and refused(probe.port)  # the one that started is stopped
-        with pytest.raises(RuntimeError, match=r"not started yet"):
-            _ = first.port
+def test_a_server_that_cannot_bind_fails_the_build_and_stops_the_others(taken_port: int) -> None:
+    port = taken_port
+    ingress = Ingress()
+    first = HttpServer("127.0.0.1:0", device_registry(), ingress)
+    probe = PortProbe(first)
+    blocked = HttpServer(f"127.0.0.1:{port}", device_registry(), ingress)
+    before = server_threads()
+    with pytest.raises(OSError) as info:
+        DeviceServers(ingress, [first, probe, blocked]).build("servers", 0, 1)
+    assert info.value.errno == errno.EADDRINUSE
+    assert str(info.value).startswith(
+        f"[Errno {errno.EADDRINUSE}] HttpServer: cannot listen on '127.0.0.1:{port}': "
+    )
+    assert f"hint: another process may hold port {port}" in str(info.value)
+    assert not (server_threads() - before)
+    assert probe.port is not None and refused(probe.port)  # the one that started is stopped
+    with pytest.raises(RuntimeError, match=r"not started yet"):
+        _ = first.port
 
 
-def test_a_server_that_cannot_bind_fails_the_dataflow() -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        ingress = Ingress()
-        source = DeviceServers(ingress, [HttpServer(f"127.0.0.1:{port}", registry(), ingress)])
-        flow = Dataflow("ingress_bind_fails")
-        op.output("out", op.input("servers", flow, source), TestingSink([]))
-        before = server_threads()
-        with pytest.raises(BytewaxRuntimeError) as info:
-            cluster_main(flow, [], 0, worker_count_per_proc=2)
+def test_a_server_that_cannot_bind_fails_the_dataflow(taken_port: int) -> None:
+    port = taken_port
+    ingress = Ingress()
+    source = DeviceServers(ingress, [HttpServer(f"127.0.0.1:{port}", device_registry(), ingress)])
+    flow = Dataflow("ingress_bind_fails")
+    op.output("out", op.input("servers", flow, source), TestingSink([]))
+    before = server_threads()
+    with pytest.raises(BytewaxRuntimeError) as info:
+        cluster_main(flow, [], 0, worker_count_per_proc=2)
     chain: list[BaseException] = []
     exc: BaseException | None = info.value
     while exc is not None:
@@ -506,7 +466,7 @@ class Hanging:
 def test_a_server_that_never_starts_times_out_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ingress_module, "_START_TIMEOUT_S", 0.2)
     ingress = Ingress()
-    first = HttpServer("127.0.0.1:0", registry(), ingress)
+    first = HttpServer("127.0.0.1:0", device_registry(), ingress)
     probe, hanging = PortProbe(first), Hanging()
     before = server_threads()
     start = time.monotonic()
@@ -539,7 +499,7 @@ def test_a_server_that_fails_to_stop_is_logged_and_the_rest_still_stop(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     ingress = Ingress()
-    http = HttpServer("127.0.0.1:0", registry(), ingress)
+    http = HttpServer("127.0.0.1:0", device_registry(), ingress)
     before = server_threads()
     partition = DeviceServers(ingress, [FailingStop(), http, PortProbe(http)]).build("s", 0, 1)
     port = http.port
