@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import traceback
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from connectors.devices.registry import (
     DeviceRegistry,
     RegistryError,
 )
+from tests.conftest import assert_not_printed, write_devices
 
 TOKEN_7 = "s3cr3t-token-7"
 TOKEN_8 = "Zq8xW3vK-pump-8"
@@ -39,27 +39,10 @@ URL_HINT = (
 )
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "devices.yaml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def load_error(path: Path) -> RegistryError:
     with pytest.raises(RegistryError) as info:
         DeviceRegistry.load(path)
     return info.value
-
-
-def printed(exc: BaseException) -> str:
-    """Everything a crash would print: the message, the chain and the traceback."""
-    return "".join(traceback.format_exception(exc))
-
-
-def assert_secret(exc: BaseException, *tokens: str) -> None:
-    shown = printed(exc)
-    for token in tokens:
-        assert token not in shown, shown
 
 
 # --- a valid registry ------------------------------------------------------------------------
@@ -67,7 +50,7 @@ def assert_secret(exc: BaseException, *tokens: str) -> None:
 
 @pytest.fixture
 def registry(tmp_path: Path) -> DeviceRegistry:
-    return DeviceRegistry.load(write(tmp_path, VALID_YAML))
+    return DeviceRegistry.load(write_devices(tmp_path, VALID_YAML))
 
 
 def test_load_a_valid_registry(registry: DeviceRegistry) -> None:
@@ -80,15 +63,24 @@ def test_load_a_valid_registry(registry: DeviceRegistry) -> None:
 
 
 def test_load_accepts_a_str_path(tmp_path: Path) -> None:
-    path = write(tmp_path, VALID_YAML)
+    path = write_devices(tmp_path, VALID_YAML)
     assert len(DeviceRegistry.load(str(path))) == 4
 
 
-def test_authenticate_returns_the_device_of_each_token(registry: DeviceRegistry) -> None:
-    assert registry.authenticate(TOKEN_7) == "pump-7"
-    assert registry.authenticate(TOKEN_8) == "pump-8"
-    assert registry.authenticate(TOKEN_FAN) == "site:fan_1.b"
-    assert registry.authenticate("numeric-id-token") == "42"
+@pytest.mark.parametrize(
+    ("token", "device_id"),
+    [
+        (TOKEN_7, "pump-7"),
+        (TOKEN_8, "pump-8"),
+        (TOKEN_FAN, "site:fan_1.b"),
+        ("numeric-id-token", "42"),
+    ],
+    ids=["pump-7", "pump-8", "site:fan_1.b", "42"],
+)
+def test_authenticate_returns_the_device_of_each_token(
+    registry: DeviceRegistry, token: str, device_id: str
+) -> None:
+    assert registry.authenticate(token) == device_id
 
 
 @pytest.mark.parametrize(
@@ -140,7 +132,7 @@ def test_length_limits_are_inclusive() -> None:
 
 
 def test_an_empty_device_list_is_a_valid_registry(tmp_path: Path) -> None:
-    registry = DeviceRegistry.load(write(tmp_path, "devices: []\n"))
+    registry = DeviceRegistry.load(write_devices(tmp_path, "devices: []\n"))
     assert len(registry) == 0 and list(registry) == []
     assert registry.authenticate(TOKEN_7) is None
 
@@ -158,21 +150,21 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_invalid_yaml_names_the_line_and_hides_the_text(tmp_path: Path) -> None:
-    path = write(
+    path = write_devices(
         tmp_path,
         f'devices:\n  - {{id: pump-7, token: "{TOKEN_7}"}}\n  - {{id: pump-8, token: {TOKEN_8}]}}\n',
     )
     exc = load_error(path)
     assert str(exc) == f"{path}: not valid YAML at line 3"
     assert exc.__suppress_context__  # the parser's message quotes the line, token included
-    assert_secret(exc, TOKEN_7, TOKEN_8)
+    assert_not_printed(exc, TOKEN_7, TOKEN_8)
 
 
 def test_invalid_yaml_without_a_position(tmp_path: Path) -> None:
-    path = write(tmp_path, f"devices:\n  - {{id: pump-7, token: {TOKEN_7}\x07}}\n")
+    path = write_devices(tmp_path, f"devices:\n  - {{id: pump-7, token: {TOKEN_7}\x07}}\n")
     exc = load_error(path)
     assert str(exc) == f"{path}: not valid YAML"
-    assert_secret(exc, TOKEN_7)
+    assert_not_printed(exc, TOKEN_7)
 
 
 @pytest.mark.parametrize(
@@ -189,13 +181,13 @@ def test_invalid_yaml_without_a_position(tmp_path: Path) -> None:
     ],
 )
 def test_not_a_mapping_with_a_devices_list(tmp_path: Path, text: str) -> None:
-    path = write(tmp_path, text)
+    path = write_devices(tmp_path, text)
     exc = load_error(path)
     assert str(exc) == (
         f"{path}: expected a mapping with a `devices:` list, e.g. "
         "devices: [{id: pump-7, token: ...}]"
     )
-    assert_secret(exc, TOKEN_7)
+    assert_not_printed(exc, TOKEN_7)
 
 
 # --- errors of one entry --------------------------------------------------------------------
@@ -215,10 +207,12 @@ def test_not_a_mapping_with_a_devices_list(tmp_path: Path, text: str) -> None:
     ],
 )
 def test_entry_needs_exactly_id_and_token(tmp_path: Path, entry: str, got: str) -> None:
-    path = write(tmp_path, f'devices:\n  - {{id: pump-7, token: "{TOKEN_7}"}}\n  - {entry}\n')
+    path = write_devices(
+        tmp_path, f'devices:\n  - {{id: pump-7, token: "{TOKEN_7}"}}\n  - {entry}\n'
+    )
     exc = load_error(path)
     assert str(exc) == f"{path}: devices[1] must have exactly `id` and `token` (got {got})"
-    assert_secret(exc, TOKEN_7, TOKEN_8)
+    assert_not_printed(exc, TOKEN_7, TOKEN_8)
 
 
 @pytest.mark.parametrize(
@@ -237,17 +231,17 @@ def test_entry_needs_exactly_id_and_token(tmp_path: Path, entry: str, got: str) 
 def test_an_id_yaml_does_not_read_as_a_string_is_refused(
     tmp_path: Path, value: str, shown: str
 ) -> None:
-    path = write(tmp_path, f"devices:\n  - {{id: {value}, token: {TOKEN_8}}}\n")
+    path = write_devices(tmp_path, f"devices:\n  - {{id: {value}, token: {TOKEN_8}}}\n")
     exc = load_error(path)
     assert str(exc) == (
         f"{path}: devices[0]: id must be a string, but YAML read {shown}; "
         'quote it, e.g. id: "pump-7"'
     )
-    assert_secret(exc, TOKEN_8)
+    assert_not_printed(exc, TOKEN_8)
 
 
 def test_quoted_ids_that_look_like_numbers_are_kept_as_written(tmp_path: Path) -> None:
-    path = write(
+    path = write_devices(
         tmp_path,
         f'devices:\n  - {{id: "12:30", token: {TOKEN_7}}}\n  - {{id: "010", token: {TOKEN_8}}}\n',
     )
@@ -260,20 +254,38 @@ def test_quoted_ids_that_look_like_numbers_are_kept_as_written(tmp_path: Path) -
     ["a/b", "+", "#", "", "x" * 129, "-pump", ".pump", "pump 7", "pump-7\n", "pümp", "v1/devices"],
 )
 def test_invalid_device_id(tmp_path: Path, device_id: str) -> None:
-    path = write(tmp_path, f"devices:\n  - {{id: {json.dumps(device_id)}, token: {TOKEN_8}}}\n")
+    path = write_devices(
+        tmp_path, f"devices:\n  - {{id: {json.dumps(device_id)}, token: {TOKEN_8}}}\n"
+    )
     exc = load_error(path)
     assert str(exc) == f"{path}: devices[0]: id {device_id!r} is not a valid device id; {ID_HINT}"
-    assert_secret(exc, TOKEN_8)
+    assert_not_printed(exc, TOKEN_8)
 
 
-def test_invalid_device_id_given_in_code() -> None:
+@pytest.mark.parametrize(
+    ("devices", "source", "error"),
+    [
+        (
+            [Device("pump-7", TOKEN_7), Device(7, TOKEN_8)],  # type: ignore[arg-type]
+            None,
+            f"devices: devices[1]: id 7 is not a valid device id; {ID_HINT}",
+        ),
+        (
+            [Device("a+b", TOKEN_8)],
+            "demo",
+            f"demo: devices[0]: id 'a+b' is not a valid device id; {ID_HINT}",
+        ),
+    ],
+    ids=["int id", "named source"],
+)
+def test_invalid_device_id_given_in_code(
+    devices: list[Device], source: str | None, error: str
+) -> None:
+    kwargs = {} if source is None else {"source": source}
     with pytest.raises(RegistryError) as info:
-        DeviceRegistry([Device("pump-7", TOKEN_7), Device(7, TOKEN_8)])  # type: ignore[arg-type]
-    assert str(info.value) == f"devices: devices[1]: id 7 is not a valid device id; {ID_HINT}"
-    with pytest.raises(RegistryError) as info:
-        DeviceRegistry([Device("a+b", TOKEN_8)], source="demo")
-    assert str(info.value) == f"demo: devices[0]: id 'a+b' is not a valid device id; {ID_HINT}"
-    assert_secret(info.value, TOKEN_7, TOKEN_8)
+        DeviceRegistry(devices, **kwargs)
+    assert str(info.value) == error
+    assert_not_printed(info.value, TOKEN_7, TOKEN_8)
 
 
 @pytest.mark.parametrize(
@@ -292,14 +304,14 @@ def test_invalid_device_id_given_in_code() -> None:
 def test_token_of_the_wrong_type_or_length(
     tmp_path: Path, token_yaml: str, secret: str | None, got: str
 ) -> None:
-    path = write(tmp_path, f"devices:\n  - {{id: pump-9, token: {token_yaml}}}\n")
+    path = write_devices(tmp_path, f"devices:\n  - {{id: pump-9, token: {token_yaml}}}\n")
     exc = load_error(path)
     assert str(exc) == (
         f"{path}: devices[0] (pump-9): token must be a string of 8-256 characters "
         f"(got {got}); {TOKEN_HINT}"
     )
     if secret is not None:
-        assert_secret(exc, secret)
+        assert_not_printed(exc, secret)
 
 
 @pytest.mark.parametrize(
@@ -317,35 +329,36 @@ def test_token_of_the_wrong_type_or_length(
 )
 def test_token_that_cannot_travel_in_a_url_path(tmp_path: Path, token: str) -> None:
     escaped = token.encode("unicode_escape").decode()
-    path = write(tmp_path, f'devices:\n  - {{id: pump-9, token: "{escaped}"}}\n')
+    path = write_devices(tmp_path, f'devices:\n  - {{id: pump-9, token: "{escaped}"}}\n')
     exc = load_error(path)
     assert str(exc) == f"{path}: devices[0] (pump-9): {URL_HINT}"
-    assert_secret(exc, token)
+    assert_not_printed(exc, token)
 
 
-def test_duplicate_id(tmp_path: Path) -> None:
-    path = write(
+@pytest.mark.parametrize(
+    ("third", "error"),
+    [
+        (
+            f"{{id: pump-7, token: {TOKEN_7}-b}}",
+            "devices[2]: device id 'pump-7' is listed twice; ids must be unique",
+        ),
+        (
+            f"{{id: fan-1, token: {TOKEN_7}}}",
+            "devices[2] (fan-1): token is the same as device 'pump-7''s; "
+            "every device needs its own token",
+        ),
+    ],
+    ids=["duplicate id", "duplicate token"],
+)
+def test_duplicate_id_or_token(tmp_path: Path, third: str, error: str) -> None:
+    path = write_devices(
         tmp_path,
         f"devices:\n  - {{id: pump-7, token: {TOKEN_7}}}\n  - {{id: pump-8, token: {TOKEN_8}}}\n"
-        f"  - {{id: pump-7, token: {TOKEN_7}-b}}\n",
+        f"  - {third}\n",
     )
     exc = load_error(path)
-    assert str(exc) == f"{path}: devices[2]: device id 'pump-7' is listed twice; ids must be unique"
-    assert_secret(exc, TOKEN_7, TOKEN_8)
-
-
-def test_duplicate_token(tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
-        f"devices:\n  - {{id: pump-7, token: {TOKEN_7}}}\n  - {{id: pump-8, token: {TOKEN_8}}}\n"
-        f"  - {{id: fan-1, token: {TOKEN_7}}}\n",
-    )
-    exc = load_error(path)
-    assert str(exc) == (
-        f"{path}: devices[2] (fan-1): token is the same as device 'pump-7''s; "
-        "every device needs its own token"
-    )
-    assert_secret(exc, TOKEN_7, TOKEN_8)
+    assert str(exc) == f"{path}: {error}"
+    assert_not_printed(exc, TOKEN_7, TOKEN_8)
 
 
 def test_registry_error_is_a_value_error() -> None:
@@ -390,10 +403,15 @@ def test_authenticate_agrees_with_the_entries(
         assert registry.authenticate(other) == by_token.get(other)
 
 
-def test_unreadable_registry_names_the_file(tmp_path: Path) -> None:
-    binary = tmp_path / "devices.yaml"
-    binary.write_bytes(b"devices:\n  - {id: a, token: \xff\xfe\xfa}\n")
-    with pytest.raises(RegistryError, match=r"devices\.yaml' is not UTF-8 text; save it as UTF-8 YAML"):
-        DeviceRegistry.load(binary)
-    with pytest.raises(RegistryError, match=r"device registry '.*' cannot be read: Is a directory"):
-        DeviceRegistry.load(tmp_path)
+@pytest.mark.parametrize(
+    ("directory", "match"),
+    [
+        (False, r"devices\.yaml' is not UTF-8 text; save it as UTF-8 YAML"),
+        (True, r"device registry '.*' cannot be read: Is a directory"),
+    ],
+    ids=["not UTF-8", "a directory"],
+)
+def test_unreadable_registry_names_the_file(tmp_path: Path, directory: bool, match: str) -> None:
+    binary = write_devices(tmp_path, b"devices:\n  - {id: a, token: \xff\xfe\xfa}\n")
+    with pytest.raises(RegistryError, match=match):
+        DeviceRegistry.load(tmp_path if directory else binary)
