@@ -20,8 +20,8 @@ import paho.mqtt.client as mqtt
 from connectors.devices.broker import Mosquitto
 from flows import telemetry
 from flows.accounting import RECEIVED, Meter, report
+from flows.api import Edge
 from flows.config import parse_config
-from flows.runtime import run_flow
 from flows.simulator import publish_telemetry, telemetry_payloads
 
 TOPIC = "v1/devices/+/telemetry"
@@ -76,8 +76,9 @@ def drain_flow(
             "transports": {"mqtt": {"url": f"mqtt://127.0.0.1:{port}", "client_id": FLOW_PREFIX}},
         }
     )
-    meter = Meter("telemetry")
-    stop = threading.Event()
+    edge = Edge(config, name="telemetry")
+    telemetry.build(edge)
+    meter, stop = edge.meter, edge.stop
 
     def watch() -> None:
         deadline = time.monotonic() + timeout
@@ -87,7 +88,7 @@ def drain_flow(
 
     threading.Thread(target=watch, daemon=True).start()
     t0 = time.perf_counter()
-    run_flow(telemetry.build, config, stop=stop, meter=meter, workers=workers, handle_signals=False)
+    edge.run(workers=workers)
     return time.perf_counter() - t0, meter
 
 

@@ -41,6 +41,7 @@ from connectors.codecs.evb1 import decode_vibration
 from connectors.streams import STREAMS, to_table
 from flows import vibration
 from flows.accounting import Meter, report
+from flows.api import Edge
 from flows.config import parse_config
 from flows.machines import Machine, blocks
 from operators.records import RawMessage
@@ -263,13 +264,14 @@ def run_vibration_flow(messages: list[RawMessage], batch_size: int) -> tuple[flo
                 },
             }
         )
-        meter = Meter("vibration")
-        flow = vibration.build(
-            config, source=TestingSource(messages, batch_size=batch_size), meter=meter
+        edge = Edge(
+            config, name="vibration", source=TestingSource(messages, batch_size=batch_size)
         )
+        vibration.build(edge)
+        flow = edge.dataflow()
         t0 = time.perf_counter()
         run_main(flow)
-        return time.perf_counter() - t0, meter
+        return time.perf_counter() - t0, edge.meter
 
 
 def stream_ipc_bytes(rows: list[Features]) -> int:

@@ -6,7 +6,7 @@ decodes every body once) answers the same list of telemetry POSTs twice:
 (a) bare: a plain thread empties the Ingress and discards the messages (no
     Bytewax), so the server answers as fast as it can;
 (b) flow: the server feeds ``flows.telemetry`` through ``DeviceServers``; the
-    flow (``run_flow`` in a thread) decodes, deadbands, windows and writes
+    flow (``Edge.run`` in a thread) decodes, deadbands, windows and writes
     Parquet into a temporary directory, and is stopped with its stop event.
 
 The load generator runs in a separate (spawned) process, so it shares no GIL
@@ -46,7 +46,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +56,9 @@ from connectors.devices.ingress import DeviceServers, Ingress
 from connectors.devices.registry import Device, DeviceRegistry
 from flows import telemetry
 from flows.accounting import RECEIVED, Meter, report
+from flows.api import Edge
 from flows.config import EdgeConfig, parse_config
 from flows.ingest import READINGS
-from flows.runtime import run_flow
 from flows.simulator import telemetry_payloads
 
 TRANSPORTS = ("http", "coap")
@@ -324,14 +323,15 @@ def run_with_flow(
     ingress = make_ingress(config)
     server = make_server(transport, registry, ingress)
     stop = threading.Event()
-    meter = Meter("telemetry")
     source = DeviceServers(ingress, [server], stop=stop, max_batch=args.batch)
+    edge = Edge(config, name="telemetry", stop=stop, source=source)
+    telemetry.build(edge)
+    meter = edge.meter
     failures: list[BaseException] = []
 
     def target() -> None:
         try:
-            build = partial(telemetry.build, source=source)
-            run_flow(build, config, stop=stop, meter=meter, handle_signals=False)
+            edge.run()
         except BaseException as exc:
             failures.append(exc)
 

@@ -47,11 +47,11 @@ import grpc
 import pyarrow as pa
 
 from connectors.cloud.receiver import CloudReceiver
-from connectors.sinks.cloud import PRIORITIES, seal
+from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, to_table
 from connectors.uplink.outbox import Outbox, OutboxSettings, Sealed
 from connectors.uplink.sender import UplinkSender, UplinkSettings
-from connectors.uplink.wire import KEY_HEADER, PUSH_METHOD, SECRET_HEADER
+from connectors.uplink.wire import KEY_HEADER, PRIORITIES, PUSH_METHOD, SECRET_HEADER
 from operators.windows import Summary
 from protos import uplink_pb2
 

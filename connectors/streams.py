@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["STREAMS", "UTC_US", "StreamSpec", "conform", "to_table"]
+__all__ = ["STREAMS", "UTC_US", "StreamSpec", "conform", "spec_of", "to_table"]
 
 UTC_US = pa.timestamp("us", tz="UTC")
 """Arrow type of every timestamp column: microseconds, UTC."""
@@ -168,6 +168,20 @@ STREAMS: dict[str, StreamSpec] = {
     )
 }
 """The streams written by the standard flows, by name."""
+
+
+def spec_of(stream: str | StreamSpec, where: str) -> StreamSpec:
+    """``stream`` itself, or the standard stream of that name; ``where`` names the caller."""
+    if isinstance(stream, StreamSpec):
+        return stream
+    spec = STREAMS.get(stream)
+    if spec is None:
+        msg = (
+            f"{where}: unknown stream {stream!r}; known streams: {', '.join(sorted(STREAMS))}. "
+            "Hint: pass a StreamSpec(name, schema, time_column) for a stream of your own"
+        )
+        raise ValueError(msg)
+    return spec
 
 
 def to_table(spec: StreamSpec, items: Sequence[object]) -> pa.Table:

@@ -220,6 +220,8 @@ class CloudSection(_Section):
     outbox_max_bytes: int = Field(256 * 1024 * 1024, gt=0)
     outbox_ttl: timedelta = timedelta(days=7)
     backoff_max: timedelta = timedelta(seconds=60)
+    stop_timeout: timedelta = timedelta(seconds=10)
+    """How long a clean stop waits for the cloud to acknowledge the outbox (the rest stays)."""
     bandwidth_bytes_per_s: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")

@@ -31,10 +31,11 @@ from connectors.devices.broker import start_broker
 from connectors.devices.broker_auth import EdgeAccount
 from connectors.devices.registry import Device, DeviceRegistry
 from flows import edge
-from flows.accounting import RECEIVED, FlowReport, Meter, ratio_text
+from flows.accounting import RECEIVED, FlowReport, ratio_text
+from flows.api import Edge
 from flows.config import EdgeConfig, parse_config
 from flows.machines import Machine, blocks, publish_vibration
-from flows.runtime import run_flow, stop_on_signals
+from flows.runtime import stop_on_signals
 from flows.simulator import Post, post_coap, post_http, publish, telemetry_payloads
 
 __all__ = ["DemoSettings", "run_demo"]
@@ -178,7 +179,6 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
     )
     edge_account = EdgeAccount("edgesieve-demo", secrets.token_urlsafe(18))
     stop = threading.Event()
-    meter = Meter("edge")
     expected_telemetry = len(mqtt_payloads) + len(http_payloads) + len(coap_payloads)
     expected_vibration = block_count * len(machines)
     deadline_s = settings.seconds * 3 + 30
@@ -209,11 +209,13 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
             f"over {settings.seconds:g}s"
         )
 
+        flow = Edge(config, name="edge", stop=stop)
+        edge.build(flow)
+        meter = flow.meter
+
         def edge_run() -> None:
             try:
-                results["edge"] = run_flow(
-                    edge.build, config, stop=stop, meter=meter, handle_signals=False
-                )
+                results["edge"] = flow.run()
             except BaseException as exc:
                 results["error"] = exc
                 stop.set()

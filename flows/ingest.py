@@ -1,8 +1,9 @@
-"""The ingest step every flow starts with: count, decode and key in one pass.
+"""The decode step every flow starts with: count, decode and key in one pass.
 
-Readings are keyed by series (``device/key``), vibration blocks and dead
-letters by device. A flow takes the record kinds it handles and turns the rest
-into dead letters with :func:`as_dead_letter`, so nothing is dropped silently.
+Readings are keyed by series (``device/key``), vibration blocks by device,
+dead letters by the name of the flow part that reports them. Messages of a
+channel the flow does not take become dead letters, so nothing is dropped
+silently.
 """
 
 from __future__ import annotations
@@ -11,62 +12,107 @@ import json
 from collections import Counter as Tally
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Protocol
 
 from connectors.codecs.decode import decode
 from connectors.codecs.evb1 import encode_evb1
 from flows.accounting import RECEIVED, Meter
-from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock, series_key
+from operators.records import (
+    TELEMETRY,
+    VIBRATION,
+    DeadLetter,
+    RawMessage,
+    Reading,
+    VibrationBlock,
+    series_key,
+)
 
-__all__ = ["READINGS", "Decoded", "as_dead_letter", "decoder", "reading_payload"]
+__all__ = ["CHANNELS", "READINGS", "Decoded", "as_dead_letter", "decoder", "reading_payload"]
 
 READINGS = "readings"
+CHANNELS = (TELEMETRY, VIBRATION)
+"""The device API's channels."""
 
 Decoded = Reading | VibrationBlock | DeadLetter
 
 
+class Owner(Protocol):
+    """The part of a flow that counts a channel's messages: a name and a meter."""
+
+    name: str
+    meter: Meter
+
+
 def decoder(
-    max_payload_bytes: int, meter: Meter
+    max_payload_bytes: int,
+    *,
+    channels: tuple[str, ...],
+    flow: str,
+    owner_of: Callable[[str], Owner],
 ) -> Callable[[list[RawMessage]], list[tuple[str, Decoded]]]:
-    """A batch mapper for ``op.flat_map_batch`` that counts, decodes and keys messages."""
+    """A batch mapper for ``op.flat_map_batch`` that counts, decodes and keys messages.
+
+    ``owner_of(channel)`` picks the part whose report counts that channel's
+    messages and whose ``dead_letters`` get its undecodable ones.
+    """
+    wanted = frozenset(channels)
 
     def decode_batch(batch: list[RawMessage]) -> list[tuple[str, Decoded]]:
-        received: Tally[str] = Tally()
-        sizes: Tally[str] = Tally()
-        readings: Tally[str] = Tally()
+        received: dict[str, tuple[Tally[str], Tally[str], Tally[str]]] = {}
+        owners: dict[str, Owner] = {}
         out: list[tuple[str, Decoded]] = []
         for msg in batch:
+            channel = msg.channel
+            owner = owners.get(channel)
+            if owner is None:
+                owner = owners[channel] = owner_of(channel)
+                received.setdefault(owner.name, (Tally(), Tally(), Tally()))
+            counts, sizes, readings = received[owner.name]
             device = msg.device
-            received[device] += 1
+            counts[device] += 1
             sizes[device] += len(msg.payload)
+            if channel not in wanted:
+                out.append((owner.name, _unwanted(msg, flow)))
+                continue
             result = msg.decoded
             if result is None:
                 result = decode(msg, max_payload_bytes=max_payload_bytes)
             if type(result) is list:
                 readings[device] += len(result)
                 out.extend((series_key(device, r.key), r) for r in result)
+            elif type(result) is VibrationBlock:
+                out.append((device, result))
             else:
-                out.append((device, result))  # type: ignore[arg-type]
-        meter.add(RECEIVED, received, sizes)
-        if readings:
-            meter.add(READINGS, readings)
+                out.append((owner.name, result))  # type: ignore[arg-type]
+        for owner in {id(o): o for o in owners.values()}.values():
+            counts, sizes, readings = received[owner.name]
+            owner.meter.add(RECEIVED, counts, sizes)
+            if readings:
+                owner.meter.add(READINGS, readings)
         return out
 
     return decode_batch
 
 
+def _unwanted(msg: RawMessage, flow: str) -> DeadLetter:
+    reason = (
+        f"{msg.channel} message sent to flow {flow!r}, which does not take the "
+        f"{msg.channel} channel"
+    )
+    return DeadLetter(msg.device, msg.transport, msg.received_at, reason, msg.payload)
+
+
 def as_dead_letter(item: Decoded, flow: str) -> DeadLetter:
-    """A dead letter for a record this flow does not handle (a dead letter stays as it is)."""
+    """A dead letter for a record ``flow`` does not handle (a dead letter stays as it is)."""
     if isinstance(item, DeadLetter):
         return item
     if isinstance(item, VibrationBlock):
         payload = encode_evb1(
             item.samples, sample_rate_hz=item.sample_rate_hz, start_ts=item.start_ts
         )
-        reason = f"vibration block sent to flows.{flow}, which does not process vibration"
+        reason = f"vibration block sent to flow {flow}, which does not process vibration"
         return DeadLetter(item.device, item.transport, datetime.now(UTC), reason, payload)
-    reason = (
-        f"telemetry reading {item.key!r} sent to flows.{flow}, which does not process telemetry"
-    )
+    reason = f"telemetry reading {item.key!r} sent to flow {flow}, which does not process it"
     return DeadLetter(item.device, item.transport, datetime.now(UTC), reason, reading_payload(item))
 
 

@@ -32,12 +32,12 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from connectors.streams import STREAMS, StreamSpec, conform, to_table
+from connectors.streams import StreamSpec, conform, spec_of, to_table
 from connectors.uplink.outbox import Outbox, Sealed
+from connectors.uplink.wire import priority_of
 from protos import uplink_pb2
 
 __all__ = [
-    "PRIORITIES",
     "CloudSink",
     "CloudSinkPartition",
     "CloudSinkSettings",
@@ -47,16 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("edgesieve.cloud_sink")
-
-PRIORITIES: dict[str, int] = {
-    "alarms": 0,
-    "vibration_features": 1,
-    "telemetry_summary": 2,
-    "telemetry_points": 3,
-    "telemetry_text": 3,
-    "dead_letters": 4,
-}
-"""Outbox priority of each stream: 0 is sent first and dropped last."""
 
 RawBytes = Callable[[list[object]], int]
 OnSeal = Callable[[Sealed], None]
@@ -172,30 +162,27 @@ class CloudSink(DynamicSink[object]):
     Arrow slices for Arrow input); without it ``raw_bytes`` is 0.
     ``on_seal(sealed)`` is called after each batch newly stored in the outbox.
     Both run on the worker thread or the partition's timer thread.
-    ``priority`` overrides :data:`PRIORITIES`.
+    ``priority`` overrides the stream's priority (:func:`~connectors.uplink.wire.priority_of`).
     """
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: Outbox | Callable[[], Outbox],
         edge_id: str,
-        stream: str,
+        stream: str | StreamSpec,
         *,
         settings: CloudSinkSettings = CloudSinkSettings(),
         raw_bytes: RawBytes | None = None,
         on_seal: OnSeal | None = None,
         priority: int | None = None,
     ) -> None:
-        spec = STREAMS.get(stream)
-        if spec is None:
+        spec = spec_of(stream, "CloudSink")
+        stream = spec.name
+        if not isinstance(outbox, Outbox) and not callable(outbox):
             msg = (
-                f"CloudSink: unknown stream {stream!r}; known streams: "
-                f"{', '.join(sorted(STREAMS))}. Hint: add a StreamSpec to "
-                "connectors.streams.STREAMS for a new stream"
+                f"CloudSink({stream!r}): outbox must be an Outbox or a function opening one; "
+                f"got {type(outbox).__name__}"
             )
-            raise ValueError(msg)
-        if not isinstance(outbox, Outbox):
-            msg = f"CloudSink({stream!r}): outbox must be an Outbox; got {type(outbox).__name__}"
             raise TypeError(msg)
         if not isinstance(edge_id, str) or not edge_id:
             msg = f"CloudSink({stream!r}): edge_id must be a non-empty string; got {edge_id!r}"
@@ -211,7 +198,7 @@ class CloudSink(DynamicSink[object]):
                 msg = f"CloudSink({stream!r}): {name} must be callable; got {type(fn).__name__}"
                 raise TypeError(msg)
         if priority is None:
-            priority = PRIORITIES.get(stream, max(PRIORITIES.values()))
+            priority = priority_of(stream)
         if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
             msg = f"CloudSink({stream!r}): priority must be an int >= 0; got {priority!r}"
             raise ValueError(msg)
@@ -221,7 +208,7 @@ class CloudSink(DynamicSink[object]):
                 "Hint: install the pyarrow wheels from PyPI"
             )
             raise RuntimeError(msg)
-        self.outbox = outbox
+        self._outbox = outbox
         self.edge_id = edge_id
         self.spec: StreamSpec = spec
         self.priority = priority
@@ -229,8 +216,16 @@ class CloudSink(DynamicSink[object]):
         self.raw_bytes = raw_bytes
         self.on_seal = on_seal
 
+    @property
+    def outbox(self) -> Outbox:
+        """The outbox; a function given instead is called once, when the flow starts."""
+        if not isinstance(self._outbox, Outbox):
+            self._outbox = self._outbox()
+        return self._outbox
+
     def build(self, step_id: str, worker_index: int, worker_count: int) -> CloudSinkPartition:
         """Build this worker's partition (starts its timer thread)."""
+        self.outbox  # noqa: B018 -- open the outbox (and start the uplink) before rows arrive
         return CloudSinkPartition(self, step_id=step_id, worker_index=worker_index)
 
 

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from connectors.streams import STREAMS, StreamSpec, conform, to_table
+from connectors.streams import StreamSpec, conform, spec_of, to_table
 
 __all__ = ["ParquetSettings", "ParquetSink", "ParquetSinkPartition", "OnWrite"]
 
@@ -130,19 +130,13 @@ class ParquetSink(DynamicSink[object]):
     def __init__(
         self,
         root: Path,
-        stream: str,
+        stream: str | StreamSpec,
         *,
         settings: ParquetSettings = ParquetSettings(),
         on_write: OnWrite | None = None,
     ) -> None:
-        spec = STREAMS.get(stream)
-        if spec is None:
-            msg = (
-                f"ParquetSink: unknown stream {stream!r}; known streams: "
-                f"{', '.join(sorted(STREAMS))}. Hint: add a StreamSpec to "
-                "connectors.streams.STREAMS for a new stream"
-            )
-            raise ValueError(msg)
+        spec = spec_of(stream, "ParquetSink")
+        stream = spec.name
         if not isinstance(settings, ParquetSettings):
             msg = (
                 f"ParquetSink({stream!r}): settings must be a ParquetSettings; "

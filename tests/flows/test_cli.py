@@ -36,7 +36,7 @@ def test_flow_file_without_build(tmp_path, capsys):
     (tmp_path / "edge.yaml").write_text("{}\n")
     (tmp_path / "mine.py").write_text("x = 1\n")
     assert main(["run", str(tmp_path / "mine.py"), "--config", str(tmp_path / "edge.yaml")]) == 2
-    assert "has no build(config, *, stop, meter) function" in capsys.readouterr().err
+    assert "has no build(edge) function; hint: see examples/custom_flow.py" in capsys.readouterr().err
 
 
 def test_missing_flow_file(tmp_path, capsys):

@@ -3,16 +3,16 @@ import socket
 from datetime import UTC, datetime
 
 import duckdb
-from bytewax.testing import TestingSource
 from prometheus_client import CollectorRegistry, generate_latest
 
 from connectors.cloud.receiver import CloudReceiver
 from connectors.uplink.outbox import Outbox
-from flows import edge, runtime
-from flows.accounting import Meter
+from flows import edge
+from flows.cloud import CloudLink
 from flows.config import parse_config
 from flows.machines import Machine, blocks
 from operators.records import RawMessage
+from tests.flows.conftest import run_recorded
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 SECRET = "cloud-secret-for-tests-0001"
@@ -35,24 +35,19 @@ def recorded() -> list[RawMessage]:
     return out
 
 
-def test_cloud_down_at_start_then_everything_arrives_once_in_priority_order(tmp_path, monkeypatch):
+def test_cloud_down_at_start_then_everything_arrives_once_in_priority_order(tmp_path):
     port = free_port()
     config = parse_config(
         {
             "edge_id": "edge-01",
             "data_dir": str(tmp_path / "edge"),
             "cloud": {"target": f"127.0.0.1:{port}", "key": "edge-01", "secret": SECRET,
-                      "batch_rows": 20, "backoff_max": 1},
+                      "batch_rows": 20, "backoff_max": 1,
+                      "stop_timeout": 0.5},  # the cloud is down: don't wait long
         }
     )
-    monkeypatch.setattr(runtime, "CLOUD_FLUSH_S", 0.5)  # the cloud is down: don't wait long
-    messages = recorded()
-    meter = Meter("edge")
-    result = runtime.run_flow(
-        lambda c, *, stop=None, meter=None: edge.build(c, stop=stop, meter=meter, source=TestingSource(messages)),
-        config, meter=meter, handle_signals=False,
-    )
-    produced_rows = {s: n for r in result.reports.values() for s, n in r.wire_rows.items()}
+    flow = run_recorded(edge.build, config, recorded(), name="edge")
+    produced_rows = {s: n for r in flow.reports().values() for s, n in r.wire_rows.items()}
     assert produced_rows["alarms"] >= 1 and produced_rows["vibration_features"] > 0
     assert produced_rows["telemetry_summary"] > 0
 
@@ -66,13 +61,14 @@ def test_cloud_down_at_start_then_everything_arrives_once_in_priority_order(tmp_
     db = tmp_path / "cloud.duckdb"
     with CloudReceiver(f"127.0.0.1:{port}", db, {"edge-01": SECRET}):
         registry = CollectorRegistry()
-        link = runtime.cloud_link(config, registry)  # a restarted edge: same outbox, new sender
-        assert link is not None
+        link = CloudLink(config, registry)  # a restarted edge: same outbox, new sender
+        link.open()
+        assert link.sender is not None
         depth = generate_latest(registry).decode()
         assert "edgesieve_outbox_batches" in depth and "edgesieve_cloud_connected" in depth
         assert link.sender.flush(timeout=30)
         assert "edgesieve_outbox_batches 0.0" in generate_latest(registry).decode()
-        runtime.close_cloud_links(flush_s=5)
+        link.close(flush_s=5)
         assert "edgesieve_outbox" not in generate_latest(registry).decode()  # closed: no stale gauges
     with duckdb.connect(str(db), read_only=True) as con:
         stored = con.sql("select batch_id, stream, priority, rows from uplink_batches order by received_at").fetchall()

@@ -2,14 +2,12 @@ import json
 from datetime import UTC, datetime
 
 import duckdb
-from bytewax.testing import TestingSource, run_main
 
 from flows import edge
-from flows.accounting import Meter
 from flows.config import parse_config
 from flows.machines import Machine, blocks
-from flows.runtime import run_flow
 from operators.records import RawMessage
+from tests.flows.conftest import mqtt_edge, run_recorded
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -40,18 +38,12 @@ def count(tmp_path, stream: str) -> int:
 def test_edge_flow_splits_channels_and_reports_per_flow(tmp_path):
     config = parse_config({"data_dir": str(tmp_path)})
     recorded = messages()
-    result = run_flow(
-        lambda c, *, stop=None, meter=None: edge.build(
-            c, stop=stop, meter=meter, source=TestingSource(recorded)
-        ),
-        config,
-        meter=Meter("edge"),
-        handle_signals=False,
-    )
-    assert set(result.reports) == {"edge", "telemetry", "vibration"}
-    assert result.reports["telemetry"].messages_in == 5
-    assert result.reports["vibration"].messages_in == 12
-    assert result.reports["vibration"].raw_bytes == sum(len(m.payload) for m in recorded[5:])
+    flow = run_recorded(edge.build, config, recorded, name="edge")
+    result = flow.reports()
+    assert set(result) == {"telemetry", "vibration"}
+    assert result["telemetry"].messages_in == 5
+    assert result["vibration"].messages_in == 12
+    assert result["vibration"].raw_bytes == sum(len(m.payload) for m in recorded[5:])
     assert count(tmp_path, "telemetry_points") == 5
     assert count(tmp_path, "vibration_features") == 3 * 2  # 12 blocks, 6 frames a row, 3 axes
     assert (tmp_path / "report-telemetry.json").exists() and (
@@ -67,17 +59,14 @@ def test_pipeline_step_ids_do_not_clash(tmp_path):
         RawMessage("a", "telemetry", "http", T0, b"nope"),
         RawMessage("b", "vibration", "http", T0, b"nope"),
     ]
-    run_main(edge.build(config, source=TestingSource(bad)))
+    run_recorded(edge.build, config, bad, name="edge")
     assert count(tmp_path, "dead_letters") == 2
 
 
 def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
     tmp_path, mosquitto, mosquitto_pub, run_flow, wait_for
 ):
-    import threading
-
     from connectors.codecs.evb1 import encode_evb1
-    from flows.runtime import mqtt_source
 
     config = parse_config(
         {
@@ -86,10 +75,10 @@ def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
             "transports": {"mqtt": {"url": mosquitto.url, "client_id": "bad-input"}},
         }
     )
-    stop = threading.Event()
-    meter = Meter("edge")
-    source = mqtt_source(config, channels=("telemetry", "vibration"), stop=stop)
-    runner = run_flow(edge.build(config, source=source, meter=meter), stops=[stop])
+    flow, source = mqtt_edge(config, name="edge", channels=("telemetry", "vibration"))
+    edge.build(flow)
+    meter = flow.meter
+    runner = run_flow(flow.dataflow(), stops=[flow.stop])
     wait_for(lambda: source.ready, "the edge to subscribe")
 
     import numpy as np
@@ -113,7 +102,7 @@ def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
         sent_good += 1
     total = len(bad) + sent_good
     wait_for(lambda: sum(m.totals["received"] for m in meter.family()) == total, "every message")
-    stop.set()
+    flow.stop.set()
     runner.join(30)
 
     glob = str(tmp_path / "parquet" / "dead_letters" / "**" / "*.parquet")

@@ -3,12 +3,13 @@ from datetime import UTC, datetime, timedelta
 
 import duckdb
 import pytest
-from bytewax.testing import TestingSource, run_main
 
 from flows import telemetry
-from flows.accounting import Meter, report
+from flows.accounting import report
+from flows.api import Edge
 from flows.config import parse_config
 from operators.records import RawMessage
+from tests.flows.conftest import run_recorded
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -65,8 +66,7 @@ def recorded():
 
 
 def test_flow_writes_every_stream(tmp_path, recorded):
-    meter = Meter("telemetry")
-    run_main(telemetry.build(config(tmp_path), source=TestingSource(recorded), meter=meter))
+    edge = run_recorded(telemetry.build, config(tmp_path), recorded, name="telemetry")
 
     points = table(
         tmp_path,
@@ -109,7 +109,7 @@ def test_flow_writes_every_stream(tmp_path, recorded):
     assert any(r.startswith("telemetry:") and "JSON" in r for r in reasons)
     assert b"{not json" in [r[3] for r in dead]
 
-    rep = report(meter)
+    rep = report(edge.meter)
     assert rep.messages_in == len(recorded)
     assert rep.raw_bytes == sum(len(m.payload) for m in recorded)
     assert rep.stages["telemetry_points"] == 5
@@ -132,5 +132,5 @@ def test_late_letter_reason_names_the_setting():
 def test_flow_without_mqtt_config_fails_at_build(tmp_path):
     from flows.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"no transport is configured, so the flow has no input"):
-        telemetry.build(config(tmp_path))
+    with pytest.raises(ConfigError, match=r"^transports: none is configured, so the flow has no input; hint: add transports.mqtt"):
+        telemetry.build(Edge(config(tmp_path)))

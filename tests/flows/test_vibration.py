@@ -1,18 +1,16 @@
 import json
 import subprocess
-import threading
 from datetime import UTC, datetime, timedelta
 
 import duckdb
 import pytest
-from bytewax.testing import TestingSource, run_main
 
 from flows import vibration
 from flows.accounting import Meter, report
 from flows.config import parse_config
 from flows.machines import Machine, blocks
-from flows.runtime import mqtt_source
 from operators.records import RawMessage
+from tests.flows.conftest import mqtt_edge, run_recorded
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 BLOCK_S = 4096 / 25_600
@@ -30,9 +28,7 @@ def query(tmp_path, stream: str, sql: str) -> list[tuple]:
 
 def run(tmp_path, messages: list[RawMessage], **vibration_section) -> Meter:
     config = parse_config({"data_dir": str(tmp_path), "vibration": vibration_section})
-    meter = Meter("vibration")
-    run_main(vibration.build(config, source=TestingSource(messages, batch_size=8), meter=meter))
-    return meter
+    return run_recorded(vibration.build, config, messages, name="vibration", batch_size=8).meter
 
 
 def test_machines_reduce_to_features_and_alarm_as_expected(tmp_path):
@@ -142,10 +138,10 @@ def test_end_to_end_through_mosquitto_publishes_alarms(
             ],
             stdout=out,
         )
-        stop = threading.Event()
-        meter = Meter("vibration")
-        source = mqtt_source(config, channels=("vibration",), stop=stop)
-        runner = run_flow(vibration.build(config, source=source, meter=meter), stops=[stop])
+        edge, source = mqtt_edge(config, name="vibration", channels=("vibration",))
+        vibration.build(edge)
+        runner = run_flow(edge.dataflow(), stops=[edge.stop])
+        meter = edge.meter
         wait_for(lambda: source.ready, "the edge to subscribe")
         payloads = blocks(
             Machine("imbalance", seed=1), device="pump-7", count=24, start_ts=datetime.now(UTC)
@@ -159,7 +155,7 @@ def test_end_to_end_through_mosquitto_publishes_alarms(
         alarm_files = tmp_path / "edge" / "parquet" / "alarms"
         wait_for(lambda: list(alarm_files.rglob("*.parquet")), "alarms on disk", timeout=5)
         wait_for(lambda: meter.totals["received"] == len(payloads), "all blocks to arrive")
-        stop.set()
+        edge.stop.set()
         runner.join(30)
     topic, body = alarms_seen.read_text().strip().split(" ", 1)
     assert topic == "v1/devices/pump-7/alarms"

@@ -20,7 +20,6 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.testing import TestingSource, cluster_main, run_main
 
 from connectors.sinks.cloud import (
-    PRIORITIES,
     CloudSink,
     CloudSinkPartition,
     CloudSinkSettings,
@@ -29,6 +28,7 @@ from connectors.sinks.cloud import (
 )
 from connectors.streams import STREAMS, to_table
 from connectors.uplink.outbox import Outbox, OutboxSettings, Sealed
+from connectors.uplink.wire import PRIORITIES
 from operators.records import Reading
 from protos import uplink_pb2
 

@@ -1,0 +1,534 @@
+"""The flow API: one :class:`Edge` owns a flow's runtime.
+
+A flow is a function ``build(edge)`` that names its inputs and outputs::
+
+    def build(edge: Edge) -> None:
+        dev = edge.devices("in", channels=["telemetry"])
+        pressure = op.filter("pressure", dev.readings, lambda kv: kv[1].key == "pressure")
+        edge.output("pressure_points", deadband("deadband", pressure, absolute=0.2),
+                    like="telemetry_points")
+
+The edge brings the configuration (``edge.config``), the device input
+(configured transports, or recorded messages in tests), decoding with dead
+letters routed for you, accounting for the reduction report, Parquet and
+cloud sinks per output stream, MQTT publishing, a clean stop and the cloud
+link, which starts when the flow runs, not when it is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import bytewax.operators as op
+import pyarrow as pa
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+from bytewax.operators import KeyedStream
+from bytewax.testing import cluster_main
+from prometheus_client import CollectorRegistry
+
+from connectors.sinks.cloud import CloudSink, CloudSinkSettings
+from connectors.sinks.parquet import ParquetSettings, ParquetSink
+from connectors.streams import STREAMS, StreamSpec
+from connectors.uplink.wire import priority_of
+from flows.accounting import FlowReport, Meter, report
+from flows.cloud import CloudLink
+from flows.config import EdgeConfig
+from flows.ingest import CHANNELS, Decoded, as_dead_letter, decoder
+from flows.transports import device_inputs
+from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock
+
+__all__ = ["Devices", "Edge", "RunResult"]
+
+log = logging.getLogger("edgesieve.run")
+
+CLOUD_BY_DEFAULT = frozenset({"telemetry_summary", "vibration_features", "alarms"})
+"""Streams sent to the cloud when ``cloud`` is configured (points with ``cloud.send_points``)."""
+
+LOCAL_ONLY = frozenset({"telemetry_text", "dead_letters"})
+"""Streams that stay on the edge unless an output asks for ``cloud=True``."""
+
+
+class Devices:
+    """The decoded device input of a flow.
+
+    ``readings`` are numeric readings keyed by series (``device/key``),
+    ``text`` are string readings, ``blocks`` are vibration blocks keyed by
+    device. Undecodable messages are already on their way to ``dead_letters``;
+    a kind of record no step takes is dead-lettered too, so nothing is lost
+    silently.
+    """
+
+    def __init__(
+        self,
+        readings: KeyedStream[Reading],
+        text: Stream[Reading],
+        blocks: KeyedStream[VibrationBlock],
+    ) -> None:
+        self._streams: dict[str, Stream[Any]] = {
+            "readings": readings,
+            "text": text,
+            "blocks": blocks,
+        }
+        self._used: set[str] = set()
+
+    @property
+    def readings(self) -> KeyedStream[Reading]:
+        """Numeric telemetry readings (numbers and booleans), keyed ``device/key``."""
+        return self._take("readings")
+
+    @property
+    def text(self) -> Stream[Reading]:
+        """String telemetry readings (logs, states): kept, never fed to numeric operators."""
+        return self._take("text")
+
+    @property
+    def blocks(self) -> KeyedStream[VibrationBlock]:
+        """Decoded EVB1 vibration blocks, keyed by device."""
+        return self._take("blocks")
+
+    def _take(self, kind: str) -> Any:
+        self._used.add(kind)
+        return self._streams[kind]
+
+    def unused(self) -> dict[str, Stream[Any]]:
+        """The streams no step took (they are dead-lettered when the flow is finished)."""
+        return {k: s for k, s in self._streams.items() if k not in self._used}
+
+
+@dataclass
+class _Output:
+    spec: StreamSpec
+    cloud: bool
+    priority: int
+    max_file_age: timedelta | None
+    streams: list[Stream[Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    """The outcome of one run: a traffic report per flow."""
+
+    reports: dict[str, FlowReport]
+
+
+class _Shared:
+    """What every part of one flow shares: the dataflow, stop, registry and the cloud link."""
+
+    def __init__(self, config: EdgeConfig, name: str, stop: threading.Event | None) -> None:
+        self.flow = Dataflow(name)
+        self.stop = stop if stop is not None else threading.Event()
+        self.registry = CollectorRegistry()
+        self.owners: dict[str, Edge] = {}
+        self.devices: Devices | None = None
+        self.errors: Stream[tuple[str, DeadLetter]] | None = None
+        self.finished = False
+        self.link = CloudLink(config, self.registry) if config.cloud is not None else None
+        self.parts: list[Edge] = []
+
+
+class Edge:
+    """One flow's runtime: config, input, accounting, sinks, the cloud link, stop.
+
+    ``Edge(config, name="myflow")`` then ``build(edge)`` then ``edge.run()``.
+    ``source`` replaces the configured transports with recorded messages
+    (tests, benchmarks); ``stop`` ends the flow cleanly when set.
+    """
+
+    def __init__(
+        self,
+        config: EdgeConfig,
+        *,
+        name: str = "flow",
+        stop: threading.Event | None = None,
+        source: Source[RawMessage] | None = None,
+    ) -> None:
+        if not isinstance(config, EdgeConfig):
+            msg = (
+                f"Edge: config must be an EdgeConfig (got {type(config).__name__}); "
+                "hint: load it with flows.config.load_config('edge.yaml')"
+            )
+            raise TypeError(msg)
+        self.config = config
+        self.name = name
+        self._source = source
+        self._shared = _Shared(config, name, stop)
+        self.meter = Meter(name, self._shared.registry)
+        self._prefix = ""
+        self._outputs: dict[str, _Output] = {}
+        self._shared.parts.append(self)
+
+    # -- structure ---------------------------------------------------------------------------
+
+    @property
+    def flow(self) -> Dataflow:
+        """The Bytewax dataflow being built (for ``op.input`` of your own sources)."""
+        return self._shared.flow
+
+    @property
+    def stop(self) -> threading.Event:
+        """Set it to stop the flow cleanly (SIGTERM/SIGINT do when run by ``edgesieve run``)."""
+        return self._shared.stop
+
+    def part(self, name: str, *, channel: str | None = None) -> Edge:
+        """A named part of this flow with its own report, e.g. telemetry and vibration in one flow.
+
+        Step ids made with :meth:`id` and the part's outputs are prefixed with
+        ``name``. With ``channel``, the messages and dead letters of that
+        device channel are counted in this part's report.
+        """
+        self._check_open("part")
+        part = object.__new__(Edge)
+        part.config = self.config
+        part.name = name
+        part._source = None
+        part._shared = self._shared
+        part.meter = self.meter.sibling(name)
+        part._prefix = f"{name}_"
+        part._outputs = {}
+        self._shared.parts.append(part)
+        if channel is not None:
+            if channel not in CHANNELS:
+                msg = (
+                    f"Edge.part({name!r}): channel {channel!r} is not a device channel; "
+                    f"hint: one of {', '.join(CHANNELS)}"
+                )
+                raise ValueError(msg)
+            self._shared.owners[channel] = part
+        return part
+
+    def id(self, step_id: str) -> str:
+        """``step_id`` made unique to this part (unchanged on the flow itself)."""
+        return f"{self._prefix}{step_id}"
+
+    # -- input -------------------------------------------------------------------------------
+
+    def devices(self, step_id: str, *, channels: Iterable[str] = CHANNELS) -> Devices:
+        """Device messages of ``channels``, decoded, counted and keyed.
+
+        Input comes from every configured transport (MQTT subscribes to
+        ``channels``; HTTP and CoAP serve the whole device API and messages of
+        other channels become dead letters), or from ``source``. Call it once
+        per flow and share the result between steps.
+        """
+        self._check_open("devices")
+        shared = self._shared
+        wanted = tuple(channels) if not isinstance(channels, str) else (channels,)
+        for channel in wanted:
+            if channel not in CHANNELS:
+                msg = (
+                    f"Edge.devices({step_id!r}): unknown channel {channel!r}; "
+                    f"hint: channels are {', '.join(CHANNELS)}"
+                )
+                raise ValueError(msg)
+        if not wanted:
+            msg = f"Edge.devices({step_id!r}): channels is empty; hint: channels=['telemetry']"
+            raise ValueError(msg)
+        if shared.devices is not None:
+            msg = (
+                f"Edge.devices({step_id!r}): the flow already has its device input; "
+                "hint: call devices() once and use the same Devices in every step"
+            )
+            raise ValueError(msg)
+        sid = self.id(step_id)
+        if self._source is not None:
+            raw = op.input(sid, shared.flow, self._source)
+        else:
+            raw = device_inputs(sid, shared.flow, self.config, channels=wanted, stop=shared.stop)
+        decode = decoder(
+            self.config.max_payload_bytes,
+            channels=wanted,
+            flow=self.name,
+            owner_of=lambda channel: shared.owners.get(channel, self),
+        )
+        decoded = op.flat_map_batch(f"{sid}_decode", raw, decode)
+        numbers = op.branch(f"{sid}_numbers", decoded, _is_number)
+        others = op.branch(f"{sid}_text", numbers.falses, _is_reading)
+        rest = op.branch(f"{sid}_blocks", others.falses, _is_block)
+        shared.errors = rest.falses  # type: ignore[assignment]
+        text = op.map(f"{sid}_unkey_text", others.trues, _value)
+        shared.devices = Devices(numbers.trues, text, rest.trues)  # type: ignore[arg-type]
+        return shared.devices
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    def output(
+        self,
+        stream: str,
+        up: Stream[Any],
+        *,
+        like: str | None = None,
+        schema: pa.Schema | None = None,
+        time_column: str | None = None,
+        cloud: bool | None = None,
+        priority: int | None = None,
+        max_file_age: timedelta | None = None,
+    ) -> None:
+        """Write ``up`` to the output stream ``stream``: Parquet, and the cloud per config.
+
+        ``up`` holds records with attributes (or dict keys) named like the
+        stream's columns, keyed or not. A stream of the standard flows needs
+        nothing more; a new one takes its columns ``like=`` an existing stream
+        or from ``schema`` and ``time_column`` (the ``timestamp[us, UTC]``
+        column that picks the ``date=`` partition). ``cloud`` overrides whether
+        it is sent to the cloud (default: summaries, features and alarms; points
+        with ``cloud.send_points``; a new stream like its model, else yes);
+        ``max_file_age`` overrides ``parquet.max_file_age`` for this stream.
+        Outputs of one stream from several steps are merged into one.
+        """
+        self._check_open("output")
+        where = f"Edge.output({stream!r})"
+        spec, model = _resolve_spec(where, stream, like, schema, time_column)
+        if cloud is None:
+            cloud = self._cloud_default(model)
+        if priority is None:
+            priority = priority_of(model)
+        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+            msg = f"{where}: priority must be an int >= 0 (got {priority!r}); hint: alarms use 0"
+            raise ValueError(msg)
+        existing = self._outputs.get(stream)
+        if existing is None:
+            existing = self._outputs[stream] = _Output(spec, cloud, priority, max_file_age)
+        elif existing.spec.schema != spec.schema:
+            msg = (
+                f"{where}: the stream was already declared with other columns; "
+                "hint: give every output of one stream the same like=/schema="
+            )
+            raise ValueError(msg)
+        existing.streams.append(up)
+
+    def dead_letters(self, up: Stream[DeadLetter]) -> None:
+        """Send more dead letters (e.g. late readings) to this flow's ``dead_letters`` stream."""
+        self.output("dead_letters", up)
+
+    def publish(
+        self,
+        step_id: str,
+        up: Stream[Any],
+        *,
+        topic: Callable[[Any], str],
+        payload: Callable[[Any], bytes],
+    ) -> None:
+        """Publish each item of ``up`` on the configured MQTT broker at once (e.g. alarms).
+
+        Without ``transports.mqtt`` nothing is published; the items still
+        reach their output streams.
+        """
+        self._check_open("publish")
+        if self.config.transports.mqtt is None:
+            return
+        from connectors.sinks.mqtt import MqttSink
+
+        from flows.transports import mqtt_settings
+
+        settings = mqtt_settings(self.config, channels=(self.name,), role=step_id)
+        sink = MqttSink(settings, topic=topic, payload=payload)
+        op.output(self.id(step_id), op.map(self.id(f"{step_id}_unkey"), up, _value), sink)
+
+    def _cloud_default(self, model: str) -> bool:
+        cloud = self.config.cloud
+        if cloud is None:
+            return False
+        if model == "telemetry_points":
+            return cloud.send_points
+        if model in LOCAL_ONLY:
+            return False
+        return model in CLOUD_BY_DEFAULT or model not in STREAMS
+
+    # -- running -----------------------------------------------------------------------------
+
+    def dataflow(self) -> Dataflow:
+        """Finish the flow (sinks, dead letters) and return it for any Bytewax runner."""
+        shared = self._shared
+        if not shared.finished:
+            shared.parts[0]._route_leftovers()
+            for part in shared.parts:
+                part._attach_outputs()
+            shared.finished = True
+        return shared.flow
+
+    def run(self, *, workers: int = 1) -> RunResult:
+        """Run until the input ends or :attr:`stop` is set; write and return the reports."""
+        from flows.runtime import serve_metrics, stop_on_signals
+
+        flow = self.dataflow()
+        data_dir = self.config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        serve_metrics(self.config, self._shared.registry)
+        log.info("flow %s starting with %d worker(s), data in %s", self.name, workers, data_dir)
+        try:
+            with stop_on_signals(self.stop):
+                cluster_main(flow, [], 0, worker_count_per_proc=workers)
+        finally:
+            self.close()
+        return RunResult(self.reports(write=True))
+
+    def close(self) -> None:
+        """Give the cloud its time to take what is queued, then stop the link (idempotent)."""
+        if self._shared.link is not None:
+            self._shared.link.close()
+
+    def reports(self, *, write: bool = False) -> dict[str, FlowReport]:
+        """The traffic report of each part that saw messages (the flow's own, at least)."""
+        parts = self._shared.parts
+        out: dict[str, FlowReport] = {}
+        for part in parts:
+            rep = report(part.meter)
+            if rep.messages_in or (part is parts[0] and len(parts) == 1):
+                out[part.name] = rep
+        if write:
+            for name, rep in out.items():
+                rep.write(self.config.data_dir / f"report-{name}.json")
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_open(self, what: str) -> None:
+        if self._shared.finished:
+            msg = (
+                f"Edge.{what}(): the flow {self._shared.flow.flow_id!r} is already finished "
+                "(dataflow() or run() was called); hint: declare everything inside build(edge)"
+            )
+            raise RuntimeError(msg)
+
+    def _route_leftovers(self) -> None:
+        """Dead-letter decode errors and any kind of record no step took."""
+        shared = self._shared
+        if shared.devices is None or shared.errors is None:
+            return
+        flow_name = self.name
+        letters: list[Stream[DeadLetter]] = []
+        for kind, stream in shared.devices.unused().items():
+
+            def unhandled(item: Any, kind: str = kind) -> DeadLetter:
+                value = item[1] if isinstance(item, tuple) else item
+                return as_dead_letter(value, f"{flow_name} (no step takes {kind})")
+
+            letters.append(op.map(f"_unused_{kind}", stream, unhandled))
+        owners = {id(p): p for p in shared.owners.values()}
+        if not owners:
+            self.dead_letters(op.merge("_dead_letters", shared.errors, *letters))
+            return
+        for part in owners.values():
+            mine = op.filter(
+                f"_errors_{part.name}", shared.errors, lambda kv, n=part.name: kv[0] == n
+            )
+            part.dead_letters(mine)
+        owned = {part.name for part in owners.values()}
+        rest = op.filter("_errors_unowned", shared.errors, lambda kv: kv[0] not in owned)
+        self.dead_letters(op.merge("_dead_letters", rest, *letters))
+
+    def _attach_outputs(self) -> None:
+        config = self.config
+        link = self._shared.link
+        for name, out in self._outputs.items():
+            up = out.streams[0] if len(out.streams) == 1 else op.merge(
+                self.id(f"merge_{name}"), *out.streams
+            )
+            rows = op.flat_map_batch(self.id(f"count_{name}"), up, _counter(self.meter, name))
+            age = out.max_file_age if out.max_file_age is not None else config.parquet.max_file_age
+            parquet = ParquetSink(
+                config.data_dir / "parquet",
+                out.spec,
+                settings=ParquetSettings(
+                    max_file_bytes=config.parquet.max_file_bytes, max_file_age=age
+                ),
+                on_write=self.meter.on_file,
+            )
+            op.output(self.id(f"out_{name}"), rows, parquet)
+            if out.cloud and link is not None and config.cloud is not None:
+                meter = self.meter
+                sink = CloudSink(
+                    link.open,
+                    config.edge_id,
+                    out.spec,
+                    settings=CloudSinkSettings(
+                        max_rows=config.cloud.batch_rows, max_age=config.cloud.batch_age
+                    ),
+                    priority=out.priority,
+                    raw_bytes=lambda _rows, m=meter: m.claim_raw_bytes(),
+                    on_seal=lambda s, m=meter: m.on_wire(s.stream, s.rows, len(s.payload)),
+                )
+                op.output(self.id(f"cloud_{name}"), rows, sink)
+
+
+def _resolve_spec(
+    where: str,
+    stream: str,
+    like: str | None,
+    schema: pa.Schema | None,
+    time_column: str | None,
+) -> tuple[StreamSpec, str]:
+    """The stream's spec and the name of the stream whose defaults it takes."""
+    if not isinstance(stream, str) or not stream.isidentifier() or not stream.islower():
+        msg = (
+            f"{where}: a stream name is a lower-case identifier (got {stream!r}); "
+            "hint: pressure_points"
+        )
+        raise ValueError(msg)
+    if like is not None and schema is not None:
+        msg = f"{where}: give like= or schema=, not both"
+        raise ValueError(msg)
+    if like is not None:
+        model = STREAMS.get(like)
+        if model is None:
+            msg = (
+                f"{where}: like={like!r} is not a known stream; "
+                f"hint: one of {', '.join(sorted(STREAMS))}"
+            )
+            raise ValueError(msg)
+        return StreamSpec(stream, model.schema, model.time_column), like
+    if schema is not None:
+        if time_column is None:
+            msg = (
+                f"{where}: a new schema needs time_column=, the timestamp[us, UTC] column "
+                "that picks the date= partition"
+            )
+            raise ValueError(msg)
+        return StreamSpec(stream, schema, time_column), stream
+    known = STREAMS.get(stream)
+    if known is None:
+        msg = (
+            f"{where}: unknown stream; declare its columns with like='telemetry_points' "
+            f"or schema=pa.schema([...]), time_column='ts' (known: {', '.join(sorted(STREAMS))})"
+        )
+        raise ValueError(msg)
+    return known, stream
+
+
+def _counter(meter: Meter, stream: str) -> Callable[[list[Any]], list[Any]]:
+    """A batch mapper that unkeys ``(key, record)`` items and counts rows per device."""
+
+    def count(batch: list[Any]) -> list[Any]:
+        items = [x[1] if type(x) is tuple else x for x in batch]
+        devices: Tally[str] = Tally()
+        for item in items:
+            devices[str(getattr(item, "device", "") or "")] += 1
+        meter.add(stream, devices)
+        return items
+
+    return count
+
+
+def _value(item: Any) -> Any:
+    return item[1] if type(item) is tuple else item
+
+
+def _is_number(item: tuple[str, Decoded]) -> bool:
+    value = item[1]
+    return type(value) is Reading and type(value.value) is float
+
+
+def _is_reading(item: tuple[str, Decoded]) -> bool:
+    return type(item[1]) is Reading
+
+
+def _is_block(item: tuple[str, Decoded]) -> bool:
+    return type(item[1]) is VibrationBlock
+
