@@ -20,17 +20,20 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+import bytewax.operators as op
 import duckdb
 import pytest
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import cluster_main, run_main
 
 from connectors.devices.broker import EmbeddedBroker, Mosquitto
 from connectors.devices.registry import Device, DeviceRegistry
+from operators.records import Reading, series_key
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root."""
@@ -163,6 +166,48 @@ def wait_for(cond: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
         time.sleep(0.01)
 
 
+def run_dataflow(flow: Dataflow, *, workers: int = 1) -> None:
+    """Run ``flow`` to its end: ``run_main`` for one worker, ``cluster_main`` for more."""
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+
+
+def run_with_recovery(make_flow: Callable[[], Dataflow], recovery_dir: Path, runs: int = 2) -> None:
+    """Run ``make_flow()`` ``runs`` times against one recovery store, snapshotting every epoch.
+
+    The source of the first run should hold a ``TestingSource.ABORT()``: the next run
+    resumes from the last snapshot.
+    """
+    init_db_dir(recovery_dir, 1)
+    for _ in range(runs):
+        run_main(
+            make_flow(),
+            epoch_interval=timedelta(0),
+            recovery_config=RecoveryConfig(str(recovery_dir)),
+        )
+
+
+def note_workers(step_id: str, stream: Stream[Any], seen: set[int] | None) -> None:
+    """Add the index of every worker that sees an item of ``stream`` to ``seen`` (if given)."""
+    if seen is not None:
+        op.inspect_debug(step_id, stream, lambda _s, _i, _e, worker: seen.add(worker))
+
+
+READING_T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def reading(device: str, seconds: float, value: float | str, key: str = "temp") -> Reading:
+    """A reading ``seconds`` after :data:`READING_T0`."""
+    return Reading(device, key, READING_T0 + timedelta(seconds=seconds), value)
+
+
+def keyed(readings: Iterable[Reading]) -> list[tuple[str, Reading]]:
+    """``readings`` keyed by their series, as the operators take them."""
+    return [(series_key(r.device, r.key), r) for r in readings]
+
+
 class FlowThread:
     """A Bytewax dataflow running in a background thread (``run_main`` or ``cluster_main``)."""
 
@@ -174,10 +219,7 @@ class FlowThread:
 
     def _run(self) -> None:
         try:
-            if self.workers == 1:
-                run_main(self.flow)
-            else:
-                cluster_main(self.flow, [], 0, worker_count_per_proc=self.workers)
+            run_dataflow(self.flow, workers=self.workers)
         except BaseException as exc:  # reported by join()
             self.error = exc
 

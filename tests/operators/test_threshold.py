@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.errors import BytewaxRuntimeError
-from bytewax.recovery import RecoveryConfig, init_db_dir
-from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+from bytewax.testing import TestingSink, TestingSource, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +27,7 @@ from operators.threshold import (
     _threshold_mapper,
     threshold,
 )
+from tests.conftest import note_workers, run_dataflow, run_with_recovery
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 NAN = math.nan
@@ -88,8 +88,7 @@ def build_flow(
     keyed = [(key_of(i), i) for i in items] if source is None else source
     s = op.input("in", flow, TestingSource(keyed, batch_size=batch_size))
     alarms = threshold("alarms", s, rules=rules)
-    if workers_seen is not None:
-        op.inspect_debug("where", alarms, lambda _s, _i, _e, worker: workers_seen.add(worker))
+    note_workers("where", alarms, workers_seen)
     op.output("out", alarms, TestingSink(out))
     return flow
 
@@ -212,59 +211,88 @@ def test_low_alarm_raises_below_and_clears_above():
     assert {a.severity for _, a in out} == {"info"}
 
 
-def test_raised_alarm_stays_raised_at_end_of_input():
-    out = run_threshold(series([11, 12, 9, 10]), [HIGH])
-    assert brief(a for _, a in out) == [(0.0, RAISED, 11.0)]
+# --- alarm sequences: min_count, min_duration, clearing, infinity, out-of-order items -------
 
 
-# --- min_count and min_duration -----------------------------------------------------------
+def items_at(*points: tuple[float, object]) -> list[Features]:
+    """One ``Features`` of device ``d``, axis ``x`` per ``(seconds, velocity)``."""
+    return [Features("d", "x", at(t), v) for t, v in points]
 
 
-def test_min_count_delays_raising_and_a_short_spike_does_not_raise():
-    rule = replace(HIGH, min_count=3)
-    values = [11, 12, 5, 11, 11, 9, 11, 11, 11, 11, 12, 7]
-    out = run_threshold(series(values), [rule])
-    # 11, 12 (spike of two), 11, 11 broken by 9 (between the levels), then a run of three.
-    assert brief(a for _, a in out) == [(8.0, RAISED, 11.0), (11.0, CLEARED, 7.0)]
+@pytest.mark.parametrize(
+    ("rule", "items", "expected"),
+    [
+        pytest.param(
+            HIGH, series([11, 12, 9, 10]), [(0.0, RAISED, 11.0)], id="stays-raised-at-end-of-input"
+        ),
+        pytest.param(
+            replace(HIGH, min_count=3),
+            # 11, 12 (spike of two), 11, 11 broken by 9 (between the levels), then a run of three.
+            series([11, 12, 5, 11, 11, 9, 11, 11, 11, 11, 12, 7]),
+            [(8.0, RAISED, 11.0), (11.0, CLEARED, 7.0)],
+            id="min_count-delays-raising-and-a-short-spike-does-not-raise",
+        ),
+        pytest.param(
+            replace(HIGH, min_duration=timedelta(seconds=5)),
+            # A spike held for 4 s, with many items, then a condition held from t=10.
+            series([11] * 5 + [5] * 5 + [11] * 8),
+            [(15.0, RAISED, 11.0)],
+            id="min_duration-delays-raising-and-a-short-spike-does-not-raise",
+        ),
+        pytest.param(
+            replace(HIGH, min_duration=timedelta(seconds=30)),
+            items_at((0, 11), (29, 12), (30, 13), (31, 14)),
+            [(30.0, RAISED, 13.0)],
+            id="min_duration-counts-event-time-not-items",
+        ),
+        pytest.param(
+            replace(HIGH, min_count=3, min_duration=timedelta(seconds=10)),
+            # Two items 20 s apart: long enough, but not enough items; the third completes it.
+            items_at((0, 11.0), (20, 11.0), (21, 11.0)),
+            [(21.0, RAISED, 11.0)],
+            id="min_count-and-min_duration-must-both-hold-count",
+        ),
+        pytest.param(
+            replace(HIGH, min_count=3, min_duration=timedelta(seconds=10)),
+            # Four items within 3 s: enough items, not long enough; the item at 10 s completes it.
+            items_at((0, 11.0), (1, 11.0), (2, 11.0), (3, 11.0), (10, 11.0)),
+            [(10.0, RAISED, 11.0)],
+            id="min_count-and-min_duration-must-both-hold-duration",
+        ),
+        pytest.param(
+            replace(HIGH, min_count=2),
+            series([11, 11, 7, 11, 7, 11, 11]),
+            [(1.0, RAISED, 11.0), (2.0, CLEARED, 7.0), (6.0, RAISED, 11.0)],
+            id="clearing-is-immediate-and-a-new-run-starts-after-it",
+        ),
+        pytest.param(
+            HIGH,
+            series([math.inf, -math.inf]),
+            [(0.0, RAISED, math.inf), (1.0, CLEARED, -math.inf)],
+            id="infinity-is-a-value-beyond-every-level",
+        ),
+        pytest.param(
+            replace(HIGH, min_count=2, min_duration=timedelta(seconds=5)),
+            # The run starts at t=10; a late item from t=0 is the second item but the span is 0.
+            items_at((10, 11), (0, 12), (14, 13), (15, 14)),
+            [(15.0, RAISED, 14.0)],
+            id="out-of-order-item-counts-but-does-not-stretch-the-duration",
+        ),
+        pytest.param(
+            replace(HIGH, min_count=3, min_duration=timedelta(seconds=5)),
+            items_at((0, 11), (8, 12), (3, 13), (1, 7)),
+            [(3.0, RAISED, 13.0), (1.0, CLEARED, 7.0)],
+            id="out-of-order-item-can-complete-the-count-and-carries-its-own-ts",
+        ),
+    ],
+)
+def test_alarm_sequence(
+    rule: Rule, items: list[Features], expected: list[tuple[float, str, float]]
+) -> None:
+    assert brief(a for _, a in run_threshold(items, [rule])) == expected
 
 
-def test_min_duration_delays_raising_and_a_short_spike_does_not_raise():
-    rule = replace(HIGH, min_duration=timedelta(seconds=5))
-    # A spike held for 4 s, with many items, then a condition held from t=10.
-    values = [11] * 5 + [5] * 5 + [11] * 8
-    out = run_threshold(series(values), [rule])
-    assert brief(a for _, a in out) == [(15.0, RAISED, 11.0)]
-
-
-def test_min_duration_counts_event_time_not_items():
-    rule = replace(HIGH, min_duration=timedelta(seconds=30))
-    items = [Features("d", "x", at(t), v) for t, v in [(0, 11), (29, 12), (30, 13), (31, 14)]]
-    out = run_threshold(items, [rule])
-    assert brief(a for _, a in out) == [(30.0, RAISED, 13.0)]
-
-
-def test_min_count_and_min_duration_must_both_hold():
-    rule = replace(HIGH, min_count=3, min_duration=timedelta(seconds=10))
-    # Two items 20 s apart: long enough, but not enough items; the third completes it.
-    items = [Features("d", "x", at(t), 11.0) for t in (0, 20, 21)]
-    assert brief(a for _, a in run_threshold(items, [rule])) == [(21.0, RAISED, 11.0)]
-    # Four items within 3 s: enough items, not long enough; the item at 10 s completes it.
-    items = [Features("d", "x", at(t), 11.0) for t in (0, 1, 2, 3, 10)]
-    assert brief(a for _, a in run_threshold(items, [rule])) == [(10.0, RAISED, 11.0)]
-
-
-def test_clearing_is_immediate_and_a_new_run_starts_after_it():
-    rule = replace(HIGH, min_count=2)
-    values = [11, 11, 7, 11, 7, 11, 11]
-    out = run_threshold(series(values), [rule])
-    assert brief(a for _, a in out) == [
-        (1.0, RAISED, 11.0),
-        (2.0, CLEARED, 7.0),
-        (6.0, RAISED, 11.0),
-    ]
-
-
-# --- skipped values and out-of-order items ---------------------------------------------------
+# --- skipped values ---------------------------------------------------------------------------
 
 
 def test_nan_missing_and_non_numeric_values_are_skipped():
@@ -280,26 +308,6 @@ def test_nan_missing_and_non_numeric_values_are_skipped():
     items = series([11, NAN, "low", None, 9, True])
     out = run_threshold(items, [HIGH])
     assert brief(a for _, a in out) == [(0.0, RAISED, 11.0), (5.0, CLEARED, 1.0)]
-
-
-def test_infinity_is_a_value_beyond_every_level():
-    out = run_threshold(series([math.inf, -math.inf]), [HIGH])
-    assert brief(a for _, a in out) == [(0.0, RAISED, math.inf), (1.0, CLEARED, -math.inf)]
-
-
-def test_out_of_order_item_counts_but_does_not_stretch_the_duration():
-    rule = replace(HIGH, min_count=2, min_duration=timedelta(seconds=5))
-    # The run starts at t=10; a late item from t=0 is the second item but the span is still 0.
-    items = [Features("d", "x", at(t), v) for t, v in [(10, 11), (0, 12), (14, 13), (15, 14)]]
-    out = run_threshold(items, [rule])
-    assert brief(a for _, a in out) == [(15.0, RAISED, 14.0)]
-
-
-def test_out_of_order_item_can_complete_the_count_and_carries_its_own_ts():
-    rule = replace(HIGH, min_count=3, min_duration=timedelta(seconds=5))
-    items = [Features("d", "x", at(t), v) for t, v in [(0, 11), (8, 12), (3, 13), (1, 7)]]
-    out = run_threshold(items, [rule])
-    assert brief(a for _, a in out) == [(3.0, RAISED, 13.0), (1.0, CLEARED, 7.0)]
 
 
 def test_step_duration_is_never_negative():
@@ -499,8 +507,7 @@ def test_two_workers_give_the_same_alarms_as_one():
     single = run_threshold(items, RULES, batch_size=50)
     out: list[tuple[str, Alarm]] = []
     workers: set[int] = set()
-    flow = build_flow(items, out, RULES, batch_size=50, workers_seen=workers)
-    cluster_main(flow, [], 0, worker_count_per_proc=2)
+    run_dataflow(build_flow(items, out, RULES, batch_size=50, workers_seen=workers), workers=2)
     assert workers == {0, 1}
     assert len(single) > 100
     assert per_key(out) == per_key(single) == per_key(reference(items, RULES))
@@ -545,11 +552,8 @@ def test_resume_from_recovery_snapshot_gives_the_same_alarms(tmp_path):
     items = random_items(11, n=3_000)
     source: list = [(key_of(i), i) for i in items]
     source.insert(1_700, TestingSource.ABORT())
-    init_db_dir(tmp_path, 1)
     out: list[tuple[str, Alarm]] = []
-    for _ in range(2):
-        flow = build_flow(items, out, RULES, source=source, batch_size=50)
-        run_main(flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(str(tmp_path)))
+    run_with_recovery(lambda: build_flow(items, out, RULES, source=source, batch_size=50), tmp_path)
     expected = reference(items, RULES)
     assert len(expected) > 50
     # At-least-once: a resumed run may re-emit what followed the last snapshot.
@@ -557,165 +561,7 @@ def test_resume_from_recovery_snapshot_gives_the_same_alarms(tmp_path):
     assert len(out) < 2 * len(expected)
 
 
-# --- rule settings and errors ----------------------------------------------------------------
-
-
-def test_rule_levels_are_floats_and_clear_levels_default_to_raise_levels():
-    high = Rule("h", "f", raise_above=np.int64(7))
-    assert (high.raise_above, high.clear_below, high.raise_below, high.clear_above) == (
-        7.0,
-        7.0,
-        None,
-        None,
-    )
-    assert type(high.raise_above) is float
-    low = Rule("l", "f", raise_below=1, clear_above=2)
-    assert (low.raise_below, low.clear_above, low.clear_below) == (1.0, 2.0, None)
-    assert Rule("h", "f", raise_above=7) == Rule("h", "f", raise_above=7.0, clear_below=7.0)
-    assert (high.min_count, high.min_duration, high.severity) == (1, timedelta(0), "warning")
-    with pytest.raises(AttributeError):
-        high.name = "other"  # type: ignore[misc]
-
-
-RULE_ERRORS = [
-    (
-        {"name": "", "field": "f", "raise_above": 1},
-        ValueError,
-        r"threshold rule `name` must be a non-empty string; got '' \(str\)\. "
-        r'Hint: name the rule after what it watches, e\.g\. name="velocity_zone_c"',
-    ),
-    (
-        {"name": 5, "field": "f", "raise_above": 1},
-        TypeError,
-        r"threshold rule `name` must be a non-empty string; got 5 \(int\)\. Hint:",
-    ),
-    (
-        {"name": "r", "field": "velocity rms", "raise_above": 1},
-        ValueError,
-        r"threshold rule 'r': `field` must be the name of an attribute of the incoming items; "
-        r"got 'velocity rms' \(str\)\. Hint: e\.g\. field=\"velocity_rms_mm_s\"",
-    ),
-    (
-        {"name": "r", "field": None, "raise_above": 1},
-        TypeError,
-        r"threshold rule 'r': `field` must be the name of an attribute.*got None \(NoneType\)",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": "7.1"},
-        TypeError,
-        r"threshold rule 'r': `raise_above` must be a number; got '7\.1' \(str\)\. "
-        r"Hint: give the level in the watched field's own units, e\.g\. raise_above=7\.1\.",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_below": True},
-        TypeError,
-        r"threshold rule 'r': `raise_below` must be a number; got True \(bool\)",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 1, "clear_below": math.nan},
-        ValueError,
-        r"threshold rule 'r': `clear_below` must be a finite number; got nan\. "
-        r"Hint: leave `clear_below` as None when there is no such level\.",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_below": 1, "clear_above": math.inf},
-        ValueError,
-        r"threshold rule 'r': `clear_above` must be a finite number; got inf\.",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 10**400},
-        ValueError,
-        r"threshold rule 'r': `raise_above` must be a finite number; got 1000+\.\.\.\. Hint:",
-    ),
-    (
-        {"name": "r", "field": "f"},
-        ValueError,
-        r"threshold rule 'r' needs `raise_above` \(high alarm\) or `raise_below` \(low alarm\); "
-        r"got neither\. Hint: raise_above=7\.1, clear_below=6\.5",
-    ),
-    (
-        {"name": "r", "field": "f", "clear_below": 3.0},
-        ValueError,
-        r"threshold rule 'r' needs `raise_above` \(high alarm\) or `raise_below`",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 7.1, "raise_below": 1.0},
-        ValueError,
-        r"threshold rule 'r' has both `raise_above` \(7\.1\) and `raise_below` \(1\.0\); "
-        r"a rule watches one side\. Hint: make two rules, e\.g\. 'r_high' and 'r_low'\.",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 7.1, "clear_above": 5},
-        ValueError,
-        r"threshold rule 'r': `clear_above` goes with `raise_below` \(low alarms\), but this "
-        r"rule has `raise_above`; got clear_above=5\.0\. Hint: a high alarm clears with "
-        r"`clear_below`\.",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_below": 1.0, "clear_below": 5},
-        ValueError,
-        r"threshold rule 'r': `clear_below` goes with `raise_above` \(high alarms\), but this "
-        r"rule has `raise_below`; got clear_below=5\.0\. Hint: a low alarm clears with "
-        r"`clear_above`\.",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 7.1, "clear_below": 8},
-        ValueError,
-        r"threshold rule 'r': `clear_below` must be <= `raise_above` \(7\.1\); got "
-        r"clear_below=8\.0\. Hint: the clear level sits on the safe side",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_below": 1.0, "clear_above": 0.5},
-        ValueError,
-        r"threshold rule 'r': `clear_above` must be >= `raise_below` \(1\.0\); got "
-        r"clear_above=0\.5\. Hint: .*raise_below=1\.0, clear_above=1\.5\.",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 1, "min_count": 2.5},
-        TypeError,
-        r"threshold rule 'r': `min_count` must be an int; got 2\.5 \(float\)\. "
-        r"Hint: min_count=3 raises on the third consecutive item",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 1, "min_count": True},
-        TypeError,
-        r"threshold rule 'r': `min_count` must be an int; got True \(bool\)",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 1, "min_count": 0},
-        ValueError,
-        r"threshold rule 'r': `min_count` must be >= 1; got 0\. Hint: min_count=1 \(the default\)",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 1, "min_duration": 30},
-        TypeError,
-        r"threshold rule 'r': `min_duration` must be a datetime\.timedelta; got 30 \(int\)\. "
-        r"Hint: min_duration=timedelta\(seconds=30\)\.",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 1, "min_duration": timedelta(seconds=-1)},
-        ValueError,
-        r"threshold rule 'r': `min_duration` must be >= 0; got datetime\.timedelta\(days=-1, "
-        r"seconds=86399\)\. Hint: timedelta\(0\) \(the default\)",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 1, "severity": "error"},
-        ValueError,
-        r"threshold rule 'r': `severity` must be one of 'info', 'warning', 'critical'; got "
-        r"'error' \(str\)\. Hint: severity=\"critical\"",
-    ),
-    (
-        {"name": "r", "field": "f", "raise_above": 1, "severity": None},
-        ValueError,
-        r"threshold rule 'r': `severity` must be one of .*; got None \(NoneType\)",
-    ),
-]
-
-
-@pytest.mark.parametrize(("kwargs", "error", "pattern"), RULE_ERRORS)
-def test_rule_errors(kwargs, error, pattern):
-    with pytest.raises(error, match=pattern):
-        Rule(**kwargs)
+# --- rules given to the operator -------------------------------------------------------------
 
 
 def source_stream(flow: Dataflow) -> op.KeyedStream:
