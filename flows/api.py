@@ -40,7 +40,7 @@ from connectors.uplink.wire import priority_of
 from flows.accounting import FlowReport, Meter, report
 from flows.cloud import CloudLink
 from flows.config import EdgeConfig
-from flows.ingest import CHANNELS, Decoded, as_dead_letter, decoder
+from flows.ingest import CHANNELS, Decoded, decoder, to_dead_letter
 from flows.transports import device_inputs
 from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock
 
@@ -162,6 +162,7 @@ class Edge:
         self.meter = Meter(name, self._shared.registry)
         self._prefix = ""
         self._outputs: dict[str, _Output] = {}
+        self._letters = 0
         self._shared.parts.append(self)
 
     # -- structure ---------------------------------------------------------------------------
@@ -192,6 +193,7 @@ class Edge:
         part.meter = self.meter.sibling(name)
         part._prefix = f"{name}_"
         part._outputs = {}
+        part._letters = 0
         self._shared.parts.append(part)
         if channel is not None:
             if channel not in CHANNELS:
@@ -303,9 +305,23 @@ class Edge:
             raise ValueError(msg)
         existing.streams.append(up)
 
-    def dead_letters(self, up: Stream[DeadLetter]) -> None:
-        """Send more dead letters (e.g. late readings) to this flow's ``dead_letters`` stream."""
-        self.output("dead_letters", up)
+    def dead_letters(self, up: Stream[Any], *, reason: str | None = None) -> None:
+        """Send more items to this flow's ``dead_letters`` stream, keyed or not.
+
+        Dead letters go as they are; readings and vibration blocks (e.g. a
+        window's late readings) become dead letters with ``reason``, their
+        payload in the device API's shape so nothing is lost.
+        """
+        if reason is None:
+            self.output("dead_letters", up)
+            return
+        self._letters += 1
+        letters = op.map(
+            self.id(f"dead_letters_{self._letters}"),
+            up,
+            lambda item: to_dead_letter(_value(item), reason),
+        )
+        self.output("dead_letters", letters)
 
     def publish(
         self,
@@ -324,7 +340,6 @@ class Edge:
         if self.config.transports.mqtt is None:
             return
         from connectors.sinks.mqtt import MqttSink
-
         from flows.transports import mqtt_settings
 
         settings = mqtt_settings(self.config, channels=(self.name,), role=step_id)
@@ -405,12 +420,14 @@ class Edge:
         flow_name = self.name
         letters: list[Stream[DeadLetter]] = []
         for kind, stream in shared.devices.unused().items():
-
-            def unhandled(item: Any, kind: str = kind) -> DeadLetter:
-                value = item[1] if isinstance(item, tuple) else item
-                return as_dead_letter(value, f"{flow_name} (no step takes {kind})")
-
-            letters.append(op.map(f"_unused_{kind}", stream, unhandled))
+            reason = f"no step of flow {flow_name!r} takes device {kind}"
+            letters.append(
+                op.map(
+                    f"_unused_{kind}",
+                    stream,
+                    lambda item, reason=reason: to_dead_letter(_value(item), reason),
+                )
+            )
         owners = {id(p): p for p in shared.owners.values()}
         if not owners:
             self.dead_letters(op.merge("_dead_letters", shared.errors, *letters))

@@ -27,7 +27,7 @@ from operators.records import (
     series_key,
 )
 
-__all__ = ["CHANNELS", "READINGS", "Decoded", "as_dead_letter", "decoder", "reading_payload"]
+__all__ = ["CHANNELS", "READINGS", "Decoded", "decoder", "reading_payload", "to_dead_letter"]
 
 READINGS = "readings"
 CHANNELS = (TELEMETRY, VIBRATION)
@@ -102,17 +102,19 @@ def _unwanted(msg: RawMessage, flow: str) -> DeadLetter:
     return DeadLetter(msg.device, msg.transport, msg.received_at, reason, msg.payload)
 
 
-def as_dead_letter(item: Decoded, flow: str) -> DeadLetter:
-    """A dead letter for a record ``flow`` does not handle (a dead letter stays as it is)."""
+def to_dead_letter(item: Decoded, reason: str) -> DeadLetter:
+    """``item`` as a dead letter with ``reason`` (a dead letter stays as it is).
+
+    The payload is the record in its device API shape (JSON for a reading,
+    EVB1 for a vibration block), so it can be sent again.
+    """
     if isinstance(item, DeadLetter):
         return item
     if isinstance(item, VibrationBlock):
         payload = encode_evb1(
             item.samples, sample_rate_hz=item.sample_rate_hz, start_ts=item.start_ts
         )
-        reason = f"vibration block sent to flow {flow}, which does not process vibration"
         return DeadLetter(item.device, item.transport, datetime.now(UTC), reason, payload)
-    reason = f"telemetry reading {item.key!r} sent to flow {flow}, which does not process it"
     return DeadLetter(item.device, item.transport, datetime.now(UTC), reason, reading_payload(item))
 
 

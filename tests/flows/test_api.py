@@ -1,0 +1,169 @@
+"""The flow API: what a user writing a flow meets, errors included."""
+
+import json
+from datetime import UTC, datetime
+
+import bytewax.operators as op
+import duckdb
+import pyarrow as pa
+import pytest
+from bytewax.testing import TestingSource
+
+from connectors.streams import UTC_US
+from flows.api import Edge
+from flows.config import parse_config
+from flows.machines import Machine, blocks
+from operators.deadband import deadband
+from operators.records import RawMessage
+from tests.flows.conftest import run_recorded
+
+T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+MS = int(T0.timestamp() * 1000)
+
+
+def telemetry(device: str, body: object, transport: str = "mqtt") -> RawMessage:
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return RawMessage(device, "telemetry", transport, T0, payload)
+
+
+def rows(tmp_path, stream: str, columns: str = "*") -> list[tuple]:
+    glob = str(tmp_path / "parquet" / stream / "**" / "*.parquet")
+    return duckdb.sql(f"select {columns} from read_parquet('{glob}') order by all").fetchall()
+
+
+@pytest.fixture
+def config(tmp_path):
+    return parse_config({"data_dir": str(tmp_path)})
+
+
+def test_a_ten_line_flow_with_a_stream_of_its_own(tmp_path, config):
+    def build(edge: Edge) -> None:
+        dev = edge.devices("in", channels=["telemetry"])
+        pressure = op.filter("pressure", dev.readings, lambda kv: kv[1].key == "pressure")
+        kept = deadband("deadband", pressure, absolute=0.2)
+        edge.output("pressure_points", kept, like="telemetry_points")
+
+    messages = [
+        telemetry("p", {"ts": MS + i, "values": {"pressure": v, "other": 1.0}})
+        for i, v in enumerate([1.0, 1.1, 1.5])
+    ]
+    messages.append(telemetry("p", b"{not json"))
+    edge = run_recorded(build, config, messages, name="pressure")
+    assert rows(tmp_path, "pressure_points", "device, key, value") == [
+        ("p", "pressure", 1.0),
+        ("p", "pressure", 1.5),
+    ]
+    # the filter saw only readings: the bad message still reached dead letters
+    assert [r[0] for r in rows(tmp_path, "dead_letters", "reason")][0].startswith("telemetry: ")
+    rep = edge.reports()["pressure"]
+    assert rep.messages_in == 4 and rep.output_rows["pressure_points"] == 2
+    assert (tmp_path / "report-pressure.json").exists()
+
+
+def test_a_new_schema_and_dead_letters_with_a_reason(tmp_path, config):
+    schema = pa.schema([("device", pa.string()), ("ts", UTC_US), ("doubled", pa.float64())])
+
+    def build(edge: Edge) -> None:
+        dev = edge.devices("in")
+        doubled = op.map(
+            "double", dev.readings, lambda kv: {"device": kv[1].device, "ts": kv[1].ts, "doubled": 2 * kv[1].value}
+        )
+        edge.output("doubled", doubled, schema=schema, time_column="ts")
+        edge.dead_letters(dev.text, reason="text is not kept by this flow")
+
+    run_recorded(build, config, [telemetry("d", {"ts": MS, "values": {"a": 2, "s": "hi"}})])
+    assert rows(tmp_path, "doubled", "device, doubled") == [("d", 4.0)]
+    letters = rows(tmp_path, "dead_letters", "reason, payload")
+    assert letters == [("text is not kept by this flow", json.dumps({"ts": MS, "values": {"s": "hi"}}).encode())]
+
+
+def test_kinds_no_step_takes_become_dead_letters(tmp_path, config):
+    def build(edge: Edge) -> None:
+        dev = edge.devices("in")  # both channels, but only readings are used
+        edge.output("telemetry_points", dev.readings)
+
+    block = blocks(Machine("healthy", seed=1), device="m", count=1, start_ts=T0)[0]
+    messages = [
+        telemetry("d", {"ts": MS, "values": {"a": 1, "s": "x"}}),
+        RawMessage("m", "vibration", "http", T0, block),
+    ]
+    run_recorded(build, config, messages, name="only_points")
+    reasons = [r for (r,) in rows(tmp_path, "dead_letters", "reason")]
+    assert reasons == [
+        "no step of flow 'only_points' takes device blocks",
+        "no step of flow 'only_points' takes device text",
+    ]
+    payloads = [p for (p,) in rows(tmp_path, "dead_letters", "payload")]
+    assert block[24:] in payloads[0] or block[24:] in payloads[1]  # the samples are kept
+
+
+def test_messages_of_a_channel_the_flow_does_not_take_are_dead_letters(tmp_path, config):
+    def build(edge: Edge) -> None:
+        edge.output("telemetry_points", edge.devices("in", channels=["telemetry"]).readings)
+
+    run_recorded(build, config, [RawMessage("m", "vibration", "http", T0, b"EVB1...")], name="t")
+    assert rows(tmp_path, "dead_letters", "device, reason, payload") == [
+        ("m", "vibration message sent to flow 't', which does not take the vibration channel", b"EVB1...")
+    ]
+
+
+def test_the_cloud_link_starts_when_the_flow_runs_not_when_it_is_built(tmp_path):
+    config = parse_config(
+        {"data_dir": str(tmp_path), "cloud": {"target": "127.0.0.1:9", "key": "edge-01", "secret": "s",
+                                              "stop_timeout": 0.1}}
+    )
+    edge = Edge(config, name="t", source=TestingSource([telemetry("d", {"a": 1})]))
+    edge.output("telemetry_points", edge.devices("in").readings, cloud=True)
+    edge.dataflow()
+    assert not (tmp_path / "outbox.sqlite").exists()
+    edge.run()
+    assert (tmp_path / "outbox.sqlite").exists()
+
+
+ERRORS = [
+    (lambda e, s: e.output("mine", s), r"^Edge.output\('mine'\): unknown stream; declare its columns with like='telemetry_points' or schema=pa.schema\(\[...\]\), time_column='ts' \(known: "),
+    (lambda e, s: e.output("mine", s, like="nope"), r"^Edge.output\('mine'\): like='nope' is not a known stream; hint: one of alarms, "),
+    (lambda e, s: e.output("mine", s, schema=pa.schema([("ts", UTC_US)])), r"^Edge.output\('mine'\): a new schema needs time_column=, the timestamp\[us, UTC\] column"),
+    (lambda e, s: e.output("mine", s, like="alarms", schema=pa.schema([])), r"^Edge.output\('mine'\): give like= or schema=, not both$"),
+    (lambda e, s: e.output("My-Stream", s, like="alarms"), r"^Edge.output\('My-Stream'\): a stream name is a lower-case identifier \(got 'My-Stream'\); hint: pressure_points$"),
+    (lambda e, s: e.output("alarms", s, priority=-1), r"^Edge.output\('alarms'\): priority must be an int >= 0 \(got -1\); hint: alarms use 0$"),
+    (lambda e, s: e.devices("again"), r"^Edge.devices\('again'\): the flow already has its device input; hint: call devices\(\) once"),
+    (lambda e, s: e.part("p", channel="logs"), r"^Edge.part\('p'\): channel 'logs' is not a device channel; hint: one of telemetry, vibration$"),
+]
+
+
+@pytest.mark.parametrize(("call", "message"), ERRORS)
+def test_mistakes_fail_at_build_time_with_a_hint(config, call, message):
+    edge = Edge(config, source=TestingSource([]))
+    dev = edge.devices("in")
+    with pytest.raises(ValueError, match=message):
+        call(edge, dev.readings)
+
+
+def test_one_stream_declared_twice_with_other_columns(config):
+    edge = Edge(config, source=TestingSource([]))
+    dev = edge.devices("in")
+    edge.output("mine", dev.readings, like="telemetry_points")
+    with pytest.raises(ValueError, match=r"^Edge.output\('mine'\): the stream was already declared with other columns"):
+        edge.output("mine", dev.text, like="telemetry_text")
+
+
+def test_devices_needs_known_channels(config):
+    edge = Edge(config, source=TestingSource([]))
+    with pytest.raises(ValueError, match=r"^Edge.devices\('in'\): unknown channel 'logs'; hint: channels are telemetry, vibration$"):
+        edge.devices("in", channels=["logs"])
+    with pytest.raises(ValueError, match=r"^Edge.devices\('in'\): channels is empty; hint: channels=\['telemetry'\]$"):
+        edge.devices("in", channels=[])
+
+
+def test_nothing_can_be_added_once_the_flow_is_finished(config):
+    edge = Edge(config, source=TestingSource([]))
+    edge.output("telemetry_points", edge.devices("in").readings)
+    edge.dataflow()
+    with pytest.raises(RuntimeError, match=r"^Edge.output\(\): the flow 'flow' is already finished \(dataflow\(\) or run\(\) was called\); hint: declare everything inside build\(edge\)$"):
+        edge.output("telemetry_points", edge.flow and edge.devices)  # type: ignore[arg-type]
+
+
+def test_config_must_be_loaded(tmp_path):
+    with pytest.raises(TypeError, match=r"^Edge: config must be an EdgeConfig \(got dict\); hint: load it with flows.config.load_config\('edge.yaml'\)$"):
+        Edge({"data_dir": str(tmp_path)})  # type: ignore[arg-type]
