@@ -5,29 +5,21 @@ import pickle
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import bytewax.operators as op
 import numpy as np
 import pytest
 from bytewax.dataflow import Dataflow
-from bytewax.recovery import RecoveryConfig, init_db_dir
-from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+from bytewax.testing import TestingSink, TestingSource, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from operators.deadband import DeadbandConfig, _deadband_mapper, deadband
 from operators.records import Reading, series_key
+from tests.conftest import READING_T0, keyed, note_workers, reading, run_dataflow, run_with_recovery
 
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-
-
-def reading(device: str, seconds: float, value: float | str, key: str = "temp") -> Reading:
-    return Reading(device, key, T0 + timedelta(seconds=seconds), value)
-
-
-def keyed(readings: Iterable[Reading]) -> list[tuple[str, Reading]]:
-    return [(series_key(r.device, r.key), r) for r in readings]
+T0 = READING_T0
 
 
 def build_flow(
@@ -43,8 +35,7 @@ def build_flow(
     items = keyed(readings) if source is None else source
     s = op.input("in", flow, TestingSource(items, batch_size=batch_size))
     kept = deadband("deadband", s, **settings_)
-    if workers_seen is not None:
-        op.inspect_debug("where", kept, lambda _s, _i, _e, worker: workers_seen.add(worker))
+    note_workers("where", kept, workers_seen)
     op.output("out", kept, TestingSink(out))
     return flow
 
@@ -106,40 +97,49 @@ def reference(
 # --- behaviour on hand-made series -------------------------------------------------
 
 
-def test_absolute_band_keeps_first_and_moves_beyond_band_only():
-    values = [20.0, 20.4, 20.5, 20.51, 21.0, 21.02, 19.9, 20.3, 20.45]
+@pytest.mark.parametrize(
+    ("values", "settings_", "kept_at"),
+    [
+        pytest.param(
+            [20.0, 20.4, 20.5, 20.51, 21.0, 21.02, 19.9, 20.3, 20.45],
+            {"absolute": 0.5},
+            # 20.5 is exactly on the band edge (|20.5 - 20.0| == 0.5): not kept.
+            [0, 3, 5, 6, 8],
+            id="absolute-band-keeps-first-and-moves-beyond-band-only",
+        ),
+        pytest.param(
+            [100.0, 109.0, 110.0, 110.5, 121.0, 122.0, 133.2],
+            {"percent": 10.0},
+            # 10% of 100 -> 110 stays; 110.5 leaves; 10% of 110.5 = 11.05 -> 121 stays, 122 leaves.
+            [0, 3, 5],
+            id="percent-band-is-relative-to-last-kept-value",
+        ),
+        pytest.param(
+            [100.0, 101.5, 102.5, 104.0, 1000.0, 1040.0, 1060.0],
+            {"absolute": 2.0, "percent": 5.0},
+            # At 100 the wider band is 5% (5.0 > 2.0): 101.5, 102.5, 104 stay, 1000 leaves.
+            # At 1000 the band is 50: 1040 stays, 1060 leaves.
+            [0, 4, 6],
+            id="both-bands-must-be-left-percent-wider",
+        ),
+        pytest.param(
+            [1.0, 2.5, 3.5, 3.6],
+            {"absolute": 2.0, "percent": 5.0},
+            # At 1.0 the percent band is 0.05 but absolute 2.0 is wider: 2.5 stays, 3.5 leaves.
+            [0, 2],
+            id="both-bands-must-be-left-absolute-wider",
+        ),
+        pytest.param(
+            [1.0, 1.0, 1.0, 2.0, 2.0, 1.0],
+            {"absolute": 0.0},
+            [0, 3, 5],
+            id="zero-band-keeps-every-change-only",
+        ),
+    ],
+)
+def test_bands(values: list[float], settings_: dict[str, float], kept_at: list[int]) -> None:
     readings = [reading("pump-7", i, v) for i, v in enumerate(values)]
-    kept = run_deadband(readings, absolute=0.5)
-    # 20.5 is exactly on the band edge (|20.5 - 20.0| == 0.5): not kept.
-    assert [r.value for r in kept] == [20.0, 20.51, 21.02, 19.9, 20.45]
-
-
-def test_percent_band_is_relative_to_last_kept_value():
-    values = [100.0, 109.0, 110.0, 110.5, 121.0, 122.0, 133.2]
-    readings = [reading("pump-7", i, v) for i, v in enumerate(values)]
-    kept = run_deadband(readings, percent=10.0)
-    # 10% of 100 -> 110 stays; 110.5 leaves; 10% of 110.5 = 11.05 -> 121 stays, 122 leaves.
-    assert [r.value for r in kept] == [100.0, 110.5, 122.0]
-
-
-def test_both_bands_must_be_left():
-    values = [100.0, 101.5, 102.5, 104.0, 1000.0, 1040.0, 1060.0]
-    readings = [reading("pump-7", i, v) for i, v in enumerate(values)]
-    kept = run_deadband(readings, absolute=2.0, percent=5.0)
-    # At 100 the wider band is 5% (5.0 > 2.0): 101.5, 102.5, 104 stay, 1000 leaves.
-    # At 1000 the band is 50: 1040 stays, 1060 leaves.
-    assert [r.value for r in kept] == [100.0, 1000.0, 1060.0]
-    small = [reading("pump-8", i, v) for i, v in enumerate([1.0, 2.5, 3.5, 3.6])]
-    # At 1.0 the percent band is 0.05 but absolute 2.0 is wider: 2.5 stays, 3.5 leaves.
-    assert [r.value for r in run_deadband(small, absolute=2.0, percent=5.0)] == [1.0, 3.5]
-
-
-def test_zero_band_keeps_every_change_only():
-    values = [1.0, 1.0, 1.0, 2.0, 2.0, 1.0]
-    readings = [reading("d", i, v) for i, v in enumerate(values)]
-    assert [r.ts for r in run_deadband(readings, absolute=0.0)] == [
-        readings[i].ts for i in (0, 3, 5)
-    ]
+    assert run_deadband(readings, **settings_) == [readings[i] for i in kept_at]
 
 
 def test_heartbeat_keeps_a_reading_after_max_silence():
@@ -182,17 +182,19 @@ def test_strings_are_kept_on_exact_change_and_heartbeat():
     assert [r.ts for r in kept] == [quiet[0].ts, quiet[2].ts]
 
 
-def test_non_finite_values_are_kept_and_so_is_the_next_reading():
+@pytest.mark.parametrize(
+    "settings_",
+    [{"absolute": 0.5}, {"percent": 10.0}, {"absolute": 0.5, "percent": 10.0}],
+    ids=["absolute", "percent", "both"],
+)
+def test_non_finite_values_are_kept_and_so_is_the_next_reading(settings_):
     nan, inf = math.nan, math.inf
     values = [1.0, 1.02, nan, 1.02, 1.03, inf, inf, 1.03, 1.04, -inf, 1.04]
     readings = [reading("d", i, v) for i, v in enumerate(values)]
-    for settings_ in ({"absolute": 0.5}, {"percent": 10.0}, {"absolute": 0.5, "percent": 10.0}):
-        kept = run_deadband(readings, **settings_)
-        assert [r.ts for r in kept] == [r.ts for r in reference(readings, **settings_)]
-        got = [r.value for r in kept]
-        assert (
-            got[0] == 1.0 and math.isnan(got[1]) and got[2:] == [1.02, inf, inf, 1.03, -inf, 1.04]
-        )
+    kept = run_deadband(readings, **settings_)
+    assert [r.ts for r in kept] == [r.ts for r in reference(readings, **settings_)]
+    got = [r.value for r in kept]
+    assert got[0] == 1.0 and math.isnan(got[1]) and got[2:] == [1.02, inf, inf, 1.03, -inf, 1.04]
 
 
 def test_keys_are_independent():
@@ -293,8 +295,7 @@ def test_two_workers_keep_the_same_readings_as_one():
     single = run_deadband(readings, **settings_)
     out: list[tuple[str, Reading]] = []
     workers: set[int] = set()
-    flow = build_flow(readings, out, workers_seen=workers, **settings_)
-    cluster_main(flow, [], 0, worker_count_per_proc=2)
+    run_dataflow(build_flow(readings, out, workers_seen=workers, **settings_), workers=2)
     assert workers == {0, 1}
     assert by_key(r for _, r in out) == by_key(single) == by_key(reference(readings, **settings_))
 
@@ -304,11 +305,10 @@ def test_resume_from_recovery_snapshot_keeps_the_same_readings(tmp_path):
     settings_ = {"absolute": 0.5, "max_silence": timedelta(seconds=10)}
     source = keyed(readings)
     source.insert(1_700, TestingSource.ABORT())
-    init_db_dir(tmp_path, 1)
     out: list[tuple[str, Reading]] = []
-    for _ in range(2):
-        flow = build_flow(readings, out, source=source, batch_size=50, **settings_)
-        run_main(flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(str(tmp_path)))
+    run_with_recovery(
+        lambda: build_flow(readings, out, source=source, batch_size=50, **settings_), tmp_path
+    )
     both_runs = [r for _, r in out]
     expected = reference(readings, **settings_)
     # At-least-once: a resumed run may re-emit what followed the last snapshot.

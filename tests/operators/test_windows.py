@@ -3,7 +3,7 @@ from __future__ import annotations
 import pickle
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import astuple
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -12,24 +12,16 @@ import bytewax.operators as op
 import numpy as np
 import pytest
 from bytewax.dataflow import Dataflow
-from bytewax.recovery import RecoveryConfig, init_db_dir
-from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+from bytewax.testing import TestingSink, TestingSource, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from operators.records import Reading, series_key
 from operators.windows import Summary, WindowConfig, _SummaryLogic, window_aggregate
+from tests.conftest import READING_T0, keyed, note_workers, reading, run_dataflow, run_with_recovery
 
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+T0 = READING_T0
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def reading(device: str, seconds: float, value: float | str, key: str = "temp") -> Reading:
-    return Reading(device, key, T0 + timedelta(seconds=seconds), value)
-
-
-def keyed(readings: Iterable[Reading]) -> list[tuple[str, Reading]]:
-    return [(series_key(r.device, r.key), r) for r in readings]
 
 
 def build_flow(
@@ -44,8 +36,7 @@ def build_flow(
     flow = Dataflow("windows_test")
     s = op.input("in", flow, TestingSource(source, batch_size=batch_size))
     out = window_aggregate("agg", s, **settings_)
-    if workers_seen is not None:
-        op.inspect_debug("where", out.down, lambda _s, _i, _e, worker: workers_seen.add(worker))
+    note_workers("where", out.down, workers_seen)
     op.output("down", out.down, TestingSink(down))
     op.output("late", out.late, TestingSink(late))
     return flow
@@ -56,11 +47,7 @@ def run_windows(
 ) -> tuple[list[Summary], list[Reading]]:
     down: list[tuple[str, Summary]] = []
     late: list[tuple[str, Reading]] = []
-    flow = build_flow(keyed(readings), down, late, **settings_)
-    if workers == 1:
-        run_main(flow)
-    else:
-        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    run_dataflow(build_flow(keyed(readings), down, late, **settings_), workers=workers)
     for key, s in down:
         assert key == series_key(s.device, s.key)
     for key, r in late:
@@ -333,7 +320,7 @@ def test_two_workers_give_the_same_result_as_one():
     flow = build_flow(
         keyed(readings), down, late, workers_seen=workers, allowed_lateness=LATENESS, **window
     )
-    cluster_main(flow, [], 0, worker_count_per_proc=2)
+    run_dataflow(flow, workers=2)
     assert workers == {0, 1}
     assert Counter(s for _, s in down) == Counter(one)
     assert Counter(r for _, r in late) == Counter(late_one)
@@ -346,12 +333,9 @@ def test_resume_from_recovery_snapshot_gives_the_same_windows(tmp_path):
     expected, expected_late = run_windows(readings, **window)
     source = keyed(readings)
     source.insert(1_100, TestingSource.ABORT())
-    init_db_dir(tmp_path, 1)
     down: list = []
     late: list = []
-    for _ in range(2):
-        flow = build_flow(source, down, late, batch_size=50, **window)
-        run_main(flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(str(tmp_path)))
+    run_with_recovery(lambda: build_flow(source, down, late, batch_size=50, **window), tmp_path)
     # At-least-once: what followed the last snapshot may be emitted twice.
     assert {s for _, s in down} == set(expected)
     assert {r for _, r in late} == set(expected_late)
