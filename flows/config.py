@@ -10,9 +10,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from connectors.common.address import parse_host_port
+from connectors.common.yamlfile import read_yaml
 from operators.spectral import SpectralConfig
 from operators.threshold import Rule
 
@@ -61,12 +62,7 @@ class ListenSection(_Section):
 
     @model_validator(mode="after")
     def _host_port(self) -> ListenSection:
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            msg = (
-                f"listen must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080 (got {self.listen!r})"
-            )
-            raise ValueError(msg)
+        parse_host_port(self.listen, key="listen")
         return self
 
 
@@ -253,6 +249,12 @@ class EdgeConfig(_Section):
     parquet: ParquetSection = ParquetSection()
     cloud: CloudSection | None = None
 
+    @model_validator(mode="after")
+    def _metrics_host_port(self) -> EdgeConfig:
+        if self.metrics_listen is not None:
+            parse_host_port(self.metrics_listen, key="metrics_listen")
+        return self
+
 
 def _describe(err: dict[str, Any]) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -312,20 +314,10 @@ def parse_config(
 def load_config(path: str | Path) -> EdgeConfig:
     """Read and validate an edge configuration file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        msg = f"config file {str(path)!r} does not exist; pass --config PATH (see README)"
-        raise ConfigError(msg) from None
-    except OSError as exc:
-        msg = f"config file {str(path)!r} cannot be read: {exc.strerror}"
-        raise ConfigError(msg) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        msg = f"{path}: not valid YAML{where}: {problem}"
-        raise ConfigError(msg) from None
+    data = read_yaml(
+        path,
+        what="config file",
+        missing_hint="pass --config PATH (see README)",
+        error=ConfigError,
+    )
     return parse_config(data, source=str(path), base_dir=path.parent.resolve())

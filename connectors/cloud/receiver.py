@@ -78,6 +78,7 @@ import duckdb
 import grpc
 import pyarrow as pa
 
+from connectors.common.address import join_host_port, parse_host_port
 from connectors.common.yamlfile import read_entries
 from connectors.streams import STREAMS, StreamSpec, conform
 from connectors.uplink.wire import (
@@ -288,24 +289,6 @@ class ReceiverTls:
         )
 
 
-def _parse_listen(listen: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6); ``ValueError`` with an example."""
-    host, sep, port_text = listen.rpartition(":") if isinstance(listen, str) else ("", "", "")
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    unbracketed_v6 = ":" in bare and not host.startswith("[")
-    if not sep or not bare or unbracketed_v6 or not port_text.isdigit():
-        msg = (
-            f"listen address {listen!r} is not HOST:PORT; use e.g. 127.0.0.1:50051, "
-            "0.0.0.0:50051 or [::1]:50051 (port 0 picks a free port)"
-        )
-        raise ValueError(msg)
-    port = int(port_text)
-    if port > 65535:
-        msg = f"listen address {listen!r}: port {port} is out of range 0-65535"
-        raise ValueError(msg)
-    return host, port
-
-
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
@@ -371,7 +354,7 @@ class CloudReceiver:
         max_workers: int = DEFAULT_MAX_WORKERS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._host, _ = _parse_listen(listen)
+        self._host, _ = parse_host_port(listen, key="CloudReceiver.listen")
         self._listen = listen
         self._db_path = Path(db)
         if not isinstance(edges, Mapping):
@@ -454,9 +437,8 @@ class CloudReceiver:
         self._server = server
         self._port = port
         logger.info(
-            "cloud receiver listening on %s:%d (%s), storing to %s, %d edge(s) authorised",
-            self._host,
-            port,
+            "cloud receiver listening on %s (%s), storing to %s, %d edge(s) authorised",
+            join_host_port(self._host, port),
             self.mode,
             self._db_path,
             len(self._secrets),

@@ -1,4 +1,4 @@
-"""Reading the small YAML files of credentials (device registry, receiver auth)."""
+"""Reading YAML files: the edge config and the credential files (device registry, auth)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,46 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["read_entries"]
+__all__ = ["read_entries", "read_yaml"]
+
+
+def read_yaml(
+    path: Path,
+    *,
+    what: str,
+    missing_hint: str,
+    error: type[ValueError],
+    yaml_hint: str = "",
+    secret: bool = False,
+) -> object:
+    """The parsed YAML document in ``path`` (None for an empty file).
+
+    Every failure raises ``error`` naming the file (as ``what``). A YAML
+    syntax error gives its line, column and the parser's problem, then
+    ``yaml_hint``; with ``secret`` (a file of credentials) only the line, as
+    the parser's words may quote a token.
+    """
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        msg = f"{what} {str(path)!r} does not exist; {missing_hint}"
+        raise error(msg) from None
+    except UnicodeDecodeError:
+        msg = f"{what} {str(path)!r} is not UTF-8 text; save it as UTF-8 YAML"
+        raise error(msg) from None
+    except OSError as exc:
+        msg = f"{what} {str(path)!r} cannot be read: {exc.strerror or type(exc).__name__}"
+        raise error(msg) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None)
+        if secret:
+            where = f" at line {mark.line + 1}" if mark else ""
+        else:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            where += f": {problem}" if problem else ""
+        msg = f"{path}: not valid YAML{where}{yaml_hint}"
+        raise error(msg) from None
 
 
 def read_entries(
@@ -23,25 +62,17 @@ def read_entries(
     """The ``key:`` list of mappings in ``path``, each with exactly ``fields``.
 
     Every failure raises ``error`` naming the file (as ``what``) and the entry;
-    values are never quoted, so secrets stay out of messages. ``yaml_hint``
-    ends the message for unparsable YAML.
+    values are never quoted, so secrets stay out of messages (see
+    :func:`read_yaml` for the reading errors).
     """
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        msg = f"{what} {str(path)!r} does not exist; {missing_hint}"
-        raise error(msg) from None
-    except UnicodeDecodeError:
-        msg = f"{what} {str(path)!r} is not UTF-8 text; save it as UTF-8 YAML"
-        raise error(msg) from None
-    except OSError as exc:
-        msg = f"{what} {str(path)!r} cannot be read: {exc.strerror or type(exc).__name__}"
-        raise error(msg) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        msg = f"{path}: not valid YAML{where}{yaml_hint}"
-        raise error(msg) from None
+    data = read_yaml(
+        path,
+        what=what,
+        missing_hint=missing_hint,
+        error=error,
+        yaml_hint=yaml_hint,
+        secret=True,
+    )
     entries = data.get(key) if isinstance(data, dict) else None
     if not isinstance(entries, list):
         article = "an" if key[0] in "aeiou" else "a"

@@ -37,7 +37,6 @@ nothing is spooled for an unknown token (every block is authenticated).
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import re
 import socket
@@ -50,6 +49,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 from aiocoap.resource import PathCapable, Resource
 
+from connectors.common.address import parse_host_port
 from connectors.devices.ingress import Ingress, Verdict
 from connectors.devices.registry import DeviceRegistry
 from operators.records import TELEMETRY, VIBRATION
@@ -69,12 +69,6 @@ DEFAULT_TRANSFER_TIMEOUT_S = 93.0
 
 _MAX_DIAGNOSTIC_BYTES = 512
 _BERT_EXPONENT = 7
-_LISTEN = re.compile(
-    r"\[(?P<v6>[^\[\]]+)\]:(?P<v6port>\d{1,5})|(?P<host>[^\[\]:]+):(?P<port>\d{1,5})"
-)
-_LISTEN_HINT = (
-    'use "HOST:PORT", e.g. "127.0.0.1:5683", "[::1]:5683" or "127.0.0.1:0" (any free port)'
-)
 _API_PATHS = "POST to /api/v1/{token}/telemetry or /api/v1/{token}/vibration"
 _REDACT = re.compile(r"(api/v1/|'api', 'v1', ')[^/'\"\s]+")
 
@@ -319,36 +313,6 @@ class _DeviceApi(Resource, PathCapable):
             del self._transfers[key]
 
 
-def _parse_listen(listen: object) -> tuple[str, int]:
-    if not isinstance(listen, str):
-        msg = f"CoapServer: listen must be a string; got {listen!r}; hint: {_LISTEN_HINT}"
-        raise ValueError(msg)
-    match = _LISTEN.fullmatch(listen.strip())
-    if match is None:
-        hint = _LISTEN_HINT
-        if listen.count(":") > 1 and "[" not in listen:
-            hint = 'put an IPv6 address in brackets, e.g. "[::1]:5683"'
-        msg = f"CoapServer: listen must be HOST:PORT; got {listen!r}; hint: {hint}"
-        raise ValueError(msg)
-    host = match["v6"] or match["host"]
-    port = int(match["v6port"] or match["port"])
-    if match["v6"] is not None:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            msg = (
-                f"CoapServer: listen {listen!r}: {host!r} in brackets is not an IPv6 address; "
-                f"hint: {_LISTEN_HINT}"
-            )
-            raise ValueError(msg) from None
-    if port > 65_535:
-        msg = (
-            f"CoapServer: listen {listen!r}: port must be 0-65535; got {port}; hint: {_LISTEN_HINT}"
-        )
-        raise ValueError(msg)
-    return host, port
-
-
 class CoapServer:
     """The CoAP device API server; a :class:`~connectors.devices.ingress.DeviceServer`.
 
@@ -370,7 +334,7 @@ class CoapServer:
         max_transfers: int = DEFAULT_MAX_TRANSFERS,
         transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
     ) -> None:
-        self.host, self._requested_port = _parse_listen(listen)
+        self.host, self._requested_port = parse_host_port(listen, key="CoapServer.listen")
         self.listen = listen
         if (
             isinstance(max_transfers, bool)

@@ -42,7 +42,6 @@ logged by class only.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 from typing import Any, Final
@@ -53,6 +52,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from connectors.common.address import parse_host_port
 from connectors.devices.ingress import Ingress, Offer, Verdict
 from connectors.devices.registry import DeviceRegistry
 
@@ -86,43 +86,6 @@ else:  # aiohttp < 3.13 has no typed request keys
 
 def _error(status: int, reason: str, *, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": reason}, status=status, headers=headers)
-
-
-def _parse_listen(listen: object) -> tuple[str, int]:
-    """Split ``"HOST:PORT"`` / ``"[IPv6]:PORT"`` into host and port, or raise ValueError."""
-    example = "e.g. '127.0.0.1:8080', '[::1]:8080' or '127.0.0.1:0' for an ephemeral port"
-    if not isinstance(listen, str):
-        got = type(listen).__name__
-        msg = f"HttpServer: listen must be a string 'HOST:PORT' (got {got}); {example}"
-        raise ValueError(msg)
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port:
-        msg = f"HttpServer: listen must be 'HOST:PORT' (got {listen!r}); {example}"
-        raise ValueError(msg)
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        msg = (
-            f"HttpServer: listen {listen!r}: port {port!r} is not a number in 0-65535; "
-            "hint: 0 picks an ephemeral port"
-        )
-        raise ValueError(msg)
-    if host.startswith("[") and host.endswith("]"):
-        inner = host[1:-1]
-        try:
-            ipaddress.IPv6Address(inner)
-        except ValueError:
-            msg = (
-                f"HttpServer: listen {listen!r}: {inner!r} in brackets is not an IPv6 address; "
-                "hint: brackets are only for IPv6, e.g. '[::1]:8080'"
-            )
-            raise ValueError(msg) from None
-        host = inner
-    elif ":" in host or "[" in host or "]" in host:
-        msg = (
-            f"HttpServer: listen {listen!r}: an IPv6 address needs brackets; "
-            f"hint: write '[{host.strip('[]')}]:{port}'"
-        )
-        raise ValueError(msg)
-    return host, int(port)
 
 
 class _RedactParseErrors(logging.Filter):
@@ -190,7 +153,7 @@ class HttpServer:
     name = "http"
 
     def __init__(self, listen: str, registry: DeviceRegistry, ingress: Ingress) -> None:
-        self._host, self._port = _parse_listen(listen)
+        self._host, self._port = parse_host_port(listen, key="HttpServer.listen")
         self.listen = listen
         self._registry = registry
         self._ingress = ingress

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import grpc
 
+from connectors.common.address import parse_host_port
 from connectors.uplink.outbox import Outbox, Sealed
 from connectors.uplink.wire import (
     DUPLICATE,
@@ -126,20 +127,14 @@ class UplinkSettings:
 
     def __post_init__(self) -> None:
         target = self.target
-        if not isinstance(target, str) or not target or any(ch.isspace() for ch in target):
+        if not isinstance(target, str) or ("://" not in target and not target.startswith("unix:")):
+            parse_host_port(target, key="UplinkSettings.target", allow_port_zero=False)
+        elif any(ch.isspace() for ch in target):
             msg = (
-                f"UplinkSettings.target must be HOST:PORT without spaces; got {target!r}. "
-                "Hint: '127.0.0.1:50051'"
+                f"UplinkSettings.target: a gRPC target URI has no spaces (got {target!r}); "
+                "hint: dns:///cloud.example:50051"
             )
             raise ValueError(msg)
-        if "://" not in target and not target.startswith("unix:"):
-            _, sep, port = target.rpartition(":")
-            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-                msg = (
-                    f"UplinkSettings.target {target!r} has no valid port; expected HOST:PORT. "
-                    "Hint: '127.0.0.1:50051'"
-                )
-                raise ValueError(msg)
         _metadata_value("key", self.key)
         _metadata_value("secret", self.secret)
         for name in ("tls_ca", "tls_cert", "tls_key"):

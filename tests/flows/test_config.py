@@ -97,9 +97,19 @@ def test_http_and_coap_need_a_registry():
 
 def test_listen_must_be_host_port():
     with pytest.raises(
-        ConfigError, match=r"transports\.coap: listen must be HOST:PORT.*\(got '5683'\)"
+        ConfigError,
+        match=r"transports\.coap: listen: must be HOST:PORT, .* \(got '5683'\); hint: give both",
     ):
         parse_config({"devices": "d.yaml", "transports": {"coap": {"listen": "5683"}}})
+
+
+def test_metrics_listen_must_be_host_port():
+    assert parse_config({"metrics_listen": "localhost:9100"}).metrics_listen == "localhost:9100"
+    with pytest.raises(
+        ConfigError,
+        match=r"metrics_listen: must be HOST:PORT, .* \(got 'localhost'\); hint: give both",
+    ):
+        parse_config({"metrics_listen": "localhost"})
 
 
 def test_listen_accepts_ipv6_and_queue_bound(tmp_path):

@@ -105,12 +105,9 @@ def post(
 @pytest.mark.parametrize(
     ("listen", "match"),
     [
-        (5683, r"CoapServer: listen must be a string; got 5683; hint: use \"HOST:PORT\""),
-        ("localhost", r"listen must be HOST:PORT; got 'localhost'; hint: use \"HOST:PORT\""),
-        ("127.0.0.1:", r"listen must be HOST:PORT; got '127.0.0.1:'"),
-        ("::1:5683", r"put an IPv6 address in brackets, e.g. \"\[::1\]:5683\""),
-        ("[pump]:5683", r"'pump' in brackets is not an IPv6 address"),
-        ("127.0.0.1:70000", r"port must be 0-65535; got 70000"),
+        (5683, r"CoapServer\.listen: must be HOST:PORT, e\.g\. .* \(got 5683\); hint: write it"),
+        ("localhost", r"CoapServer\.listen: must be HOST:PORT, .* \(got 'localhost'\); hint: "),
+        ("[pump]:5683", r"hint: brackets are only for IPv6 addresses; 'pump' is not one"),
     ],
 )
 def test_listen_is_checked_at_construction(listen: Any, match: str) -> None:

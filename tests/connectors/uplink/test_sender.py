@@ -752,15 +752,19 @@ def test_repr_hides_the_secret():
         (
             {"target": ""},
             ValueError,
-            r"UplinkSettings.target must be HOST:PORT without spaces; got ''. Hint: '127.0.0.1:50051'",
+            r"UplinkSettings\.target: must be HOST:PORT, e\.g\. 127\.0\.0\.1:8080 or \[::1\]:8080 "
+            r"\(got ''\); hint: give a host and a port without spaces",
         ),
-        ({"target": "host 1:5"}, ValueError, r"must be HOST:PORT without spaces; got 'host 1:5'"),
+        ({"target": "host 1:5"}, ValueError, r"\(got 'host 1:5'\); hint: give a host and a port"),
+        ({"target": "cloud.example"}, ValueError, r"\(got 'cloud\.example'\); hint: give both"),
+        ({"target": "cloud:99999"}, ValueError, r"hint: the port must be a number 0-65535"),
+        ({"target": "cloud:0"}, ValueError, r"hint: give the port the server listens on"),
         (
-            {"target": "cloud.example"},
+            {"target": "dns:///cloud .example:1"},
             ValueError,
-            r"UplinkSettings.target 'cloud.example' has no valid port; expected HOST:PORT",
+            r"UplinkSettings\.target: a gRPC target URI has no spaces \(got 'dns:///cloud "
+            r"\.example:1'\); hint: dns:///cloud\.example:50051",
         ),
-        ({"target": "cloud:99999"}, ValueError, r"'cloud:99999' has no valid port"),
         ({"key": ""}, ValueError, r"UplinkSettings.key must be a non-empty string; got str"),
         (
             {"secret": None},
