@@ -79,6 +79,7 @@ import grpc
 import pyarrow as pa
 
 from connectors.common.address import join_host_port, parse_host_port
+from connectors.common.pem import read_pem
 from connectors.common.yamlfile import read_entries
 from connectors.streams import STREAMS, StreamSpec, conform
 from connectors.uplink.wire import (
@@ -233,25 +234,6 @@ def load_auth(path: str | Path) -> dict[str, str]:
     return _check_all(f"{path}: edges", credentials)
 
 
-def _read_pem(what: str, path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        msg = f"TLS {what} file {str(path)!r} does not exist; check the path"
-        raise ValueError(msg) from None
-    except OSError as exc:
-        msg = f"TLS {what} file {str(path)!r} cannot be read: {exc.strerror or exc}"
-        raise ValueError(msg) from None
-    if b"-----BEGIN " not in data:
-        msg = (
-            f"TLS {what} file {str(path)!r} is not PEM ({len(data)} bytes without a "
-            "'-----BEGIN' line); convert it, e.g. `openssl x509 -in cert.der -inform der "
-            "-out cert.pem`"
-        )
-        raise ValueError(msg)
-    return data
-
-
 @dataclass(frozen=True)
 class ReceiverTls:
     """TLS settings of the receiver: PEM certificate chain and key; ``client_ca`` => mutual TLS.
@@ -281,9 +263,11 @@ class ReceiverTls:
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Read the PEM files into gRPC server credentials; ``ValueError`` names a bad file."""
-        chain = _read_pem("cert", self.cert)
-        key = _read_pem("key", self.key)
-        root = _read_pem("client_ca", self.client_ca) if self.client_ca is not None else None
+        chain = read_pem(self.cert, key="ReceiverTls.cert")
+        key = read_pem(self.key, key="ReceiverTls.key")
+        root = None
+        if self.client_ca is not None:
+            root = read_pem(self.client_ca, key="ReceiverTls.client_ca")
         return grpc.ssl_server_credentials(
             [(key, chain)], root_certificates=root, require_client_auth=root is not None
         )

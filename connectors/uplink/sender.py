@@ -38,6 +38,7 @@ from typing import Any, Literal
 import grpc
 
 from connectors.common.address import parse_host_port
+from connectors.common.pem import read_pem
 from connectors.uplink.outbox import Outbox, Sealed
 from connectors.uplink.wire import (
     DUPLICATE,
@@ -331,25 +332,7 @@ class UplinkSender:
         pems: dict[str, bytes | None] = {}
         for name in ("tls_ca", "tls_cert", "tls_key"):
             path: Path | None = getattr(settings, name)
-            if path is None:
-                pems[name] = None
-                continue
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                msg = (
-                    f"UplinkSender: cannot read {name} file {str(path)!r}: "
-                    f"{type(exc).__name__}: {exc}. Hint: check the cloud.tls paths in the config"
-                )
-                raise ValueError(msg) from exc
-            if b"-----BEGIN" not in data:
-                msg = (
-                    f"UplinkSender: {name} file {str(path)!r} is not PEM (no '-----BEGIN' "
-                    f"line; {len(data)} bytes). Hint: convert DER with "
-                    "'openssl x509 -inform der -in FILE -out FILE.pem'"
-                )
-                raise ValueError(msg)
-            pems[name] = data
+            pems[name] = None if path is None else read_pem(path, key=f"UplinkSettings.{name}")
         return grpc.ssl_channel_credentials(
             root_certificates=pems["tls_ca"],
             private_key=pems["tls_key"],

@@ -776,7 +776,7 @@ def test_tls_file_errors_name_the_file(tmp_path, tls_files):
     missing = tmp_path / "nope.pem"
     with pytest.raises(
         ValueError,
-        match=re.escape(f"TLS cert file {str(missing)!r} does not exist; check the path"),
+        match=re.escape(f"ReceiverTls.cert: the PEM file does not exist (got {str(missing)!r})"),
     ):
         CloudReceiver(
             "127.0.0.1:0", tmp_path / "c.duckdb", EDGES, tls=ReceiverTls(missing, tls_files["key"])
@@ -786,12 +786,12 @@ def test_tls_file_errors_name_the_file(tmp_path, tls_files):
     with pytest.raises(
         ValueError,
         match=re.escape(
-            f"TLS client_ca file {str(der)!r} is not PEM (4 bytes without a '-----BEGIN' line); "
-            "convert it, e.g. `openssl x509 -in cert.der -inform der -out cert.pem`"
+            f"ReceiverTls.client_ca: the file is not PEM, 4 bytes without a '-----BEGIN' line "
+            f"(got {str(der)!r}); hint: convert DER"
         ),
     ):
         ReceiverTls(tls_files["cert"], tls_files["key"], client_ca=der).server_credentials()
-    with pytest.raises(ValueError, match=r"TLS key file '.+' cannot be read: "):
+    with pytest.raises(ValueError, match=r"ReceiverTls\.key: the PEM file cannot be read: "):
         ReceiverTls(tls_files["cert"], tmp_path).server_credentials()
     with pytest.raises(
         TypeError, match=re.escape("ReceiverTls.key must be a path to a PEM file; got bytes")

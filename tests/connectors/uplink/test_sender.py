@@ -830,8 +830,7 @@ def test_unreadable_tls_file(outbox, tmp_path):
     )
     with pytest.raises(
         ValueError,
-        match=r"UplinkSender: cannot read tls_ca file '.*missing.pem': "
-        r"FileNotFoundError: .* Hint: check the cloud.tls paths",
+        match=r"UplinkSettings\.tls_ca: the PEM file does not exist \(got '.*missing\.pem'\)",
     ):
         UplinkSender(outbox, settings)
 
@@ -843,8 +842,8 @@ def test_tls_file_that_is_not_pem(outbox, tmp_path):
     )
     with pytest.raises(
         ValueError,
-        match=r"UplinkSender: tls_ca file '.*ca.der' is not PEM \(no "
-        r"'-----BEGIN' line; 40 bytes\). Hint: convert DER with",
+        match=r"UplinkSettings\.tls_ca: the file is not PEM, 40 bytes without a '-----BEGIN' "
+        r"line \(got '.*ca\.der'\); hint: convert DER with",
     ):
         UplinkSender(outbox, settings)
 
