@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import bytewax.operators as op
 import duckdb
@@ -31,9 +31,13 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import cluster_main, run_main
 
-from connectors.devices.broker import EmbeddedBroker, Mosquitto
+from connectors.devices.embedded import EmbeddedBroker
+from connectors.devices.mosquitto import Mosquitto
 from connectors.devices.registry import Device, DeviceRegistry
 from operators.records import Reading, series_key
+
+if TYPE_CHECKING:
+    from connectors.devices.embedded import EmbeddedBroker
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root."""
@@ -267,6 +271,8 @@ def mosquitto(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
 @pytest.fixture
 def embedded_broker() -> Iterator[EmbeddedBroker]:
     """A started amqtt broker on an ephemeral loopback port."""
+    from connectors.devices.embedded import EmbeddedBroker  # amqtt is an optional extra
+
     with EmbeddedBroker() as broker:
         yield broker
 

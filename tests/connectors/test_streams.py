@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -158,36 +159,57 @@ def test_empty_batch_gives_empty_table_with_schema() -> None:
     assert table.schema == STREAMS["dead_letters"].schema
 
 
-def test_missing_attribute_names_stream_column_record_type() -> None:
-    letters = [
-        Reading("d", "k", T0, 1.0),
-        DeadLetter("d", "mqtt", T0, "bad", b""),
-    ]
-    with pytest.raises(
-        TypeError,
-        match=r"stream 'telemetry_points': record #1 of type DeadLetter has no attribute 'key' "
-        r"\(stream columns: device, key, ts, value, transport\)\. Hint: write only records",
-    ):
-        to_table(STREAMS["telemetry_points"], letters)
-
-
-def test_missing_dict_key_is_reported() -> None:
-    row = {"device": "d", "key": "k", "ts": T0, "value": 1.0}
-    with pytest.raises(
-        TypeError, match=r"stream 'telemetry_points': record #0 of type dict has no key 'transport'"
-    ):
-        to_table(STREAMS["telemetry_points"], [row])
-
-
-def test_text_value_in_points_stream_hints_at_telemetry_text() -> None:
-    readings = [Reading("d", "k", T0, 1.0), Reading("d", "log", T0, "hello")]
-    with pytest.raises(
-        ValueError,
-        match=r"stream 'telemetry_points': column 'value' expects double; record #1 \(Reading\) "
-        r"has value='hello' of type str; Arrow said: .*Hint: text readings \(str values\) belong "
-        r"in the 'telemetry_text' stream",
-    ):
-        to_table(STREAMS["telemetry_points"], readings)
+@pytest.mark.parametrize(
+    ("stream", "records", "error", "match"),
+    [
+        pytest.param(
+            "telemetry_points",
+            [Reading("d", "k", T0, 1.0), DeadLetter("d", "mqtt", T0, "bad", b"")],
+            TypeError,
+            r"stream 'telemetry_points': record #1 of type DeadLetter has no attribute 'key' "
+            r"\(stream columns: device, key, ts, value, transport\)\. Hint: write only records",
+            id="missing-attribute-names-stream-column-record-type",
+        ),
+        pytest.param(
+            "telemetry_points",
+            [{"device": "d", "key": "k", "ts": T0, "value": 1.0}],
+            TypeError,
+            r"stream 'telemetry_points': record #0 of type dict has no key 'transport'",
+            id="missing-dict-key",
+        ),
+        pytest.param(
+            "telemetry_points",
+            [Reading("d", "k", T0, 1.0), Reading("d", "log", T0, "hello")],
+            ValueError,
+            r"stream 'telemetry_points': column 'value' expects double; record #1 \(Reading\) "
+            r"has value='hello' of type str; Arrow said: .*Hint: text readings \(str values\) "
+            r"belong in the 'telemetry_text' stream",
+            id="text-value-in-points-stream-hints-at-telemetry-text",
+        ),
+        pytest.param(
+            "telemetry_points",
+            [Reading("d", "k", T0, 1.0), Reading("d", "k", datetime(2025, 1, 1, 12), 2.0)],
+            ValueError,
+            r"stream 'telemetry_points': column 'ts' of record #1 \(Reading\) is a naive "
+            r"datetime 2025-01-01T12:00:00; timestamps must be timezone-aware\. "
+            r"Hint: datetime\.now",
+            id="naive-datetime",
+        ),
+        pytest.param(
+            "telemetry_points",
+            [Reading("d", "k", T0, 1.0), Reading("d", "k", None, 2.0)],
+            ValueError,
+            r"stream 'telemetry_points': time column 'ts' is None in record #1 \(Reading\); "
+            r"every row needs a timestamp",
+            id="null-time-column",
+        ),
+    ],
+)
+def test_to_table_refuses(
+    stream: str, records: list[object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        to_table(STREAMS[stream], records)
 
 
 def test_wrong_value_type_elsewhere_has_no_text_hint() -> None:
@@ -197,48 +219,49 @@ def test_wrong_value_type_elsewhere_has_no_text_hint() -> None:
     assert "Hint" not in str(info.value)
 
 
-def test_naive_datetime_is_refused() -> None:
-    readings = [Reading("d", "k", T0, 1.0), Reading("d", "k", datetime(2025, 1, 1, 12), 2.0)]
-    with pytest.raises(
-        ValueError,
-        match=r"stream 'telemetry_points': column 'ts' of record #1 \(Reading\) is a naive "
-        r"datetime 2025-01-01T12:00:00; timestamps must be timezone-aware\. Hint: datetime\.now",
-    ):
-        to_table(STREAMS["telemetry_points"], readings)
+FIELDS = pa.schema([("device", pa.string()), ("ts", UTC_US)])
 
 
-def test_null_time_column_is_refused() -> None:
-    readings = [Reading("d", "k", T0, 1.0), Reading("d", "k", None, 2.0)]  # type: ignore[arg-type]
-    with pytest.raises(
-        ValueError,
-        match=r"stream 'telemetry_points': time column 'ts' is None in record #1 \(Reading\); "
-        r"every row needs a timestamp",
-    ):
-        to_table(STREAMS["telemetry_points"], readings)
+def test_streamspec_columns() -> None:
+    assert StreamSpec("s", FIELDS, "ts").columns == ["device", "ts"]
 
 
-def test_streamspec_validation_errors() -> None:
-    fields = pa.schema([("device", pa.string()), ("ts", UTC_US)])
-    assert StreamSpec("s", fields, "ts").columns == ["device", "ts"]
-    with pytest.raises(ValueError, match=r"StreamSpec\.name must be a non-empty string; got ''"):
-        StreamSpec("", fields, "ts")
-    with pytest.raises(
-        TypeError, match=r"StreamSpec 's': schema must be a pyarrow\.Schema; got dict"
-    ):
-        StreamSpec("s", {"ts": UTC_US}, "ts")  # type: ignore[arg-type]
-    with pytest.raises(
-        ValueError,
-        match=r"StreamSpec 's': time_column 'when' is not a column of the schema "
-        r"\(columns: device, ts\)",
-    ):
-        StreamSpec("s", fields, "when")
-    naive = pa.schema([("ts", pa.timestamp("us"))])
-    with pytest.raises(
-        ValueError,
-        match=r"StreamSpec 's': time_column 'ts' has type timestamp\[us\]; it must be "
-        r"timestamp\[us, tz=UTC\]",
-    ):
-        StreamSpec("s", naive, "ts")
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        pytest.param(
+            ("", FIELDS, "ts"),
+            ValueError,
+            r"StreamSpec\.name must be a non-empty string; got ''",
+            id="empty-name",
+        ),
+        pytest.param(
+            ("s", {"ts": UTC_US}, "ts"),
+            TypeError,
+            r"StreamSpec 's': schema must be a pyarrow\.Schema; got dict",
+            id="schema-not-arrow",
+        ),
+        pytest.param(
+            ("s", FIELDS, "when"),
+            ValueError,
+            r"StreamSpec 's': time_column 'when' is not a column of the schema "
+            r"\(columns: device, ts\)",
+            id="time-column-missing",
+        ),
+        pytest.param(
+            ("s", pa.schema([("ts", pa.timestamp("us"))]), "ts"),
+            ValueError,
+            r"StreamSpec 's': time_column 'ts' has type timestamp\[us\]; it must be "
+            r"timestamp\[us, tz=UTC\]",
+            id="time-column-naive",
+        ),
+    ],
+)
+def test_streamspec_validation_errors(
+    args: tuple[object, ...], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        StreamSpec(*args)  # type: ignore[arg-type]
 
 
 _aware = st.datetimes(
@@ -293,39 +316,50 @@ def test_conform_selects_and_casts_arrow_data() -> None:
     assert conform(spec, pa.Table.from_batches([batch])).equals(table)
 
 
-def test_conform_errors() -> None:
-    spec = STREAMS["telemetry_points"]
-    good = to_table(spec, [Reading("d", "k", T0, 1.0)])
-    with pytest.raises(
-        TypeError,
-        match=r"stream 'telemetry_points': expected a pyarrow Table or RecordBatch, got list\. "
-        r"Hint: use to_table\(\) for records",
-    ):
-        conform(spec, [1])  # type: ignore[arg-type]
-    with pytest.raises(
-        ValueError,
-        match=r"stream 'telemetry_points': Arrow data lacks column\(s\) key, transport; it has "
-        r"device, ts, value\. Hint: rename or add",
-    ):
-        conform(spec, good.select(["device", "ts", "value"]))
-    naive = good.set_column(2, "ts", good.column("ts").cast(pa.timestamp("us")))
-    with pytest.raises(
-        ValueError,
-        match=r"stream 'telemetry_points': Arrow column 'ts' is timestamp\[us\] without a "
-        r"timezone; it must be timezone-aware\. Hint: if it holds UTC, use "
-        r"pyarrow\.compute\.assume_timezone",
-    ):
-        conform(spec, naive)
-    text = good.set_column(3, "value", pa.array(["high"]))
-    with pytest.raises(
-        ValueError,
-        match=r"stream 'telemetry_points': Arrow data does not cast to the stream schema "
-        r"\(device: string, .*value: double, transport: string\); Arrow said: .*high",
-    ):
-        conform(spec, text)
-    nulls = good.set_column(2, "ts", pa.array([None], UTC_US))
-    with pytest.raises(
-        ValueError,
-        match=r"stream 'telemetry_points': time column 'ts' has 1 null value\(s\) in Arrow data",
-    ):
-        conform(spec, nulls)
+def _good() -> pa.Table:
+    return to_table(STREAMS["telemetry_points"], [Reading("d", "k", T0, 1.0)])
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        pytest.param(
+            lambda: [1],
+            TypeError,
+            r"stream 'telemetry_points': expected a pyarrow Table or RecordBatch, got list\. "
+            r"Hint: use to_table\(\) for records",
+            id="not-arrow",
+        ),
+        pytest.param(
+            lambda: _good().select(["device", "ts", "value"]),
+            ValueError,
+            r"stream 'telemetry_points': Arrow data lacks column\(s\) key, transport; it has "
+            r"device, ts, value\. Hint: rename or add",
+            id="missing-columns",
+        ),
+        pytest.param(
+            lambda: _good().set_column(2, "ts", _good().column("ts").cast(pa.timestamp("us"))),
+            ValueError,
+            r"stream 'telemetry_points': Arrow column 'ts' is timestamp\[us\] without a "
+            r"timezone; it must be timezone-aware\. Hint: if it holds UTC, use "
+            r"pyarrow\.compute\.assume_timezone",
+            id="naive-time-column",
+        ),
+        pytest.param(
+            lambda: _good().set_column(3, "value", pa.array(["high"])),
+            ValueError,
+            r"stream 'telemetry_points': Arrow data does not cast to the stream schema "
+            r"\(device: string, .*value: double, transport: string\); Arrow said: .*high",
+            id="does-not-cast",
+        ),
+        pytest.param(
+            lambda: _good().set_column(2, "ts", pa.array([None], UTC_US)),
+            ValueError,
+            r"stream 'telemetry_points': time column 'ts' has 1 null value\(s\) in Arrow data",
+            id="null-time-column",
+        ),
+    ],
+)
+def test_conform_errors(data: Callable[[], object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        conform(STREAMS["telemetry_points"], data())  # type: ignore[arg-type]
