@@ -10,16 +10,17 @@ stops sending (its in-flight window fills up) and keeps the rest queued.
 With several workers, each one joins the shared subscription
 ``$share/{share_group}/v1/devices/+/{channel}`` so every message goes to
 exactly one worker.
+
+:class:`MqttSettings` and :func:`connect_client` (protocol, credentials,
+session and reconnect backoff of a paho client) are shared with the alarm
+publisher, :class:`~connectors.sinks.mqtt.MqttSink`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,7 +28,6 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -35,14 +35,19 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from operators.records import RawMessage
 
-__all__ = ["MqttSettings", "MqttSink", "MqttSinkPartition", "MqttSource", "MqttSourcePartition"]
+__all__ = [
+    "MqttSettings",
+    "MqttSource",
+    "MqttSourcePartition",
+    "check_settings",
+    "connect_client",
+]
 
 logger = logging.getLogger("edgesieve.mqtt")
 
 _PROTOCOLS = {"3.1.1": MQTTProtocolVersion.MQTTv311, "5": MQTTProtocolVersion.MQTTv5}
 _WILDCARDS = ("/", "+", "#")
 _IDLE_AWAKE = timedelta(milliseconds=5)
-_CLOSE_FLUSH_S = 5.0
 _FULL_WAIT_S = 0.05
 _DEFAULT_PORT = 1883
 
@@ -69,6 +74,10 @@ def _settings_error(field: str, got: object, expected: str, hint: str) -> ValueE
 @dataclass(frozen=True)
 class MqttSettings:
     """Connection and flow-control settings of :class:`MqttSource`.
+
+    :class:`~connectors.sinks.mqtt.MqttSink` uses the connection part of the
+    same settings (``url``, ``qos``, ``client_id``, credentials, ``protocol``,
+    ``keepalive_s`` and the reconnect delays).
 
     ``url`` is ``mqtt://host:port`` (port 1883 when left out). Devices publish
     on ``v1/devices/{device_id}/{channel}`` for each of ``channels``.
@@ -253,6 +262,62 @@ class MqttSettings:
         )
 
 
+def check_settings(owner: str, settings: object) -> MqttSettings:
+    """Return ``settings`` if it is :class:`MqttSettings`; raise for ``owner`` otherwise."""
+    if not isinstance(settings, MqttSettings):
+        msg = (
+            f"{owner}: settings must be MqttSettings, got {type(settings).__name__}; "
+            f"hint: {owner}(MqttSettings(url='mqtt://127.0.0.1:1883'), ...)"
+        )
+        raise TypeError(msg)
+    return settings
+
+
+def connect_client(
+    settings: MqttSettings,
+    client_id: str,
+    *,
+    persistent: bool,
+    manual_ack: bool = False,
+    max_queued: int = 0,
+) -> paho.Client:
+    """A paho client for ``settings`` with its connection set up but not started.
+
+    Protocol, credentials, reconnect backoff, keepalive and the session
+    (``persistent`` keeps it at the broker: ``clean_session=False`` in MQTT
+    3.1.1, ``clean_start=False`` with ``session_expiry_s`` in MQTT 5) come
+    from ``settings``; the URL was checked there (plain ``mqtt://`` only, no
+    credentials in it). ``max_queued`` bounds the outgoing messages held
+    while disconnected (``0``: no bound). Set the callbacks, then call
+    ``loop_start()``: the network thread connects and reconnects with backoff.
+    """
+    protocol = _PROTOCOLS[settings.protocol]
+    v5 = protocol == MQTTProtocolVersion.MQTTv5
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=None if v5 else not persistent,
+        protocol=protocol,
+        manual_ack=manual_ack,
+    )
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)  # type: ignore[arg-type]
+    client.max_queued_messages_set(max_queued)
+    properties = None
+    if v5:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = settings.session_expiry_s if persistent else 0
+    client.connect_async(
+        settings.host,
+        settings.port,
+        keepalive=settings.keepalive_s,
+        clean_start=not persistent,
+        properties=properties,
+    )
+    return client
+
+
 class MqttSourcePartition(StatelessSourcePartition[RawMessage]):
     """One worker's MQTT client and its bounded hand-off buffer.
 
@@ -295,31 +360,12 @@ class MqttSourcePartition(StatelessSourcePartition[RawMessage]):
 
     def _make_client(self) -> paho.Client:
         s = self._settings
-        protocol = _PROTOCOLS[s.protocol]
-        v5 = protocol == MQTTProtocolVersion.MQTTv5
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
-            clean_session=None if v5 else not s.persistent,
-            protocol=protocol,
-            manual_ack=True,
-        )
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)  # type: ignore[arg-type]
+        client = connect_client(s, self._client_id, persistent=s.persistent, manual_ack=True)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        properties = None
-        clean_start: bool = not s.persistent
-        if v5:
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = s.session_expiry_s if s.persistent else 0
-        client.connect_async(
-            s.host, s.port, keepalive=s.keepalive_s, clean_start=clean_start, properties=properties
-        )
         self._set_state("connecting", logging.INFO, "connecting to %s:%d", s.host, s.port)
         return client
 
@@ -542,13 +588,7 @@ class MqttSource(DynamicSource[RawMessage]):
     """
 
     def __init__(self, settings: MqttSettings, *, stop: threading.Event | None = None) -> None:
-        if not isinstance(settings, MqttSettings):
-            msg = (
-                f"MqttSource: settings must be MqttSettings, got {type(settings).__name__}; "
-                "hint: MqttSource(MqttSettings(url='mqtt://127.0.0.1:1883'))"
-            )
-            raise TypeError(msg)
-        self.settings = settings
+        self.settings = check_settings("MqttSource", settings)
         self.stop = stop if stop is not None else threading.Event()
         self._partitions: list[MqttSourcePartition] = []
         self._lock = threading.Lock()
@@ -605,105 +645,3 @@ class MqttSource(DynamicSource[RawMessage]):
     def connect_failures(self) -> int:
         """Failed or refused connection attempts over all workers."""
         return sum(p.connect_failures for p in self.partitions)
-
-
-class MqttSinkPartition(StatelessSinkPartition[Any]):
-    """One worker's publishing client (see :class:`MqttSink`)."""
-
-    def __init__(
-        self,
-        settings: MqttSettings,
-        *,
-        client_id: str,
-        topic: Callable[[Any], str],
-        payload: Callable[[Any], bytes],
-        max_queued: int,
-    ) -> None:
-        self._settings = settings
-        self._client_id = client_id
-        self._topic = topic
-        self._payload = payload
-        self._pending: deque[paho.MQTTMessageInfo] = deque()
-        self.published = 0
-        self.dropped = 0
-        protocol = _PROTOCOLS[settings.protocol]
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
-        )
-        if settings.username is not None:
-            self._client.username_pw_set(settings.username, settings.password)
-        self._client.max_queued_messages_set(max_queued)
-        self._client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)  # type: ignore[arg-type]
-        self._client.connect_async(settings.host, settings.port, keepalive=settings.keepalive_s)
-        self._client.loop_start()
-
-    def write_batch(self, items: list[Any]) -> None:
-        """Queue each item for publishing; paho sends it once connected."""
-        qos = self._settings.qos
-        for item in items:
-            info = self._client.publish(self._topic(item), self._payload(item), qos=qos)
-            if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
-                self.dropped += 1
-                logger.warning(
-                    "mqtt publisher %s: outgoing queue full while the broker is unreachable; "
-                    "dropped a message for %s (it is still in the local outputs)",
-                    self._client_id,
-                    self._topic(item),
-                )
-                continue
-            self.published += 1
-            self._pending.append(info)
-        while self._pending and self._pending[0].is_published():
-            self._pending.popleft()
-
-    def close(self) -> None:
-        """Give queued messages a few seconds to leave, then disconnect."""
-        deadline = time.monotonic() + _CLOSE_FLUSH_S
-        for info in self._pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._client.is_connected():
-                break
-            with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(timeout=remaining)
-        unsent = sum(1 for info in self._pending if not info.is_published())
-        if unsent:
-            logger.warning(
-                "mqtt publisher %s: %d message(s) not delivered before shutdown",
-                self._client_id,
-                unsent,
-            )
-        self._client.disconnect()
-        self._client.loop_stop()
-
-
-class MqttSink(DynamicSink[Any]):
-    """Publish items to an MQTT broker, e.g. alarms on ``v1/devices/{id}/alarms``.
-
-    ``topic`` and ``payload`` map an item to its topic and bytes. Each worker has
-    its own client (``{client_id}-w{worker}``) that reconnects with backoff;
-    while the broker is unreachable up to ``max_queued`` messages wait in
-    memory, beyond that they are dropped with a warning (local outputs keep them).
-    """
-
-    def __init__(
-        self,
-        settings: MqttSettings,
-        *,
-        topic: Callable[[Any], str],
-        payload: Callable[[Any], bytes],
-        max_queued: int = 10_000,
-    ) -> None:
-        self._settings = settings
-        self._topic = topic
-        self._payload = payload
-        self._max_queued = max_queued
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> MqttSinkPartition:
-        """One publishing client per worker."""
-        return MqttSinkPartition(
-            self._settings,
-            client_id=f"{self._settings.client_id}-w{worker_index}",
-            topic=self._topic,
-            payload=self._payload,
-            max_queued=self._max_queued,
-        )
