@@ -34,7 +34,7 @@ from bytewax.testing import cluster_main, run_main
 from connectors.devices.embedded import EmbeddedBroker
 from connectors.devices.mosquitto import Mosquitto
 from connectors.devices.registry import Device, DeviceRegistry
-from operators.records import Reading, series_key
+from operators.records import RawMessage, Reading, series_key
 
 if TYPE_CHECKING:
     from connectors.devices.embedded import EmbeddedBroker
@@ -360,6 +360,27 @@ def assert_not_printed(exc: BaseException, *secrets: str) -> None:
     shown = printed(exc)
     for secret in secrets:
         assert secret not in shown, shown
+
+
+def raw_message(
+    channel: str,
+    payload: bytes | str,
+    received_at: datetime,
+    *,
+    device: str = "pump-7",
+    transport: str = "mqtt",
+) -> RawMessage:
+    """A device message as the transports hand it to the codecs (str payloads as UTF-8)."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    return RawMessage(device, channel, transport, received_at, payload)
+
+
+def assert_reason_shape(reason: str, channel: str) -> None:
+    """A dead-letter reason: one line of at most 200 characters naming its channel first."""
+    assert reason.startswith(f"{channel}: "), reason
+    assert len(reason.splitlines()) == 1, reason
+    assert len(reason) <= 200, reason
 
 
 def ms(ts: datetime) -> int:

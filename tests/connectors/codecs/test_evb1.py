@@ -21,6 +21,7 @@ from connectors.codecs.evb1 import (
     encode_evb1,
 )
 from operators.records import DeadLetter, RawMessage, VibrationBlock
+from tests.conftest import assert_reason_shape, raw_message
 
 RECEIVED = datetime(2025, 11, 22, 9, 30, tzinfo=UTC)
 START = datetime(2025, 11, 22, 8, 26, 40, 123_456, tzinfo=UTC)
@@ -29,7 +30,7 @@ DEVICE = "pump-7"
 
 
 def make_msg(payload: bytes, *, transport: str = "mqtt") -> RawMessage:
-    return RawMessage(DEVICE, "vibration", transport, RECEIVED, payload)
+    return raw_message("vibration", payload, RECEIVED, device=DEVICE, transport=transport)
 
 
 def header(
@@ -59,16 +60,10 @@ def block(payload: bytes, **kw: int) -> VibrationBlock:
     return out
 
 
-def assert_reason_shape(reason: str) -> None:
-    assert reason.startswith("vibration: "), reason
-    assert len(reason.splitlines()) == 1, reason
-    assert len(reason) <= 200, reason
-
-
 def reason_of(payload: bytes, **kw: int) -> str:
     out = decode_vibration(make_msg(payload), **kw)
     assert isinstance(out, DeadLetter), out
-    assert_reason_shape(out.reason)
+    assert_reason_shape(out.reason, "vibration")
     assert (out.device, out.transport, out.received_at, out.payload) == (
         DEVICE,
         "mqtt",
@@ -470,7 +465,7 @@ def test_property_int16_round_trip(x: np.ndarray, rate: int, start: datetime) ->
 
 def check_result(payload: bytes, out: VibrationBlock | DeadLetter) -> None:
     if isinstance(out, DeadLetter):
-        assert_reason_shape(out.reason)
+        assert_reason_shape(out.reason, "vibration")
         assert out.payload == payload
         return
     assert isinstance(out, VibrationBlock)

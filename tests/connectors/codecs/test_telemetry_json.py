@@ -20,6 +20,7 @@ from connectors.codecs.telemetry_json import (
     decode_telemetry,
 )
 from operators.records import DeadLetter, RawMessage, Reading
+from tests.conftest import assert_reason_shape, raw_message
 
 RECEIVED = datetime(2025, 11, 22, 9, 30, 15, 250_000, tzinfo=UTC)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -28,19 +29,11 @@ DEVICE = "pump-7"
 
 
 def make_msg(payload: bytes | str, *, device: str = DEVICE, transport: str = "mqtt") -> RawMessage:
-    if isinstance(payload, str):
-        payload = payload.encode()
-    return RawMessage(device, "telemetry", transport, RECEIVED, payload)
+    return raw_message("telemetry", payload, RECEIVED, device=device, transport=transport)
 
 
 def at(ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=ms)
-
-
-def assert_reason_shape(reason: str) -> None:
-    assert reason.startswith("telemetry: "), reason
-    assert len(reason.splitlines()) == 1, reason
-    assert len(reason) <= 200, reason
 
 
 def readings(payload: bytes | str, **kw: str) -> list[Reading]:
@@ -52,7 +45,7 @@ def readings(payload: bytes | str, **kw: str) -> list[Reading]:
 def reason_of(payload: bytes | str) -> str:
     out = decode_telemetry(make_msg(payload))
     assert isinstance(out, DeadLetter), out
-    assert_reason_shape(out.reason)
+    assert_reason_shape(out.reason, "telemetry")
     return out.reason
 
 
@@ -337,7 +330,7 @@ def test_one_bad_value_rejects_the_whole_message() -> None:
 
 def check_result(out: list[Reading] | DeadLetter) -> None:
     if isinstance(out, DeadLetter):
-        assert_reason_shape(out.reason)
+        assert_reason_shape(out.reason, "telemetry")
         assert (out.device, out.transport, out.received_at) == (DEVICE, "mqtt", RECEIVED)
         return
     assert isinstance(out, list)
