@@ -155,6 +155,12 @@ class Edge:
                 "hint: load it with flows.config.load_config('edge.yaml')"
             )
             raise TypeError(msg)
+        if not isinstance(name, str) or not name or "." in name:
+            msg = (
+                f"Edge: name must be a non-empty string without '.' (got {name!r}); "
+                "hint: the flow's module name, e.g. 'telemetry'"
+            )
+            raise ValueError(msg)
         self.config = config
         self.name = name
         self._source = source

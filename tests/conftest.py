@@ -561,3 +561,19 @@ def coap_client(
     err = proc.stderr.decode(errors="replace").strip().splitlines()
     diagnostic = err[-1].removeprefix(codes[-1]).strip() if err else ""
     return CoapReply(codes[-1], lines[-1], diagnostic, codes)
+
+
+def edge_for(
+    build: Callable[[Any], None],
+    config: Any,
+    *,
+    source: Any,
+    stop: threading.Event | None = None,
+    name: str = "flow",
+) -> Any:
+    """``build`` on a :class:`flows.api.Edge` fed by ``source`` (a transport or recorded data)."""
+    from flows.api import Edge
+
+    edge = Edge(config, name=name, stop=stop, source=source)
+    build(edge)
+    return edge

@@ -167,3 +167,8 @@ def test_nothing_can_be_added_once_the_flow_is_finished(config):
 def test_config_must_be_loaded(tmp_path):
     with pytest.raises(TypeError, match=r"^Edge: config must be an EdgeConfig \(got dict\); hint: load it with flows.config.load_config\('edge.yaml'\)$"):
         Edge({"data_dir": str(tmp_path)})  # type: ignore[arg-type]
+
+
+def test_a_flow_name_has_no_period(config):
+    with pytest.raises(ValueError, match=r"^Edge: name must be a non-empty string without '.' \(got 'flows.x'\); hint: the flow's module name, e.g. 'telemetry'$"):
+        Edge(config, name="flows.x")

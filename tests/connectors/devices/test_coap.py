@@ -27,7 +27,14 @@ from flows import telemetry, vibration
 from flows.accounting import Meter
 from flows.config import parse_config
 from flows.machines import Machine, blocks
-from tests.conftest import coap_client, device_registry, ipv6_loopback, ms, query_parquet
+from tests.conftest import (
+    coap_client,
+    device_registry,
+    edge_for,
+    ipv6_loopback,
+    ms,
+    query_parquet,
+)
 
 TOKEN = "tok-pump7-Qx81mZrV"
 FAN_TOKEN = "tok-fan2-Lw40pKbN"
@@ -227,8 +234,9 @@ def start_flow(
     server = CoapServer("127.0.0.1:0", device_registry(DEVICES), ingress)
     stop = threading.Event()
     source = DeviceServers(ingress, [server], stop=stop)
-    meter = Meter(module.__name__)
-    runner = run_flow(module.build(config, source=source, meter=meter, stop=stop), stops=[stop])
+    edge = edge_for(module.build, config, source=source, stop=stop, name=module.__name__.rsplit(".", 1)[-1])
+    meter = edge.meter
+    runner = run_flow(edge.dataflow(), stops=[stop])
     wait_for(lambda: server.running or not runner.alive, "the CoAP server to start")
     assert runner.alive
     return server, stop, runner, meter

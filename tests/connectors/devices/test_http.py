@@ -27,7 +27,6 @@ from connectors.codecs.evb1 import encode_evb1
 from connectors.devices.http import HttpServer
 from connectors.devices.ingress import DeviceServers, Ingress
 from flows import telemetry, vibration
-from flows.accounting import Meter
 from flows.config import parse_config
 from flows.machines import Machine, blocks
 from operators.records import RawMessage
@@ -36,6 +35,7 @@ from tests.conftest import (
     TOKEN_2,
     curl,
     device_registry,
+    edge_for,
     ipv6_loopback,
     ms,
     port_when_listening,
@@ -93,8 +93,8 @@ def test_telemetry_flow_end_to_end(tmp_path, run_flow):
     server = HttpServer("127.0.0.1:0", device_registry(), ingress)
     stop = threading.Event()
     source = DeviceServers(ingress, [server], stop=stop)
-    meter = Meter("telemetry")
-    runner = run_flow(telemetry.build(config, source=source, meter=meter), stops=[stop])
+    edge = edge_for(telemetry.build, config, source=source, stop=stop, name="telemetry")
+    runner = run_flow(edge.dataflow(), stops=[stop])
     port_when_listening(server)
 
     now = datetime.now(UTC)
@@ -155,9 +155,8 @@ def test_vibration_flow_end_to_end(tmp_path, run_flow):
     server = HttpServer("127.0.0.1:0", device_registry(), ingress)
     stop = threading.Event()
     source = DeviceServers(ingress, [server], stop=stop)
-    runner = run_flow(
-        vibration.build(config, source=source, meter=Meter("vibration")), stops=[stop]
-    )
+    edge = edge_for(vibration.build, config, source=source, stop=stop, name="vibration")
+    runner = run_flow(edge.dataflow(), stops=[stop])
     port_when_listening(server)
 
     payloads = blocks(Machine("imbalance", seed=5), device="fan-2", count=3, start_ts=T0)
@@ -220,9 +219,8 @@ def test_bad_input_matrix(tmp_path, run_flow):
         stop = threading.Event()
         stops.append(stop)
         source = DeviceServers(ingress, [servers[name]], stop=stop)
-        runners.append(
-            run_flow(module.build(config, source=source, meter=Meter(name)), stops=[stop])
-        )
+        edge = edge_for(module.build, config, source=source, stop=stop, name=name)
+        runners.append(run_flow(edge.dataflow(), stops=[stop]))
     for server in servers.values():
         port_when_listening(server)
     tel, vib = servers["telemetry"], servers["vibration"]
