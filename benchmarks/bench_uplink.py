@@ -46,7 +46,7 @@ import duckdb
 import grpc
 import pyarrow as pa
 
-from connectors.cloud.receiver import CloudReceiver
+from connectors.cloud import CloudReceiver
 from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, to_table
 from connectors.uplink.outbox import Outbox, OutboxSettings, Sealed

@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cloud(args: argparse.Namespace) -> None:
     import threading
 
-    from connectors.cloud.receiver import ReceiverTls, serve
+    from connectors.cloud import ReceiverTls, serve
     from flows.runtime import stop_on_signals
 
     tls = None

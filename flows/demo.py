@@ -26,7 +26,7 @@ from typing import Any, Literal
 import duckdb
 import yaml
 
-from connectors.cloud.receiver import CloudReceiver
+from connectors.cloud import CloudReceiver
 from connectors.devices.broker import start_broker
 from connectors.devices.broker_auth import EdgeAccount
 from connectors.devices.registry import Device, DeviceRegistry

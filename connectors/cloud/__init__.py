@@ -1,0 +1,18 @@
+"""The reference cloud receiver: the gRPC ``Uplink`` service storing batches in DuckDB."""
+
+from connectors.cloud.auth import AuthError, EdgeAuth, EdgeCredentials, load_auth
+from connectors.cloud.service import CloudReceiver, serve
+from connectors.cloud.store import BATCHES_TABLE, ReceiverError
+from connectors.cloud.tls import ReceiverTls
+
+__all__ = [
+    "BATCHES_TABLE",
+    "AuthError",
+    "CloudReceiver",
+    "EdgeAuth",
+    "EdgeCredentials",
+    "ReceiverError",
+    "ReceiverTls",
+    "load_auth",
+    "serve",
+]

@@ -667,8 +667,8 @@ class UplinkSender:
                 self._progress.notify_all()
             logger.error(
                 "%s: the cloud REJECTED batch %s (stream %r, %d rows): %s. It was moved to "
-                "the rejected table of the outbox %s and is not sent again. Hint: the receiver "
-                "must know the stream and its schema",
+                "the rejected table of the outbox %s and is not sent again. Hint: the cloud's "
+                "reason says what to fix in the flow's output",
                 self._where,
                 sealed.batch_id,
                 sealed.stream,

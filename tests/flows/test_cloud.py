@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import duckdb
 from prometheus_client import CollectorRegistry, generate_latest
 
-from connectors.cloud.receiver import CloudReceiver
+from connectors.cloud import CloudReceiver
 from connectors.uplink.outbox import Outbox
 from flows import edge
 from flows.cloud import CloudLink

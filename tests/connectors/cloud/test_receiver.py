@@ -21,9 +21,10 @@ import pyarrow as pa
 import pytest
 import trustme
 
-from connectors.cloud.receiver import (
+from connectors.cloud import (
     AuthError,
     CloudReceiver,
+    EdgeAuth,
     EdgeCredentials,
     ReceiverError,
     ReceiverTls,
@@ -369,6 +370,86 @@ def test_an_empty_batch_is_recorded_without_rows(receiver, db):
     assert query(db, "SELECT rows FROM uplink_batches") == [(0,)]
 
 
+# ---------------------------------------------------------------- streams the receiver does not know
+
+
+def pump_curves(n: int, start: int = 0) -> pa.Table:
+    return pa.table(
+        {
+            "pump": [f"pump-{i % 2}" for i in range(start, start + n)],
+            "ts": pa.array([T0 + timedelta(seconds=i) for i in range(start, start + n)], UTC_US),
+            "flow_m3_h": [float(i) for i in range(start, start + n)],
+            "head_m": pa.array([[1.0, float(i)] for i in range(start, start + n)]),
+        }
+    )
+
+
+def test_a_new_stream_creates_its_table_and_later_batches_append(receiver, db):
+    assert "pump_curves" not in STREAMS
+    acks = push(receiver.port, [make_batch("pc-1", "pump_curves", pump_curves(3))])
+    assert statuses(acks) == [("pc-1", "STORED")]
+    assert acks[0].detail == ""
+    acks = push(
+        receiver.port,
+        [
+            make_batch("pc-2", "pump_curves", pump_curves(2, start=3)),
+            make_batch("pc-2", "pump_curves", pump_curves(2, start=3)),
+        ],
+    )
+    assert statuses(acks) == [("pc-2", "STORED"), ("pc-2", "DUPLICATE")]
+    receiver.stop()
+    assert query(
+        db,
+        "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 'pump_curves' "
+        "ORDER BY column_index",
+    ) == [
+        ("pump", "VARCHAR"),
+        ("ts", "TIMESTAMP WITH TIME ZONE"),
+        ("flow_m3_h", "DOUBLE"),
+        ("head_m", "DOUBLE[]"),
+        ("edge_id", "VARCHAR"),
+        ("batch_id", "VARCHAR"),
+    ]
+    rows = query(db, "SELECT flow_m3_h, head_m, edge_id, batch_id FROM pump_curves ORDER BY 1")
+    assert rows == [
+        (0.0, [1.0, 0.0], "edge-01", "pc-1"),
+        (1.0, [1.0, 1.0], "edge-01", "pc-1"),
+        (2.0, [1.0, 2.0], "edge-01", "pc-1"),
+        (3.0, [1.0, 3.0], "edge-01", "pc-2"),
+        (4.0, [1.0, 4.0], "edge-01", "pc-2"),
+    ]
+    assert query(db, "SELECT batch_id, stream, rows FROM uplink_batches ORDER BY 1") == [
+        ("pc-1", "pump_curves", 3),
+        ("pc-2", "pump_curves", 2),
+    ]
+
+
+def test_a_batch_that_does_not_fit_its_new_streams_table_is_rejected(receiver, db, caplog):
+    first = push(receiver.port, [make_batch("pc-1", "pump_curves", pump_curves(2))])
+    assert statuses(first) == [("pc-1", "STORED")]
+    changed = (
+        pump_curves(2, start=2)
+        .drop_columns(["head_m"])
+        .set_column(2, "flow_m3_h", pa.array(["2", "3"]))
+        .append_column("speed_rpm", pa.array([1450, 1460]))
+    )
+    reordered = pump_curves(1, start=4).select(["head_m", "flow_m3_h", "ts", "pump"])
+    acks = push(
+        receiver.port,
+        [make_batch("pc-2", "pump_curves", changed), make_batch("pc-3", "pump_curves", reordered)],
+    )
+    assert statuses(acks) == [("pc-2", "REJECTED"), ("pc-3", "STORED")]
+    assert acks[0].detail == (
+        "stream 'pump_curves': the batch does not fit the table stored before: head_m (missing); "
+        "flow_m3_h (VARCHAR, the table has DOUBLE); speed_rpm (not in the table); a stream's "
+        "columns and types must not change (give a changed output a new stream name)"
+    )
+    assert f"rejected: {acks[0].detail}" in caplog.text
+    receiver.stop()
+    assert query(db, "SELECT count(*) FROM pump_curves") == [(3,)]
+    assert query(db, "SELECT batch_id FROM uplink_batches ORDER BY 1") == [("pc-1",), ("pc-3",)]
+
+
 # ---------------------------------------------------------------- authentication
 
 
@@ -433,14 +514,15 @@ def test_an_unknown_key_is_logged_cut_to_64_characters(receiver, caplog):
     assert "k" * 65 not in caplog.text
 
 
-def test_authenticate_compares_every_secret(receiver):
-    assert receiver.authenticate(AUTH_01) == "edge-01"
-    assert receiver.authenticate(AUTH_02) == "edge-02"
-    assert receiver.authenticate(((KEY_HEADER, "edge-02"), (SECRET_HEADER, SECRET_01))) is None
-    assert receiver.authenticate(((KEY_HEADER, "edge-01"), (SECRET_HEADER, SECRET_01[:-1]))) is None
-    assert receiver.authenticate(((KEY_HEADER, "edge-01"), (SECRET_HEADER, b"bytes"))) is None
-    assert receiver.authenticate(((KEY_HEADER, "edge-01"), (SECRET_HEADER, "sëcret"))) is None
-    assert receiver.authenticate(()) is None
+def test_authenticate_compares_every_secret():
+    auth = EdgeAuth(EDGES)
+    assert auth.authenticate(AUTH_01) == "edge-01"
+    assert auth.authenticate(AUTH_02) == "edge-02"
+    assert auth.authenticate(((KEY_HEADER, "edge-02"), (SECRET_HEADER, SECRET_01))) is None
+    assert auth.authenticate(((KEY_HEADER, "edge-01"), (SECRET_HEADER, SECRET_01[:-1]))) is None
+    assert auth.authenticate(((KEY_HEADER, "edge-01"), (SECRET_HEADER, b"bytes"))) is None
+    assert auth.authenticate(((KEY_HEADER, "edge-01"), (SECRET_HEADER, "sëcret"))) is None
+    assert auth.authenticate(()) is None
 
 
 # ---------------------------------------------------------------- rejected batches
@@ -471,10 +553,33 @@ def _text_value() -> pa.Table:
 
 REJECTIONS = [
     pytest.param(
-        lambda: make_batch("bad", "telemetry_raw", alarms_table(2)),
-        r"unknown stream 'telemetry_raw'; this receiver stores alarms, dead_letters, "
-        r"telemetry_points, telemetry_summary, telemetry_text, vibration_features",
-        id="unknown-stream",
+        lambda: make_batch("bad", "Telemetry-Raw", alarms_table(2)),
+        r"stream 'Telemetry-Raw' is not a name the receiver can store: a new stream becomes a "
+        r"table, so its name must be 1-63 lowercase letters, digits or '_', starting with a "
+        r"letter, and not 'uplink_batches' \(known streams: alarms, dead_letters, "
+        r"telemetry_points, telemetry_summary, telemetry_text, vibration_features\)",
+        id="bad-stream-name",
+    ),
+    pytest.param(
+        lambda: make_batch("bad", "uplink_batches", alarms_table(2)),
+        r"stream 'uplink_batches' is not a name the receiver can store: .+",
+        id="accounting-table-name",
+    ),
+    pytest.param(
+        lambda: make_batch("bad", "pump_curves", pa.table({"Flow": [1.0], "flow": [2.0]})),
+        r"stream 'pump_curves': columns 'Flow' and 'flow' would be the same DuckDB column "
+        r"\(names are case-insensitive\); rename one",
+        id="case-clash",
+    ),
+    pytest.param(
+        lambda: make_batch("bad", "pump_curves", pa.table({"": [1.0]})),
+        r"stream 'pump_curves': a column has an empty name; name every column",
+        id="empty-column-name",
+    ),
+    pytest.param(
+        lambda: make_batch("bad", "pump_curves", pa.table({"edge_id": ["x"]})),
+        r"stream 'pump_curves': the batch has no columns besides edge_id and batch_id",
+        id="no-columns",
     ),
     pytest.param(
         lambda: _corrupt(make_batch("bad", "alarms", alarms_table(2))),
@@ -571,7 +676,7 @@ def test_a_database_fault_ends_the_call_internal_and_stores_nothing(start_receiv
 CRASHING_RECEIVER = """
 import os, sys
 from pathlib import Path
-from connectors.cloud.receiver import CloudReceiver, load_auth
+from connectors.cloud import CloudReceiver, load_auth
 
 def crash(batch_id):
     os._exit(1)
