@@ -57,8 +57,29 @@ class MqttSinkPartition(StatelessSinkPartition[Any]):
         self.published = 0
         self.dropped = 0
         self._client = connect_client(settings, client_id, persistent=False, max_queued=max_queued)
+        self._reachable: bool | None = None
         self._client.on_publish = self._on_publish
+        self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_unreachable
+        self._client.on_disconnect = self._on_unreachable
         self._client.loop_start()
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._sent:
+            self._reachable = not reason.is_failure
+            self._sent.notify_all()
+
+    def _on_unreachable(self, client: paho.Client, userdata: Any, *_: Any) -> None:
+        with self._sent:
+            self._reachable = False
+            self._sent.notify_all()
 
     def _on_publish(
         self,
@@ -108,10 +129,14 @@ class MqttSinkPartition(StatelessSinkPartition[Any]):
         return bool(self._client.is_connected())
 
     def close(self) -> None:
-        """Give queued messages a few seconds to leave, then disconnect."""
+        """Give queued messages a few seconds to leave, then disconnect.
+
+        While the first connection is still being made it is waited for; once
+        the broker is known to be unreachable, nothing is waited for.
+        """
         deadline = time.monotonic() + _CLOSE_FLUSH_S
         with self._sent:
-            while self.outstanding > 0 and self._client.is_connected():
+            while self.outstanding > 0 and self._reachable is not False:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -134,7 +159,8 @@ class MqttSink(DynamicSink[Any]):
     its own client (``{client_id}-w{worker}``, clean session) that reconnects
     with backoff; while the broker is unreachable up to ``max_queued`` messages
     wait in memory, beyond that they are dropped with a warning (local outputs
-    keep them).
+    keep them). Messages published while connected arrive in order; those
+    queued while disconnected (QoS 1) may arrive after newer ones.
     """
 
     def __init__(

@@ -17,7 +17,7 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink
 
-from connectors.devices.broker import Mosquitto
+from connectors.devices.mosquitto import Mosquitto
 from connectors.devices.mqtt import MqttSettings, MqttSource
 from operators.records import RawMessage
 
