@@ -76,7 +76,7 @@ def test_axes_and_sample_rate_are_honoured():
 
 
 def test_healthy_machine_is_in_zone_a_on_every_row():
-    rows = features_of(blocks(Machine("healthy"), device="pump-7", count=25, start_ts=T0))
+    rows = features_of(blocks(Machine("healthy"), device="pump-7", count=25, start_ts=T0), frames_per_row=1)
     assert sorted(rows) == ["x", "y", "z"]
     for axis, features in rows.items():
         assert len(features) == 25
