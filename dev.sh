@@ -42,13 +42,13 @@ case "${1:-}" in
     ;;
   demo)
     shift
-    setup_venv ""
+    setup_venv "[demo]"
     exec "$VENV/bin/edgesieve" demo "$@"
     ;;
   test)
     shift
     setup_debs
-    setup_venv "[test]"
+    setup_venv "[test,demo]"
     "$VENV/bin/ruff" check --no-cache .
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;

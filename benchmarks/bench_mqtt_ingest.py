@@ -17,7 +17,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from connectors.devices.broker import Mosquitto
+from connectors.devices.mosquitto import Mosquitto
 from flows import telemetry
 from flows.accounting import RECEIVED, Meter, report
 from flows.api import Edge

@@ -42,6 +42,7 @@ __all__ = [
     "EdgeAccount",
     "TopicRule",
     "acl_file",
+    "check_auth_pair",
     "password_file",
     "password_line",
     "write_mosquitto_config",
@@ -178,6 +179,23 @@ def _check_edge(registry: DeviceRegistry, edge: EdgeAccount, where: str) -> None
             "registry; hint: pick another edge user name (device ids are MQTT user names too)"
         )
         raise ValueError(msg)
+
+
+def check_auth_pair(registry: DeviceRegistry | None, edge: EdgeAccount | None, where: str) -> None:
+    """Check that a broker gets both ``registry`` and ``edge`` (a real registry), or neither."""
+    if (registry is None) != (edge is None):
+        given, missing = ("registry", "edge") if edge is None else ("edge", "registry")
+        msg = (
+            f"{where}: {given}= was given without {missing}=; they go together; hint: the "
+            "devices log in from the registry and the edge needs its own EdgeAccount to read them"
+        )
+        raise ValueError(msg)
+    if registry is not None and not isinstance(registry, DeviceRegistry):
+        msg = (
+            f"{where}: registry must be a DeviceRegistry, got {type(registry).__name__}; "
+            "hint: DeviceRegistry.load('devices.yaml')"
+        )
+        raise TypeError(msg)
 
 
 def password_file(registry: DeviceRegistry, edge: EdgeAccount) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,9 +17,11 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink
 from paho.mqtt.enums import CallbackAPIVersion
 
-from connectors.devices import broker as broker_mod
-from connectors.devices.broker import EmbeddedBroker, Mosquitto, start_broker
+from connectors.devices.broker import start_broker
+from connectors.devices.embedded import EmbeddedBroker
+from connectors.devices.mosquitto import Mosquitto
 from connectors.devices.mqtt import MqttSettings, MqttSource
+from flows.cli import main
 from operators.records import RawMessage
 
 
@@ -236,7 +239,7 @@ def test_start_broker_falls_back_to_embedded(
     paho_pair: Callable[[int], PahoPair],
     wait_for: Any,
 ) -> None:
-    monkeypatch.setattr(broker_mod.Mosquitto, "available", staticmethod(lambda: False))
+    monkeypatch.setattr(Mosquitto, "available", staticmethod(lambda: False))
     broker = start_broker(tmp_path)
     try:
         assert isinstance(broker, EmbeddedBroker) and broker.running
@@ -245,3 +248,45 @@ def test_start_broker_falls_back_to_embedded(
         wait_for(lambda: pair.got, "a message through the fallback broker")
     finally:
         broker.stop()
+
+
+def _without_amqtt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: importing amqtt (or any of its modules) fails as if it were not installed."""
+    for name in [n for n in sys.modules if n == "amqtt" or n.startswith("amqtt.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "amqtt", None)
+    monkeypatch.delitem(sys.modules, "connectors.devices.embedded", raising=False)
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        (
+            "embedded",
+            r"^start_broker \(kind='embedded'\): the embedded MQTT broker needs amqtt, which is "
+            r"not installed; hint: pip install 'edgesieve\[demo\]'$",
+        ),
+        (
+            "auto",
+            r"^start_broker \(kind='auto'\): mosquitto is not installed and the embedded MQTT "
+            r"broker needs amqtt, .*hint: pip install 'edgesieve\[demo\]' or apt-get install",
+        ),
+    ],
+)
+def test_start_broker_without_amqtt_names_the_demo_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, match: str
+) -> None:
+    _without_amqtt(monkeypatch)
+    monkeypatch.setattr(Mosquitto, "available", staticmethod(lambda: False))
+    with pytest.raises(ValueError, match=match):
+        start_broker(tmp_path, kind=kind)  # type: ignore[arg-type]
+
+
+def test_the_cli_reports_a_missing_amqtt_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _without_amqtt(monkeypatch)
+    argv = ["demo", "--broker", "embedded", "--seconds", "1", "--data-dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("hint: pip install 'edgesieve[demo]'\n") and err.count("\n") == 1, err
