@@ -172,3 +172,32 @@ def test_config_must_be_loaded(tmp_path):
 def test_a_flow_name_has_no_period(config):
     with pytest.raises(ValueError, match=r"^Edge: name must be a non-empty string without '.' \(got 'flows.x'\); hint: the flow's module name, e.g. 'telemetry'$"):
         Edge(config, name="flows.x")
+
+
+def test_a_new_stream_reaches_the_cloud_which_creates_its_table(tmp_path):
+    from connectors.cloud import CloudReceiver
+
+    secret = "cloud-secret-for-tests-0001"
+    db = tmp_path / "cloud.duckdb"
+    with CloudReceiver("127.0.0.1:0", db, {"edge-01": secret}) as receiver:
+        config = parse_config(
+            {
+                "edge_id": "edge-01",
+                "data_dir": str(tmp_path / "edge"),
+                "cloud": {"target": f"127.0.0.1:{receiver.port}", "key": "edge-01", "secret": secret},
+            }
+        )
+
+        def build(edge: Edge) -> None:
+            dev = edge.devices("in", channels=["telemetry"])
+            edge.output("pressure_points", deadband("db", dev.readings, absolute=0.2), like="telemetry_points", cloud=True)
+
+        messages = [telemetry("p", {"ts": MS + i, "values": {"pressure": v}}) for i, v in enumerate([1.0, 1.1, 1.5])]
+        edge = run_recorded(build, config, messages, name="pressure")
+    rep = edge.reports()["pressure"]
+    assert rep.wire_rows == {"pressure_points": 2}
+    with duckdb.connect(str(db), read_only=True) as con:
+        stored = con.sql("select device, key, value from pressure_points order by ts").fetchall()
+        batches = con.sql("select stream, rows, raw_bytes from uplink_batches").fetchall()
+    assert stored == [("p", "pressure", 1.0), ("p", "pressure", 1.5)]
+    assert batches == [("pressure_points", 2, rep.raw_bytes)]
