@@ -49,8 +49,10 @@ import pyarrow as pa
 from connectors.cloud import CloudReceiver
 from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, to_table
-from connectors.uplink.outbox import Outbox, OutboxSettings, Sealed
-from connectors.uplink.sender import UplinkSender, UplinkSettings
+from connectors.uplink.batch import Sealed
+from connectors.uplink.outbox import Outbox, OutboxSettings
+from connectors.uplink.sender import UplinkSender
+from connectors.uplink.settings import UplinkSettings
 from connectors.uplink.wire import KEY_HEADER, PRIORITIES, PUSH_METHOD, SECRET_HEADER
 from operators.windows import Summary
 from protos import uplink_pb2

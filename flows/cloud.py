@@ -11,7 +11,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from connectors.uplink.outbox import Outbox, OutboxSettings
-from connectors.uplink.sender import UplinkSender, UplinkSettings
+from connectors.uplink.sender import UplinkSender
+from connectors.uplink.settings import UplinkSettings
 from flows.config import EdgeConfig
 
 __all__ = ["CloudLink"]

@@ -33,7 +33,8 @@ import pyarrow as pa
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from connectors.streams import StreamSpec, conform, spec_of, to_table
-from connectors.uplink.outbox import Outbox, Sealed
+from connectors.uplink.batch import Sealed
+from connectors.uplink.outbox import Outbox
 from connectors.uplink.wire import priority_of
 from protos import uplink_pb2
 

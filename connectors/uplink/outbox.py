@@ -40,7 +40,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-__all__ = ["Outbox", "OutboxSettings", "OutboxStats", "Rejected", "Sealed"]
+from connectors.uplink.batch import OutboxStats, Rejected, Sealed, check_aware, from_us, to_us
+
+__all__ = ["Outbox", "OutboxSettings"]
 
 logger = logging.getLogger("edgesieve.outbox")
 
@@ -81,25 +83,6 @@ INSERT OR IGNORE INTO counters (name, value)
 VALUES ('dropped_full', 0), ('expired', 0), ('rejected', 0);
 """
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _to_us(when: datetime) -> int:
-    delta = when - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _from_us(us: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=us)
-
-
-def _check_aware(where: str, value: object) -> datetime:
-    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
-        msg = f"{where} must be a timezone-aware datetime; got {value!r}. Hint: datetime.now(UTC)"
-        raise ValueError(msg)
-    return value
-
-
 @dataclass(frozen=True)
 class OutboxSettings:
     """Size and age limits of the outbox.
@@ -136,79 +119,6 @@ class OutboxSettings:
                 f"{kept!r}. Hint: 0 keeps no rejected batches for inspection"
             )
             raise ValueError(msg)
-
-
-@dataclass(frozen=True)
-class Sealed:
-    """One batch ready for the cloud: ``payload`` is a serialized ``uplink_pb2.Batch``.
-
-    The other fields repeat what the outbox needs to order, cap and report
-    batches without parsing the payload.
-    """
-
-    batch_id: str
-    stream: str
-    priority: int
-    rows: int
-    raw_bytes: int
-    created_at: datetime
-    payload: bytes
-
-    def __post_init__(self) -> None:
-        for name in ("batch_id", "stream"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                msg = f"Sealed.{name} must be a non-empty string; got {value!r}"
-                raise ValueError(msg)
-        for name in ("priority", "rows", "raw_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                msg = (
-                    f"Sealed.{name} of batch {self.batch_id!r} must be a non-negative int; "
-                    f"got {value!r}"
-                )
-                raise ValueError(msg)
-        _check_aware(f"Sealed.created_at of batch {self.batch_id!r}", self.created_at)
-        if not isinstance(self.payload, bytes | bytearray | memoryview):
-            msg = (
-                f"Sealed.payload of batch {self.batch_id!r} must be bytes (a serialized "
-                f"uplink_pb2.Batch); got {type(self.payload).__name__}"
-            )
-            raise TypeError(msg)
-
-
-@dataclass(frozen=True)
-class OutboxStats:
-    """What is waiting, and what was dropped since the outbox file was created.
-
-    ``bytes`` sums the serialized batches (the SQLite file is somewhat
-    larger); ``oldest_age_s`` is None when the outbox is empty;
-    ``dropped_full`` counts batches dropped by the byte cap (stored ones
-    evicted and new ones refused), ``expired`` those dropped by the TTL and
-    ``rejected`` those the cloud refused.
-    """
-
-    batches: int
-    bytes: int
-    oldest_age_s: float | None
-    dropped_full: int
-    expired: int
-    rejected: int = 0
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A batch the cloud answered with ``REJECTED``, kept for inspection."""
-
-    batch_id: str
-    stream: str
-    priority: int
-    rows: int
-    raw_bytes: int
-    created_at: datetime
-    rejected_at: datetime
-    detail: str
-    payload: bytes
 
 
 _COLUMNS = "batch_id, stream, priority, rows, raw_bytes, created_at_us"
@@ -403,7 +313,7 @@ class Outbox:
                         sealed.priority,
                         sealed.rows,
                         sealed.raw_bytes,
-                        _to_us(sealed.created_at),
+                        to_us(sealed.created_at),
                         size,
                         payload,
                     ),
@@ -492,7 +402,7 @@ class Outbox:
                 ).fetchone()
                 if row is not None:
                     out.append(
-                        Sealed(row[0], row[1], row[2], row[3], row[4], _from_us(row[5]), row[6])
+                        Sealed(row[0], row[1], row[2], row[3], row[4], from_us(row[5]), row[6])
                     )
             return out
 
@@ -507,7 +417,7 @@ class Outbox:
         The rejected table keeps the newest rejections within
         ``rejected_max_bytes``; a rejected ``batch_id`` is never queued again.
         """
-        when = _check_aware("Outbox.reject: now", now) if now is not None else datetime.now(UTC)
+        when = check_aware("Outbox.reject: now", now) if now is not None else datetime.now(UTC)
         with self._lock:
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
@@ -516,7 +426,7 @@ class Outbox:
                     f"INSERT OR REPLACE INTO rejected ({_COLUMNS}, rejected_at_us, detail, size, "
                     f"payload) SELECT {_COLUMNS}, ?, ?, size, payload FROM batches "
                     "WHERE batch_id = ?",
-                    (_to_us(when), str(detail), batch_id),
+                    (to_us(when), str(detail), batch_id),
                 )
                 if cur.rowcount == 0:
                     db.execute("ROLLBACK")
@@ -555,14 +465,14 @@ class Outbox:
                 .fetchall()
             )
         return [
-            Rejected(r[0], r[1], r[2], r[3], r[4], _from_us(r[5]), _from_us(r[6]), r[7], r[8])
+            Rejected(r[0], r[1], r[2], r[3], r[4], from_us(r[5]), from_us(r[6]), r[7], r[8])
             for r in rows
         ]
 
     def expire(self, now: datetime | None = None) -> int:
         """Drop batches created more than ``ttl`` before ``now``; return how many."""
-        when = _check_aware("Outbox.expire: now", now) if now is not None else datetime.now(UTC)
-        cutoff = _to_us(when - self.settings.ttl)
+        when = check_aware("Outbox.expire: now", now) if now is not None else datetime.now(UTC)
+        cutoff = to_us(when - self.settings.ttl)
         with self._lock:
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
@@ -605,7 +515,7 @@ class Outbox:
             counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
         age = None
         if oldest is not None:
-            age = max(0.0, (datetime.now(UTC) - _from_us(oldest)).total_seconds())
+            age = max(0.0, (datetime.now(UTC) - from_us(oldest)).total_seconds())
         return OutboxStats(
             batches=batches,
             bytes=size,

@@ -25,21 +25,26 @@ certificate is configured (mutual TLS with both).
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import random
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import grpc
 
-from connectors.common.address import parse_host_port
-from connectors.common.pem import read_pem
-from connectors.uplink.outbox import Outbox, Sealed
+from connectors.uplink.batch import Sealed
+from connectors.uplink.channel import (
+    ERROR_HINTS,
+    channel_credentials,
+    close_when_unwatched,
+    open_channel,
+)
+from connectors.uplink.outbox import Outbox
+from connectors.uplink.pacing import TokenBucket, backoff_delay
+from connectors.uplink.settings import UplinkSettings
 from connectors.uplink.wire import (
     DUPLICATE,
     KEY_HEADER,
@@ -51,7 +56,7 @@ from connectors.uplink.wire import (
 )
 from protos import uplink_pb2
 
-__all__ = ["UplinkSender", "UplinkSettings", "UplinkStats", "backoff_delay"]
+__all__ = ["UplinkSender", "UplinkStats"]
 
 logger = logging.getLogger("edgesieve.uplink")
 
@@ -59,130 +64,7 @@ State = Literal["connected", "connecting", "backoff", "stopped"]
 
 _POLL_S = 1.0
 
-_HINTS = {
-    grpc.StatusCode.UNAVAILABLE: (
-        "check that the receiver runs and is reachable at the target; with TLS, check "
-        "tls_ca, the server certificate's names and the client certificate"
-    ),
-    grpc.StatusCode.DEADLINE_EXCEEDED: "the network or the receiver is slow",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (
-        "a batch may exceed the receiver's message size limit; seal smaller batches "
-        "(cloud.batch_rows) or raise the receiver's grpc.max_receive_message_length"
-    ),
-    grpc.StatusCode.UNIMPLEMENTED: "the target is not an edgesieve receiver (no Uplink.Push)",
-}
 
-
-def _positive_number(name: str, value: object, hint: str) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        msg = f"UplinkSettings.{name} must be a positive number of seconds; got {value!r}. {hint}"
-        raise ValueError(msg)
-
-
-def _metadata_value(name: str, value: object) -> None:
-    if not isinstance(value, str) or not value:
-        msg = f"UplinkSettings.{name} must be a non-empty string; got {type(value).__name__}"
-        raise ValueError(msg)
-    if any(not " " <= ch <= "~" for ch in value):
-        msg = (
-            f"UplinkSettings.{name} must be printable ASCII because it travels as gRPC "
-            f"metadata; it contains a character outside 0x20-0x7E. Hint: generate it with "
-            "secrets.token_urlsafe()"
-        )
-        raise ValueError(msg)
-
-
-@dataclass(frozen=True)
-class UplinkSettings:
-    """Where and how the sender connects; the secret is left out of ``repr``.
-
-    ``target`` is ``HOST:PORT`` (or any gRPC target URI such as
-    ``dns:///host:port``). TLS is on when ``tls_ca`` (the CA that signed the
-    receiver's certificate; None with a client certificate means the system
-    roots) or ``tls_cert``/``tls_key`` (client certificate for mutual TLS, both
-    or neither) are set; ``tls_server_name`` overrides the name checked in the
-    receiver's certificate. ``window`` is how many batches may be in flight
-    without an ``Ack``; ``ack_timeout_s`` is how long the stream may go
-    without any ``Ack`` while batches are in flight before it is reopened (it
-    must exceed the time the link needs to carry one batch).
-    """
-
-    target: str
-    key: str
-    secret: str = field(repr=False)
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    backoff_min_s: float = 0.5
-    backoff_max_s: float = 60.0
-    bandwidth_bytes_per_s: int | None = None
-    window: int = 32
-    tls_server_name: str | None = None
-    ack_timeout_s: float = 120.0
-    expire_interval_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        target = self.target
-        if not isinstance(target, str) or ("://" not in target and not target.startswith("unix:")):
-            parse_host_port(target, key="UplinkSettings.target", allow_port_zero=False)
-        elif any(ch.isspace() for ch in target):
-            msg = (
-                f"UplinkSettings.target: a gRPC target URI has no spaces (got {target!r}); "
-                "hint: dns:///cloud.example:50051"
-            )
-            raise ValueError(msg)
-        _metadata_value("key", self.key)
-        _metadata_value("secret", self.secret)
-        for name in ("tls_ca", "tls_cert", "tls_key"):
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, str | Path):
-                    msg = f"UplinkSettings.{name} must be a path or None; got {value!r}"
-                    raise TypeError(msg)
-                object.__setattr__(self, name, Path(value))
-        if (self.tls_cert is None) != (self.tls_key is None):
-            msg = (
-                "UplinkSettings: set both tls_cert and tls_key for mutual TLS, or neither; got "
-                f"tls_cert={self.tls_cert}, tls_key={self.tls_key}"
-            )
-            raise ValueError(msg)
-        _positive_number("backoff_min_s", self.backoff_min_s, "Hint: 0.5")
-        _positive_number("backoff_max_s", self.backoff_max_s, "Hint: 60")
-        if self.backoff_max_s < self.backoff_min_s:
-            msg = (
-                f"UplinkSettings.backoff_max_s ({self.backoff_max_s}) must not be smaller than "
-                f"backoff_min_s ({self.backoff_min_s})"
-            )
-            raise ValueError(msg)
-        rate = self.bandwidth_bytes_per_s
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0):
-            msg = (
-                f"UplinkSettings.bandwidth_bytes_per_s must be a positive int or None "
-                f"(unlimited); got {rate!r}"
-            )
-            raise ValueError(msg)
-        window = self.window
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            msg = f"UplinkSettings.window must be an int >= 1 (batches in flight); got {window!r}"
-            raise ValueError(msg)
-        _positive_number("ack_timeout_s", self.ack_timeout_s, "Hint: 120")
-        _positive_number("expire_interval_s", self.expire_interval_s, "Hint: 60")
-        if self.tls_server_name is not None and not isinstance(self.tls_server_name, str):
-            msg = (
-                "UplinkSettings.tls_server_name must be a string or None; got "
-                f"{self.tls_server_name!r}"
-            )
-            raise TypeError(msg)
-
-    @property
-    def tls(self) -> bool:
-        """Whether the channel uses TLS."""
-        return self.tls_ca is not None or self.tls_cert is not None
 
 
 @dataclass(frozen=True)
@@ -204,55 +86,6 @@ class UplinkStats:
     wire_bytes: int
     reconnects: int
     last_error: str | None
-
-
-def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
-    """Seconds to wait before reconnection ``attempt`` (0 first): full jitter.
-
-    Uniform between ``min_s`` and ``min(max_s, min_s * 2**attempt)``.
-    """
-    cap = min(max_s, min_s * 2.0 ** min(attempt, 64))
-    return rng.uniform(min_s, cap)
-
-
-def _close_when_unwatched(channel: grpc.Channel) -> None:
-    """Close ``channel`` once gRPC's connectivity poller has noticed the unsubscribe.
-
-    The poller thread wakes every 0.2 s; closing the channel while it waits
-    makes it die with "Cannot monitor channel state: Channel closed!". The
-    close therefore runs on a short-lived daemon thread that waits for the
-    poller to finish (at most 2 s).
-    """
-
-    def close() -> None:
-        state = getattr(channel, "_connectivity_state", None)
-        deadline = time.monotonic() + 2.0
-        if state is None or not hasattr(state, "polling"):
-            time.sleep(1.0)
-        else:
-            while state.polling and time.monotonic() < deadline:
-                time.sleep(0.05)
-        channel.close()
-
-    threading.Thread(target=close, name="edgesieve-uplink-close", daemon=True).start()
-
-
-class _TokenBucket:
-    """Bytes per second with a one-second burst; a large message borrows ahead."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = float(rate)
-        self.tokens = self.rate
-        self.last = time.monotonic()
-
-    def wait_s(self) -> float:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-    def spend(self, nbytes: int) -> None:
-        self.tokens -= nbytes
 
 
 @dataclass
@@ -305,7 +138,7 @@ class UplinkSender:
             raise TypeError(msg)
         self._outbox = outbox
         self.settings = settings
-        self._credentials = self._load_credentials(settings)
+        self._credentials = channel_credentials(settings)
         self._metadata = ((KEY_HEADER, settings.key), (SECRET_HEADER, settings.secret))
         self._where = f"uplink to {settings.target}"
         self._rng = random.Random()
@@ -324,20 +157,6 @@ class UplinkSender:
         self._wire_bytes = 0
         self._reconnects = 0
         self._last_error: str | None = None
-
-    @staticmethod
-    def _load_credentials(settings: UplinkSettings) -> grpc.ChannelCredentials | None:
-        if not settings.tls:
-            return None
-        pems: dict[str, bytes | None] = {}
-        for name in ("tls_ca", "tls_cert", "tls_key"):
-            path: Path | None = getattr(settings, name)
-            pems[name] = None if path is None else read_pem(path, key=f"UplinkSettings.{name}")
-        return grpc.ssl_channel_credentials(
-            root_certificates=pems["tls_ca"],
-            private_key=pems["tls_key"],
-            certificate_chain=pems["tls_cert"],
-        )
 
     @property
     def state(self) -> str:
@@ -510,18 +329,10 @@ class UplinkSender:
             if not self._outbox.closed:
                 logger.exception("%s: expiring old outbox batches failed", self._where)
 
-    def _open_channel(self) -> grpc.Channel:
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
-        if self.settings.tls_server_name:
-            options.append(("grpc.ssl_target_name_override", self.settings.tls_server_name))
-        if self._credentials is not None:
-            return grpc.secure_channel(self.settings.target, self._credentials, options=options)
-        return grpc.insecure_channel(self.settings.target, options=options)
-
     def _run_session(self) -> _Outcome:
         self._set_state("connecting")
         session = _Session()
-        channel = self._open_channel()
+        channel = open_channel(self.settings, self._credentials)
 
         def on_connectivity(state: grpc.ChannelConnectivity) -> None:
             if state is grpc.ChannelConnectivity.READY:
@@ -552,7 +363,7 @@ class UplinkSender:
             session.requests.put(None)
             reader.join(5.0)
             channel.unsubscribe(on_connectivity)
-            _close_when_unwatched(channel)
+            close_when_unwatched(channel)
 
     @staticmethod
     def _read_acks(call: Any, session: _Session) -> None:
@@ -567,7 +378,7 @@ class UplinkSender:
 
     def _pump(self, session: _Session) -> _Outcome:
         bucket = (
-            _TokenBucket(self.settings.bandwidth_bytes_per_s)
+            TokenBucket(self.settings.bandwidth_bytes_per_s)
             if self.settings.bandwidth_bytes_per_s
             else None
         )
@@ -616,7 +427,7 @@ class UplinkSender:
         up = time.monotonic() - session.opened_at
         return session.got_ack or (session.ready and up >= self.settings.backoff_max_s)
 
-    def _top_up(self, session: _Session, bucket: _TokenBucket | None) -> bool:
+    def _top_up(self, session: _Session, bucket: TokenBucket | None) -> bool:
         room = self.settings.window - len(session.inflight)
         if room <= 0:
             return True
@@ -693,7 +504,7 @@ class UplinkSender:
             details = exc.details() or ""
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 return _Outcome("auth", f"{code.name}: {details}", productive)
-            hint = _HINTS.get(code)
+            hint = ERROR_HINTS.get(code)
             text = f"stream failed with {code.name}: {details}"
             if hint:
                 text += f". Hint: {hint}"

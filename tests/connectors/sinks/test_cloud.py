@@ -27,7 +27,8 @@ from connectors.sinks.cloud import (
     encode_ipc,
 )
 from connectors.streams import STREAMS, to_table
-from connectors.uplink.outbox import Outbox, OutboxSettings, Sealed
+from connectors.uplink.batch import Sealed
+from connectors.uplink.outbox import Outbox, OutboxSettings
 from connectors.uplink.wire import PRIORITIES
 from operators.records import Reading
 from protos import uplink_pb2

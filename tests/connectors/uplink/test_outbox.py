@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.uplink.outbox import Outbox, OutboxSettings, OutboxStats, Sealed
+from connectors.uplink.batch import OutboxStats, Sealed
+from connectors.uplink.outbox import Outbox, OutboxSettings
 
 ROOT = Path(__file__).parents[3]
 LOGGER = "edgesieve.outbox"
@@ -342,7 +343,8 @@ _PUTTER = """
 import os, sys, time
 from datetime import UTC, datetime
 from pathlib import Path
-from connectors.uplink.outbox import Outbox, Sealed
+from connectors.uplink.batch import Sealed
+from connectors.uplink.outbox import Outbox
 box = Outbox(Path(sys.argv[1]))
 for i in range(int(sys.argv[2])):
     box.put(Sealed(f"b{i:05d}", "telemetry_points", 3, 1, 0, datetime.now(UTC), os.urandom(3000)))

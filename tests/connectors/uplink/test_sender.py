@@ -21,8 +21,11 @@ import grpc
 import pytest
 import trustme
 
-from connectors.uplink.outbox import Outbox, OutboxSettings, Sealed
-from connectors.uplink.sender import UplinkSender, UplinkSettings, UplinkStats, backoff_delay
+from connectors.uplink.batch import Sealed
+from connectors.uplink.outbox import Outbox, OutboxSettings
+from connectors.uplink.pacing import backoff_delay
+from connectors.uplink.sender import UplinkSender, UplinkStats
+from connectors.uplink.settings import UplinkSettings
 from connectors.uplink.wire import PUSH_METHOD
 from protos import uplink_pb2, uplink_pb2_grpc
 from tests.conftest import wait_for as wait_until
@@ -666,7 +669,8 @@ _SENDER = """
 import sys, time
 from pathlib import Path
 from connectors.uplink.outbox import Outbox
-from connectors.uplink.sender import UplinkSender, UplinkSettings
+from connectors.uplink.sender import UplinkSender
+from connectors.uplink.settings import UplinkSettings
 box = Outbox(Path(sys.argv[1]))
 sender = UplinkSender(box, UplinkSettings(target=sys.argv[2], key="edge-01",
                       secret="s3cret-edge-01", backoff_min_s=0.05, backoff_max_s=0.2, window=4))
