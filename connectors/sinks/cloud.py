@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import DynamicSink
 
+from connectors.sinks.timed import TimedFlushPartition
 from connectors.streams import StreamSpec, conform, spec_of, to_table
 from connectors.uplink.batch import Sealed
 from connectors.uplink.outbox import Outbox
@@ -237,7 +237,7 @@ class _Segment:
     arrived: float
 
 
-class CloudSinkPartition(StatelessSinkPartition[object]):
+class CloudSinkPartition(TimedFlushPartition):
     """One worker's buffer; see :class:`CloudSink`.
 
     Counters: ``batches_sealed`` (stored in the outbox), ``rows_sealed``,
@@ -249,25 +249,22 @@ class CloudSinkPartition(StatelessSinkPartition[object]):
         self._sink = sink
         self._spec = sink.spec
         self._settings = sink.settings
-        self._where = f"CloudSink {step_id!r} (stream {sink.spec.name!r}, worker {worker_index})"
-        self._max_age_s = sink.settings.max_age.total_seconds()
-        self._retry_s = sink.settings.retry_interval.total_seconds()
-        self._lock = threading.Lock()
+        self._init_timer(
+            where=f"CloudSink {step_id!r} (stream {sink.spec.name!r}, worker {worker_index})",
+            thread=f"cloud-{sink.spec.name}-w{worker_index}",
+            max_age_s=sink.settings.max_age.total_seconds(),
+            retry_s=sink.settings.retry_interval.total_seconds(),
+        )
         self._segments: list[_Segment] = []
         self._rows = 0
         self._oldest: float | None = None
-        self._retry_at = 0.0
         self._carry_raw = 0
         self._carry_rows = 0
         self.batches_sealed = 0
         self.rows_sealed = 0
         self.put_failures = 0
         self.dropped_rows = 0
-        self._stop = threading.Event()
-        self._timer = threading.Thread(
-            target=self._run_timer, name=f"cloud-{sink.spec.name}-w{worker_index}", daemon=True
-        )
-        self._timer.start()
+        self._start_timer()
 
     @property
     def buffered_rows(self) -> int:
@@ -293,28 +290,23 @@ class CloudSinkPartition(StatelessSinkPartition[object]):
             self._rows += segment.table.num_rows
             if self._oldest is None:
                 self._oldest = now
-            self._seal_due_locked(now)
+            self._flush_due_locked(now)
 
-    def close(self) -> None:
-        """Stop the timer and seal everything still buffered."""
-        self._stop.set()
-        if self._timer.is_alive() and self._timer is not threading.current_thread():
-            self._timer.join()
-        with self._lock:
-            while self._rows:
-                if not self._seal_locked(min(self._rows, self._settings.max_rows)):
-                    self.dropped_rows += self._rows
-                    logger.error(
-                        "%s: the final seal on close failed; %d rows were NOT stored in the "
-                        "outbox %s and are lost. See the errors above for the cause",
-                        self._where,
-                        self._rows,
-                        self._sink.outbox.path,
-                    )
-                    self._segments, self._rows, self._oldest = [], 0, None
-                    return
+    def _flush_all_locked(self) -> None:
+        while self._rows:
+            if not self._seal_locked(min(self._rows, self._settings.max_rows)):
+                self.dropped_rows += self._rows
+                logger.error(
+                    "%s: the final seal on close failed; %d rows were NOT stored in the "
+                    "outbox %s and are lost. See the errors above for the cause",
+                    self._where,
+                    self._rows,
+                    self._sink.outbox.path,
+                )
+                self._segments, self._rows, self._oldest = [], 0, None
+                return
 
-    def _seal_due_locked(self, now: float) -> None:
+    def _flush_due_locked(self, now: float) -> None:
         while self._rows and now >= self._retry_at:
             if self._rows >= self._settings.max_rows:
                 count = self._settings.max_rows
@@ -324,20 +316,6 @@ class CloudSinkPartition(StatelessSinkPartition[object]):
                 return
             if not self._seal_locked(count):
                 return
-
-    def _run_timer(self) -> None:
-        interval = min(1.0, max(0.01, self._max_age_s / 10))
-        while not self._stop.wait(interval):
-            try:
-                with self._lock:
-                    self._seal_due_locked(time.monotonic())
-            except Exception:
-                self._retry_at = time.monotonic() + max(self._retry_s, interval)
-                logger.exception(
-                    "%s: a seal started by the timer thread failed unexpectedly; rows stay "
-                    "buffered and the seal is retried",
-                    self._where,
-                )
 
     def _seal_locked(self, count: int) -> bool:
         """Seal the first ``count`` buffered rows; False (rows kept) if the outbox failed."""

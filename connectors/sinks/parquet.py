@@ -27,7 +27,6 @@ import errno
 import logging
 import os
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +36,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import DynamicSink
 
+from connectors.sinks.timed import TimedFlushPartition
 from connectors.streams import StreamSpec, conform, spec_of, to_table
 
 __all__ = ["ParquetSettings", "ParquetSink", "ParquetSinkPartition", "OnWrite"]
@@ -173,7 +173,7 @@ class ParquetSink(DynamicSink[object]):
         )
 
 
-class ParquetSinkPartition(StatelessSinkPartition[object]):
+class ParquetSinkPartition(TimedFlushPartition):
     """One worker's buffer and files; see :class:`ParquetSink`.
 
     Counters for monitoring and tests: ``files_written``, ``rows_written``,
@@ -196,15 +196,16 @@ class ParquetSinkPartition(StatelessSinkPartition[object]):
         self._settings = settings
         self._on_write = on_write
         self._worker = worker_index
-        self._where = f"ParquetSink {step_id!r} (stream {spec.name!r}, worker {worker_index})"
-        self._max_age_s = settings.max_file_age.total_seconds()
-        self._retry_s = settings.retry_interval.total_seconds()
-        self._lock = threading.Lock()
+        self._init_timer(
+            where=f"ParquetSink {step_id!r} (stream {spec.name!r}, worker {worker_index})",
+            thread=f"parquet-{spec.name}-w{worker_index}",
+            max_age_s=settings.max_file_age.total_seconds(),
+            retry_s=settings.retry_interval.total_seconds(),
+        )
         self._tables: list[pa.Table] = []
         self._rows = 0
         self._bytes = 0
         self._oldest: float | None = None
-        self._retry_at = 0.0
         self._last_growth_log: float | None = None
         self._failing_since: int | None = None
         self._seq = 0
@@ -213,13 +214,7 @@ class ParquetSinkPartition(StatelessSinkPartition[object]):
         self.rows_written = 0
         self.write_failures = 0
         self._growth_log_interval_s = _GROWTH_LOG_INTERVAL_S
-        self._stop = threading.Event()
-        self._timer = threading.Thread(
-            target=self._run_timer,
-            name=f"parquet-{spec.name}-w{worker_index}",
-            daemon=True,
-        )
-        self._timer.start()
+        self._start_timer()
 
     @property
     def buffered_rows(self) -> int:
@@ -254,26 +249,22 @@ class ParquetSinkPartition(StatelessSinkPartition[object]):
             self._bytes += table.nbytes
             if self._oldest is None:
                 self._oldest = now
-            if self._due(now):
-                self._flush_locked()
+            self._flush_due_locked(now)
 
-    def close(self) -> None:
-        """Stop the timer and write everything still buffered."""
-        self._stop.set()
-        if self._timer.is_alive() and self._timer is not threading.current_thread():
-            self._timer.join()
-        with self._lock:
-            if not self._rows:
-                return
-            if not self._flush_locked():
-                logger.error(
-                    "%s: the final flush on close failed; %d rows (%d bytes) were NOT written "
-                    "to %s and are lost. See the errors above for the cause",
-                    self._where,
-                    self._rows,
-                    self._bytes,
-                    self._root / self._spec.name,
-                )
+    def _flush_all_locked(self) -> None:
+        if self._rows and not self._flush_locked():
+            logger.error(
+                "%s: the final flush on close failed; %d rows (%d bytes) were NOT written "
+                "to %s and are lost. See the errors above for the cause",
+                self._where,
+                self._rows,
+                self._bytes,
+                self._root / self._spec.name,
+            )
+
+    def _flush_due_locked(self, now: float) -> None:
+        if self._due(now):
+            self._flush_locked()
 
     def _due(self, now: float) -> bool:
         if not self._rows or now < self._retry_at:
@@ -281,21 +272,6 @@ class ParquetSinkPartition(StatelessSinkPartition[object]):
         if self._bytes >= self._settings.max_file_bytes:
             return True
         return self._oldest is not None and now - self._oldest >= self._max_age_s
-
-    def _run_timer(self) -> None:
-        interval = min(1.0, max(0.01, self._max_age_s / 10))
-        while not self._stop.wait(interval):
-            try:
-                with self._lock:
-                    if self._due(time.monotonic()):
-                        self._flush_locked()
-            except Exception:
-                self._retry_at = time.monotonic() + max(self._retry_s, interval)
-                logger.exception(
-                    "%s: a flush started by the timer thread failed unexpectedly; "
-                    "rows stay buffered and the flush is retried",
-                    self._where,
-                )
 
     def _flush_locked(self) -> bool:
         """Write all buffered rows, one file per UTC date; keep what fails.

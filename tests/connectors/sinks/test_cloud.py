@@ -26,7 +26,7 @@ from connectors.sinks.cloud import (
     batch_id_of,
     encode_ipc,
 )
-from connectors.streams import STREAMS, to_table
+from connectors.streams import STREAMS, StreamSpec, to_table
 from connectors.uplink.batch import Sealed
 from connectors.uplink.outbox import Outbox, OutboxSettings
 from connectors.uplink.wire import PRIORITIES
@@ -441,13 +441,14 @@ def test_bad_record_fails_the_flow_with_the_stream_error(box: Outbox):
         (
             {"stream": "nope"},
             ValueError,
-            r"CloudSink: unknown stream 'nope'; known streams: alarms, dead_letters, .* Hint: add a "
-            r"StreamSpec",
+            r"CloudSink: unknown stream 'nope'; known streams: alarms, dead_letters, .* Hint: pass a "
+            r"StreamSpec\(name, schema, time_column\) for a stream of your own$",
         ),
         (
             {"outbox": "x"},
             TypeError,
-            r"CloudSink\('telemetry_points'\): outbox must be an Outbox; got str",
+            r"CloudSink\('telemetry_points'\): outbox must be an Outbox or a function opening one; "
+            r"got str$",
         ),
         (
             {"edge_id": ""},
@@ -513,3 +514,24 @@ def test_missing_zstd_is_a_build_time_error(box: Outbox):
 def test_settings_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CloudSinkSettings(**kwargs)
+
+
+def test_an_outbox_given_as_a_function_is_opened_once_when_the_flow_starts(box: Outbox):
+    opened: list[int] = []
+
+    def open_outbox() -> Outbox:
+        opened.append(1)
+        return box
+
+    sink = CloudSink(open_outbox, "edge-01", POINTS, settings=CloudSinkSettings(max_rows=10))
+    assert opened == []  # building the flow opens nothing
+    run(readings(25), sink, batch_size=4, workers=2)
+    assert opened == [1]
+    assert sum(b.rows for b in batches(box)) == 25
+
+
+def test_a_stream_of_ones_own_by_spec(box: Outbox):
+    spec = StreamSpec("pressure_points", STREAMS[POINTS].schema, "ts")
+    run(readings(3), CloudSink(box, "edge-01", spec))
+    (sealed,) = batches(box)
+    assert sealed.stream == "pressure_points" and sealed.priority == 2

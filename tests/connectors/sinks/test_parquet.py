@@ -811,7 +811,7 @@ def test_unknown_stream_lists_known_streams(tmp_path: Path) -> None:
         ValueError,
         match=r"ParquetSink: unknown stream 'telemetry'; known streams: alarms, dead_letters, "
         r"telemetry_points, telemetry_summary, telemetry_text, vibration_features\. "
-        r"Hint: add a StreamSpec",
+        r"Hint: pass a StreamSpec\(name, schema, time_column\) for a stream of your own$",
     ):
         ParquetSink(tmp_path, "telemetry")
 
