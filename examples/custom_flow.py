@@ -1,8 +1,9 @@
 """A flow of your own: keep pressure readings that move more than 0.2, and 10 s pressure summaries.
 
-Run it with::
+Run it with either runner::
 
     edgesieve run examples/custom_flow.py --config edge.yaml
+    EDGESIEVE_CONFIG=edge.yaml python -m bytewax.run examples/custom_flow.py
 
 Devices publish ``{"pressure": 3.1, "temperature": 20.5}`` on
 ``v1/devices/{device_id}/telemetry``; the flow writes the streams
@@ -16,6 +17,7 @@ from datetime import timedelta
 import bytewax.operators as op
 
 from flows.api import Edge
+from flows.runtime import lazy_flow
 from operators.deadband import deadband
 from operators.windows import window_aggregate
 
@@ -29,3 +31,6 @@ def build(edge: Edge) -> None:
     windows = window_aggregate("window", pressure, length=timedelta(seconds=10))
     edge.output("pressure_summary", windows.down, like="telemetry_summary")
     edge.dead_letters(windows.late, reason="late: pressure reading after its window closed")
+
+
+__getattr__ = lazy_flow(__name__, build)  # the `flow` Bytewax's runner looks for
