@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ class _Shared:
         self.registry = CollectorRegistry()
         self.owners: dict[str, Edge] = {}
         self.devices: Devices | None = None
+        self.sources: list[object] = []
         self.errors: Stream[tuple[str, DeadLetter]] | None = None
         self.finished = False
         self.link = CloudLink(config, self.registry) if config.cloud is not None else None
@@ -247,8 +249,12 @@ class Edge:
         sid = self.id(step_id)
         if self._source is not None:
             raw = op.input(sid, shared.flow, self._source)
+            shared.sources.append(self._source)
         else:
-            raw = device_inputs(sid, shared.flow, self.config, channels=wanted, stop=shared.stop)
+            raw, sources = device_inputs(
+                sid, shared.flow, self.config, channels=wanted, stop=shared.stop
+            )
+            shared.sources.extend(sources)
         decode = decoder(
             self.config.max_payload_bytes,
             channels=wanted,
@@ -363,6 +369,18 @@ class Edge:
         return model in CLOUD_BY_DEFAULT or model not in STREAMS
 
     # -- running -----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether every input is subscribed or listening (recorded sources always are)."""
+        return all(getattr(source, "ready", True) for source in self._shared.sources)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for :attr:`ready` while the flow runs; return it."""
+        deadline = time.monotonic() + timeout
+        while not self.ready and not self.stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.ready
 
     def dataflow(self) -> Dataflow:
         """Finish the flow (sinks, dead letters) and return it for any Bytewax runner."""

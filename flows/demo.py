@@ -289,7 +289,8 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
                 log.exception("simulated devices (%s) failed", fn.__name__)
 
         try:
-            time.sleep(1.0)  # let the edge subscribe and bind first
+            if not flow.wait_ready(timeout=30):  # devices start once the edge listens
+                log.warning("the edge's inputs were not all ready after 30 s; devices start anyway")
             senders = [threading.Thread(target=run_job, args=job, daemon=True) for job in jobs]
             for sender in senders:
                 sender.start()

@@ -56,16 +56,19 @@ def device_inputs(
     *,
     channels: tuple[str, ...],
     stop: threading.Event,
-) -> Stream[RawMessage]:
-    """One stream of device messages from every configured transport.
+) -> tuple[Stream[RawMessage], list[MqttSource | DeviceServers]]:
+    """One stream of device messages from every configured transport, and the sources.
 
     MQTT subscribes to ``channels``; the HTTP and CoAP servers (which need the
-    device registry) serve every channel of the device API.
+    device registry) serve every channel of the device API. Each source's
+    ``ready`` says when it is subscribed or listening.
     """
     transports = config.transports
     streams: list[Stream[RawMessage]] = []
+    sources: list[MqttSource | DeviceServers] = []
     if transports.mqtt is not None:
         source = MqttSource(mqtt_settings(config, channels=channels), stop=stop)
+        sources.append(source)
         streams.append(op.input(f"{step_id}_mqtt", flow, source))
     servers: list[DeviceServer] = []
     if transports.http is not None or transports.coap is not None:
@@ -82,12 +85,15 @@ def device_inputs(
             from connectors.devices.coap import CoapServer
 
             servers.append(CoapServer(transports.coap.listen, registry, ingress))
-        source_ = DeviceServers(ingress, servers, stop=stop)
-        streams.append(op.input(f"{step_id}_servers", flow, source_))
+        servers_source = DeviceServers(ingress, servers, stop=stop)
+        sources.append(servers_source)
+        streams.append(op.input(f"{step_id}_servers", flow, servers_source))
     if not streams:
         msg = (
             "transports: none is configured, so the flow has no input; "
             "hint: add transports.mqtt, transports.http or transports.coap to the config"
         )
         raise ConfigError(msg)
-    return streams[0] if len(streams) == 1 else op.merge(f"{step_id}_transports", *streams)
+    if len(streams) == 1:
+        return streams[0], sources
+    return op.merge(f"{step_id}_transports", *streams), sources

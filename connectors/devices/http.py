@@ -164,6 +164,11 @@ class HttpServer:
         return f"HttpServer({self.listen!r})"
 
     @property
+    def running(self) -> bool:
+        """Whether the server is bound and answering."""
+        return self._site is not None
+
+    @property
     def port(self) -> int:
         """The bound TCP port (the real one when ``listen`` asked for port 0)."""
         if self._site is None:

@@ -133,6 +133,11 @@ class DeviceServer(Protocol):
 
     name: str
 
+    @property
+    def running(self) -> bool:
+        """Whether the server is bound and answering."""
+        ...
+
     async def start(self) -> None:
         """Bind and start serving; raise if the address cannot be used."""
         ...
@@ -268,6 +273,11 @@ class DeviceServers(DynamicSource[RawMessage]):
         self.stop = stop if stop is not None else threading.Event()
         self._max_batch = max_batch
         self._linger = linger
+
+    @property
+    def ready(self) -> bool:
+        """Whether every server is bound and answering."""
+        return all(server.running for server in self.servers)
 
     def build(
         self, step_id: str, worker_index: int, worker_count: int

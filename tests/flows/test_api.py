@@ -201,3 +201,27 @@ def test_a_new_stream_reaches_the_cloud_which_creates_its_table(tmp_path):
         batches = con.sql("select stream, rows, raw_bytes from uplink_batches").fetchall()
     assert stored == [("p", "pressure", 1.0), ("p", "pressure", 1.5)]
     assert batches == [("pressure_points", 2, rep.raw_bytes)]
+
+
+def test_ready_once_the_configured_transports_listen(tmp_path, run_flow):
+    from tests.conftest import DEVICES, curl, write_devices
+
+    config = parse_config(
+        {
+            "data_dir": str(tmp_path),
+            "devices": str(write_devices(tmp_path, DEVICES)),
+            "transports": {"http": {"listen": "127.0.0.1:0"}},
+        }
+    )
+    edge = Edge(config, name="t")
+    edge.output("telemetry_points", edge.devices("in").readings)
+    assert not edge.ready
+    runner = run_flow(edge.dataflow(), stops=[edge.stop])
+    assert edge.wait_ready(timeout=10)
+    (servers,) = edge._shared.sources
+    (http,) = servers.servers
+    reply = curl(f"http://127.0.0.1:{http.port}/api/v1/{DEVICES['pump-1']}/telemetry", b'{"t": 1}')
+    assert reply.status == 200
+    edge.stop.set()
+    runner.join(15)
+    assert rows(tmp_path, "telemetry_points", "device, key, value") == [("pump-1", "t", 1.0)]
