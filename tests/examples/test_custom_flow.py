@@ -72,3 +72,12 @@ def test_custom_flow_runs_end_to_end(tmp_path, mosquitto, mosquitto_pub, runner)
     assert report["messages_in"] == 6
     assert report["output_rows"] == {"dead_letters": 1, "pressure_points": 3, "pressure_summary": 1}
     assert "flow custom_flow: 6 messages" in out
+
+
+def test_the_readme_shows_the_example_whole():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Write your own flow", 1)[1]
+    shown = section.split("```python\n", 1)[1].split("```", 1)[0]
+    source = EXAMPLE.read_text()
+    code = source[source.index('"""', source.index('"""') + 3) + 3 :].strip()
+    assert shown.strip() == code
