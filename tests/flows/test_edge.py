@@ -35,10 +35,10 @@ def count(tmp_path, stream: str) -> int:
     return duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0][0]
 
 
-def test_edge_flow_splits_channels_and_reports_per_flow(tmp_path):
+def test_edge_flow_splits_channels_and_reports_per_flow(tmp_path, runner):
     config = parse_config({"data_dir": str(tmp_path)})
     recorded = messages()
-    flow = run_recorded(edge.build, config, recorded, name="edge")
+    flow = run_recorded(edge.build, config, recorded, name="edge", runner=runner)
     result = flow.reports()
     assert set(result) == {"telemetry", "vibration"}
     assert result["telemetry"].messages_in == 5

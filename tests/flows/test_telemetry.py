@@ -65,8 +65,8 @@ def recorded():
     ]
 
 
-def test_flow_writes_every_stream(tmp_path, recorded):
-    edge = run_recorded(telemetry.build, config(tmp_path), recorded, name="telemetry")
+def test_flow_writes_every_stream(tmp_path, recorded, runner):
+    edge = run_recorded(telemetry.build, config(tmp_path), recorded, name="telemetry", runner=runner)
 
     points = table(
         tmp_path,
