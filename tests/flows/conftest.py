@@ -15,7 +15,6 @@ from flows.runtime import FlowBuilder
 from flows.transports import mqtt_settings
 from operators.records import RawMessage
 
-
 RUNNERS = ("run_main", "cluster_main-1", "cluster_main-2")
 """The ways a flow runs in production: Bytewax's single-worker runner, and 1 or 2 worker threads."""
 
