@@ -40,7 +40,7 @@ from connectors.streams import STREAMS, StreamSpec
 from connectors.uplink.wire import priority_of
 from flows.accounting import FlowReport, Meter, report
 from flows.cloud import CloudLink
-from flows.config import EdgeConfig
+from flows.config import EdgeConfig, check_environment
 from flows.ingest import CHANNELS, Decoded, decoder, to_dead_letter
 from flows.transports import device_inputs
 from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock
@@ -396,6 +396,7 @@ class Edge:
         """Run until the input ends or :attr:`stop` is set; write and return the reports."""
         from flows.runtime import serve_metrics, stop_on_signals
 
+        check_environment(self.config)
         flow = self.dataflow()
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)

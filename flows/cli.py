@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows.config import ConfigError, load_config
+from flows.config import ConfigError, check_environment, load_config
 
 __all__ = ["main"]
 
@@ -85,13 +85,15 @@ def _mosquitto_config(config_path: Path, out: Path) -> None:
     mqtt = config.transports.mqtt
     if config.devices is None:
         msg = (
-            f"{config_path}: set devices: devices.yaml, the registry to write the broker files from"
+            f"{config_path}: devices: is required to write the broker files (got null); "
+            "hint: set devices: devices.yaml (a list of {id, token})"
         )
         raise ConfigError(msg)
     if mqtt is None or mqtt.username is None or mqtt.password is None:
         msg = (
-            f"{config_path}: transports.mqtt needs username and password: they become the "
-            "edge's own broker account (it reads device topics and publishes alarms)"
+            f"{config_path}: transports.mqtt: needs username and password, they become the "
+            "edge's own broker account (it reads device topics and publishes alarms); "
+            "hint: add username: edge and password: (8-256 characters) to transports.mqtt"
         )
         raise ConfigError(msg)
     registry = DeviceRegistry.load(config.devices)
@@ -118,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 msg = f"--workers must be at least 1 (got {args.workers})"
                 raise ConfigError(msg)
             config = load_config(args.config)
+            check_environment(config)
             build = load_flow_builder(args.flow)
             result = run_flow(build, config, workers=args.workers)
             for rep in result.reports.values():

@@ -6,16 +6,28 @@ errors, so a typo fails at start instead of being silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import re
+import socket
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from connectors.common.address import parse_host_port
 from connectors.common.yamlfile import read_yaml
 from operators.spectral import SpectralConfig
 from operators.threshold import Rule
+from operators.windows import WindowConfig
 
 __all__ = [
     "ConfigError",
@@ -28,6 +40,7 @@ __all__ = [
     "TelemetrySection",
     "VibrationSection",
     "WindowSection",
+    "check_environment",
     "load_config",
     "parse_config",
 ]
@@ -86,7 +99,10 @@ class DeadbandSection(_Section):
     @model_validator(mode="after")
     def _one_tolerance(self) -> DeadbandSection:
         if self.absolute is None and self.percent is None:
-            msg = "set absolute or percent (or both); a deadband needs a tolerance"
+            msg = (
+                "needs a tolerance (got absolute: null, percent: null); "
+                "hint: set absolute or percent (or both)"
+            )
             raise ValueError(msg)
         return self
 
@@ -95,8 +111,17 @@ class WindowSection(_Section):
     """``telemetry.window``: event-time window aggregates per device and key."""
 
     length: timedelta = timedelta(minutes=1)
-    slide: timedelta | None = None
-    allowed_lateness: timedelta = timedelta(seconds=5)
+    slide: timedelta | None = WindowConfig.slide
+    allowed_lateness: timedelta = WindowConfig.allowed_lateness
+
+    @model_validator(mode="after")
+    def _check(self) -> WindowSection:
+        self.window()
+        return self
+
+    def window(self) -> WindowConfig:
+        """The window operator's settings (its checks run here)."""
+        return WindowConfig(self.length, self.slide, self.allowed_lateness)
 
 
 class TelemetrySection(_Section):
@@ -106,41 +131,45 @@ class TelemetrySection(_Section):
     window: WindowSection = WindowSection()
 
 
-class AlarmRuleSection(_Section):
-    """One entry of ``vibration.alarms``: a threshold rule on a feature column."""
+def _alarm_rule(value: object) -> object:
+    """An ``alarms`` entry watches ``velocity_rms_mm_s`` unless it names a ``field``."""
+    if isinstance(value, dict):
+        return {"field": "velocity_rms_mm_s", **value}
+    return value
 
-    name: str
-    field: str = "velocity_rms_mm_s"
-    raise_above: float | None = None
-    clear_below: float | None = None
-    raise_below: float | None = None
-    clear_above: float | None = None
-    min_duration: timedelta = timedelta(0)
-    min_count: int = 1
-    severity: str = "warning"
 
-    def rule(self) -> Rule:
-        """The operator's rule (its checks run here)."""
-        return Rule(**self.model_dump())
+AlarmRule = Annotated[Rule, BeforeValidator(_alarm_rule)]
+"""One entry of ``vibration.alarms``: the threshold operator's :class:`Rule`, checked by it."""
 
 
 class VibrationSection(_Section):
     """``vibration``: spectral features and alarms of the vibration flow."""
 
-    fft_size: int = 4096
-    overlap: float = 0.0
-    frames_per_row: int = 6
-    bands_hz: tuple[tuple[float, float], ...] = ((10, 100), (100, 1000), (1000, 5000))
-    velocity_band_hz: tuple[float, float] = (10.0, 1000.0)
-    iso_thresholds_mm_s: tuple[float, float, float] = (1.4, 2.8, 4.5)
-    alarms: tuple[AlarmRuleSection, ...] | None = None
+    fft_size: int = SpectralConfig.fft_size
+    overlap: float = SpectralConfig.overlap
+    frames_per_row: int = SpectralConfig.frames_per_row
+    bands_hz: tuple[tuple[float, float], ...] = SpectralConfig.bands_hz
+    velocity_band_hz: tuple[float, float] = SpectralConfig.velocity_band_hz
+    iso_thresholds_mm_s: tuple[float, float, float] = SpectralConfig.iso_thresholds_mm_s
+    alarms: tuple[AlarmRule, ...] | None = None
     """None: warn in ISO zone C, critical in zone D (10 % hysteresis), and warn on
     impacts (kurtosis above 8 for 3 rows, cleared below 5; Gaussian noise is 3)."""
 
     @model_validator(mode="after")
     def _check(self) -> VibrationSection:
         self.spectral()
-        self.rules()
+        if self.alarms is not None:
+            names = [rule.name for rule in self.alarms]
+            twice = [name for i, name in enumerate(names) if name in names[:i]]
+            if not names:
+                msg = "alarms: is empty (got []); hint: leave alarms out for the default rules"
+                raise ValueError(msg)
+            if twice:
+                msg = (
+                    f"alarms: rule names must be unique (got {twice[0]!r} twice); "
+                    "hint: rename one, the name is the rule column of its alarms"
+                )
+                raise ValueError(msg)
         return self
 
     def spectral(self) -> SpectralConfig:
@@ -157,7 +186,7 @@ class VibrationSection(_Section):
     def rules(self) -> tuple[Rule, ...]:
         """The alarm rules: configured ones, or the defaults (ISO zones C/D, impacts)."""
         if self.alarms is not None:
-            return tuple(a.rule() for a in self.alarms)
+            return self.alarms
         _, zone_c, zone_d = self.iso_thresholds_mm_s
         return (
             Rule(
@@ -197,7 +226,11 @@ class CloudTlsSection(_Section):
     @model_validator(mode="after")
     def _pair(self) -> CloudTlsSection:
         if (self.cert is None) != (self.key is None):
-            msg = "set both cert and key for mutual TLS, or neither"
+            given, missing = ("cert", "key") if self.key is None else ("key", "cert")
+            msg = (
+                f"{missing}: is missing, mutual TLS needs both cert and key (got only {given}); "
+                f"hint: add {missing}: or remove {given}: for one-way TLS"
+            )
             raise ValueError(msg)
         return self
 
@@ -223,7 +256,10 @@ class CloudSection(_Section):
     @model_validator(mode="after")
     def _backoff(self) -> CloudSection:
         if self.backoff_max < timedelta(seconds=0.5):
-            msg = "backoff_max must be at least 0.5 seconds (the first retry waits up to 0.5 s)"
+            msg = (
+                "backoff_max: must be at least 0.5 seconds, the first retry waits up to 0.5 s "
+                f"(got {self.backoff_max.total_seconds():g}); hint: 60 is a good default"
+            )
             raise ValueError(msg)
         return self
 
@@ -250,50 +286,172 @@ class EdgeConfig(_Section):
     cloud: CloudSection | None = None
 
     @model_validator(mode="after")
-    def _metrics_host_port(self) -> EdgeConfig:
+    def _across_sections(self) -> EdgeConfig:
         if self.metrics_listen is not None:
             parse_host_port(self.metrics_listen, key="metrics_listen")
+        if (self.transports.http or self.transports.coap) and self.devices is None:
+            msg = (
+                "devices: is required by transports.http and transports.coap (got null); "
+                "hint: set devices: devices.yaml (a list of {id, token})"
+            )
+            raise ValueError(msg)
+        if self.cloud is not None and self.cloud.key != self.edge_id:
+            msg = (
+                "cloud.key: must equal edge_id, the receiver checks batches against the key "
+                f"(got {self.cloud.key!r}, edge_id {self.edge_id!r}); "
+                f"hint: set cloud.key: {self.edge_id} (and that key in the receiver's edges "
+                f"file), or edge_id: {self.cloud.key}"
+            )
+            raise ValueError(msg)
         return self
 
 
-def _describe(err: dict[str, Any]) -> str:
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+_TYPE_HINTS = {
+    "time_delta_parsing": "seconds or ISO 8601 like PT5M",
+    "time_delta_type": "seconds or ISO 8601 like PT5M",
+    "int_parsing": "a whole number, e.g. 10",
+    "int_from_float": "a whole number, e.g. 10",
+    "int_type": "a whole number, e.g. 10",
+    "float_parsing": "a number, e.g. 0.5",
+    "float_type": "a number, e.g. 0.5",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "quote the value, e.g. \"5\"",
+    "string_too_short": "give a non-empty value or leave the key out",
+    "model_type": "write a mapping of keys, e.g. {key: value}",
+    "dataclass_type": "write a mapping of keys, e.g. {key: value}",
+    "tuple_type": "write a list, e.g. [1, 2]",
+}
+_OPERATOR = re.compile(
+    r"^(?:spectral|window_aggregate|threshold rule(?: '[^']*')?:?) (?:`(?P<key>[\w\[\]]+)` )?"
+    r"(?P<problem>.*?); got (?P<got>.*?)\. Hint: (?P<hint>.*?)\.?$",
+    re.DOTALL,
+)
+_SUBKEY = re.compile(r"^(?P<key>[A-Za-z_][\w.]*): (?P<rest>.*)$", re.DOTALL)
+_TIMEDELTA = re.compile(r"datetime\.timedelta\((?P<args>[^)]*)\)")
+
+
+def _seconds(match: re.Match[str]) -> str:
+    args = dict(arg.split("=") for arg in match["args"].split(", ") if "=" in arg)
+    return f"{timedelta(**{k: int(v) for k, v in args.items()}).total_seconds():g}"
+
+
+def _plain(text: str) -> str:
+    """Operator wording in YAML terms: ``key: value``, null, durations in seconds."""
+    text = _TIMEDELTA.sub(_seconds, text.replace("`", ""))
+    text = re.sub(r"\btimedelta\((?:seconds=)?([\d.]+)\)", r"\1", text)
+    return re.sub(r"\bNone\b", "null", re.sub(r"\b(\w+)=(?!=)", r"\1: ", text))
+
+
+def _section_type(annotation: object) -> type | None:
+    """The model or dataclass inside a field's type (``X | None``, ``tuple[X, ...]``)."""
+    if isinstance(annotation, type) and (
+        issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation)
+    ):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _section_type(arg)) is not None:
+            return found
+    return None
+
+
+def _keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The valid keys of the section at ``loc``."""
+    section: type | None = EdgeConfig
+    for part in loc:
+        if isinstance(part, str) and section is not None:
+            section = _section_type(_fields(section).get(part))
+    return sorted(_fields(section)) if section is not None else []
+
+
+def _fields(section: type) -> dict[str, object]:
+    if issubclass(section, BaseModel):
+        return {name: f.annotation for name, f in section.model_fields.items()}
+    return {f.name: f.type for f in dataclasses.fields(section)}
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _message(where: str, problem: str, got: str | None = None, hint: str | None = None) -> str:
+    """One configuration problem: ``key.path: problem (got X); hint: ...``."""
+    text = f"{where or '(top level)'}: {problem}"
+    if got is not None:
+        text += f" (got {got})"
+    return f"{text}; hint: {hint}" if hint else text
+
+
+def _describe(err: Any) -> str:
+    loc = tuple(err["loc"])
+    where = _path(loc)
+    section = _path(loc[:-1]) or "the top level"
+    kind = err["type"]
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        keys = ", ".join(_keys(loc[:-1]))
+        return _message(where, "unknown key", hint=f"the keys of {section} are {keys}")
+    if kind in ("missing", "missing_argument"):
+        return _message(where, "required key is missing", hint=f"add {loc[-1]}: to {section}")
+    text = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind == "value_error":
+        if (m := _OPERATOR.match(text)) is not None:
+            key = m["key"]
+            got = m["got"]
+            if key:
+                where = ".".join(p for p in (where, re.sub(r"\[(\d+)\]", r".\1", key)) if p)
+                got = got.removeprefix(f"{key}=")
+            return _message(where, _plain(m["problem"]), _plain(got), _plain(m["hint"]))
+        if (m := _SUBKEY.match(text)) is not None:
+            where = ".".join(p for p in (where, m["key"]) if p)
+            text = m["rest"]
+        return f"{where or '(top level)'}: {text}"
     got = err.get("input")
-    text = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"{where}: unknown key; check the spelling against the documented keys"
-    if err["type"] == "missing":
-        return f"{where}: required key is missing"
-    if isinstance(got, dict):
-        return f"{where}: {text}"
-    return f"{where}: {text} (got {got!r})"
+    problem = re.sub(r"^\w+ should ", "must ", text)
+    shown = None if isinstance(got, dict) else repr(got)
+    hint = _TYPE_HINTS.get(kind)
+    if kind == "literal_error" and "'" in err["ctx"]["expected"] and not isinstance(got, str):
+        hint = f'write it quoted: "{got}"'
+    return _message(where, problem, shown, hint)
+
+
+def _unreadable(key: str, path: Path) -> str | None:
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        return _message(
+            key,
+            f"the file cannot be read: {exc.strerror or exc}",
+            repr(str(path)),
+            "check the path; a relative path is relative to the config file's directory",
+        )
+    return None
 
 
 def parse_config(
-    data: object, *, source: str = "<config>", base_dir: Path | None = None
+    data: object, *, source: str | None = None, base_dir: Path | None = None
 ) -> EdgeConfig:
-    """Validate already-parsed YAML/JSON data; relative paths resolve against ``base_dir``."""
+    """Validate already-parsed YAML/JSON data; relative paths resolve against ``base_dir``.
+
+    Every problem is one ``key.path: problem (got X); hint: ...``, several joined
+    with ``; ``, prefixed with ``source: `` when given. The files the
+    configuration names (``devices``, ``cloud.tls``) must be readable.
+    """
+    prefix = f"{source}: " if source else ""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        msg = (
-            f"{source}: the configuration must be a mapping of keys "
-            f"(got {type(data).__name__}); see the README for an example edge.yaml"
+        msg = prefix + _message(
+            "",
+            "the configuration must be a mapping of keys",
+            type(data).__name__,
+            "start with a key such as edge_id: edge-01; docs/config.md has an example",
         )
         raise ConfigError(msg)
     try:
         config = EdgeConfig.model_validate(data)
     except ValidationError as exc:
-        lines = "; ".join(_describe(e) for e in exc.errors())
-        msg = f"{source}: invalid configuration: {lines}"
+        msg = prefix + "; ".join(_describe(e) for e in exc.errors())
         raise ConfigError(msg) from None
-    transports = config.transports
-    if (transports.http or transports.coap) and config.devices is None:
-        msg = (
-            f"{source}: transports.http/coap need a device registry; "
-            "set devices: devices.yaml (a list of {id, token})"
-        )
-        raise ConfigError(msg)
     if base_dir is not None:
         update: dict[str, Path] = {}
         if not config.data_dir.is_absolute():
@@ -308,6 +466,13 @@ def parse_config(
             }
             update["cloud"] = config.cloud.model_copy(update={"tls": tls.model_copy(update=paths)})
         config = config.model_copy(update=update)
+    files = {"devices": config.devices}
+    if config.cloud is not None and config.cloud.tls is not None:
+        tls = config.cloud.tls
+        files.update({"cloud.tls.ca": tls.ca, "cloud.tls.cert": tls.cert, "cloud.tls.key": tls.key})
+    problems = [p for key, path in files.items() if path and (p := _unreadable(key, path))]
+    if problems:
+        raise ConfigError(prefix + "; ".join(problems))
     return config
 
 
@@ -321,3 +486,55 @@ def load_config(path: str | Path) -> EdgeConfig:
         error=ConfigError,
     )
     return parse_config(data, source=str(path), base_dir=path.parent.resolve())
+
+
+def _unbindable(key: str, address: str, kind: socket.SocketKind) -> str | None:
+    """Why ``address`` cannot be bound the way its server will bind it, or None."""
+    host, port = parse_host_port(address, key=key)
+    try:
+        family, type_, proto, _, sockaddr = socket.getaddrinfo(host, port, type=kind)[0]
+        with socket.socket(family, type_, proto) as sock:
+            if kind == socket.SOCK_STREAM:  # as the servers do: TIME_WAIT does not block
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            return (
+                f"{key}: {address} is in use ({reason}); hint: stop the program that holds "
+                f"port {port} or choose another port"
+            )
+        return (
+            f"{key}: {address} cannot be bound ({reason}); hint: use an address of this "
+            f"machine, e.g. 127.0.0.1:{port}"
+        )
+    return None
+
+
+def check_environment(config: EdgeConfig) -> None:
+    """Check what only this machine can tell, just before a flow starts.
+
+    ``data_dir`` must not be a file, and ``transports.http.listen``,
+    ``transports.coap.listen`` (UDP) and ``metrics_listen`` must be free to
+    bind. All problems are raised together as one :class:`ConfigError`.
+    """
+    problems: list[str] = []
+    if config.data_dir.exists() and not config.data_dir.is_dir():
+        problems.append(
+            f"data_dir: {config.data_dir} is a file, not a directory; hint: point data_dir "
+            "at a directory (it is created if missing) or move the file away"
+        )
+    transports = config.transports
+    listens = (
+        ("transports.http.listen", transports.http, socket.SOCK_STREAM),
+        ("transports.coap.listen", transports.coap, socket.SOCK_DGRAM),
+    )
+    for key, section, kind in listens:
+        if section is not None and (problem := _unbindable(key, section.listen, kind)):
+            problems.append(problem)
+    if config.metrics_listen is not None and (
+        problem := _unbindable("metrics_listen", config.metrics_listen, socket.SOCK_STREAM)
+    ):
+        problems.append(problem)
+    if problems:
+        raise ConfigError("; ".join(problems))

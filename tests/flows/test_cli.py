@@ -198,7 +198,7 @@ def test_mosquitto_config_is_enforced_by_a_real_mosquitto(tmp_path, capsys, mosq
 def test_mosquitto_config_needs_the_edge_account(tmp_path, capsys):
     config = _edge_files(tmp_path, mqtt="{url: 'mqtt://127.0.0.1:1883'}")
     assert main(["devices", "mosquitto-config", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
-    assert "transports.mqtt needs username and password" in capsys.readouterr().err
+    assert "transports.mqtt: needs username and password" in capsys.readouterr().err
 
 
 def test_mosquitto_config_needs_a_registry(tmp_path, capsys):

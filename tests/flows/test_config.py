@@ -1,9 +1,13 @@
+import re
+import socket
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, EdgeConfig, load_config, parse_config
+from flows.config import ConfigError, EdgeConfig, check_environment, load_config, parse_config
+from operators.spectral import SpectralConfig
+from operators.threshold import Rule
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -27,6 +31,7 @@ telemetry:
 parquet: {max_file_bytes: 1000, max_file_age: 5}
 """,
     )
+    (tmp_path / "devices.yaml").write_text("devices: []\n")
     config = load_config(path)
     assert config.edge_id == "edge-07"
     assert config.data_dir == tmp_path / "var"
@@ -46,6 +51,16 @@ def test_defaults_have_a_nonzero_deadband():
     assert config.max_payload_bytes == 1024 * 1024
 
 
+
+def fails(data: object, message: str) -> None:
+    """parse_config refuses ``data`` with exactly ``message`` (a literal string)."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        parse_config(data)
+
+
+CLOUD = {"target": "h:1", "key": "edge-01", "secret": "s"}
+
+
 def test_missing_file_is_explained(tmp_path):
     with pytest.raises(ConfigError, match=r"does not exist; pass --config PATH"):
         load_config(tmp_path / "nope.yaml")
@@ -53,63 +68,215 @@ def test_missing_file_is_explained(tmp_path):
 
 def test_bad_yaml_names_line_and_column(tmp_path):
     path = write(tmp_path, "edge_id: x\ntransports: {mqtt: [\n")
-    with pytest.raises(ConfigError, match=r"edge.yaml: not valid YAML at line \d+, column \d+"):
+    with pytest.raises(ConfigError, match=r"^.*edge\.yaml: not valid YAML at line \d+, column \d+"):
         load_config(path)
 
 
 def test_top_level_must_be_a_mapping(tmp_path):
     path = write(tmp_path, "- a\n- b\n")
-    with pytest.raises(ConfigError, match=r"must be a mapping of keys \(got list\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^.*edge\.yaml: \(top level\): the configuration must be a mapping of keys "
+        r"\(got list\); hint: start with a key such as edge_id: edge-01; "
+        r"docs/config\.md has an example$",
+    ):
         load_config(path)
 
 
-def test_unknown_key_is_an_error_with_its_location(tmp_path):
+def test_unknown_key_lists_the_keys_of_its_section(tmp_path):
     path = write(tmp_path, "transports:\n  mqtt: {urll: x}\n")
-    with pytest.raises(ConfigError, match=r"transports\.mqtt\.urll: unknown key"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^.*edge\.yaml: transports\.mqtt\.urll: unknown key; hint: the keys of "
+        r"transports\.mqtt are buffer_messages, client_id, keepalive, password, persistent, "
+        r"protocol, qos, url, username$",
+    ):
         load_config(path)
+    fails(
+        {"telemetry": {"windw": {}}},
+        "telemetry.windw: unknown key; hint: the keys of telemetry are deadband, window",
+    )
 
 
 def test_wrong_value_shows_what_was_got(tmp_path):
     path = write(tmp_path, "transports:\n  mqtt: {qos: 2}\n")
     with pytest.raises(
-        ConfigError, match=r"edge.yaml: invalid configuration: transports\.mqtt\.qos: .*\(got 2\)"
+        ConfigError, match=r"^.*edge\.yaml: transports\.mqtt\.qos: must be 0 or 1 \(got 2\)$"
     ):
         load_config(path)
+    fails(
+        {"transports": {"mqtt": {"protocol": 5}}},
+        """transports.mqtt.protocol: must be '3.1.1' or '5' (got 5); hint: write it quoted: "5\"""",
+    )
+    fails(
+        {"max_payload_bytes": "big"},
+        "max_payload_bytes: must be a valid integer, unable to parse string as an integer "
+        "(got 'big'); hint: a whole number, e.g. 10",
+    )
+
+
+def test_several_problems_are_one_message():
+    fails(
+        {"cloud": {"target": "h:1"}},
+        "cloud.key: required key is missing; hint: add key: to cloud; "
+        "cloud.secret: required key is missing; hint: add secret: to cloud",
+    )
+
+
+def test_bad_duration_names_both_forms():
+    fails(
+        {"telemetry": {"window": {"length": "5 min"}}},
+        "telemetry.window.length: must be a valid timedelta, invalid character in hour "
+        "(got '5 min'); hint: seconds or ISO 8601 like PT5M",
+    )
+
+
+def test_empty_edge_id_is_refused():
+    fails(
+        {"edge_id": ""},
+        "edge_id: must have at least 1 character (got ''); "
+        "hint: give a non-empty value or leave the key out",
+    )
 
 
 def test_deadband_needs_a_tolerance():
-    with pytest.raises(ConfigError, match=r"telemetry\.deadband: set absolute or percent"):
-        parse_config({"telemetry": {"deadband": {"absolute": None, "percent": None}}})
+    fails(
+        {"telemetry": {"deadband": {"absolute": None, "percent": None}}},
+        "telemetry.deadband: needs a tolerance (got absolute: null, percent: null); "
+        "hint: set absolute or percent (or both)",
+    )
 
 
 def test_negative_tolerance_is_refused():
-    with pytest.raises(
-        ConfigError,
-        match=r"telemetry\.deadband\.absolute: .*greater than or equal to 0.*\(got -1\)",
-    ):
-        parse_config({"telemetry": {"deadband": {"absolute": -1}}})
+    fails(
+        {"telemetry": {"deadband": {"absolute": -1}}},
+        "telemetry.deadband.absolute: must be greater than or equal to 0 (got -1)",
+    )
+
+
+def test_window_is_checked_at_load_by_the_window_operator():
+    fails(
+        {"telemetry": {"window": {"length": 10, "slide": 20}}},
+        "telemetry.window.slide: must be > 0 and <= length (10) (got 20); hint: a slide longer "
+        "than the window would leave gaps that no window covers; leave slide: null for "
+        "tumbling windows",
+    )
+    fails(
+        {"telemetry": {"window": {"length": 0}}},
+        "telemetry.window.length: must be longer than zero (got 0); hint: length: 10",
+    )
+    fails(
+        {"telemetry": {"window": {"allowed_lateness": -1}}},
+        "telemetry.window.allowed_lateness: must be >= 0 (got -1); hint: 0 treats any reading "
+        "older than the newest one of its series as late",
+    )
+
+
+def test_vibration_defaults_are_the_operators():
+    vibration = parse_config({}).vibration
+    assert vibration.spectral() == SpectralConfig()
+    rules = parse_config({"vibration": {"alarms": [{"name": "x", "raise_above": 1}]}}).vibration.rules()
+    assert rules == (Rule("x", "velocity_rms_mm_s", raise_above=1.0),)
+    assert [r.name for r in vibration.rules()] == ["iso_zone_c", "iso_zone_d", "impacts_kurtosis"]
+
+
+def test_spectral_settings_are_checked_by_the_operator():
+    fails(
+        {"vibration": {"fft_size": 1000}},
+        "vibration.fft_size: must be a power of two from 64 to 1048576 (got 1000); "
+        "hint: round to 1024",
+    )
+    fails(
+        {"vibration": {"overlap": 0.99}},
+        "vibration.overlap: must be a fraction in [0, 0.95] (got 0.99); "
+        "hint: 0.5 means 50% (not 50); 0 means no overlap",
+    )
+    fails(
+        {"vibration": {"frames_per_row": 0}},
+        "vibration.frames_per_row: must be at least 1 (got 0); hint: 1 emits one row per frame",
+    )
+    fails(
+        {"vibration": {"bands_hz": [[10, 100], [10, 5]]}},
+        "vibration.bands_hz.1: needs lo < hi (got (10, 5)); hint: give the lower edge first; "
+        "bands_hz: ((10, 100), (100, 1000), (1000, 5000))",
+    )
+    fails(
+        {"vibration": {"iso_thresholds_mm_s": [3, 2, 1]}},
+        "vibration.iso_thresholds_mm_s: must be finite, > 0 and strictly increasing "
+        "(got (3.0, 2.0, 1.0)); hint: iso_thresholds_mm_s: (1.4, 2.8, 4.5) (A/B, B/C, C/D in mm/s)",
+    )
+
+
+def test_alarm_rules_are_checked_by_the_threshold_operator():
+    def alarm(**rule: object) -> dict:
+        return {"vibration": {"alarms": [{"name": "x", "raise_above": 1, **rule}]}}
+
+    fails(
+        alarm(clear_below=2),
+        "vibration.alarms.0.clear_below: must be <= raise_above (1.0) (got 2.0); hint: the "
+        "clear level sits on the safe side of the raise level and the gap between them is the "
+        "hysteresis, e.g. raise_above: 7.1, clear_below: 6.5",
+    )
+    fails(
+        {"vibration": {"alarms": [{"name": "x"}]}},
+        "vibration.alarms.0: needs raise_above (high alarm) or raise_below (low alarm) "
+        "(got neither); hint: raise_above: 7.1, clear_below: 6.5 raises above 7.1 and clears "
+        "below 6.5",
+    )
+    fails(
+        alarm(severity="bad"),
+        "vibration.alarms.0.severity: must be one of 'info', 'warning', 'critical' "
+        """(got 'bad' (str)); hint: severity: "critical" for alarms that need action now""",
+    )
+    fails(
+        alarm(min_count=0),
+        "vibration.alarms.0.min_count: must be >= 1 (got 0); "
+        "hint: min_count: 1 (the default) raises on the first item beyond the level",
+    )
+    fails(
+        alarm(bogus=2),
+        "vibration.alarms.0.bogus: unknown key; hint: the keys of vibration.alarms.0 are "
+        "clear_above, clear_below, field, min_count, min_duration, name, raise_above, "
+        "raise_below, severity",
+    )
+    fails(
+        {"vibration": {"alarms": [{"raise_above": 1}]}},
+        "vibration.alarms.0.name: required key is missing; hint: add name: to vibration.alarms.0",
+    )
+    fails(
+        {"vibration": {"alarms": []}},
+        "vibration.alarms: is empty (got []); hint: leave alarms out for the default rules",
+    )
+    fails(
+        {"vibration": {"alarms": [{"name": "x", "raise_above": 1}, {"name": "x", "raise_below": 0}]}},
+        "vibration.alarms: rule names must be unique (got 'x' twice); "
+        "hint: rename one, the name is the rule column of its alarms",
+    )
 
 
 def test_http_and_coap_need_a_registry():
-    with pytest.raises(ConfigError, match=r"transports\.http/coap need a device registry"):
-        parse_config({"transports": {"http": {"listen": "127.0.0.1:8080"}}})
+    fails(
+        {"transports": {"http": {"listen": "127.0.0.1:8080"}}},
+        "devices: is required by transports.http and transports.coap (got null); "
+        "hint: set devices: devices.yaml (a list of {id, token})",
+    )
 
 
 def test_listen_must_be_host_port():
-    with pytest.raises(
-        ConfigError,
-        match=r"transports\.coap: listen: must be HOST:PORT, .* \(got '5683'\); hint: give both",
-    ):
-        parse_config({"devices": "d.yaml", "transports": {"coap": {"listen": "5683"}}})
+    fails(
+        {"devices": "d.yaml", "transports": {"coap": {"listen": "5683"}}},
+        "transports.coap.listen: must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080 "
+        "(got '5683'); hint: give both a host and a port, separated by ':'",
+    )
 
 
 def test_metrics_listen_must_be_host_port():
     assert parse_config({"metrics_listen": "localhost:9100"}).metrics_listen == "localhost:9100"
-    with pytest.raises(
-        ConfigError,
-        match=r"metrics_listen: must be HOST:PORT, .* \(got 'localhost'\); hint: give both",
-    ):
-        parse_config({"metrics_listen": "localhost"})
+    fails(
+        {"metrics_listen": "localhost"},
+        "metrics_listen: must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080 "
+        "(got 'localhost'); hint: give both a host and a port, separated by ':'",
+    )
 
 
 def test_listen_accepts_ipv6_and_queue_bound(tmp_path):
@@ -118,6 +285,7 @@ def test_listen_accepts_ipv6_and_queue_bound(tmp_path):
         "devices: devices.yaml\n"
         "transports: {http: {listen: '[::1]:8080'}, coap: {listen: '127.0.0.1:5683'}, queue_messages: 50}\n"
     )
+    (tmp_path / "devices.yaml").write_text("devices: []\n")
     config = load_config(path)
     assert config.transports.http is not None and config.transports.http.listen == "[::1]:8080"
     assert config.transports.queue_messages == 50
@@ -130,17 +298,132 @@ def test_cloud_section(tmp_path):
         "cloud: {target: '127.0.0.1:50051', key: edge-01, secret: s3cret,"
         " tls: {ca: ca.pem, cert: edge.pem, key: edge.key}, send_points: true, outbox_ttl: P1D}\n"
     )
+    for name in ("ca.pem", "edge.pem", "edge.key"):
+        (tmp_path / name).write_text("PEM\n")
     cloud = load_config(path).cloud
     assert cloud is not None and cloud.send_points and cloud.outbox_ttl == timedelta(days=1)
     assert cloud.tls is not None and cloud.tls.ca == tmp_path / "ca.pem" and cloud.tls.key == tmp_path / "edge.key"
     assert "s3cret" not in repr(cloud)
 
 
+def test_cloud_key_must_equal_edge_id():
+    fails(
+        {"edge_id": "a", "cloud": {**CLOUD, "key": "b"}},
+        "cloud.key: must equal edge_id, the receiver checks batches against the key "
+        "(got 'b', edge_id 'a'); hint: set cloud.key: a (and that key in the receiver's edges "
+        "file), or edge_id: b",
+    )
+
+
 def test_cloud_tls_needs_cert_and_key_together():
-    with pytest.raises(ConfigError, match=r"cloud\.tls: set both cert and key for mutual TLS, or neither"):
-        parse_config({"cloud": {"target": "h:1", "key": "k", "secret": "s", "tls": {"ca": "ca.pem", "cert": "c.pem"}}})
+    fails(
+        {"cloud": {**CLOUD, "tls": {"ca": "ca.pem", "cert": "c.pem"}}},
+        "cloud.tls.key: is missing, mutual TLS needs both cert and key (got only cert); "
+        "hint: add key: or remove cert: for one-way TLS",
+    )
 
 
 def test_cloud_backoff_has_a_floor():
-    with pytest.raises(ConfigError, match=r"cloud: backoff_max must be at least 0\.5 seconds"):
-        parse_config({"cloud": {"target": "h:1", "key": "k", "secret": "s", "backoff_max": 0.1}})
+    fails(
+        {"cloud": {**CLOUD, "backoff_max": 0.1}},
+        "cloud.backoff_max: must be at least 0.5 seconds, the first retry waits up to 0.5 s "
+        "(got 0.1); hint: 60 is a good default",
+    )
+
+
+def test_named_files_must_be_readable(tmp_path):
+    (tmp_path / "ca.pem").write_text("PEM\n")
+    (tmp_path / "edge.yaml").write_text(
+        "devices: devices.yaml\n"
+        "cloud: {target: 'h:1', key: edge-01, secret: s, tls: {ca: ca.pem, cert: certs, key: edge.key}}\n"
+    )
+    (tmp_path / "certs").mkdir()
+    hint = "hint: check the path; a relative path is relative to the config file's directory"
+    with pytest.raises(
+        ConfigError,
+        match="^"
+        + re.escape(
+            f"{tmp_path / 'edge.yaml'}: "
+            f"devices: the file cannot be read: No such file or directory "
+            f"(got '{tmp_path / 'devices.yaml'}'); {hint}; "
+            f"cloud.tls.cert: the file cannot be read: Is a directory "
+            f"(got '{tmp_path / 'certs'}'); {hint}; "
+            f"cloud.tls.key: the file cannot be read: No such file or directory "
+            f"(got '{tmp_path / 'edge.key'}'); {hint}"
+        )
+        + "$",
+    ):
+        load_config(tmp_path / "edge.yaml")
+
+
+def environment(tmp_path: Path, **data: object) -> EdgeConfig:
+    (tmp_path / "devices.yaml").write_text("devices: []\n")
+    return parse_config({"data_dir": str(tmp_path / "var"), **data}, base_dir=tmp_path)
+
+
+def test_environment_is_fine_with_free_ports_and_no_data_dir_yet(tmp_path):
+    check_environment(
+        environment(
+            tmp_path,
+            devices="devices.yaml",
+            metrics_listen="127.0.0.1:0",
+            transports={"http": {"listen": "127.0.0.1:0"}, "coap": {"listen": "127.0.0.1:0"}},
+        )
+    )
+
+
+def test_data_dir_must_not_be_a_file(tmp_path):
+    (tmp_path / "var").write_text("")
+    with pytest.raises(
+        ConfigError,
+        match="^"
+        + re.escape(
+            f"data_dir: {tmp_path / 'var'} is a file, not a directory; hint: point data_dir at "
+            "a directory (it is created if missing) or move the file away"
+        )
+        + "$",
+    ):
+        check_environment(environment(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [
+        ("transports.http.listen", socket.SOCK_STREAM),
+        ("transports.coap.listen", socket.SOCK_DGRAM),
+        ("metrics_listen", socket.SOCK_STREAM),
+    ],
+)
+def test_listen_ports_must_be_free(tmp_path, key, kind):
+    with socket.socket(socket.AF_INET, kind) as busy:
+        busy.bind(("127.0.0.1", 0))
+        if kind == socket.SOCK_STREAM:
+            busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        if key == "metrics_listen":
+            config = environment(tmp_path, metrics_listen=address)
+        else:
+            section = key.split(".")[1]
+            config = environment(
+                tmp_path, devices="devices.yaml", transports={section: {"listen": address}}
+            )
+        with pytest.raises(
+            ConfigError,
+            match="^"
+            + re.escape(
+                f"{key}: {address} is in use (Address already in use); hint: stop the program "
+                f"that holds port {address.rsplit(':', 1)[1]} or choose another port"
+            )
+            + "$",
+        ):
+            check_environment(config)
+
+
+def test_listen_address_must_belong_to_this_machine(tmp_path):
+    config = environment(tmp_path, metrics_listen="192.0.2.1:9108")
+    with pytest.raises(
+        ConfigError,
+        match=r"^metrics_listen: 192\.0\.2\.1:9108 cannot be bound \(Cannot assign requested "
+        r"address\); hint: use an address of this machine, e\.g\. 127\.0\.0\.1:9108$",
+    ):
+        check_environment(config)
