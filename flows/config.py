@@ -36,6 +36,7 @@ __all__ = [
     "EdgeConfig",
     "ListenSection",
     "MqttSection",
+    "JournalSection",
     "ParquetSection",
     "TelemetrySection",
     "VibrationSection",
@@ -271,6 +272,17 @@ class ParquetSection(_Section):
     max_file_age: timedelta = timedelta(seconds=60)
 
 
+class JournalSection(_Section):
+    """``journal``: the ingest journal under ``data_dir/journal`` that devices are acked from."""
+
+    sync: Literal["full", "normal"] = "full"
+    """``full`` survives power loss (fsync per group commit); ``normal`` survives a crash."""
+    max_bytes: int = Field(1024 * 1024 * 1024, gt=0)
+    """Payload bytes the journal may hold before devices are pushed back (503, 5.03, no PUBACK)."""
+    partitions: int = Field(4, ge=1, le=64)
+    """SQLite files the journal is split into by device; fixed when the journal is created."""
+
+
 class EdgeConfig(_Section):
     """The whole edge configuration file."""
 
@@ -283,6 +295,7 @@ class EdgeConfig(_Section):
     telemetry: TelemetrySection = TelemetrySection()
     vibration: VibrationSection = VibrationSection()
     parquet: ParquetSection = ParquetSection()
+    journal: JournalSection = JournalSection()
     cloud: CloudSection | None = None
 
     @model_validator(mode="after")
