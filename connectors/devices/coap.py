@@ -10,7 +10,8 @@ against the :class:`~connectors.devices.registry.DeviceRegistry` on every reques
 Response codes:
 
 ====================================  =======================================================
-2.04 Changed                          accepted and queued for the flow
+2.04 Changed                          accepted and queued for the flow (committed to the
+                                      journal, with one)
 2.31 Continue                         block received, send the next one (Block1)
 4.00 Bad Request                      malformed payload (one-line reason as diagnostic
                                       payload; queued as a dead letter), empty payload,
@@ -20,8 +21,8 @@ Response codes:
 4.05 Method Not Allowed               anything but POST on the device API
 4.08 Request Entity Incomplete        a later block without the earlier ones
 4.13 Request Entity Too Large         body over ``ingress.max_payload_bytes`` (Size1 = limit)
-5.03 Service Unavailable              the ingress queue (or the block-wise spool) is full;
-                                      Max-Age = ``ingress.retry_after_s``
+5.03 Service Unavailable              the ingress queue or journal (or the block-wise spool)
+                                      is full; Max-Age = ``ingress.retry_after_s``
 ====================================  =======================================================
 
 Block-wise uploads (RFC 7959 Block1) are reassembled here rather than by
@@ -32,6 +33,19 @@ block (or the client's Size1 option) goes past the payload limit, at most
 abandoned transfer is dropped after ``transfer_timeout_s``. The spool thus
 never holds more than ``max_transfers × max_payload_bytes`` bytes, and
 nothing is spooled for an unknown token (every block is authenticated).
+
+With a journal (``Ingress(journal=...)``) the answer to a request (or to its
+last block) waits for the journal's commit: 2.04, and 4.00 for a malformed
+payload (journaled as a dead letter), are sent only once the message is on
+disk; a journal that refuses it gives 5.03 with the journal's reason. A
+commit normally takes milliseconds, well inside the piggy-backed ACK. When one
+takes longer, aiocoap (0.4.17, ``messagemanager._process_request``) sends an
+empty ACK for a confirmable request by itself once ``EMPTY_ACK_DELAY`` (0.1 s)
+has passed without a response, and the 2.04 then follows as a separate
+confirmable response (RFC 7252 §5.2.2), retransmitted until the device
+acknowledges it: the device never retransmits a request whose commit is
+merely slow. A non-confirmable request gets a non-confirmable answer whenever
+the commit is done.
 """
 
 from __future__ import annotations
@@ -147,7 +161,7 @@ class _DeviceApi(Resource, PathCapable):
 
     async def render(self, request: Message) -> Message:
         """Answer one request (or one block of a request)."""
-        return self.handle(request)
+        return await self.handle(request)
 
     @property
     def pending_transfers(self) -> int:
@@ -156,7 +170,7 @@ class _DeviceApi(Resource, PathCapable):
     def clear(self) -> None:
         self._transfers.clear()
 
-    def handle(self, request: Message) -> Message:
+    async def handle(self, request: Message) -> Message:
         path = request.opt.uri_path
         if len(path) != 4 or path[:2] != ("api", "v1") or not path[2] or path[3] not in CHANNELS:
             return _reply(Code.NOT_FOUND, f"no such resource; devices {_API_PATHS}")
@@ -179,14 +193,16 @@ class _DeviceApi(Resource, PathCapable):
             if isinstance(assembled, Message):
                 return assembled
             payload = assembled
-        response = self._offer(device, channel, payload, request.opt.size1)
+        response = await self._offer(device, channel, payload, request.opt.size1)
         if block1 is not None:
             response.opt.block1 = BlockOption.BlockwiseTuple(
                 block1.block_number, False, block1.size_exponent
             )
         return response
 
-    def _offer(self, device: str, channel: str, payload: bytes, size1: int | None) -> Message:
+    async def _offer(
+        self, device: str, channel: str, payload: bytes, size1: int | None
+    ) -> Message:
         ingress = self._ingress
         limit = ingress.max_payload_bytes
         if size1 is not None and size1 > limit:
@@ -194,7 +210,7 @@ class _DeviceApi(Resource, PathCapable):
         if not payload:
             reason = f"{channel}: payload is empty; POST a JSON document or an EVB1 block"
             return _reply(Code.BAD_REQUEST, reason)
-        offer = ingress.offer(device, channel, TRANSPORT, payload)
+        offer = await ingress.deliver(device, channel, TRANSPORT, payload)
         verdict = offer.verdict
         logger.debug("coap: %s from %s: %s", channel, device, verdict.value)
         if verdict is Verdict.ACCEPTED:
@@ -273,8 +289,9 @@ class _DeviceApi(Resource, PathCapable):
                     f"the most it holds; retry in {self._ingress.retry_after_s}s"
                 )
                 return self._busy(reason)
-            if len(self._ingress) >= self._ingress.max_messages:
-                return self._busy(f"edge is busy; retry in {self._ingress.retry_after_s}s")
+            busy = self._ingress.busy()
+            if busy is not None:
+                return self._busy(busy)
             self._transfers[key] = _Transfer(device, channel, bytearray(payload), now)
             return self._continue(block1)
         transfer = self._transfers.get(key)

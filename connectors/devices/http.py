@@ -26,13 +26,19 @@ code  when                                                         queued
 405   a method other than POST on a device path (``Allow: POST``)  no
 413   body over ``ingress.max_payload_bytes``                      no
 417   an ``Expect`` other than ``100-continue``                    no
-503   the hand-off queue is full (``Retry-After`` seconds)         no
+503   the hand-off queue or the journal is full (``Retry-After``)  no
 ====  ===========================================================  ===================
+
+With a journal (``Ingress(journal=...)``) "queued" means committed to the
+ingest journal: 200 and the 400 for a malformed payload are sent only after
+the commit, and the journal's push-back reason (over ``journal.max_bytes``,
+disk full) is the 503's reason.
 
 A 401 or 413 sent before the body was read closes the connection (the rest of
 the body is discarded, bounded by aiohttp's lingering time); every other answer
 keeps the connection alive. Offers run on the event loop thread, as
-:class:`~connectors.devices.ingress.Ingress` requires.
+:class:`~connectors.devices.ingress.Ingress` requires; a request waiting for
+its commit does not hold up the others.
 
 Tokens never reach the logs: aiohttp's access log is replaced by one that
 logs the route template (``/api/v1/{token}/telemetry``) and the device id, and
@@ -262,9 +268,10 @@ class HttpServer:
         if refusal is not None:
             return refusal
         ingress = self._ingress
-        if len(ingress) >= ingress.max_messages:
+        busy = ingress.busy()
+        if busy is not None:
             ingress.refused += 1
-            response = self._overloaded(f"edge is busy; retry in {ingress.retry_after_s}s")
+            response = self._overloaded(busy)
             response.force_close()
             return response
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -295,7 +302,7 @@ class HttpServer:
             return response
         if not body:
             return _error(400, f"empty body; {_HINTS[channel]}")
-        offer: Offer = self._ingress.offer(device, channel, TRANSPORT, body)
+        offer: Offer = await self._ingress.deliver(device, channel, TRANSPORT, body)
         verdict = offer.verdict
         if verdict is Verdict.ACCEPTED:
             return web.json_response(_ACCEPTED)

@@ -1,10 +1,19 @@
 """Device servers (HTTP, CoAP) feeding the dataflow through one bounded hand-off.
 
 The servers run on one asyncio loop in a thread beside the dataflow. Each
-request is authenticated by the server, then :meth:`Ingress.offer` decodes the
-body once and either queues it (accepted, or rejected-but-kept as a dead
-letter) or refuses it because the queue is full — the server then answers
-503 / 5.03 and memory never grows without bound.
+request is authenticated by the server, then :meth:`Ingress.deliver` decodes
+the body once (for the device's "malformed" answer) and hands it on, in one of
+two modes:
+
+- in memory (no journal): the message is queued in a bounded deque that
+  :class:`DeviceServers` hands to the dataflow; a full queue refuses it, and
+  the server answers 503 / 5.03, so memory never grows without bound;
+- journaled (``Ingress(journal=...)``): the message is submitted to the ingest
+  journal and the answer waits until the journal has committed it, so a device
+  told "accepted" (200, 2.04) or "malformed, kept as a dead letter" (400,
+  4.00) has its message on disk. A journal over its byte bound, a full disk
+  (:class:`~connectors.devices.journal.JournalFull`) or a journal that
+  pushes back (``admit()``) refuses it (503 / 5.03) with the journal's reason.
 """
 
 from __future__ import annotations
@@ -17,12 +26,15 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 
 from connectors.codecs.decode import DEFAULT_MAX_PAYLOAD_BYTES, decode
 from operators.records import DeadLetter, RawMessage
+
+if TYPE_CHECKING:
+    from connectors.devices.journal import Journal
 
 __all__ = [
     "DeviceServer",
@@ -43,13 +55,13 @@ class Verdict(enum.Enum):
     """What became of one offered message."""
 
     ACCEPTED = "accepted"
-    """Queued for the flow (HTTP 200, CoAP 2.04)."""
+    """Queued for the flow, or committed to the journal (HTTP 200, CoAP 2.04)."""
     REJECTED = "rejected"
-    """Malformed; queued as a dead letter (HTTP 400, CoAP 4.00)."""
+    """Malformed; kept as a dead letter (HTTP 400, CoAP 4.00)."""
     TOO_LARGE = "too_large"
-    """Over the payload limit; not queued (HTTP 413, CoAP 4.13)."""
+    """Over the payload limit; not kept (HTTP 413, CoAP 4.13)."""
     OVERLOADED = "overloaded"
-    """The queue is full; not queued, the device should retry (HTTP 503, CoAP 5.03)."""
+    """The queue or the journal is full; not kept, the device should retry (HTTP 503, CoAP 5.03)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +73,15 @@ class Offer:
 
 
 class Ingress:
-    """Bounded, thread-safe hand-off from device servers to the dataflow."""
+    """Bounded hand-off from device servers to the dataflow, in memory or through a journal.
+
+    Without ``journal`` accepted and rejected messages are queued in memory
+    (at most ``max_messages``) for :class:`DeviceServers`; :meth:`offer` and
+    :meth:`deliver` both work. With ``journal`` they are submitted to it and
+    :meth:`deliver` returns only once the journal has committed them
+    (``max_messages`` is then unused: the journal's own bound applies).
+    Offers run on the servers' event loop thread.
+    """
 
     def __init__(
         self,
@@ -69,6 +89,7 @@ class Ingress:
         max_messages: int = 10_000,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         retry_after_s: int = 1,
+        journal: Journal | None = None,
     ) -> None:
         if max_messages < 1 or max_payload_bytes < 1 or retry_after_s < 0:
             msg = (
@@ -79,14 +100,28 @@ class Ingress:
         self.max_messages = max_messages
         self.max_payload_bytes = max_payload_bytes
         self.retry_after_s = retry_after_s
+        self.journal = journal
         self._buf: deque[RawMessage] = deque()
         self.accepted = 0
         self.rejected = 0
         self.refused = 0
         self.high_water = 0
 
-    def offer(self, device: str, channel: str, transport: str, payload: bytes) -> Offer:
-        """Decode ``payload`` once and queue it, unless it is too large or the queue is full."""
+    def busy(self) -> str | None:
+        """Why a new message would be refused right now (the 503 / 5.03 reason), or None."""
+        if self.journal is not None:
+            pushback = self.journal.admit()
+            if pushback is None:
+                return None
+            return f"edge is busy: {pushback}; retry in {self.retry_after_s}s"
+        if len(self._buf) >= self.max_messages:
+            return f"edge is busy; retry in {self.retry_after_s}s"
+        return None
+
+    def _judge(
+        self, device: str, channel: str, transport: str, payload: bytes
+    ) -> Offer | tuple[RawMessage, Offer]:
+        """The refusal, or the decoded message with the verdict it earns once kept."""
         size = len(payload)
         if size > self.max_payload_bytes:
             self.refused += 1
@@ -95,21 +130,75 @@ class Ingress:
                 "split it into smaller messages"
             )
             return Offer(Verdict.TOO_LARGE, reason)
-        if len(self._buf) >= self.max_messages:
+        busy = self.busy()
+        if busy is not None:
             self.refused += 1
-            reason = f"edge is busy; retry in {self.retry_after_s}s"
-            return Offer(Verdict.OVERLOADED, reason)
+            return Offer(Verdict.OVERLOADED, busy)
         msg = RawMessage(device, channel, transport, datetime.now(UTC), payload)
         result = decode(msg, max_payload_bytes=self.max_payload_bytes)
-        self._buf.append(RawMessage(device, channel, transport, msg.received_at, payload, result))
+        decoded = RawMessage(device, channel, transport, msg.received_at, payload, result)
+        if isinstance(result, DeadLetter):
+            return decoded, Offer(Verdict.REJECTED, result.reason)
+        return decoded, Offer(Verdict.ACCEPTED)
+
+    def _kept(self, offer: Offer) -> Offer:
+        if offer.verdict is Verdict.REJECTED:
+            self.rejected += 1
+        else:
+            self.accepted += 1
+        return offer
+
+    def offer(self, device: str, channel: str, transport: str, payload: bytes) -> Offer:
+        """Decode ``payload`` once and queue it in memory, unless too large or the queue is full.
+
+        :raises RuntimeError: in journal mode, where only :meth:`deliver` keeps messages.
+        """
+        if self.journal is not None:
+            msg = (
+                f"Ingress.offer: this ingress writes to a journal, got a {transport} {channel} "
+                "message to queue in memory; hint: await Ingress.deliver(), which answers "
+                "after the commit"
+            )
+            raise RuntimeError(msg)
+        judged = self._judge(device, channel, transport, payload)
+        if isinstance(judged, Offer):
+            return judged
+        msg, offer = judged
+        self._buf.append(msg)
         size = len(self._buf)
         if size > self.high_water:
             self.high_water = size
-        if isinstance(result, DeadLetter):
-            self.rejected += 1
-            return Offer(Verdict.REJECTED, result.reason)
-        self.accepted += 1
-        return Offer(Verdict.ACCEPTED)
+        return self._kept(offer)
+
+    async def deliver(self, device: str, channel: str, transport: str, payload: bytes) -> Offer:
+        """Keep ``payload`` as :meth:`offer` does; in journal mode return after its commit.
+
+        Malformed messages are journaled too (the flow turns them into dead
+        letters). A journal that refuses the message (over its byte bound, disk
+        full, or closed because the edge is stopping) gives ``OVERLOADED`` with
+        its reason. A request cancelled while waiting (the client went away)
+        does not cancel the journal write.
+        """
+        journal = self.journal
+        if journal is None:
+            return self.offer(device, channel, transport, payload)
+        judged = self._judge(device, channel, transport, payload)
+        if isinstance(judged, Offer):
+            return judged
+        msg, offer = judged
+        from connectors.devices.journal import JournalFull
+
+        raw = RawMessage(device, channel, transport, msg.received_at, payload)
+        try:
+            await asyncio.shield(asyncio.wrap_future(journal.submit(raw)))
+        except JournalFull as exc:
+            self.refused += 1
+            return Offer(Verdict.OVERLOADED, f"edge is busy: {exc}; retry in {self.retry_after_s}s")
+        except RuntimeError:
+            self.refused += 1
+            reason = f"edge is stopping, the message was not kept; retry in {self.retry_after_s}s"
+            return Offer(Verdict.OVERLOADED, reason)
+        return self._kept(offer)
 
     def take(self, most: int) -> list[RawMessage]:
         """Remove and return up to ``most`` queued messages, oldest first."""
