@@ -26,15 +26,13 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 
 from connectors.codecs.decode import DEFAULT_MAX_PAYLOAD_BYTES, decode
+from connectors.devices.journal import Journal, JournalFull
 from operators.records import DeadLetter, RawMessage
-
-if TYPE_CHECKING:
-    from connectors.devices.journal import Journal
 
 __all__ = [
     "DeviceServer",
@@ -186,8 +184,6 @@ class Ingress:
         if isinstance(judged, Offer):
             return judged
         msg, offer = judged
-        from connectors.devices.journal import JournalFull
-
         raw = RawMessage(device, channel, transport, msg.received_at, payload)
         try:
             await asyncio.shield(asyncio.wrap_future(journal.submit(raw)))

@@ -550,3 +550,147 @@ def test_servers_that_do_not_stop_in_time_are_logged(monkeypatch: pytest.MonkeyP
     assert not (server_threads() - before)
     del partition
     gc.collect()  # the abandoned stop task is reported now, not in a later test
+
+
+# --- Ingress in journal mode: answers after the commit ------------------------------------------
+
+
+class _HeldJournal:
+    """A journal whose commits the test completes by hand (``admit`` gives ``pushback``)."""
+
+    def __init__(self) -> None:
+        self.futures: list[Any] = []
+        self.submitted: list[RawMessage] = []
+        self.pushback: str | None = None
+
+    def submit(self, msg: RawMessage, *, redelivery: bool = False) -> Any:
+        import concurrent.futures
+
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        self.submitted.append(msg)
+        self.futures.append(future)
+        return future
+
+    def admit(self) -> str | None:
+        return self.pushback
+
+
+def _journal(tmp_path: Any, **kwargs: Any) -> Any:
+    from connectors.devices.journal import Journal, JournalSettings
+
+    return Journal(JournalSettings(root=tmp_path / "journal", partitions=1, **kwargs))
+
+
+def _journaled(tmp_path: Any) -> list[RawMessage]:
+    from connectors.devices.journal import JournalReader
+
+    with JournalReader(tmp_path / "journal", 0) as reader:
+        return [msg for _, msg in reader.read(-1, 100)]
+
+
+def test_journal_mode_accepts_once_committed_and_journals_malformed_too(tmp_path: Any) -> None:
+    journal = _journal(tmp_path)
+    ingress = Ingress(journal=journal)
+    try:
+        ok = asyncio.run(ingress.deliver("pump-1", "telemetry", "http", b'{"t": 1}'))
+        assert ok == Offer(Verdict.ACCEPTED)
+        assert [m.payload for m in _journaled(tmp_path)] == [b'{"t": 1}']  # on disk on return
+        bad = asyncio.run(ingress.deliver("pump-1", "telemetry", "coap", b"{nope"))
+        assert bad.verdict is Verdict.REJECTED and bad.reason.startswith("telemetry: ")
+        [first, second] = _journaled(tmp_path)
+        assert (second.device, second.channel, second.transport) == ("pump-1", "telemetry", "coap")
+        assert second.payload == b"{nope" and second.received_at.tzinfo is not None
+        assert (ingress.accepted, ingress.rejected, ingress.refused) == (1, 1, 0)
+        assert len(ingress) == 0  # nothing is held in memory
+    finally:
+        journal.close()
+
+
+def test_journal_mode_answers_only_after_the_commit() -> None:
+    journal = _HeldJournal()
+    ingress = Ingress(journal=journal)  # type: ignore[arg-type]
+    from connectors.devices.journal import Committed
+
+    async def scenario() -> tuple[bool, Offer]:
+        task = asyncio.ensure_future(ingress.deliver("pump-1", "telemetry", "http", b'{"t": 1}'))
+        await asyncio.sleep(0.2)
+        waited = not task.done()
+        journal.futures[0].set_result(Committed(0, 0))
+        return waited, await task
+
+    waited, offer = asyncio.run(scenario())
+    assert waited and offer == Offer(Verdict.ACCEPTED)
+    assert journal.submitted[0].decoded is None  # the flow decodes what it reads back
+
+
+def test_journal_mode_a_client_going_away_does_not_cancel_the_commit() -> None:
+    journal = _HeldJournal()
+    ingress = Ingress(journal=journal)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(ingress.deliver("pump-1", "telemetry", "http", b'{"t": 1}'))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert not journal.futures[0].cancelled()
+
+
+def test_journal_mode_refusals_carry_the_journals_reason(tmp_path: Any) -> None:
+    from connectors.devices.journal import JournalFull
+
+    journal = _HeldJournal()
+    ingress = Ingress(journal=journal, retry_after_s=3)  # type: ignore[arg-type]
+    journal.pushback = "journal full: 10 payload bytes held of journal.max_bytes=10"
+    assert ingress.busy() == (
+        "edge is busy: journal full: 10 payload bytes held of journal.max_bytes=10; retry in 3s"
+    )
+    offer = asyncio.run(ingress.deliver("pump-1", "telemetry", "http", b'{"t": 1}'))
+    assert offer == Offer(Verdict.OVERLOADED, ingress.busy() or "")
+    assert journal.submitted == []  # pushed back before submitting
+    journal.pushback = None
+
+    async def failing(exc: BaseException) -> Offer:
+        task = asyncio.ensure_future(ingress.deliver("pump-1", "telemetry", "http", b'{"t": 1}'))
+        await asyncio.sleep(0.05)
+        journal.futures[-1].set_exception(exc)
+        return await task
+
+    full = asyncio.run(failing(JournalFull("disk full: No space left on device")))
+    assert full == Offer(
+        Verdict.OVERLOADED, "edge is busy: disk full: No space left on device; retry in 3s"
+    )
+    closed = asyncio.run(failing(RuntimeError("journal closed")))
+    assert closed == Offer(
+        Verdict.OVERLOADED, "edge is stopping, the message was not kept; retry in 3s"
+    )
+    assert (ingress.accepted, ingress.rejected, ingress.refused) == (0, 0, 3)
+
+
+def test_journal_mode_too_large_is_not_submitted() -> None:
+    journal = _HeldJournal()
+    ingress = Ingress(journal=journal, max_payload_bytes=4)  # type: ignore[arg-type]
+    offer = asyncio.run(ingress.deliver("pump-1", "telemetry", "http", b"12345"))
+    assert offer.verdict is Verdict.TOO_LARGE and journal.submitted == []
+
+
+def test_journal_mode_refuses_the_in_memory_offer() -> None:
+    ingress = Ingress(journal=_HeldJournal())  # type: ignore[arg-type]
+    with pytest.raises(
+        RuntimeError,
+        match=r"^Ingress.offer: this ingress writes to a journal, got a http telemetry message "
+        r"to queue in memory; hint: await Ingress.deliver\(\), which answers after the commit$",
+    ):
+        ingress.offer("pump-1", "telemetry", "http", b"{}")
+
+
+def test_memory_mode_deliver_is_offer() -> None:
+    ingress = Ingress(max_messages=1)
+    assert asyncio.run(ingress.deliver("pump-1", "telemetry", "http", b'{"t": 1}')).verdict is (
+        Verdict.ACCEPTED
+    )
+    assert ingress.busy() == "edge is busy; retry in 1s"
+    assert len(ingress) == 1
