@@ -19,10 +19,12 @@ from typing import TypeVar
 import bytewax.operators as op
 from bytewax.dataflow import Stream
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["FlowReport", "Meter", "counted", "ratio_text", "report"]
+from connectors.devices.journal_source import JournalSource, journal_depth
+
+__all__ = ["FlowReport", "JournalCollector", "Meter", "counted", "ratio_text", "report"]
 
 X = TypeVar("X")
 
@@ -150,6 +152,28 @@ class _MeterCollector(Collector):
             yield family
 
 
+class JournalCollector(Collector):
+    """The ingest journal's depth and the flow's lag behind it, as Prometheus gauges."""
+
+    def __init__(self, source: JournalSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Read the journal's files and the source's progress at scrape time."""
+        messages, nbytes = journal_depth(self._source.root)
+        gauges = (
+            ("edgesieve_journal_messages", "Messages the ingest journal holds", messages),
+            ("edgesieve_journal_bytes", "Payload bytes the ingest journal holds", nbytes),
+            (
+                "edgesieve_journal_lag_messages",
+                "Messages committed to the journal that the flow has not read yet",
+                self._source.lag,
+            ),
+        )
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
 def counted(
     step_id: str,
     up: Stream[X],
@@ -186,6 +210,12 @@ class FlowReport:
     wire_rows: dict[str, int] = field(default_factory=dict)
     wire_bytes: dict[str, int] = field(default_factory=dict)
     devices: dict[str, dict[str, int]] = field(default_factory=dict)
+    journal_messages: int | None = None
+    """Messages left in the ingest journal (None when the flow does not read one)."""
+    journal_bytes: int | None = None
+    """Payload bytes left in the ingest journal."""
+    journal_lag: int | None = None
+    """Messages committed to the journal that the flow had not read."""
 
     def reduced_bytes(self, exclude: Iterable[str] = ("dead_letters",)) -> int:
         """Bytes of the reduced output streams (dead letters are not reduction)."""
@@ -232,6 +262,11 @@ class FlowReport:
         wire = self.wire_ratio
         if wire is not None:
             lines.append(f"  reduction (raw bytes / wire bytes to the cloud): {ratio_text(wire)}")
+        if self.journal_messages is not None:
+            lines.append(
+                f"  journal: {self.journal_messages} messages, {self.journal_bytes} bytes held, "
+                f"{self.journal_lag} not read by the flow"
+            )
         return "\n".join(lines)
 
 
@@ -240,10 +275,13 @@ def ratio_text(ratio: float) -> str:
     return f"{ratio:,.0f}:1" if ratio >= 100 else f"{ratio:.3g}:1"
 
 
-def report(meter: Meter) -> FlowReport:
-    """Read the flow's tallies into a :class:`FlowReport`."""
+def report(meter: Meter, journal: JournalSource | None = None) -> FlowReport:
+    """Read the flow's tallies (and where it stands in its ``journal``) into a report."""
     snap = meter.snapshot()
     rep = FlowReport(meter.flow)
+    if journal is not None:
+        rep.journal_messages, rep.journal_bytes = journal_depth(journal.root)
+        rep.journal_lag = journal.lag
     for (stage, device), n in snap["messages"].items():
         rep.stages[stage] = rep.stages.get(stage, 0) + n
         rep.devices.setdefault(device, {})[stage] = n

@@ -34,15 +34,16 @@ from bytewax.operators import KeyedStream
 from bytewax.testing import cluster_main
 from prometheus_client import CollectorRegistry
 
+from connectors.devices.journal_source import JournalSource
 from connectors.sinks.cloud import CloudSink, CloudSinkSettings
 from connectors.sinks.parquet import ParquetSettings, ParquetSink
 from connectors.streams import STREAMS, StreamSpec
 from connectors.uplink.wire import priority_of
-from flows.accounting import FlowReport, Meter, report
+from flows.accounting import FlowReport, JournalCollector, Meter, report
 from flows.cloud import CloudLink
 from flows.config import EdgeConfig, check_environment
 from flows.ingest import CHANNELS, Decoded, decoder, to_dead_letter
-from flows.transports import device_inputs
+from flows.transports import require_transports
 from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock
 
 __all__ = ["Devices", "Edge", "RunResult"]
@@ -133,6 +134,77 @@ class _Shared:
         self.finished = False
         self.link = CloudLink(config, self.registry) if config.cloud is not None else None
         self.parts: list[Edge] = []
+        self.ingest: _Ingest | None = None
+
+
+class _Ingest:
+    """The ingest process of a flow reading the journal, and the journal source it feeds.
+
+    :meth:`start` spawns the ingest process and a thread that, once ``stop`` is
+    set, stops ingest (it stops accepting and commits) and only then tells the
+    source to drain the journal and end. :meth:`stop` does the same at once.
+    """
+
+    def __init__(
+        self, config: EdgeConfig, channels: tuple[str, ...], source: JournalSource
+    ) -> None:
+        self.config = config
+        self.channels = channels
+        self.source = source
+        self._lock = threading.Lock()
+        self._supervisor: Any = None
+        self._stopped = False
+
+    @property
+    def ready(self) -> bool:
+        """Whether the ingest process is subscribed and listening."""
+        supervisor = self._supervisor
+        return supervisor is not None and bool(supervisor.ready)
+
+    def start(self, stop: threading.Event) -> None:
+        """Spawn the ingest process (once) and watch ``stop``."""
+        with self._lock:
+            if self._supervisor is not None or self._stopped:
+                return
+            self._supervisor = _ingest_supervisor(self.config, self.channels)
+            self._supervisor.start()
+        threading.Thread(
+            target=self._watch, args=(stop,), name="edgesieve-ingest-stop", daemon=True
+        ).start()
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(0.1):
+            if self._stopped:
+                return
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop ingest (it commits what it accepted), then let the source drain and end."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            supervisor = self._supervisor
+            try:
+                if supervisor is not None:
+                    log.info("stopping ingest, then draining the journal through the flow")
+                    supervisor.stop()
+            finally:
+                self.source.drain.set()
+
+
+def _ingest_supervisor(config: EdgeConfig, channels: tuple[str, ...]) -> Any:
+    """The ingest process's supervisor (``flows.ingest_process``)."""
+    try:
+        from flows.ingest_process import IngestSupervisor
+    except ImportError as exc:
+        msg = (
+            f"Edge.run(): the ingest process is not available ({exc}); the flow reads "
+            f"{config.data_dir / 'journal'} but nothing would write it; hint: install an "
+            "edgesieve with flows.ingest_process, or give Edge(source=...) for recorded input"
+        )
+        raise RuntimeError(msg) from exc
+    return IngestSupervisor(config, channels=channels)
 
 
 class Edge:
@@ -222,10 +294,12 @@ class Edge:
     def devices(self, step_id: str, *, channels: Iterable[str] = CHANNELS) -> Devices:
         """Device messages of ``channels``, decoded, counted and keyed.
 
-        Input comes from every configured transport (MQTT subscribes to
-        ``channels``; HTTP and CoAP serve the whole device API and messages of
-        other channels become dead letters), or from ``source``. Call it once
-        per flow and share the result between steps.
+        Input comes from the ingest journal (``data_dir/journal``), which the
+        ingest process fills from every configured transport when the flow
+        runs (MQTT subscribes to ``channels``; HTTP and CoAP serve the whole
+        device API and messages of other channels become dead letters), or
+        from ``source``. Call it once per flow and share the result between
+        steps.
         """
         self._check_open("devices")
         shared = self._shared
@@ -251,10 +325,15 @@ class Edge:
             raw = op.input(sid, shared.flow, self._source)
             shared.sources.append(self._source)
         else:
-            raw, sources = device_inputs(
-                sid, shared.flow, self.config, channels=wanted, stop=shared.stop
+            require_transports(self.config)
+            journal = JournalSource(
+                self.config.data_dir / "journal",
+                reader=self.name,
+                partitions=self.config.journal.partitions,
             )
-            shared.sources.extend(sources)
+            raw = op.input(sid, shared.flow, journal)
+            shared.ingest = _Ingest(self.config, wanted, journal)
+            shared.registry.register(JournalCollector(journal))
         decode = decoder(
             self.config.max_payload_bytes,
             channels=wanted,
@@ -372,7 +451,10 @@ class Edge:
 
     @property
     def ready(self) -> bool:
-        """Whether every input is subscribed or listening (recorded sources always are)."""
+        """Whether the ingest process is subscribed and listening (or every given source is)."""
+        ingest = self._shared.ingest
+        if ingest is not None:
+            return ingest.ready
         return all(getattr(source, "ready", True) for source in self._shared.sources)
 
     def wait_ready(self, timeout: float) -> bool:
@@ -402,24 +484,48 @@ class Edge:
         data_dir.mkdir(parents=True, exist_ok=True)
         serve_metrics(self.config, self._shared.registry)
         log.info("flow %s starting with %d worker(s), data in %s", self.name, workers, data_dir)
+        completed = False
         try:
             with stop_on_signals(self.stop):
+                self.start_ingest()
                 cluster_main(flow, [], 0, worker_count_per_proc=workers)
+            completed = True
         finally:
-            self.close()
+            self.close(completed=completed)
         return RunResult(self.reports(write=True))
 
-    def close(self) -> None:
-        """Give the cloud its time to take what is queued, then stop the link (idempotent)."""
-        if self._shared.link is not None:
-            self._shared.link.close()
+    def start_ingest(self) -> None:
+        """Start the ingest process that fills the journal (none with a given ``source``).
+
+        :meth:`run` does it; call it yourself only when running :meth:`dataflow`
+        with another runner, and :meth:`close` after.
+        """
+        if self._shared.ingest is not None:
+            self._shared.ingest.start(self.stop)
+
+    def close(self, *, completed: bool = False) -> None:
+        """Stop ingest, release the journal if the flow ``completed``, stop the cloud link.
+
+        ``completed`` says the dataflow ended normally (every sink closed), so
+        everything it read from the journal is done with. Idempotent.
+        """
+        ingest = self._shared.ingest
+        try:
+            if ingest is not None:
+                ingest.stop()
+                if completed:
+                    ingest.source.release_emitted()
+        finally:
+            if self._shared.link is not None:
+                self._shared.link.close()
 
     def reports(self, *, write: bool = False) -> dict[str, FlowReport]:
         """The traffic report of each part that saw messages (the flow's own, at least)."""
         parts = self._shared.parts
         out: dict[str, FlowReport] = {}
+        ingest = self._shared.ingest
         for part in parts:
-            rep = report(part.meter)
+            rep = report(part.meter, ingest.source if ingest is not None else None)
             if rep.messages_in or (part is parts[0] and len(parts) == 1):
                 out[part.name] = rep
         if write:

@@ -1,7 +1,8 @@
 """Running flows: loading a flow, clean shutdown on signals, metrics, Bytewax's runner.
 
 A clean stop works through the dataflow itself: ``SIGTERM``/``SIGINT`` set a
-stop event, sources drain what they accepted and end their input, Bytewax then
+stop event, the ingest process stops accepting and commits what it accepted
+to the journal, the journal source drains it and ends its input, Bytewax then
 closes every open window (end of input), and sinks flush on close.
 """
 
@@ -13,11 +14,12 @@ import importlib.util
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import FrameType, ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -140,12 +142,27 @@ def run_flow(
     return edge.run(workers=workers)
 
 
+def _note_uncaught_exceptions() -> threading.Event:
+    """An event set when the process ends on an uncaught exception (atexit cannot tell)."""
+    failed = threading.Event()
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        failed.set()
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+    return failed
+
+
 def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
     """A module ``__getattr__`` that builds ``flow`` on first access.
 
     This lets ``python -m bytewax.run flows.telemetry`` work: the config comes
-    from ``$EDGESIEVE_CONFIG`` (default ``edge.yaml``), and SIGTERM/SIGINT stop
-    the flow cleanly.
+    from ``$EDGESIEVE_CONFIG`` (default ``edge.yaml``), the ingest process starts
+    with the flow, SIGTERM/SIGINT stop ingest and then drain the journal through
+    the flow, and at exit ingest is stopped and, unless the run failed with an
+    uncaught exception, what the flow read is released from the journal.
     """
     built: dict[str, Any] = {}
 
@@ -162,7 +179,9 @@ def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
             install_stop_handlers(edge.stop)
             build(edge)
             built["flow"] = edge.dataflow()
-            atexit.register(edge.close)
+            failed = _note_uncaught_exceptions()
+            atexit.register(lambda: edge.close(completed=not failed.is_set()))
+            edge.start_ingest()
         return built["flow"]
 
     return __getattr__

@@ -276,11 +276,13 @@ class JournalSource(FixedPartitionedSource[RawMessage, int]):
 
 
 def journal_depth(root: Path) -> tuple[int, int]:
-    """Messages and payload bytes the journal at ``root`` holds (0, 0 before it exists).
+    """Messages and payload bytes the journal at ``root`` holds for its readers.
 
-    Read straight from the partition files (read-only, a full scan: for
-    scrapes and reports, not the hot path) until the journal's read side
-    reports what it holds.
+    Held means committed and not yet released by every registered reader
+    (rows released but not yet deleted by the writer do not count); (0, 0)
+    before the journal exists. Read straight from the partition files
+    (read-only, a scan: for scrapes and reports, not the hot path) until the
+    journal's read side reports what it holds.
     """
     messages = nbytes = 0
     for partition in range(journal_partitions(root) or 0):
@@ -290,7 +292,8 @@ def journal_depth(root: Path) -> tuple[int, int]:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         try:
             count, size = db.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM messages"
+                "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE seq > "
+                "(SELECT coalesce(min(released), -1) FROM readers)"
             ).fetchone()
         except sqlite3.OperationalError:
             continue  # created, its tables not yet

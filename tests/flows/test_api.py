@@ -203,25 +203,38 @@ def test_a_new_stream_reaches_the_cloud_which_creates_its_table(tmp_path):
     assert batches == [("pressure_points", 2, rep.raw_bytes)]
 
 
-def test_ready_once_the_configured_transports_listen(tmp_path, run_flow):
-    from tests.conftest import DEVICES, curl, write_devices
+def test_ready_once_ingest_listens_and_a_clean_stop_drains_the_journal(tmp_path):
+    import threading
 
+    from tests.conftest import DEVICES, curl, free_port, write_devices
+
+    port = free_port()
     config = parse_config(
         {
             "data_dir": str(tmp_path),
             "devices": str(write_devices(tmp_path, DEVICES)),
-            "transports": {"http": {"listen": "127.0.0.1:0"}},
+            "transports": {"http": {"listen": f"127.0.0.1:{port}"}},
+            "journal": {"partitions": 2},
         }
     )
     edge = Edge(config, name="t")
     edge.output("telemetry_points", edge.devices("in").readings)
     assert not edge.ready
-    runner = run_flow(edge.dataflow(), stops=[edge.stop])
-    assert edge.wait_ready(timeout=10)
-    (servers,) = edge._shared.sources
-    (http,) = servers.servers
-    reply = curl(f"http://127.0.0.1:{http.port}/api/v1/{DEVICES['pump-1']}/telemetry", b'{"t": 1}')
-    assert reply.status == 200
-    edge.stop.set()
-    runner.join(15)
-    assert rows(tmp_path, "telemetry_points", "device, key, value") == [("pump-1", "t", 1.0)]
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(run=edge.run()), daemon=True)
+    runner.start()
+    try:
+        assert edge.wait_ready(timeout=30)
+        url = f"http://127.0.0.1:{port}/api/v1/{DEVICES['pump-1']}/telemetry"
+        for i in range(20):
+            assert curl(url, json.dumps({"ts": MS + i, "values": {"t": i}}).encode()).status == 200
+    finally:
+        edge.stop.set()
+        runner.join(60)
+    assert not runner.is_alive()
+    # every accepted message went through the flow before it ended
+    values = [v for (v,) in rows(tmp_path, "telemetry_points", "value")]
+    assert values == [float(i) for i in range(20)]
+    rep = result["run"].reports["t"]
+    assert rep.messages_in == 20 and rep.journal_lag == 0
+    assert rep.journal_messages == 0  # released at the end of a completed run and truncated
