@@ -26,8 +26,9 @@ The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
 - **Truncation**: a reader (:class:`JournalReader`, any process) registers by
   its first :meth:`JournalReader.release`; the writer deletes rows at or below
   the lowest offset released by every registered reader, in chunks of
-  :data:`TRUNCATE_CHUNK` rows, and runs an incremental vacuum now and then so
-  the files shrink. With no registered reader nothing is deleted.
+  :data:`TRUNCATE_CHUNK` rows, and runs an incremental vacuum when idle so the
+  files shrink. With no registered reader nothing is deleted; a reader that
+  registers later starts from what is still held.
 """
 
 from __future__ import annotations
@@ -73,10 +74,15 @@ TRUNCATE_CHUNK = 5000
 """Rows deleted per truncation transaction, so commits of new messages are not held up."""
 QUEUE_FACTOR = 4
 """At most ``QUEUE_FACTOR * max_batch`` messages wait for the writer."""
-VACUUM_PAGES = 1024
+VACUUM_PAGES = 256
 """Free pages above which the writer runs ``PRAGMA incremental_vacuum``."""
+VACUUM_CHUNK = 4096
+"""Pages one incremental vacuum gives back at most (16 MiB of 4 KiB pages)."""
 READERS_POLL_S = 0.05
 """How often the writer looks at the readers' released offsets."""
+PROBE_INTERVAL_S = 1.0
+"""While the disk is full and nothing is submitted, the writer tries a write this often."""
+PROBE_BYTES = 64 * 1024
 LATENCY_SAMPLES = 4096
 BUSY_TIMEOUT_MS = 10_000
 CLOSE_TIMEOUT_S = 120.0
@@ -341,9 +347,14 @@ class _Partition:
             self.count -= int(count)
             self.bytes -= int(size)
             self.oldest_us = None if row is None else int(row[0])
-        if int(count) and db.execute("PRAGMA freelist_count").fetchone()[0] > VACUUM_PAGES:
-            db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})")
         return int(count)
+
+    def vacuum_chunk(self) -> None:
+        """Give up to VACUUM_CHUNK free pages back to the file system when many are free."""
+        if self.db.execute("PRAGMA freelist_count").fetchone()[0] > VACUUM_PAGES:
+            # execute() steps a statement without result columns once (one page);
+            # executescript() runs it to completion.
+            self.db.executescript(f"PRAGMA incremental_vacuum({VACUUM_CHUNK});")
 
     def find(self, digest: bytes) -> int | None:
         """The offset of a recent message with this digest."""
@@ -391,8 +402,8 @@ class Journal:
             raise
         self._queue: deque[_Item] = deque()
         self._pending_bytes = 0
-        self._before_commit: Callable[[sqlite3.Connection], None] | None = None
-        """Called in each partition transaction before COMMIT (tests inject faults with it)."""
+        self._fault_hook: Callable[[sqlite3.Connection], None] | None = None
+        """Called at the start of each write transaction (tests inject disk faults with it)."""
         self._disk_full: str | None = None
         self._closing = False
         self._closed = False
@@ -413,10 +424,12 @@ class Journal:
     ) -> concurrent.futures.Future[Committed]:
         """Queue ``msg``; the future resolves after its durable commit (see the module doc).
 
-        Never blocks. A refused message (journal over ``max_bytes``, queue full,
-        disk full) gets a future already failed with :class:`JournalFull`, and a
-        submission after :meth:`close` one failed with ``RuntimeError``; their
-        callbacks run in the caller's thread.
+        Never blocks. A refused message (journal over ``max_bytes``, queue full)
+        gets a future already failed with :class:`JournalFull`, and a submission
+        after :meth:`close` one failed with ``RuntimeError``; their callbacks run
+        in the caller's thread. While the disk is full, messages are still
+        queued (their group fails with ``JournalFull("disk full: ...")`` if it
+        still is); :meth:`admit` is what pushes devices back meanwhile.
         """
         to_us(msg.received_at)  # a naive timestamp is the caller's bug: raise here
         future: concurrent.futures.Future[Committed] = concurrent.futures.Future()
@@ -449,11 +462,11 @@ class Journal:
         with self._cond:
             if self._closing:
                 return self._closed_message()
+            if self._disk_full is not None:
+                return self._disk_full
             return self._refusal(0)
 
     def _refusal(self, size: int) -> str | None:
-        if self._disk_full is not None:
-            return self._disk_full
         waiting = len(self._queue)
         if waiting >= self._max_queue:
             return (
@@ -521,6 +534,7 @@ class Journal:
 
     def _run(self) -> None:
         next_poll = 0.0
+        next_probe = 0.0
         while True:
             group = self._take()
             if group:
@@ -529,6 +543,9 @@ class Journal:
             if now >= next_poll or not group:
                 next_poll = now + READERS_POLL_S
                 self._truncate()
+            if not group and self._disk_full is not None and now >= next_probe:
+                next_probe = now + PROBE_INTERVAL_S
+                self._probe()
             with self._cond:
                 if self._closing and not self._queue:
                     return
@@ -608,6 +625,7 @@ class Journal:
         duplicates = 0
         db.execute("BEGIN IMMEDIATE")
         try:
+            self._fault(db)
             for item in items:
                 msg = item.msg
                 digest = digest_of(msg.device, msg.channel, msg.payload)
@@ -637,9 +655,6 @@ class Journal:
                 outcome.append(Committed(part.index, last))
             if rows:
                 db.executemany(_INSERT, rows)
-            hook = self._before_commit
-            if hook is not None:
-                hook(db)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -654,10 +669,40 @@ class Journal:
             self._duplicates += duplicates
         return outcome
 
+    def _fault(self, db: sqlite3.Connection) -> None:
+        hook = self._fault_hook
+        if hook is not None:
+            hook(db)
+
+    def _probe(self) -> None:
+        """Write and delete PROBE_BYTES in each partition; clear the disk-full state if it works."""
+        for part in self._parts:
+            db = part.db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._fault(db)
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', zeroblob(?))",
+                        (PROBE_BYTES,),
+                    )
+                    db.execute("DELETE FROM meta WHERE key = 'probe'")
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except Exception as exc:  # noqa: BLE001 - still full (or worse): try again later
+                logger.info("journal %s: write probe failed: %s", part.path, exc)
+                return
+        with self._cond:
+            self._disk_full = None
+
     def _truncate(self) -> None:
         for part in self._parts:
             try:
-                part.truncate_chunk()
+                if not part.truncate_chunk():
+                    part.vacuum_chunk()
             except sqlite3.Error:
                 logger.exception("journal %s: truncation failed", part.path)
 
