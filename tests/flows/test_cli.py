@@ -79,15 +79,17 @@ parquet: {{max_file_age: 3600}}
     else:
         cmd = [sys.executable, "-m", "bytewax.run", "flows.telemetry"]
         env = {**os.environ, "EDGESIEVE_CONFIG": str(config)}
-    # The edge keeps a persistent session named by its client id: register it first with the
-    # real mosquitto_sub, so QoS 1 messages queue for the edge however fast it starts.
+    # The whole chain: mosquitto -> the ingest process (journal commit, then PUBACK) -> the
+    # journal -> the flow -> Parquet. The ingest process keeps a persistent session named by its
+    # client id: register it first with the real mosquitto_sub, so QoS 1 messages queue for it
+    # however fast it starts.
     subprocess.run(
         [
             "mosquitto_sub",
             "-p",
             str(mosquitto.port),
             "-i",
-            "cli-test-telemetry",  # flows append their channel to the configured client_id
+            "cli-test-telemetry",  # ingest appends the flow's channels to the configured client_id
             "-c",
             "-q",
             "1",
@@ -142,6 +144,8 @@ parquet: {{max_file_age: 3600}}
     if runner == "edgesieve":
         report = json.loads((data / "report-telemetry.json").read_text())
         assert report["messages_in"] == 5
+        # the clean stop drained the journal and released what the flow had read
+        assert report["journal_lag"] == 0 and report["journal_messages"] == 0
 
 
 def test_stop_on_signals_sets_the_event_and_restores_handlers():

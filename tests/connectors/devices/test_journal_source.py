@@ -210,3 +210,23 @@ def test_property_exactly_once_in_order_after_the_release(
     )
     for device, seqs in per_device(got).items():
         assert seqs == sorted(seqs), device
+
+
+def test_depth_and_lag_are_gauges(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from flows.accounting import JournalCollector
+
+    write(tmp_path, traffic(devices=2, per_device=5), partitions=1)
+    source = JournalSource(tmp_path, reader="flow", partitions=1, max_batch=4)
+    registry = CollectorRegistry()
+    registry.register(JournalCollector(source))
+    part = source.build_part("in", "journal-0", None)
+    part.next_batch()  # 4 of 10 read
+    part.snapshot()
+    part.snapshot()  # the 4 released
+    text = generate_latest(registry).decode()
+    assert "edgesieve_journal_lag_messages 6.0" in text
+    assert "edgesieve_journal_messages 6.0" in text
+    assert "edgesieve_journal_bytes 48.0" in text
+    part.close()
