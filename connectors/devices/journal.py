@@ -110,7 +110,6 @@ _INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-
 @dataclass(frozen=True)
 class JournalSettings:
     """Where the journal lives and how it commits; see :mod:`flows.config` ``journal``."""
@@ -123,7 +122,7 @@ class JournalSettings:
     linger: timedelta = timedelta(milliseconds=2)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Committed:
     """Where a message was journaled; ``duplicate`` when a redelivery was already there."""
 
@@ -188,13 +187,9 @@ def journal_partitions(root: Path) -> int | None:
 
 
 def digest_of(device: str, channel: str, payload: bytes) -> bytes:
-    """The 16-byte digest redeliveries are recognised by."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in (device.encode(), channel.encode()):
-        h.update(len(part).to_bytes(4, "big"))
-        h.update(part)
-    h.update(payload)
-    return h.digest()
+    """The 16-byte digest redeliveries are recognised by (lengths keep the fields apart)."""
+    head = f"{len(device)}:{device}{len(channel)}:{channel}".encode()
+    return hashlib.blake2b(head + payload, digest_size=16).digest()
 
 
 def to_us(ts: datetime) -> int:
@@ -454,7 +449,9 @@ class Journal:
             )
             self._queue.append(item)
             self._pending_bytes += size
-            self._cond.notify()
+            waiting = len(self._queue)
+            if waiting == 1 or waiting == self.settings.max_batch:
+                self._cond.notify()  # the writer waits for the first, or lingers for a full group
         return future
 
     def admit(self) -> str | None:
