@@ -35,6 +35,8 @@ from connectors.devices.registry import DeviceRegistry
 
 __all__ = [
     "ACL_FILE",
+    "CONF_FILE",
+    "FLOW_CONTROL_LINES",
     "DEVICE_RULES",
     "EDGE_RULES",
     "PASSWORD_FILE",
@@ -44,6 +46,7 @@ __all__ = [
     "acl_file",
     "check_auth_pair",
     "password_file",
+    "mosquitto_conf",
     "password_line",
     "write_mosquitto_config",
 ]
@@ -52,6 +55,14 @@ PASSWORD_FILE = "passwd"
 """Name of the password file written by :func:`write_mosquitto_config`."""
 ACL_FILE = "acl"
 """Name of the ACL file written by :func:`write_mosquitto_config`."""
+CONF_FILE = "edgesieve.conf"
+"""Name of the mosquitto.conf fragment written by :func:`write_mosquitto_config`."""
+FLOW_CONTROL_LINES = ("max_inflight_messages 1000", "max_queued_messages 0")
+"""mosquitto settings the edge relies on: it acknowledges a message only once it is
+journaled, so up to 1000 unacknowledged messages may be in flight to it (as its MQTT 5
+Receive Maximum says; mosquitto's default of 20 would throttle 3.1.1 clients), and the
+rest of its persistent session is queued without a count limit (0), bounded by
+``max_queued_bytes`` if set, rather than dropped."""
 
 PBKDF2_ITERATIONS = 101
 """Iterations mosquitto 2.x uses for ``$7$`` (PBKDF2-SHA512) password hashes."""
@@ -261,7 +272,10 @@ def _fsync_dir(path: Path) -> None:
 def write_mosquitto_config(
     registry: DeviceRegistry, edge: EdgeAccount, out_dir: Path
 ) -> tuple[Path, Path]:
-    """Write ``passwd`` and ``acl`` into ``out_dir`` (both mode 0600, each replaced atomically).
+    """Write ``passwd``, ``acl`` and ``edgesieve.conf`` into ``out_dir`` (mode 0600, atomically).
+
+    ``edgesieve.conf`` (:func:`mosquitto_conf`) holds the lines for mosquitto.conf:
+    the two files and the flow-control settings the edge relies on.
 
     :returns: the paths of the password file and the ACL file, for
         ``Mosquitto(password_file=..., acl_file=...)``.
@@ -280,8 +294,21 @@ def write_mosquitto_config(
     acl_path = out_dir / ACL_FILE
     _write_atomic(passwd_path, passwd_text)
     _write_atomic(acl_path, acl_text)
+    _write_atomic(out_dir / CONF_FILE, mosquitto_conf(passwd_path, acl_path))
     _fsync_dir(out_dir)
     return passwd_path, acl_path
+
+
+def mosquitto_conf(passwd_path: Path, acl_path: Path) -> str:
+    """The mosquitto.conf lines of the device API: the auth files and :data:`FLOW_CONTROL_LINES`."""
+    lines = [
+        "# edgesieve device API: include this file from mosquitto.conf",
+        "allow_anonymous false",
+        f"password_file {Path(passwd_path).resolve()}",
+        f"acl_file {Path(acl_path).resolve()}",
+        *FLOW_CONTROL_LINES,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _levels(topic: str) -> list[str]:

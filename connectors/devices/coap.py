@@ -200,9 +200,7 @@ class _DeviceApi(Resource, PathCapable):
             )
         return response
 
-    async def _offer(
-        self, device: str, channel: str, payload: bytes, size1: int | None
-    ) -> Message:
+    async def _offer(self, device: str, channel: str, payload: bytes, size1: int | None) -> Message:
         ingress = self._ingress
         limit = ingress.max_payload_bytes
         if size1 is not None and size1 > limit:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import IO, Self
 
+from connectors.devices.broker_auth import FLOW_CONTROL_LINES
 from connectors.devices.loopback import (
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
@@ -40,7 +41,6 @@ def _accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
 
 
 class Mosquitto(LoopbackBroker):
@@ -119,7 +119,7 @@ class Mosquitto(LoopbackBroker):
             f"persistence_location {persist}/",
             "autosave_interval 1",
             "autosave_on_changes false",
-            "max_queued_messages 1000000",
+            *FLOW_CONTROL_LINES,
             "max_queued_bytes 0",
             "set_tcp_nodelay true",
             "log_dest stderr",

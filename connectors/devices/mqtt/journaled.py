@@ -133,6 +133,7 @@ class JournaledMqtt:
         self._lock = threading.RLock()
         self._withheld: list[_Pending] = []
         self._resync = False
+        self._withholding = False
         self._seq = 0
         self._connection = 0
         self._state = "new"
@@ -341,9 +342,11 @@ class JournaledMqtt:
 
     # -- journal ------------------------------------------------------------------------------
 
-    def _submit(self, pending: _Pending) -> None:
+    def _submit(self, pending: _Pending) -> bool:
+        """Submit ``pending``; False when the journal refused it at once (it is withheld again)."""
         future = self.journal.submit(pending.msg, redelivery=pending.dup)
         future.add_done_callback(partial(self._committed, pending))
+        return not (future.done() and isinstance(future.exception(), JournalFull))
 
     def _committed(self, pending: _Pending, future: concurrent.futures.Future[Committed]) -> None:
         """The commit's done-callback (journal writer thread, submission order)."""
@@ -386,11 +389,12 @@ class JournaledMqtt:
                 pending.msg.device,
             )
             return
-        if not self._withheld:
+        if not self._withholding:
+            self._withholding = True
             logger.warning(
                 "mqtt client %s: the journal refuses messages (%s); withholding PUBACKs",
                 self.client_id,
-                self.journal.admit(),
+                self.journal.admit() or "journal full",
             )
         bisect.insort(self._withheld, pending)
         self.withheld += 1
@@ -408,17 +412,22 @@ class JournaledMqtt:
                 if self.journal.admit() is not None:
                     continue
                 waiting, self._withheld = self._withheld, []
-                for pending in waiting:
-                    self._submit(pending)  # refused ones come back through _committed
+                for i, pending in enumerate(waiting):
+                    if not self._submit(pending):  # withheld again by _committed
+                        for rest in waiting[i + 1 :]:
+                            bisect.insort(self._withheld, rest)
+                        break
                 drained = not self._withheld
                 resync = drained and self._resync
                 if resync:
                     self._resync = False
-            if drained:
+                ended = drained and self._withholding
+                if ended:
+                    self._withholding = False
+            if ended:
                 logger.info(
-                    "mqtt client %s: the journal has room again; %d withheld messages submitted",
+                    "mqtt client %s: the journal has room again; withheld messages submitted",
                     self.client_id,
-                    len(waiting),
                 )
             if resync:
                 self._reconnect()

@@ -388,7 +388,22 @@ def test_write_mosquitto_config_writes_0600_files_and_replaces_them(
         "pump-9",
     ]
     assert passwd.read_text() != first_text
-    assert sorted(p.name for p in out.iterdir()) == [ACL_FILE, PASSWORD_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [ACL_FILE, "edgesieve.conf", PASSWORD_FILE]
+
+
+def test_write_mosquitto_config_writes_the_conf_lines_with_flow_control(
+    tmp_path: Path, registry: DeviceRegistry
+) -> None:
+    passwd, acl = write_mosquitto_config(registry, EDGE, tmp_path / "auth")
+    conf = (tmp_path / "auth" / "edgesieve.conf").read_text().splitlines()
+    assert conf[1:] == [
+        "allow_anonymous false",
+        f"password_file {passwd.resolve()}",
+        f"acl_file {acl.resolve()}",
+        "max_inflight_messages 1000",
+        "max_queued_messages 0",
+    ]
+    assert stat.S_IMODE((tmp_path / "auth" / "edgesieve.conf").stat().st_mode) == 0o600
 
 
 def test_write_mosquitto_config_keeps_the_old_file_when_writing_fails(
@@ -406,7 +421,7 @@ def test_write_mosquitto_config_keeps_the_old_file_when_writing_fails(
             DeviceRegistry([Device("pump-9", "token-pump-9-cccc")]), EDGE, tmp_path
         )
     assert passwd.read_text() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ACL_FILE, PASSWORD_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ACL_FILE, "edgesieve.conf", PASSWORD_FILE]
 
 
 def test_write_mosquitto_config_errors(tmp_path: Path, registry: DeviceRegistry) -> None:

@@ -234,7 +234,9 @@ def start_flow(
     server = CoapServer("127.0.0.1:0", device_registry(DEVICES), ingress)
     stop = threading.Event()
     source = DeviceServers(ingress, [server], stop=stop)
-    edge = edge_for(module.build, config, source=source, stop=stop, name=module.__name__.rsplit(".", 1)[-1])
+    edge = edge_for(
+        module.build, config, source=source, stop=stop, name=module.__name__.rsplit(".", 1)[-1]
+    )
     meter = edge.meter
     runner = run_flow(edge.dataflow(), stops=[stop])
     wait_for(lambda: server.running or not runner.alive, "the CoAP server to start")
@@ -604,3 +606,51 @@ def test_wire_logger_defaults_to_warning() -> None:
         assert wire.level == logging.WARNING
     finally:
         wire.setLevel(saved)
+
+
+# --- journal mode: a slow commit gets aiocoap's separate response --------------------------------
+
+
+def test_a_commit_slower_than_the_ack_delay_gets_an_empty_ack_then_a_separate_204(
+    tmp_path: Path,
+) -> None:
+    import concurrent.futures
+    import time
+
+    from connectors.devices.journal import Journal, JournalReader, JournalSettings
+
+    journal = Journal(JournalSettings(root=tmp_path / "journal", partitions=1))
+
+    class SlowDisk:
+        """The journal, with each commit reported 0.5 s late."""
+
+        def admit(self) -> str | None:
+            return journal.admit()
+
+        def submit(self, msg: Any, *, redelivery: bool = False) -> Any:
+            late: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            done = journal.submit(msg, redelivery=redelivery)
+            done.add_done_callback(lambda f: (time.sleep(0.5), late.set_result(f.result())))
+            return late
+
+    ingress = Ingress(journal=SlowDisk())  # type: ignore[arg-type]
+    server = CoapServer("127.0.0.1:0", device_registry(DEVICES), ingress)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+        url = f"coap://127.0.0.1:{server.port}/api/v1/{TOKEN}/telemetry"
+        reply = coap_client(url, text='{"t": 1}')
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        journal.close()
+    # aiocoap sent an empty ACK after 0.1 s, then 2.04 as a separate confirmable response
+    # that coap-client acknowledged with an empty ACK, the last line it printed (a
+    # piggy-backed 2.04 would be the last one)
+    assert [c for c in reply.codes if c != "0.00"] == ["2.04"], reply.codes
+    assert reply.line.startswith("v:1 t:ACK c:0.00 "), reply.line
+    with JournalReader(tmp_path / "journal", 0) as reader:
+        assert [m.payload for _, m in reader.read(-1, 10)] == [b'{"t": 1}']

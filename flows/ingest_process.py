@@ -1,0 +1,347 @@
+"""The ingest process: device transports writing to the ingest journal, and its supervisor.
+
+:func:`run_ingest` opens the :class:`~connectors.devices.journal.Journal`
+under ``data_dir/journal``, starts the journaled MQTT client (with
+``transports.mqtt``) and the HTTP and CoAP servers (with ``transports.http`` /
+``transports.coap``), each of which tells a device "accepted" only after its
+message is committed. A clean stop stops accepting, lets the journal commit
+what was submitted (the PUBACKs of those go out), then disconnects.
+
+:class:`IngestSupervisor` runs :func:`run_ingest` in a child process (the
+``spawn`` start method; the child stays in the parent's process group, so a
+``kill -9`` of the group takes it too) and starts it again, after 0.5 s doubling
+to 5 s, whenever it dies. The child exits by itself when its parent is gone.
+
+Standalone: ``python -m flows.ingest_process --config edge.yaml`` (SIGTERM or
+SIGINT: clean stop). A failure to start (port in use, unusable journal) is one
+log line and exit status 2; a broker refusing the credentials is one log line
+per change of state while the client retries with backoff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import multiprocessing.process
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from connectors.devices.ingress import DeviceServer, Ingress
+from connectors.devices.journal import Journal, JournalSettings
+from connectors.devices.mqtt.journaled import JournaledMqtt
+from connectors.devices.registry import DeviceRegistry
+from flows.config import ConfigError, EdgeConfig, load_config
+from flows.transports import mqtt_settings
+from operators.records import TELEMETRY, VIBRATION
+
+__all__ = ["IngestSupervisor", "journal_settings", "run_ingest"]
+
+logger = logging.getLogger("edgesieve.ingest")
+
+BACKOFF_MIN_S: Final = 0.5
+BACKOFF_MAX_S: Final = 5.0
+START_FAILED: Final = 2
+"""Exit status of an ingest process that could not start (the reason is logged)."""
+_POLL_S: Final = 0.05
+_PARENT_POLL_S: Final = 0.2
+
+
+def journal_settings(config: EdgeConfig) -> JournalSettings:
+    """The journal of ``config``: ``data_dir/journal`` with the ``journal`` section's settings."""
+    section = config.journal
+    return JournalSettings(
+        root=config.data_dir / "journal",
+        partitions=section.partitions,
+        sync=section.sync,
+        max_bytes=section.max_bytes,
+    )
+
+
+def _servers(config: EdgeConfig, ingress: Ingress) -> list[DeviceServer]:
+    transports = config.transports
+    if transports.http is None and transports.coap is None:
+        return []
+    assert config.devices is not None  # checked when the config was loaded
+    registry = DeviceRegistry.load(config.devices)
+    servers: list[DeviceServer] = []
+    if transports.http is not None:
+        from connectors.devices.http import HttpServer
+
+        servers.append(HttpServer(transports.http.listen, registry, ingress))
+    if transports.coap is not None:
+        from connectors.devices.coap import CoapServer
+
+        servers.append(CoapServer(transports.coap.listen, registry, ingress))
+    return servers
+
+
+async def _serve(
+    servers: Sequence[DeviceServer],
+    mqtt: JournaledMqtt | None,
+    stop: threading.Event,
+    ready: Callable[[], None] | None,
+) -> None:
+    started: list[DeviceServer] = []
+    try:
+        for server in servers:
+            await server.start()
+            started.append(server)
+        announced = False
+        while not stop.is_set():
+            if not announced and (mqtt is None or mqtt.ready):
+                announced = True
+                logger.info("ingest: ready (%s)", _describe(servers, mqtt))
+                if ready is not None:
+                    ready()
+            await asyncio.sleep(_POLL_S)
+    finally:
+        for server in reversed(started):  # stop accepting; requests in progress get answers
+            try:
+                await server.stop()
+            except Exception as exc:  # noqa: BLE001 - one line, then the rest still stop
+                logger.error("ingest: the %s server did not stop cleanly: %s", server.name, exc)
+
+
+def _describe(servers: Sequence[DeviceServer], mqtt: JournaledMqtt | None) -> str:
+    parts = [server.name for server in servers]
+    if mqtt is not None:
+        parts.insert(0, f"mqtt {mqtt.settings.host}:{mqtt.settings.port}")
+    return ", ".join(parts)
+
+
+def run_ingest(
+    config: EdgeConfig,
+    *,
+    channels: tuple[str, ...],
+    stop: threading.Event,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Journal the devices' messages until ``stop`` is set (see the module docstring).
+
+    ``channels`` are the MQTT channels subscribed (the HTTP and CoAP servers
+    serve every channel of the device API). ``ready`` is called once, when the
+    MQTT client is subscribed and the servers listen.
+
+    :raises ConfigError: when no transport is configured.
+    :raises OSError: when a server cannot listen (the message names the address).
+    """
+    transports = config.transports
+    if transports.mqtt is None and transports.http is None and transports.coap is None:
+        msg = (
+            "transports: none is configured, so the ingest process has nothing to serve; "
+            "hint: add transports.mqtt, transports.http or transports.coap to the config"
+        )
+        raise ConfigError(msg)
+    journal = Journal(journal_settings(config))
+    mqtt: JournaledMqtt | None = None
+    try:
+        ingress = Ingress(max_payload_bytes=config.max_payload_bytes, journal=journal)
+        servers = _servers(config, ingress)
+        if transports.mqtt is not None:
+            mqtt = JournaledMqtt(mqtt_settings(config, channels=channels), journal)
+            mqtt.start()
+        asyncio.run(_serve(servers, mqtt, stop, ready))
+    finally:
+        if mqtt is not None:
+            mqtt.stop_taking()
+        journal.close()  # commits what was submitted; its callbacks queue the PUBACKs
+        if mqtt is not None:
+            mqtt.close()
+        logger.info("ingest: stopped")
+
+
+# --- the child process --------------------------------------------------------------------------
+
+
+def _reason(exc: BaseException) -> str:
+    """The one-line reason of a start failure (an OSError's own message, without ``[Errno N]``)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split())
+
+
+def _watch(
+    stop: threading.Event, parent_stop: Any, parent: multiprocessing.process.BaseProcess | None
+) -> None:
+    """Set ``stop`` when the supervisor asks, or when the supervisor's process is gone."""
+    while not stop.is_set():
+        if parent_stop.wait(_PARENT_POLL_S):
+            break
+        if parent is not None and not parent.is_alive():
+            logger.warning("ingest: the supervising process is gone; stopping")
+            break
+    stop.set()
+
+
+def _child(
+    config: EdgeConfig, channels: tuple[str, ...], parent_stop: Any, ready: Any, level: int
+) -> None:
+    """Entry point of the ingest process (spawned): run until the supervisor says stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_watch,
+        args=(stop, parent_stop, multiprocessing.parent_process()),
+        name="edgesieve-ingest-watch",
+        daemon=True,
+    )
+    watcher.start()
+    try:
+        run_ingest(config, channels=channels, stop=stop, ready=ready.set)
+    except (OSError, ValueError, RuntimeError) as exc:
+        logger.error("ingest: cannot run: %s", _reason(exc))
+        sys.exit(START_FAILED)
+
+
+class IngestSupervisor:
+    """Runs :func:`run_ingest` in a child process and restarts it when it dies.
+
+    :meth:`start` spawns it; a monitor thread waits for it and, unless
+    :meth:`stop` was called, starts it again after a backoff (0.5 s doubling
+    to 5 s, back to 0.5 s once a process became ready), logging how it ended.
+    """
+
+    def __init__(self, config: EdgeConfig, *, channels: tuple[str, ...]) -> None:
+        self.config = config
+        self.channels = channels
+        self._ctx = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._ready: Any = None
+        self._stop_child: Any = None
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._restarts = 0
+
+    @property
+    def ready(self) -> bool:
+        """Whether the current ingest process is subscribed and listening."""
+        with self._lock:
+            proc, ready = self._proc, self._ready
+        return proc is not None and ready is not None and ready.is_set() and proc.is_alive()
+
+    @property
+    def restarts(self) -> int:
+        """How many times the ingest process was started again after it died."""
+        return self._restarts
+
+    @property
+    def pid(self) -> int | None:
+        """The current ingest process's id (None before :meth:`start` or between restarts)."""
+        with self._lock:
+            proc = self._proc
+        return proc.pid if proc is not None and proc.is_alive() else None
+
+    def start(self) -> None:
+        """Spawn the ingest process and the thread that restarts it."""
+        if self._monitor is not None:
+            msg = "IngestSupervisor.start: already started; hint: call stop() first"
+            raise RuntimeError(msg)
+        self._spawn()
+        self._monitor = threading.Thread(
+            target=self._supervise, name="edgesieve-ingest-supervisor", daemon=True
+        )
+        self._monitor.start()
+
+    def _spawn(self) -> None:
+        ready, stop_child = self._ctx.Event(), self._ctx.Event()
+        proc = self._ctx.Process(
+            target=_child,
+            args=(self.config, self.channels, stop_child, ready, logging.getLogger().level),
+            name="edgesieve-ingest",
+            daemon=True,
+        )
+        proc.start()
+        with self._lock:
+            self._proc, self._ready, self._stop_child = proc, ready, stop_child
+        logger.info("ingest process started (pid %d)", proc.pid)
+
+    def _supervise(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            with self._lock:
+                proc, ready = self._proc, self._ready
+            assert proc is not None
+            while proc.is_alive():
+                proc.join(_POLL_S * 4)
+            if self._stopping.is_set():
+                return
+            if ready.is_set():
+                backoff = BACKOFF_MIN_S
+            code = proc.exitcode
+            how = (
+                f"was killed by signal {-code}"
+                if code is not None and code < 0
+                else f"exited with status {code}"
+            )
+            hint = " (the reason is logged above)" if code == START_FAILED else ""
+            logger.error(
+                "ingest process (pid %d) %s%s; restarting it in %gs", proc.pid, how, hint, backoff
+            )
+            if self._stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._restarts += 1
+            self._spawn()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the ingest process cleanly (no restart after); kill it after ``timeout`` s."""
+        self._stopping.set()
+        with self._lock:
+            proc, stop_child = self._proc, self._stop_child
+        if proc is not None and stop_child is not None:
+            stop_child.set()
+            proc.join(timeout)
+            if proc.is_alive():
+                logger.error(
+                    "ingest process (pid %d) did not stop within %gs; killing it",
+                    proc.pid,
+                    timeout,
+                )
+                proc.kill()
+                proc.join(5.0)
+        if self._monitor is not None:
+            self._monitor.join(5.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flows.ingest_process --config edge.yaml``: run ingest until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.ingest_process", description="Journal device messages."
+    )
+    parser.add_argument("--config", required=True, help="the edge configuration file")
+    parser.add_argument(
+        "--channels",
+        default=f"{TELEMETRY},{VIBRATION}",
+        help="MQTT channels to subscribe, comma-separated (default: %(default)s)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    channels = tuple(c for c in args.channels.split(",") if c)
+    try:
+        config = load_config(args.config)
+        run_ingest(config, channels=channels, stop=stop)
+    except (OSError, ValueError, RuntimeError) as exc:
+        logger.error("ingest: cannot run: %s", _reason(exc))
+        return START_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
