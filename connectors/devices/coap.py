@@ -193,22 +193,26 @@ class _DeviceApi(Resource, PathCapable):
             if isinstance(assembled, Message):
                 return assembled
             payload = assembled
-        response = await self._offer(device, channel, payload, request.opt.size1)
+        response = await self._offer(device, channel, payload, request)
         if block1 is not None:
             response.opt.block1 = BlockOption.BlockwiseTuple(
                 block1.block_number, False, block1.size_exponent
             )
         return response
 
-    async def _offer(self, device: str, channel: str, payload: bytes, size1: int | None) -> Message:
+    async def _offer(self, device: str, channel: str, payload: bytes, request: Message) -> Message:
         ingress = self._ingress
+        size1 = request.opt.size1
         limit = ingress.max_payload_bytes
         if size1 is not None and size1 > limit:
             return self._too_large(channel, size1, "announced (Size1)")
         if not payload:
             reason = f"{channel}: payload is empty; POST a JSON document or an EVB1 block"
             return _reply(Code.BAD_REQUEST, reason)
-        offer = await ingress.deliver(device, channel, TRANSPORT, payload)
+        # A confirmable request whose answer was lost (the edge crashed after the commit) is
+        # sent again with the same message id and token: the journal keeps it once.
+        key = f"{request.remote.hostinfo}|{request.mid}|{request.token.hex()}".encode()
+        offer = await ingress.deliver(device, channel, TRANSPORT, payload, dedup_key=key)
         verdict = offer.verdict
         logger.debug("coap: %s from %s: %s", channel, device, verdict.value)
         if verdict is Verdict.ACCEPTED:

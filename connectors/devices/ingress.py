@@ -168,8 +168,19 @@ class Ingress:
             self.high_water = size
         return self._kept(offer)
 
-    async def deliver(self, device: str, channel: str, transport: str, payload: bytes) -> Offer:
+    async def deliver(
+        self,
+        device: str,
+        channel: str,
+        transport: str,
+        payload: bytes,
+        *,
+        dedup_key: bytes | None = None,
+    ) -> Offer:
         """Keep ``payload`` as :meth:`offer` does; in journal mode return after its commit.
+
+        ``dedup_key`` identifies a transmission the device may repeat (CoAP's
+        endpoint, message id and token): the journal stores a repeat once.
 
         Malformed messages are journaled too (the flow turns them into dead
         letters). A journal that refuses the message (over its byte bound, disk
@@ -186,7 +197,7 @@ class Ingress:
         msg, offer = judged
         raw = RawMessage(device, channel, transport, msg.received_at, payload)
         try:
-            await asyncio.shield(asyncio.wrap_future(journal.submit(raw)))
+            await asyncio.shield(asyncio.wrap_future(journal.submit(raw, dedup_key=dedup_key)))
         except JournalFull as exc:
             self.refused += 1
             return Offer(Verdict.OVERLOADED, f"edge is busy: {exc}; retry in {self.retry_after_s}s")

@@ -186,9 +186,14 @@ def journal_partitions(root: Path) -> int | None:
     return None if row is None else int(row[0])
 
 
-def digest_of(device: str, channel: str, payload: bytes) -> bytes:
-    """The 16-byte digest redeliveries are recognised by (lengths keep the fields apart)."""
-    head = f"{len(device)}:{device}{len(channel)}:{channel}".encode()
+def digest_of(device: str, channel: str, payload: bytes, key: bytes = b"") -> bytes:
+    """The 16-byte digest redeliveries are recognised by (lengths keep the fields apart).
+
+    ``key`` is a transport's identity of one transmission (CoAP: endpoint,
+    message id and token), so a retransmission matches and a new message with
+    the same content does not.
+    """
+    head = f"{len(device)}:{device}{len(channel)}:{channel}{len(key)}:".encode() + key
     return hashlib.blake2b(head + payload, digest_size=16).digest()
 
 
@@ -243,6 +248,7 @@ class _Item:
     partition: int
     size: int
     redelivery: bool
+    key: bytes | None
     future: concurrent.futures.Future[Committed]
     submitted: float
 
@@ -415,9 +421,16 @@ class Journal:
     # -- append side ---------------------------------------------------------------------
 
     def submit(
-        self, msg: RawMessage, *, redelivery: bool = False
+        self, msg: RawMessage, *, redelivery: bool = False, dedup_key: bytes | None = None
     ) -> concurrent.futures.Future[Committed]:
         """Queue ``msg``; the future resolves after its durable commit (see the module doc).
+
+        ``redelivery`` (the MQTT DUP flag): an identical recent message is not
+        written again. ``dedup_key`` (a transport's identity of the
+        transmission, e.g. CoAP's endpoint, message id and token): always
+        looked up, so a retransmission after a crash between commit and answer
+        is stored once, while a new message with the same content is not
+        mistaken for it.
 
         Never blocks. A refused message (journal over ``max_bytes``, queue full)
         gets a future already failed with :class:`JournalFull`, and a submission
@@ -444,6 +457,7 @@ class Journal:
                 partition=partition_of(msg.device, self.settings.partitions),
                 size=size,
                 redelivery=redelivery,
+                key=dedup_key,
                 future=future,
                 submitted=time.monotonic(),
             )
@@ -625,8 +639,8 @@ class Journal:
             self._fault(db)
             for item in items:
                 msg = item.msg
-                digest = digest_of(msg.device, msg.channel, msg.payload)
-                if item.redelivery:
+                digest = digest_of(msg.device, msg.channel, msg.payload, item.key or b"")
+                if item.redelivery or item.key is not None:
                     earlier = in_group.get(digest)
                     if earlier is None:
                         earlier = part.find(digest)

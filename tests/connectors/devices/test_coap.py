@@ -627,7 +627,7 @@ def test_a_commit_slower_than_the_ack_delay_gets_an_empty_ack_then_a_separate_20
         def admit(self) -> str | None:
             return journal.admit()
 
-        def submit(self, msg: Any, *, redelivery: bool = False) -> Any:
+        def submit(self, msg: Any, *, redelivery: bool = False, dedup_key: Any = None) -> Any:
             late: concurrent.futures.Future[Any] = concurrent.futures.Future()
             done = journal.submit(msg, redelivery=redelivery)
             done.add_done_callback(lambda f: (time.sleep(0.5), late.set_result(f.result())))

@@ -563,7 +563,7 @@ class _HeldJournal:
         self.submitted: list[RawMessage] = []
         self.pushback: str | None = None
 
-    def submit(self, msg: RawMessage, *, redelivery: bool = False) -> Any:
+    def submit(self, msg: RawMessage, *, redelivery: bool = False, dedup_key: bytes | None = None) -> Any:
         import concurrent.futures
 
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()

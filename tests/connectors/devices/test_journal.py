@@ -237,6 +237,23 @@ def test_redelivery_is_not_written_twice(root: Path, open_journal) -> None:
     assert len(read_all(root, first.partition)) == held
 
 
+def test_a_retransmission_key_matches_only_the_same_transmission(open_journal) -> None:
+    journal = open_journal(partitions=1)
+    first = journal.submit(message("dev", b"21.5"), dedup_key=b"ep|17|ab").result(10)
+    # the device sends the same request again (its answer was lost): stored once
+    again = journal.submit(message("dev", b"21.5"), dedup_key=b"ep|17|ab").result(10)
+    assert again == Committed(first.partition, first.offset, duplicate=True)
+    # a new request with the same content is a new message
+    other = journal.submit(message("dev", b"21.5"), dedup_key=b"ep|18|cd").result(10)
+    assert not other.duplicate and other.offset == first.offset + 1
+    # a keyed message is not mistaken for a redelivery of an unkeyed one, nor the reverse
+    plain = journal.submit(message("dev", b"x")).result(10)
+    assert not journal.submit(message("dev", b"x"), dedup_key=b"k").result(10).duplicate
+    assert journal.submit(message("dev", b"x"), redelivery=True).result(10) == Committed(
+        plain.partition, plain.offset, duplicate=True
+    )
+
+
 def test_redelivery_window_is_the_last_offsets_of_the_partition(open_journal) -> None:
     journal = open_journal(partitions=1, max_batch=2000)
     old = journal.submit(message("dev", b"old")).result(10)
