@@ -14,17 +14,26 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import bytewax.operators as op
 from bytewax.dataflow import Stream
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from connectors.devices.journal_source import JournalSource, journal_depth
+from flows.ingest_stats import read_snapshot
 
-__all__ = ["FlowReport", "JournalCollector", "Meter", "counted", "ratio_text", "report"]
+__all__ = [
+    "FlowReport",
+    "IngestCollector",
+    "JournalCollector",
+    "Meter",
+    "counted",
+    "ratio_text",
+    "report",
+]
 
 X = TypeVar("X")
 
@@ -174,6 +183,95 @@ class JournalCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=value)
 
 
+_INGEST_COUNTERS = (
+    ("edgesieve_journal_commits", "Group commits of the ingest journal", "commits"),
+    (
+        "edgesieve_journal_duplicates",
+        "Redelivered messages (MQTT DUP, CoAP retransmission) the journal stored once",
+        "duplicates",
+    ),
+    (
+        "edgesieve_journal_refused",
+        "Submissions the journal refused (over journal.max_bytes or its queue bound)",
+        "journal_refused",
+    ),
+    (
+        "edgesieve_ingest_refused",
+        "HTTP and CoAP messages refused: 503 / 5.03 (journal push-back) or 413 / 4.13 (too large)",
+        "refused",
+    ),
+    (
+        "edgesieve_mqtt_acks_withheld",
+        "MQTT messages whose PUBACK was withheld because the journal was full",
+        "mqtt_withheld",
+    ),
+    ("edgesieve_mqtt_acked", "MQTT messages acknowledged after their journal commit", "mqtt_acked"),
+)
+
+
+class IngestCollector(Collector):
+    """The ingest process's counters (its stats snapshot) and restarts, read at scrape time.
+
+    See :mod:`flows.ingest_stats`. Without a snapshot (ingest not started yet)
+    only ``edgesieve_ingest_up`` (0) and the restarts are exported.
+    """
+
+    def __init__(self, root: Path, restarts: Callable[[], int]) -> None:
+        self._root = Path(root)
+        self._restarts = restarts
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Read ``ingest-stats.json`` under the journal directory."""
+        snap = read_snapshot(self._root)
+        yield GaugeMetricFamily(
+            "edgesieve_ingest_up",
+            "1 when the ingest process is running and its stats are fresh; 0: stale or stopped",
+            value=1 if snap is not None and snap["up"] else 0,
+        )
+        yield CounterMetricFamily(
+            "edgesieve_ingest_restarts",
+            "Times the ingest process was started again after it died",
+            value=self._restarts(),
+        )
+        if snap is None:
+            return
+        yield GaugeMetricFamily(
+            "edgesieve_ingest_stats_age_seconds",
+            "Seconds since the ingest process wrote the stats exported here",
+            value=snap["age_s"],
+        )
+        journal = snap["journal"]
+        yield GaugeMetricFamily(
+            "edgesieve_journal_oldest_age_seconds",
+            "Age of the oldest message the ingest journal holds (0 when empty)",
+            value=journal["oldest_age_s"],
+        )
+        yield GaugeMetricFamily(
+            "edgesieve_journal_queued_messages",
+            "Messages waiting for the journal's writer to commit them",
+            value=journal["queued"],
+        )
+        yield GaugeMetricFamily(
+            "edgesieve_mqtt_withheld_messages",
+            "MQTT messages waiting, unacknowledged, for room in the journal",
+            value=snap.get("mqtt_withheld_now", 0),
+        )
+        for name, doc, key in _INGEST_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=snap.get(key, 0))
+        hist = snap["commit_seconds"]
+        cumulative, buckets = 0, []
+        bounds = [*hist["buckets"], float("inf")]
+        for bound, n in zip(bounds, hist["counts"], strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        yield HistogramMetricFamily(
+            "edgesieve_journal_commit_seconds",
+            "Time from submission to durable commit of each message the journal committed",
+            buckets=buckets,
+            sum_value=hist["sum"],
+        )
+
+
 def counted(
     step_id: str,
     up: Stream[X],
@@ -216,6 +314,22 @@ class FlowReport:
     """Payload bytes left in the ingest journal."""
     journal_lag: int | None = None
     """Messages committed to the journal that the flow had not read."""
+    journal_oldest_age_s: float | None = None
+    """Age of the oldest message left in the journal (None without ingest stats)."""
+    journal_commits: int | None = None
+    """Group commits of the journal in this run."""
+    journal_commit_p50_ms: float | None = None
+    """Median commit latency of the last ingest process (the journal's own figure)."""
+    journal_commit_p99_ms: float | None = None
+    """99th percentile commit latency of the last ingest process."""
+    duplicates: int | None = None
+    """Redelivered messages (MQTT DUP, CoAP retransmissions) stored once."""
+    refused: int | None = None
+    """HTTP/CoAP messages refused (503 / 5.03 push-back, 413 / 4.13 too large)."""
+    acks_withheld: int | None = None
+    """MQTT messages whose PUBACK was withheld while the journal was full."""
+    ingest_restarts: int | None = None
+    """Times the ingest process was started again after it died."""
 
     def reduced_bytes(self, exclude: Iterable[str] = ("dead_letters",)) -> int:
         """Bytes of the reduced output streams (dead letters are not reduction)."""
@@ -267,6 +381,15 @@ class FlowReport:
                 f"  journal: {self.journal_messages} messages, {self.journal_bytes} bytes held, "
                 f"{self.journal_lag} not read by the flow"
             )
+        if self.journal_commits is not None:
+            lines.append(
+                f"  ingest: {self.journal_commits} commits (p50 "
+                f"{self.journal_commit_p50_ms:.1f} ms, p99 {self.journal_commit_p99_ms:.1f} ms), "
+                f"oldest held {self.journal_oldest_age_s:.1f} s, "
+                f"{self.duplicates} duplicates stored once, "
+                f"{self.refused} refused, {self.acks_withheld} MQTT acks withheld, "
+                f"{self.ingest_restarts} restarts"
+            )
         return "\n".join(lines)
 
 
@@ -275,13 +398,33 @@ def ratio_text(ratio: float) -> str:
     return f"{ratio:,.0f}:1" if ratio >= 100 else f"{ratio:.3g}:1"
 
 
-def report(meter: Meter, journal: JournalSource | None = None) -> FlowReport:
-    """Read the flow's tallies (and where it stands in its ``journal``) into a report."""
+def report(
+    meter: Meter,
+    journal: JournalSource | None = None,
+    *,
+    ingest: Mapping[str, Any] | None = None,
+    restarts: int = 0,
+) -> FlowReport:
+    """Read the flow's tallies (and where it stands in its ``journal``) into a report.
+
+    ``ingest`` is the ingest process's stats snapshot (:func:`flows.ingest_stats.read_snapshot`),
+    ``restarts`` how often the ingest process was restarted.
+    """
     snap = meter.snapshot()
     rep = FlowReport(meter.flow)
     if journal is not None:
         rep.journal_messages, rep.journal_bytes = journal_depth(journal.root)
         rep.journal_lag = journal.lag
+    if ingest is not None:
+        stats = ingest["journal"]
+        rep.journal_oldest_age_s = float(stats["oldest_age_s"])
+        rep.journal_commits = int(ingest["commits"])
+        rep.journal_commit_p50_ms = float(stats["commit_p50_ms"])
+        rep.journal_commit_p99_ms = float(stats["commit_p99_ms"])
+        rep.duplicates = int(ingest["duplicates"])
+        rep.refused = int(ingest["refused"])
+        rep.acks_withheld = int(ingest["mqtt_withheld"])
+        rep.ingest_restarts = restarts
     for (stage, device), n in snap["messages"].items():
         rep.stages[stage] = rep.stages.get(stage, 0) + n
         rep.devices.setdefault(device, {})[stage] = n

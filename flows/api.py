@@ -39,10 +39,11 @@ from connectors.sinks.cloud import CloudSink, CloudSinkSettings
 from connectors.sinks.parquet import ParquetSettings, ParquetSink
 from connectors.streams import STREAMS, StreamSpec
 from connectors.uplink.wire import priority_of
-from flows.accounting import FlowReport, JournalCollector, Meter, report
+from flows.accounting import FlowReport, IngestCollector, JournalCollector, Meter, report
 from flows.cloud import CloudLink
 from flows.config import EdgeConfig, check_environment
 from flows.ingest import CHANNELS, Decoded, decoder, to_dead_letter
+from flows.ingest_stats import read_snapshot
 from flows.transports import require_transports
 from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock
 
@@ -160,6 +161,12 @@ class _Ingest:
         """Whether the ingest process is subscribed and listening."""
         supervisor = self._supervisor
         return supervisor is not None and bool(supervisor.ready)
+
+    @property
+    def restarts(self) -> int:
+        """How many times the ingest process was started again after it died."""
+        supervisor = self._supervisor
+        return int(supervisor.restarts) if supervisor is not None else 0
 
     def start(self, stop: threading.Event) -> None:
         """Spawn the ingest process (once) and watch ``stop``."""
@@ -334,6 +341,8 @@ class Edge:
             raw = op.input(sid, shared.flow, journal)
             shared.ingest = _Ingest(self.config, wanted, journal)
             shared.registry.register(JournalCollector(journal))
+            ingest = shared.ingest
+            shared.registry.register(IngestCollector(journal.root, lambda: ingest.restarts))
         decode = decoder(
             self.config.max_payload_bytes,
             channels=wanted,
@@ -524,8 +533,14 @@ class Edge:
         parts = self._shared.parts
         out: dict[str, FlowReport] = {}
         ingest = self._shared.ingest
+        snapshot = read_snapshot(ingest.source.root) if ingest is not None else None
         for part in parts:
-            rep = report(part.meter, ingest.source if ingest is not None else None)
+            rep = report(
+                part.meter,
+                ingest.source if ingest is not None else None,
+                ingest=snapshot,
+                restarts=ingest.restarts if ingest is not None else 0,
+            )
             if rep.messages_in or (part is parts[0] and len(parts) == 1):
                 out[part.name] = rep
         if write:

@@ -12,6 +12,10 @@ what was submitted (the PUBACKs of those go out), then disconnects.
 ``kill -9`` of the group takes it too) and starts it again, after 0.5 s doubling
 to 5 s, whenever it dies. The child exits by itself when its parent is gone.
 
+Its counters (journal depth and commits, commit latency histogram, refusals,
+withheld PUBACKs) go to ``data_dir/journal/ingest-stats.json`` every second
+(:mod:`flows.ingest_stats`), where the flow process's ``/metrics`` reads them.
+
 Standalone: ``python -m flows.ingest_process --config edge.yaml`` (SIGTERM or
 SIGINT: clean stop). A failure to start (port in use, unusable journal) is one
 log line and exit status 2; a broker refusing the credentials is one log line
@@ -32,10 +36,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from connectors.devices.ingress import DeviceServer, Ingress
-from connectors.devices.journal import Journal, JournalSettings
+from connectors.devices.journal import JournalSettings
 from connectors.devices.mqtt.journaled import JournaledMqtt
 from connectors.devices.registry import DeviceRegistry
 from flows.config import ConfigError, EdgeConfig, load_config
+from flows.ingest_stats import MeteredJournal, StatsWriter, remove_snapshot
 from flows.transports import mqtt_settings
 from operators.records import TELEMETRY, VIBRATION
 
@@ -137,13 +142,17 @@ def run_ingest(
             "hint: add transports.mqtt, transports.http or transports.coap to the config"
         )
         raise ConfigError(msg)
-    journal = Journal(journal_settings(config))
+    journal = MeteredJournal(journal_settings(config))
     mqtt: JournaledMqtt | None = None
+    stats: StatsWriter | None = None
     try:
         ingress = Ingress(max_payload_bytes=config.max_payload_bytes, journal=journal)
         servers = _servers(config, ingress)
         if transports.mqtt is not None:
             mqtt = JournaledMqtt(mqtt_settings(config, channels=channels), journal)
+        stats = StatsWriter(journal, ingress, mqtt)
+        stats.start()
+        if mqtt is not None:
             mqtt.start()
         asyncio.run(_serve(servers, mqtt, stop, ready))
     finally:
@@ -152,6 +161,8 @@ def run_ingest(
         journal.close()  # commits what was submitted; its callbacks queue the PUBACKs
         if mqtt is not None:
             mqtt.close()
+        if stats is not None:
+            stats.stop()  # the final counters, for the flow's report
         logger.info("ingest: stopped")
 
 
@@ -243,6 +254,7 @@ class IngestSupervisor:
         if self._monitor is not None:
             msg = "IngestSupervisor.start: already started; hint: call stop() first"
             raise RuntimeError(msg)
+        remove_snapshot(journal_settings(self.config).root)  # this run's counters start at 0
         self._spawn()
         self._monitor = threading.Thread(
             target=self._supervise, name="edgesieve-ingest-supervisor", daemon=True

@@ -1,0 +1,250 @@
+"""Ingest statistics: the ingest process's counters, handed to the flow process through a file.
+
+The ingest process (:mod:`flows.ingest_process`) owns the journal, the MQTT
+client and the HTTP/CoAP servers, so their counters live there; the flow
+process owns ``/metrics`` and the report. :class:`StatsWriter` (in the ingest
+process) writes a small JSON snapshot, ``data_dir/journal/ingest-stats.json``,
+every :data:`INTERVAL_S` and once more when ingest stops, by write-then-rename,
+so a reader sees the old snapshot or the new one, whole. The flow process reads
+it when scraped or reporting (:func:`read_snapshot`); a snapshot older than
+:data:`STALE_AFTER_S` is marked stale (the ingest process is down or stuck).
+
+A file rather than a pipe to the supervisor: no extra thread or queue in the
+flow process, the snapshot survives a restart of either side, and the
+standalone ingest process (``python -m flows.ingest_process``) writes it too.
+
+Counters add up over the ingest processes of one run: a new ingest process
+starts from the counters of the snapshot its predecessor left (the supervisor
+removes the file when a run starts). A process killed with ``kill -9`` loses
+what it counted since its last snapshot (at most :data:`INTERVAL_S`).
+
+``commit_seconds`` is a histogram of the time from submission to durable
+commit of each message the journal committed (:class:`MeteredJournal`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, Final
+
+from connectors.devices.ingress import Ingress
+from connectors.devices.journal import Committed, Journal
+from connectors.devices.mqtt.journaled import JournaledMqtt
+from operators.records import RawMessage
+
+__all__ = [
+    "COMMIT_BUCKETS",
+    "COUNTERS",
+    "STATS_FILE",
+    "CommitHistogram",
+    "MeteredJournal",
+    "StatsWriter",
+    "read_snapshot",
+    "remove_snapshot",
+]
+
+logger = logging.getLogger("edgesieve.ingest")
+
+STATS_FILE: Final = "ingest-stats.json"
+"""Name of the snapshot under the journal's directory."""
+INTERVAL_S: Final = 1.0
+"""How often the ingest process writes the snapshot."""
+STALE_AFTER_S: Final = 5.0
+"""A snapshot older than this is stale: the ingest process is not running (or not writing)."""
+COMMIT_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)  # fmt: skip
+"""Upper bounds (seconds) of the commit latency histogram's buckets (+Inf is implied)."""
+COUNTERS: Final = (
+    "commits",
+    "duplicates",
+    "journal_refused",
+    "refused",
+    "mqtt_committed",
+    "mqtt_acked",
+    "mqtt_withheld",
+    "mqtt_dropped",
+)
+"""Snapshot counters that add up over the ingest processes of a run."""
+
+
+class CommitHistogram:
+    """Bucket counts and sum of commit latencies (seconds); thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = [0] * (len(COMMIT_BUCKETS) + 1)
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one latency."""
+        index = bisect.bisect_left(COMMIT_BUCKETS, seconds)
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += seconds
+
+    def add(self, counts: list[int], total: float) -> None:
+        """Add another histogram's (non-cumulative) bucket counts and sum."""
+        if len(counts) != len(self._counts):
+            return  # another bucket layout: not comparable, start afresh
+        with self._lock:
+            for i, n in enumerate(counts):
+                self._counts[i] += int(n)
+            self._sum += float(total)
+
+    def state(self) -> tuple[list[int], float]:
+        """Per-bucket (non-cumulative) counts, the last one for +Inf, and the sum."""
+        with self._lock:
+            return list(self._counts), self._sum
+
+
+class MeteredJournal(Journal):
+    """A :class:`Journal` that times each committed message into :attr:`commit_seconds`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commit_seconds = CommitHistogram()
+
+    def submit(
+        self, msg: RawMessage, *, redelivery: bool = False, dedup_key: bytes | None = None
+    ) -> concurrent.futures.Future[Committed]:
+        """:meth:`Journal.submit`, timing the message from here to its commit."""
+        future = super().submit(msg, redelivery=redelivery, dedup_key=dedup_key)
+        if not future.done():  # a refusal is already done: no commit to time
+            future.add_done_callback(partial(self._committed, time.monotonic()))
+        return future
+
+    def _committed(self, submitted: float, future: concurrent.futures.Future[Committed]) -> None:
+        if future.exception() is None:
+            self.commit_seconds.observe(time.monotonic() - submitted)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def read_snapshot(root: Path) -> dict[str, Any] | None:
+    """The snapshot under the journal directory ``root``; None if there is none.
+
+    Adds ``age_s`` (seconds since it was written) and ``up``: the ingest process
+    is running and wrote it within :data:`STALE_AFTER_S` (false: stale or stopped).
+
+    An unreadable or malformed snapshot (a foreign file) is None too, logged once per call.
+    """
+    path = Path(root) / STATS_FILE
+    try:
+        snap = json.loads(path.read_text(encoding="utf-8"))
+        written = datetime.fromisoformat(snap["written_at"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning(
+            "ingest stats: cannot read %s (%s: %s); hint: it is rewritten every %gs by the "
+            "ingest process, remove it if it is not that process's file",
+            path,
+            type(exc).__name__,
+            exc,
+            INTERVAL_S,
+        )
+        return None
+    snap["age_s"] = max(0.0, (datetime.now(UTC) - written).total_seconds())
+    snap["up"] = bool(snap.get("running")) and snap["age_s"] <= STALE_AFTER_S
+    return snap
+
+
+def remove_snapshot(root: Path) -> None:
+    """Remove the snapshot, so the counters of a new run start from zero."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(root) / STATS_FILE).unlink()
+
+
+class StatsWriter:
+    """Writes the ingest process's snapshot every :data:`INTERVAL_S` (see the module doc)."""
+
+    def __init__(
+        self,
+        journal: MeteredJournal,
+        ingress: Ingress | None = None,
+        mqtt: JournaledMqtt | None = None,
+    ) -> None:
+        self.journal = journal
+        self.ingress = ingress
+        self.mqtt = mqtt
+        self.path = journal.root / STATS_FILE
+        self._started_at = _now()
+        self._carried: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        earlier = read_snapshot(journal.root)
+        if earlier is not None:  # the previous ingest process of this run
+            for name in COUNTERS:
+                self._carried[name] = int(earlier.get(name, 0))
+            hist = earlier.get("commit_seconds") or {}
+            journal.commit_seconds.add(list(hist.get("counts", [])), hist.get("sum", 0.0))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="edgesieve-ingest-stats", daemon=True
+        )
+
+    def snapshot(self, *, running: bool = True) -> dict[str, Any]:
+        """The snapshot as written: journal state, counters, the commit histogram."""
+        stats = self.journal.stats()
+        mqtt, ingress = self.mqtt, self.ingress
+        now = {
+            "commits": stats.commits,
+            "duplicates": stats.duplicates,
+            "journal_refused": stats.refused,
+            "refused": ingress.refused if ingress is not None else 0,
+            "mqtt_committed": mqtt.committed if mqtt is not None else 0,
+            "mqtt_acked": mqtt.acked if mqtt is not None else 0,
+            "mqtt_withheld": mqtt.withheld if mqtt is not None else 0,
+            "mqtt_dropped": mqtt.dropped if mqtt is not None else 0,
+        }
+        counts, total = self.journal.commit_seconds.state()
+        return {
+            "pid": os.getpid(),
+            "started_at": self._started_at,
+            "written_at": _now(),
+            "running": running,
+            "journal": asdict(stats),
+            **{name: self._carried[name] + now[name] for name in COUNTERS},
+            "mqtt_withheld_now": mqtt.withheld_now if mqtt is not None else 0,
+            "commit_seconds": {"buckets": list(COMMIT_BUCKETS), "counts": counts, "sum": total},
+        }
+
+    def write(self, *, running: bool = True) -> None:
+        """Write the snapshot now (write-then-rename)."""
+        tmp = self.path.with_name(f".{STATS_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.snapshot(running=running)), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def start(self) -> None:
+        """Write the first snapshot and start the thread that rewrites it."""
+        self.write()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop rewriting, then write the final snapshot (``running: false``)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        try:
+            self.write(running=False)
+        except OSError as exc:
+            logger.warning("ingest stats: cannot write %s: %s", self.path, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(INTERVAL_S):
+            try:
+                self.write()
+            except OSError as exc:  # disk full, say: metrics go stale, ingest goes on
+                logger.warning("ingest stats: cannot write %s: %s", self.path, exc)
