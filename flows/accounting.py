@@ -197,7 +197,8 @@ _INGEST_COUNTERS = (
     ),
     (
         "edgesieve_ingest_refused",
-        "HTTP and CoAP messages refused: 503 / 5.03 (journal push-back) or 413 / 4.13 (too large)",
+        "HTTP and CoAP messages refused with 503 / 5.03 (journal push-back, stopping) "
+        "or found too large once read",
         "refused",
     ),
     (
@@ -325,7 +326,7 @@ class FlowReport:
     duplicates: int | None = None
     """Redelivered messages (MQTT DUP, CoAP retransmissions) stored once."""
     refused: int | None = None
-    """HTTP/CoAP messages refused (503 / 5.03 push-back, 413 / 4.13 too large)."""
+    """HTTP/CoAP messages refused by the ingress (503 / 5.03 push-back, too large once read)."""
     acks_withheld: int | None = None
     """MQTT messages whose PUBACK was withheld while the journal was full."""
     ingest_restarts: int | None = None
