@@ -10,12 +10,17 @@ the same file system (``--dir``, default the system temp dir):
    ``RawMessage`` of ``--payload`` bytes (devices spread over the partitions)
    to one ``Journal``; a refused submission (queue bound) is retried after
    1 ms, as a device pushed back would retry. Timed from the first submit to
-   the last future resolved. Latency is submit to resolved future, per message.
+   the last message resolved. Latency is submit to resolved, per message. Two
+   ways of being told: ``submit()`` with a future per message (HTTP, CoAP)
+   and ``append()`` with a callback (MQTT).
 
 Prints both rates, the ratio journal/baseline, p50/p99 of the per-message
 latency and the journal's own group figures (``JournalStats``).
 
-3. GIL: a pure-Python spinner thread counts for ``--gil-seconds`` alone, then
+3. moderate load: one producer ``append()``s at ``--paced-rate`` msg/s for
+   ``--paced-seconds``; p50/p99 of submit to durable commit, per message.
+
+4. GIL: a pure-Python spinner thread counts for ``--gil-seconds`` alone, then
    next to a thread committing one-row transactions with ``synchronous=FULL``
    (each commit is an fsync). If ``sqlite3`` held the GIL during the commit the
    spinner would stall for the share of time spent in commits; prints that
@@ -30,6 +35,7 @@ import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from connectors.devices.journal import (
@@ -74,7 +80,9 @@ def bare_sqlite(directory: Path, sync: str, messages: int, size: int, batch: int
     return messages / elapsed
 
 
-def through_journal(directory: Path, sync: str, args: argparse.Namespace) -> dict[str, float]:
+def through_journal(
+    directory: Path, sync: str, args: argparse.Namespace, api: str
+) -> dict[str, float]:
     journal = Journal(JournalSettings(
         root=directory / "journal", partitions=args.partitions, sync=sync,
         max_batch=args.max_batch, linger=timedelta(milliseconds=args.linger_ms),
@@ -85,7 +93,7 @@ def through_journal(directory: Path, sync: str, args: argparse.Namespace) -> dic
     remaining = [args.messages]
     lock = threading.Lock()
 
-    def resolved(t0: float) -> None:
+    def resolved(t0: float, _outcome: object = None) -> None:
         latencies.append(time.perf_counter() - t0)
         with lock:
             remaining[0] -= 1
@@ -99,6 +107,12 @@ def through_journal(directory: Path, sync: str, args: argparse.Namespace) -> dic
                              payload(i, args.payload))
             for _attempt in range(10_000):
                 t0 = time.perf_counter()
+                if api == "callback":
+                    if journal.append(msg, partial(resolved, t0)):
+                        break
+                    refusals[0] += 1
+                    time.sleep(0.001)
+                    continue
                 future = journal.submit(msg)
                 if future.done() and isinstance(future.exception(), JournalFull):
                     refusals[0] += 1
@@ -132,6 +146,34 @@ def through_journal(directory: Path, sync: str, args: argparse.Namespace) -> dic
         "write_p99_ms": stats.write_p99_ms,
         "refusals": refusals[0],
     }
+
+
+def paced(directory: Path, sync: str, args: argparse.Namespace) -> tuple[float, float, float]:
+    """Per-message submit-to-durable p50/p99 (ms) at ``--paced-rate`` msg/s, and the rate held."""
+    journal = Journal(JournalSettings(
+        root=directory / "journal", partitions=args.partitions, sync=sync,
+        max_batch=args.max_batch, linger=timedelta(milliseconds=args.linger_ms),
+    ))
+    latencies: list[float] = []
+
+    def resolved(t0: float, _outcome: object) -> None:
+        latencies.append(time.perf_counter() - t0)
+
+    total = int(args.paced_rate * args.paced_seconds)
+    now = datetime.now(UTC)
+    started = time.perf_counter()
+    for i in range(total):
+        due = started + i / args.paced_rate
+        while (ahead := due - time.perf_counter()) > 0:
+            time.sleep(ahead)
+        msg = RawMessage(f"dev-{i % DEVICES}", "telemetry", "mqtt", now, payload(i, args.payload))
+        journal.append(msg, partial(resolved, time.perf_counter()))
+    held = total / (time.perf_counter() - started)
+    journal.close()
+    latencies.sort()
+    if len(latencies) != total:
+        raise RuntimeError(f"paced: {len(latencies)}/{total} messages committed")
+    return latencies[total // 2] * 1000, latencies[int(total * 0.99)] * 1000, held
 
 
 def spin(seconds: float, counter: list[int] | None = None) -> int:
@@ -182,6 +224,17 @@ def gil_check(directory: Path, seconds: float) -> tuple[float, float, float]:
     return during / alone, in_commit[0] / wall, in_commit[1] / wall
 
 
+def report(sync: str, api: str, bare: float, result: dict[str, float], messages: int) -> None:
+    print(f"sync={sync:6} bare executemany {bare:10,.0f} msg/s | journal {api:8} "
+          f"{result['rate']:10,.0f} msg/s | ratio {result['rate'] / bare:5.2f}")
+    print(f"             latency submit->durable p50 {result['p50_ms']:.1f} ms, "
+          f"p99 {result['p99_ms']:.1f} ms; {result['groups']:.0f} groups "
+          f"({messages / result['groups']:.0f} msg/group), oldest-in-group wait "
+          f"p50 {result['group_p50_ms']:.1f} / p99 {result['group_p99_ms']:.1f} ms, "
+          f"write+sync p50 {result['write_p50_ms']:.1f} / p99 "
+          f"{result['write_p99_ms']:.1f} ms; queue-full retries {result['refusals']:.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
@@ -191,6 +244,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=2000)
     parser.add_argument("--linger-ms", type=float, default=2.0)
     parser.add_argument("--gil-seconds", type=float, default=2.0)
+    parser.add_argument("--paced-rate", type=float, default=5000.0)
+    parser.add_argument("--paced-seconds", type=float, default=3.0)
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
 
@@ -199,16 +254,14 @@ def main() -> None:
     for sync in ("full", "normal"):
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             bare = bare_sqlite(Path(tmp), sync, args.messages, args.payload, args.max_batch)
+        for api in ("future", "callback"):
+            with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+                result = through_journal(Path(tmp), sync, args, api)
+            report(sync, api, bare, result, args.messages)
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            result = through_journal(Path(tmp), sync, args)
-        print(f"sync={sync:6} bare executemany {bare:10,.0f} msg/s | journal "
-              f"{result['rate']:10,.0f} msg/s | ratio {result['rate'] / bare:5.2f}")
-        print(f"             latency submit->durable p50 {result['p50_ms']:.1f} ms, "
-              f"p99 {result['p99_ms']:.1f} ms; {result['groups']:.0f} groups "
-              f"({args.messages / result['groups']:.0f} msg/group), oldest-in-group wait "
-              f"p50 {result['group_p50_ms']:.1f} / p99 {result['group_p99_ms']:.1f} ms, "
-              f"write+sync p50 {result['write_p50_ms']:.1f} / p99 "
-              f"{result['write_p99_ms']:.1f} ms; queue-full retries {result['refusals']:.0f}")
+            p50, p99, held = paced(Path(tmp), sync, args)
+        print(f"sync={sync:6} at {held:,.0f} msg/s (append): submit->durable p50 {p50:.1f} ms, "
+              f"p99 {p99:.1f} ms")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         relative, share, rate = gil_check(Path(tmp), args.gil_seconds)
     print(f"GIL: {rate:,.0f} fsync commits/s, {share:.0%} of the wall time inside COMMIT; a "

@@ -88,6 +88,7 @@ BUSY_TIMEOUT_MS = 10_000
 CLOSE_TIMEOUT_S = 120.0
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -109,6 +110,19 @@ _INSERT = (
     "INSERT INTO messages (seq, device, channel, transport, received_at_us, payload, size, digest)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_COLUMNS = 8
+INSERT_ROWS = 256
+"""Rows per multi-row INSERT statement at most (a power of two; 8 parameters a row)."""
+
+
+def _insert_sql(rows: int) -> str:
+    """One INSERT statement of ``rows`` rows."""
+    values = "(" + ", ".join("?" * _COLUMNS) + ")"
+    return _INSERT.rpartition(" VALUES ")[0] + " VALUES " + ", ".join([values] * rows)
+
+
+_INSERTS = {1 << k: _insert_sql(1 << k) for k in range(INSERT_ROWS.bit_length())}
+"""Multi-row INSERT statements of every power of two up to INSERT_ROWS (a few, so cached)."""
 
 @dataclass(frozen=True)
 class JournalSettings:
@@ -129,6 +143,10 @@ class Committed:
     partition: int
     offset: int
     duplicate: bool = False
+
+
+Done = Callable[[Committed | BaseException], None]
+"""What :meth:`Journal.append` calls with a message's outcome."""
 
 
 @dataclass(frozen=True)
@@ -199,13 +217,13 @@ def digest_of(device: str, channel: str, payload: bytes, key: bytes = b"") -> by
 
 def to_us(ts: datetime) -> int:
     """Microseconds since the epoch of an aware datetime."""
-    if ts.tzinfo is None or ts.utcoffset() is None:
+    if ts.tzinfo is not UTC and (ts.tzinfo is None or ts.utcoffset() is None):
         msg = (
             f"journal: received_at must be timezone-aware (got naive {ts.isoformat()}); "
             "hint: use datetime.now(UTC)"
         )
         raise ValueError(msg)
-    return (ts - _EPOCH) // timedelta(microseconds=1)
+    return (ts - _EPOCH) // _US
 
 
 def from_us(us: int) -> datetime:
@@ -242,15 +260,28 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     msg: RawMessage
+    received_us: int
     partition: int
     size: int
     redelivery: bool
     key: bytes | None
-    future: concurrent.futures.Future[Committed]
+    done: Done
     submitted: float
+
+
+def _resolver(future: concurrent.futures.Future[Committed]) -> Done:
+    """The completion of ``future`` as an :meth:`Journal.append` callback."""
+
+    def done(outcome: Committed | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    return done
 
 
 class _Partition:
@@ -323,11 +354,11 @@ class _Partition:
         count, low = self.db.execute("SELECT count(*), min(released) FROM readers").fetchone()
         return None if count == 0 else int(low)
 
-    def truncate_chunk(self) -> int:
-        """Delete up to TRUNCATE_CHUNK released rows in one transaction; the rows deleted."""
+    def truncate_chunk(self) -> tuple[int, int]:
+        """Delete up to TRUNCATE_CHUNK released rows in one transaction; the rows and bytes."""
         floor = self.release_floor()
         if floor is None or floor <= self.truncated:
-            return 0
+            return 0, 0
         upto = min(floor, self.truncated + TRUNCATE_CHUNK)
         db = self.db
         db.execute("BEGIN IMMEDIATE")
@@ -348,7 +379,7 @@ class _Partition:
             self.count -= int(count)
             self.bytes -= int(size)
             self.oldest_us = None if row is None else int(row[0])
-        return int(count)
+        return int(count), int(size)
 
     def vacuum_chunk(self) -> None:
         """Give up to VACUUM_CHUNK free pages back to the file system when many are free."""
@@ -377,7 +408,8 @@ class Journal:
         self._max_queue = QUEUE_FACTOR * settings.max_batch
         self._linger_s = settings.linger.total_seconds()
         self._lock_file = _lock_writer(self.root)
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._parts: list[_Partition] = []
         try:
             recorded = journal_partitions(self.root)
@@ -394,7 +426,7 @@ class Journal:
                     _Partition(self.root, i, settings.partitions, settings.sync, self._cond)
                 )
             for part in self._parts:
-                while part.truncate_chunk():
+                while part.truncate_chunk()[0]:
                     pass
         except BaseException:
             for part in self._parts:
@@ -403,6 +435,8 @@ class Journal:
             raise
         self._queue: deque[_Item] = deque()
         self._pending_bytes = 0
+        self._held_bytes = sum(p.bytes for p in self._parts)
+        """Committed payload bytes not yet released by every reader (all partitions)."""
         self._fault_hook: Callable[[sqlite3.Connection], None] | None = None
         """Called at the start of each write transaction (tests inject disk faults with it)."""
         self._disk_full: str | None = None
@@ -439,34 +473,57 @@ class Journal:
         queued (their group fails with ``JournalFull("disk full: ...")`` if it
         still is); :meth:`admit` is what pushes devices back meanwhile.
         """
-        to_us(msg.received_at)  # a naive timestamp is the caller's bug: raise here
         future: concurrent.futures.Future[Committed] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # a queued message cannot be cancelled
-        size = len(msg.payload)
-        with self._cond:
-            if self._closing:
-                future.set_exception(RuntimeError(self._closed_message()))
-                return future
-            reason = self._refusal(size)
-            if reason is not None:
-                self._refused += 1
-                future.set_exception(JournalFull(reason))
-                return future
-            item = _Item(
-                msg=msg,
-                partition=partition_of(msg.device, self.settings.partitions),
-                size=size,
-                redelivery=redelivery,
-                key=dedup_key,
-                future=future,
-                submitted=time.monotonic(),
-            )
-            self._queue.append(item)
-            self._pending_bytes += size
-            waiting = len(self._queue)
-            if waiting == 1 or waiting == self.settings.max_batch:
-                self._cond.notify()  # the writer waits for the first, or lingers for a full group
+        self.append(msg, _resolver(future), redelivery=redelivery, dedup_key=dedup_key)
         return future
+
+    def append(
+        self,
+        msg: RawMessage,
+        done: Done,
+        *,
+        redelivery: bool = False,
+        dedup_key: bytes | None = None,
+    ) -> bool:
+        """:meth:`submit` without a future: ``done(outcome)`` is called instead.
+
+        ``outcome`` is the :class:`Committed` place of the message, or the
+        exception its future would fail with. As with :meth:`submit`, ``done``
+        runs on the writer thread in submission order after the durable commit,
+        or at once in the caller's thread when the message is refused; True when
+        the message was queued, False when it was refused (``done`` was called).
+        Cheaper than a future per message (no lock, no condition).
+        """
+        received_us = to_us(msg.received_at)  # a naive timestamp is the caller's bug: raise here
+        size = len(msg.payload)
+        with self._lock:
+            if self._closing:
+                refused: BaseException = RuntimeError(self._closed_message())
+            else:
+                reason = self._refusal(size)
+                if reason is None:
+                    self._queue.append(
+                        _Item(
+                            msg,
+                            received_us,
+                            partition_of(msg.device, self.settings.partitions),
+                            size,
+                            redelivery,
+                            dedup_key,
+                            done,
+                            time.monotonic(),
+                        )
+                    )
+                    self._pending_bytes += size
+                    waiting = len(self._queue)
+                    if waiting == 1 or waiting == self.settings.max_batch:
+                        self._cond.notify()  # the writer waits for the first, or a full group
+                    return True
+                self._refused += 1
+                refused = JournalFull(reason)
+        done(refused)
+        return False
 
     def admit(self) -> str | None:
         """None when there is room; otherwise the one-line reason devices are pushed back for."""
@@ -485,7 +542,7 @@ class Journal:
                 f"(limit {QUEUE_FACTOR} x journal.max_batch = {self._max_queue}); hint: the "
                 "disk commits slower than messages arrive, retry later"
             )
-        held = sum(p.bytes for p in self._parts) + self._pending_bytes
+        held = self._held_bytes + self._pending_bytes
         if held + size > self.settings.max_bytes or (size == 0 and held >= self.settings.max_bytes):
             return (
                 f"journal full: {held} payload bytes held of journal.max_bytes="
@@ -619,16 +676,12 @@ class Journal:
             elif wrote:
                 self._disk_full = None
         for item in group:
-            result = results[id(item)]
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
+            item.done(results[id(item)])
 
     def _write(self, part: _Partition, items: list[_Item]) -> list[Committed]:
         """Write ``items`` to ``part`` in one transaction; their results in order."""
         db = part.db
-        rows: list[tuple[object, ...]] = []
+        rows: list[object] = []  # the rows' values one after the other (multi-row INSERT)
         outcome: list[Committed] = []
         in_group: dict[bytes, int] = {}
         last = part.last
@@ -650,33 +703,32 @@ class Journal:
                         continue
                 last += 1
                 in_group[digest] = last
-                rows.append(
-                    (
-                        last,
-                        msg.device,
-                        msg.channel,
-                        msg.transport,
-                        to_us(msg.received_at),
-                        msg.payload,
-                        item.size,
-                        digest,
-                    )
+                rows += (
+                    last,
+                    msg.device,
+                    msg.channel,
+                    msg.transport,
+                    item.received_us,
+                    msg.payload,
+                    item.size,
+                    digest,
                 )
                 size += item.size
                 outcome.append(Committed(part.index, last))
-            if rows:
-                db.executemany(_INSERT, rows)
+            _insert(db, rows)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        with self._cond:
-            if part.count == 0 and rows:
-                part.oldest_us = int(rows[0][4])  # type: ignore[call-overload]
+        written = len(rows) // _COLUMNS
+        with self._lock:
+            if part.count == 0 and written:
+                part.oldest_us = int(rows[4])  # type: ignore[call-overload]
             part.last = last
-            part.count += len(rows)
+            part.count += written
             part.bytes += size
+            self._held_bytes += size
             self._duplicates += duplicates
         return outcome
 
@@ -712,10 +764,32 @@ class Journal:
     def _truncate(self) -> None:
         for part in self._parts:
             try:
-                if not part.truncate_chunk():
+                count, size = part.truncate_chunk()
+                if count:
+                    with self._lock:
+                        self._held_bytes -= size
+                else:
                     part.vacuum_chunk()
             except sqlite3.Error:
                 logger.exception("journal %s: truncation failed", part.path)
+
+
+def _insert(db: sqlite3.Connection, values: list[object]) -> None:
+    """Insert the rows whose values follow one another in ``values``.
+
+    In multi-row statements of INSERT_ROWS rows, the rest in power-of-two
+    statements: few statements (each releases the GIL once while SQLite
+    works, where ``executemany`` would release it for every row), all cached.
+    """
+    rows = len(values) // _COLUMNS
+    start = 0
+    chunk = INSERT_ROWS
+    while rows:
+        while chunk > rows:
+            chunk >>= 1
+        end = start + chunk * _COLUMNS
+        db.execute(_INSERTS[chunk], values[start:end])
+        start, rows = end, rows - chunk
 
 
 def _check_settings(settings: JournalSettings) -> None:
