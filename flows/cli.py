@@ -38,10 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     devices_sub = devices.add_subparsers(dest="devices_command", required=True)
     mosq = devices_sub.add_parser(
         "mosquitto-config",
-        help="write mosquitto passwd and ACL files from the registry and the edge account",
+        help="write mosquitto passwd, ACL and edgesieve.conf from the registry and edge account",
     )
     mosq.add_argument("--config", "-c", type=Path, default=Path("edge.yaml"), help="edge.yaml")
-    mosq.add_argument("--out", type=Path, required=True, help="directory for passwd and acl")
+    mosq.add_argument(
+        "--out", type=Path, required=True, help="directory for passwd, acl and edgesieve.conf"
+    )
 
     demo = sub.add_parser("demo", help="everything on loopback, then the reduction report")
     demo.add_argument("--devices", type=int, default=20, help="simulated sensors (default 20)")
@@ -78,7 +80,7 @@ def _cloud(args: argparse.Namespace) -> None:
 
 
 def _mosquitto_config(config_path: Path, out: Path) -> None:
-    from connectors.devices.broker_auth import EdgeAccount, write_mosquitto_config
+    from connectors.devices.broker_auth import CONF_FILE, EdgeAccount, write_mosquitto_config
     from connectors.devices.registry import DeviceRegistry
 
     config = load_config(config_path)
@@ -98,10 +100,15 @@ def _mosquitto_config(config_path: Path, out: Path) -> None:
         raise ConfigError(msg)
     registry = DeviceRegistry.load(config.devices)
     passwd, acl = write_mosquitto_config(registry, EdgeAccount(mqtt.username, mqtt.password), out)
+    conf = passwd.parent / CONF_FILE
     print(f"wrote {passwd} ({len(registry)} devices + edge account {mqtt.username!r}) and {acl}")
-    print("add to mosquitto.conf:")
+    print(f"wrote {conf}:")
+    print("".join(f"  {line}\n" for line in conf.read_text(encoding="utf-8").splitlines()), end="")
+    print("add to mosquitto.conf (mosquitto loads every *.conf file of that directory):")
+    print(f"  include_dir {passwd.parent.resolve()}")
     print(
-        f"  allow_anonymous false\n  password_file {passwd.resolve()}\n  acl_file {acl.resolve()}"
+        "and remove any other allow_anonymous, password_file, acl_file, max_inflight_messages "
+        "and max_queued_messages lines from it"
     )
 
 

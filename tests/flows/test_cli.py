@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,31 +173,90 @@ def _edge_files(tmp_path, *, mqtt: str = "{url: 'mqtt://127.0.0.1:1883', usernam
     return tmp_path / "edge.yaml"
 
 
-def test_mosquitto_config_is_enforced_by_a_real_mosquitto(tmp_path, capsys, mosquitto_factory, mosquitto_pub):
+class _IncludedBroker:
+    """A real mosquitto whose own config is a listener and ``include_dir`` of the generated files."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, directory: Path, include: Path) -> None:
+        from tests.conftest import free_port, require_binaries
+
+        require_binaries("mosquitto")
+        from connectors.devices.mosquitto import Mosquitto
+
+        self.port = free_port()
+        directory.mkdir(parents=True, exist_ok=True)
+        conf = directory / "mosquitto.conf"
+        lines = [f"listener {self.port} {self.host}", f"include_dir {include}", "log_dest stderr"]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else mosquitto drops to 'mosquitto' and cannot read 0600 files
+        conf.write_text("\n".join(lines) + "\n")
+        self.log = directory / "mosquitto.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen([Mosquitto.binary(), "-c", str(conf)], stdout=log, stderr=log)
+        wait_for(self._accepts, 10, f"mosquitto on port {self.port}")
+
+    def _accepts(self) -> bool:
+        import socket
+
+        assert self.proc.poll() is None, self.log.read_text()
+        try:
+            socket.create_connection((self.host, self.port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_mosquitto_config_is_enforced_by_a_real_mosquitto(tmp_path, capsys, mosquitto_pub):
+    import paho.mqtt.client as paho
 
     config = _edge_files(tmp_path)
     out = tmp_path / "broker-auth"
     assert main(["devices", "mosquitto-config", "--config", str(config), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "(2 devices + edge account 'edge')" in printed and "allow_anonymous false" in printed
-    assert (out / "passwd").stat().st_mode & 0o777 == 0o600
+    assert "(2 devices + edge account 'edge')" in printed and f"wrote {out / 'edgesieve.conf'}" in printed
+    assert f"  include_dir {out.resolve()}" in printed
+    assert "  max_inflight_messages 1000" in printed and "  max_queued_messages 0" in printed
+    for name in ("passwd", "acl", "edgesieve.conf"):
+        assert (out / name).stat().st_mode & 0o777 == 0o600
 
-    broker = mosquitto_factory(password_file=out / "passwd", acl_file=out / "acl").start()
-    received = tmp_path / "received.txt"
-    with received.open("w") as sink:
-        sub = subprocess.Popen(
-            ["mosquitto_sub", "-p", str(broker.port), "-u", "edge", "-P", "edge-secret-1",
-             "-t", "v1/devices/+/telemetry", "-v", "-W", "5"],
-            stdout=sink,
+    broker = _IncludedBroker(tmp_path / "mosquitto", out.resolve())
+    try:
+        # the edge account reads device topics; it never acks, as when the journal holds acks back
+        got: list[paho.MQTTMessage] = []
+        edge = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id="edge-cli-test", protocol=paho.MQTTv311,
+            manual_ack=True,
         )
-        time.sleep(0.5)
-        mosquitto_pub(broker, "v1/devices/pump-8/telemetry", message='{"t": 2}', username="pump-7", password="token-pump-7")
-        mosquitto_pub(broker, "v1/devices/pump-7/telemetry", message='{"t": 1}', username="pump-7", password="token-pump-7")
-        with pytest.raises(RuntimeError, match="mosquitto_pub"):
-            mosquitto_pub(broker, "v1/devices/pump-7/telemetry", message="{}", username="pump-7", password="wrong-token")
-        sub.wait(timeout=15)
-    lines = received.read_text().splitlines()
-    assert lines == ['v1/devices/pump-7/telemetry {"t": 1}']  # pump-7 cannot speak for pump-8
+        edge.username_pw_set("edge", "edge-secret-1")
+        edge.on_message = lambda client, userdata, msg: got.append(msg)
+        subscribed = threading.Event()
+        edge.on_subscribe = lambda *args: subscribed.set()
+        edge.connect(broker.host, broker.port)
+        edge.loop_start()
+        try:
+            wait_for(edge.is_connected, 10, "the edge account to connect")
+            edge.subscribe("v1/devices/+/telemetry", qos=1)
+            wait_for(subscribed.is_set, 10, "the subscription")
+            device = {"username": "pump-7", "password": "token-pump-7"}
+            mosquitto_pub(broker, "v1/devices/pump-8/telemetry", message='{"t": 2}', **device)
+            with pytest.raises(RuntimeError, match="mosquitto_pub"):
+                mosquitto_pub(broker, "v1/devices/pump-7/telemetry", message="{}", username="pump-7", password="wrong-token")
+            # 50 unacknowledged QoS 1 messages all arrive: mosquitto's default would stop at 20
+            mosquitto_pub(broker, "v1/devices/pump-7/telemetry", lines=[f'{{"t": {i}}}' for i in range(50)], **device)
+            wait_for(lambda: len(got) >= 50, 10, "50 unacknowledged messages in flight")
+            time.sleep(0.3)
+        finally:
+            edge.loop_stop()
+            edge.disconnect()
+    finally:
+        broker.stop()
+    assert {m.topic for m in got} == {"v1/devices/pump-7/telemetry"}  # pump-7 cannot speak for pump-8
+    assert [m.payload for m in got] == [f'{{"t": {i}}}'.encode() for i in range(50)]
 
 
 def test_mosquitto_config_needs_the_edge_account(tmp_path, capsys):
