@@ -237,14 +237,21 @@ class StatsWriter:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5.0)
+        self._write_logged(running=False)
+
+    def _write_logged(self, *, running: bool = True) -> None:
+        """:meth:`write`; a failure (disk full, say) is logged: metrics go stale, ingest goes on."""
         try:
-            self.write(running=False)
+            self.write(running=running)
         except OSError as exc:
-            logger.warning("ingest stats: cannot write %s: %s", self.path, exc)
+            logger.warning(
+                "ingest stats: cannot write %s (%s: %s); hint: check the space and permissions "
+                "of that directory; /metrics shows edgesieve_ingest_up 0 until a write works",
+                self.path,
+                type(exc).__name__,
+                exc,
+            )
 
     def _run(self) -> None:
         while not self._stop.wait(INTERVAL_S):
-            try:
-                self.write()
-            except OSError as exc:  # disk full, say: metrics go stale, ingest goes on
-                logger.warning("ingest stats: cannot write %s: %s", self.path, exc)
+            self._write_logged()

@@ -185,6 +185,15 @@ def test_an_unreadable_snapshot_is_logged_and_ignored(tmp_path, caplog):
     assert read_snapshot(tmp_path / "nowhere") is None
 
 
+def test_a_snapshot_that_cannot_be_written_is_logged(tmp_path, caplog):
+    with MeteredJournal(JournalSettings(tmp_path, partitions=1)) as journal:
+        writer = StatsWriter(journal)
+    (tmp_path / STATS_FILE).mkdir()  # not a file: the rename fails
+    writer.stop()
+    assert f"ingest stats: cannot write {tmp_path / STATS_FILE} (IsADirectoryError" in caplog.text
+    assert "hint: check the space" in caplog.text
+
+
 def test_no_ingest_stats_leave_the_report_as_before():
     rep = report(Meter("f"))
     assert rep.journal_commits is None and "ingest:" not in rep.render()
