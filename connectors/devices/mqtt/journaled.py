@@ -6,11 +6,11 @@ with manual acknowledgements and a persistent session (MQTT 3.1.1
 subscribed to ``v1/devices/+/{channel}``. Every message is submitted to the
 :class:`~connectors.devices.journal.Journal` (``redelivery`` = the DUP flag, so
 a message the broker sends again after a lost PUBACK is stored once) and its
-PUBACK is sent by the commit's done-callback. The journal runs those callbacks
+PUBACK is sent by the commit's callback (:meth:`Journal.append`). The journal runs those callbacks
 on its writer thread in submission order, so PUBACKs go out in arrival order.
 
 When the journal refuses (over ``journal.max_bytes``, disk full, queue full:
-``admit()`` gives a reason or the future fails with ``JournalFull``) the
+``admit()`` gives a reason or the callback gets ``JournalFull``) the
 message is not acknowledged. It waits in a bounded retry list (arrival order)
 and is submitted again once ``admit()`` says there is room; meanwhile every
 newer message joins the list behind it. The broker does not resend an
@@ -36,7 +36,6 @@ edge (or refused by a full journal while it was in memory only) is gone.
 from __future__ import annotations
 
 import bisect
-import concurrent.futures
 import logging
 import socket
 import threading
@@ -344,27 +343,26 @@ class JournaledMqtt:
 
     def _submit(self, pending: _Pending) -> bool:
         """Submit ``pending``; False when the journal refused it at once (it is withheld again)."""
-        future = self.journal.submit(pending.msg, redelivery=pending.dup)
-        future.add_done_callback(partial(self._committed, pending))
-        return not (future.done() and isinstance(future.exception(), JournalFull))
+        return self.journal.append(
+            pending.msg, partial(self._committed, pending), redelivery=pending.dup
+        )
 
-    def _committed(self, pending: _Pending, future: concurrent.futures.Future[Committed]) -> None:
-        """The commit's done-callback (journal writer thread, submission order)."""
-        exc = future.exception()
-        if isinstance(exc, JournalFull):
+    def _committed(self, pending: _Pending, outcome: Committed | BaseException) -> None:
+        """The commit's callback (journal writer thread, submission order)."""
+        if isinstance(outcome, JournalFull):
             with self._lock:
                 self._withhold(pending)
             return
-        if exc is not None:
+        if isinstance(outcome, BaseException):
             logger.warning(
                 "mqtt client %s: message from %s not journaled (%s); left unacknowledged for "
                 "the broker to redeliver",
                 self.client_id,
                 pending.msg.device,
-                exc,
+                outcome,
             )
             return
-        if future.result().duplicate:
+        if outcome.duplicate:
             self.duplicates += 1
         else:
             self.committed += 1
