@@ -267,7 +267,7 @@ class IngestCollector(Collector):
             buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
         yield HistogramMetricFamily(
             "edgesieve_journal_commit_seconds",
-            "Time from submission to durable commit of each message the journal committed",
+            "Journal group commits by their first message's wait, submission to durable commit",
             buckets=buckets,
             sum_value=hist["sum"],
         )
