@@ -171,9 +171,10 @@ def read_snapshot(root: Path) -> dict[str, Any] | None:
 
 
 def remove_snapshot(root: Path) -> None:
-    """Remove the snapshot, so the counters of a new run start from zero."""
-    with contextlib.suppress(FileNotFoundError):
-        (Path(root) / STATS_FILE).unlink()
+    """Remove the snapshot (and temporary files a killed writer left), so a run starts at zero."""
+    for path in [Path(root) / STATS_FILE, *Path(root).glob(f".{STATS_FILE}.*.tmp")]:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 class StatsWriter:

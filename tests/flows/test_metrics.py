@@ -26,6 +26,7 @@ from flows.ingest_stats import (
     MeteredJournal,
     StatsWriter,
     read_snapshot,
+    remove_snapshot,
 )
 from operators.records import RawMessage
 from tests.conftest import DEVICES, curl, free_port, write_devices
@@ -176,6 +177,14 @@ def test_a_new_ingest_process_carries_the_counters_of_the_one_before(tmp_path):
         snap = read_snapshot(tmp_path)
         assert snap["commits"] == expected
         assert sum(snap["commit_seconds"]["counts"]) == expected
+
+
+def test_a_new_run_starts_without_the_last_runs_snapshot(tmp_path):
+    (tmp_path / STATS_FILE).write_text("{}")
+    (tmp_path / f".{STATS_FILE}.123.tmp").write_text("{")  # left by a kill -9 mid-write
+    remove_snapshot(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    remove_snapshot(tmp_path / "nowhere")  # nothing to remove is fine
 
 
 def test_an_unreadable_snapshot_is_logged_and_ignored(tmp_path, caplog):
