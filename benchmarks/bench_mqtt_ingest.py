@@ -1,10 +1,16 @@
-"""MQTT ingest: the telemetry flow versus a bare paho client on the same backlog.
+"""MQTT ingest: the journaled telemetry flow versus a bare paho client on the same backlog.
 
 Both clients register persistent sessions on one mosquitto, then N QoS 1
 telemetry messages are published once; the broker queues the same backlog for
-both. (a) a bare paho client drains and only counts; (b) the telemetry flow
-drains, decodes, deadbands, windows and writes Parquet. Prints both rates and
-the ratio (b)/(a).
+both. (a) a bare paho client drains and only counts; (b) ``Edge(config).run()``
+of the telemetry flow: the ingest process (spawned by the flow) drains the
+session, commits every message to the journal before its PUBACK, and the flow
+reads the journal, decodes, deadbands, windows and writes Parquet.
+
+Two rates each: "wall" from the start (connect; for the flow also spawning the
+ingest process and starting Bytewax) to the N-th message, and "drain" from
+the first message to the N-th (the flow's messages counted as they leave the
+journal). Prints both, and the ratios (b)/(a).
 """
 
 from __future__ import annotations
@@ -43,12 +49,16 @@ def register_session(port: int, client_id: str) -> None:
     client.loop_stop()
 
 
-def drain_bare(port: int, n: int, timeout: float) -> float:
+def drain_bare(port: int, n: int, timeout: float) -> tuple[float, float]:
+    """Seconds from connect to the n-th message, and from the first to the n-th."""
     count = 0
+    first = 0.0
     done = threading.Event()
 
     def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        nonlocal count
+        nonlocal count, first
+        if count == 0:
+            first = time.perf_counter()
         count += 1
         if count >= n:
             done.set()
@@ -59,17 +69,18 @@ def drain_bare(port: int, n: int, timeout: float) -> float:
     client.connect("127.0.0.1", port)
     client.loop_start()
     finished = done.wait(timeout)
-    elapsed = time.perf_counter() - t0
+    end = time.perf_counter()
     client.disconnect()
     client.loop_stop()
     if not finished:
         raise RuntimeError(f"bare client got {count}/{n} messages in {timeout}s")
-    return elapsed
+    return end - t0, end - first
 
 
 def drain_flow(
     port: int, n: int, data_dir: Path, timeout: float, workers: int
-) -> tuple[float, Meter]:
+) -> tuple[float, float, Meter]:
+    """Seconds from ``run()`` to the n-th message received, from the first to it, the meter."""
     config = parse_config(
         {
             "data_dir": str(data_dir),
@@ -80,16 +91,21 @@ def drain_flow(
     telemetry.build(edge)
     meter, stop = edge.meter, edge.stop
 
+    marks = {"first": 0.0, "last": 0.0}
+
     def watch() -> None:
         deadline = time.monotonic() + timeout
         while meter.totals[RECEIVED] < n and time.monotonic() < deadline:
-            time.sleep(0.01)
+            if not marks["first"] and meter.totals[RECEIVED]:
+                marks["first"] = time.perf_counter()
+            time.sleep(0.002)
+        marks["last"] = time.perf_counter()
         stop.set()
 
     threading.Thread(target=watch, daemon=True).start()
     t0 = time.perf_counter()
     edge.run(workers=workers)
-    return time.perf_counter() - t0, meter
+    return marks["last"] - t0, marks["last"] - marks["first"], meter
 
 
 def main() -> None:
@@ -115,19 +131,28 @@ def main() -> None:
             f"(published at {n / sent.seconds:,.0f} msg/s)"
         )
 
-        bare_s = drain_bare(broker.port, n, args.timeout)
-        flow_s, meter = drain_flow(broker.port, n, Path(tmp) / "edge", args.timeout, args.workers)
+        bare_s, bare_drain = drain_bare(broker.port, n, args.timeout)
+        flow_s, flow_drain, meter = drain_flow(
+            broker.port, n, Path(tmp) / "edge", args.timeout, args.workers
+        )
 
     rep = report(meter)
     if rep.messages_in < n:
         raise RuntimeError(f"flow received {rep.messages_in}/{n} messages")
     bare_rate, flow_rate = n / bare_s, n / flow_s
-    print(f"(a) bare paho, count only:        {bare_rate:>10,.0f} msg/s  ({bare_s:.2f} s)")
+    bare_drain_rate, flow_drain_rate = n / bare_drain, n / flow_drain
     print(
-        f"(b) telemetry flow to Parquet:    {flow_rate:>10,.0f} msg/s  ({flow_s:.2f} s, "
-        f"{args.workers} worker(s))"
+        f"(a) bare paho, count only:          wall {bare_rate:>8,.0f} msg/s ({bare_s:.2f} s)"
+        f"  drain {bare_drain_rate:>8,.0f} msg/s"
     )
-    print(f"ratio (b)/(a): {flow_rate / bare_rate:.2f}   (target >= 0.5)")
+    print(
+        f"(b) journaled flow to Parquet:      wall {flow_rate:>8,.0f} msg/s ({flow_s:.2f} s)"
+        f"  drain {flow_drain_rate:>8,.0f} msg/s  ({args.workers} worker(s))"
+    )
+    print(
+        f"ratio (b)/(a): wall {flow_rate / bare_rate:.2f}  drain "
+        f"{flow_drain_rate / bare_drain_rate:.2f}   (target >= 0.8)"
+    )
     print(
         f"flow output: {rep.stages.get('telemetry_points', 0)} points, "
         f"{rep.stages.get('telemetry_summary', 0)} summaries, "
