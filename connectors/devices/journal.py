@@ -6,11 +6,13 @@ The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
 
 - **Append** (:class:`Journal`, one per process, guarded by an exclusive lock on
   ``writer.lock``): :meth:`Journal.submit` queues a message and returns a future
-  at once. A writer thread takes up to ``max_batch`` queued messages (waiting up
-  to ``linger`` for more), writes them with ``executemany`` in one transaction
-  per partition, commits (``synchronous=FULL`` or ``NORMAL``), then resolves
-  the futures in submission order, so done-callbacks run on the writer thread
-  in that order. A group is written whole or not at all.
+  at once; :meth:`Journal.append` does the same with a callback instead (no
+  future per message). A writer thread takes up to ``max_batch`` queued
+  messages (waiting up to ``linger`` for more), writes them in one transaction
+  per partition (multi-row INSERTs; the partitions of a group are written and
+  committed side by side), commits (``synchronous=FULL`` or ``NORMAL``), then
+  resolves the futures and calls the callbacks in submission order, on the
+  writer thread. A partition's part of a group is written whole or not at all.
 - **Offsets** are the rows' ``INTEGER PRIMARY KEY AUTOINCREMENT`` values, from 0,
   assigned by the writer; ``sqlite_sequence`` keeps the highest one ever used,
   so offsets are never reused after truncation or a restart.
