@@ -38,15 +38,8 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
-from connectors.devices.journal import (
-    _INSERT,
-    _SCHEMA,
-    Journal,
-    JournalFull,
-    JournalSettings,
-    digest_of,
-    to_us,
-)
+from connectors.devices.journal import Journal, JournalFull, JournalSettings
+from connectors.devices.journal.format import _INSERT, _SCHEMA, digest_of, to_us
 from operators.records import RawMessage
 
 DEVICES = 64

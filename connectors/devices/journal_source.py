@@ -47,7 +47,8 @@ from pathlib import Path
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from connectors.devices.journal import JournalReader, journal_partitions, part_path
+from connectors.devices.journal import JournalReader, journal_partitions
+from connectors.devices.journal.format import part_path
 from operators.records import RawMessage
 
 __all__ = ["JournalProgress", "JournalSource", "JournalSourcePartition", "journal_depth"]

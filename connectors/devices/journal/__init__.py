@@ -1,0 +1,62 @@
+"""Ingest journal: device messages committed to disk before devices are told "accepted".
+
+The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
+``data_dir/journal``; a device's messages always go to partition
+:func:`partition_of` of its id, so their order is kept.
+
+- **Append** (:class:`Journal`, one per process, guarded by an exclusive lock on
+  ``writer.lock``): :meth:`Journal.submit` queues a message and returns a future
+  at once; :meth:`Journal.append` does the same with a callback instead (no
+  future per message). A writer thread takes up to ``max_batch`` queued
+  messages (waiting up to ``linger`` for more), writes them in one transaction
+  per partition (multi-row INSERTs; the partitions of a group are written and
+  committed side by side), commits (``synchronous=FULL`` or ``NORMAL``), then
+  resolves the futures and calls the callbacks in submission order, on the
+  writer thread. A partition's part of a group is written whole or not at all.
+- **Offsets** are the rows' ``INTEGER PRIMARY KEY AUTOINCREMENT`` values, from 0,
+  assigned by the writer; ``sqlite_sequence`` keeps the highest one ever used,
+  so offsets are never reused after truncation or a restart.
+- **Bounds**: payload bytes held (committed and not released by every
+  registered reader, plus those waiting to be committed) never exceed
+  ``max_bytes``; at most ``4 * max_batch`` messages wait for the writer. Beyond
+  either, and while the disk is full, futures fail with :class:`JournalFull`
+  and :meth:`Journal.admit` gives the reason. A disk-full commit is rolled
+  back; the writer keeps running and the next successful commit clears it.
+- **Redelivery** (MQTT DUP): a ``blake2b``-128 digest of (device, channel,
+  payload) is stored and indexed; a redelivered message whose digest is among
+  the partition's last :data:`DEDUP_WINDOW` offsets is not written again.
+- **Truncation**: a reader (:class:`JournalReader`, any process) registers by
+  its first :meth:`JournalReader.release`; the writer deletes rows at or below
+  the lowest offset released by every registered reader, in chunks of
+  :data:`TRUNCATE_CHUNK` rows, and runs an incremental vacuum when idle so the
+  files shrink. With no registered reader nothing is deleted; a reader that
+  registers later starts from what is still held.
+"""
+
+from connectors.devices.journal.format import (
+    DEDUP_WINDOW,
+    SYNC_MODES,
+    TRUNCATE_CHUNK,
+    Committed,
+    JournalFull,
+    JournalSettings,
+    JournalStats,
+    journal_partitions,
+    partition_of,
+)
+from connectors.devices.journal.reader import JournalReader
+from connectors.devices.journal.writer import Journal
+
+__all__ = [
+    "DEDUP_WINDOW",
+    "SYNC_MODES",
+    "TRUNCATE_CHUNK",
+    "Committed",
+    "Journal",
+    "JournalFull",
+    "JournalReader",
+    "JournalSettings",
+    "JournalStats",
+    "journal_partitions",
+    "partition_of",
+]

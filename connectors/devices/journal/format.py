@@ -1,0 +1,209 @@
+"""The journal's on-disk format and what the writer and readers share: settings, schema, digests."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import sqlite3
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+logger = logging.getLogger("edgesieve.journal")
+
+
+SYNC_MODES = ("full", "normal")
+SCHEMA_VERSION = 1
+DEDUP_WINDOW = 4096
+"""A redelivery is looked up among this many most recent offsets of its partition."""
+TRUNCATE_CHUNK = 5000
+"""Rows deleted per truncation transaction, so commits of new messages are not held up."""
+QUEUE_FACTOR = 4
+"""At most ``QUEUE_FACTOR * max_batch`` messages wait for the writer."""
+VACUUM_PAGES = 256
+"""Free pages above which the writer runs ``PRAGMA incremental_vacuum``."""
+VACUUM_CHUNK = 4096
+"""Pages one incremental vacuum gives back at most (16 MiB of 4 KiB pages)."""
+READERS_POLL_S = 0.05
+"""How often the writer looks at the readers' released offsets."""
+PROBE_INTERVAL_S = 1.0
+"""While the disk is full and nothing is submitted, the writer tries a write this often."""
+PROBE_BYTES = 64 * 1024
+LATENCY_SAMPLES = 4096
+BUSY_TIMEOUT_MS = 10_000
+CLOSE_TIMEOUT_S = 120.0
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    received_at_us INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    digest BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_digest ON messages (digest);
+CREATE TABLE IF NOT EXISTS readers (name TEXT PRIMARY KEY, released INTEGER NOT NULL)
+"""
+
+_INSERT = (
+    "INSERT INTO messages (seq, device, channel, transport, received_at_us, payload, size, digest)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_COLUMNS = 8
+INSERT_ROWS = 256
+"""Rows per multi-row INSERT statement at most (a power of two; 8 parameters a row)."""
+
+
+def _insert_sql(rows: int) -> str:
+    """One INSERT statement of ``rows`` rows."""
+    values = "(" + ", ".join("?" * _COLUMNS) + ")"
+    return _INSERT.rpartition(" VALUES ")[0] + " VALUES " + ", ".join([values] * rows)
+
+
+_INSERTS = {1 << k: _insert_sql(1 << k) for k in range(INSERT_ROWS.bit_length())}
+"""Multi-row INSERT statements of every power of two up to INSERT_ROWS (a few, so cached)."""
+
+@dataclass(frozen=True)
+class JournalSettings:
+    """Where the journal lives and how it commits; see :mod:`flows.config` ``journal``."""
+
+    root: Path
+    partitions: int = 4
+    sync: str = "full"
+    max_bytes: int = 1 << 30
+    max_batch: int = 2000
+    linger: timedelta = timedelta(milliseconds=2)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """Where a message was journaled; ``duplicate`` when a redelivery was already there."""
+
+    partition: int
+    offset: int
+    duplicate: bool = False
+
+
+Done = Callable[[Committed | BaseException], None]
+"""What :meth:`Journal.append` calls with a message's outcome."""
+
+
+@dataclass(frozen=True)
+class JournalStats:
+    """What the journal holds and how fast it commits.
+
+    ``messages``/``bytes`` are held (committed, not yet released by every
+    reader); ``oldest_age_s`` is the age of the oldest held message by its
+    ``received_at`` (0 when none). ``commits`` counts group transactions.
+    ``commit_p50_ms``/``commit_p99_ms`` is the time from submission to durable
+    commit of each group's first message (the longest wait in the group), over
+    the last groups; ``write_p50_ms``/``write_p99_ms`` the time of the group's
+    transactions alone (write and sync).
+    """
+
+    messages: int
+    bytes: int
+    oldest_age_s: float
+    commits: int
+    commit_p50_ms: float
+    commit_p99_ms: float
+    write_p50_ms: float
+    write_p99_ms: float
+    queued: int
+    duplicates: int
+    refused: int
+
+
+class JournalFull(Exception):
+    """The journal cannot take a message now; the one-line reason says why."""
+
+
+def partition_of(device: str, partitions: int) -> int:
+    """The partition a device's messages go to."""
+    return zlib.adler32(device.encode()) % partitions
+
+
+def part_path(root: Path, partition: int) -> Path:
+    """The SQLite file of one partition."""
+    return Path(root) / f"part-{partition}.sqlite"
+
+
+def journal_partitions(root: Path) -> int | None:
+    """The partition count recorded in the journal at ``root``, None when there is none."""
+    path = part_path(root, 0)
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'partitions'").fetchone()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        db.close()
+    return None if row is None else int(row[0])
+
+
+def digest_of(device: str, channel: str, payload: bytes, key: bytes = b"") -> bytes:
+    """The 16-byte digest redeliveries are recognised by (lengths keep the fields apart).
+
+    ``key`` is a transport's identity of one transmission (CoAP: endpoint,
+    message id and token), so a retransmission matches and a new message with
+    the same content does not.
+    """
+    head = f"{len(device)}:{device}{len(channel)}:{channel}{len(key)}:".encode() + key
+    return hashlib.blake2b(head + payload, digest_size=16).digest()
+
+
+def to_us(ts: datetime) -> int:
+    """Microseconds since the epoch of an aware datetime."""
+    if ts.tzinfo is not UTC and (ts.tzinfo is None or ts.utcoffset() is None):
+        msg = (
+            f"journal: received_at must be timezone-aware (got naive {ts.isoformat()}); "
+            "hint: use datetime.now(UTC)"
+        )
+        raise ValueError(msg)
+    return (ts - _EPOCH) // _US
+
+
+def from_us(us: int) -> datetime:
+    """The aware UTC datetime of microseconds since the epoch."""
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's or the OS's "no space left"."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return False
+
+
+def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
+    mode = "rwc" if create else "rw"
+    db = sqlite3.connect(
+        f"file:{path}?mode={mode}",
+        uri=True,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    return db
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

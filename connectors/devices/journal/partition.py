@@ -1,0 +1,153 @@
+"""One partition file as the writer holds it: schema, offsets, held bytes, dedup, inserts."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from connectors.devices.journal.format import (
+    _COLUMNS,
+    _INSERTS,
+    _SCHEMA,
+    DEDUP_WINDOW,
+    INSERT_ROWS,
+    SCHEMA_VERSION,
+    TRUNCATE_CHUNK,
+    VACUUM_CHUNK,
+    VACUUM_PAGES,
+    _connect,
+    logger,
+    part_path,
+)
+
+
+class _Partition:
+    """The writer's connection to one partition file and what it knows about it."""
+
+    def __init__(
+        self, root: Path, index: int, partitions: int, sync: str, lock: threading.Condition
+    ) -> None:
+        self.index = index
+        self.lock = lock
+        self.path = part_path(root, index)
+        new = not self.path.exists()
+        self.db = _connect(self.path, create=True)
+        try:
+            self._init(new, partitions, sync)
+        except BaseException:
+            self.db.close()
+            raise
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        self.last = -1 if row is None else int(row[0])
+        count, size = self.db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM messages"
+        ).fetchone()
+        self.count = int(count)
+        self.bytes = int(size)
+        first = self.db.execute("SELECT min(seq) FROM messages").fetchone()[0]
+        self.truncated = (self.last if first is None else int(first) - 1)
+        self.oldest_us: int | None = None
+        self.load_oldest()
+
+    def _init(self, new: bool, partitions: int, sync: str) -> None:
+        db = self.db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            msg = (
+                f"journal: {self.path} has schema version {version}, newer than this edgesieve "
+                f"supports (got {version}, know {SCHEMA_VERSION}); hint: run the edgesieve "
+                "version that wrote it"
+            )
+            raise ValueError(msg)
+        if new:
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            logger.warning("journal %s: SQLite refused WAL (journal_mode=%s)", self.path, mode)
+        db.execute(f"PRAGMA synchronous = {sync.upper()}")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('partitions', ?)",
+                (str(partitions),),
+            )
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def load_oldest(self) -> None:
+        row = self.db.execute(
+            "SELECT received_at_us FROM messages ORDER BY seq LIMIT 1"
+        ).fetchone()
+        self.oldest_us = None if row is None else int(row[0])
+
+    def release_floor(self) -> int | None:
+        """The offset every registered reader released, None when no reader is registered."""
+        count, low = self.db.execute("SELECT count(*), min(released) FROM readers").fetchone()
+        return None if count == 0 else int(low)
+
+    def truncate_chunk(self) -> tuple[int, int]:
+        """Delete up to TRUNCATE_CHUNK released rows in one transaction; the rows and bytes."""
+        floor = self.release_floor()
+        if floor is None or floor <= self.truncated:
+            return 0, 0
+        upto = min(floor, self.truncated + TRUNCATE_CHUNK)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            count, size = db.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE seq > ? AND seq <= ?",
+                (self.truncated, upto),
+            ).fetchone()
+            db.execute("DELETE FROM messages WHERE seq > ? AND seq <= ?", (self.truncated, upto))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        row = db.execute("SELECT received_at_us FROM messages ORDER BY seq LIMIT 1").fetchone()
+        with self.lock:
+            self.truncated = upto
+            self.count -= int(count)
+            self.bytes -= int(size)
+            self.oldest_us = None if row is None else int(row[0])
+        return int(count), int(size)
+
+    def vacuum_chunk(self) -> None:
+        """Give up to VACUUM_CHUNK free pages back to the file system when many are free."""
+        if self.db.execute("PRAGMA freelist_count").fetchone()[0] > VACUUM_PAGES:
+            # execute() steps a statement without result columns once (one page);
+            # executescript() runs it to completion.
+            self.db.executescript(f"PRAGMA incremental_vacuum({VACUUM_CHUNK});")
+
+    def find(self, digest: bytes) -> int | None:
+        """The offset of a recent message with this digest."""
+        row = self.db.execute(
+            "SELECT seq FROM messages WHERE digest = ? AND seq > ? ORDER BY seq DESC LIMIT 1",
+            (digest, self.last - DEDUP_WINDOW),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+
+def _insert(db: sqlite3.Connection, values: list[object]) -> None:
+    """Insert the rows whose values follow one another in ``values``.
+
+    In multi-row statements of INSERT_ROWS rows, the rest in power-of-two
+    statements: few statements (each releases the GIL once while SQLite
+    works, where ``executemany`` would release it for every row), all cached.
+    """
+    rows = len(values) // _COLUMNS
+    start = 0
+    chunk = INSERT_ROWS
+    while rows:
+        while chunk > rows:
+            chunk >>= 1
+        end = start + chunk * _COLUMNS
+        db.execute(_INSERTS[chunk], values[start:end])
+        start, rows = end, rows - chunk

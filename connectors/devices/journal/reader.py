@@ -1,0 +1,98 @@
+"""The journal's read side: one partition, any process (SQLite WAL readers never block)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from connectors.devices.journal.format import (
+    _connect,
+    from_us,
+    journal_partitions,
+    part_path,
+)
+from operators.records import RawMessage
+
+
+class JournalReader:
+    """The read side of one partition (any process; SQLite WAL readers never block the writer)."""
+
+    def __init__(self, root: Path, partition: int) -> None:
+        self.root = Path(root)
+        self.partition = partition
+        self.path = part_path(self.root, partition)
+        if not self.path.exists():
+            msg = (
+                f"journal: no partition file {self.path} (got partition {partition}, "
+                f"journal partitions {journal_partitions(self.root)}); hint: open the Journal "
+                "first, and read partitions 0 .. journal.partitions - 1"
+            )
+            raise FileNotFoundError(msg)
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = _connect(self.path, create=False)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            msg = f"JournalReader {self.path} is closed; hint: open a new JournalReader"
+            raise RuntimeError(msg)
+        return self._db
+
+    def read(self, after: int, limit: int) -> list[tuple[int, RawMessage]]:
+        """Up to ``limit`` messages with offsets > ``after``, ascending."""
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT seq, device, channel, transport, received_at_us, payload FROM messages"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [
+            (int(seq), RawMessage(device, channel, transport, from_us(us), bytes(payload)))
+            for seq, device, channel, transport, us, payload in rows
+        ]
+
+    def last_offset(self) -> int:
+        """Highest committed offset, -1 when none yet."""
+        with self._lock:
+            row = self._conn().execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+            ).fetchone()
+        return -1 if row is None else int(row[0])
+
+    def released(self, reader: str) -> int:
+        """What ``reader`` released last, -1 if never."""
+        with self._lock:
+            row = self._conn().execute(
+                "SELECT released FROM readers WHERE name = ?", (reader,)
+            ).fetchone()
+        return -1 if row is None else int(row[0])
+
+    def release(self, reader: str, offset: int) -> None:
+        """``reader`` is done with offsets <= ``offset`` (registers it; never goes back)."""
+        last = self.last_offset()
+        if offset > last:
+            msg = (
+                f"journal: reader {reader!r} released offset {offset} of {self.path}, beyond "
+                f"the last committed offset (got {offset}, last {last}); hint: release only "
+                "offsets read()"
+            )
+            raise ValueError(msg)
+        with self._lock:
+            self._conn().execute(
+                "INSERT INTO readers (name, released) VALUES (?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET released = max(released, excluded.released)",
+                (reader, offset),
+            )
+
+    def close(self) -> None:
+        """Close the file; further calls raise RuntimeError."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> JournalReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
