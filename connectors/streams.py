@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["STREAMS", "UTC_US", "StreamSpec", "conform", "spec_of", "to_table"]
+__all__ = ["STREAMS", "UTC_US", "StreamSpec", "conform", "declare", "spec_of", "to_table"]
 
 UTC_US = pa.timestamp("us", tz="UTC")
 """Arrow type of every timestamp column: microseconds, UTC."""
@@ -182,6 +182,55 @@ def spec_of(stream: str | StreamSpec, where: str) -> StreamSpec:
         )
         raise ValueError(msg)
     return spec
+
+
+def declare(
+    where: str,
+    stream: str,
+    *,
+    like: str | None = None,
+    schema: pa.Schema | None = None,
+    time_column: str | None = None,
+) -> tuple[StreamSpec, str]:
+    """A flow's output stream: its spec, and the standard stream whose defaults it takes.
+
+    A standard stream by name; a new one ``like=`` a standard one, or from
+    ``schema`` and ``time_column``. ``where`` names the caller in errors.
+    """
+    if not isinstance(stream, str) or not stream.isidentifier() or not stream.islower():
+        msg = (
+            f"{where}: a stream name is a lower-case identifier (got {stream!r}); "
+            "hint: pressure_points"
+        )
+        raise ValueError(msg)
+    if like is not None and schema is not None:
+        msg = f"{where}: give like= or schema=, not both"
+        raise ValueError(msg)
+    if like is not None:
+        model = STREAMS.get(like)
+        if model is None:
+            msg = (
+                f"{where}: like={like!r} is not a known stream; "
+                f"hint: one of {', '.join(sorted(STREAMS))}"
+            )
+            raise ValueError(msg)
+        return StreamSpec(stream, model.schema, model.time_column), like
+    if schema is not None:
+        if time_column is None:
+            msg = (
+                f"{where}: a new schema needs time_column=, the timestamp[us, UTC] column "
+                "that picks the date= partition"
+            )
+            raise ValueError(msg)
+        return StreamSpec(stream, schema, time_column), stream
+    known = STREAMS.get(stream)
+    if known is None:
+        msg = (
+            f"{where}: unknown stream; declare its columns with like='telemetry_points' "
+            f"or schema=pa.schema([...]), time_column='ts' (known: {', '.join(sorted(STREAMS))})"
+        )
+        raise ValueError(msg)
+    return known, stream
 
 
 def to_table(spec: StreamSpec, items: Sequence[object]) -> pa.Table:

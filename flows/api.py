@@ -37,12 +37,13 @@ from prometheus_client import CollectorRegistry
 from connectors.devices.journal_source import JournalSource
 from connectors.sinks.cloud import CloudSink, CloudSinkSettings
 from connectors.sinks.parquet import ParquetSettings, ParquetSink
-from connectors.streams import STREAMS, StreamSpec
+from connectors.streams import STREAMS, StreamSpec, declare
 from connectors.uplink.wire import priority_of
 from flows.accounting import FlowReport, IngestCollector, JournalCollector, Meter, report
 from flows.cloud import CloudLink
 from flows.config import EdgeConfig, check_environment
 from flows.ingest import CHANNELS, Decoded, decoder, to_dead_letter
+from flows.ingest_process import JournalFeed
 from flows.ingest_stats import read_snapshot
 from flows.transports import require_transports
 from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock
@@ -135,83 +136,9 @@ class _Shared:
         self.finished = False
         self.link = CloudLink(config, self.registry) if config.cloud is not None else None
         self.parts: list[Edge] = []
-        self.ingest: _Ingest | None = None
+        self.ingest: JournalFeed | None = None
 
 
-class _Ingest:
-    """The ingest process of a flow reading the journal, and the journal source it feeds.
-
-    :meth:`start` spawns the ingest process and a thread that, once ``stop`` is
-    set, stops ingest (it stops accepting and commits) and only then tells the
-    source to drain the journal and end. :meth:`stop` does the same at once.
-    """
-
-    def __init__(
-        self, config: EdgeConfig, channels: tuple[str, ...], source: JournalSource
-    ) -> None:
-        self.config = config
-        self.channels = channels
-        self.source = source
-        self._lock = threading.Lock()
-        self._supervisor: Any = None
-        self._stopped = False
-
-    @property
-    def ready(self) -> bool:
-        """Whether the ingest process is subscribed and listening."""
-        supervisor = self._supervisor
-        return supervisor is not None and bool(supervisor.ready)
-
-    @property
-    def restarts(self) -> int:
-        """How many times the ingest process was started again after it died."""
-        supervisor = self._supervisor
-        return int(supervisor.restarts) if supervisor is not None else 0
-
-    def start(self, stop: threading.Event) -> None:
-        """Spawn the ingest process (once) and watch ``stop``."""
-        with self._lock:
-            if self._supervisor is not None or self._stopped:
-                return
-            self._supervisor = _ingest_supervisor(self.config, self.channels)
-            self._supervisor.start()
-        threading.Thread(
-            target=self._watch, args=(stop,), name="edgesieve-ingest-stop", daemon=True
-        ).start()
-
-    def _watch(self, stop: threading.Event) -> None:
-        while not stop.wait(0.1):
-            if self._stopped:
-                return
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop ingest (it commits what it accepted), then let the source drain and end."""
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            supervisor = self._supervisor
-            try:
-                if supervisor is not None:
-                    log.info("stopping ingest, then draining the journal through the flow")
-                    supervisor.stop()
-            finally:
-                self.source.drain.set()
-
-
-def _ingest_supervisor(config: EdgeConfig, channels: tuple[str, ...]) -> Any:
-    """The ingest process's supervisor (``flows.ingest_process``)."""
-    try:
-        from flows.ingest_process import IngestSupervisor
-    except ImportError as exc:
-        msg = (
-            f"Edge.run(): the ingest process is not available ({exc}); the flow reads "
-            f"{config.data_dir / 'journal'} but nothing would write it; hint: install an "
-            "edgesieve with flows.ingest_process, or give Edge(source=...) for recorded input"
-        )
-        raise RuntimeError(msg) from exc
-    return IngestSupervisor(config, channels=channels)
 
 
 class Edge:
@@ -339,7 +266,7 @@ class Edge:
                 partitions=self.config.journal.partitions,
             )
             raw = op.input(sid, shared.flow, journal)
-            shared.ingest = _Ingest(self.config, wanted, journal)
+            shared.ingest = JournalFeed(self.config, wanted, journal)
             shared.registry.register(JournalCollector(journal))
             ingest = shared.ingest
             shared.registry.register(IngestCollector(journal.root, lambda: ingest.restarts))
@@ -386,7 +313,7 @@ class Edge:
         """
         self._check_open("output")
         where = f"Edge.output({stream!r})"
-        spec, model = _resolve_spec(where, stream, like, schema, time_column)
+        spec, model = declare(where, stream, like=like, schema=schema, time_column=time_column)
         if cloud is None:
             cloud = self._cloud_default(model)
         if priority is None:
@@ -619,50 +546,6 @@ class Edge:
                     on_seal=lambda s, m=meter: m.on_wire(s.stream, s.rows, len(s.payload)),
                 )
                 op.output(self.id(f"cloud_{name}"), rows, sink)
-
-
-def _resolve_spec(
-    where: str,
-    stream: str,
-    like: str | None,
-    schema: pa.Schema | None,
-    time_column: str | None,
-) -> tuple[StreamSpec, str]:
-    """The stream's spec and the name of the stream whose defaults it takes."""
-    if not isinstance(stream, str) or not stream.isidentifier() or not stream.islower():
-        msg = (
-            f"{where}: a stream name is a lower-case identifier (got {stream!r}); "
-            "hint: pressure_points"
-        )
-        raise ValueError(msg)
-    if like is not None and schema is not None:
-        msg = f"{where}: give like= or schema=, not both"
-        raise ValueError(msg)
-    if like is not None:
-        model = STREAMS.get(like)
-        if model is None:
-            msg = (
-                f"{where}: like={like!r} is not a known stream; "
-                f"hint: one of {', '.join(sorted(STREAMS))}"
-            )
-            raise ValueError(msg)
-        return StreamSpec(stream, model.schema, model.time_column), like
-    if schema is not None:
-        if time_column is None:
-            msg = (
-                f"{where}: a new schema needs time_column=, the timestamp[us, UTC] column "
-                "that picks the date= partition"
-            )
-            raise ValueError(msg)
-        return StreamSpec(stream, schema, time_column), stream
-    known = STREAMS.get(stream)
-    if known is None:
-        msg = (
-            f"{where}: unknown stream; declare its columns with like='telemetry_points' "
-            f"or schema=pa.schema([...]), time_column='ts' (known: {', '.join(sorted(STREAMS))})"
-        )
-        raise ValueError(msg)
-    return known, stream
 
 
 def _counter(meter: Meter, stream: str) -> Callable[[list[Any]], list[Any]]:

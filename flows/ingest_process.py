@@ -37,6 +37,7 @@ from typing import Any, Final
 
 from connectors.devices.ingress import DeviceServer, Ingress
 from connectors.devices.journal import JournalSettings
+from connectors.devices.journal_source import JournalSource
 from connectors.devices.mqtt.journaled import JournaledMqtt
 from connectors.devices.registry import DeviceRegistry
 from flows.config import ConfigError, EdgeConfig, load_config
@@ -44,7 +45,7 @@ from flows.ingest_stats import MeteredJournal, StatsWriter, remove_snapshot
 from flows.transports import mqtt_settings
 from operators.records import TELEMETRY, VIBRATION
 
-__all__ = ["IngestSupervisor", "journal_settings", "run_ingest"]
+__all__ = ["IngestSupervisor", "JournalFeed", "journal_settings", "run_ingest"]
 
 logger = logging.getLogger("edgesieve.ingest")
 
@@ -323,6 +324,69 @@ class IngestSupervisor:
                 proc.join(5.0)
         if self._monitor is not None:
             self._monitor.join(5.0)
+
+
+
+class JournalFeed:
+    """The ingest process of a flow reading the journal, and the journal source it feeds.
+
+    :meth:`start` spawns the ingest process and a thread that, once ``stop`` is
+    set, stops ingest (it stops accepting and commits) and only then tells the
+    source to drain the journal and end. :meth:`stop` does the same at once.
+    """
+
+    def __init__(
+        self, config: EdgeConfig, channels: tuple[str, ...], source: JournalSource
+    ) -> None:
+        self.config = config
+        self.channels = channels
+        self.source = source
+        self._lock = threading.Lock()
+        self._supervisor: IngestSupervisor | None = None
+        self._stopped = False
+
+    @property
+    def ready(self) -> bool:
+        """Whether the ingest process is subscribed and listening."""
+        supervisor = self._supervisor
+        return supervisor is not None and bool(supervisor.ready)
+
+    @property
+    def restarts(self) -> int:
+        """How many times the ingest process was started again after it died."""
+        supervisor = self._supervisor
+        return int(supervisor.restarts) if supervisor is not None else 0
+
+    def start(self, stop: threading.Event) -> None:
+        """Spawn the ingest process (once) and watch ``stop``."""
+        with self._lock:
+            if self._supervisor is not None or self._stopped:
+                return
+            self._supervisor = IngestSupervisor(self.config, channels=self.channels)
+            self._supervisor.start()
+        threading.Thread(
+            target=self._watch, args=(stop,), name="edgesieve-ingest-stop", daemon=True
+        ).start()
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(0.1):
+            if self._stopped:
+                return
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop ingest (it commits what it accepted), then let the source drain and end."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            supervisor = self._supervisor
+            try:
+                if supervisor is not None:
+                    logger.info("stopping ingest, then draining the journal through the flow")
+                    supervisor.stop()
+            finally:
+                self.source.drain.set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
