@@ -24,6 +24,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
@@ -31,6 +32,7 @@ import pyarrow as pa
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.operators import KeyedStream
+from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import cluster_main
 from prometheus_client import CollectorRegistry
 
@@ -41,7 +43,7 @@ from connectors.streams import STREAMS, StreamSpec, declare
 from connectors.uplink.wire import priority_of
 from flows.accounting import FlowReport, IngestCollector, JournalCollector, Meter, report
 from flows.cloud import CloudLink
-from flows.config import EdgeConfig, check_environment
+from flows.config import ConfigError, EdgeConfig, check_environment
 from flows.ingest import CHANNELS, Decoded, decoder, to_dead_letter
 from flows.ingest_process import JournalFeed
 from flows.ingest_stats import read_snapshot
@@ -223,6 +225,11 @@ class Edge:
         """``step_id`` made unique to this part (unchanged on the flow itself)."""
         return f"{self._prefix}{step_id}"
 
+    @property
+    def recovery_dir(self) -> Path:
+        """The Bytewax recovery database of the flow: ``data_dir/recovery/<flow name>``."""
+        return self.config.data_dir / "recovery" / self._shared.flow.flow_id
+
     # -- input -------------------------------------------------------------------------------
 
     def devices(self, step_id: str, *, channels: Iterable[str] = CHANNELS) -> Devices:
@@ -264,6 +271,7 @@ class Edge:
                 self.config.data_dir / "journal",
                 reader=self.name,
                 partitions=self.config.journal.partitions,
+                recovery=self.recovery_dir if self.config.recovery.enabled else None,
             )
             raw = op.input(sid, shared.flow, journal)
             shared.ingest = JournalFeed(self.config, wanted, journal)
@@ -423,12 +431,42 @@ class Edge:
         completed = False
         try:
             with stop_on_signals(self.stop):
+                recovery = self._recovery_config(workers)
                 self.start_ingest()
-                cluster_main(flow, [], 0, worker_count_per_proc=workers)
+                cluster_main(
+                    flow,
+                    [],
+                    0,
+                    worker_count_per_proc=workers,
+                    epoch_interval=self.config.recovery.snapshot_interval,
+                    recovery_config=recovery,
+                )
             completed = True
         finally:
             self.close(completed=completed)
         return RunResult(self.reports(write=True))
+
+    def _recovery_config(self, workers: int) -> RecoveryConfig | None:
+        """The recovery database of this flow, created on first start; None when disabled."""
+        settings = self.config.recovery
+        if not settings.enabled:
+            return None
+        db_dir = self.recovery_dir
+        count = len(list(db_dir.glob("part-*.sqlite3"))) if db_dir.is_dir() else 0
+        if count == 0:
+            db_dir.mkdir(parents=True, exist_ok=True)
+            count = max(settings.partitions, workers)
+            init_db_dir(db_dir, count)
+            log.info("recovery: created %s with %d partitions", db_dir, count)
+        elif workers > count:
+            msg = (
+                f"recovery.partitions: {db_dir} was created with {count} partitions, fewer "
+                f"than the {workers} workers asked for; hint: run with at most {count} "
+                "workers, or stop the flow cleanly and move that directory away to start "
+                "from the journal's released offsets"
+            )
+            raise ConfigError(msg)
+        return RecoveryConfig(str(db_dir))
 
     def start_ingest(self) -> None:
         """Start the ingest process that fills the journal (none with a given ``source``).

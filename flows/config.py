@@ -38,6 +38,8 @@ __all__ = [
     "MqttSection",
     "JournalSection",
     "ParquetSection",
+    "RecoverySection",
+    "SinksSection",
     "TelemetrySection",
     "VibrationSection",
     "WindowSection",
@@ -283,6 +285,37 @@ class JournalSection(_Section):
     """SQLite files the journal is split into by device; fixed when the journal is created."""
 
 
+class RecoverySection(_Section):
+    """``recovery``: Bytewax recovery snapshots under ``data_dir/recovery/<flow>``."""
+
+    enabled: bool = True
+    """Off only to measure its cost: a crash then loses window state and buffered rows."""
+    snapshot_interval: timedelta = timedelta(seconds=5)
+    """How often operator, source and sink state is snapshotted (Bytewax's epoch length)."""
+    partitions: int = Field(4, ge=1, le=64)
+    """Recovery database files, created on first start; the most workers a flow may run with."""
+
+    @model_validator(mode="after")
+    def _interval(self) -> RecoverySection:
+        if not timedelta(seconds=0.1) <= self.snapshot_interval <= timedelta(hours=1):
+            msg = (
+                "snapshot_interval: must be between 0.1 seconds and 1 hour (got "
+                f"{self.snapshot_interval.total_seconds():g} s); hint: 5 replays at most "
+                "5 seconds of input after a crash"
+            )
+            raise ValueError(msg)
+        return self
+
+
+class SinksSection(_Section):
+    """``sinks``: which local outputs every stream is written to under ``data_dir``."""
+
+    parquet: bool = True
+    """``data_dir/parquet/<stream>/date=YYYY-MM-DD/*.parquet``."""
+    duckdb: bool = True
+    """``data_dir/edge.duckdb``, one table per stream."""
+
+
 class EdgeConfig(_Section):
     """The whole edge configuration file."""
 
@@ -296,6 +329,8 @@ class EdgeConfig(_Section):
     vibration: VibrationSection = VibrationSection()
     parquet: ParquetSection = ParquetSection()
     journal: JournalSection = JournalSection()
+    recovery: RecoverySection = RecoverySection()
+    sinks: SinksSection = SinksSection()
     cloud: CloudSection | None = None
 
     @model_validator(mode="after")

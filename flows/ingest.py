@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections import Counter as Tally
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Protocol
 
 from connectors.codecs.decode import decode
@@ -106,7 +105,8 @@ def to_dead_letter(item: Decoded, reason: str) -> DeadLetter:
     """``item`` as a dead letter with ``reason`` (a dead letter stays as it is).
 
     The payload is the record in its device API shape (JSON for a reading,
-    EVB1 for a vibration block), so it can be sent again.
+    EVB1 for a vibration block), so it can be sent again. Its ``received_at``
+    is the record's own timestamp, so a replay gives the same dead letter.
     """
     if isinstance(item, DeadLetter):
         return item
@@ -114,8 +114,8 @@ def to_dead_letter(item: Decoded, reason: str) -> DeadLetter:
         payload = encode_evb1(
             item.samples, sample_rate_hz=item.sample_rate_hz, start_ts=item.start_ts
         )
-        return DeadLetter(item.device, item.transport, datetime.now(UTC), reason, payload)
-    return DeadLetter(item.device, item.transport, datetime.now(UTC), reason, reading_payload(item))
+        return DeadLetter(item.device, item.transport, item.start_ts, reason, payload)
+    return DeadLetter(item.device, item.transport, item.ts, reason, reading_payload(item))
 
 
 def reading_payload(reading: Reading) -> bytes:

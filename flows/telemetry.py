@@ -10,7 +10,7 @@ Run it with ``edgesieve run flows.telemetry --config edge.yaml`` or with
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import bytewax.operators as op
 
@@ -32,7 +32,7 @@ def late_letter(reading: Reading, allowed_lateness: timedelta) -> DeadLetter:
         "raise telemetry.window.allowed_lateness or fix the device clock"
     )
     return DeadLetter(
-        reading.device, reading.transport, datetime.now(UTC), reason, reading_payload(reading)
+        reading.device, reading.transport, reading.ts, reason, reading_payload(reading)
     )
 
 

@@ -11,20 +11,23 @@ resume state of a partition is the last offset it emitted, so a resumed
 partition reads the offsets after it. Without resume state a partition starts
 after what its reader (the flow's name) released last.
 
-Release follows Bytewax 0.21.1's epochs. A stateful input calls
-``snapshot()`` at the end of every epoch (``epoch_interval``, 10 s by default),
-with or without a recovery config, and only while the dataflow's probe has
-passed the previous epochs: every item emitted in an earlier epoch has gone
-through every output step (without recovery the probe watches the outputs;
-with recovery it watches the written snapshots). So at each snapshot a
-partition releases what it had emitted at the previous snapshot, never the
-current epoch. After a run that ended normally (every sink closed and
-flushed), :meth:`JournalSource.release_emitted` releases the rest.
+With recovery (``recovery`` = Bytewax's recovery directory, as ``edgesieve
+run`` runs every flow), a partition releases, at each of its snapshots, the
+lowest offset that any snapshot still stored in the recovery database holds
+for it: Bytewax keeps only the snapshots it could resume from, so nothing a
+resume could replay is ever released, and rows in sink buffers and windows
+(part of those snapshots) are covered. Without a snapshot of the partition
+nothing is released.
 
-What this rule does not cover: rows a sink buffers and window state are not
-on disk when their items pass the output step, so a crash of the flow process
-loses what was released but still buffered or windowed. Tying release to
-recovery snapshots closes that gap.
+Without recovery, release follows Bytewax 0.21.1's epochs. A stateful input
+calls ``snapshot()`` at the end of every epoch, only while the dataflow's
+probe has passed the previous epochs: every item emitted in an earlier epoch
+has gone through every output step. So at each snapshot a partition releases
+what it had emitted at the previous snapshot. Rows a sink still buffers and
+window state are then not covered: a crash of the flow process loses them.
+
+After a run that ended normally (every sink closed and flushed),
+:meth:`JournalSource.release_emitted` releases the rest.
 
 Stop
 ----
@@ -38,6 +41,7 @@ flush.
 from __future__ import annotations
 
 import logging
+import pickle
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -51,7 +55,13 @@ from connectors.devices.journal import JournalReader, journal_partitions
 from connectors.devices.journal.format import part_path
 from operators.records import RawMessage
 
-__all__ = ["JournalProgress", "JournalSource", "JournalSourcePartition", "journal_depth"]
+__all__ = [
+    "JournalProgress",
+    "JournalSource",
+    "JournalSourcePartition",
+    "journal_depth",
+    "resumable_offset",
+]
 
 log = logging.getLogger("edgesieve.journal")
 
@@ -90,8 +100,10 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         max_batch: int,
         idle: timedelta,
         on_progress: Callable[[int, JournalProgress], None],
+        recovery: tuple[Path, str] | None = None,
     ) -> None:
         self._root = root
+        self._recovery = recovery
         self._partition = partition
         self._name = reader
         self._resume = after
@@ -164,12 +176,16 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         return self._awake
 
     def snapshot(self) -> int:
-        """The last emitted offset; releases what was emitted before the previous snapshot."""
+        """The last emitted offset; releases what no resumable snapshot can replay any more."""
+        if self._recovery is not None:
+            db_dir, step_id = self._recovery
+            self._safe = resumable_offset(db_dir, step_id, f"{_PART_PREFIX}{self._partition}")
         if self._reader is not None and self._safe > self._released:
             self._reader.release(self._name, self._safe)
             self._released = self._safe
             self._report()
-        self._safe = self._after
+        if self._recovery is None:
+            self._safe = self._after
         return self._after
 
     def close(self) -> None:
@@ -187,6 +203,8 @@ class JournalSource(FixedPartitionedSource[RawMessage, int]):
     an existing journal's own count wins. Set :attr:`drain` once ingest has
     stopped: each partition ends after emitting everything committed.
     :meth:`progress` gives per-partition committed/read/released offsets.
+    ``recovery`` is the Bytewax recovery directory the flow runs with (None:
+    none); it decides what is released (see the module docstring).
     """
 
     def __init__(
@@ -198,6 +216,7 @@ class JournalSource(FixedPartitionedSource[RawMessage, int]):
         drain: threading.Event | None = None,
         max_batch: int = 1000,
         idle: timedelta = timedelta(milliseconds=5),
+        recovery: Path | None = None,
     ) -> None:
         if not reader:
             msg = f"JournalSource({root}): reader must name the flow (got {reader!r})"
@@ -214,6 +233,7 @@ class JournalSource(FixedPartitionedSource[RawMessage, int]):
         self._partitions = partitions
         self._max_batch = max_batch
         self._idle = idle
+        self.recovery = None if recovery is None else Path(recovery)
         self._lock = threading.Lock()
         self._progress: dict[int, JournalProgress] = {}
 
@@ -245,6 +265,7 @@ class JournalSource(FixedPartitionedSource[RawMessage, int]):
             max_batch=self._max_batch,
             idle=self._idle,
             on_progress=self._set_progress,
+            recovery=None if self.recovery is None else (self.recovery, step_id),
         )
 
     def _set_progress(self, partition: int, progress: JournalProgress) -> None:
@@ -274,6 +295,35 @@ class JournalSource(FixedPartitionedSource[RawMessage, int]):
             self._set_progress(
                 partition, JournalProgress(progress.committed, progress.read, progress.read)
             )
+
+
+def resumable_offset(db_dir: Path, step_id: str, part: str) -> int:
+    """The lowest offset of ``part`` in the snapshots stored under ``db_dir``; -1 if none.
+
+    ``db_dir`` is a Bytewax 0.21 recovery directory (``part-N.sqlite3`` files,
+    table ``snaps(step_id, state_key, snap_epoch, ser_change)``, states
+    pickled). Bytewax deletes a snapshot once a later epoch is complete, so
+    what is stored is what a resume could start from. A file that is busy
+    or unreadable counts as holding offset -1: nothing is released this time.
+    """
+    lowest: int | None = None
+    for path in sorted(Path(db_dir).glob("part-*.sqlite3")):
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
+            try:
+                rows = db.execute(
+                    "SELECT ser_change FROM snaps WHERE step_id = ? AND state_key = ?",
+                    (step_id, part),
+                ).fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            log.debug("recovery snapshots in %s not readable now (%s)", path, exc)
+            return -1
+        for (blob,) in rows:
+            offset = -1 if blob is None else int(pickle.loads(blob))  # noqa: S301 - our state
+            lowest = offset if lowest is None else min(lowest, offset)
+    return -1 if lowest is None else lowest
 
 
 def journal_depth(root: Path) -> tuple[int, int]:
