@@ -431,7 +431,7 @@ class Edge:
         completed = False
         try:
             with stop_on_signals(self.stop):
-                recovery = self._recovery_config(workers)
+                recovery = self.recovery_config(workers)
                 self.start_ingest()
                 cluster_main(
                     flow,
@@ -446,8 +446,12 @@ class Edge:
             self.close(completed=completed)
         return RunResult(self.reports(write=True))
 
-    def _recovery_config(self, workers: int) -> RecoveryConfig | None:
-        """The recovery database of this flow, created on first start; None when disabled."""
+    def recovery_config(self, workers: int = 1) -> RecoveryConfig | None:
+        """The recovery database of this flow, created on first start; None when disabled.
+
+        :meth:`run` uses it; with another runner pass ``-r`` :attr:`recovery_dir`
+        and ``-s`` the snapshot interval (``python -m bytewax.run``).
+        """
         settings = self.config.recovery
         if not settings.enabled:
             return None

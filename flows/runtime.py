@@ -158,8 +158,11 @@ def _note_uncaught_exceptions() -> threading.Event:
 def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
     """A module ``__getattr__`` that builds ``flow`` on first access.
 
-    This lets ``python -m bytewax.run flows.telemetry`` work: the config comes
-    from ``$EDGESIEVE_CONFIG`` (default ``edge.yaml``), the ingest process starts
+    This lets ``python -m bytewax.run flows.telemetry -r DATA_DIR/recovery/telemetry
+    -s 5`` work: the config comes from ``$EDGESIEVE_CONFIG`` (default
+    ``edge.yaml``), the recovery directory is created if missing (pass it with
+    ``-r`` and the snapshot interval with ``-s``: the journal is released only
+    past the snapshots stored there), the ingest process starts
     with the flow, SIGTERM/SIGINT stop ingest and then drain the journal through
     the flow, and at exit ingest is stopped and, unless the run failed with an
     uncaught exception, what the flow read is released from the journal.
@@ -179,6 +182,7 @@ def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
             install_stop_handlers(edge.stop)
             build(edge)
             built["flow"] = edge.dataflow()
+            edge.recovery_config()
             failed = _note_uncaught_exceptions()
             atexit.register(lambda: edge.close(completed=not failed.is_set()))
             edge.start_ingest()
