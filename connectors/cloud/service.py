@@ -19,9 +19,12 @@ Per batch the receiver answers (see :mod:`connectors.cloud.store`):
 - ``DUPLICATE`` when the ``batch_id`` is already in ``uplink_batches`` (an
   edge re-sending after a lost ``Ack``); nothing is written.
 - ``STORED`` once the rows and their ``uplink_batches`` row are committed in
-  one DuckDB transaction. The ``Ack`` is sent only after the commit, so a
-  receiver that dies in between is answered ``DUPLICATE`` on the re-send and
-  the rows are stored exactly once.
+  one DuckDB transaction. Rows whose natural key is already stored (a replay
+  after an edge crash sealed them again, under another ``batch_id``) are
+  skipped in that transaction and counted in ``uplink_batches.duplicate_rows``.
+  The ``Ack`` is sent only after the commit, so a receiver that dies in
+  between is answered ``DUPLICATE`` on the re-send and the rows are stored
+  exactly once.
 
 A database error while writing (disk full, a table changed by hand) rolls the
 transaction back and ends the call with ``INTERNAL``: the batch was not
@@ -48,7 +51,7 @@ import duckdb
 import grpc
 
 from connectors.cloud.auth import EdgeAuth, load_auth
-from connectors.cloud.store import BatchStore, ReceiverError, StoreFailed
+from connectors.cloud.store import BatchStore, Outcome, ReceiverError, StoreFailed
 from connectors.cloud.tls import ReceiverTls
 from connectors.common.address import join_host_port, parse_host_port
 from connectors.uplink.wire import (
@@ -79,16 +82,19 @@ class _PushStats:
     duplicate: int = 0
     rejected: int = 0
     rows: int = 0
+    duplicate_rows: int = 0
     raw_bytes: int = 0
     wire_bytes: int = 0
 
-    def count(self, status: int, rows: int, raw_bytes: int, wire_bytes: int) -> None:
+    def count(self, outcome: Outcome, wire_bytes: int) -> None:
+        status = outcome.status
         self.batches += 1
         self.wire_bytes += wire_bytes
         if status == STORED:
             self.stored += 1
-            self.rows += rows
-            self.raw_bytes += raw_bytes
+            self.rows += outcome.rows
+            self.duplicate_rows += outcome.duplicates
+            self.raw_bytes += outcome.raw_bytes
         elif status == DUPLICATE:
             self.duplicate += 1
         else:
@@ -257,15 +263,18 @@ class CloudReceiver:
         ended = "cut short"
         try:
             for batch in batches:
-                ack = self._handle(store, cursor, edge, batch)
-                stats.count(ack.status, batch.rows, batch.raw_bytes, batch.ByteSize())
-                yield ack
+                outcome = self._handle(store, cursor, edge, batch)
+                stats.count(outcome, batch.ByteSize())
+                yield uplink_pb2.Ack(
+                    batch_id=batch.batch_id, status=outcome.status, detail=outcome.detail
+                )
             ended = "ended"
         finally:
             self._leave_call(cursor)
             logger.info(
                 "Push from edge %s (%s) %s after %.2f s: %d batch(es): %d stored, "
-                "%d duplicate, %d rejected; %d rows, %d raw bytes stored, %d wire bytes received",
+                "%d duplicate, %d rejected; %d rows, %d raw bytes stored, %d duplicate rows "
+                "skipped, %d wire bytes received",
                 edge,
                 peer,
                 ended,
@@ -276,6 +285,7 @@ class CloudReceiver:
                 stats.rejected,
                 stats.rows,
                 stats.raw_bytes,
+                stats.duplicate_rows,
                 stats.wire_bytes,
             )
 
@@ -285,8 +295,9 @@ class CloudReceiver:
         cursor: duckdb.DuckDBPyConnection,
         edge: str,
         batch: uplink_pb2.Batch,
-    ) -> uplink_pb2.Ack:
-        status, detail = store.store(cursor, edge, batch)
+    ) -> Outcome:
+        outcome = store.store(cursor, edge, batch)
+        status, detail = outcome.status, outcome.detail
         if status == REJECTED:
             logger.warning(
                 "edge %s: batch %r (%s) rejected: %s", edge, batch.batch_id, batch.stream, detail
@@ -303,7 +314,7 @@ class CloudReceiver:
             batch.ByteSize(),
             status_name(status),
         )
-        return uplink_pb2.Ack(batch_id=batch.batch_id, status=status, detail=detail)
+        return outcome
 
 
 class _Servicer(uplink_pb2_grpc.UplinkServicer):
@@ -320,9 +331,7 @@ class _Servicer(uplink_pb2_grpc.UplinkServicer):
         metadata: Any = [(m.key, m.value) for m in context.invocation_metadata() or ()]
         edge = self._receiver._auth.authenticate(metadata)
         if edge is None:
-            logger.warning(
-                "refused Push from %s: %s", peer, self._receiver._auth.refusal(metadata)
-            )
+            logger.warning("refused Push from %s: %s", peer, self._receiver._auth.refusal(metadata))
             context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAIL)
             return
         try:

@@ -7,7 +7,9 @@ Tables (the DuckDB file given by ``--db``):
     ``raw_bytes`` (device payload bytes the batch stands for),
     ``wire_bytes`` (serialized size of the ``Batch`` message),
     ``received_at TIMESTAMPTZ`` (commit time, UTC), ``priority`` and
-    ``created_at TIMESTAMPTZ`` (when the edge sealed the batch, NULL if unset).
+    ``created_at TIMESTAMPTZ`` (when the edge sealed the batch, NULL if unset),
+    then ``duplicate_rows`` and ``sent_raw_bytes`` (below). ``rows`` counts the
+    rows stored, ``duplicate_rows`` those of the batch that were skipped.
 
 one table per stream, named like the stream
     The stream's columns, in schema order and with the DuckDB types of their
@@ -24,6 +26,27 @@ conformed to that stream's schema (extra columns are not stored; the
 stream: its name must be a safe identifier (:data:`STREAM_NAME`), its first
 batch creates the table from the batch's Arrow schema, and every later batch
 must have exactly the table's columns and types.
+
+Row deduplication: a replay after an edge crash can seal rows that already
+reached the cloud into a batch with a different ``batch_id``. Every stream
+with a natural key (:data:`NATURAL_KEYS`, always together with ``edge_id``)
+is therefore inserted with an anti-join: a row whose key is already stored,
+or repeats an earlier row of the same batch, is skipped, in the same
+transaction that records the batch. The anti-join probes only the stored
+rows of the same edge whose time column lies within the batch's time range,
+which DuckDB answers from its row-group min/max (zone maps) without an index
+kept in memory, so the cost follows the batch and the rows of its time span,
+not the table size. A user's stream whose columns and types are exactly those
+of a standard stream (declared ``like=`` it) gets that stream's key; any
+other user stream has no known key and is deduplicated by ``batch_id`` only.
+
+Accounting of skipped rows: ``rows`` is what was stored, ``duplicate_rows``
+what was skipped, ``sent_raw_bytes`` the batch's own ``raw_bytes`` and
+``raw_bytes`` the part of it credited to the stored rows,
+``sent_raw_bytes * rows // (rows + duplicate_rows)``: a batch made only of
+duplicates counts 0 raw bytes (its device bytes were counted with the first
+copy) but its real ``wire_bytes``, so replays lower the reduction ratio
+instead of inflating it.
 
 Per batch :meth:`BatchStore.store` answers ``REJECTED`` (with a one-line
 detail) when the batch can never be stored, ``DUPLICATE`` when its
@@ -42,20 +65,45 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from connectors.streams import STREAMS, StreamSpec, conform
 from connectors.uplink.wire import DUPLICATE, MAX_BATCH_ID_LENGTH, REJECTED, STORED
 from protos import uplink_pb2
 
-__all__ = ["BATCHES_TABLE", "STREAM_NAME", "BatchStore", "ReceiverError", "StoreFailed"]
+__all__ = [
+    "BATCHES_TABLE",
+    "NATURAL_KEYS",
+    "STREAM_NAME",
+    "BatchStore",
+    "Outcome",
+    "ReceiverError",
+    "StoreFailed",
+    "natural_key",
+]
 
 BATCHES_TABLE = "uplink_batches"
 """The accounting table: one row per stored batch."""
 STREAM_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 """The name of a stream the receiver does not know: it becomes a table name."""
+
+NATURAL_KEYS: dict[str, tuple[str, ...]] = {
+    "telemetry_points": ("device", "key", "ts"),
+    "telemetry_text": ("device", "key", "ts"),
+    "telemetry_summary": ("device", "key", "window_start"),
+    "vibration_features": ("device", "axis", "ts"),
+    # ``key`` (device/axis the rule watched): one rule on several axes of a
+    # device raises one alarm per axis at the same ``ts``.
+    "alarms": ("device", "key", "rule", "ts", "state"),
+    # The whole row: ``received_at`` is the journaled receive time (or the
+    # record's own time), so a replay repeats it exactly.
+    "dead_letters": ("device", "transport", "received_at", "reason", "payload"),
+}
+"""The columns identifying a row of each standard stream within one edge (``edge_id``)."""
 
 _EDGE_COLUMNS = ("edge_id", "batch_id")
 _ROWS_VIEW = "_edgesieve_rows"
@@ -69,6 +117,20 @@ class ReceiverError(RuntimeError):
 
 class StoreFailed(Exception):
     """The database failed while storing a batch; the transaction was rolled back."""
+
+
+class Outcome(NamedTuple):
+    """What :meth:`BatchStore.store` did with a batch.
+
+    ``rows`` and ``raw_bytes`` are what was stored and credited (0 unless
+    ``STORED``); ``duplicates`` the rows skipped by their natural key.
+    """
+
+    status: int
+    detail: str = ""
+    rows: int = 0
+    duplicates: int = 0
+    raw_bytes: int = 0
 
 
 class _Rejected(Exception):
@@ -101,6 +163,8 @@ class _Decoded:
     table: pa.Table
     spec: StreamSpec | None
     dropped: list[str]
+    key: tuple[str, ...] | None
+    time_column: str | None
 
 
 _CREATE_BATCHES = f"""
@@ -113,9 +177,17 @@ CREATE TABLE IF NOT EXISTS {BATCHES_TABLE} (
     wire_bytes UBIGINT NOT NULL,
     received_at TIMESTAMPTZ NOT NULL,
     priority UINTEGER,
-    created_at TIMESTAMPTZ
+    created_at TIMESTAMPTZ,
+    duplicate_rows UBIGINT NOT NULL DEFAULT 0,
+    sent_raw_bytes UBIGINT
 )
 """
+_MIGRATE_BATCHES = (
+    # Databases created before row deduplication: every row was stored.
+    f"ALTER TABLE {BATCHES_TABLE} ADD COLUMN IF NOT EXISTS duplicate_rows UBIGINT DEFAULT 0",
+    f"ALTER TABLE {BATCHES_TABLE} ADD COLUMN IF NOT EXISTS sent_raw_bytes UBIGINT",
+    f"UPDATE {BATCHES_TABLE} SET sent_raw_bytes = raw_bytes WHERE sent_raw_bytes IS NULL",
+)
 
 
 class BatchStore:
@@ -139,6 +211,8 @@ class BatchStore:
             raise ReceiverError(msg) from None
         try:
             con.execute(_CREATE_BATCHES)
+            for statement in _MIGRATE_BATCHES:
+                con.execute(statement)
         except duckdb.Error as exc:
             con.close()
             msg = (
@@ -164,25 +238,36 @@ class BatchStore:
 
     def store(
         self, cursor: duckdb.DuckDBPyConnection, edge: str, batch: uplink_pb2.Batch
-    ) -> tuple[int, str]:
-        """Check and store one batch of the authenticated ``edge``: ``(Ack status, detail)``.
+    ) -> Outcome:
+        """Check and store one batch of the authenticated ``edge``: its Ack status and detail.
 
         Raises :class:`StoreFailed` when the database fails (nothing was stored).
         """
         try:
             decoded = _decode(edge, batch)
-            status = self._write(cursor, edge, batch, decoded)
+            status, duplicates = self._write(cursor, edge, batch, decoded)
         except _Rejected as exc:
-            return REJECTED, one_line(exc.args[0])
+            return Outcome(REJECTED, one_line(exc.args[0]))
         except duckdb.Error as exc:
             msg = f"batch {batch.batch_id!r} ({batch.stream}): {one_line(exc)}"
             raise StoreFailed(msg) from exc
-        if status == STORED and decoded.dropped:
-            return STORED, (
+        if status != STORED:
+            return Outcome(status)
+        notes = []
+        if decoded.dropped:
+            notes.append(
                 f"stored without column(s) {', '.join(decoded.dropped)}, which stream "
                 f"{batch.stream!r} does not define"
             )
-        return status, ""
+        if duplicates:
+            key = ", ".join(("edge_id", *(decoded.key or ())))
+            notes.append(
+                f"{duplicates} of {decoded.table.num_rows} rows skipped: their natural key "
+                f"({key}) is already stored"
+            )
+        rows = decoded.table.num_rows - duplicates
+        raw = _credited(batch.raw_bytes, rows, duplicates)
+        return Outcome(STORED, "; ".join(notes), rows, duplicates, raw)
 
     def _write(
         self,
@@ -190,8 +275,8 @@ class BatchStore:
         edge: str,
         batch: uplink_pb2.Batch,
         decoded: _Decoded,
-    ) -> int:
-        """Write rows and the ``uplink_batches`` row in one transaction."""
+    ) -> tuple[int, int]:
+        """Write rows and the ``uplink_batches`` row in one transaction: (status, duplicates)."""
         with self._lock:
             cursor.execute("BEGIN TRANSACTION")
             committed = False
@@ -200,8 +285,9 @@ class BatchStore:
                     f"SELECT edge_id FROM {BATCHES_TABLE} WHERE batch_id = ?", [batch.batch_id]
                 ).fetchall()
                 seen = found[0] if found else None
+                duplicates = 0
                 if seen is None:
-                    self._insert(cursor, edge, batch, decoded)
+                    duplicates = self._insert(cursor, edge, batch, decoded)
                     cursor.execute("COMMIT")
                     committed = True
             finally:
@@ -212,14 +298,14 @@ class BatchStore:
                     with contextlib.suppress(duckdb.Error):
                         cursor.unregister(view)
         if seen is None:
-            return STORED
+            return STORED, duplicates
         if seen[0] != edge:
             msg = (
                 f"batch_id {batch.batch_id!r} is already stored for another edge; "
                 "batch ids must be unique across edges (derive them from the edge id)"
             )
             raise _Rejected(msg)
-        return DUPLICATE
+        return DUPLICATE, 0
 
     @staticmethod
     def _insert(
@@ -227,36 +313,85 @@ class BatchStore:
         edge: str,
         batch: uplink_pb2.Batch,
         decoded: _Decoded,
-    ) -> None:
-        """Insert the rows (from Arrow, one statement) and the ``uplink_batches`` row.
+    ) -> int:
+        """Insert the new rows (from Arrow, one statement) and the ``uplink_batches`` row.
 
-        The Arrow views are unregistered by :meth:`_write` once the transaction ends.
+        Returns how many rows were skipped as duplicates. The Arrow views are
+        unregistered by :meth:`_write` once the transaction ends.
         """
         table = decoded.table
         cursor.register(_ROWS_VIEW, table)
         _ensure_table(cursor, decoded)
-        columns = ", ".join(_quote(name) for name in table.schema.names)
-        cursor.execute(
-            f"INSERT INTO {_quote(decoded.stream)} BY NAME "
-            f"SELECT {columns}, ?::VARCHAR AS edge_id, ?::VARCHAR AS batch_id FROM {_ROWS_VIEW}",
-            [edge, batch.batch_id],
+        columns = ", ".join(f"r.{_quote(name)}" for name in table.schema.names)
+        select = (
+            f"SELECT {columns}, ?::VARCHAR AS edge_id, ?::VARCHAR AS batch_id "
+            f"FROM {_ROWS_VIEW} AS r"
         )
+        params: list[object] = [edge, batch.batch_id]
+        if decoded.key is not None and table.num_rows:
+            where, more = _anti_join(decoded, edge)
+            select += where
+            params += more
+        inserted = cursor.execute(
+            f"INSERT INTO {_quote(decoded.stream)} BY NAME {select}", params
+        ).fetchone()
+        stored = int(inserted[0]) if inserted else 0
+        duplicates = table.num_rows - stored
+        raw = batch.raw_bytes
+        credited = _credited(raw, stored, duplicates)
         cursor.execute(
             f"INSERT INTO {BATCHES_TABLE} (batch_id, edge_id, stream, rows, raw_bytes, "
-            "wire_bytes, received_at, priority, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "wire_bytes, received_at, priority, created_at, duplicate_rows, sent_raw_bytes) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 batch.batch_id,
                 edge,
                 decoded.stream,
-                table.num_rows,
-                batch.raw_bytes,
+                stored,
+                credited,
                 batch.ByteSize(),
                 datetime.now(UTC),
                 batch.priority,
                 _from_us(batch.created_at_us),
+                duplicates,
+                raw,
             ],
         )
+        return duplicates
+
+
+def _credited(raw_bytes: int, stored: int, duplicates: int) -> int:
+    """The part of a batch's ``raw_bytes`` its stored (not duplicate) rows stand for."""
+    if not duplicates:
+        return raw_bytes
+    return raw_bytes * stored // (stored + duplicates)
+
+
+def _anti_join(decoded: _Decoded, edge: str) -> tuple[str, list[object]]:
+    """The clause keeping only rows whose natural key is new, and its parameters.
+
+    Stored rows are probed only within the batch's time range, which DuckDB
+    prunes by row-group min/max; rows repeating a key within the batch keep
+    the first.
+    """
+    key = decoded.key or ()
+    same = " AND ".join(f"t.{_quote(c)} IS NOT DISTINCT FROM r.{_quote(c)}" for c in key)
+    probe = "t.edge_id = ?"
+    params: list[object] = [edge]
+    time_column = decoded.time_column
+    if time_column is not None:
+        times = decoded.table.column(time_column)
+        if times.null_count == 0:
+            bounds = pc.min_max(times)
+            probe += f" AND t.{_quote(time_column)} BETWEEN ? AND ?"
+            params += [bounds["min"].as_py(), bounds["max"].as_py()]
+    partition = ", ".join(f"r.{_quote(c)}" for c in key)
+    clause = (
+        f" WHERE NOT EXISTS (SELECT 1 FROM {_quote(decoded.stream)} AS t "
+        f"WHERE {probe} AND {same})"
+        f" QUALIFY row_number() OVER (PARTITION BY {partition}) = 1"
+    )
+    return clause, params
 
 
 def _columns(cursor: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
@@ -361,7 +496,10 @@ def _decode(edge: str, batch: uplink_pb2.Batch) -> _Decoded:
     if spec is None:
         table = table.drop_columns(dropped)
         _check_column_names(stream, table.column_names)
-        return _Decoded(stream, table, None, dropped)
+        model = _model_of(table.schema)
+        if model is None:
+            return _Decoded(stream, table, None, dropped, None, None)
+        return _Decoded(stream, table, None, dropped, NATURAL_KEYS[model.name], model.time_column)
     dropped += [
         name
         for name in table.column_names
@@ -371,7 +509,20 @@ def _decode(edge: str, batch: uplink_pb2.Batch) -> _Decoded:
         table = conform(spec, table)
     except (ValueError, TypeError) as exc:
         raise _Rejected(str(exc)) from None
-    return _Decoded(stream, table, spec, dropped)
+    return _Decoded(stream, table, spec, dropped, natural_key(stream), spec.time_column)
+
+
+def natural_key(stream: str) -> tuple[str, ...] | None:
+    """The natural key of a standard stream (without ``edge_id``); None for others."""
+    return NATURAL_KEYS.get(stream)
+
+
+def _model_of(schema: pa.Schema) -> StreamSpec | None:
+    """The standard stream whose columns and types ``schema`` has exactly, if any."""
+    for name, spec in STREAMS.items():
+        if name in NATURAL_KEYS and schema.equals(spec.schema, check_metadata=False):
+            return spec
+    return None
 
 
 def _check_column_names(stream: str, names: list[str]) -> None:

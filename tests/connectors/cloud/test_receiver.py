@@ -450,6 +450,186 @@ def test_a_batch_that_does_not_fit_its_new_streams_table_is_rejected(receiver, d
     assert query(db, "SELECT batch_id FROM uplink_batches ORDER BY 1") == [("pc-1",), ("pc-3",)]
 
 
+# ---------------------------------------------------------------- rows deduplicated by natural key
+
+
+def one_row(stream: str, **values: Any) -> dict[str, Any]:
+    """A row of a standard stream: every column filled with a plain value, then ``values``."""
+    plain: dict[pa.DataType, Any] = {
+        pa.string(): "x",
+        UTC_US: T0,
+        pa.float64(): 1.0,
+        pa.int64(): 1,
+        pa.binary(): b"{}",
+        pa.list_(pa.float64()): [1.0, 2.0],
+    }
+    row = {field.name: plain[field.type] for field in STREAMS[stream].schema}
+    return {**row, **values}
+
+
+def rows_table(stream: str, rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=STREAMS[stream].schema)
+
+
+DEDUP = (
+    "SELECT rows, duplicate_rows, raw_bytes, sent_raw_bytes FROM uplink_batches WHERE batch_id = ?"
+)
+
+
+def test_the_same_rows_under_another_batch_id_are_stored_once(receiver, db, caplog):
+    table = summary_table(5)
+    first = make_batch("b-1", "telemetry_summary", table, raw_bytes=5_000)
+    replay = make_batch("b-1-replayed", "telemetry_summary", table, raw_bytes=4_000)
+    acks = push(receiver.port, [first, replay])
+    assert statuses(acks) == [("b-1", "STORED"), ("b-1-replayed", "STORED")]
+    assert acks[0].detail == ""
+    assert acks[1].detail == (
+        "5 of 5 rows skipped: their natural key (edge_id, device, key, window_start) is "
+        "already stored"
+    )
+    receiver.stop()
+    assert query(db, "SELECT batch_id, count(*) FROM telemetry_summary GROUP BY 1") == [("b-1", 5)]
+    # The replayed batch is recorded (its wire bytes were spent) but credits no raw bytes.
+    assert query(db, DEDUP, ["b-1"]) == [(5, 0, 5_000, 5_000)]
+    assert query(db, DEDUP, ["b-1-replayed"]) == [(0, 5, 0, 4_000)]
+    assert re.search(
+        r"2 stored, 0 duplicate, 0 rejected; 5 rows, 5000 raw bytes stored, "
+        r"5 duplicate rows skipped",
+        caplog.text,
+    )
+
+
+def test_a_partly_replayed_batch_stores_only_its_new_rows(receiver, db):
+    old, new = summary_table(6), summary_table(6, start=3)  # minutes 0-5, then 3-8
+    acks = push(
+        receiver.port,
+        [
+            make_batch("b-old", "telemetry_summary", old, raw_bytes=600),
+            make_batch("b-new", "telemetry_summary", new, raw_bytes=601),
+        ],
+    )
+    assert statuses(acks) == [("b-old", "STORED"), ("b-new", "STORED")]
+    assert acks[1].detail.startswith("3 of 6 rows skipped")
+    receiver.stop()
+    stored = query(
+        db, "SELECT minute(window_start), batch_id FROM telemetry_summary ORDER BY window_start"
+    )
+    assert stored == [(m, "b-old") for m in range(6)] + [(m, "b-new") for m in range(6, 9)]
+    # raw bytes credited in proportion to the stored rows: 601 * 3 // 6
+    assert query(db, DEDUP, ["b-new"]) == [(3, 3, 300, 601)]
+    assert query(db, "SELECT sum(rows), sum(duplicate_rows) FROM uplink_batches") == [(9, 3)]
+
+
+def test_a_key_repeated_within_one_batch_is_stored_once(receiver, db):
+    row = one_row("telemetry_points", device="pump-7", key="t", value=1.0)
+    table = rows_table("telemetry_points", [row, {**row, "value": 2.0}, {**row, "key": "h"}])
+    (ack,) = push(receiver.port, [make_batch("b-1", "telemetry_points", table)])
+    assert ack.status == STORED
+    assert ack.detail.startswith("1 of 3 rows skipped")
+    receiver.stop()
+    assert query(db, "SELECT key FROM telemetry_points ORDER BY key") == [("h",), ("t",)]
+    assert query(db, DEDUP, ["b-1"]) == [(2, 1, 200, 300)]
+
+
+# Per standard stream: rows differing in one key column are all kept; the same key
+# with other values in the remaining columns is a duplicate.
+KEY_CASES = [
+    ("telemetry_points", {"device": "d2"}, {"value": 9.0}),
+    ("telemetry_points", {"key": "k2"}, {"transport": "coap"}),
+    ("telemetry_points", {"ts": T0 + timedelta(microseconds=1)}, {"value": 9.0}),
+    ("telemetry_text", {"key": "k2"}, {"value": "other"}),
+    ("telemetry_summary", {"window_start": T0 + timedelta(minutes=1)}, {"count": 9}),
+    ("telemetry_summary", {"key": "k2"}, {"window_end": T0 + timedelta(hours=1)}),
+    ("vibration_features", {"axis": "y"}, {"rms": 9.0}),
+    ("vibration_features", {"ts": T0 + timedelta(seconds=1)}, {"band_energy": [3.0]}),
+    ("alarms", {"state": "cleared"}, {"value": 9.0}),
+    ("alarms", {"rule": "r2"}, {"severity": "critical"}),
+    ("alarms", {"key": "pump-7/y"}, {"value": 9.0}),  # one rule on two axes, same ts
+    ("dead_letters", {"payload": b"other"}, {}),
+    ("dead_letters", {"reason": "late"}, {}),
+]
+
+
+@pytest.mark.parametrize(("stream", "other_key", "same_key"), KEY_CASES)
+def test_each_standard_stream_is_deduplicated_by_its_natural_key(
+    receiver, db, stream, other_key, same_key
+):
+    base = one_row(stream)
+    first = rows_table(stream, [base])
+    second = rows_table(stream, [{**base, **other_key}, {**base, **same_key}])
+    acks = push(
+        receiver.port,
+        [make_batch("b-1", stream, first), make_batch("b-2", stream, second)],
+    )
+    assert [ack.status for ack in acks] == [STORED, STORED]
+    receiver.stop()
+    assert query(db, f"SELECT batch_id, count(*) FROM {stream} GROUP BY 1 ORDER BY 1") == [
+        ("b-1", 1),
+        ("b-2", 1),
+    ]
+    assert query(db, "SELECT duplicate_rows FROM uplink_batches ORDER BY batch_id") == [(0,), (1,)]
+
+
+def test_the_same_rows_from_two_edges_are_both_stored(receiver, db):
+    table = alarms_table(3)
+    push(receiver.port, [make_batch("b-01", "alarms", table)])
+    push(receiver.port, [make_batch("b-02", "alarms", table, edge="edge-02")], metadata=AUTH_02)
+    receiver.stop()
+    assert query(db, "SELECT edge_id, count(*) FROM alarms GROUP BY 1 ORDER BY 1") == [
+        ("edge-01", 3),
+        ("edge-02", 3),
+    ]
+
+
+def test_a_user_stream_like_a_standard_one_uses_its_key_and_others_only_the_batch_id(receiver, db):
+    like = summary_table(2)
+    custom = pump_curves(2)
+    acks = push(
+        receiver.port,
+        [
+            make_batch("l-1", "pressure_summary", like),
+            make_batch("l-2", "pressure_summary", like),
+            make_batch("c-1", "pump_curves", custom),
+            make_batch("c-2", "pump_curves", custom),
+        ],
+    )
+    assert [ack.status for ack in acks] == [STORED] * 4
+    receiver.stop()
+    assert query(db, "SELECT count(*) FROM pressure_summary") == [(4 - 2,)]
+    assert query(db, "SELECT count(*) FROM pump_curves") == [(4,)]
+
+
+def test_a_database_from_before_deduplication_is_migrated_on_open(start_receiver, db):
+    with duckdb.connect(str(db)) as con:
+        con.execute(
+            "CREATE TABLE uplink_batches (batch_id VARCHAR PRIMARY KEY, edge_id VARCHAR NOT NULL, "
+            "stream VARCHAR NOT NULL, rows UBIGINT NOT NULL, raw_bytes UBIGINT NOT NULL, "
+            "wire_bytes UBIGINT NOT NULL, received_at TIMESTAMPTZ NOT NULL, priority UINTEGER, "
+            "created_at TIMESTAMPTZ)"
+        )
+        con.execute(
+            "INSERT INTO uplink_batches VALUES ('old', 'edge-01', 'alarms', 2, 77, 500, now(), 0, "
+            "NULL)"
+        )
+        con.register("old_rows", alarms_table(2))
+        con.execute(
+            "CREATE TABLE alarms AS SELECT *, 'edge-01' AS edge_id, 'old' AS batch_id FROM old_rows"
+        )
+    receiver = start_receiver()
+    (ack,) = push(receiver.port, [make_batch("new", "alarms", alarms_table(3), raw_bytes=300)])
+    assert (ack.status, ack.detail[:23]) == (STORED, "2 of 3 rows skipped: th")
+    receiver.stop()
+    assert query(
+        db,
+        "SELECT batch_id, rows, duplicate_rows, raw_bytes, sent_raw_bytes FROM uplink_batches "
+        "ORDER BY batch_id",
+    ) == [("new", 1, 2, 100, 300), ("old", 2, 0, 77, 77)]
+    assert query(db, "SELECT batch_id, count(*) FROM alarms GROUP BY 1 ORDER BY 1") == [
+        ("new", 1),
+        ("old", 2),
+    ]
+
+
 # ---------------------------------------------------------------- authentication
 
 
@@ -750,7 +930,7 @@ def test_a_crash_between_commit_and_ack_is_answered_duplicate_after_restart(tmp_
     assert query(db, "SELECT batch_id FROM uplink_batches") == [("b-crash",)]
     thread, stop, port = run_serve(db, auth, caplog)
     try:
-        acks = push(port, [batch, make_batch("b-next", "alarms", alarms_table(1))])
+        acks = push(port, [batch, make_batch("b-next", "alarms", alarms_table(1, device="fan-2"))])
         assert statuses(acks) == [("b-crash", "DUPLICATE"), ("b-next", "STORED")]
     finally:
         stop.set()
