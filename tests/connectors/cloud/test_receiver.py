@@ -477,6 +477,7 @@ DEDUP = (
 
 
 def test_the_same_rows_under_another_batch_id_are_stored_once(receiver, db, caplog):
+    caplog.set_level(logging.INFO, logger="edgesieve.cloud")
     table = summary_table(5)
     first = make_batch("b-1", "telemetry_summary", table, raw_bytes=5_000)
     replay = make_batch("b-1-replayed", "telemetry_summary", table, raw_bytes=4_000)
