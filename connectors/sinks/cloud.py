@@ -1,6 +1,8 @@
 """Bytewax sink sealing one stream into batches for the cloud outbox.
 
-Each worker buffers the stream's rows as Arrow tables and seals a batch when
+A :class:`~bytewax.outputs.FixedPartitionedSink`: items are ``(key, row)``
+2-tuples, the key (the device id) picks one of ``partitions`` partitions.
+Each partition buffers the stream's rows as Arrow tables and seals a batch when
 ``max_rows`` rows are buffered, when the oldest buffered row has waited
 ``max_age`` (checked on every write and by a timer thread, so an idle stream
 still seals), and on ``close()``. A sealed batch is::
@@ -17,6 +19,17 @@ after a crash is recognised by the outbox and by the cloud.
 When the outbox cannot store a batch (disk full, I/O error), the rows stay
 buffered, the error is logged and the seal is retried after
 ``retry_interval``; the dataflow never stops for it.
+
+Recovery: a partition's snapshot is the rows it holds but has not sealed,
+:data:`CloudSinkState` ``{"version": 1, "buffer": [bytes, ...],
+"carry_raw_bytes": int, "carry_rows": int}`` (each buffered table as a zstd
+Arrow IPC stream, plus raw-byte accounting already claimed by a failed seal).
+The snapshot never writes to the outbox, so it cannot fail when the disk is
+full and it does not cut batches at every epoch. Resumed from it after a
+crash, the partition holds exactly the rows of the epochs up to the snapshot
+that were not sealed then, and Bytewax replays the rest. Rows sealed between
+the snapshot and the crash are therefore sealed a second time, usually into
+batches with other ids; the cloud receiver skips them by their natural key.
 """
 
 from __future__ import annotations
@@ -27,9 +40,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pyarrow as pa
-from bytewax.outputs import DynamicSink
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from connectors.sinks.timed import TimedFlushPartition
 from connectors.streams import StreamSpec, conform, spec_of, to_table
@@ -42,6 +56,7 @@ __all__ = [
     "CloudSink",
     "CloudSinkPartition",
     "CloudSinkSettings",
+    "CloudSinkState",
     "batch_id_of",
     "encode_ipc",
     "seal",
@@ -52,6 +67,12 @@ logger = logging.getLogger("edgesieve.cloud_sink")
 RawBytes = Callable[[list[object]], int]
 OnSeal = Callable[[Sealed], None]
 
+CloudSinkState = dict[str, Any]
+"""A partition's snapshot: ``{"version": 1, "buffer": [bytes, ...], "carry_raw_bytes": int,
+"carry_rows": int}``; plain built-in types, so it unpickles whatever this module becomes."""
+
+DEFAULT_PARTITIONS = 4
+_STATE_VERSION = 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
@@ -153,11 +174,16 @@ def seal(
     )
 
 
-class CloudSink(DynamicSink[object]):
+class CloudSink(FixedPartitionedSink[object, CloudSinkState]):
     """Seal the records of ``stream`` into batches in ``outbox`` (see the module docstring).
 
-    Items are records with attributes (or dict keys) named like the stream's
-    columns, or pyarrow tables / record batches with those columns.
+    Items are ``(key, value)`` 2-tuples; the key (a string, e.g. the device
+    id) routes the value to one of ``partitions`` partitions, which Bytewax
+    spreads over the workers. Values are records with attributes (or dict
+    keys) named like the stream's columns, or pyarrow tables / record batches
+    with those columns. ``partitions`` is fixed for a recovery directory:
+    resuming with another count loses the state of partitions that no longer
+    exist.
     ``raw_bytes(rows)`` says how many device bytes a batch stands for; it is
     called once per sealed batch with the batch's items (the records, or the
     Arrow slices for Arrow input); without it ``raw_bytes`` is 0.
@@ -176,6 +202,7 @@ class CloudSink(DynamicSink[object]):
         raw_bytes: RawBytes | None = None,
         on_seal: OnSeal | None = None,
         priority: int | None = None,
+        partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
         spec = spec_of(stream, "CloudSink")
         stream = spec.name
@@ -203,6 +230,12 @@ class CloudSink(DynamicSink[object]):
         if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
             msg = f"CloudSink({stream!r}): priority must be an int >= 0; got {priority!r}"
             raise ValueError(msg)
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            msg = (
+                f"CloudSink({stream!r}): partitions must be an int >= 1; got {partitions!r}. "
+                f"Hint: {DEFAULT_PARTITIONS}, at least the number of workers"
+            )
+            raise ValueError(msg)
         if not _zstd_available():
             msg = (
                 "CloudSink: this pyarrow has no zstd codec, which the uplink requires. "
@@ -216,6 +249,7 @@ class CloudSink(DynamicSink[object]):
         self.settings = settings
         self.raw_bytes = raw_bytes
         self.on_seal = on_seal
+        self.partitions = partitions
 
     @property
     def outbox(self) -> Outbox:
@@ -224,10 +258,16 @@ class CloudSink(DynamicSink[object]):
             self._outbox = self._outbox()
         return self._outbox
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> CloudSinkPartition:
-        """Build this worker's partition (starts its timer thread)."""
+    def list_parts(self) -> list[str]:
+        """Every partition, on every worker: Bytewax gives each one to one worker."""
+        return [f"part-{i}" for i in range(self.partitions)]
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: CloudSinkState | None
+    ) -> CloudSinkPartition:
+        """Build one partition, resumed from its snapshot (starts its timer thread)."""
         self.outbox  # noqa: B018 -- open the outbox (and start the uplink) before rows arrive
-        return CloudSinkPartition(self, step_id=step_id, worker_index=worker_index)
+        return CloudSinkPartition(self, step_id=step_id, part=for_part, resume_state=resume_state)
 
 
 @dataclass
@@ -235,23 +275,33 @@ class _Segment:
     items: list[object] | None
     table: pa.Table
     arrived: float
+    encoded: bytes | None = None
+    """The table as zstd Arrow IPC, once a snapshot needed it."""
 
 
-class CloudSinkPartition(TimedFlushPartition):
-    """One worker's buffer; see :class:`CloudSink`.
+class CloudSinkPartition(TimedFlushPartition, StatefulSinkPartition[object, CloudSinkState]):
+    """One partition's buffer; see :class:`CloudSink`.
 
     Counters: ``batches_sealed`` (stored in the outbox), ``rows_sealed``,
     ``put_failures`` (outbox errors, retried), ``dropped_rows`` (batches the
-    outbox can never hold, or lost on close), and ``buffered_rows``.
+    outbox can never hold, or not sealed on close), ``resumed_rows`` (rows
+    restored from the snapshot) and ``buffered_rows``.
     """
 
-    def __init__(self, sink: CloudSink, *, step_id: str, worker_index: int) -> None:
+    def __init__(
+        self,
+        sink: CloudSink,
+        *,
+        step_id: str,
+        part: str,
+        resume_state: CloudSinkState | None = None,
+    ) -> None:
         self._sink = sink
         self._spec = sink.spec
         self._settings = sink.settings
         self._init_timer(
-            where=f"CloudSink {step_id!r} (stream {sink.spec.name!r}, worker {worker_index})",
-            thread=f"cloud-{sink.spec.name}-w{worker_index}",
+            where=f"CloudSink {step_id!r} (stream {sink.spec.name!r}, {part})",
+            thread=f"cloud-{sink.spec.name}-{part}",
             max_age_s=sink.settings.max_age.total_seconds(),
             retry_s=sink.settings.retry_interval.total_seconds(),
         )
@@ -264,7 +314,56 @@ class CloudSinkPartition(TimedFlushPartition):
         self.rows_sealed = 0
         self.put_failures = 0
         self.dropped_rows = 0
+        self.resumed_rows = 0
+        if resume_state is not None:
+            self._resume(resume_state)
         self._start_timer()
+
+    def _resume(self, state: CloudSinkState) -> None:
+        """Restore the rows buffered at the snapshot (sealed later by rows or age)."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            msg = (
+                f"{self._where}: cannot resume from a snapshot of version {got!r}; this "
+                f"edgesieve writes version {_STATE_VERSION}. Hint: finish the old run with the "
+                "edgesieve version that wrote it, or start with a fresh recovery directory"
+            )
+            raise ValueError(msg)
+        now = time.monotonic()
+        for data in state["buffer"]:
+            table = conform(self._spec, pa.ipc.open_stream(data).read_all())
+            if table.num_rows:
+                self._segments.append(_Segment(None, table, now, data))
+                self._rows += table.num_rows
+        self._oldest = now if self._rows else None
+        self._carry_raw = int(state["carry_raw_bytes"])
+        self._carry_rows = min(int(state["carry_rows"]), self._rows)
+        self.resumed_rows = self._rows
+        if self._rows:
+            logger.info(
+                "%s: resumed %d buffered rows from the recovery snapshot", self._where, self._rows
+            )
+
+    def snapshot(self) -> CloudSinkState | None:
+        """The unsealed rows (zstd Arrow IPC per buffered table); None when nothing is held.
+
+        Taken under the lock, so it is the buffer before or after a seal, never
+        half of one. Tables encoded for an earlier snapshot are not encoded again.
+        """
+        with self._lock:
+            if not self._rows and not self._carry_rows:
+                return None
+            buffer = []
+            for segment in self._segments:
+                if segment.encoded is None:
+                    segment.encoded = encode_ipc(segment.table)
+                buffer.append(segment.encoded)
+            return {
+                "version": _STATE_VERSION,
+                "buffer": buffer,
+                "carry_raw_bytes": self._carry_raw,
+                "carry_rows": self._carry_rows,
+            }
 
     @property
     def buffered_rows(self) -> int:
@@ -298,7 +397,8 @@ class CloudSinkPartition(TimedFlushPartition):
                 self.dropped_rows += self._rows
                 logger.error(
                     "%s: the final seal on close failed; %d rows were NOT stored in the "
-                    "outbox %s and are lost. See the errors above for the cause",
+                    "outbox %s. With recovery on they are in the last snapshot and are sealed "
+                    "at the next start; without it they are lost. See the errors above",
                     self._where,
                     self._rows,
                     self._sink.outbox.path,

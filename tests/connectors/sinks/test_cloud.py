@@ -7,6 +7,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from connectors.sinks.cloud import (
     CloudSink,
     CloudSinkPartition,
     CloudSinkSettings,
+    CloudSinkState,
     batch_id_of,
     encode_ipc,
 )
@@ -46,12 +48,24 @@ def readings(n: int, start: int = 0) -> list[Reading]:
     ]
 
 
-def run(items: list[Any], sink: CloudSink, *, batch_size: int = 1000, workers: int = 1) -> None:
+def same_key(item: Any) -> str:
+    return "one"
+
+
+def run(
+    items: list[Any],
+    sink: CloudSink,
+    *,
+    batch_size: int = 1000,
+    workers: int = 1,
+    key: Callable[[Any], str] = same_key,
+) -> None:
+    """Run ``items`` into ``sink``, keyed by ``key`` (by default all into one partition)."""
     flow = Dataflow("cloud_sink_test")
     stream = op.input("in", flow, TestingSource(items, batch_size=batch_size))
     if workers > 1:
         stream = op.redistribute("spread", stream)
-    op.output("out", stream, sink)
+    op.output("out", op.key_on("key", stream, key), sink)
     if workers == 1:
         run_main(flow)
     else:
@@ -77,10 +91,15 @@ def box(tmp_path: Path):
 class Recorder(CloudSink):
     """The sink, remembering its partitions to read their counters."""
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> CloudSinkPartition:
-        part = super().build(step_id, worker_index, worker_count)
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: CloudSinkState | None
+    ) -> CloudSinkPartition:
+        part = super().build_part(step_id, for_part, resume_state)
         self.parts = [*getattr(self, "parts", []), part]
         return part
+
+    def total(self, counter: str) -> int:
+        return sum(getattr(part, counter) for part in self.parts)
 
 
 # -- sealing ----------------------------------------------------------------------------------
@@ -179,7 +198,7 @@ def test_seals_by_age_while_the_flow_runs(box: Outbox, run_flow, wait_for):
     flow = Dataflow("cloud_age")
     op.output(
         "out",
-        op.input("in", flow, QueueSource(items, stop)),
+        op.key_on("key", op.input("in", flow, QueueSource(items, stop)), lambda a: a["device"]),
         CloudSink(
             box,
             "edge-01",
@@ -316,7 +335,7 @@ def test_arrow_and_dict_input_and_list_columns(box: Outbox):
 def test_two_workers_seal_every_row(box: Outbox):
     data = readings(300)
     sink = CloudSink(box, "edge-01", POINTS, settings=CloudSinkSettings(max_rows=40))
-    run(data, sink, batch_size=10, workers=2)
+    run(data, sink, batch_size=10, workers=2, key=lambda r: r.device)
     got = batches(box)
     assert all(b.rows <= 40 for b in got)
     tables = pa.concat_tables([rows_of(b) for b in got])
@@ -363,8 +382,8 @@ def test_outbox_failure_keeps_rows_and_retries(box: Outbox, caplog):
     assert [b.rows for b in got] == [5, 5, 2]
     assert sum(b.raw_bytes for b in got) == 120  # every row counted once
     assert sum(raw_calls) == 12
-    assert sink.parts[0].put_failures == 1
-    assert sink.parts[0].rows_sealed == 12
+    assert sink.total("put_failures") == 1
+    assert sink.total("rows_sealed") == 12
     assert "could not store a batch of 5 rows in the outbox" in caplog.text
     assert (
         "OperationalError: database or disk is full. The rows stay buffered (5 rows) and "
@@ -380,7 +399,7 @@ def test_failure_at_close_is_logged_as_loss(box: Outbox, caplog):
     ):
         run(readings(4), sink)
     assert box.stats().batches == 0
-    assert sink.parts[0].dropped_rows == 4
+    assert sink.total("dropped_rows") == 4
     assert "the final seal on close failed; 4 rows were NOT stored in the outbox" in caplog.text
 
 
@@ -389,7 +408,7 @@ def test_batch_too_big_for_the_outbox_is_dropped_and_logged(tmp_path: Path, capl
     sink = Recorder(box, "edge-01", POINTS, settings=CloudSinkSettings(max_rows=500))
     with caplog.at_level(logging.ERROR, LOGGER):
         run(readings(1000), sink)
-    assert sink.parts[0].dropped_rows == 1000
+    assert sink.total("dropped_rows") == 1000
     assert box.stats().batches == 0
     assert "500 rows can never be stored and are dropped: Outbox" in caplog.text
     assert "larger than the whole outbox (max_bytes=300)" in caplog.text
