@@ -1,14 +1,18 @@
-"""Bytewax sink writing one stream to date-partitioned Parquet files.
+"""Bytewax sink writing one stream to date-partitioned Parquet files, exactly once.
 
 Layout (Hive partitioning, readable by ``pyarrow.dataset`` and DuckDB's
 ``read_parquet(..., hive_partitioning=true)``)::
 
-    root/<stream>/date=YYYY-MM-DD/part-<UTC %Y%m%dT%H%M%S%fZ>-w<worker>-<writer>-<seq>.parquet
+    root/<stream>/date=YYYY-MM-DD/part-<step_id>-p<partition>-<seq:08d>.parquet
 
-``<writer>`` is random per sink partition, so several sinks of one stream
-(e.g. two flows writing ``dead_letters``) never pick the same name.
+:class:`ParquetSink` is a Bytewax ``FixedPartitionedSink``: its items are
+``(key, record)`` pairs (the key is the device id); Bytewax routes each key
+to one of a fixed number of partitions (``partitions``, default 4) with
+its stable ``adler32`` hash, and every partition writes its own numbered
+files. The partition count must stay the same for as long as a recovery
+store is in use: it is part of the snapshot keys and of the routing.
 
-Each worker buffers Arrow tables and rolls a file per UTC date when the
+Each partition buffers Arrow tables and rolls a file per UTC date when the
 buffer reaches ``max_file_bytes``, when its oldest row has waited
 ``max_file_age`` (checked on every batch and by a timer thread, so an idle
 stream still publishes), and on ``close()``.
@@ -17,31 +21,52 @@ A file is written under a hidden temporary name in its final directory,
 flushed and fsynced, renamed into place and the directory fsynced: a file is
 visible under its final name only when complete. A write that fails
 (``ENOSPC``, ``EACCES``, ...) never stops the dataflow and never drops rows:
-the error is logged, the rows stay buffered and the write is retried at the
-next flush trigger.
+the error is logged, the rows stay buffered (and in the recovery snapshot)
+and the write is retried at the next flush trigger.
+
+Exactly once across Bytewax recovery (see :mod:`connectors.sinks.timed`):
+a partition's snapshot is the sequence number of its next file and the rows
+it holds that are in no file yet. Resumed from a snapshot, the partition
+deletes its files numbered from that sequence number on (written after the
+snapshot; the replay writes their rows again) and its leftover temporary
+files, restores the buffered rows and publishes them at once. Without
+resume state it never deletes or overwrites a file of an earlier run: it
+numbers on after the highest file of its step and partition, except when
+the sink is told the ``recovery_dir`` and that same recovery store already
+started this partition without ever committing a snapshot of it (a crash
+in the first epoch): then the files of those runs are deleted, because the
+input replays their rows. A marker file
+``root/<stream>/.sink-<step_id>-p<partition>.json`` remembers where a
+recovery store started each partition.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
-import secrets
-import time
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from bytewax.outputs import DynamicSink
+from bytewax.outputs import FixedPartitionedSink
 
-from connectors.sinks.timed import TimedFlushPartition
-from connectors.streams import StreamSpec, conform, spec_of, to_table
+from connectors.sinks.timed import (
+    ReplaySafePartition,
+    SinkState,
+    check_partitions,
+    check_recovery_dir,
+    recovery_store_id,
+)
+from connectors.streams import StreamSpec, spec_of
 
-__all__ = ["ParquetSettings", "ParquetSink", "ParquetSinkPartition", "OnWrite"]
+__all__ = ["OnWrite", "ParquetSettings", "ParquetSink", "ParquetSinkPartition"]
 
 logger = logging.getLogger("edgesieve.parquet")
 
@@ -49,8 +74,7 @@ OnWrite = Callable[[str, int, int], None]
 """``on_write(stream, rows, file_bytes)``, called after each published file."""
 
 _CODECS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
-_GROWTH_FACTOR = 4
-_GROWTH_LOG_INTERVAL_S = 60.0
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 _HINTS = {
     errno.ENOSPC: "free disk space on that volume or point data_dir at a larger one",
@@ -60,11 +84,20 @@ _HINTS = {
     errno.EROFS: "the filesystem is mounted read-only; remount it read-write or move data_dir",
     errno.ENOTDIR: "a path component is a file, not a directory; move it out of the way",
     errno.EIO: "the device reported an I/O error; check the disk and the kernel log",
+    errno.EEXIST: (
+        "another process writes the same flow and step to this directory; give each "
+        "running flow its own data_dir or flow id"
+    ),
 }
 
 
 def _available_codecs() -> list[str]:
     return [c for c in _CODECS if c == "none" or pa.Codec.is_available(c)]
+
+
+def safe_name(step_id: str) -> str:
+    """``step_id`` with characters unsafe in file names replaced by ``_``."""
+    return _UNSAFE.sub("_", step_id)
 
 
 @dataclass(frozen=True)
@@ -116,12 +149,15 @@ class ParquetSettings:
         object.__setattr__(self, "compression", codec)
 
 
-class ParquetSink(DynamicSink[object]):
-    """Write the records of one stream (see :data:`connectors.streams.STREAMS`).
+class ParquetSink(FixedPartitionedSink[object, SinkState]):
+    """Write the records of one stream (see :data:`connectors.streams.STREAMS`), exactly once.
 
-    Items are records with attributes (or dict keys) named like the stream's
-    columns, or pyarrow tables / record batches with those columns. Every
-    worker writes its own files (``-w<worker>-`` in the name).
+    Items are ``(key, record)`` pairs, the key a string (the device id) that
+    picks the partition; a record has attributes (or dict keys) named like
+    the stream's columns, or is a pyarrow table / record batch with those
+    columns. ``partitions`` is fixed: keep it while a recovery store is in
+    use. ``recovery_dir`` is the Bytewax recovery directory the flow runs
+    with (``None`` without recovery); see the module docs.
     ``on_write(stream, rows, file_bytes)`` is called after each published
     file, from the worker thread or from the partition's timer thread, so it
     must be thread-safe.
@@ -132,27 +168,27 @@ class ParquetSink(DynamicSink[object]):
         root: Path,
         stream: str | StreamSpec,
         *,
+        partitions: int = 4,
         settings: ParquetSettings = ParquetSettings(),
         on_write: OnWrite | None = None,
+        recovery_dir: Path | None = None,
     ) -> None:
         spec = spec_of(stream, "ParquetSink")
         stream = spec.name
+        where = f"ParquetSink({stream!r})"
         if not isinstance(settings, ParquetSettings):
-            msg = (
-                f"ParquetSink({stream!r}): settings must be a ParquetSettings; "
-                f"got {type(settings).__name__}"
-            )
+            msg = f"{where}: settings must be a ParquetSettings; got {type(settings).__name__}"
             raise TypeError(msg)
         if on_write is not None and not callable(on_write):
             msg = (
-                f"ParquetSink({stream!r}): on_write must be callable as "
-                f"on_write(stream, rows, file_bytes); got {type(on_write).__name__}"
+                f"{where}: on_write must be callable as on_write(stream, rows, file_bytes); "
+                f"got {type(on_write).__name__}"
             )
             raise TypeError(msg)
         root = Path(root)
         if root.exists() and not root.is_dir():
             msg = (
-                f"ParquetSink({stream!r}): root {str(root)!r} exists and is not a directory. "
+                f"{where}: root {str(root)!r} exists and is not a directory. "
                 "Hint: point it at a directory (it is created if missing)"
             )
             raise ValueError(msg)
@@ -160,170 +196,152 @@ class ParquetSink(DynamicSink[object]):
         self.spec: StreamSpec = spec
         self.settings = settings
         self.on_write = on_write
+        self.partitions = check_partitions(where, partitions)
+        self.recovery_dir = check_recovery_dir(where, recovery_dir)
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> ParquetSinkPartition:
-        """Build this worker's partition (starts its timer thread)."""
-        return ParquetSinkPartition(
-            root=self.root,
-            spec=self.spec,
-            settings=self.settings,
-            on_write=self.on_write,
-            worker_index=worker_index,
-            step_id=step_id,
-        )
+    def list_parts(self) -> list[str]:
+        """All partitions: every worker of this machine can write the directory."""
+        return [f"p{i}" for i in range(self.partitions)]
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: SinkState | None
+    ) -> ParquetSinkPartition:
+        """Build or resume one partition (starts its timer thread)."""
+        return ParquetSinkPartition(self, step_id=step_id, part=for_part, state=resume_state)
 
 
-class ParquetSinkPartition(TimedFlushPartition):
-    """One worker's buffer and files; see :class:`ParquetSink`.
+class ParquetSinkPartition(ReplaySafePartition):
+    """One partition's buffer and files; see :class:`ParquetSink`.
 
     Counters for monitoring and tests: ``files_written``, ``rows_written``,
-    ``write_failures`` (failed file writes), and the ``buffered_rows`` and
+    ``write_failures`` (failed file writes), ``files_removed`` (files of a
+    replayed epoch deleted on resume), and the ``buffered_rows`` and
     ``buffered_bytes`` properties.
     """
 
     def __init__(
-        self,
-        *,
-        root: Path,
-        spec: StreamSpec,
-        settings: ParquetSettings,
-        on_write: OnWrite | None,
-        worker_index: int,
-        step_id: str,
+        self, sink: ParquetSink, *, step_id: str, part: str, state: SinkState | None
     ) -> None:
-        self._root = Path(root)
-        self._spec = spec
+        spec = sink.spec
+        settings = sink.settings
+        self._root = sink.root
         self._settings = settings
-        self._on_write = on_write
-        self._worker = worker_index
+        self._on_write = sink.on_write
+        self._recovery_dir = sink.recovery_dir
+        self._part = part
+        self._prefix = f"part-{safe_name(step_id)}-{part}-"
         self._init_timer(
-            where=f"ParquetSink {step_id!r} (stream {spec.name!r}, worker {worker_index})",
-            thread=f"parquet-{spec.name}-w{worker_index}",
+            where=f"ParquetSink {step_id!r} (stream {spec.name!r}, partition {part})",
+            thread=f"parquet-{spec.name}-{part}",
             max_age_s=settings.max_file_age.total_seconds(),
             retry_s=settings.retry_interval.total_seconds(),
         )
-        self._tables: list[pa.Table] = []
-        self._rows = 0
-        self._bytes = 0
-        self._oldest: float | None = None
-        self._last_growth_log: float | None = None
-        self._failing_since: int | None = None
-        self._seq = 0
-        self._writer = secrets.token_hex(3)
+        self._init_buffer(
+            spec, max_bytes=settings.max_file_bytes, max_rows=None, size_setting="max_file_bytes"
+        )
         self.files_written = 0
-        self.rows_written = 0
-        self.write_failures = 0
-        self._growth_log_interval_s = _GROWTH_LOG_INTERVAL_S
-        self._start_timer()
+        self.files_removed = 0
+        self._resume(state)
 
-    @property
-    def buffered_rows(self) -> int:
-        """Rows held in memory, not yet in a published file."""
-        return self._rows
+    # --- resume ----------------------------------------------------------------------
 
-    @property
-    def buffered_bytes(self) -> int:
-        """Arrow bytes held in memory, not yet in a published file."""
-        return self._bytes
-
-    def write_batch(self, items: list[object]) -> None:
-        """Buffer a batch; roll files if the size or age limit is reached.
-
-        Items are records (see :func:`connectors.streams.to_table`) or, when the
-        first item is a pyarrow ``Table``/``RecordBatch``, Arrow data that is
-        cast to the stream schema (see :func:`connectors.streams.conform`).
-        """
-        if not items:
-            return
-        if isinstance(items[0], pa.Table | pa.RecordBatch):
-            parts = [conform(self._spec, item) for item in items]  # type: ignore[arg-type]
-            table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-            if not table.num_rows:
-                return
-        else:
-            table = to_table(self._spec, items)
-        with self._lock:
-            now = time.monotonic()
-            self._tables.append(table)
-            self._rows += table.num_rows
-            self._bytes += table.nbytes
-            if self._oldest is None:
-                self._oldest = now
-            self._flush_due_locked(now)
-
-    def _flush_all_locked(self) -> None:
-        if self._rows and not self._flush_locked():
-            logger.error(
-                "%s: the final flush on close failed; %d rows (%d bytes) were NOT written "
-                "to %s and are lost. See the errors above for the cause",
+    def _open(self, next_seq: int | None) -> int:
+        stream_dir = self._root / self._spec.name
+        files, temps = self._own_files(stream_dir)
+        for temp in temps:
+            self._unlink(temp)
+        if next_seq is None:
+            next_seq = self._fresh_start(stream_dir, files)
+        stale = [path for seq, path in files if seq >= next_seq]
+        for path in stale:
+            self._unlink(path)
+            self.files_removed += 1
+        for directory in {p.parent for p in stale + temps}:
+            self._fsync_dir(directory)
+        if stale:
+            logger.info(
+                "%s: resumed at file %d; removed %d file(s) written after the recovery "
+                "snapshot, the replay writes their rows again",
                 self._where,
-                self._rows,
-                self._bytes,
-                self._root / self._spec.name,
+                next_seq,
+                len(stale),
             )
+        return next_seq
 
-    def _flush_due_locked(self, now: float) -> None:
-        if self._due(now):
-            self._flush_locked()
+    def _fresh_start(self, stream_dir: Path, files: list[tuple[int, Path]]) -> int:
+        """The first sequence number without resume state (see the module docs)."""
+        after = max((seq for seq, _ in files), default=-1) + 1
+        if self._recovery_dir is None:
+            return after
+        store = recovery_store_id(self._recovery_dir)
+        marker = stream_dir / f".sink-{self._prefix[5:-1]}.json"
+        try:
+            recorded = json.loads(marker.read_text())
+            if recorded.get("store") == store and isinstance(recorded.get("base"), int):
+                return int(recorded["base"])
+        except (FileNotFoundError, ValueError, AttributeError):
+            pass
+        self._ensure_dir(stream_dir)
+        temp = marker.with_name(f"{marker.name}.tmp")
+        with open(temp, "w") as fh:
+            json.dump({"store": store, "base": after}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, marker)
+        self._fsync_dir(stream_dir)
+        return after
 
-    def _due(self, now: float) -> bool:
-        if not self._rows or now < self._retry_at:
-            return False
-        if self._bytes >= self._settings.max_file_bytes:
-            return True
-        return self._oldest is not None and now - self._oldest >= self._max_age_s
+    def _own_files(self, stream_dir: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
+        """The published files (with their numbers) and temporary files of this partition."""
+        files: list[tuple[int, Path]] = []
+        temps: list[Path] = []
+        prefix = self._prefix
+        hidden = "." + prefix
+        try:
+            days = [e for e in os.scandir(stream_dir) if e.name.startswith("date=")]
+        except FileNotFoundError:
+            return files, temps
+        for day in days:
+            try:
+                entries = list(os.scandir(day.path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                name = entry.name
+                if name.startswith(prefix) and name.endswith(".parquet"):
+                    number = name[len(prefix) : -len(".parquet")]
+                    if number.isdigit():
+                        files.append((int(number), Path(entry.path)))
+                elif name.startswith(hidden) and name.endswith(".tmp"):
+                    temps.append(Path(entry.path))
+        return files, temps
 
-    def _flush_locked(self) -> bool:
-        """Write all buffered rows, one file per UTC date; keep what fails.
+    def _unlink(self, path: Path) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
-        Returns whether the buffer is now empty. Call with the lock held.
-        """
-        failures_before = self.write_failures
-        table = pa.concat_tables(self._tables) if len(self._tables) > 1 else self._tables[0]
+    def _lost_hint(self) -> str:
+        return str(self._root / self._spec.name)
+
+    # --- writing ---------------------------------------------------------------------
+
+    def _write_locked(self, table: pa.Table) -> pa.Table | None:
+        """Write one file per UTC date; return the rows of the dates that failed."""
+        parts = self._split_by_date(table)
         kept: list[pa.Table] = []
-        for day, part in self._split_by_date(table):
+        for day, part in parts:
             if self._publish(day, part):
                 self.files_written += 1
                 self.rows_written += part.num_rows
             else:
                 kept.append(part)
-        now = time.monotonic()
         if not kept:
-            if self._failing_since is not None:
-                logger.warning(
-                    "%s: writes succeed again after %d failed attempts; nothing was lost",
-                    self._where,
-                    self.write_failures - self._failing_since,
-                )
-            self._tables, self._rows, self._bytes, self._oldest = [], 0, 0, None
-            self._failing_since = None
-            self._last_growth_log = None
-            return True
-        if self._failing_since is None:
-            self._failing_since = failures_before
-        self._tables = kept
-        self._rows = sum(t.num_rows for t in kept)
-        self._bytes = sum(t.nbytes for t in kept)
-        self._retry_at = now + self._retry_s
-        limit = _GROWTH_FACTOR * self._settings.max_file_bytes
-        if self._bytes > limit and (
-            self._last_growth_log is None
-            or now - self._last_growth_log >= self._growth_log_interval_s
-        ):
-            self._last_growth_log = now
-            logger.error(
-                "%s: the write buffer keeps growing: %d rows, %d bytes held in memory, over "
-                "%dx max_file_bytes (%d), because %d writes failed so far. Nothing is dropped; "
-                "the process will run out of memory if writes keep failing. Hint: fix the "
-                "cause logged above",
-                self._where,
-                self._rows,
-                self._bytes,
-                _GROWTH_FACTOR,
-                self._settings.max_file_bytes,
-                self.write_failures,
-            )
-        return False
+            return None
+        if len(kept) == len(parts):
+            return table
+        return pa.concat_tables(kept)
 
     def _split_by_date(self, table: pa.Table) -> list[tuple[date, pa.Table]]:
         days = pc.cast(table[self._spec.time_column], pa.date32())
@@ -338,13 +356,13 @@ class ParquetSinkPartition(TimedFlushPartition):
     def _publish(self, day: date, table: pa.Table) -> bool:
         """Write one complete file atomically; log and return False on failure."""
         directory = self._root / self._spec.name / f"date={day.isoformat()}"
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        self._seq += 1
-        name = f"part-{stamp}-w{self._worker}-{self._writer}-{self._seq:06d}.parquet"
+        name = f"{self._prefix}{self._next_seq:08d}.parquet"
         final = directory / name
         temp = directory / f".{name}.tmp"
         try:
             self._ensure_dir(directory)
+            if final.exists():
+                raise FileExistsError(errno.EEXIST, "a file of that name is already there")
             with open(temp, "wb") as fh:
                 pq.write_table(table, fh, compression=self._settings.compression)
                 fh.flush()
@@ -356,6 +374,7 @@ class ParquetSinkPartition(TimedFlushPartition):
             self._log_failure(table.num_rows, final, exc)
             self._remove_temp(temp)
             return False
+        self._next_seq += 1
         self._fsync_dir(directory)
         if self._on_write is not None:
             try:
