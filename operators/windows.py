@@ -1,33 +1,57 @@
 """Event-time window aggregates (count, mean, min, max, std, first, last).
 
-Built on Bytewax's windowing: an :class:`~bytewax.operators.windowing.EventClock`
-per key and a tumbling or sliding windower, so every series has its own event
-time and one device being ahead never makes another device's readings late.
+Every series (key) has its own event time: the newest ``Reading.ts`` it has
+delivered. With ``allowed_lateness`` ``L``:
+
+- **Late** is decided per reading, in journal order, from event time only: a
+  reading is late when it is older than its key's newest timestamp minus ``L``
+  (``ts < newest - L``). So a device's backlog arriving in order after an
+  outage, however long after its timestamps, is never late, and one device
+  being ahead never makes another device's readings late. Late readings are
+  reported once, and they do not move the key's event time.
+- **Closing** is decided by event time only: a window closes when its end is at
+  or before ``newest - L``. No reading that is not late can fall into a closed
+  window, so what a window holds depends only on the readings of its key and
+  their journal order, never on batching, wall-clock time or when a replay
+  runs.
+- **Quiet flush** is the only use of wall-clock time, and it only decides
+  *when* a row appears. An open window is flushed (its summary emitted, the
+  window kept open) once its key has been silent, on the wall clock, for
+  ``(window end - newest) + L``: the moment the key's watermark would have
+  passed the window's end had its event time kept pace with the wall clock. A
+  device that keeps sending never gets a flush; one that stops still gets its
+  last windows emitted. End of input flushes every open window the same way.
+- **Superseding.** A flushed window still takes the readings that event time
+  gives it (an in-order backlog after an outage, say). When it then closes by
+  event time it is emitted again with its complete contents. For each
+  ``(device, key, window_start)`` the row with the highest ``count`` is the
+  final one, and it is the same whatever the flush timing: a replay from any
+  recovery snapshot yields the same final rows. An unflushed window is
+  emitted exactly once; a flushed one that receives nothing more is never
+  emitted again.
+
+A key's state (its newest timestamp and its open windows) is part of the
+Bytewax recovery snapshot, together with which windows were flushed and at
+what count, so a resumed flow makes the same decisions. A key is never
+forgotten: its newest timestamp and last windows stay in memory (a few
+hundred bytes per series) so that its late readings stay late.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from operator import attrgetter
 
 import bytewax.operators as op
 from bytewax.dataflow import operator
-from bytewax.operators import KeyedStream
-from bytewax.operators.windowing import (
-    EventClock,
-    SlidingWindower,
-    TumblingWindower,
-    WindowLogic,
-    _EventClockLogic,
-    _EventClockState,
-    window,
-)
+from bytewax.operators import KeyedStream, StatefulBatchLogic
+from bytewax.operators.windowing import WindowLogic
 
 from operators.records import Reading
 
-__all__ = ["SeriesClock", "Summary", "WindowAggOut", "WindowConfig", "window_aggregate"]
+__all__ = ["Summary", "WindowAggOut", "WindowConfig", "window_aggregate"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ZERO = timedelta(0)
@@ -43,6 +67,10 @@ class Summary:
     (``ddof=0``), so it is ``0.0`` for a window with one reading. ``first`` and
     ``last`` are the values at the earliest and latest timestamp in the window
     (among equal timestamps, the one that arrived first / last).
+
+    A window flushed while its key was quiet and then given more readings is
+    emitted again when it closes; the row with the highest ``count`` for a
+    ``(device, key, window_start)`` is the final one.
     """
 
     device: str
@@ -63,61 +91,16 @@ class WindowAggOut:
     """Streams returned from :func:`window_aggregate`."""
 
     down: KeyedStream[Summary]
-    """One :class:`Summary` per key and window, when the window closes."""
+    """One :class:`Summary` per key and window when the window closes or is
+    flushed; a flushed window that received more readings afterwards is
+    emitted again, complete, when it closes."""
 
     late: KeyedStream[Reading]
-    """Readings older than their key's watermark when they arrived.
+    """Readings older than their key's newest timestamp minus ``allowed_lateness``.
 
     They are not aggregated. Each late reading appears once, even when it
     belongs to several sliding windows.
     """
-
-
-class _SeriesClockLogic(_EventClockLogic[Reading]):
-    """Bytewax's event clock, waking up when this key's watermark is due.
-
-    The stock clock asks to be woken at the window's close time read as a
-    system time. A device whose clock lags the edge's (or replayed data) then
-    asks for a wake-up in the past until its watermark catches up, and the
-    worker spins. This maps the close time through the key's own watermark
-    (``watermark_base`` at ``system_time_of_max_event``, advancing with system
-    time) instead; the watermark itself is unchanged.
-    """
-
-    def to_system_utc(self, timestamp: datetime) -> datetime | None:
-        state = self.state
-        try:
-            return state.system_time_of_max_event + (timestamp - state.watermark_base)
-        except OverflowError:
-            return None
-
-
-@dataclass
-class SeriesClock(EventClock[Reading]):
-    """``EventClock`` on ``Reading.ts`` with wake-ups on the key's own watermark.
-
-    Same timestamps and watermarks as :class:`~bytewax.operators.windowing.EventClock`
-    (one clock per key); only the system time at which Bytewax wakes the
-    operator to close windows differs, so devices with skewed clocks neither
-    busy-wait nor have their windows closed late.
-    """
-
-    def build(self, resume_state: _EventClockState | None) -> _SeriesClockLogic:
-        """Build the clock logic of one key."""
-        if resume_state is None:
-            return _SeriesClockLogic(
-                self.now_getter,
-                self.ts_getter,
-                self.to_system_utc,
-                self.wait_for_system_duration,
-            )
-        return _SeriesClockLogic(
-            self.now_getter,
-            self.ts_getter,
-            self.to_system_utc,
-            self.wait_for_system_duration,
-            resume_state,
-        )
 
 
 def _describe(value: object) -> str:
@@ -131,10 +114,9 @@ class WindowConfig:
     :arg length: Window length (``> 0``).
     :arg slide: Distance between the starts of adjacent windows, ``0 < slide
         <= length``; ``None`` means tumbling windows (``slide = length``).
-    :arg allowed_lateness: How far behind a key's newest timestamp a reading
-        may be and still be aggregated (``>= 0``). The watermark of a key is
-        its newest timestamp minus this, and it also advances with system time
-        elapsed since that newest reading arrived (Bytewax's ``EventClock``).
+    :arg allowed_lateness: How far behind its key's newest timestamp a reading
+        may be and still be aggregated (``>= 0``). Event time only: how long
+        after its timestamp a reading arrives does not matter.
     :arg align_to: An instant that starts a window; timezone-aware UTC.
     """
 
@@ -192,26 +174,18 @@ class WindowConfig:
         """Distance between window starts (``slide``, or ``length`` if tumbling)."""
         return self.length if self.slide is None else self.slide
 
-    def windower(self) -> TumblingWindower | SlidingWindower:
-        """Build the Bytewax windower for these settings."""
-        if self.slide is None or self.slide == self.length:
-            return TumblingWindower(length=self.length, align_to=self.align_to)
-        return SlidingWindower(length=self.length, offset=self.slide, align_to=self.align_to)
-
-    def clock(self) -> SeriesClock:
-        """Build the event-time clock for these settings (one per key)."""
-        return SeriesClock(
-            ts_getter=attrgetter("ts"), wait_for_system_duration=self.allowed_lateness
-        )
-
     def bounds(self, window_id: int) -> tuple[datetime, datetime]:
-        """``(start, end)`` of a window, exactly as Bytewax's windower computes them."""
+        """``(start, end)`` of a window (the IDs of Bytewax's sliding windower)."""
         start = self.align_to + self.step * window_id
         return start, start + self.length
 
     def first_window(self, ts: datetime) -> int:
         """ID of the earliest window that contains ``ts``."""
         return (ts - self.align_to - self.length) // self.step + 1
+
+    def last_window(self, ts: datetime) -> int:
+        """ID of the latest window that contains ``ts``."""
+        return (ts - self.align_to) // self.step
 
 
 _Acc = tuple[str, str, int, float, float, float, float, datetime, float, datetime, float]
@@ -337,6 +311,144 @@ class _SummaryLogic(WindowLogic[Reading, _Acc, _Acc | None]):
         )
 
 
+_SeriesState = tuple[datetime | None, dict[int, tuple[_Acc | None, int]]]
+"""Snapshot of one key: ``(newest ts, {window id: (aggregate, count when last
+flushed, 0 if never)})``."""
+
+_Event = tuple[int, _Acc] | tuple[None, Reading]
+"""``(window id, aggregate)`` for a row, ``(None, reading)`` for a late reading."""
+
+
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
+    """The open windows and the event time of one key (see the module docstring).
+
+    Lateness and closing read only ``newest`` (event time, in arrival order);
+    the wall clock (``quiet_since``, not snapshotted) only schedules flushes.
+    """
+
+    __slots__ = ("config", "flushed", "newest", "now", "quiet_since", "windows")
+
+    def __init__(
+        self,
+        config: WindowConfig,
+        resume_state: _SeriesState | None,
+        now: Callable[[], datetime] = _wall_clock,
+    ) -> None:
+        self.config = config
+        self.now = now
+        self.newest: datetime | None = None
+        self.windows: dict[int, _SummaryLogic] = {}
+        self.flushed: dict[int, int] = {}
+        if resume_state is not None:
+            self.newest, windows = resume_state
+            for window_id, (acc, flushed) in windows.items():
+                self.windows[window_id] = _SummaryLogic(acc)
+                if flushed:
+                    self.flushed[window_id] = flushed
+        # A resumed key counts as having just spoken: its quiet time starts now.
+        self.quiet_since = now()
+
+    def _end(self, window_id: int) -> datetime:
+        config = self.config
+        return config.align_to + config.step * window_id + config.length
+
+    def _emit(self, window_id: int, out: list[_Event]) -> None:
+        """Emit ``window_id`` if it holds numbers not emitted yet."""
+        logic = self.windows[window_id]
+        if logic.count > self.flushed.get(window_id, 0):
+            state = logic.snapshot()
+            if state is not None:
+                out.append((window_id, state))
+            self.flushed[window_id] = logic.count
+
+    def on_batch(self, values: list[Reading]) -> tuple[list[_Event], bool]:
+        """Aggregate the readings that are not late; close what event time closes."""
+        out: list[_Event] = []
+        config = self.config
+        lateness = config.allowed_lateness
+        first_window, last_window = config.first_window, config.last_window
+        windows = self.windows
+        newest = self.newest
+        cutoff = None if newest is None else _minus(newest, lateness)
+        for reading in values:
+            ts = reading.ts
+            if newest is None or ts > newest:
+                newest = ts
+                cutoff = _minus(ts, lateness)
+            elif cutoff is not None and ts < cutoff:
+                out.append((None, reading))
+                continue
+            for window_id in range(first_window(ts), last_window(ts) + 1):
+                logic = windows.get(window_id)
+                if logic is None:
+                    logic = windows[window_id] = _SummaryLogic(None)
+                logic.on_value(reading)
+        self.newest = newest
+        self.quiet_since = self.now()
+        if cutoff is not None:
+            closing = sorted(w for w in windows if self._end(w) <= cutoff)
+            for window_id in closing:
+                self._emit(window_id, out)
+                del windows[window_id]
+                self.flushed.pop(window_id, None)
+        return out, StatefulBatchLogic.RETAIN
+
+    def _due(self) -> list[int]:
+        """Open windows holding numbers that were never emitted, oldest first."""
+        flushed = self.flushed
+        return sorted(w for w, logic in self.windows.items() if logic.count > flushed.get(w, 0))
+
+    def notify_at(self) -> datetime | None:
+        """Wall-clock time of the next quiet flush: silence of ``end - newest + L``."""
+        due = self._due()
+        if not due or self.newest is None:
+            return None
+        wait = self._end(due[0]) - self.newest + self.config.allowed_lateness
+        try:
+            return self.quiet_since + max(wait, _ZERO)
+        except OverflowError:
+            return None
+
+    def on_notify(self) -> tuple[list[_Event], bool]:
+        """Flush the windows whose key has been quiet long enough; keep them open."""
+        out: list[_Event] = []
+        if self.newest is not None:
+            silence = self.now() - self.quiet_since
+            horizon = self.newest - self.config.allowed_lateness + silence
+            for window_id in self._due():
+                if self._end(window_id) > horizon:
+                    break
+                self._emit(window_id, out)
+        return out, StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[_Event], bool]:
+        """Flush every open window; keep them open, as a resumed run may add to them."""
+        out: list[_Event] = []
+        for window_id in self._due():
+            self._emit(window_id, out)
+        return out, StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> _SeriesState:
+        """The key's event time and windows (with their flushed counts)."""
+        flushed = self.flushed
+        return (
+            self.newest,
+            {w: (logic.snapshot(), flushed.get(w, 0)) for w, logic in self.windows.items()},
+        )
+
+
+def _minus(ts: datetime, delta: timedelta) -> datetime | None:
+    """``ts - delta``, or ``None`` (nothing is late) below ``datetime.min``."""
+    try:
+        return ts - delta
+    except OverflowError:
+        return None
+
+
 @operator
 def window_aggregate(
     step_id: str,
@@ -355,13 +467,15 @@ def window_aggregate(
     last values by timestamp. Window ``i`` spans ``[align_to + i * slide,
     align_to + i * slide + length)``.
 
-    Event time is per key: each key has its own Bytewax ``EventClock`` (see
-    :class:`SeriesClock`), whose watermark is the key's newest ``Reading.ts``
-    minus ``allowed_lateness`` (plus system time elapsed since that reading
-    arrived). A window is emitted once the watermark reaches its end, also
-    when the key receives nothing more, and every open window is emitted at
-    end of input. A reading older than the watermark goes to ``late`` (once,
-    even if it falls in several sliding windows) and is not aggregated.
+    Event time is per key and decides everything but timing (see the module
+    docstring for the full rule): a reading older than its key's newest
+    timestamp minus ``allowed_lateness`` goes to ``late`` (once, even if it
+    falls in several sliding windows) and is not aggregated; a window closes
+    and is emitted once its end is at or before that point. A key that goes
+    quiet has its open windows flushed after ``end - newest +
+    allowed_lateness`` of wall-clock silence, and every open window is flushed
+    at end of input; a flushed window that later receives readings is emitted
+    again, complete, when it closes (the highest ``count`` wins).
 
     Only numbers are aggregated: ``str`` readings are skipped (they still
     advance their key's event time). A window that saw no number emits
@@ -373,7 +487,8 @@ def window_aggregate(
     :arg up: Readings keyed by series.
     :arg length: Window length (``> 0``).
     :arg slide: Distance between window starts; ``None`` for tumbling windows.
-    :arg allowed_lateness: How long to wait for out-of-order readings.
+    :arg allowed_lateness: How far out of order (in the key's event time) a
+        reading may be and still be aggregated.
     :arg align_to: An instant that starts a window, timezone-aware UTC.
     :returns: ``down`` (summaries) and ``late`` (late readings), both keyed
         like ``up``.
@@ -384,19 +499,18 @@ def window_aggregate(
     config = WindowConfig(
         length=length, slide=slide, allowed_lateness=allowed_lateness, align_to=align_to
     )
-    out = window(
-        "window",
-        up,
-        config.clock(),
-        config.windower(),
-        _SummaryLogic,
-        ordered=False,
-    )
 
+    def build(resume_state: _SeriesState | None) -> _SeriesWindows:
+        return _SeriesWindows(config, resume_state)
+
+    events = op.stateful_batch("windows", up, build)
     bounds = config.bounds
 
-    def to_summary(id_acc: tuple[int, _Acc]) -> Summary:
-        window_id, (device, key, count, mean, m2, lo, hi, _, first, _, last) = id_acc
+    def to_summary(event: _Event) -> Summary | None:
+        window_id, acc = event
+        if window_id is None:
+            return None
+        device, key, count, mean, m2, lo, hi, _, first, _, last = acc
         start, end = bounds(window_id)
         return Summary(
             device=device,
@@ -412,13 +526,11 @@ def window_aggregate(
             last=float(last),
         )
 
-    first_window = config.first_window
-
-    def once(id_reading: tuple[int, Reading]) -> Reading | None:
-        window_id, reading = id_reading
-        return reading if window_id == first_window(reading.ts) else None
+    def late(event: _Event) -> Reading | None:
+        window_id, reading = event
+        return reading if window_id is None else None
 
     return WindowAggOut(
-        down=op.map_value("summary", out.down, to_summary),
-        late=op.filter_map_value("late_once", out.late, once),
+        down=op.filter_map_value("summary", events, to_summary),
+        late=op.filter_map_value("late", events, late),
     )
