@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from connectors.devices.mosquitto import Mosquitto
 from connectors.devices.mqtt import MqttSettings
-from connectors.sinks.mqtt import MqttSink
+from connectors.sinks.mqtt import MqttSink, alarm_id, alarm_payload
+from operators.threshold import Alarm
 
 FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5, "keepalive_s": 5}
 ALARMS = "v1/devices/+/alarms"
@@ -40,7 +44,7 @@ def sink(cfg: MqttSettings, **kwargs: Any) -> MqttSink:
 def publish_flow(items: list[Item], cfg: MqttSettings) -> Dataflow:
     flow = Dataflow("mqtt_sink")
     stream = op.input("in", flow, TestingSource(items))
-    op.output("alarms", stream, sink(cfg))
+    op.output("alarms", op.key_on("by_device", stream, lambda item: item[0]), sink(cfg))
     return flow
 
 
@@ -117,7 +121,7 @@ def test_qos_0_is_sent_when_connected_and_dropped_with_a_warning_when_not(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="edgesieve.mqtt")
     watcher = watch(mosquitto)
-    part = sink(settings(mosquitto, protocol=protocol, qos=0)).build("alarms", 0, 1)
+    part = sink(settings(mosquitto, protocol=protocol, qos=0)).build_part("alarms", "p0", None)
     wait_for(lambda: part.connected, "the publisher to connect")
     part.write_batch([("pump-7", "up 1"), ("pump-7", "up 2")])
     wait_for(lambda: len(watcher.messages) >= 2, "the QoS 0 messages")
@@ -128,14 +132,14 @@ def test_qos_0_is_sent_when_connected_and_dropped_with_a_warning_when_not(
     assert (part.published, part.dropped, part.outstanding) == (2, 1, 0)
     assert [payload for _, payload in watcher.messages] == [b"up 1", b"up 2"]
     assert (
-        "mqtt publisher pub-w0: not connected to the broker, and QoS 0 messages are not "
+        "mqtt publisher pub-p0: not connected to the broker, and QoS 0 messages are not "
         "queued; dropped a message for v1/devices/pump-7/alarms (it is still in the local "
         "outputs)"
     ) in caplog.text
     assert "not delivered before shutdown" not in caplog.text
 
 
-def test_each_worker_publishes_with_its_own_client_id(
+def test_each_partition_publishes_with_its_own_client_id(
     mosquitto: Mosquitto, watch: Any, wait_for: Any
 ) -> None:
     watcher = watch(mosquitto)
@@ -151,7 +155,7 @@ def test_each_worker_publishes_with_its_own_client_id(
         (f"v1/devices/{device}/alarms", text.encode()) for device, text in items
     )
     log = mosquitto.log_tail()
-    assert " as pool-w0 " in log and " as pool-w1 " in log
+    assert all(f" as pool-p{n} " in log for n in range(4))
 
 
 def test_messages_queued_while_the_broker_is_down_are_sent_once_it_is_back(
@@ -159,7 +163,7 @@ def test_messages_queued_while_the_broker_is_down_are_sent_once_it_is_back(
 ) -> None:
     watcher = watch(mosquitto)
     mosquitto.stop()
-    part = sink(settings(mosquitto)).build("alarms", 0, 1)
+    part = sink(settings(mosquitto)).build_part("alarms", "p0", None)
     part.write_batch([("pump-7", "while down 1"), ("pump-7", "while down 2")])
     assert (part.published, part.dropped, part.outstanding) == (2, 0, 2)
     mosquitto.start()
@@ -174,18 +178,18 @@ def test_full_queue_drops_with_a_warning_and_close_reports_the_unsent(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="edgesieve.mqtt")
     broker = mosquitto_factory()  # never started
-    part = sink(settings(broker, qos=1), max_queued=3).build("alarms", 0, 1)
+    part = sink(settings(broker, qos=1), max_queued=3).build_part("alarms", "p0", None)
     part.write_batch([("pump-7", f"a{i}") for i in range(5)])
     assert (part.published, part.dropped) == (3, 2)
     assert (
         caplog.text.count(
-            "mqtt publisher pub-w0: outgoing queue full while the broker is unreachable; "
+            "mqtt publisher pub-p0: outgoing queue full while the broker is unreachable; "
             "dropped a message for v1/devices/pump-7/alarms (it is still in the local outputs)"
         )
         == 2
     )
     part.close()
-    assert "mqtt publisher pub-w0: 3 message(s) not delivered before shutdown" in caplog.text
+    assert "mqtt publisher pub-p0: 3 message(s) not delivered before shutdown" in caplog.text
 
 
 # --- credentials and settings --------------------------------------------------------------
@@ -222,10 +226,10 @@ def test_wrong_password_publishes_nothing_and_reports_it_at_close(
     caplog.set_level(logging.DEBUG, logger="edgesieve.mqtt")
     watcher = watch(secured_broker, username="pump-7", password="token-7")
     cfg = settings(secured_broker, username="edge", password="not-the-secret")
-    part = sink(cfg).build("alarms", 0, 1)
+    part = sink(cfg).build_part("alarms", "p0", None)
     part.write_batch([("pump-7", "never")])
     part.close()
-    assert "pub-w0: 1 message(s) not delivered before shutdown" in caplog.text
+    assert "pub-p0: 1 message(s) not delivered before shutdown" in caplog.text
     assert "not-the-secret" not in caplog.text
     assert watcher.messages == []
 
@@ -236,3 +240,103 @@ def test_sink_rejects_other_settings_objects() -> None:
         match=r"^MqttSink: settings must be MqttSettings, got dict; hint: MqttSink\(MqttSettings",
     ):
         sink({"url": "mqtt://127.0.0.1:1883"})  # type: ignore[arg-type]
+
+
+# --- at-least-once and alarm ids -----------------------------------------------------------
+
+
+def test_unacknowledged_messages_are_snapshotted_and_published_again_on_resume(
+    mosquitto: Mosquitto, watch: Any, wait_for: Any
+) -> None:
+    watcher = watch(mosquitto)
+    mosquitto.stop()
+    part = sink(settings(mosquitto)).build_part("alarms", "p0", None)
+    part.write_batch([("pump-7", "queued 1"), ("pump-7", "queued 2")])
+    state = part.snapshot()
+    assert state == {
+        "version": 1,
+        "pending": [
+            ["v1/devices/pump-7/alarms", b"queued 1", 1],
+            ["v1/devices/pump-7/alarms", b"queued 2", 1],
+        ],
+    }
+    part.close()  # as if the edge died: the messages never left
+    mosquitto.start()
+    resumed = sink(settings(mosquitto)).build_part("alarms", "p0", state)
+    assert resumed.resumed == 2
+    wait_for(lambda: len(watcher.messages) >= 2, "the messages published again on resume")
+    wait_for(lambda: resumed.outstanding == 0, "the broker to acknowledge them")
+    assert resumed.snapshot() is None
+    resumed.close()
+    assert [payload for _, payload in watcher.messages] == [b"queued 1", b"queued 2"]
+
+
+def test_a_resume_from_another_snapshot_format_is_refused(mosquitto: Mosquitto) -> None:
+    with pytest.raises(ValueError, match=r"mqtt publisher pub-p0: cannot resume from snapshot"):
+        sink(settings(mosquitto)).build_part("alarms", "p0", {"version": 99})
+
+
+def alarms() -> list[Alarm]:
+    ts = datetime(2025, 11, 22, 8, 0, tzinfo=UTC)
+    return [
+        Alarm("pump-7", ts, "iso_zone_c", "raised", "warning", 3.1, "pump-7/x"),
+        Alarm("pump-7", ts, "iso_zone_c", "raised", "warning", 3.3, "pump-7/y"),
+        Alarm(
+            "pump-7", ts + timedelta(seconds=5), "iso_zone_c", "cleared", "warning", 1.0, "pump-7/x"
+        ),
+    ]
+
+
+def test_alarm_payloads_carry_an_id_that_is_the_same_in_every_run(
+    mosquitto: Mosquitto, watch: Any, wait_for: Any
+) -> None:
+    watcher = watch(mosquitto)
+    cfg = settings(mosquitto)
+    for _ in range(2):
+        flow = Dataflow("alarm_ids")
+        stream = op.input("in", flow, TestingSource(alarms()))
+        publish = MqttSink(
+            cfg, topic=lambda a: f"v1/devices/{a.device}/alarms", payload=alarm_payload
+        )
+        op.output("alarms", op.key_on("by_device", stream, lambda a: a.device), publish)
+        run_main(flow)
+    wait_for(lambda: len(watcher.messages) >= 6, "both runs' alarms")
+    payloads = [json.loads(payload) for _, payload in watcher.messages]
+    # Messages queued before a client connects may arrive out of order: compare by key.
+    first, second = (
+        sorted(run, key=lambda p: (p["ts"], p["key"])) for run in (payloads[:3], payloads[3:])
+    )
+    assert first == second  # ids included: the same alarm gets the same id in every run
+    assert [p["id"] for p in first] == [
+        alarm_id(a.device, a.key, a.rule, a.ts, a.state) for a in alarms()
+    ]
+    assert len({p["id"] for p in first}) == 3  # two axes at the same ts are two alarms
+    assert all(re.fullmatch(r"[0-9a-f]{32}", p["id"]) for p in first)
+    assert first[0] == {
+        "id": first[0]["id"],
+        "ts": 1763798400000,
+        "rule": "iso_zone_c",
+        "state": "raised",
+        "severity": "warning",
+        "value": 3.1,
+        "key": "pump-7/x",
+    }
+
+
+def test_alarm_id_is_a_digest_of_device_key_rule_ts_and_state() -> None:
+    ts = datetime(2025, 11, 22, 8, 0, tzinfo=UTC)
+    base = alarm_id("pump-7", "pump-7/x", "r", ts, "raised")
+    assert base == alarm_id(
+        "pump-7", "pump-7/x", "r", ts.astimezone(timezone(timedelta(hours=2))), "raised"
+    )
+    others = [
+        alarm_id("pump-8", "pump-7/x", "r", ts, "raised"),
+        alarm_id("pump-7", "pump-7/y", "r", ts, "raised"),
+        alarm_id("pump-7", "pump-7/x", "s", ts, "raised"),
+        alarm_id("pump-7", "pump-7/x", "r", ts + timedelta(microseconds=1), "raised"),
+        alarm_id("pump-7", "pump-7/x", "r", ts, "cleared"),
+        alarm_id("pump-7", "pump-7/xr", "", ts, "raised"),  # lengths keep fields apart
+    ]
+    assert len({base, *others}) == 7
+    with pytest.raises(ValueError, match=r"alarm_id: ts must be a timezone-aware datetime"):
+        alarm_id("pump-7", "k", "r", datetime(2025, 1, 1), "raised")  # noqa: DTZ001
