@@ -94,7 +94,7 @@ class DuckDBSettings:
     ``retry_interval`` is the least time between a failed flush and its retry.
     """
 
-    max_rows: int = 100_000
+    max_rows: int = 500_000
     max_age: timedelta = timedelta(seconds=10)
     flush_on_snapshot: bool = True
     retry_interval: timedelta = timedelta(seconds=5)
@@ -102,7 +102,7 @@ class DuckDBSettings:
     def __post_init__(self) -> None:
         rows = self.max_rows
         if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
-            msg = f"DuckDBSettings.max_rows must be a positive int; got {rows!r}. Hint: 100_000"
+            msg = f"DuckDBSettings.max_rows must be a positive int; got {rows!r}. Hint: 500_000"
             raise ValueError(msg)
         if not isinstance(self.max_age, timedelta) or self.max_age <= timedelta(0):
             msg = (
@@ -471,7 +471,7 @@ class DuckDBSinkPartition(ReplaySafePartition):
             msg = f"{self._where}: the partition is closed"
             raise RuntimeError(msg)
         seq = self._next_seq
-        cur.register(_BATCH_VIEW, table)
+        cur.register(_BATCH_VIEW, table.combine_chunks())
         try:
             cur.begin()
             try:
