@@ -379,7 +379,7 @@ class Edge:
 
         settings = mqtt_settings(self.config, channels=(self.name,), role=step_id)
         sink = MqttSink(settings, topic=topic, payload=payload)
-        op.output(self.id(step_id), op.map(self.id(f"{step_id}_unkey"), up, _value), sink)
+        op.output(self.id(step_id), op.map(self.id(f"{step_id}_key"), up, _by_device), sink)
 
     def _cloud_default(self, model: str) -> bool:
         cloud = self.config.cloud
@@ -590,14 +590,18 @@ class Edge:
                 op.output(self.id(f"cloud_{name}"), rows, sink)
 
 
+def _by_device(item: Any) -> tuple[str, Any]:
+    """``(device, record)`` of a record, keyed or not: what the partitioned sinks route on."""
+    record = item[1] if type(item) is tuple else item
+    return str(getattr(record, "device", "") or ""), record
+
+
 def _counter(meter: Meter, stream: str) -> Callable[[list[Any]], list[Any]]:
-    """A batch mapper that unkeys ``(key, record)`` items and counts rows per device."""
+    """A batch mapper that keys items by device (see :func:`_by_device`) and counts them."""
 
     def count(batch: list[Any]) -> list[Any]:
-        items = [x[1] if type(x) is tuple else x for x in batch]
-        devices: Tally[str] = Tally()
-        for item in items:
-            devices[str(getattr(item, "device", "") or "")] += 1
+        items = [_by_device(x) for x in batch]
+        devices: Tally[str] = Tally(device for device, _ in items)
         meter.add(stream, devices)
         return items
 

@@ -14,35 +14,21 @@ critical alarm in zone D. Run it with
 from __future__ import annotations
 
 import dataclasses
-import json
 from datetime import timedelta
 
 import bytewax.operators as op
 
+from connectors.sinks.mqtt import alarm_payload
 from flows.api import Devices, Edge
 from flows.runtime import lazy_flow
 from operators.records import VIBRATION
 from operators.spectral import spectral
-from operators.threshold import Alarm, threshold
+from operators.threshold import threshold
 
-__all__ = ["alarm_payload", "build", "pipeline"]
+__all__ = ["build", "pipeline"]
 
 ALARM_FILE_AGE = timedelta(seconds=1)
 """Alarms are published to Parquet within about this long, whatever ``parquet.max_file_age`` is."""
-
-
-def alarm_payload(alarm: Alarm) -> bytes:
-    """The JSON published on ``v1/devices/{id}/alarms``."""
-    return json.dumps(
-        {
-            "ts": int(alarm.ts.timestamp() * 1000),
-            "rule": alarm.rule,
-            "state": alarm.state,
-            "severity": alarm.severity,
-            "value": alarm.value,
-            "key": alarm.key,
-        }
-    ).encode()
 
 
 def pipeline(edge: Edge, dev: Devices) -> None:
