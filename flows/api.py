@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 
 from connectors.devices.journal_source import JournalSource
 from connectors.sinks.cloud import CloudSink, CloudSinkSettings
+from connectors.sinks.duckdb import DuckDBSink
 from connectors.sinks.parquet import ParquetSettings, ParquetSink
 from connectors.streams import STREAMS, StreamSpec, declare
 from connectors.uplink.wire import priority_of
@@ -462,7 +463,7 @@ class Edge:
             count = max(settings.partitions, workers)
             init_db_dir(db_dir, count)
             log.info("recovery: created %s with %d partitions", db_dir, count)
-        elif workers > count:
+        if workers > count:
             msg = (
                 f"recovery.partitions: {db_dir} was created with {count} partitions, fewer "
                 f"than the {workers} workers asked for; hint: run with at most {count} "
@@ -564,16 +565,31 @@ class Edge:
                 self.id(f"merge_{name}"), *out.streams
             )
             rows = op.flat_map_batch(self.id(f"count_{name}"), up, _counter(self.meter, name))
-            age = out.max_file_age if out.max_file_age is not None else config.parquet.max_file_age
-            parquet = ParquetSink(
-                config.data_dir / "parquet",
-                out.spec,
-                settings=ParquetSettings(
-                    max_file_bytes=config.parquet.max_file_bytes, max_file_age=age
-                ),
-                on_write=self.meter.on_file,
-            )
-            op.output(self.id(f"out_{name}"), rows, parquet)
+            recovery = self.recovery_dir if self.recovery_config() is not None else None
+            partitions = config.recovery.partitions
+            if config.sinks.parquet:
+                age = out.max_file_age if out.max_file_age is not None else (
+                    config.parquet.max_file_age
+                )
+                parquet = ParquetSink(
+                    config.data_dir / "parquet",
+                    out.spec,
+                    partitions=partitions,
+                    settings=ParquetSettings(
+                        max_file_bytes=config.parquet.max_file_bytes, max_file_age=age
+                    ),
+                    on_write=self.meter.on_file,
+                    recovery_dir=recovery,
+                )
+                op.output(self.id(f"out_{name}"), rows, parquet)
+            if config.sinks.duckdb:
+                local = DuckDBSink(
+                    config.data_dir / "edge.duckdb",
+                    out.spec,
+                    partitions=partitions,
+                    recovery_dir=recovery,
+                )
+                op.output(self.id(f"duckdb_{name}"), rows, local)
             if out.cloud and link is not None and config.cloud is not None:
                 meter = self.meter
                 sink = CloudSink(
@@ -586,6 +602,7 @@ class Edge:
                     priority=out.priority,
                     raw_bytes=lambda _rows, m=meter: m.claim_raw_bytes(),
                     on_seal=lambda s, m=meter: m.on_wire(s.stream, s.rows, len(s.payload)),
+                    partitions=partitions,
                 )
                 op.output(self.id(f"cloud_{name}"), rows, sink)
 
