@@ -39,6 +39,10 @@ kept in memory, so the cost follows the batch and the rows of its time span,
 not the table size. A user's stream whose columns and types are exactly those
 of a standard stream (declared ``like=`` it) gets that stream's key; any
 other user stream has no known key and is deduplicated by ``batch_id`` only.
+``telemetry_summary`` rows may also come again more complete (a window the
+edge flushed while its device was quiet, then added to): a row with a larger
+``count`` replaces the stored one of its key (:data:`SUPERSEDED_BY`), in the
+same transaction.
 
 Accounting of skipped rows: ``rows`` is what was stored, ``duplicate_rows``
 what was skipped, ``sent_raw_bytes`` the batch's own ``raw_bytes`` and
@@ -105,6 +109,14 @@ NATURAL_KEYS: dict[str, tuple[str, ...]] = {
 }
 """The columns identifying a row of each standard stream within one edge (``edge_id``)."""
 
+SUPERSEDED_BY: dict[str, str] = {"telemetry_summary": "count"}
+"""Streams whose row may be sent again, more complete, under the same key: the column that grows.
+
+A window the edge flushed while its device was quiet is sent again when
+event time adds readings to it; the row with the higher ``count`` replaces
+the stored one (see :func:`_supersede`).
+"""
+
 _EDGE_COLUMNS = ("edge_id", "batch_id")
 _ROWS_VIEW = "_edgesieve_rows"
 _EMPTY_VIEW = "_edgesieve_empty"
@@ -165,6 +177,8 @@ class _Decoded:
     dropped: list[str]
     key: tuple[str, ...] | None
     time_column: str | None
+    grows: str | None = None
+    """The column whose larger value supersedes a stored row of the same key (``SUPERSEDED_BY``)."""
 
 
 _CREATE_BATCHES = f"""
@@ -329,6 +343,8 @@ class BatchStore:
         )
         params: list[object] = [edge, batch.batch_id]
         if decoded.key is not None and table.num_rows:
+            if decoded.grows is not None:
+                _supersede(cursor, decoded, edge)
             where, more = _anti_join(decoded, edge)
             select += where
             params += more
@@ -367,15 +383,8 @@ def _credited(raw_bytes: int, stored: int, duplicates: int) -> int:
     return raw_bytes * stored // (stored + duplicates)
 
 
-def _anti_join(decoded: _Decoded, edge: str) -> tuple[str, list[object]]:
-    """The clause keeping only rows whose natural key is new, and its parameters.
-
-    Stored rows are probed only within the batch's time range, which DuckDB
-    prunes by row-group min/max; rows repeating a key within the batch keep
-    the first.
-    """
-    key = decoded.key or ()
-    same = " AND ".join(f"t.{_quote(c)} IS NOT DISTINCT FROM r.{_quote(c)}" for c in key)
+def _time_probe(decoded: _Decoded, edge: str) -> tuple[str, list[object]]:
+    """``t.edge_id = ?`` and, when the batch has times, ``t.<time> BETWEEN`` its range."""
     probe = "t.edge_id = ?"
     params: list[object] = [edge]
     time_column = decoded.time_column
@@ -385,11 +394,37 @@ def _anti_join(decoded: _Decoded, edge: str) -> tuple[str, list[object]]:
             bounds = pc.min_max(times)
             probe += f" AND t.{_quote(time_column)} BETWEEN ? AND ?"
             params += [bounds["min"].as_py(), bounds["max"].as_py()]
+    return probe, params
+
+
+def _supersede(cursor: duckdb.DuckDBPyConnection, decoded: _Decoded, edge: str) -> None:
+    """Delete stored rows that a row of the batch with the same key and a larger value replaces."""
+    key, grows = decoded.key or (), _quote(decoded.grows or "")
+    same = " AND ".join(f"t.{_quote(c)} IS NOT DISTINCT FROM r.{_quote(c)}" for c in key)
+    probe, params = _time_probe(decoded, edge)
+    cursor.execute(
+        f"DELETE FROM {_quote(decoded.stream)} AS t WHERE {probe} AND EXISTS "
+        f"(SELECT 1 FROM {_ROWS_VIEW} AS r WHERE {same} AND r.{grows} > t.{grows})",
+        params,
+    )
+
+
+def _anti_join(decoded: _Decoded, edge: str) -> tuple[str, list[object]]:
+    """The clause keeping only rows whose natural key is new, and its parameters.
+
+    Stored rows are probed only within the batch's time range, which DuckDB
+    prunes by row-group min/max; rows repeating a key within the batch keep
+    the first (for a stream of :data:`SUPERSEDED_BY`, the largest).
+    """
+    key = decoded.key or ()
+    same = " AND ".join(f"t.{_quote(c)} IS NOT DISTINCT FROM r.{_quote(c)}" for c in key)
+    probe, params = _time_probe(decoded, edge)
     partition = ", ".join(f"r.{_quote(c)}" for c in key)
+    order = f" ORDER BY r.{_quote(decoded.grows)} DESC" if decoded.grows else ""
     clause = (
         f" WHERE NOT EXISTS (SELECT 1 FROM {_quote(decoded.stream)} AS t "
         f"WHERE {probe} AND {same})"
-        f" QUALIFY row_number() OVER (PARTITION BY {partition}) = 1"
+        f" QUALIFY row_number() OVER (PARTITION BY {partition}{order}) = 1"
     )
     return clause, params
 
@@ -499,7 +534,15 @@ def _decode(edge: str, batch: uplink_pb2.Batch) -> _Decoded:
         model = _model_of(table.schema)
         if model is None:
             return _Decoded(stream, table, None, dropped, None, None)
-        return _Decoded(stream, table, None, dropped, NATURAL_KEYS[model.name], model.time_column)
+        return _Decoded(
+            stream,
+            table,
+            None,
+            dropped,
+            NATURAL_KEYS[model.name],
+            model.time_column,
+            SUPERSEDED_BY.get(model.name),
+        )
     dropped += [
         name
         for name in table.column_names
@@ -509,7 +552,15 @@ def _decode(edge: str, batch: uplink_pb2.Batch) -> _Decoded:
         table = conform(spec, table)
     except (ValueError, TypeError) as exc:
         raise _Rejected(str(exc)) from None
-    return _Decoded(stream, table, spec, dropped, natural_key(stream), spec.time_column)
+    return _Decoded(
+        stream,
+        table,
+        spec,
+        dropped,
+        natural_key(stream),
+        spec.time_column,
+        SUPERSEDED_BY.get(stream),
+    )
 
 
 def natural_key(stream: str) -> tuple[str, ...] | None:

@@ -500,6 +500,36 @@ def test_the_same_rows_under_another_batch_id_are_stored_once(receiver, db, capl
     )
 
 
+def test_a_window_sent_again_more_complete_replaces_the_stored_row(receiver, db):
+    # A window flushed while its device was quiet comes again with more readings: the larger
+    # count is final; a smaller one (a replay of the early row) is skipped.
+    early = summary_table(3)  # counts 10, 11, 12
+    complete = early.set_column(4, "count", pa.array([10, 15, 12], type=pa.int64()))
+    stale = early.set_column(4, "count", pa.array([9, 14, 12], type=pa.int64()))
+    acks = push(
+        receiver.port,
+        [
+            make_batch("b-early", "telemetry_summary", early),
+            make_batch("b-complete", "telemetry_summary", complete),
+            make_batch("b-stale", "telemetry_summary", stale),
+        ],
+    )
+    assert statuses(acks) == [("b-early", "STORED"), ("b-complete", "STORED"), ("b-stale", "STORED")]
+    receiver.stop()
+    rows = query(db, "SELECT window_start, count, batch_id FROM telemetry_summary ORDER BY 1")
+    assert [(c, b) for _, c, b in rows] == [(10, "b-early"), (15, "b-complete"), (12, "b-early")]
+    assert query(db, DEDUP, ["b-complete"])[0][:2] == (1, 2)  # one row replaced, two skipped
+    assert query(db, DEDUP, ["b-stale"])[0][:2] == (0, 3)
+
+
+def test_repeats_of_a_window_within_one_batch_keep_the_largest_count(receiver, db):
+    one = summary_table(1)
+    twice = pa.concat_tables([one, one.set_column(4, "count", pa.array([30], type=pa.int64()))])
+    push(receiver.port, [make_batch("b-1", "telemetry_summary", twice)])
+    receiver.stop()
+    assert query(db, "SELECT count FROM telemetry_summary") == [(30,)]
+
+
 def test_a_partly_replayed_batch_stores_only_its_new_rows(receiver, db):
     old, new = summary_table(6), summary_table(6, start=3)  # minutes 0-5, then 3-8
     acks = push(
