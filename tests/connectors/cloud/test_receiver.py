@@ -569,7 +569,7 @@ KEY_CASES = [
     ("telemetry_points", {"key": "k2"}, {"transport": "coap"}),
     ("telemetry_points", {"ts": T0 + timedelta(microseconds=1)}, {"value": 9.0}),
     ("telemetry_text", {"key": "k2"}, {"value": "other"}),
-    ("telemetry_summary", {"window_start": T0 + timedelta(minutes=1)}, {"count": 9}),
+    ("telemetry_summary", {"window_start": T0 + timedelta(minutes=1)}, {"mean": 99.0}),
     ("telemetry_summary", {"key": "k2"}, {"window_end": T0 + timedelta(hours=1)}),
     ("vibration_features", {"axis": "y"}, {"rms": 9.0}),
     ("vibration_features", {"ts": T0 + timedelta(seconds=1)}, {"band_energy": [3.0]}),
