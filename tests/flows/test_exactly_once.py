@@ -118,12 +118,12 @@ def test_kill_9_of_the_whole_edge_counts_every_accepted_reading_once_everywhere(
 
     with duckdb.connect(str(data / "edge.duckdb"), read_only=True) as con:
         local = seqs(con.sql(points_sql.format(src="telemetry_points")).fetchall())
-        local_count = con.sql(count_sql.format(src="telemetry_summary")).fetchone()[0]
+        local_count = con.sql(count_sql.format(src="telemetry_summary")).fetchall()[0][0]
     assert local == parquet
     assert local_count == len(parquet)
 
     with duckdb.connect(str(cloud_db), read_only=True) as con:
         cloud = seqs(con.sql(points_sql.format(src="telemetry_points")).fetchall())
-        cloud_count = con.sql(count_sql.format(src="telemetry_summary")).fetchone()[0]
+        cloud_count = con.sql(count_sql.format(src="telemetry_summary")).fetchall()[0][0]
     assert cloud == parquet
     assert cloud_count == len(parquet)
