@@ -25,11 +25,12 @@ __all__ = ["build", "pipeline"]
 
 
 def late_letter(reading: Reading, allowed_lateness: timedelta) -> DeadLetter:
-    """Describe a reading that arrived after its window closed."""
+    """Describe a reading older than its series' newest one by more than the allowed lateness."""
     reason = (
-        f"late: reading {reading.key!r} at {reading.ts.isoformat()} arrived after its window "
-        f"closed (allowed lateness {allowed_lateness.total_seconds():g}s); "
-        "raise telemetry.window.allowed_lateness or fix the device clock"
+        f"late: reading {reading.key!r} at {reading.ts.isoformat()} is older than the newest "
+        f"reading of its series by more than the allowed lateness "
+        f"({allowed_lateness.total_seconds():g}s); raise telemetry.window.allowed_lateness or "
+        "fix the device clock"
     )
     return DeadLetter(
         reading.device, reading.transport, reading.ts, reason, reading_payload(reading)

@@ -123,8 +123,9 @@ def test_late_letter_reason_names_the_setting():
 
     letter = telemetry.late_letter(Reading("d", "k", T0, 1.5), timedelta(seconds=5))
     assert letter.reason == (
-        "late: reading 'k' at 2026-11-20T12:00:00+00:00 arrived after its window closed "
-        "(allowed lateness 5s); raise telemetry.window.allowed_lateness or fix the device clock"
+        "late: reading 'k' at 2026-11-20T12:00:00+00:00 is older than the newest reading of "
+        "its series by more than the allowed lateness (5s); raise "
+        "telemetry.window.allowed_lateness or fix the device clock"
     )
     assert json.loads(letter.payload) == {"ts": int(T0.timestamp() * 1000), "values": {"k": 1.5}}
 
