@@ -4,8 +4,9 @@ For each transport the same device server (same registry, same Ingress, which
 decodes every body once) answers the same list of telemetry POSTs twice:
 
 (a) bare: the server in this process with an in-memory Ingress that a plain
-    thread empties, discarding the messages (no journal, no Bytewax), so the
-    server answers at once;
+    thread empties, discarding the messages (no journal, no Bytewax, nothing
+    written to disk, no fsync), so the server answers at once: the target is
+    our durable path against a server that keeps nothing;
 (b) flow: ``Edge.run`` of ``flows.telemetry`` (in a thread) with
     ``transports.http`` / ``transports.coap`` configured, as deployed: the
     flow spawns the ingest process, whose server answers 200 / 2.04 only
@@ -14,8 +15,11 @@ decodes every body once) answers the same list of telemetry POSTs twice:
     Parquet; it is stopped with its stop event (ingest stops, the flow drains).
 
 The load generator runs in a separate (spawned) process, so it shares no GIL
-with the server. HTTP: POSTs over keep-alive connections; CoAP: confirmable
-POSTs. Both keep a fixed number of requests in flight. aiocoap sends one
+with the server. HTTP: POSTs over keep-alive connections, sent and read by a
+minimal HTTP/1.1 client (prepared request bytes, the answer parsed only for
+its status and length) rather than aiohttp's client, which used ~100 us of
+CPU per request and so paced side (a) itself; CoAP: confirmable POSTs. Both
+keep a fixed number of requests in flight. aiocoap sends one
 confirmable request at a time per peer (NSTART = 1), so each concurrent CoAP
 requester has its own client context, like a separate device. A warm-up batch
 precedes the timed requests; latency is measured by the client from sending a
@@ -27,7 +31,10 @@ median.
 
 Prints per side: accepted requests/s (503 / 5.03 answers do not count), p50 and
 p99 latency, the answer counts, and the CPU used by the load process (near 100%
-means the client, not the server, set the pace) and by the server process.
+means the client, not the server, set the pace) and by the server process; for
+(b) that is the flow process, and the ingest process's CPU and its journal
+figures (group commits, messages per group, submission-to-commit and
+transaction latency) follow, to show where a request's time goes.
 Then the ratios (b)/(a) of throughput and of p99 latency, the 503 / 5.03
 answers (back-pressure: the flow fell behind its bounded queue) with the
 queue's high water mark, and a check that the flow received one message for
@@ -41,6 +48,7 @@ import asyncio
 import gc
 import math
 import multiprocessing
+import os
 import secrets
 import sys
 import tempfile
@@ -51,6 +59,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +73,8 @@ from flows.accounting import RECEIVED, Meter, report
 from flows.api import Edge
 from flows.config import EdgeConfig, parse_config
 from flows.ingest import READINGS
+from flows.ingest_process import journal_settings
+from flows.ingest_stats import read_snapshot
 from flows.simulator import telemetry_payloads
 
 TRANSPORTS = ("http", "coap")
@@ -129,24 +140,85 @@ async def _timed(
     return answers, latencies, seconds, time.process_time() - cpu
 
 
+class _HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of the load process, one request at a time.
+
+    Sends prepared request bytes and reads the answer just far enough to
+    return its status code (status line, ``Content-Length``, body), so the
+    load process spends a few microseconds per request, not the ~100 of a
+    full client library: the server, not the client, sets the pace.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[str] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport  # asyncio sets TCP_NODELAY on TCP connections
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(buf[: end + 2]).lower()  # each header line ends with CRLF
+        at = head.find(b"\r\ncontent-length:") + 17
+        length = int(head[at : head.index(b"\r\n", at)]) if at >= 17 else 0
+        if len(buf) < end + 4 + length:
+            return
+        del buf[: end + 4 + length]
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(head[9:12].decode())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc or ConnectionResetError("connection closed by the server"))
+
+    async def send(self, request: bytes) -> str:
+        assert self.transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self._waiter
+
+
 async def _load_http(
     port: int, warmup: list[Request], timed: list[Request], concurrency: int, deadline_s: float
 ) -> tuple[list[str], Timed]:
-    import aiohttp
+    loop = asyncio.get_running_loop()
+    connections: list[_HttpConnection | None] = [None] * concurrency
+    prepared: dict[Request, bytes] = {}
 
-    headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector) as session:
+    def encode(request: Request) -> bytes:
+        token, body = request
+        head = (
+            f"POST /api/v1/{token}/telemetry HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
 
-        async def send(slot: int, request: Request) -> str:
-            token, body = request
-            url = f"/api/v1/{token}/telemetry"
-            async with session.post(url, data=body, headers=headers) as response:
-                await response.read()
-                return str(response.status)
+    for request in (*warmup, *timed):  # prepared before the clock starts, for both sides
+        prepared[request] = encode(request)
 
+    async def send(slot: int, request: Request) -> str:
+        connection = connections[slot]
+        if connection is None or connection.transport is None:
+            _, connection = await loop.create_connection(_HttpConnection, "127.0.0.1", port)
+            connections[slot] = connection
+        return await connection.send(prepared[request])
+
+    try:
         warm, _, _ = await _drive(warmup, concurrency, deadline_s, send)
         return warm, await _timed(timed, concurrency, deadline_s, send)
+    finally:
+        for connection in connections:
+            if connection is not None and connection.transport is not None:
+                connection.transport.close()
 
 
 async def _load_coap(
@@ -211,6 +283,10 @@ class Run:
     received: int = 0
     high_water: int = 0
     meter: Meter | None = None
+    ingest_cpu: float = math.nan
+    """(b): CPU cores' worth the ingest process used while the load ran."""
+    journal: dict[str, Any] | None = None
+    """(b): the ingest process's final journal counters (commits, commit and write latency)."""
 
     @property
     def rate(self) -> float:
@@ -255,9 +331,14 @@ def apply_load(
     timed: list[Request],
     args: argparse.Namespace,
     pool: ProcessPoolExecutor,
+    ingest_pid: int | None = None,
 ) -> Run:
-    """Run the load process against ``port`` and collect what it measured."""
+    """Run the load process against ``port`` and collect what it measured.
+
+    ``ingest_pid``: the ingest process of side (b), whose CPU use is measured too.
+    """
     gc.collect()  # both sides start from the same collector state
+    ingest_cpu = process_cpu(ingest_pid)
     cpu, wall = time.process_time(), time.perf_counter()
     future = pool.submit(
         generate_load, transport, port, warmup, timed, args.concurrency, args.deadline
@@ -265,7 +346,9 @@ def apply_load(
     warm, (answers, latencies, seconds, load_cpu) = future.result(
         timeout=2 * args.deadline + REQUEST_TIMEOUT_S + 30.0
     )
-    server_cpu = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    elapsed = time.perf_counter() - wall
+    server_cpu = (time.process_time() - cpu) / elapsed
+    ingest_cpu = (process_cpu(ingest_pid) - ingest_cpu) / elapsed
     answered = [ms for ms, a in zip(latencies, answers, strict=True) if a[:1].isdigit()]
     return Run(
         OK[transport],
@@ -275,7 +358,19 @@ def apply_load(
         seconds,
         load_cpu / seconds if seconds > 0 else math.nan,
         server_cpu,
+        ingest_cpu=ingest_cpu,
     )
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux); NaN if unknown."""
+    if pid is None:
+        return math.nan
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_bare(
@@ -323,8 +418,7 @@ def flow_config(
     devices = config.data_dir.with_name(f"{config.data_dir.name}-devices.yaml")
     devices.parent.mkdir(parents=True, exist_ok=True)
     devices.write_text(
-        "devices:\n"
-        + "".join(f"  - {{id: {d.id}, token: {d.token}}}\n" for d in registry)
+        "devices:\n" + "".join(f"  - {{id: {d.id}, token: {d.token}}}\n" for d in registry)
     )
     port = free_port("127.0.0.1")
     journaled = parse_config(
@@ -369,7 +463,10 @@ def run_with_flow(
         if not ingest_ready(edge):
             msg = f"{transport}: the ingest process was not ready within {START_TIMEOUT_S:g}s"
             raise RuntimeError(msg)
-        run = apply_load(transport, port, warmup, timed, args, pool)
+        ingest = edge._shared.ingest  # noqa: SLF001 - the benchmark measures the spawned process
+        supervisor = ingest._supervisor if ingest is not None else None  # noqa: SLF001
+        pid = supervisor.pid if supervisor is not None else None
+        run = apply_load(transport, port, warmup, timed, args, pool, pid)
     finally:
         stop.set()
         flow.join(timeout=STOP_TIMEOUT_S)
@@ -379,6 +476,8 @@ def run_with_flow(
         msg = f"{transport}: the flow did not stop within {STOP_TIMEOUT_S:g}s of its stop event"
         raise RuntimeError(msg)
     run.received, run.high_water, run.meter = meter.totals[RECEIVED], 0, meter
+    snapshot = read_snapshot(journal_settings(config).root)
+    run.journal = snapshot.get("journal") if snapshot is not None else None
     return run
 
 
@@ -393,11 +492,23 @@ def ingest_ready(edge: Edge) -> bool:
 
 def describe(label: str, run: Run) -> str:
     answers = ", ".join(f"{k}: {v}" for k, v in sorted(run.answers.items()))
-    return (
+    cpu = f"cpu load {run.load_cpu:.0%} server {run.server_cpu:.0%}"
+    if not math.isnan(run.ingest_cpu):
+        cpu = f"cpu load {run.load_cpu:.0%} flow {run.server_cpu:.0%} ingest {run.ingest_cpu:.0%}"
+    line = (
         f"  {label:<34} {run.rate:>8,.0f} accepted/s  p50 {run.percentile(50):6.2f} ms  "
-        f"p99 {run.percentile(99):6.2f} ms  ({run.seconds:.2f} s, cpu load {run.load_cpu:.0%} "
-        f"server {run.server_cpu:.0%})  {{{answers}}}"
+        f"p99 {run.percentile(99):6.2f} ms  ({run.seconds:.2f} s, {cpu})  {{{answers}}}"
     )
+    journal = run.journal
+    if journal is not None and journal.get("commits"):
+        per_group = run.count(run.ok) / journal["commits"]
+        line += (
+            f"\n  {'':<34} journal: {journal['commits']:,} group commits "
+            f"({per_group:.1f} messages each), submit-to-commit p50 "
+            f"{journal['commit_p50_ms']:.2f} ms p99 {journal['commit_p99_ms']:.2f} ms, "
+            f"of which the transaction (write + sync) p50 {journal['write_p50_ms']:.2f} ms"
+        )
+    return line
 
 
 def figures(values: list[float]) -> str:
