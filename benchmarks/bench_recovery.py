@@ -63,7 +63,7 @@ def run(build: FlowBuilder, name: str, messages: list[RawMessage], *, recovery: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--telemetry", type=int, default=200_000, help="telemetry messages")
-    parser.add_argument("--blocks", type=int, default=2_000, help="vibration blocks")
+    parser.add_argument("--blocks", type=int, default=8_000, help="vibration blocks")
     default_s = RecoverySection().snapshot_interval / timedelta(seconds=1)
     parser.add_argument("--snapshot", type=float, default=default_s, help="seconds")
     args = parser.parse_args()

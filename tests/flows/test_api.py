@@ -11,7 +11,7 @@ from bytewax.testing import TestingSource
 
 from connectors.streams import UTC_US
 from flows.api import Edge
-from flows.config import parse_config
+from flows.config import ConfigError, parse_config
 from flows.machines import Machine, blocks
 from operators.deadband import deadband
 from operators.records import RawMessage
@@ -238,3 +238,25 @@ def test_ready_once_ingest_listens_and_a_clean_stop_drains_the_journal(tmp_path)
     rep = result["run"].reports["t"]
     assert rep.messages_in == 20 and rep.journal_lag == 0
     assert rep.journal_messages == 0  # released at the end of a completed run and truncated
+
+
+def test_the_recovery_store_is_made_once_and_bounds_the_workers(tmp_path):
+    config = parse_config({"data_dir": str(tmp_path), "recovery": {"partitions": 2}})
+    edge = Edge(config, name="mine", source=TestingSource([]))
+    assert edge.recovery_dir == tmp_path / "recovery" / "mine"
+    assert edge.recovery_config(1) is not None
+    assert sorted(p.name for p in edge.recovery_dir.glob("part-*.sqlite3")) == [
+        "part-0.sqlite3",
+        "part-1.sqlite3",
+    ]
+    assert edge.recovery_config(2) is not None
+    with pytest.raises(ConfigError) as err:
+        edge.recovery_config(3)
+    assert str(err.value) == (
+        f"recovery.partitions: {edge.recovery_dir} was created with 2 partitions, fewer than the "
+        "3 workers asked for; hint: run with at most 2 workers, or stop the flow cleanly and move "
+        "that directory away to start from the journal's released offsets"
+    )
+    off = Edge(parse_config({"data_dir": str(tmp_path / "off"), "recovery": {"enabled": False}}),
+               name="mine", source=TestingSource([]))
+    assert off.recovery_config(8) is None and not (tmp_path / "off" / "recovery").exists()

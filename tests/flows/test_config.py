@@ -61,6 +61,27 @@ def fails(data: object, message: str) -> None:
 CLOUD = {"target": "h:1", "key": "edge-01", "secret": "s"}
 
 
+def test_recovery_and_sinks_sections():
+    config = parse_config(
+        {"recovery": {"snapshot_interval": 2, "partitions": 8}, "sinks": {"duckdb": False}}
+    )
+    assert config.recovery.enabled and config.recovery.snapshot_interval == timedelta(seconds=2)
+    assert config.recovery.partitions == 8
+    assert config.sinks.parquet and not config.sinks.duckdb
+    defaults = parse_config({})
+    assert defaults.recovery.snapshot_interval == timedelta(seconds=5)
+    assert defaults.sinks.parquet and defaults.sinks.duckdb
+
+
+@pytest.mark.parametrize("interval", [0, 0.05, 7200])
+def test_snapshot_interval_out_of_range_is_explained(interval):
+    fails(
+        {"recovery": {"snapshot_interval": interval}},
+        "recovery.snapshot_interval: must be between 0.1 seconds and 1 hour (got "
+        f"{interval:g} s); hint: 5 replays at most 5 seconds of input after a crash",
+    )
+
+
 def test_missing_file_is_explained(tmp_path):
     with pytest.raises(ConfigError, match=r"does not exist; pass --config PATH"):
         load_config(tmp_path / "nope.yaml")
