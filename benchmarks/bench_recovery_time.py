@@ -110,13 +110,15 @@ class Devices:
     def __init__(self, url: str, devices: int, rate: float, seconds: float) -> None:
         per_device = int(rate / devices * seconds) + 1
         period = timedelta(seconds=devices / rate)
-        self._payloads = telemetry_payloads(devices, per_device, period=period,
-                                            start=datetime.now(UTC))
+        self._payloads = telemetry_payloads(
+            devices, per_device, period=period, start=datetime.now(UTC)
+        )
         self.published = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=lambda: publish(url, self._messages(), rate_per_s=rate, qos=1,
-                                   deadline_s=seconds, stop=self._stop),
+            target=lambda: publish(
+                url, self._messages(), rate_per_s=rate, qos=1, deadline_s=seconds, stop=self._stop
+            ),
             daemon=True,
         )
 
@@ -266,8 +268,13 @@ def scenario(mode: str, args: argparse.Namespace) -> Outcome:
             stop_devices = t0 + args.after
             while time.monotonic() < stop_devices:
                 got = scrape(edge.port)
-                samples.append(Sample(time.monotonic() - t0, journal_total(journal),
-                                      *(got if got else (None, None))))
+                samples.append(
+                    Sample(
+                        time.monotonic() - t0,
+                        journal_total(journal),
+                        *(got if got else (None, None)),
+                    )
+                )
                 time.sleep(SAMPLE_S)
             devices.stop()
             published = devices.published
@@ -281,8 +288,9 @@ def scenario(mode: str, args: argparse.Namespace) -> Outcome:
                     raise RuntimeError(msg)
                 got = scrape(edge.port)
                 total = journal_total(journal)
-                samples.append(Sample(time.monotonic() - t0, total,
-                                      *(got if got else (None, None))))
+                samples.append(
+                    Sample(time.monotonic() - t0, total, *(got if got else (None, None)))
+                )
                 done = got is not None and got[1] == 0 and total >= published
                 stable = stable + 1 if done and got == last else 0
                 last = got
@@ -319,22 +327,26 @@ def scenario(mode: str, args: argparse.Namespace) -> Outcome:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backlog-s", type=float, default=60.0, help="seconds the edge is down")
     parser.add_argument("--rate", type=float, default=2000.0, help="messages/s, all devices")
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--warmup", type=float, default=12.5, help="streamed before the stop, s")
-    parser.add_argument("--after", type=float, default=40.0,
-                        help="seconds devices go on after the restart")
+    parser.add_argument(
+        "--after", type=float, default=40.0, help="seconds devices go on after the restart"
+    )
     parser.add_argument("--snapshot", type=float, default=5.0, help="recovery.snapshot_interval")
     parser.add_argument("--timeout", type=float, default=120.0, help="settling bound, seconds")
     args = parser.parse_args()
     if not Mosquitto.available():
         raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
 
-    print(f"{args.devices} devices, {args.rate:g} msg/s QoS 1, edge down {args.backlog_s:g} s, "
-          f"snapshot every {args.snapshot:g} s, stop after {args.warmup:g} s of streaming")
+    print(
+        f"{args.devices} devices, {args.rate:g} msg/s QoS 1, edge down {args.backlog_s:g} s, "
+        f"snapshot every {args.snapshot:g} s, stop after {args.warmup:g} s of streaming"
+    )
     results = {mode: scenario(mode, args) for mode in ("kill", "clean")}
     for o in results.values():
         replay = "" if o.replayed is None else f"  replayed {o.replayed:>6}"
@@ -345,18 +357,24 @@ def main() -> None:
         for note in o.notes:
             print(f"      note: {note}")
         if o.gauge_blind:
-            print(f"      edgesieve_journal_lag_messages read 0 while the flow was up to "
-                  f"{o.gauge_blind} messages behind")
+            print(
+                f"      edgesieve_journal_lag_messages read 0 while the flow was up to "
+                f"{o.gauge_blind} messages behind"
+            )
     kill, clean = results["kill"], results["clean"]
-    for label, k, c in (("(a)", kill.ready_s, clean.ready_s),
-                        ("(b)", kill.journaled_s, clean.journaled_s),
-                        ("(c)", kill.caught_up_s, clean.caught_up_s)):
+    for label, k, c in (
+        ("(a)", kill.ready_s, clean.ready_s),
+        ("(b)", kill.journaled_s, clean.journaled_s),
+        ("(c)", kill.caught_up_s, clean.caught_up_s),
+    ):
         print(f"{label} kill/clean {k / c:.2f}  kill - clean {k - c:+.2f} s")
     for o in (kill, clean):
         if o.journaled_s == o.journaled_s and o.ready_s:
             rate = o.backlog / max(1e-9, o.journaled_s - o.ready_s)
-            print(f"{o.mode}: backlog journaled at {rate:,.0f} msg/s net of new input "
-                  f"({args.rate:g} msg/s keeps arriving)")
+            print(
+                f"{o.mode}: backlog journaled at {rate:,.0f} msg/s net of new input "
+                f"({args.rate:g} msg/s keeps arriving)"
+            )
 
 
 if __name__ == "__main__":
