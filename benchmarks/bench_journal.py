@@ -12,7 +12,7 @@ the same file system (``--dir``, default the system temp dir):
    1 ms, as a device pushed back would retry. Timed from the first submit to
    the last message resolved. Latency is submit to resolved, per message. Two
    ways of being told: ``submit()`` with a future per message (HTTP, CoAP)
-   and ``append()`` with a callback (MQTT).
+   and ``append()`` with one callback per group (MQTT).
 
 Prints both rates, the ratio journal/baseline, p50/p99 of the per-message
 latency and the journal's own group figures (``JournalStats``).
@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
 
 from connectors.devices.journal import Journal, JournalFull, JournalSettings
@@ -93,6 +92,16 @@ def through_journal(
             if remaining[0] == 0:
                 done.set()
 
+    def resolved_group(starts: list[float], outcomes: list[object]) -> None:
+        now = time.perf_counter()
+        pairs = zip(starts, outcomes, strict=True)
+        committed = [now - t0 for t0, o in pairs if not isinstance(o, JournalFull)]
+        latencies.extend(committed)
+        with lock:
+            remaining[0] -= len(committed)
+            if remaining[0] == 0:
+                done.set()
+
     def produce(k: int) -> None:
         now = datetime.now(UTC)
         for i in range(k, args.messages, args.producers):
@@ -101,7 +110,7 @@ def through_journal(
             for _attempt in range(10_000):
                 t0 = time.perf_counter()
                 if api == "callback":
-                    if journal.append(msg, partial(resolved, t0)):
+                    if journal.append(msg, resolved_group, t0):
                         break
                     refusals[0] += 1
                     time.sleep(0.001)
@@ -149,8 +158,9 @@ def paced(directory: Path, sync: str, args: argparse.Namespace) -> tuple[float, 
     ))
     latencies: list[float] = []
 
-    def resolved(t0: float, _outcome: object) -> None:
-        latencies.append(time.perf_counter() - t0)
+    def resolved(starts: list[float], _outcomes: list[object]) -> None:
+        now = time.perf_counter()
+        latencies.extend(now - t0 for t0 in starts)
 
     total = int(args.paced_rate * args.paced_seconds)
     now = datetime.now(UTC)
@@ -160,7 +170,7 @@ def paced(directory: Path, sync: str, args: argparse.Namespace) -> tuple[float, 
         while (ahead := due - time.perf_counter()) > 0:
             time.sleep(ahead)
         msg = RawMessage(f"dev-{i % DEVICES}", "telemetry", "mqtt", now, payload(i, args.payload))
-        journal.append(msg, partial(resolved, time.perf_counter()))
+        journal.append(msg, resolved, time.perf_counter())
     held = total / (time.perf_counter() - started)
     journal.close()
     latencies.sort()

@@ -7,7 +7,9 @@ The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
 - **Append** (:class:`Journal`, one per process, guarded by an exclusive lock on
   ``writer.lock``): :meth:`Journal.submit` queues a message and returns a future
   at once; :meth:`Journal.append` does the same with a callback instead (no
-  future per message). A writer thread takes up to ``max_batch`` queued
+  future per message; one call per group for the messages appended with the
+  same callback), :meth:`Journal.append_received` with the fields instead of a
+  ``RawMessage``. A writer thread takes up to ``max_batch`` queued
   messages (waiting up to ``linger`` for more), writes them in one transaction
   per partition (multi-row INSERTs; the partitions of a group are written and
   committed side by side), commits (``synchronous=FULL`` or ``NORMAL``), then
@@ -22,9 +24,11 @@ The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
   either, and while the disk is full, futures fail with :class:`JournalFull`
   and :meth:`Journal.admit` gives the reason. A disk-full commit is rolled
   back; the writer keeps running and the next successful commit clears it.
-- **Redelivery** (MQTT DUP): a ``blake2b``-128 digest of (device, channel,
-  payload) is stored and indexed; a redelivered message whose digest is among
-  the partition's last :data:`DEDUP_WINDOW` offsets is not written again.
+- **Redelivery** (MQTT DUP): a redelivered message equal (device, channel,
+  payload) to an unkeyed row among the partition's last :data:`DEDUP_WINDOW`
+  offsets is not written again (compared by content, so ordinary rows store
+  no digest). A message with a ``dedup_key`` (CoAP retransmissions) stores a
+  ``blake2b``-128 digest of key and content, indexed, and is looked up by it.
 - **Truncation**: a reader (:class:`JournalReader`, any process) registers by
   its first :meth:`JournalReader.release`; the writer deletes rows at or below
   the lowest offset released by every registered reader, in chunks of

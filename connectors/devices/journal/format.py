@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("edgesieve.journal")
 
@@ -19,6 +20,10 @@ SYNC_MODES = ("full", "normal")
 SCHEMA_VERSION = 1
 DEDUP_WINDOW = 4096
 """A redelivery is looked up among this many most recent offsets of its partition."""
+NO_DIGEST = b""
+"""The digest column of a row without a dedup key (it is found by its content instead)."""
+DEVICE_CACHE = 65_536
+"""Devices whose partition the writer remembers (the memo is cleared beyond this)."""
 TRUNCATE_CHUNK = 5000
 """Rows deleted per truncation transaction, so commits of new messages are not held up."""
 QUEUE_FACTOR = 4
@@ -94,8 +99,8 @@ class Committed:
     duplicate: bool = False
 
 
-Done = Callable[[Committed | BaseException], None]
-"""What :meth:`Journal.append` calls with a message's outcome."""
+Done = Callable[[list[Any], list["Committed | BaseException"]], None]
+"""What :meth:`Journal.append` calls: tokens of consecutive messages and their outcomes."""
 
 
 @dataclass(frozen=True)
@@ -154,11 +159,13 @@ def journal_partitions(root: Path) -> int | None:
 
 
 def digest_of(device: str, channel: str, payload: bytes, key: bytes = b"") -> bytes:
-    """The 16-byte digest redeliveries are recognised by (lengths keep the fields apart).
+    """The 16-byte digest retransmissions are recognised by (lengths keep the fields apart).
 
     ``key`` is a transport's identity of one transmission (CoAP: endpoint,
     message id and token), so a retransmission matches and a new message with
-    the same content does not.
+    the same content does not. Only keyed rows store it; rows without a key
+    store :data:`NO_DIGEST` (journals written before stored ``digest_of``
+    with an empty key for them too, which redeliveries still match).
     """
     head = f"{len(device)}:{device}{len(channel)}:{channel}{len(key)}:".encode() + key
     return hashlib.blake2b(head + payload, digest_size=16).digest()

@@ -12,11 +12,13 @@ from connectors.devices.journal.format import (
     _SCHEMA,
     DEDUP_WINDOW,
     INSERT_ROWS,
+    NO_DIGEST,
     SCHEMA_VERSION,
     TRUNCATE_CHUNK,
     VACUUM_CHUNK,
     VACUUM_PAGES,
     _connect,
+    digest_of,
     logger,
     part_path,
 )
@@ -127,12 +129,29 @@ class _Partition:
             self.db.executescript(f"PRAGMA incremental_vacuum({VACUUM_CHUNK});")
 
     def find(self, digest: bytes) -> int | None:
-        """The offset of a recent message with this digest."""
+        """The offset of a recent keyed message with this digest."""
         row = self.db.execute(
             "SELECT seq FROM messages WHERE digest = ? AND seq > ? ORDER BY seq DESC LIMIT 1",
             (digest, self.last - DEDUP_WINDOW),
         ).fetchone()
         return None if row is None else int(row[0])
+
+
+    def find_redelivery(self, device: str, channel: str, payload: bytes) -> int | None:
+        """The offset of a recent unkeyed message with this device, channel and payload.
+
+        Rows written without a digest are compared by content over the last
+        DEDUP_WINDOW offsets (a scan, only for redeliveries); rows of older
+        journals, which carry the unkeyed digest, are found by it.
+        """
+        row = self.db.execute(
+            "SELECT seq FROM messages WHERE seq > ? AND +digest = ? AND device = ?"
+            " AND channel = ? AND payload = ? ORDER BY seq DESC LIMIT 1",
+            (self.last - DEDUP_WINDOW, NO_DIGEST, device, channel, payload),
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        return self.find(digest_of(device, channel, payload))
 
 
 def _insert(db: sqlite3.Connection, values: list[object]) -> None:

@@ -10,14 +10,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from connectors.devices.journal.format import (
     _COLUMNS,
     CLOSE_TIMEOUT_S,
+    DEVICE_CACHE,
     LATENCY_SAMPLES,
+    NO_DIGEST,
     PROBE_BYTES,
     PROBE_INTERVAL_S,
     QUEUE_FACTOR,
@@ -40,30 +42,29 @@ from connectors.devices.journal.partition import _insert, _Partition
 from operators.records import RawMessage
 
 
-@dataclass(slots=True)
-class _Item:
-    msg: RawMessage
+class _Item(NamedTuple):
+    """One queued message (a tuple: made once per message on the submitting thread)."""
+
+    device: str
+    channel: str
+    transport: str
     received_us: int
-    partition: int
+    payload: bytes
     size: int
     redelivery: bool
     key: bytes | None
     done: Done
+    token: Any
     submitted: float
 
 
-def _resolver(future: concurrent.futures.Future[Committed]) -> Done:
-    """The completion of ``future`` as an :meth:`Journal.append` callback."""
-
-    def done(outcome: Committed | BaseException) -> None:
+def _resolve(futures: list[Any], outcomes: list[Committed | BaseException]) -> None:
+    """The :meth:`Journal.append` callback of :meth:`Journal.submit`: tokens are futures."""
+    for future, outcome in zip(futures, outcomes, strict=True):
         if isinstance(outcome, BaseException):
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
-
-    return done
-
-
 
 
 class Journal:
@@ -75,6 +76,8 @@ class Journal:
         self.root = Path(settings.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._max_queue = QUEUE_FACTOR * settings.max_batch
+        self._max_batch = settings.max_batch
+        self._max_bytes = settings.max_bytes
         self._linger_s = settings.linger.total_seconds()
         self._lock_file = _lock_writer(self.root)
         self._lock = threading.Lock()
@@ -103,6 +106,8 @@ class Journal:
             self._lock_file.close()
             raise
         self._queue: deque[_Item] = deque()
+        self._device_parts: dict[str, int] = {}
+        """Partition of each device seen (writer thread; cleared beyond DEVICE_CACHE)."""
         self._pending_bytes = 0
         self._held_bytes = sum(p.bytes for p in self._parts)
         """Committed payload bytes not yet released by every reader (all partitions)."""
@@ -147,64 +152,127 @@ class Journal:
         """
         future: concurrent.futures.Future[Committed] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # a queued message cannot be cancelled
-        self.append(msg, _resolver(future), redelivery=redelivery, dedup_key=dedup_key)
+        self.append(msg, _resolve, future, redelivery=redelivery, dedup_key=dedup_key)
         return future
 
     def append(
         self,
         msg: RawMessage,
         done: Done,
+        token: Any = None,
         *,
         redelivery: bool = False,
         dedup_key: bytes | None = None,
     ) -> bool:
-        """:meth:`submit` without a future: ``done(outcome)`` is called instead.
+        """:meth:`submit` without a future: ``done(tokens, outcomes)`` is called instead.
 
-        ``outcome`` is the :class:`Committed` place of the message, or the
-        exception its future would fail with. As with :meth:`submit`, ``done``
-        runs on the writer thread in submission order after the durable commit,
-        or at once in the caller's thread when the message is refused; True when
-        the message was queued, False when it was refused (``done`` was called).
-        Cheaper than a future per message (no lock, no condition).
+        ``outcomes`` are the :class:`Committed` places of the messages whose
+        ``token`` is in ``tokens`` at the same index, or the exceptions their
+        futures would fail with. After each group commit, the writer thread
+        calls ``done`` once per run of consecutive messages appended with the
+        same ``done``, in submission order, so one callable used for every
+        message gets the whole group at once (MQTT queues the group's PUBACKs
+        as one write). A refused message gets ``done([token], [error])`` at
+        once in the caller's thread. True when the message was queued, False
+        when it was refused. Cheaper than a future per message (no lock, no
+        condition).
         """
-        received_us = to_us(msg.received_at)  # a naive timestamp is the caller's bug: raise here
-        size = len(msg.payload)
+        us = to_us(msg.received_at)  # a naive timestamp is the caller's bug: raise here
+        return self.append_received(
+            msg.device,
+            msg.channel,
+            msg.transport,
+            us,
+            msg.payload,
+            done,
+            token,
+            redelivery=redelivery,
+            dedup_key=dedup_key,
+        )
+
+    def append_received(
+        self,
+        device: str,
+        channel: str,
+        transport: str,
+        received_us: int,
+        payload: bytes,
+        done: Done,
+        token: Any = None,
+        *,
+        redelivery: bool = False,
+        dedup_key: bytes | None = None,
+    ) -> bool:
+        """:meth:`append` of a message's fields (``received_us``: microseconds since the epoch).
+
+        For a transport's receiving thread that makes no :class:`RawMessage`
+        of its own (MQTT): one tuple queued per message, under one lock.
+        """
+        size = len(payload)
         with self._lock:
-            if self._closing:
-                refused: BaseException = RuntimeError(self._closed_message())
+            if (
+                len(self._queue) < self._max_queue
+                and self._held_bytes + self._pending_bytes + size < self._max_bytes
+                and not self._closing
+            ):
+                reason = None
+            elif self._closing:
+                reason = self._closed_message()
             else:
                 reason = self._refusal(size)
-                if reason is None:
-                    self._queue.append(
-                        _Item(
-                            msg,
-                            received_us,
-                            partition_of(msg.device, self.settings.partitions),
-                            size,
-                            redelivery,
-                            dedup_key,
-                            done,
-                            time.monotonic(),
-                        )
+            if reason is None:
+                queue = self._queue
+                queue.append(
+                    _Item(
+                        device,
+                        channel,
+                        transport,
+                        received_us,
+                        payload,
+                        size,
+                        redelivery,
+                        dedup_key,
+                        done,
+                        token,
+                        time.monotonic(),
                     )
-                    self._pending_bytes += size
-                    waiting = len(self._queue)
-                    if waiting == 1 or waiting == self.settings.max_batch:
-                        self._cond.notify()  # the writer waits for the first, or a full group
-                    return True
+                )
+                self._pending_bytes += size
+                waiting = len(queue)
+                if waiting == 1 or waiting == self._max_batch:
+                    self._cond.notify()  # the writer waits for the first, or a full group
+                return True
+            if self._closing:
+                refused: BaseException = RuntimeError(reason)
+            else:
                 self._refused += 1
                 refused = JournalFull(reason)
-        done(refused)
+        done([token], [refused])
         return False
 
     def admit(self) -> str | None:
-        """None when there is room; otherwise the one-line reason devices are pushed back for."""
+        """None when there is room; otherwise the one-line reason devices are pushed back for.
+
+        Cheap when there is room (no lock: the bounds are read as they are).
+        """
+        if (
+            len(self._queue) < self._max_queue
+            and self._held_bytes + self._pending_bytes < self._max_bytes
+            and self._disk_full is None
+            and not self._closing
+        ):
+            return None
         with self._cond:
             if self._closing:
                 return self._closed_message()
             if self._disk_full is not None:
                 return self._disk_full
             return self._refusal(0)
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the writer (read without the lock)."""
+        return len(self._queue)
 
     def _refusal(self, size: int) -> str | None:
         waiting = len(self._queue)
@@ -293,7 +361,7 @@ class Journal:
 
     def _take(self) -> list[_Item]:
         """Up to max_batch queued items, waiting up to linger for more once one is there."""
-        max_batch = self.settings.max_batch
+        max_batch = self._max_batch
         with self._cond:
             if not self._queue and not self._closing:
                 self._cond.wait(READERS_POLL_S)
@@ -306,23 +374,46 @@ class Journal:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            n = min(max_batch, len(self._queue))
-            return [self._queue.popleft() for _ in range(n)]
+            queue = self._queue
+            if len(queue) <= max_batch:
+                group = list(queue)
+                queue.clear()
+                return group
+            return [queue.popleft() for _ in range(max_batch)]
+
+    def _partition_of(self, device: str) -> int:
+        """:func:`partition_of`, remembered per device (writer thread)."""
+        index = self._device_parts.get(device)
+        if index is None:
+            if len(self._device_parts) >= DEVICE_CACHE:
+                self._device_parts.clear()
+            index = self._device_parts[device] = partition_of(device, self.settings.partitions)
+        return index
 
     def _commit_group(self, group: list[_Item]) -> None:
         started = time.monotonic()
-        by_part: dict[int, list[_Item]] = {}
-        for item in group:
-            by_part.setdefault(item.partition, []).append(item)
-        results: dict[int, Committed | BaseException] = {}
+        by_part: dict[int, list[int]] = {}  # partition: indexes into group
+        parts = self._device_parts
+        for i, item in enumerate(group):
+            index = parts.get(item.device)
+            if index is None:
+                index = self._partition_of(item.device)
+            places = by_part.get(index)
+            if places is None:
+                by_part[index] = [i]
+            else:
+                places.append(i)
+        outcomes: list[Committed | BaseException] = [None] * len(group)  # type: ignore[list-item]
         disk_full: str | None = None
         wrote = False
-        writes = self._write_partitions(by_part)
-        for index, items in by_part.items():
+        writes = self._write_partitions(
+            {index: [group[i] for i in places] for index, places in by_part.items()}
+        )
+        for index, places in by_part.items():
             part = self._parts[index]
             try:
-                outcome = writes[index].result()
-            except Exception as exc:  # noqa: BLE001 - every failure goes to the futures
+                written = writes[index].result()
+            except Exception as exc:  # noqa: BLE001 - every failure goes to the callbacks
                 if is_disk_full(exc):
                     disk_full = (
                         f"disk full: {part.path}: {type(exc).__name__}: {exc}; hint: free space "
@@ -332,12 +423,12 @@ class Journal:
                 else:
                     logger.exception("journal %s: commit failed", part.path)
                     error = exc
-                for item in items:
-                    results[id(item)] = error
+                for i in places:
+                    outcomes[i] = error
                 continue
             wrote = True
-            for item, committed in zip(items, outcome, strict=True):
-                results[id(item)] = committed
+            for i, committed in zip(places, written, strict=True):
+                outcomes[i] = committed
         done = time.monotonic()
         with self._cond:
             self._pending_bytes -= sum(item.size for item in group)
@@ -349,8 +440,16 @@ class Journal:
                 self._disk_full = disk_full
             elif wrote:
                 self._disk_full = None
-        for item in group:
-            item.done(results[id(item)])
+        # one call per run of consecutive items with the same callback, in submission order
+        start = 0
+        count = len(group)
+        while start < count:
+            callback = group[start].done
+            end = start + 1
+            while end < count and group[end].done == callback:  # bound methods: ==
+                end += 1
+            callback([item.token for item in group[start:end]], outcomes[start:end])
+            start = end
 
     def _write_partitions(
         self, by_part: dict[int, list[_Item]]
@@ -375,11 +474,17 @@ class Journal:
         }
 
     def _write(self, part: _Partition, items: list[_Item]) -> list[Committed]:
-        """Write ``items`` to ``part`` in one transaction; their results in order."""
+        """Write ``items`` to ``part`` in one transaction; their results in order.
+
+        A row stores a digest only when it has a dedup key (the key's rows are
+        looked up by it); a redelivery is compared with recent unkeyed rows by
+        content (:meth:`_Partition.find_redelivery`), so an ordinary message
+        costs no hashing.
+        """
         db = part.db
         rows: list[object] = []  # the rows' values one after the other (multi-row INSERT)
         outcome: list[Committed] = []
-        in_group: dict[bytes, int] = {}
+        index = part.index
         last = part.last
         size = 0
         duplicates = 0
@@ -387,30 +492,39 @@ class Journal:
         try:
             self._fault(db)
             for item in items:
-                msg = item.msg
-                digest = digest_of(msg.device, msg.channel, msg.payload, item.key or b"")
-                if item.redelivery or item.key is not None:
-                    earlier = in_group.get(digest)
+                key = item.key
+                if key is not None:
+                    digest = digest_of(item.device, item.channel, item.payload, key)
+                    earlier = _in_rows(rows, item, digest)
                     if earlier is None:
                         earlier = part.find(digest)
                     if earlier is not None:
-                        outcome.append(Committed(part.index, earlier, duplicate=True))
+                        outcome.append(Committed(index, earlier, duplicate=True))
                         duplicates += 1
                         continue
+                else:
+                    digest = NO_DIGEST
+                    if item.redelivery:
+                        earlier = _in_rows(rows, item, NO_DIGEST)
+                        if earlier is None:
+                            earlier = part.find_redelivery(item.device, item.channel, item.payload)
+                        if earlier is not None:
+                            outcome.append(Committed(index, earlier, duplicate=True))
+                            duplicates += 1
+                            continue
                 last += 1
-                in_group[digest] = last
                 rows += (
                     last,
-                    msg.device,
-                    msg.channel,
-                    msg.transport,
+                    item.device,
+                    item.channel,
+                    item.transport,
                     item.received_us,
-                    msg.payload,
+                    item.payload,
                     item.size,
                     digest,
                 )
                 size += item.size
-                outcome.append(Committed(part.index, last))
+                outcome.append(Committed(index, last))
             _insert(db, rows)
             db.execute("COMMIT")
         except BaseException:
@@ -470,6 +584,23 @@ class Journal:
                 logger.exception("journal %s: truncation failed", part.path)
 
 
+def _in_rows(rows: list[object], item: _Item, digest: bytes) -> int | None:
+    """The offset of the latest row in ``rows`` (this transaction's) ``item`` repeats, if any.
+
+    Keyed: the same digest. Unkeyed (``digest`` empty): an unkeyed row of the
+    same device, channel and payload. Only redeliveries and keyed messages
+    look, and a group holds at most max_batch rows.
+    """
+    for start in range(len(rows) - _COLUMNS, -1, -_COLUMNS):
+        if rows[start + 7] != digest:
+            continue
+        if digest or (
+            rows[start + 1] == item.device
+            and rows[start + 2] == item.channel
+            and rows[start + 5] == item.payload
+        ):
+            return rows[start]  # type: ignore[return-value]
+    return None
 
 
 def _check_settings(settings: JournalSettings) -> None:

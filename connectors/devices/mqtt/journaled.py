@@ -5,9 +5,13 @@ with manual acknowledgements and a persistent session (MQTT 3.1.1
 ``clean_session=False``; MQTT 5 ``clean_start=False`` with a session expiry),
 subscribed to ``v1/devices/+/{channel}``. Every message is submitted to the
 :class:`~connectors.devices.journal.Journal` (``redelivery`` = the DUP flag, so
-a message the broker sends again after a lost PUBACK is stored once) and its
-PUBACK is sent by the commit's callback (:meth:`Journal.append`). The journal runs those callbacks
-on its writer thread in submission order, so PUBACKs go out in arrival order.
+a message the broker sends again after a lost PUBACK is stored once). The
+journal calls back once per group commit, on its writer thread, with the
+group's messages in submission order (:meth:`Journal.append_received`); their
+PUBACKs are then queued to paho as one write (one wake-up of its network loop,
+one ``send()``), in arrival order, and only for the connection they came in on.
+Per message the network thread does little: a remembered topic lookup, one
+tuple, one journal lock.
 
 When the journal refuses (over ``journal.max_bytes``, disk full, queue full:
 ``admit()`` gives a reason or the callback gets ``JournalFull``) the
@@ -38,20 +42,20 @@ from __future__ import annotations
 import bisect
 import logging
 import socket
+import struct
 import threading
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from functools import partial
-from typing import Any, Final
+import time
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple
 
 import paho.mqtt.client as paho
+from paho.mqtt.client import PUBACK
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from connectors.devices.journal import Committed, Journal, JournalFull
 from connectors.devices.mqtt.client import MqttSettings, check_settings, connect_client
-from operators.records import RawMessage
 
 __all__ = ["DEFAULT_RECEIVE_MAXIMUM", "JournaledMqtt", "device_topic"]
 
@@ -62,6 +66,13 @@ DEFAULT_RECEIVE_MAXIMUM: Final = 1000
 RETRY_INTERVAL_S: Final = 0.05
 """How often withheld messages are offered to the journal again."""
 _CLOSE_TIMEOUT_S: Final = 10.0
+_ROUTES_MAX: Final = 65_536
+"""Topics whose (device, channel) is remembered (the memo is cleared beyond this)."""
+_puback = struct.Struct("!BBH").pack
+_RECV_BYTES: Final = 16_384
+"""Bytes the network thread asks the socket for at once (about 200 telemetry messages)."""
+_BUSY_PAUSE_S: Final = 0.001
+"""How long the network thread leaves the socket unread while the journal writer is behind."""
 
 
 def device_topic(topic: str, channels: frozenset[str]) -> tuple[str, str] | None:
@@ -78,16 +89,108 @@ def device_topic(topic: str, channels: frozenset[str]) -> tuple[str, str] | None
     return parts[2], parts[3]
 
 
-@dataclass(order=True, slots=True)
-class _Pending:
-    """One received message until it is committed (and acknowledged)."""
+class _Pending(NamedTuple):
+    """One received message until it is committed (and acknowledged); ordered by ``seq``."""
 
     seq: int
-    msg: RawMessage = field(compare=False)
-    mid: int = field(compare=False)
-    qos: int = field(compare=False)
-    dup: bool = field(compare=False)
-    connection: int = field(compare=False)
+    device: str
+    channel: str
+    received_us: int
+    payload: bytes
+    mid: int
+    qos: int
+    dup: bool
+    connection: int
+
+
+class _IngestClient(paho.Client):
+    """paho's client with batched PUBACKs and reads.
+
+    PUBACKs: paho's ``ack()`` queues one packet per message and wakes its
+    network loop for each (a write to its socket pair, then one ``send()`` per
+    packet). Here :meth:`ack` of a QoS 1 message only appends its packet id,
+    and :meth:`send_acks` queues all collected PUBACKs as one packet (paho's
+    ``_packet_queue``, as its own ``ack()`` does): one wake-up and one
+    ``send()`` per journal group. Both run on one thread (the journal writer).
+
+    Reads: paho reads one packet per ``select()``, in three ``recv()`` calls
+    (type, length, rest), each letting the journal writer thread take the
+    GIL. Here :meth:`loop_read` takes up to ``_RECV_BYTES`` with one
+    ``recv()`` and handles every packet in them before returning to
+    ``select()``; a packet cut at the end stays in paho's partial-packet
+    state as with any short read, so nothing is left buffered between calls.
+
+    While ``busy()`` says so (the journal has a full group waiting), a read
+    is skipped for ``_BUSY_PAUSE_S``: the writer thread gets the GIL, and the
+    socket, left unread, pushes the broker back.
+
+    Relies on paho-mqtt 2.x internals (``_packet_queue``, ``_packet_read``,
+    ``_sock_recv``, ``_loop_rc_handle``, ``_create_socket``); the range is
+    pinned in pyproject.toml and the behaviour in the tests.
+    """
+
+    busy: Callable[[], bool] | None = None
+    """Whether to read nothing for now (checked before each read; network thread)."""
+    _recv_buf: bytes = b""
+    _recv_pos: int = 0
+    _recv_spent: bool = True
+
+    _acks: list[int]
+
+    def ack(self, mid: int, qos: int) -> paho.MQTTErrorCode:
+        """Collect the PUBACK of ``mid`` (QoS 1); :meth:`send_acks` sends the collected ones."""
+        if qos == 1:
+            self._acks.append(mid)
+        return paho.MQTT_ERR_SUCCESS
+
+    def send_acks(self) -> int:
+        """Queue the collected PUBACKs, in the order collected, as one write; how many."""
+        mids, self._acks = self._acks, []
+        if mids:
+            packet = b"".join([_puback(PUBACK, 2, mid) for mid in mids])
+            self._packet_queue(PUBACK, packet, 0, 0)
+        return len(mids)
+
+    def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
+        """Handle every packet one ``recv()`` brings (see the class doc)."""
+        if self._sock is None:
+            return paho.MQTT_ERR_NO_CONN
+        if self.busy is not None and self.busy():
+            # the journal writer is behind: let it have the GIL (TCP pushes the broker back)
+            time.sleep(_BUSY_PAUSE_S)
+            return paho.MQTT_ERR_SUCCESS
+        self._recv_spent = False  # one recv() from the socket in this call
+        while True:
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == paho.MQTT_ERR_AGAIN:
+                return paho.MQTT_ERR_SUCCESS
+            if self._sock is None:
+                return paho.MQTT_ERR_NO_CONN
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        pos = self._recv_pos
+        data = self._recv_buf
+        if pos >= len(data):
+            if self._recv_spent:
+                raise BlockingIOError  # handled by paho as "no more data for now"
+            self._recv_spent = True
+            data = super()._sock_recv(max(bufsize, _RECV_BYTES))
+            if len(data) <= bufsize:
+                self._recv_buf = b""
+                self._recv_pos = 0
+                return data
+            self._recv_buf = data
+            pos = 0
+        end = pos + bufsize
+        self._recv_pos = end
+        return data[pos:end]
+
+    def _create_socket(self) -> Any:
+        self._recv_buf = b""  # nothing of an earlier connection is read on a new one
+        self._recv_pos = 0
+        return super()._create_socket()
 
 
 class JournaledMqtt:
@@ -128,6 +231,8 @@ class JournaledMqtt:
         self.receive_maximum = receive_maximum
         self.max_withheld = withheld_bound
         self._channels = frozenset(settings.channels)
+        self._routes: dict[str, tuple[str, str] | None] = {}
+        """(device, channel) of each topic seen (network thread; cleared beyond _ROUTES_MAX)."""
         self._topics = [(topic, settings.qos) for topic in settings.topics(shared=False)]
         self._lock = threading.RLock()
         self._withheld: list[_Pending] = []
@@ -149,14 +254,17 @@ class JournaledMqtt:
         self.ignored = 0
         self.connects = 0
         self.connect_failures = 0
-        self._client = self._make_client()
+        self._client: _IngestClient = self._make_client()
         self._retrier = threading.Thread(
             target=self._retry_loop, name="edgesieve-mqtt-withheld", daemon=True
         )
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> _IngestClient:
         s = self.settings
         client = connect_client(s, s.client_id, persistent=s.persistent, manual_ack=True)
+        client.__class__ = _IngestClient  # connect_client's paho.Client, PUBACKs batched
+        client._acks = []
+        client.busy = self._journal_busy
         if s.protocol == "5":
             # connect_client's CONNECT properties, plus Receive Maximum
             properties = Properties(PacketTypes.CONNECT)
@@ -318,22 +426,47 @@ class JournaledMqtt:
             )
         self._subscribed = not refused
 
+    def _journal_busy(self) -> bool:
+        """Whether a full group waits for the journal writer (network thread, before a read)."""
+        return self.journal.queued >= self.journal.settings.max_batch
+
+    def _route(self, topic: str) -> tuple[str, str] | None:
+        """(device, channel) of ``topic``, remembered."""
+        routes = self._routes
+        if len(routes) >= _ROUTES_MAX:
+            routes.clear()
+        where = routes[topic] = device_topic(topic, self._channels)
+        return where
+
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:
-            where = device_topic(msg.topic, self._channels)
+            topic = msg.topic
         except UnicodeDecodeError:
             where = None
+        else:
+            where = self._routes.get(topic, False)
+            if where is False:
+                where = self._route(topic)
         if where is None:
             self.ignored += 1
-            client.ack(msg.mid, msg.qos)
+            paho.Client.ack(client, msg.mid, msg.qos)  # at once, not in a journal group
             return
         with self._lock:
             if not self._taking:
                 return  # unacknowledged: the broker keeps it in the session
             self._seq += 1
-            raw = RawMessage(where[0], where[1], "mqtt", datetime.now(UTC), msg.payload)
-            pending = _Pending(self._seq, raw, msg.mid, msg.qos, bool(msg.dup), self._connection)
             self.received += 1
+            pending = _Pending(
+                self._seq,
+                where[0],  # type: ignore[index]
+                where[1],  # type: ignore[index]
+                time.time_ns() // 1000,
+                msg.payload,
+                msg.mid,
+                msg.qos,
+                bool(msg.dup),
+                self._connection,
+            )
             if self._withheld or self.journal.admit() is not None:
                 self._withhold(pending)
             else:
@@ -343,36 +476,51 @@ class JournaledMqtt:
 
     def _submit(self, pending: _Pending) -> bool:
         """Submit ``pending``; False when the journal refused it at once (it is withheld again)."""
-        return self.journal.append(
-            pending.msg, partial(self._committed, pending), redelivery=pending.dup
+        return self.journal.append_received(
+            pending.device,
+            pending.channel,
+            "mqtt",
+            pending.received_us,
+            pending.payload,
+            self._committed,
+            pending,
+            redelivery=pending.dup,
         )
 
-    def _committed(self, pending: _Pending, outcome: Committed | BaseException) -> None:
-        """The commit's callback (journal writer thread, submission order)."""
-        if isinstance(outcome, JournalFull):
-            with self._lock:
-                self._withhold(pending)
-            return
-        if isinstance(outcome, BaseException):
-            logger.warning(
-                "mqtt client %s: message from %s not journaled (%s); left unacknowledged for "
-                "the broker to redeliver",
-                self.client_id,
-                pending.msg.device,
-                outcome,
-            )
-            return
-        if outcome.duplicate:
-            self.duplicates += 1
-        else:
-            self.committed += 1
-        self._ack(pending)
+    def _committed(self, group: list[_Pending], outcomes: list[Committed | BaseException]) -> None:
+        """The commits' callback (journal writer thread, submission order): PUBACKs at once."""
+        connection = self._connection
+        acks: list[_Pending] = []
+        for pending, outcome in zip(group, outcomes, strict=True):
+            if outcome.__class__ is Committed:
+                if outcome.duplicate:  # type: ignore[union-attr]
+                    self.duplicates += 1
+                else:
+                    self.committed += 1
+                # QoS 0 has no ack; a packet id of an older connection means nothing now
+                if pending.qos and pending.connection == connection:
+                    acks.append(pending)
+            elif isinstance(outcome, JournalFull):
+                with self._lock:
+                    self._withhold(pending)
+            else:
+                logger.warning(
+                    "mqtt client %s: message from %s not journaled (%s); left unacknowledged "
+                    "for the broker to redeliver",
+                    self.client_id,
+                    pending.device,
+                    outcome,
+                )
+        if acks:
+            self._ack(acks)
 
-    def _ack(self, pending: _Pending) -> None:
-        if pending.qos == 0 or pending.connection != self._connection:
-            return  # QoS 0 has no ack; a packet id of an older connection means nothing now
-        self._client.ack(pending.mid, pending.qos)
-        self.acked += 1
+    def _ack(self, group: list[_Pending]) -> None:
+        """Send the PUBACKs of ``group`` (committed, in arrival order) as one write."""
+        client = self._client
+        for pending in group:
+            client.ack(pending.mid, pending.qos)
+        client.send_acks()
+        self.acked += len(group)
 
     def _withhold(self, pending: _Pending) -> None:
         """Keep ``pending`` for a later submission, in arrival order (lock held)."""
@@ -384,7 +532,7 @@ class JournaledMqtt:
                 "a message from %s is left to the broker, which redelivers it after a reconnect",
                 self.client_id,
                 len(self._withheld),
-                pending.msg.device,
+                pending.device,
             )
             return
         if not self._withholding:
