@@ -312,11 +312,13 @@ def test_kill_9_of_the_whole_edge_gives_the_vibration_rows_of_an_uninterrupted_r
         device.join(90)
         assert sent == [len(payloads)], f"the sensor published {sent} of {len(payloads)} blocks"
 
-        # Stop cleanly only once the last edge has read everything: a clean stop is end of input,
-        # which emits the partial row of what was read by then. Every complete row in Parquet
-        # (files written after the resumed snapshot are removed at start, so the last edge wrote
-        # them) means the broker's backlog reached the journal up to the last few blocks, sent
-        # with them; nothing queued for the journal and no journal lag means the flow read it all.
+        # Stop cleanly only once every block is in the journal: a clean stop stops ingest (what
+        # the broker still holds stays there), drains the journal through the flow, then ends
+        # the input, which emits the partial row of what was read by then. Every complete row in
+        # Parquet (files written after the resumed snapshot are removed at start, so the last edge
+        # wrote them) means the broker's backlog reached the journal up to the last few blocks,
+        # sent with them; nothing queued for or withheld from the journal and no journal lag
+        # means the rest is in too.
         frames = FEATURES.index("frames")
         full = {row[:3] for row in reference["vibration_features"] if row[frames] == 6}
         done = lambda: drained(metrics_port) or proc.poll() is not None  # noqa: E731
