@@ -29,6 +29,10 @@ The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
   offsets is not written again (compared by content, so ordinary rows store
   no digest). A message with a ``dedup_key`` (CoAP retransmissions) stores a
   ``blake2b``-128 digest of key and content, indexed, and is looked up by it.
+  Rows of that window that are released and deleted leave their digest in a
+  ``recent`` table, so a retransmission that comes after its first copy was
+  processed (the device got no answer because the edge crashed after the
+  commit) is still recognised.
 - **Truncation**: a reader (:class:`JournalReader`, any process) registers by
   its first :meth:`JournalReader.release`; the writer deletes rows at or below
   the lowest offset released by every registered reader, in chunks of

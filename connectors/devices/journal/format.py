@@ -57,7 +57,16 @@ CREATE TABLE IF NOT EXISTS messages (
     digest BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_digest ON messages (digest);
-CREATE TABLE IF NOT EXISTS readers (name TEXT PRIMARY KEY, released INTEGER NOT NULL)
+CREATE TABLE IF NOT EXISTS readers (name TEXT PRIMARY KEY, released INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS recent (seq INTEGER PRIMARY KEY, digest BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS recent_digest ON recent (digest)
+"""
+"""``recent`` keeps the digests of truncated rows still among the last DEDUP_WINDOW offsets.
+
+A retransmission can arrive after its first copy was processed, released
+and deleted (a device that got no answer because the edge crashed after the
+commit sends again once the edge is back, seconds later); its digest is
+still found there.
 """
 
 _INSERT = (

@@ -101,6 +101,15 @@ class _Partition:
             return 0, 0
         upto = min(floor, self.truncated + TRUNCATE_CHUNK)
         db = self.db
+        window = self.last - DEDUP_WINDOW
+        kept = db.execute(
+            "SELECT seq, device, channel, payload, digest FROM messages WHERE seq > ? AND seq <= ?",
+            (max(self.truncated, window), upto),
+        ).fetchall()
+        recent = [
+            (seq, digest if digest != NO_DIGEST else digest_of(device, channel, payload))
+            for seq, device, channel, payload, digest in kept
+        ]
         db.execute("BEGIN IMMEDIATE")
         try:
             count, size = db.execute(
@@ -108,6 +117,8 @@ class _Partition:
                 (self.truncated, upto),
             ).fetchone()
             db.execute("DELETE FROM messages WHERE seq > ? AND seq <= ?", (self.truncated, upto))
+            db.executemany("INSERT OR REPLACE INTO recent (seq, digest) VALUES (?, ?)", recent)
+            db.execute("DELETE FROM recent WHERE seq <= ?", (window,))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -129,12 +140,13 @@ class _Partition:
             self.db.executescript(f"PRAGMA incremental_vacuum({VACUUM_CHUNK});")
 
     def find(self, digest: bytes) -> int | None:
-        """The offset of a recent keyed message with this digest."""
+        """The offset of a recent message with this digest, held or already truncated."""
         row = self.db.execute(
-            "SELECT seq FROM messages WHERE digest = ? AND seq > ? ORDER BY seq DESC LIMIT 1",
-            (digest, self.last - DEDUP_WINDOW),
+            "SELECT max(seq) FROM (SELECT seq FROM messages WHERE digest = ? AND seq > ?"
+            " UNION ALL SELECT seq FROM recent WHERE digest = ? AND seq > ?)",
+            (digest, self.last - DEDUP_WINDOW, digest, self.last - DEDUP_WINDOW),
         ).fetchone()
-        return None if row is None else int(row[0])
+        return None if row[0] is None else int(row[0])
 
 
     def find_redelivery(self, device: str, channel: str, payload: bytes) -> int | None:

@@ -31,6 +31,7 @@ from connectors.devices.journal import (
     journal_partitions,
     partition_of,
 )
+from connectors.devices.journal.format import part_path
 from operators.records import RawMessage
 
 REPO = Path(__file__).resolve().parents[3]
@@ -267,6 +268,50 @@ def test_redelivery_window_is_the_last_offsets_of_the_partition(open_journal) ->
     # Beyond the window a redelivery is written again (at least once, not exactly once).
     late = journal.submit(message("dev", b"old"), redelivery=True).result(10)
     assert not late.duplicate and late.offset > old.offset
+
+
+def test_a_retransmission_after_its_first_copy_was_processed_and_deleted_is_stored_once(
+    root: Path, open_journal
+) -> None:
+    # The edge crashed after committing, the device got no answer and sends again once the edge is
+    # back; by then the flow has processed and released the first copy and the writer deleted it.
+    journal = open_journal(partitions=1)
+    keyed = journal.submit(message("dev", b"21.5"), dedup_key=b"ep|17|ab").result(10)
+    plain = journal.submit(message("dev", b"hello")).result(10)
+    with JournalReader(root, 0) as reader:
+        reader.release("flow", plain.offset)
+        wait_for(lambda: not read_all(root, 0))
+    again = journal.submit(message("dev", b"21.5"), dedup_key=b"ep|17|ab").result(10)
+    assert again == Committed(0, keyed.offset, duplicate=True)
+    redelivered = journal.submit(message("dev", b"hello"), redelivery=True).result(10)
+    assert redelivered == Committed(0, plain.offset, duplicate=True)
+    assert not read_all(root, 0)
+    # the same bytes as a new transmission are a new message
+    assert not journal.submit(message("dev", b"21.5"), dedup_key=b"ep|18|cd").result(10).duplicate
+    journal.close()
+    reopened = Journal(JournalSettings(root=root, partitions=1, sync="normal"))
+    try:  # the digests survive a restart
+        assert reopened.submit(message("dev", b"hello"), redelivery=True).result(10).duplicate
+    finally:
+        reopened.close()
+
+
+def test_digests_of_deleted_rows_are_kept_only_for_the_window(root: Path, open_journal) -> None:
+    journal = open_journal(partitions=1, max_batch=2000)
+    first = journal.submit(message("dev", b"first"), dedup_key=b"k0").result(10)
+    futures = [journal.submit(message("dev", str(i).encode())) for i in range(DEDUP_WINDOW + 50)]
+    last = futures[-1].result(30)
+    with JournalReader(root, 0) as reader:
+        reader.release("flow", last.offset)
+        wait_for(lambda: not read_all(root, 0), 30)
+    db = sqlite3.connect(part_path(root, 0))
+    try:
+        seqs = [s for (s,) in db.execute("SELECT seq FROM recent ORDER BY seq")]
+    finally:
+        db.close()
+    assert len(seqs) <= DEDUP_WINDOW and min(seqs) > last.offset - DEDUP_WINDOW
+    late = journal.submit(message("dev", b"first"), dedup_key=b"k0").result(10)
+    assert not late.duplicate and late.offset > first.offset  # beyond the window: at least once
 
 
 def test_max_bytes_refuses_then_resumes_after_release(root: Path, open_journal) -> None:
