@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import pytest
 from bytewax.testing import TestingSource, run_main
 
-from connectors.devices.mqtt import MqttSource
 from flows.api import Edge
 from flows.config import EdgeConfig
 from flows.runtime import FlowBuilder
-from flows.transports import mqtt_settings
 from operators.records import RawMessage
 
 RUNNERS = ("run_main", "cluster_main-1", "cluster_main-2")
@@ -46,10 +45,29 @@ def run_recorded(
     return edge
 
 
-def mqtt_edge(
-    config: EdgeConfig, *, name: str, channels: tuple[str, ...]
-) -> tuple[Edge, MqttSource]:
-    """An Edge reading ``channels`` from ``transports.mqtt``, and its source (``source.ready``)."""
-    stop = threading.Event()
-    source = MqttSource(mqtt_settings(config, channels=channels), stop=stop)
-    return Edge(config, name=name, stop=stop, source=source), source
+@contextmanager
+def running(edge: Edge, *, timeout: float = 60.0) -> Iterator[None]:
+    """Run ``edge`` as deployed (its ingest process fills the journal) until the block ends.
+
+    The block starts once the ingest process is subscribed and listening; at its
+    end the edge is stopped cleanly, so every accepted message went through the flow.
+    """
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            edge.run()
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name=f"edge-{edge.name}", daemon=True)
+    thread.start()
+    try:
+        assert edge.wait_ready(timeout), errors or "the ingest process did not get ready"
+        yield
+    finally:
+        edge.stop.set()
+        thread.join(timeout)
+    assert not thread.is_alive(), f"the edge did not stop within {timeout:g}s"
+    if errors:
+        raise errors[0]

@@ -4,10 +4,11 @@ from datetime import UTC, datetime
 import duckdb
 
 from flows import edge
+from flows.api import Edge
 from flows.config import parse_config
 from flows.machines import Machine, blocks
 from operators.records import RawMessage
-from tests.flows.conftest import mqtt_edge, run_recorded
+from tests.flows.conftest import run_recorded, running
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -64,7 +65,7 @@ def test_pipeline_step_ids_do_not_clash(tmp_path):
 
 
 def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
-    tmp_path, mosquitto, mosquitto_pub, run_flow, wait_for
+    tmp_path, mosquitto, mosquitto_pub, wait_for
 ):
     from connectors.codecs.evb1 import encode_evb1
 
@@ -75,11 +76,9 @@ def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
             "transports": {"mqtt": {"url": mosquitto.url, "client_id": "bad-input"}},
         }
     )
-    flow, source = mqtt_edge(config, name="edge", channels=("telemetry", "vibration"))
+    flow = Edge(config, name="edge")
     edge.build(flow)
     meter = flow.meter
-    runner = run_flow(flow.dataflow(), stops=[flow.stop])
-    wait_for(lambda: source.ready, "the edge to subscribe")
 
     import numpy as np
 
@@ -94,16 +93,17 @@ def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
         ("vibration", b"XXXX" + good_block[4:]): "bad magic",
     }
     sent_good = 0
-    for i, (channel, payload) in enumerate(bad):
-        # an empty payload goes as -m "" (mosquitto_pub refuses empty stdin)
-        mosquitto_pub(mosquitto, f"v1/devices/dev-{i}/{channel}", message=payload or "")
-        body = json.dumps({"ts": 1763640000000 + i * 1000, "values": {"t": float(i * 10)}})
-        mosquitto_pub(mosquitto, "v1/devices/good/telemetry", message=body)
-        sent_good += 1
-    total = len(bad) + sent_good
-    wait_for(lambda: sum(m.totals["received"] for m in meter.family()) == total, "every message")
-    flow.stop.set()
-    runner.join(30)
+    with running(flow):
+        for i, (channel, payload) in enumerate(bad):
+            # an empty payload goes as -m "" (mosquitto_pub refuses empty stdin)
+            mosquitto_pub(mosquitto, f"v1/devices/dev-{i}/{channel}", message=payload or "")
+            body = json.dumps({"ts": 1763640000000 + i * 1000, "values": {"t": float(i * 10)}})
+            mosquitto_pub(mosquitto, "v1/devices/good/telemetry", message=body)
+            sent_good += 1
+        total = len(bad) + sent_good
+        wait_for(
+            lambda: sum(m.totals["received"] for m in meter.family()) == total, "every message"
+        )
 
     glob = str(tmp_path / "parquet" / "dead_letters" / "**" / "*.parquet")
     letters = duckdb.sql(f"select device, transport, reason from read_parquet('{glob}') order by device").fetchall()

@@ -7,10 +7,11 @@ import pytest
 
 from flows import vibration
 from flows.accounting import Meter, report
+from flows.api import Edge
 from flows.config import parse_config
 from flows.machines import Machine, blocks
 from operators.records import RawMessage
-from tests.flows.conftest import mqtt_edge, run_recorded
+from tests.flows.conftest import run_recorded, running
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 BLOCK_S = 4096 / 25_600
@@ -114,7 +115,7 @@ def test_alarm_rules_are_checked_at_load():
 
 
 def test_end_to_end_through_mosquitto_publishes_alarms(
-    tmp_path, mosquitto, mosquitto_pub, run_flow, wait_for
+    tmp_path, mosquitto, mosquitto_pub, wait_for
 ):
     config = parse_config(
         {
@@ -139,25 +140,22 @@ def test_end_to_end_through_mosquitto_publishes_alarms(
             ],
             stdout=out,
         )
-        edge, source = mqtt_edge(config, name="vibration", channels=("vibration",))
+        edge = Edge(config, name="vibration")
         vibration.build(edge)
-        runner = run_flow(edge.dataflow(), stops=[edge.stop])
         meter = edge.meter
-        wait_for(lambda: source.ready, "the edge to subscribe")
-        payloads = blocks(
-            Machine("imbalance", seed=1), device="pump-7", count=24, start_ts=datetime.now(UTC)
-        )
-        for i, payload in enumerate(payloads):
-            path = tmp_path / f"block-{i}.bin"
-            path.write_bytes(payload)
-            mosquitto_pub(mosquitto, "v1/devices/pump-7/vibration", file=path)
-        watcher.wait(timeout=60)
-        # alarms land in Parquet promptly, while the flow is still running
-        alarm_files = tmp_path / "edge" / "parquet" / "alarms"
-        wait_for(lambda: list(alarm_files.rglob("*.parquet")), "alarms on disk", timeout=5)
-        wait_for(lambda: meter.totals["received"] == len(payloads), "all blocks to arrive")
-        edge.stop.set()
-        runner.join(30)
+        with running(edge):
+            payloads = blocks(
+                Machine("imbalance", seed=1), device="pump-7", count=24, start_ts=datetime.now(UTC)
+            )
+            for i, payload in enumerate(payloads):
+                path = tmp_path / f"block-{i}.bin"
+                path.write_bytes(payload)
+                mosquitto_pub(mosquitto, "v1/devices/pump-7/vibration", file=path)
+            watcher.wait(timeout=60)
+            # alarms land in Parquet promptly, while the flow is still running
+            alarm_files = tmp_path / "edge" / "parquet" / "alarms"
+            wait_for(lambda: list(alarm_files.rglob("*.parquet")), "alarms on disk", timeout=5)
+            wait_for(lambda: meter.totals["received"] == len(payloads), "all blocks to arrive")
     topic, body = alarms_seen.read_text().strip().split(" ", 1)
     assert topic == "v1/devices/pump-7/alarms"
     alarm = json.loads(body)
