@@ -11,6 +11,12 @@ what was submitted (the PUBACKs of those go out), then disconnects.
 ``spawn`` start method; the child stays in the parent's process group, so a
 ``kill -9`` of the group takes it too) and starts it again, after 0.5 s doubling
 to 5 s, whenever it dies. The child exits by itself when its parent is gone.
+The child ignores SIGINT (Ctrl-C reaches the whole group; the parent decides)
+and takes SIGTERM as a clean stop, so a SIGTERM to the whole group (systemd's
+``KillMode=control-group``, ``kill -TERM -<pgid>``) stops the edge as cleanly as
+a SIGTERM to the flow process alone. Parent and child share no lock (the stop
+word goes through a pipe, "ready" through a shared byte), so either dying at
+any moment cannot leave the other waiting.
 
 Its counters (journal depth and commits, commit latency histogram, refusals,
 withheld PUBACKs) go to ``data_dir/journal/ingest-stats.json`` every second
@@ -28,6 +34,7 @@ import argparse
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.process
 import signal
 import sys
@@ -55,6 +62,8 @@ START_FAILED: Final = 2
 """Exit status of an ingest process that could not start (the reason is logged)."""
 _POLL_S: Final = 0.05
 _PARENT_POLL_S: Final = 0.2
+_STOP_GRACE_S: Final = 1.0
+"""How long the supervisor waits for its own stop after a child stopped cleanly (on a SIGTERM)."""
 
 
 def journal_settings(config: EdgeConfig) -> JournalSettings:
@@ -178,11 +187,21 @@ def _reason(exc: BaseException) -> str:
 
 
 def _watch(
-    stop: threading.Event, parent_stop: Any, parent: multiprocessing.process.BaseProcess | None
+    stop: threading.Event,
+    parent_stop: multiprocessing.connection.Connection,
+    parent: multiprocessing.process.BaseProcess | None,
 ) -> None:
-    """Set ``stop`` when the supervisor asks, or when the supervisor's process is gone."""
+    """Set ``stop`` when the supervisor asks, or when the supervisor's process is gone.
+
+    The supervisor asks by writing to (then closing) the pipe ``parent_stop``;
+    its end of file means the supervisor's process is gone.
+    """
     while not stop.is_set():
-        if parent_stop.wait(_PARENT_POLL_S):
+        if parent_stop.poll(_PARENT_POLL_S):
+            try:
+                parent_stop.recv_bytes()
+            except EOFError:
+                logger.warning("ingest: the supervising process is gone; stopping")
             break
         if parent is not None and not parent.is_alive():
             logger.warning("ingest: the supervising process is gone; stopping")
@@ -191,12 +210,17 @@ def _watch(
 
 
 def _child(
-    config: EdgeConfig, channels: tuple[str, ...], parent_stop: Any, ready: Any, level: int
+    config: EdgeConfig,
+    channels: tuple[str, ...],
+    parent_stop: multiprocessing.connection.Connection,
+    ready: Any,
+    level: int,
 ) -> None:
     """Entry point of the ingest process (spawned): run until the supervisor says stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a clean stop, as when run standalone
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     watcher = threading.Thread(
         target=_watch,
         args=(stop, parent_stop, multiprocessing.parent_process()),
@@ -204,8 +228,12 @@ def _child(
         daemon=True,
     )
     watcher.start()
+
+    def announce() -> None:
+        ready.value = 1
+
     try:
-        run_ingest(config, channels=channels, stop=stop, ready=ready.set)
+        run_ingest(config, channels=channels, stop=stop, ready=announce)
     except (OSError, ValueError, RuntimeError) as exc:
         logger.error("ingest: cannot run: %s", _reason(exc))
         sys.exit(START_FAILED)
@@ -225,8 +253,8 @@ class IngestSupervisor:
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._proc: multiprocessing.process.BaseProcess | None = None
-        self._ready: Any = None
-        self._stop_child: Any = None
+        self._ready: Any = None  # a shared byte the child sets to 1 once ready
+        self._stop_child: multiprocessing.connection.Connection | None = None
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
         self._restarts = 0
@@ -236,7 +264,7 @@ class IngestSupervisor:
         """Whether the current ingest process is subscribed and listening."""
         with self._lock:
             proc, ready = self._proc, self._ready
-        return proc is not None and ready is not None and ready.is_set() and proc.is_alive()
+        return proc is not None and ready is not None and bool(ready.value) and proc.is_alive()
 
     @property
     def restarts(self) -> int:
@@ -256,23 +284,33 @@ class IngestSupervisor:
             msg = "IngestSupervisor.start: already started; hint: call stop() first"
             raise RuntimeError(msg)
         remove_snapshot(journal_settings(self.config).root)  # this run's counters start at 0
-        self._spawn()
+        with self._lock:
+            self._spawn()
         self._monitor = threading.Thread(
             target=self._supervise, name="edgesieve-ingest-supervisor", daemon=True
         )
         self._monitor.start()
 
     def _spawn(self) -> None:
-        ready, stop_child = self._ctx.Event(), self._ctx.Event()
+        """Start a child (hold ``_lock``: :meth:`stop` then sees either no child or this one)."""
+        # No multiprocessing.Event: its set() waits until every process sleeping in wait() has
+        # woken, so a child killed inside wait() (a SIGTERM to the process group did that) would
+        # block the stop forever. A pipe and a lock-free shared byte cannot wait for the dead.
+        ready = self._ctx.RawValue("b", 0)
+        child_end, stop_child = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=_child,
-            args=(self.config, self.channels, stop_child, ready, logging.getLogger().level),
+            args=(self.config, self.channels, child_end, ready, logging.getLogger().level),
             name="edgesieve-ingest",
             daemon=True,
         )
-        proc.start()
-        with self._lock:
-            self._proc, self._ready, self._stop_child = proc, ready, stop_child
+        try:
+            proc.start()
+        finally:
+            child_end.close()  # the child has its own copy
+        if self._stop_child is not None:
+            self._stop_child.close()  # the previous child's, which is gone
+        self._proc, self._ready, self._stop_child = proc, ready, stop_child
         logger.info("ingest process started (pid %d)", proc.pid)
 
     def _supervise(self) -> None:
@@ -285,9 +323,11 @@ class IngestSupervisor:
                 proc.join(_POLL_S * 4)
             if self._stopping.is_set():
                 return
-            if ready.is_set():
+            if ready.value:
                 backoff = BACKOFF_MIN_S
             code = proc.exitcode
+            if code == 0 and self._stopping.wait(_STOP_GRACE_S):
+                return  # a clean stop on its own SIGTERM: the whole group is likely stopping
             how = (
                 f"was killed by signal {-code}"
                 if code is not None and code < 0
@@ -304,7 +344,7 @@ class IngestSupervisor:
                 if self._stopping.is_set():
                     return
                 self._restarts += 1
-            self._spawn()
+                self._spawn()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the ingest process cleanly (no restart after); kill it after ``timeout`` s."""
@@ -312,7 +352,11 @@ class IngestSupervisor:
         with self._lock:
             proc, stop_child = self._proc, self._stop_child
         if proc is not None and stop_child is not None:
-            stop_child.set()
+            try:
+                stop_child.send_bytes(b"stop")  # never blocks: one word into an empty pipe
+            except OSError:
+                pass  # the child is gone (broken pipe)
+            stop_child.close()
             proc.join(timeout)
             if proc.is_alive():
                 logger.error(
@@ -324,7 +368,6 @@ class IngestSupervisor:
                 proc.join(5.0)
         if self._monitor is not None:
             self._monitor.join(5.0)
-
 
 
 class JournalFeed:

@@ -474,3 +474,53 @@ def test_refused_credentials_are_one_log_line(
         refusals[0].getMessage()
     )
     assert "wrong-password" not in caplog.text
+
+
+def stop_within(supervisor: IngestSupervisor, seconds: float) -> None:
+    """``supervisor.stop()``, failing the test if it has not returned after ``seconds``."""
+    stopper = threading.Thread(target=supervisor.stop, name="test-stop", daemon=True)
+    stopper.start()
+    stopper.join(seconds)
+    if stopper.is_alive():
+        pytest.fail(f"IngestSupervisor.stop() still blocked after {seconds:g}s")
+
+
+@pytest.mark.slow
+def test_stop_right_after_the_ingest_process_died_returns(tmp_path: Path) -> None:
+    # A child that dies inside a wait for its parent's stop word (here kill -9; SIGTERM before it
+    # handled SIGTERM) must not leave the stop waiting for it.
+    config = make_config(tmp_path, None, coap=False)
+    supervisor = IngestSupervisor(config, channels=CHANNELS)
+    supervisor.start()
+    try:
+        wait_for(lambda: supervisor.ready, "the ingest process to be ready", 30)
+        pid = supervisor.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: supervisor.pid is None, "the ingest process to be gone")
+    finally:
+        stop_within(supervisor, 10)
+    assert supervisor.restarts == 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_ingest_process_is_a_clean_stop_and_the_supervisor_restarts_it(
+    tmp_path: Path, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path, mosquitto, coap=False)
+    supervisor = IngestSupervisor(config, channels=CHANNELS)
+    caplog.set_level(logging.INFO, "edgesieve.ingest")
+    supervisor.start()
+    try:
+        wait_for(lambda: supervisor.ready, "the ingest process to be ready", 30)
+        assert curl(http_url(config), b'{"n": 1}').status == 200
+        pid = supervisor.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: supervisor.restarts == 1 and supervisor.ready, "a restart", 30)
+        publish(mosquitto, "pump-1", '{"n": 2}')
+        wait_for(lambda: len(journaled(config)) == 2, "two journaled messages")
+    finally:
+        stop_within(supervisor, 30)
+    assert sorted(journaled(config)) == [b'{"n": 1}', b'{"n": 2}']
+    assert f"ingest process (pid {pid}) exited with status 0; restarting it" in caplog.text
