@@ -68,7 +68,6 @@ class MqttSection(_Section):
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     persistent: bool = True
     keepalive: int = Field(30, gt=0)
-    buffer_messages: int = Field(10_000, gt=0)
 
 
 class ListenSection(_Section):

@@ -37,7 +37,6 @@ def mqtt_settings(
         protocol=section.protocol,
         persistent=section.persistent,
         keepalive_s=section.keepalive,
-        buffer_messages=section.buffer_messages,
     )
 
 

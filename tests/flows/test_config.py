@@ -109,7 +109,7 @@ def test_unknown_key_lists_the_keys_of_its_section(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"^.*edge\.yaml: transports\.mqtt\.urll: unknown key; hint: the keys of "
-        r"transports\.mqtt are buffer_messages, client_id, keepalive, password, persistent, "
+        r"transports\.mqtt are client_id, keepalive, password, persistent, "
         r"protocol, qos, url, username$",
     ):
         load_config(path)

@@ -1,15 +1,13 @@
-"""MQTT client settings and set-up shared by the device source and the alarm publisher.
+"""MQTT client settings and set-up shared by the ingest client and the alarm publisher.
 
-:class:`MqttSettings` (broker URL, credentials, protocol, session, keepalive,
-buffering) is checked once when it is made; :func:`connect_client` builds a
+:class:`MqttSettings` (broker URL, credentials, protocol, session, keepalive)
+is checked once when it is made; :func:`connect_client` builds a
 paho-mqtt 2.x client from it with its session and reconnect backoff.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from datetime import timedelta
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -19,12 +17,8 @@ from paho.mqtt.properties import Properties
 
 __all__ = ["MqttSettings", "check_settings", "connect_client"]
 
-logger = logging.getLogger("edgesieve.mqtt")
-
 _PROTOCOLS = {"3.1.1": MQTTProtocolVersion.MQTTv311, "5": MQTTProtocolVersion.MQTTv5}
 _WILDCARDS = ("/", "+", "#")
-_IDLE_AWAKE = timedelta(milliseconds=5)
-_FULL_WAIT_S = 0.05
 _DEFAULT_PORT = 1883
 
 
@@ -33,9 +27,6 @@ _NUMBER_HINTS = {
     "keepalive_s": "seconds between MQTT pings, e.g. 30",
     "reconnect_min_s": "first reconnect delay in seconds, e.g. 0.2",
     "reconnect_max_s": "longest reconnect delay; at least reconnect_min_s",
-    "buffer_messages": "messages held between the client and the dataflow, e.g. 10000",
-    "max_batch": "messages per next_batch, e.g. 1000",
-    "linger_s": "seconds a message may wait for a fuller batch, e.g. 0.02",
 }
 
 
@@ -49,21 +40,17 @@ def _settings_error(field: str, got: object, expected: str, hint: str) -> ValueE
 
 @dataclass(frozen=True)
 class MqttSettings:
-    """Connection and flow-control settings of :class:`MqttSource`.
+    """Connection settings of :class:`~connectors.devices.mqtt.journaled.JournaledMqtt`.
 
-    :class:`~connectors.sinks.mqtt.MqttSink` uses the connection part of the
-    same settings (``url``, ``qos``, ``client_id``, credentials, ``protocol``,
-    ``keepalive_s`` and the reconnect delays).
+    :class:`~connectors.sinks.mqtt.MqttSink` uses them too, except ``channels``
+    and the session settings (it publishes on a clean session).
 
     ``url`` is ``mqtt://host:port`` (port 1883 when left out). Devices publish
     on ``v1/devices/{device_id}/{channel}`` for each of ``channels``.
     ``persistent`` keeps the broker-side session (``clean_session=False`` in
     MQTT 3.1.1, ``clean_start=False`` with ``session_expiry_s`` in MQTT 5), so
     QoS 1 messages published while the edge is down are delivered when it
-    comes back with the same ``client_id``. ``buffer_messages`` bounds the
-    hand-off buffer between the paho thread and the dataflow; ``max_batch``
-    bounds one :meth:`MqttSourcePartition.next_batch`, and ``linger_s`` is how long
-    a message may wait for a fuller batch.
+    comes back with the same ``client_id``.
     """
 
     url: str = "mqtt://127.0.0.1:1883"
@@ -78,9 +65,6 @@ class MqttSettings:
     keepalive_s: int = 30
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 30.0
-    buffer_messages: int = 10_000
-    max_batch: int = 1_000
-    linger_s: float = 0.02
     share_group: str = "edgesieve"
 
     def __post_init__(self) -> None:
@@ -125,9 +109,6 @@ class MqttSettings:
         self._check_number(
             "reconnect_max_s", self.reconnect_max_s, self.reconnect_min_s, 86_400.0, float
         )
-        self._check_number("buffer_messages", self.buffer_messages, 1, 10_000_000, int)
-        self._check_number("max_batch", self.max_batch, 1, 10_000_000, int)
-        self._check_number("linger_s", self.linger_s, 0.0, 10.0, float)
 
     def _check_url(self) -> None:
         if not isinstance(self.url, str):

@@ -10,19 +10,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import bytewax.operators as op
 import paho.mqtt.client as paho
 import pytest
-from bytewax.dataflow import Dataflow
-from bytewax.testing import TestingSink
 from paho.mqtt.enums import CallbackAPIVersion
 
 from connectors.devices.broker import start_broker
 from connectors.devices.embedded import EmbeddedBroker
 from connectors.devices.mosquitto import Mosquitto
-from connectors.devices.mqtt import MqttSettings, MqttSource
 from flows.cli import main
-from operators.records import RawMessage
 
 
 class PahoPair:
@@ -192,32 +187,6 @@ def test_embedded_broker_stops_and_restarts(embedded_broker: EmbeddedBroker) -> 
     assert not embedded_broker.running
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-
-
-def test_mqtt_source_through_embedded_broker(
-    embedded_broker: EmbeddedBroker,
-    run_flow: Any,
-    wait_for: Any,
-) -> None:
-    source = MqttSource(MqttSettings(url=embedded_broker.url, reconnect_min_s=0.05))
-    out: list[RawMessage] = []
-    flow = Dataflow("embedded")
-    op.output("out", op.input("in", flow, source), TestingSink(out))
-    runner = run_flow(flow, stops=[source.stop])
-    wait_for(lambda: source.ready, "the source to subscribe on amqtt")
-    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev")
-    pub.connect("127.0.0.1", embedded_broker.port)
-    pub.loop_start()
-    try:
-        for i in range(10):
-            pub.publish(f"v1/devices/d{i}/telemetry", b"%d" % i, qos=1).wait_for_publish(5)
-    finally:
-        pub.disconnect()
-        pub.loop_stop()
-    wait_for(lambda: len(out) >= 10, "10 messages")
-    source.request_stop()
-    runner.join()
-    assert sorted((m.device, m.payload) for m in out) == [(f"d{i}", b"%d" % i) for i in range(10)]
 
 
 # --- start_broker --------------------------------------------------------------------------
