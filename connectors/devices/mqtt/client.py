@@ -18,7 +18,6 @@ from paho.mqtt.properties import Properties
 __all__ = ["MqttSettings", "check_settings", "connect_client"]
 
 _PROTOCOLS = {"3.1.1": MQTTProtocolVersion.MQTTv311, "5": MQTTProtocolVersion.MQTTv5}
-_WILDCARDS = ("/", "+", "#")
 _DEFAULT_PORT = 1883
 
 
@@ -65,7 +64,6 @@ class MqttSettings:
     keepalive_s: int = 30
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 30.0
-    share_group: str = "edgesieve"
 
     def __post_init__(self) -> None:
         self._check_url()
@@ -82,7 +80,6 @@ class MqttSettings:
             )
         self._check_channels()
         self._check_name("client_id", self.client_id)
-        self._check_name("share_group", self.share_group, no_wildcards=True)
         if self.username is not None and not isinstance(self.username, str):
             raise _settings_error(
                 "username",
@@ -175,14 +172,10 @@ class MqttSettings:
         object.__setattr__(self, "channels", tuple(dict.fromkeys(channels)))
 
     @staticmethod
-    def _check_name(field: str, value: object, *, no_wildcards: bool = False) -> None:
+    def _check_name(field: str, value: object) -> None:
         if not isinstance(value, str) or not value:
             raise _settings_error(
                 field, value, f"{field} must be a non-empty string", "e.g. 'edgesieve'"
-            )
-        if no_wildcards and any(c in value for c in _WILDCARDS):
-            raise _settings_error(
-                field, value, f"{field} must not contain '/', '+' or '#'", "use e.g. 'edgesieve'"
             )
 
     @staticmethod
@@ -205,10 +198,9 @@ class MqttSettings:
         """Broker port taken from ``url`` (1883 when left out)."""
         return urlsplit(self.url).port or _DEFAULT_PORT
 
-    def topics(self, *, shared: bool) -> list[str]:
-        """Topic filters to subscribe, one per channel (shared ones with ``shared``)."""
-        prefix = f"$share/{self.share_group}/" if shared else ""
-        return [f"{prefix}v1/devices/+/{channel}" for channel in self.channels]
+    def topics(self) -> list[str]:
+        """Topic filters to subscribe, one per channel."""
+        return [f"v1/devices/+/{channel}" for channel in self.channels]
 
     def __repr__(self) -> str:
         password = None if self.password is None else "***"

@@ -233,7 +233,7 @@ class JournaledMqtt:
         self._channels = frozenset(settings.channels)
         self._routes: dict[str, tuple[str, str] | None] = {}
         """(device, channel) of each topic seen (network thread; cleared beyond _ROUTES_MAX)."""
-        self._topics = [(topic, settings.qos) for topic in settings.topics(shared=False)]
+        self._topics = [(topic, settings.qos) for topic in settings.topics()]
         self._lock = threading.RLock()
         self._withheld: list[_Pending] = []
         self._resync = False

@@ -15,8 +15,7 @@ def test_settings_defaults_and_url_parts() -> None:
     assert MqttSettings(url="mqtt://broker.local").port == 1883
     assert MqttSettings(url="mqtt://[::1]:1999").host == "::1"
     assert MqttSettings(channels=["telemetry", "telemetry"]).channels == ("telemetry",)  # type: ignore[arg-type]
-    assert cfg.topics(shared=False) == ["v1/devices/+/telemetry"]
-    assert cfg.topics(shared=True) == ["$share/edgesieve/v1/devices/+/telemetry"]
+    assert cfg.topics() == ["v1/devices/+/telemetry"]
 
 
 @pytest.mark.parametrize(
@@ -41,8 +40,6 @@ def test_settings_defaults_and_url_parts() -> None:
         ({"channels": ("v1/x",)}, r"channel 'v1/x' must be a non-empty name without '/'"),
         ({"channels": ("#",)}, r"channel '#' must be a non-empty name"),
         ({"client_id": ""}, r"client_id must be a non-empty string, got ''"),
-        ({"share_group": "a/b"}, r"share_group must not contain '/', '\+' or '#'"),
-        ({"share_group": ""}, r"share_group must be a non-empty string"),
         ({"username": ""}, r"username must not be empty.*None for anonymous"),
         ({"username": 7}, r"username must be a string, got 7"),
         ({"password": "pw"}, r"password was given without a username"),
