@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry
 
 from connectors.devices.journal_source import JournalSource
 from connectors.sinks.cloud import CloudSink, CloudSinkSettings
-from connectors.sinks.duckdb import DuckDBSink
+from connectors.sinks.duckdb import DuckDBSink, PeriodicCopy
 from connectors.sinks.parquet import ParquetSettings, ParquetSink
 from connectors.streams import STREAMS, StreamSpec, declare
 from connectors.uplink.wire import priority_of
@@ -430,6 +430,7 @@ class Edge:
         serve_metrics(self.config, self._shared.registry)
         log.info("flow %s starting with %d worker(s), data in %s", self.name, workers, data_dir)
         completed = False
+        copier = self._duckdb_copier()
         try:
             with stop_on_signals(self.stop):
                 recovery = self.recovery_config(workers)
@@ -444,8 +445,19 @@ class Edge:
                 )
             completed = True
         finally:
+            if copier is not None:
+                copier.stop()
             self.close(completed=completed)
         return RunResult(self.reports(write=True))
+
+    def _duckdb_copier(self) -> PeriodicCopy | None:
+        sinks = self.config.sinks
+        if not sinks.duckdb or sinks.duckdb_copy_every is None:
+            return None
+        data_dir = self.config.data_dir
+        return PeriodicCopy(
+            data_dir / "edge.duckdb", data_dir / "edge-copy.duckdb", sinks.duckdb_copy_every
+        ).start()
 
     def recovery_config(self, workers: int = 1) -> RecoveryConfig | None:
         """The recovery database of this flow, created on first start; None when disabled.

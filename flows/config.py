@@ -313,6 +313,20 @@ class SinksSection(_Section):
     """``data_dir/parquet/<stream>/date=YYYY-MM-DD/*.parquet``."""
     duckdb: bool = True
     """``data_dir/edge.duckdb``, one table per stream."""
+    duckdb_copy_every: timedelta | None = None
+    """Also copy it to ``data_dir/edge-copy.duckdb`` this often, for readers while the edge runs."""
+
+    @model_validator(mode="after")
+    def _copy_every(self) -> SinksSection:
+        every = self.duckdb_copy_every
+        if every is not None and every < timedelta(seconds=1):
+            msg = (
+                "duckdb_copy_every: must be at least 1 second (got "
+                f"{every.total_seconds():g} s); hint: each copy writes the whole database, "
+                "e.g. 60"
+            )
+            raise ValueError(msg)
+        return self
 
 
 class EdgeConfig(_Section):

@@ -73,7 +73,14 @@ from connectors.sinks.timed import (
 )
 from connectors.streams import StreamSpec, spec_of
 
-__all__ = ["DuckDBSettings", "DuckDBSink", "DuckDBSinkPartition", "OnLoad", "copy_database"]
+__all__ = [
+    "DuckDBSettings",
+    "DuckDBSink",
+    "DuckDBSinkPartition",
+    "OnLoad",
+    "PeriodicCopy",
+    "copy_database",
+]
 
 logger = logging.getLogger("edgesieve.duckdb")
 
@@ -206,6 +213,50 @@ def copy_database(source: Path, target: Path) -> None:
     finally:
         con.close()
     os.replace(temp, target)
+
+
+class PeriodicCopy:
+    """Copy the edge database to ``target`` every ``every`` (a thread), for readers while it runs.
+
+    Each copy is :func:`copy_database` (complete, then renamed into place),
+    so a reader opening ``target`` with ``read_only=True`` sees one
+    consistent state at most ``every`` old. A copy before any sink created
+    ``source`` is skipped; a failed copy is logged and tried again next time.
+    """
+
+    def __init__(self, source: Path, target: Path, every: timedelta) -> None:
+        self.source, self.target, self.every = Path(source), Path(target), every
+        self.copies = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="duckdb-copy", daemon=True)
+
+    def start(self) -> PeriodicCopy:
+        """Start copying (the first copy after ``every``)."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop; a copy under way is finished first."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every.total_seconds()):
+            if not self.source.exists():
+                continue
+            try:
+                copy_database(self.source, self.target)
+                self.copies += 1
+            except (duckdb.Error, OSError) as exc:
+                logger.warning(
+                    "copying %s to %s failed (%s); readers keep the previous copy, next try "
+                    "in %gs",
+                    self.source,
+                    self.target,
+                    exc,
+                    self.every.total_seconds(),
+                )
 
 
 def _current(con: duckdb.DuckDBPyConnection) -> str:

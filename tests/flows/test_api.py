@@ -1,7 +1,8 @@
 """The flow API: what a user writing a flow meets, errors included."""
 
 import json
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 
 import bytewax.operators as op
 import duckdb
@@ -260,3 +261,51 @@ def test_the_recovery_store_is_made_once_and_bounds_the_workers(tmp_path):
     off = Edge(parse_config({"data_dir": str(tmp_path / "off"), "recovery": {"enabled": False}}),
                name="mine", source=TestingSource([]))
     assert off.recovery_config(8) is None and not (tmp_path / "off" / "recovery").exists()
+
+
+def test_a_periodic_copy_of_edge_duckdb_can_be_read_by_another_process_while_the_flow_runs(
+    tmp_path,
+):
+    import subprocess
+    import sys
+    import threading
+
+    config = parse_config(
+        {"data_dir": str(tmp_path), "sinks": {"duckdb_copy_every": 1},
+         "recovery": {"snapshot_interval": 0.2}}
+    )
+    messages = [telemetry(f"d-{i % 3}", {"ts": 1763640000000 + i, "values": {"t": float(i)}})
+                for i in range(30)]
+    # the messages, then 10 s of idling before the input ends
+    items = [*messages, *[TestingSource.PAUSE(timedelta(seconds=0.2))] * 50]
+    edge = Edge(config, name="copying", source=TestingSource(items))
+    edge.output("telemetry_points", edge.devices("in").readings)
+    runner = threading.Thread(target=edge.run)
+    runner.start()
+    copy = tmp_path / "edge-copy.duckdb"
+    try:
+        deadline = time.monotonic() + 30
+        count = 0
+        while count < 30 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            if copy.exists():
+                out = subprocess.run(
+                    [sys.executable, "-c", "import duckdb,sys; print(duckdb.connect(sys.argv[1], "
+                     "read_only=True).sql('select count(*) from telemetry_points').fetchall()[0][0])",
+                     str(copy)],
+                    capture_output=True, text=True, check=True,
+                )
+                count = int(out.stdout)
+        assert count == 30
+        assert runner.is_alive(), "the copy was read while the flow still ran"
+    finally:
+        runner.join(60)
+
+
+def test_duckdb_copy_interval_below_a_second_is_explained(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"sinks": {"duckdb_copy_every": 0.5}})
+    assert str(err.value) == (
+        "sinks.duckdb_copy_every: must be at least 1 second (got 0.5 s); hint: each copy writes "
+        "the whole database, e.g. 60"
+    )
