@@ -31,7 +31,7 @@ from typing import Protocol
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 
 from connectors.codecs.decode import DEFAULT_MAX_PAYLOAD_BYTES, decode
-from connectors.devices.journal import Journal, JournalFull
+from connectors.devices.journal import Committed, Journal, JournalFull
 from operators.records import DeadLetter, RawMessage
 
 __all__ = [
@@ -191,13 +191,14 @@ class Ingress:
         journal = self.journal
         if journal is None:
             return self.offer(device, channel, transport, payload)
-        judged = self._judge(device, channel, transport, payload)
+        judged = self._judge_journaled(device, channel, transport, payload)
         if isinstance(judged, Offer):
             return judged
         msg, offer = judged
-        raw = RawMessage(device, channel, transport, msg.received_at, payload)
+        committed = asyncio.get_running_loop().create_future()
+        journal.append(msg, self._committed, committed, dedup_key=dedup_key)
         try:
-            await asyncio.shield(asyncio.wrap_future(journal.submit(raw, dedup_key=dedup_key)))
+            await committed
         except JournalFull as exc:
             self.refused += 1
             return Offer(Verdict.OVERLOADED, f"edge is busy: {exc}; retry in {self.retry_after_s}s")
@@ -206,6 +207,45 @@ class Ingress:
             reason = f"edge is stopping, the message was not kept; retry in {self.retry_after_s}s"
             return Offer(Verdict.OVERLOADED, reason)
         return self._kept(offer)
+
+    def _judge_journaled(
+        self, device: str, channel: str, transport: str, payload: bytes
+    ) -> Offer | tuple[RawMessage, Offer]:
+        """:meth:`_judge` for the journal: the message to append (undecoded) and its verdict."""
+        size = len(payload)
+        if size > self.max_payload_bytes:
+            return self._judge(device, channel, transport, payload)  # the refusal, counted
+        busy = self.busy()
+        if busy is not None:
+            self.refused += 1
+            return Offer(Verdict.OVERLOADED, busy)
+        msg = RawMessage(device, channel, transport, datetime.now(UTC), payload)
+        result = decode(msg, max_payload_bytes=self.max_payload_bytes)
+        if isinstance(result, DeadLetter):
+            return msg, Offer(Verdict.REJECTED, result.reason)
+        return msg, Offer(Verdict.ACCEPTED)
+
+    @staticmethod
+    def _committed(
+        waiters: list[asyncio.Future[None]], outcomes: list[Committed | BaseException]
+    ) -> None:
+        """The journal's callback (writer thread): one loop wake-up for the whole group.
+
+        A refused message's callback runs at once on the loop thread itself,
+        where the waiter is settled directly.
+        """
+        loop = waiters[0].get_loop()
+        if len(waiters) == 1 and _running_loop() is loop:
+            _settle(waiters, outcomes)
+            return
+        try:
+            if all(waiter.get_loop() is loop for waiter in waiters):
+                loop.call_soon_threadsafe(_settle, waiters, outcomes)
+                return
+            for waiter, outcome in zip(waiters, outcomes, strict=True):  # several loops: rare
+                waiter.get_loop().call_soon_threadsafe(_settle, [waiter], [outcome])
+        except RuntimeError:  # the loop is closed: its servers stopped, nobody waits for answers
+            logger.debug("journal commit after the device servers' loop closed")
 
     def take(self, most: int) -> list[RawMessage]:
         """Remove and return up to ``most`` queued messages, oldest first."""
@@ -222,6 +262,28 @@ class Ingress:
 
     def __len__(self) -> int:
         return len(self._buf)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _settle(waiters: list[asyncio.Future[None]], outcomes: list[Committed | BaseException]) -> None:
+    """Resolve the waiters of committed messages (on their loop); a cancelled one is skipped.
+
+    A request cancelled while waiting (the client went away) does not cancel
+    the journal write; only its answer is dropped.
+    """
+    for waiter, outcome in zip(waiters, outcomes, strict=True):
+        if waiter.done():
+            continue
+        if isinstance(outcome, BaseException):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(None)
 
 
 class DeviceServer(Protocol):

@@ -633,6 +633,14 @@ def test_a_commit_slower_than_the_ack_delay_gets_an_empty_ack_then_a_separate_20
             done.add_done_callback(lambda f: (time.sleep(0.5), late.set_result(f.result())))
             return late
 
+        def append(
+            self, msg: Any, done: Any, token: Any = None, *, redelivery: bool = False,
+            dedup_key: Any = None,
+        ) -> bool:
+            late = self.submit(msg, redelivery=redelivery, dedup_key=dedup_key)
+            late.add_done_callback(lambda f: done([token], [f.exception() or f.result()]))
+            return True
+
     ingress = Ingress(journal=SlowDisk())  # type: ignore[arg-type]
     server = CoapServer("127.0.0.1:0", device_registry(DEVICES), ingress)
     loop = asyncio.new_event_loop()

@@ -572,6 +572,19 @@ class _HeldJournal:
         self.futures.append(future)
         return future
 
+    def append(
+        self,
+        msg: RawMessage,
+        done: Any,
+        token: Any = None,
+        *,
+        redelivery: bool = False,
+        dedup_key: bytes | None = None,
+    ) -> bool:
+        future = self.submit(msg, redelivery=redelivery, dedup_key=dedup_key)
+        future.add_done_callback(lambda f: done([token], [f.exception() or f.result()]))
+        return True
+
     def admit(self) -> str | None:
         return self.pushback
 
