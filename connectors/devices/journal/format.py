@@ -33,7 +33,9 @@ VACUUM_PAGES = 256
 VACUUM_CHUNK = 4096
 """Pages one incremental vacuum gives back at most (16 MiB of 4 KiB pages)."""
 READERS_POLL_S = 0.05
-"""How often the writer looks at the readers' released offsets."""
+"""How often an idle writer looks at the readers' released offsets."""
+TRUNCATE_BUSY_S = 0.5
+"""How often a busy writer deletes released rows (a transaction and a sync between groups)."""
 PROBE_INTERVAL_S = 1.0
 """While the disk is full and nothing is submitted, the writer tries a write this often."""
 PROBE_BYTES = 64 * 1024
@@ -86,6 +88,7 @@ def _insert_sql(rows: int) -> str:
 
 _INSERTS = {1 << k: _insert_sql(1 << k) for k in range(INSERT_ROWS.bit_length())}
 """Multi-row INSERT statements of every power of two up to INSERT_ROWS (a few, so cached)."""
+
 
 @dataclass(frozen=True)
 class JournalSettings:

@@ -25,6 +25,7 @@ from connectors.devices.journal.format import (
     QUEUE_FACTOR,
     READERS_POLL_S,
     SYNC_MODES,
+    TRUNCATE_BUSY_S,
     Committed,
     Done,
     JournalFull,
@@ -79,6 +80,10 @@ class Journal:
         self._max_batch = settings.max_batch
         self._max_bytes = settings.max_bytes
         self._linger_s = settings.linger.total_seconds()
+        self._last_group = 0
+        """Messages in the last group taken (writer thread)."""
+        self._want = settings.max_batch
+        """Queued messages at which a lingering writer stops waiting."""
         self._lock_file = _lock_writer(self.root)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -239,7 +244,7 @@ class Journal:
                 )
                 self._pending_bytes += size
                 waiting = len(queue)
-                if waiting == 1 or waiting == self._max_batch:
+                if waiting == 1 or waiting == self._want:
                     self._cond.notify()  # the writer waits for the first, or a full group
                 return True
             if self._closing:
@@ -350,7 +355,8 @@ class Journal:
                 self._commit_group(group)
             now = time.monotonic()
             if now >= next_poll or not group:
-                next_poll = now + READERS_POLL_S
+                # idle: at once; busy: every TRUNCATE_BUSY_S, each a transaction of its own
+                next_poll = now + TRUNCATE_BUSY_S
                 self._truncate()
             if not group and self._disk_full is not None and now >= next_probe:
                 next_probe = now + PROBE_INTERVAL_S
@@ -367,19 +373,27 @@ class Journal:
                 self._cond.wait(READERS_POLL_S)
             if not self._queue:
                 return []
-            if self._linger_s > 0 and len(self._queue) < max_batch and not self._closing:
+            # Linger only while fewer wait than the last group held: more are on their way
+            # then (a burst, a backlog). Devices that wait for their answer before sending
+            # again are all in the queue already, and lingering would only delay them.
+            want = min(max_batch, self._last_group)
+            if self._linger_s > 0 and len(self._queue) < want and not self._closing:
                 deadline = time.monotonic() + self._linger_s
-                while len(self._queue) < max_batch and not self._closing:
+                self._want = want
+                while len(self._queue) < want and not self._closing:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
+                self._want = max_batch
             queue = self._queue
             if len(queue) <= max_batch:
                 group = list(queue)
                 queue.clear()
-                return group
-            return [queue.popleft() for _ in range(max_batch)]
+            else:
+                group = [queue.popleft() for _ in range(max_batch)]
+            self._last_group = len(group)
+            return group
 
     def _partition_of(self, device: str) -> int:
         """:func:`partition_of`, remembered per device (writer thread)."""
