@@ -412,7 +412,11 @@ def run_bare(
 
 
 def flow_config(
-    transport: str, registry: DeviceRegistry, config: EdgeConfig, sync: str
+    transport: str,
+    registry: DeviceRegistry,
+    config: EdgeConfig,
+    sync: str,
+    partitions: int | None = None,
 ) -> tuple[EdgeConfig, int]:
     """``config`` with ``transport`` listening on a free loopback port and the registry's file."""
     devices = config.data_dir.with_name(f"{config.data_dir.name}-devices.yaml")
@@ -426,7 +430,7 @@ def flow_config(
             "data_dir": str(config.data_dir),
             "devices": str(devices),
             "transports": {transport: {"listen": f"127.0.0.1:{port}"}},
-            "journal": {"sync": sync},
+            "journal": {"sync": sync} | ({} if partitions is None else {"partitions": partitions}),
         }
     )
     return journaled, port
@@ -441,7 +445,7 @@ def run_with_flow(
     args: argparse.Namespace,
     pool: ProcessPoolExecutor,
 ) -> Run:
-    config, port = flow_config(transport, registry, config, args.sync)
+    config, port = flow_config(transport, registry, config, args.sync, args.partitions)
     stop = threading.Event()
     edge = Edge(config, name="telemetry", stop=stop)
     telemetry.build(edge)
@@ -607,6 +611,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--sync", choices=("full", "normal"), default="full", help="journal.sync of side (b)"
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="journal.partitions of side (b) (default: the config's)",
     )
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
     args = parser.parse_args()
