@@ -11,6 +11,12 @@ resume state of a partition is the last offset it emitted, so a resumed
 partition reads the offsets after it. Without resume state a partition starts
 after what its reader (the flow's name) released last.
 
+The lag (committed offsets not yet read: the ``edgesieve_journal_lag_messages``
+gauge and the report's ``journal_lag``) stays current during a catch-up: a
+full batch re-reads the last committed offset once it has read up to the
+known one, and at most every 100 ms otherwise (a one-row query, next to a
+batch of up to ``max_batch`` messages).
+
 With recovery (``recovery`` = Bytewax's recovery directory, as ``edgesieve
 run`` runs every flow), a partition releases, at each of its snapshots, the
 lowest offset that any snapshot still stored in the recovery database holds
@@ -44,6 +50,7 @@ import logging
 import pickle
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -66,6 +73,8 @@ __all__ = [
 log = logging.getLogger("edgesieve.journal")
 
 _PART_PREFIX = "journal-"
+_COMMITTED_EVERY_S = 0.1
+"""During a catch-up (full batches), re-read the committed offset at most this often."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,7 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         self._reader: JournalReader | None = None
         self._after = -1 if after is None else after
         self._committed = -1
+        self._committed_at = 0.0  # time.monotonic() of the last last_offset()
         self._released = -1
         self._safe = self._after
         self._awake: datetime | None = None
@@ -137,9 +147,14 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         self._reader = reader
         if self._resume is None:
             self._after = self._safe = self._released
-        self._committed = self._reader.last_offset()
+        self._refresh_committed()
         self._report()
         return True
+
+    def _refresh_committed(self) -> None:
+        assert self._reader is not None
+        self._committed = max(self._reader.last_offset(), self._after)
+        self._committed_at = time.monotonic()
 
     def _report(self) -> None:
         self._on_progress(
@@ -157,11 +172,18 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         batch = self._reader.read(self._after, self._max_batch)
         if batch:
             self._after = batch[-1][0]
-            self._committed = max(self._committed, self._after)
+            if len(batch) < self._max_batch:
+                # this read saw everything committed: the flow is caught up
+                self._committed = max(self._committed, self._after)
+            elif (
+                self._after >= self._committed
+                or time.monotonic() - self._committed_at >= _COMMITTED_EVERY_S
+            ):
+                self._refresh_committed()  # catching up: how far behind, for the lag gauge
             self._awake = None
             self._report()
             return [message for _, message in batch]
-        self._committed = self._reader.last_offset()
+        self._refresh_committed()
         self._report()
         if drained and self._after >= self._committed:
             raise StopIteration

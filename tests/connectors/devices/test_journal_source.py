@@ -177,11 +177,15 @@ def test_unknown_partition_names_are_refused(tmp_path):
 def test_an_existing_journal_names_its_own_partitions(tmp_path):
     write(tmp_path, [], partitions=3)
     assert JournalSource(tmp_path, reader="flow", partitions=8).list_parts() == [
-        "journal-0", "journal-1", "journal-2"
+        "journal-0",
+        "journal-1",
+        "journal-2",
     ]
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     partitions=st.integers(1, 5),
     counts=st.lists(st.integers(0, 30), min_size=1, max_size=8),
@@ -231,3 +235,67 @@ def test_depth_and_lag_are_gauges(tmp_path):
     assert "edgesieve_journal_messages 6.0" in text
     assert "edgesieve_journal_bytes 48.0" in text
     part.close()
+
+
+def lag_gauge(registry: object) -> float:
+    from prometheus_client import generate_latest
+
+    for line in generate_latest(registry).decode().splitlines():  # type: ignore[arg-type]
+        if line.startswith("edgesieve_journal_lag_messages "):
+            return float(line.split()[1])
+    pytest.fail("no edgesieve_journal_lag_messages sample")
+
+
+def test_lag_counts_what_was_committed_after_the_reader_opened(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from flows.accounting import JournalCollector
+
+    write(tmp_path, [], partitions=1)
+    source = JournalSource(tmp_path, reader="flow", partitions=1, max_batch=10)
+    registry = CollectorRegistry()
+    registry.register(JournalCollector(source))
+    part = source.build_part("in", "journal-0", None)  # opens on an empty journal
+    assert part.next_batch() == []
+    write(tmp_path, traffic(devices=1, per_device=1000), partitions=1)  # a backlog arrives
+    read = 0
+    while read < 500:
+        read += len(part.next_batch())  # a catch-up: every batch is full
+        assert source.lag == 1000 - read
+    assert lag_gauge(registry) == 500.0
+    while batch := part.next_batch():
+        read += len(batch)
+    assert read == 1000 and source.lag == 0 and lag_gauge(registry) == 0.0
+    part.close()
+
+
+def test_a_flow_behind_a_growing_journal_sees_its_lag(tmp_path):
+    # The flow opens the journal while it is empty, the backlog is committed while it reads in
+    # small batches: its lag gauge must show how far behind it is, not 0.
+    root = tmp_path / "journal"
+    write(root, [], partitions=1)
+    source = JournalSource(root, reader="flow", partitions=1, max_batch=10)
+    lags: list[int] = []
+
+    def slow(m: RawMessage) -> RawMessage:
+        time.sleep(0.0005)
+        lags.append(source.lag)
+        return m
+
+    out: list[RawMessage] = []
+    flow = Dataflow("lagging")
+    op.output("out", op.map("slow", op.input("in", flow, source), slow), TestingSink(out))
+    runner = threading.Thread(target=run_main, args=(flow,))
+    runner.start()
+    try:
+        wait_for_progress = time.monotonic() + 10
+        while not source.progress() and time.monotonic() < wait_for_progress:
+            time.sleep(0.01)
+        write(root, traffic(devices=4, per_device=500), partitions=1)
+    finally:
+        source.drain.set()
+        runner.join(60)
+    assert not runner.is_alive()
+    assert len(out) == 2000
+    assert max(lags) > 1000, f"the lag seen while catching up peaked at {max(lags)}"
+    assert source.lag == 0
