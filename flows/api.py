@@ -429,10 +429,10 @@ class Edge:
         data_dir.mkdir(parents=True, exist_ok=True)
         serve_metrics(self.config, self._shared.registry)
         log.info("flow %s starting with %d worker(s), data in %s", self.name, workers, data_dir)
-        completed = False
         copier = self._duckdb_copier()
-        try:
-            with stop_on_signals(self.stop):
+        with stop_on_signals(self.stop):  # also while closing: a second SIGTERM must not kill it
+            completed = False
+            try:
                 recovery = self.recovery_config(workers)
                 self.start_ingest()
                 cluster_main(
@@ -443,12 +443,12 @@ class Edge:
                     epoch_interval=self.config.recovery.snapshot_interval,
                     recovery_config=recovery,
                 )
-            completed = True
-        finally:
-            if copier is not None:
-                copier.stop()
-            self.close(completed=completed)
-        return RunResult(self.reports(write=True))
+                completed = True
+            finally:
+                if copier is not None:
+                    copier.stop()
+                self.close(completed=completed)
+            return RunResult(self.reports(write=True))
 
     def _duckdb_copier(self) -> PeriodicCopy | None:
         sinks = self.config.sinks
