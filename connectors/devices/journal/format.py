@@ -36,6 +36,10 @@ READERS_POLL_S = 0.05
 """How often an idle writer looks at the readers' released offsets."""
 TRUNCATE_BUSY_S = 0.5
 """How often a busy writer deletes released rows (a transaction and a sync between groups)."""
+CHECKPOINT_S = 0.25
+"""How often the checkpointer copies a written partition's WAL into its file (not in commits)."""
+WAL_LIMIT_BYTES = 64 << 20
+"""A WAL file is cut back to this size when SQLite starts it over after a complete checkpoint."""
 PROBE_INTERVAL_S = 1.0
 """While the disk is full and nothing is submitted, the writer tries a write this often."""
 PROBE_BYTES = 64 * 1024

@@ -17,6 +17,7 @@ from connectors.devices.journal.format import (
     TRUNCATE_CHUNK,
     VACUUM_CHUNK,
     VACUUM_PAGES,
+    WAL_LIMIT_BYTES,
     _connect,
     digest_of,
     logger,
@@ -32,6 +33,7 @@ class _Partition:
     ) -> None:
         self.index = index
         self.lock = lock
+        self.sync = sync
         self.path = part_path(root, index)
         new = not self.path.exists()
         self.db = _connect(self.path, create=True)
@@ -48,7 +50,7 @@ class _Partition:
         self.count = int(count)
         self.bytes = int(size)
         first = self.db.execute("SELECT min(seq) FROM messages").fetchone()[0]
-        self.truncated = (self.last if first is None else int(first) - 1)
+        self.truncated = self.last if first is None else int(first) - 1
         self.oldest_us: int | None = None
         self.load_oldest()
 
@@ -68,6 +70,11 @@ class _Partition:
         if str(mode).lower() != "wal":
             logger.warning("journal %s: SQLite refused WAL (journal_mode=%s)", self.path, mode)
         db.execute(f"PRAGMA synchronous = {sync.upper()}")
+        # No checkpoint inside a commit (SQLite's default runs one every 1000 WAL pages, in
+        # the COMMIT that crosses it, with a sync of the file): the journal's checkpointer
+        # runs them from a thread of its own (see writer.py).
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         db.execute("BEGIN IMMEDIATE")
         try:
             for statement in _SCHEMA.split(";"):
@@ -84,9 +91,7 @@ class _Partition:
             raise
 
     def load_oldest(self) -> None:
-        row = self.db.execute(
-            "SELECT received_at_us FROM messages ORDER BY seq LIMIT 1"
-        ).fetchone()
+        row = self.db.execute("SELECT received_at_us FROM messages ORDER BY seq LIMIT 1").fetchone()
         self.oldest_us = None if row is None else int(row[0])
 
     def release_floor(self) -> int | None:
@@ -110,6 +115,11 @@ class _Partition:
             (seq, digest if digest != NO_DIGEST else digest_of(device, channel, payload))
             for seq, device, channel, payload, digest in kept
         ]
+        # Deleting released rows needs no sync of its own: after a power loss the rows are
+        # back (and deleted again), and the next message commit syncs the WAL up to here.
+        relaxed = self.sync != "normal"
+        if relaxed:
+            db.execute("PRAGMA synchronous = NORMAL")
         db.execute("BEGIN IMMEDIATE")
         try:
             count, size = db.execute(
@@ -124,6 +134,9 @@ class _Partition:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        finally:
+            if relaxed:
+                db.execute(f"PRAGMA synchronous = {self.sync.upper()}")
         row = db.execute("SELECT received_at_us FROM messages ORDER BY seq LIMIT 1").fetchone()
         with self.lock:
             self.truncated = upto
@@ -147,7 +160,6 @@ class _Partition:
             (digest, self.last - DEDUP_WINDOW, digest, self.last - DEDUP_WINDOW),
         ).fetchone()
         return None if row[0] is None else int(row[0])
-
 
     def find_redelivery(self, device: str, channel: str, payload: bytes) -> int | None:
         """The offset of a recent unkeyed message with this device, channel and payload.

@@ -41,11 +41,15 @@ class JournalReader:
     def read(self, after: int, limit: int) -> list[tuple[int, RawMessage]]:
         """Up to ``limit`` messages with offsets > ``after``, ascending."""
         with self._lock:
-            rows = self._conn().execute(
-                "SELECT seq, device, channel, transport, received_at_us, payload FROM messages"
-                " WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, limit),
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT seq, device, channel, transport, received_at_us, payload FROM messages"
+                    " WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after, limit),
+                )
+                .fetchall()
+            )
         return [
             (int(seq), RawMessage(device, channel, transport, from_us(us), bytes(payload)))
             for seq, device, channel, transport, us, payload in rows
@@ -54,17 +58,21 @@ class JournalReader:
     def last_offset(self) -> int:
         """Highest committed offset, -1 when none yet."""
         with self._lock:
-            row = self._conn().execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
+                .fetchone()
+            )
         return -1 if row is None else int(row[0])
 
     def released(self, reader: str) -> int:
         """What ``reader`` released last, -1 if never."""
         with self._lock:
-            row = self._conn().execute(
-                "SELECT released FROM readers WHERE name = ?", (reader,)
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute("SELECT released FROM readers WHERE name = ?", (reader,))
+                .fetchone()
+            )
         return -1 if row is None else int(row[0])
 
     def release(self, reader: str, offset: int) -> None:

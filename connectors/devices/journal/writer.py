@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from connectors.devices.journal.format import (
     _COLUMNS,
+    CHECKPOINT_S,
     CLOSE_TIMEOUT_S,
     DEVICE_CACHE,
     LATENCY_SAMPLES,
@@ -31,6 +32,7 @@ from connectors.devices.journal.format import (
     JournalFull,
     JournalSettings,
     JournalStats,
+    _connect,
     _percentile,
     digest_of,
     is_disk_full,
@@ -126,9 +128,21 @@ class Journal:
         self._refused = 0
         self._waits: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._writes: deque[float] = deque(maxlen=LATENCY_SAMPLES)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=settings.partitions, thread_name_prefix="journal-partition"
+        # the writer thread writes one partition of a group itself, the pool the others
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=settings.partitions - 1, thread_name_prefix="journal-partition"
+            )
+            if settings.partitions > 1
+            else None
         )
+        try:
+            self._checkpointer = _Checkpointer([p.path for p in self._parts], settings.sync)
+        except BaseException:
+            for part in self._parts:
+                part.db.close()
+            self._lock_file.close()
+            raise
         self._thread = threading.Thread(
             target=self._run, name=f"journal-writer {self.root}", daemon=True
         )
@@ -331,7 +345,9 @@ class Journal:
         if self._thread.is_alive():
             logger.error("journal %s: writer did not stop in %.0f s", self.root, CLOSE_TIMEOUT_S)
             return
-        self._pool.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._checkpointer.close()
         with self._cond:
             self._closed = True
             for part in self._parts:
@@ -474,18 +490,20 @@ class Journal:
         ``sync=full``): committed in parallel, a group waits for the slowest
         sync rather than for their sum, and the devices' acknowledgements with it.
         """
-        if len(by_part) == 1:
-            [(index, items)] = by_part.items()
-            future: concurrent.futures.Future[list[Committed]] = concurrent.futures.Future()
-            try:
-                future.set_result(self._write(self._parts[index], items))
-            except Exception as exc:  # noqa: BLE001 - the caller handles it
-                future.set_exception(exc)
-            return {index: future}
-        return {
-            index: self._pool.submit(self._write, self._parts[index], items)
-            for index, items in by_part.items()
-        }
+        pending = iter(by_part.items())
+        index, items = next(pending)
+        writes = {}
+        if self._pool is not None:
+            submit = self._pool.submit
+            writes = {i: submit(self._write, self._parts[i], rest) for i, rest in pending}
+        # the first partition on this thread: with one partition, no hand-off to another thread
+        future: concurrent.futures.Future[list[Committed]] = concurrent.futures.Future()
+        try:
+            future.set_result(self._write(self._parts[index], items))
+        except Exception as exc:  # noqa: BLE001 - the caller handles it
+            future.set_exception(exc)
+        writes[index] = future
+        return writes
 
     def _write(self, part: _Partition, items: list[_Item]) -> list[Committed]:
         """Write ``items`` to ``part`` in one transaction; their results in order.
@@ -545,6 +563,7 @@ class Journal:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self._checkpointer.wrote(index)
         written = len(rows) // _COLUMNS
         with self._lock:
             if part.count == 0 and written:
@@ -596,6 +615,66 @@ class Journal:
                     part.vacuum_chunk()
             except sqlite3.Error:
                 logger.exception("journal %s: truncation failed", part.path)
+
+
+class _Checkpointer:
+    """Copies the partitions' WAL into their files from a thread and connections of its own.
+
+    The writer's connections never checkpoint (``wal_autocheckpoint = 0``), so
+    no commit waits for one. Every :data:`CHECKPOINT_S` each partition written
+    since the last pass gets a ``PASSIVE`` checkpoint, which runs beside the
+    writer's commits (it waits for no lock and syncs the WAL before and the
+    file after copying, as ``journal.sync`` asks); once one has copied the
+    whole WAL, the next commit starts the WAL over from its beginning, so the
+    WAL stays a few MB however long the load lasts. A checkpoint held back by
+    a reader in the middle of a read only copies less; the next pass goes on.
+    """
+
+    def __init__(self, paths: list[Path], sync: str) -> None:
+        self._dbs: list[sqlite3.Connection] = []
+        try:
+            for path in paths:
+                db = _connect(path, create=False)
+                self._dbs.append(db)
+                db.execute(f"PRAGMA synchronous = {sync.upper()}")
+        except BaseException:
+            for db in self._dbs:
+                db.close()
+            raise
+        self._written = [False] * len(paths)
+        """Per partition: committed since its last checkpoint (set by the writer thread)."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"journal-checkpoint {paths[0].parent}", daemon=True
+        )
+        self._thread.start()
+
+    def wrote(self, index: int) -> None:
+        """Partition ``index`` committed (a flag: no lock, no wake-up)."""
+        self._written[index] = True
+
+    def _run(self) -> None:
+        while not self._stop.wait(CHECKPOINT_S):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """A PASSIVE checkpoint of each partition written since the last one."""
+        for index, db in enumerate(self._dbs):
+            if not self._written[index]:
+                continue
+            self._written[index] = False
+            try:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:  # a full disk: the WAL keeps the commits meanwhile
+                self._written[index] = True
+                logger.info("journal: checkpoint of partition %d failed: %s", index, exc)
+
+    def close(self) -> None:
+        """Stop the thread and close its connections (the writer's close checkpoints last)."""
+        self._stop.set()
+        self._thread.join(CLOSE_TIMEOUT_S)
+        for db in self._dbs:
+            db.close()
 
 
 def _in_rows(rows: list[object], item: _Item, digest: bytes) -> int | None:
