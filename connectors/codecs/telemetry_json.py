@@ -69,6 +69,23 @@ class _NonFinite:
 
 _CONSTANTS = {token: _NonFinite(token) for token in ("NaN", "Infinity", "-Infinity")}
 _DECODER = json.JSONDecoder(parse_constant=_CONSTANTS.__getitem__)
+_SCAN = _DECODER.scan_once
+"""The decoder's scanner: one call for a payload without surrounding whitespace."""
+
+_new_reading = object.__new__
+(
+    _set_device,
+    _set_key,
+    _set_ts,
+    _set_value,
+    _set_transport,
+) = (
+    getattr(Reading, name).__set__  # the slot descriptors: faster than the frozen __init__
+    for name in ("device", "key", "ts", "value", "transport")
+)
+
+_last_ts: tuple[int, datetime] = (0, datetime.fromtimestamp(0, UTC))
+"""The last ``ts`` converted, ``(ms, datetime)``: devices of one fleet share timestamps."""
 
 
 class _Reject(Exception):
@@ -98,7 +115,22 @@ def decode_telemetry(msg: RawMessage) -> list[Reading] | DeadLetter:
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
-        doc = _DECODER.decode(text)
+        # The scanner alone, as json.loads calls it for a payload without whitespace around
+        # it; anything else (errors included) goes the full way for its exact message.
+        doc, end = _SCAN(text, 0)
+    except (StopIteration, ValueError, RecursionError):
+        end = -1
+    if end != len(text):
+        doc = _full_decode(msg, text)
+        if type(doc) is DeadLetter:
+            return doc
+    return _readings(doc, msg)
+
+
+def _full_decode(msg: RawMessage, text: str) -> Any:
+    """``text`` decoded by :func:`json.loads` rules, or the dead letter that says why not."""
+    try:
+        return _DECODER.decode(text)
     except RecursionError:
         return _dead(msg, "JSON is nested too deeply; " + _SHAPE_HINT)
     except json.JSONDecodeError as exc:
@@ -112,6 +144,9 @@ def decode_telemetry(msg: RawMessage) -> list[Reading] | DeadLetter:
     except ValueError:
         return _dead(msg, "a JSON number has too many digits to convert; " + _VALUE_HINT)
 
+
+def _readings(doc: Any, msg: RawMessage) -> list[Reading] | DeadLetter:
+    """The readings of a decoded document, or the dead letter that says why not."""
     out: list[Reading] = []
     try:
         kind = type(doc)
@@ -164,7 +199,22 @@ def _collect(obj: dict[str, Any], msg: RawMessage, out: list[Reading], index: in
     device = msg.device
     transport = msg.transport
     append = out.append
+    new = _new_reading
     for key, value in items.items():
+        if (
+            type(value) is float
+            and value - value == 0.0
+            and 0 < len(key) <= MAX_KEY_LENGTH
+            and key.isascii()
+        ):  # the common case: every check below passes
+            reading = new(Reading)
+            _set_device(reading, device)
+            _set_key(reading, key)
+            _set_ts(reading, ts)
+            _set_value(reading, value)
+            _set_transport(reading, transport)
+            append(reading)
+            continue
         if not 0 < len(key) <= MAX_KEY_LENGTH:
             _bad_key(key, index)
         if not key.isascii() and _has_surrogate(key):
@@ -226,7 +276,13 @@ def _timestamp(raw: object, index: int | None) -> datetime:
             f"ts {_clip(str(ms))} is outside 2000-01-01..2100-01-01{_unit_hint(ms)}; "
             "send Unix milliseconds (UTC)",
         )
-    return datetime.fromtimestamp(ms / 1000, UTC)
+    global _last_ts
+    last_ms, last = _last_ts
+    if ms == last_ms:
+        return last
+    ts = datetime.fromtimestamp(ms / 1000, UTC)
+    _last_ts = (ms, ts)
+    return ts
 
 
 def _unit_hint(ms: int) -> str:
