@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import bytewax.operators as op
 from bytewax.dataflow import operator
-from bytewax.operators import KeyedStream
+from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from operators.records import Reading
 
@@ -119,18 +119,11 @@ class DeadbandConfig:
 def _deadband_mapper(
     config: DeadbandConfig,
 ) -> Callable[[DeadbandState | None, Reading], tuple[DeadbandState, Iterable[Reading]]]:
-    """Build the per-reading function for ``stateful_flat_map``."""
-    tolerance_for = config.tolerance_for
-    max_silence = config.max_silence
+    """The rules of the operator for one reading, as a ``stateful_flat_map`` mapper.
 
-    def keep(value: float | str, ts: datetime) -> DeadbandState:
-        if max_silence is None:
-            return (value, ts, tolerance_for(value), _NEVER)
-        try:
-            due = ts + max_silence
-        except OverflowError:
-            due = _NEVER
-        return (value, ts, tolerance_for(value), due)
+    The operator applies them a key's batch at a time (:class:`_DeadbandLogic`).
+    """
+    keep = _keeper(config)
 
     def mapper(
         state: DeadbandState | None, reading: Reading
@@ -152,6 +145,89 @@ def _deadband_mapper(
         return keep(reading.value, ts), (reading,)
 
     return mapper
+
+
+class _DeadbandLogic(StatefulBatchLogic[Reading, Reading, DeadbandState]):
+    """One series' deadband: the rules of :func:`_deadband_mapper` over a whole batch."""
+
+    __slots__ = ("keep", "state")
+
+    def __init__(
+        self,
+        keep: Callable[[float | str, datetime], DeadbandState],
+        state: DeadbandState | None,
+    ) -> None:
+        self.keep = keep
+        self.state = state
+
+    def on_batch(self, values: list[Reading]) -> tuple[list[Reading], bool]:
+        keep = self.keep
+        state = self.state
+        out: list[Reading] = []
+        readings = iter(values)
+        if state is None:
+            first = next(readings)
+            state = keep(first.value, first.ts)
+            out.append(first)
+        last_value, last_ts, tolerance, due = state
+        for reading in readings:
+            ts = reading.ts
+            if ts < last_ts:
+                out.append(reading)  # out of order: passed through, state unchanged
+                continue
+            if ts < due:
+                value = reading.value
+                try:
+                    if abs(value - last_value) <= tolerance:  # type: ignore[operator]
+                        continue
+                except TypeError:
+                    if value == last_value:
+                        continue
+            state = keep(reading.value, ts)
+            last_value, last_ts, tolerance, due = state
+            out.append(reading)
+        self.state = state
+        return out, StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> DeadbandState:
+        assert self.state is not None
+        return self.state  # an immutable tuple
+
+
+def _keeper(config: DeadbandConfig) -> Callable[[float | str, datetime], DeadbandState]:
+    """The state after keeping ``(value, ts)``."""
+    tolerance_for = config.tolerance_for
+    max_silence = config.max_silence
+
+    def keep(value: float | str, ts: datetime) -> DeadbandState:
+        if max_silence is None:
+            return (value, ts, tolerance_for(value), _NEVER)
+        try:
+            due = ts + max_silence
+        except OverflowError:
+            due = _NEVER
+        return (value, ts, tolerance_for(value), due)
+
+    return keep
+
+
+# The step ids of ``op.stateful_flat_map("filter", ...)``, which this operator used before:
+# recovery snapshots taken by it resume here (the state is the same tuple).
+@operator
+def _filter(step_id: str, up: KeyedStream[Reading], config: DeadbandConfig) -> KeyedStream[Reading]:
+    return _stateful("stateful", up, config)
+
+
+@operator
+def _stateful(
+    step_id: str, up: KeyedStream[Reading], config: DeadbandConfig
+) -> KeyedStream[Reading]:
+    keep = _keeper(config)
+
+    def build(resume_state: DeadbandState | None) -> _DeadbandLogic:
+        return _DeadbandLogic(keep, resume_state)
+
+    return op.stateful_batch("stateful_batch", up, build)
 
 
 @operator
@@ -201,4 +277,4 @@ def deadband(
     :raises TypeError: When a setting has the wrong type.
     """
     config = DeadbandConfig(absolute=absolute, percent=percent, max_silence=max_silence)
-    return op.stateful_flat_map("filter", up, _deadband_mapper(config))
+    return _filter("filter", up, config)
