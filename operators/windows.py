@@ -330,7 +330,17 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
     the wall clock (``quiet_since``, not snapshotted) only schedules flushes.
     """
 
-    __slots__ = ("config", "flushed", "newest", "now", "quiet_since", "windows")
+    __slots__ = (
+        "config",
+        "flushed",
+        "newest",
+        "now",
+        "quiet_since",
+        "span_hi",
+        "span_ids",
+        "span_lo",
+        "windows",
+    )
 
     def __init__(
         self,
@@ -343,6 +353,9 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
         self.newest: datetime | None = None
         self.windows: dict[int, _SummaryLogic] = {}
         self.flushed: dict[int, int] = {}
+        # Window ids shared by every instant in [span_lo, span_hi) (see _span); empty at first.
+        self.span_ids = (0, -1)
+        self.span_lo = self.span_hi = _EPOCH
         if resume_state is not None:
             self.newest, windows = resume_state
             for window_id, (acc, flushed) in windows.items():
@@ -365,15 +378,36 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
                 out.append((window_id, state))
             self.flushed[window_id] = logic.count
 
+    def _span(self, ts: datetime) -> None:
+        """Cache the window ids of ``ts`` and the interval of instants that share them."""
+        config = self.config
+        first, last = config.first_window(ts), config.last_window(ts)
+        self.span_ids = (first, last)
+        try:
+            align, step, length = config.align_to, config.step, config.length
+            self.span_lo = max(align + step * last, align + length + step * (first - 1))
+            self.span_hi = min(align + step * (last + 1), align + length + step * first)
+        except OverflowError:  # at the ends of datetime's range: no cache
+            self.span_lo = self.span_hi = ts
+
     def on_batch(self, values: list[Reading]) -> tuple[list[_Event], bool]:
-        """Aggregate the readings that are not late; close what event time closes."""
+        """Aggregate the readings that are not late; close what event time closes.
+
+        Runs of readings that fall in one and the same window are folded in
+        local variables and stored once (the same arithmetic, in the same order,
+        as :meth:`_SummaryLogic.on_value`).
+        """
         out: list[_Event] = []
         config = self.config
         lateness = config.allowed_lateness
-        first_window, last_window = config.first_window, config.last_window
         windows = self.windows
         newest = self.newest
         cutoff = None if newest is None else _minus(newest, lateness)
+        logic: _SummaryLogic | None = None  # the window being folded in locals
+        n = 0
+        device = key = ""
+        mean = m2 = lo = hi = first_x = last_x = 0.0
+        first_ts = last_ts = _EPOCH
         for reading in values:
             ts = reading.ts
             if newest is None or ts > newest:
@@ -382,15 +416,72 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
             elif cutoff is not None and ts < cutoff:
                 out.append((None, reading))
                 continue
-            for window_id in range(first_window(ts), last_window(ts) + 1):
-                logic = windows.get(window_id)
-                if logic is None:
-                    logic = windows[window_id] = _SummaryLogic(None)
-                logic.on_value(reading)
+            if not self.span_lo <= ts < self.span_hi:
+                self._span(ts)
+            first, last = self.span_ids
+            if first != last:  # sliding windows that overlap: fold into each
+                if n:
+                    logic._load(  # type: ignore[union-attr]
+                        (device, key, n, mean, m2, lo, hi, first_ts, first_x, last_ts, last_x)
+                    )
+                logic, n = None, 0
+                for window_id in range(first, last + 1):
+                    target = windows.get(window_id)
+                    if target is None:
+                        target = windows[window_id] = _SummaryLogic(None)
+                    target.on_value(reading)
+                continue
+            x = reading.value
+            if x.__class__ is str:
+                if windows.get(first) is None:
+                    windows[first] = _SummaryLogic(None)
+                continue
+            target = windows.get(first)
+            if target is None:
+                target = windows[first] = _SummaryLogic(None)
+            if target is not logic:
+                if n:
+                    logic._load(  # type: ignore[union-attr]
+                        (device, key, n, mean, m2, lo, hi, first_ts, first_x, last_ts, last_x)
+                    )
+                logic = target
+                n = target.count
+                if n:
+                    (device, key, _, mean, m2, lo, hi, first_ts, first_x, last_ts, last_x) = (
+                        target.snapshot()  # type: ignore[misc]
+                    )
+            if n:
+                n += 1
+                delta = x - mean
+                mean = mean + delta / n
+                m2 += delta * (x - mean)
+                if x < lo:
+                    lo = x
+                elif x > hi:
+                    hi = x
+                if ts >= last_ts:
+                    last_ts = ts
+                    last_x = x
+                elif ts < first_ts:
+                    first_ts = ts
+                    first_x = x
+            else:
+                device = reading.device
+                key = reading.key
+                n = 1
+                mean = lo = hi = first_x = last_x = x
+                m2 = 0.0
+                first_ts = last_ts = ts
+        if n:
+            logic._load(  # type: ignore[union-attr]
+                (device, key, n, mean, m2, lo, hi, first_ts, first_x, last_ts, last_x)
+            )
         self.newest = newest
         self.quiet_since = self.now()
         if cutoff is not None:
-            closing = sorted(w for w in windows if self._end(w) <= cutoff)
+            # end(w) <= cutoff, in whole microseconds: w <= (cutoff - align - length) // step
+            limit = (cutoff - config.align_to - config.length) // config.step
+            closing = sorted(w for w in windows if w <= limit)
             for window_id in closing:
                 self._emit(window_id, out)
                 del windows[window_id]
@@ -404,10 +495,16 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
 
     def notify_at(self) -> datetime | None:
         """Wall-clock time of the next quiet flush: silence of ``end - newest + L``."""
-        due = self._due()
-        if not due or self.newest is None:
+        if self.newest is None:
             return None
-        wait = self._end(due[0]) - self.newest + self.config.allowed_lateness
+        flushed = self.flushed
+        oldest = min(
+            (w for w, logic in self.windows.items() if logic.count > flushed.get(w, 0)),
+            default=None,
+        )
+        if oldest is None:
+            return None
+        wait = self._end(oldest) - self.newest + self.config.allowed_lateness
         try:
             return self.quiet_since + max(wait, _ZERO)
         except OverflowError:
