@@ -38,6 +38,14 @@ TRUNCATE_BUSY_S = 0.5
 """How often a busy writer deletes released rows (a transaction and a sync between groups)."""
 CHECKPOINT_S = 0.25
 """How often the checkpointer copies a written partition's WAL into its file (not in commits)."""
+WAL_CATCH_UP_FRAMES = 4096
+"""WAL frames (16 MiB of 4 KiB pages) beyond which the writer finishes a checkpoint between groups.
+
+Under continuous commits a checkpoint beside them never ends with the whole
+WAL copied (commits come during the copy), and SQLite starts the WAL over
+only after a complete one; the writer adds none while it checkpoints, so
+its checkpoint, which copies only the frames since the last one, completes.
+"""
 WAL_LIMIT_BYTES = 64 << 20
 """A WAL file is cut back to this size when SQLite starts it over after a complete checkpoint."""
 PROBE_INTERVAL_S = 1.0

@@ -27,6 +27,7 @@ from connectors.devices.journal.format import (
     READERS_POLL_S,
     SYNC_MODES,
     TRUNCATE_BUSY_S,
+    WAL_CATCH_UP_FRAMES,
     Committed,
     Done,
     JournalFull,
@@ -369,6 +370,8 @@ class Journal:
             group = self._take()
             if group:
                 self._commit_group(group)
+            if self._checkpointer.behind:
+                self._catch_up()
             now = time.monotonic()
             if now >= next_poll or not group:
                 # idle: at once; busy: every TRUNCATE_BUSY_S, each a transaction of its own
@@ -604,6 +607,15 @@ class Journal:
         with self._cond:
             self._disk_full = None
 
+    def _catch_up(self) -> None:
+        """Finish the checkpoints the checkpointer could not (the WAL starts over next commit)."""
+        for index in self._checkpointer.take_behind():
+            part = self._parts[index]
+            try:
+                part.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                logger.info("journal %s: checkpoint failed: %s", part.path, exc)
+
     def _truncate(self) -> None:
         for part in self._parts:
             try:
@@ -643,6 +655,9 @@ class _Checkpointer:
             raise
         self._written = [False] * len(paths)
         """Per partition: committed since its last checkpoint (set by the writer thread)."""
+        self._behind = [False] * len(paths)
+        self.behind = False
+        """Some partition's WAL holds over WAL_CATCH_UP_FRAMES not yet copied back."""
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"journal-checkpoint {paths[0].parent}", daemon=True
@@ -664,10 +679,22 @@ class _Checkpointer:
                 continue
             self._written[index] = False
             try:
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:  # a full disk: the WAL keeps the commits meanwhile
                 self._written[index] = True
                 logger.info("journal: checkpoint of partition %d failed: %s", index, exc)
+                continue
+            if frames >= WAL_CATCH_UP_FRAMES:  # not started over: commits came during the copy
+                self._behind[index] = True
+                self.behind = True
+
+    def take_behind(self) -> list[int]:
+        """The partitions whose WAL the writer should finish checkpointing (clears them)."""
+        self.behind = False
+        behind = [i for i, flag in enumerate(self._behind) if flag]
+        for index in behind:
+            self._behind[index] = False
+        return behind
 
     def close(self) -> None:
         """Stop the thread and close its connections (the writer's close checkpoints last)."""

@@ -435,6 +435,26 @@ def test_release_truncates_and_offsets_continue(root: Path, open_journal) -> Non
     reader.close()
 
 
+def test_wal_stays_bounded_under_continuous_commits_with_a_reader(root: Path, open_journal) -> None:
+    """Checkpoints run beside the commits, none inside one, and the WAL starts over."""
+    journal = open_journal(partitions=1, sync="full")
+    reader = JournalReader(root, 0)
+    wal = root / "part-0.sqlite-wal"
+    largest = 0
+    deadline = time.monotonic() + 3.0
+    last = -1
+    while time.monotonic() < deadline:
+        futures = [journal.submit(message(f"d{i % 20}", bytes(200))) for i in range(200)]
+        last = futures[-1].result(30).offset
+        assert reader.read(max(-1, last - 300), 100)  # a reader between the commits
+        largest = max(largest, wal.stat().st_size)
+    assert last > 8_000
+    assert largest < 32 << 20  # 16 MiB, then the writer completes a checkpoint: it starts over
+    db = journal._parts[0].db  # noqa: SLF001 - the writer's own connection
+    assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    reader.close()
+
+
 def free_pages(root: Path) -> int:
     db = sqlite3.connect(root / "part-0.sqlite")
     try:
