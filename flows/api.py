@@ -46,7 +46,7 @@ from flows.accounting import FlowReport, IngestCollector, JournalCollector, Mete
 from flows.cloud import CloudLink
 from flows.config import ConfigError, EdgeConfig, check_environment
 from flows.ingest import CHANNELS, Decoded, decoder, to_dead_letter
-from flows.ingest_process import JournalFeed
+from flows.ingest_process import JournalFeed, journal_partition_count
 from flows.ingest_stats import read_snapshot
 from flows.transports import require_transports
 from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock
@@ -271,7 +271,7 @@ class Edge:
             journal = JournalSource(
                 self.config.data_dir / "journal",
                 reader=self.name,
-                partitions=self.config.journal.partitions,
+                partitions=journal_partition_count(self.config),
                 recovery=self.recovery_dir if self.config.recovery.enabled else None,
             )
             raw = op.input(sid, shared.flow, journal)

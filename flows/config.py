@@ -280,8 +280,12 @@ class JournalSection(_Section):
     """``full`` survives power loss (fsync per group commit); ``normal`` survives a crash."""
     max_bytes: int = Field(1024 * 1024 * 1024, gt=0)
     """Payload bytes the journal may hold before devices are pushed back (503, 5.03, no PUBACK)."""
-    partitions: int = Field(4, ge=1, le=64)
-    """SQLite files the journal is split into by device; fixed when the journal is created."""
+    partitions: int | None = Field(None, ge=1, le=64)
+    """SQLite files the journal is split into by device, fixed when it is created.
+
+    None: an existing journal's own count, else 1 (one fsync per group commit;
+    raise it only with several flow workers reading in parallel).
+    """
 
 
 class RecoverySection(_Section):

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from connectors.devices.ingress import DeviceServer, Ingress
-from connectors.devices.journal import JournalSettings
+from connectors.devices.journal import JournalSettings, journal_partitions
 from connectors.devices.journal_source import JournalSource
 from connectors.devices.mqtt.journaled import JournaledMqtt
 from connectors.devices.registry import DeviceRegistry
@@ -52,7 +52,13 @@ from flows.ingest_stats import MeteredJournal, StatsWriter, remove_snapshot
 from flows.transports import mqtt_settings
 from operators.records import TELEMETRY, VIBRATION
 
-__all__ = ["IngestSupervisor", "JournalFeed", "journal_settings", "run_ingest"]
+__all__ = [
+    "IngestSupervisor",
+    "JournalFeed",
+    "journal_partition_count",
+    "journal_settings",
+    "run_ingest",
+]
 
 logger = logging.getLogger("edgesieve.ingest")
 
@@ -66,12 +72,19 @@ _STOP_GRACE_S: Final = 1.0
 """How long the supervisor waits for its own stop after a child stopped cleanly (on a SIGTERM)."""
 
 
+def journal_partition_count(config: EdgeConfig) -> int:
+    """``journal.partitions``, or when unset the existing journal's own count, else 1."""
+    if config.journal.partitions is not None:
+        return config.journal.partitions
+    return journal_partitions(config.data_dir / "journal") or 1
+
+
 def journal_settings(config: EdgeConfig) -> JournalSettings:
     """The journal of ``config``: ``data_dir/journal`` with the ``journal`` section's settings."""
     section = config.journal
     return JournalSettings(
         root=config.data_dir / "journal",
-        partitions=section.partitions,
+        partitions=journal_partition_count(config),
         sync=section.sync,
         max_bytes=section.max_bytes,
     )

@@ -448,3 +448,15 @@ def test_listen_address_must_belong_to_this_machine(tmp_path):
         r"address\); hint: use an address of this machine, e\.g\. 127\.0\.0\.1:9108$",
     ):
         check_environment(config)
+
+
+def test_journal_partitions_default_to_an_existing_journals_count_else_one(tmp_path):
+    from connectors.devices.journal import Journal, JournalSettings
+    from flows.ingest_process import journal_partition_count
+
+    config = parse_config({"data_dir": str(tmp_path)})
+    assert config.journal.partitions is None
+    assert journal_partition_count(config) == 1
+    Journal(JournalSettings(root=tmp_path / "journal", partitions=3)).close()
+    assert journal_partition_count(config) == 3
+    assert journal_partition_count(parse_config({"data_dir": str(tmp_path), "journal": {"partitions": 3}})) == 3
