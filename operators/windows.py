@@ -339,6 +339,7 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
         "span_hi",
         "span_ids",
         "span_lo",
+        "step",
         "windows",
     )
 
@@ -349,6 +350,7 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
         now: Callable[[], datetime] = _wall_clock,
     ) -> None:
         self.config = config
+        self.step = config.step
         self.now = now
         self.newest: datetime | None = None
         self.windows: dict[int, _SummaryLogic] = {}
@@ -367,7 +369,7 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
 
     def _end(self, window_id: int) -> datetime:
         config = self.config
-        return config.align_to + config.step * window_id + config.length
+        return config.align_to + self.step * window_id + config.length
 
     def _emit(self, window_id: int, out: list[_Event]) -> None:
         """Emit ``window_id`` if it holds numbers not emitted yet."""
@@ -403,7 +405,10 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
         windows = self.windows
         newest = self.newest
         cutoff = None if newest is None else _minus(newest, lateness)
+        span_lo, span_hi = self.span_lo, self.span_hi
+        first, last = self.span_ids
         logic: _SummaryLogic | None = None  # the window being folded in locals
+        logic_id = None
         n = 0
         device = key = ""
         mean = m2 = lo = hi = first_x = last_x = 0.0
@@ -412,19 +417,23 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
             ts = reading.ts
             if newest is None or ts > newest:
                 newest = ts
-                cutoff = _minus(ts, lateness)
+                try:
+                    cutoff = ts - lateness
+                except OverflowError:
+                    cutoff = None
             elif cutoff is not None and ts < cutoff:
                 out.append((None, reading))
                 continue
-            if not self.span_lo <= ts < self.span_hi:
+            if not span_lo <= ts < span_hi:
                 self._span(ts)
-            first, last = self.span_ids
+                span_lo, span_hi = self.span_lo, self.span_hi
+                first, last = self.span_ids
             if first != last:  # sliding windows that overlap: fold into each
                 if n:
                     logic._load(  # type: ignore[union-attr]
                         (device, key, n, mean, m2, lo, hi, first_ts, first_x, last_ts, last_x)
                     )
-                logic, n = None, 0
+                logic, logic_id, n = None, None, 0
                 for window_id in range(first, last + 1):
                     target = windows.get(window_id)
                     if target is None:
@@ -433,18 +442,18 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
                 continue
             x = reading.value
             if x.__class__ is str:
-                if windows.get(first) is None:
+                if first not in windows:
                     windows[first] = _SummaryLogic(None)
                 continue
-            target = windows.get(first)
-            if target is None:
-                target = windows[first] = _SummaryLogic(None)
-            if target is not logic:
+            if first != logic_id:
+                target = windows.get(first)
+                if target is None:
+                    target = windows[first] = _SummaryLogic(None)
                 if n:
                     logic._load(  # type: ignore[union-attr]
                         (device, key, n, mean, m2, lo, hi, first_ts, first_x, last_ts, last_x)
                     )
-                logic = target
+                logic, logic_id = target, first
                 n = target.count
                 if n:
                     (device, key, _, mean, m2, lo, hi, first_ts, first_x, last_ts, last_x) = (
@@ -480,8 +489,10 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
         self.quiet_since = self.now()
         if cutoff is not None:
             # end(w) <= cutoff, in whole microseconds: w <= (cutoff - align - length) // step
-            limit = (cutoff - config.align_to - config.length) // config.step
-            closing = sorted(w for w in windows if w <= limit)
+            limit = (cutoff - config.align_to - config.length) // self.step
+            closing = [w for w in windows if w <= limit]
+            if len(closing) > 1:
+                closing.sort()
             for window_id in closing:
                 self._emit(window_id, out)
                 del windows[window_id]
