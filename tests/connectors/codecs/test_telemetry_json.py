@@ -443,3 +443,31 @@ def test_ts_conversion_is_exact_to_the_millisecond(ms: int) -> None:
     (r,) = readings(json.dumps({"ts": ms, "values": {"x": 1}}))
     assert r.ts == at(ms)
     assert r.ts.tzinfo is UTC
+
+
+@given(
+    valid_items | st.lists(valid_items, min_size=1, max_size=4),
+    st.sampled_from(["{}", " {} ", "\n{}\n", "\ufeff{}", "\ufeff {}\t", "{}\r\n"]),
+)
+@settings(max_examples=200)
+def test_whitespace_and_bom_around_the_document_change_nothing(
+    doc: dict[str, Any] | list[dict[str, Any]], frame: str
+) -> None:
+    text = frame.replace("{}", json.dumps(doc, indent=1))
+    assert decode_telemetry(make_msg(text)) == expected_readings(doc)
+
+
+@pytest.mark.parametrize("text", ['{"a": 1} x', '{"a": 1}{"b": 2}', ' {"a": 1', "[1] ]"])
+def test_trailing_or_truncated_json_names_the_spot_as_json_loads_does(text: str) -> None:
+    with pytest.raises(json.JSONDecodeError) as exc:
+        json.loads(text)
+    out = decode_telemetry(make_msg(text))
+    assert isinstance(out, DeadLetter)
+    e = exc.value
+    assert f"({e.msg} at line {e.lineno} column {e.colno})" in out.reason
+
+
+def test_messages_sharing_a_ts_and_the_next_ts_convert_exactly() -> None:
+    for ms in (TS, TS, TS + 1, TS, MIN_TS_MS, MIN_TS_MS):
+        (r,) = readings(json.dumps({"ts": ms, "values": {"x": 1}}))
+        assert r.ts == at(ms)
