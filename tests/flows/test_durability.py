@@ -161,8 +161,8 @@ def start(command: list[str], config: Path, log: Path) -> subprocess.Popen:
 def test_kill_9_at_random_moments_loses_and_doubles_nothing_accepted(
     tmp_path, mosquitto, command, run_s
 ):
-    # With the whole edge, the flow releases journal rows only at the end of an epoch (10 s), which
-    # no run between two kills reaches: the journal still holds everything it was given.
+    # With the whole edge, the flow releases journal rows only after a snapshot; with snapshots an
+    # hour apart no run reaches one, so the journal still holds everything it was given.
     rng = random.Random(9)
     http_port, coap_port = free_port(), free_port()
     config = tmp_path / "edge.yaml"
@@ -173,6 +173,7 @@ def test_kill_9_at_random_moments_loses_and_doubles_nothing_accepted(
         f'  mqtt: {{url: "{mosquitto.url}", client_id: chaos-edge}}\n'
         f'  http: {{listen: "127.0.0.1:{http_port}"}}\n'
         f'  coap: {{listen: "127.0.0.1:{coap_port}"}}\n'
+        "recovery: {snapshot_interval: 3600}\n"
     )
     log = tmp_path / "ingest.log"
     # the edge's persistent session exists before the first device publishes
