@@ -75,6 +75,8 @@ log = logging.getLogger("edgesieve.journal")
 _PART_PREFIX = "journal-"
 _COMMITTED_EVERY_S = 0.1
 """During a catch-up (full batches), re-read the committed offset at most this often."""
+_IDLE_MAX = timedelta(milliseconds=80)
+"""Consecutive empty polls wait twice as long each time, up to this: an idle edge sleeps."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         self._released = -1
         self._safe = self._after
         self._awake: datetime | None = None
+        self._wait_for = idle
+        """How long the next empty poll waits: ``idle``, doubling while nothing comes."""
         self._open()
 
     def _open(self) -> bool:
@@ -181,6 +185,7 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
             ):
                 self._refresh_committed()  # catching up: how far behind, for the lag gauge
             self._awake = None
+            self._wait_for = self._idle
             self._report()
             return [message for _, message in batch]
         self._refresh_committed()
@@ -190,11 +195,12 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         return self._wait()
 
     def _wait(self) -> list[RawMessage]:
-        self._awake = datetime.now(UTC) + self._idle
+        self._awake = datetime.now(UTC) + self._wait_for
+        self._wait_for = min(self._wait_for * 2, max(_IDLE_MAX, self._idle))
         return []
 
     def next_awake(self) -> datetime | None:
-        """A few milliseconds ahead after an empty poll; at once while there is more."""
+        """At once while there is more; after an empty poll ``idle`` ahead, doubling up to 80 ms."""
         return self._awake
 
     def snapshot(self) -> int:
