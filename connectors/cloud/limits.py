@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_MAX_BATCH_ROWS",
     "DEFAULT_MAX_RAW_BYTES",
     "EdgeQuotas",
+    "LIMIT_OPTIONS",
     "IpcSize",
     "ReceiverLimits",
     "measure_ipc",
@@ -51,11 +52,33 @@ DEFAULT_EDGE_CALLS = 4
 """``Push`` calls one edge may hold open at once (an edge uses one)."""
 
 
+LIMIT_OPTIONS: dict[str, tuple[int, str]] = {
+    "max_batch_bytes": (DEFAULT_MAX_BATCH_BYTES, "cap on one batch's decompressed Arrow bytes"),
+    "max_batch_rows": (DEFAULT_MAX_BATCH_ROWS, "cap on one batch's rows"),
+    "max_raw_bytes": (
+        DEFAULT_MAX_RAW_BYTES,
+        "raw_bytes one batch may claim and be credited; 0 = no cap",
+    ),
+    "edge_batches_per_s": (DEFAULT_EDGE_BATCHES_PER_S, "batches per second per edge, paced"),
+    "edge_bytes_per_s": (
+        DEFAULT_EDGE_BYTES_PER_S,
+        "decompressed Arrow bytes per second per edge, paced",
+    ),
+    "edge_storage_bytes": (
+        DEFAULT_EDGE_STORAGE_BYTES,
+        "decompressed Arrow bytes stored per edge; 0 = no quota",
+    ),
+    "edge_calls": (DEFAULT_EDGE_CALLS, "Push calls one edge may hold open"),
+}
+"""Each :class:`ReceiverLimits` field: its default and help (``edgesieve cloud`` options)."""
+
+
 def _positive(name: str, value: object, *, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         what = "an int >= 0 (0 = no limit)" if allow_zero else "an int >= 1"
-        msg = f"ReceiverLimits.{name} must be {what}; got {value!r}"
+        option = "--" + name.replace("_", "-")
+        msg = f"ReceiverLimits.{name} ({option}) must be {what}; got {value!r}"
         raise ValueError(msg)
 
 

@@ -451,6 +451,7 @@ def serve(
     auth_file: Path,
     *,
     tls: ReceiverTls | None = None,
+    limits: ReceiverLimits | None = None,
     stop: threading.Event,
 ) -> None:
     """Run the receiver until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT).
@@ -461,5 +462,5 @@ def serve(
     opened or the address cannot be bound.
     """
     edges = load_auth(auth_file)
-    with CloudReceiver(listen, db, edges, tls=tls):
+    with CloudReceiver(listen, db, edges, tls=tls, limits=limits):
         stop.wait()
