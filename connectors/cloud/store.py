@@ -697,12 +697,31 @@ def _unreadable(batch: uplink_pb2.Batch, exc: Exception) -> _Rejected:
     return _Rejected(msg, "arrow")
 
 
+def _check_names(schema: pa.Schema) -> None:
+    """Read every field name, nested ones too: one that is not UTF-8 raises ``ValueError``."""
+    types = []
+    for field in schema:
+        _ = field.name
+        types.append(field.type)
+    while types:
+        kind = types.pop()
+        if isinstance(kind, pa.DictionaryType):
+            types.append(kind.value_type)
+            continue
+        for i in range(kind.num_fields):
+            child = kind.field(i)
+            _ = child.name
+            types.append(child.type)
+
+
 def _decode(batch: uplink_pb2.Batch) -> _Decoded:
     """Read the rows of a batch :func:`check` passed; :class:`_Rejected` if they do not fit."""
     stream = batch.stream
     spec = STREAMS.get(stream)
     try:
         table = pa.ipc.open_stream(batch.arrow_ipc).read_all()
+        _check_names(table.schema)
+        table.validate(full=True)  # offsets and UTF-8 too, before DuckDB reads the buffers
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise _unreadable(batch, exc) from None
     if table.num_rows != batch.rows:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +19,12 @@ from typing import Any
 
 import duckdb
 import grpc
+import numpy as np
 import pyarrow as pa
 import pytest
 import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from connectors.cloud import (
     AuthError,
@@ -27,11 +32,17 @@ from connectors.cloud import (
     EdgeAuth,
     EdgeCredentials,
     ReceiverError,
+    ReceiverLimits,
     ReceiverTls,
     load_auth,
     serve,
 )
+from connectors.cloud.limits import measure_ipc
+from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, UTC_US
+from connectors.uplink.outbox import Outbox
+from connectors.uplink.sender import UplinkSender
+from connectors.uplink.settings import UplinkSettings
 from connectors.uplink.wire import (
     KEY_HEADER,
     SECRET_HEADER,
@@ -39,6 +50,7 @@ from connectors.uplink.wire import (
     batch_id_of,
 )
 from protos import uplink_pb2, uplink_pb2_grpc
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).parents[3]
 SECRET_01 = "s3cret-edge-01-Qx7vN2kLp9"
@@ -1077,7 +1089,9 @@ def test_tls_clients_are_served_and_plaintext_clients_are_not(start_receiver, tl
     assert statuses(push(receiver.port, [batch], credentials=client_credentials(ca))) == [
         ("b-tls", "STORED")
     ]
-    error = push_error(receiver.port, [make_batch("b-plain", "alarms", alarms_table(2, device="fan-3"))])
+    error = push_error(
+        receiver.port, [make_batch("b-plain", "alarms", alarms_table(2, device="fan-3"))]
+    )
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     other_ca = trustme.CA()
     error = push_error(
@@ -1473,3 +1487,396 @@ def test_serve_fails_fast_on_a_bad_auth_file(tmp_path, db):
     with pytest.raises(AuthError, match="no edges are listed"):
         serve("127.0.0.1:0", db, write_auth(tmp_path, "edges: []\n"), tls=None, stop=stop)
     assert not db.exists()
+
+
+# ---------------------------------------------------------------- limits and quotas
+
+
+def refusals(db: Path) -> list[tuple[Any, ...]]:
+    return query(db, "SELECT edge_id, reason, count FROM uplink_refusals ORDER BY ALL")
+
+
+def zeros_table(nbytes: int) -> pa.Table:
+    """A user stream whose one int64 column of zeros compresses about 1000:1."""
+    return pa.table({"x": pa.array(np.zeros(nbytes // 8, dtype=np.int64))})
+
+
+def test_measure_ipc_reads_sizes_and_rows_from_the_headers():
+    table = pa.table(
+        {
+            "n": pa.array(range(1000), type=pa.int64()),
+            "s": ["x" * 10] * 1000,
+            "l": [[1.0, 2.0]] * 1000,
+            "d": pa.array(["u", "v"] * 500).dictionary_encode(),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.slice(0, 400))
+        writer.write_table(table.slice(400))
+    plain = measure_ipc(sink.getvalue().to_pybytes(), max_bytes=1 << 30)
+    compressed = measure_ipc(ipc(table), max_bytes=1 << 30)
+    assert plain.rows == compressed.rows == 1000
+    assert table.nbytes <= compressed.arrow_bytes <= table.nbytes + 1000
+    assert plain.arrow_bytes >= table.nbytes
+    assert measure_ipc(ipc(table.slice(0, 0)), max_bytes=1) == (0, 0)
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=300, deadline=None)
+def test_measure_ipc_of_any_bytes_returns_or_raises_value_error(data):
+    try:
+        size = measure_ipc(data, max_bytes=1 << 20)
+    except (ValueError, pa.ArrowException, OSError):
+        return
+    assert size.arrow_bytes >= 0 and size.rows >= 0
+
+
+def test_a_batch_that_expands_past_the_cap_is_rejected_before_it_is_decompressed(tmp_path):
+    """The probe: ~10 KB of zstd that would expand to 100 MB, against the real CLI process."""
+    auth = write_auth(tmp_path, AUTH_YAML)
+    db = tmp_path / "cloud.duckdb"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "cloud",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--db",
+            str(db),
+            "--auth",
+            str(auth),
+        ],  # fmt: skip
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        good = make_batch("good", "alarms", alarms_table(3))
+        with channel(port) as chan:
+            grpc.channel_ready_future(chan).result(timeout=30)
+        assert statuses(push(port, [good])) == [("good", "STORED")]
+        before = peak_rss(proc.pid)
+        bomb = make_batch("bomb", "bomb", zeros_table(100 * 1024 * 1024))
+        assert len(bomb.arrow_ipc) < 100_000
+        (ack,) = push(port, [bomb])
+        grown = peak_rss(proc.pid) - before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert (label(ack.batch_id), ack.status) == ("bomb", REJECTED)
+    assert ack.detail == (
+        f"stream 'bomb': arrow_ipc ({len(bomb.arrow_ipc)} bytes) expands to at least "
+        f"{100 * 1024 * 1024} bytes, over the receiver's cap of 67108864 bytes per batch "
+        "(--max-batch-bytes); seal smaller batches (cloud.batch_rows)"
+    )
+    assert grown < 20 * 1024 * 1024, f"receiver peak RSS grew {grown} bytes"
+    assert proc.returncode == 0, err
+    assert query(db, "SELECT batch_id FROM uplink_batches") == [("good",)]
+    assert "bomb" not in tables(db)
+    assert refusals(db) == [("edge-01", "too_large", 1)]
+
+
+def peak_rss(pid: int) -> int:
+    """The peak resident set size of process ``pid`` in bytes (Linux ``VmHWM``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def test_a_batch_over_the_row_cap_is_rejected(start_receiver, db):
+    receiver = start_receiver(limits=ReceiverLimits(max_batch_rows=3))
+    acks = push(
+        receiver.port,
+        [
+            make_batch("four", "alarms", alarms_table(4)),
+            make_batch("three", "alarms", alarms_table(3)),
+        ],
+    )
+    assert statuses(acks) == [("four", "REJECTED"), ("three", "STORED")]
+    assert acks[0].detail == (
+        "stream 'alarms': the batch holds 4 rows, over the receiver's cap of 3 rows per batch "
+        "(--max-batch-rows); seal smaller batches (cloud.batch_rows)"
+    )
+    receiver.stop()
+    assert refusals(db) == [("edge-01", "too_many_rows", 1)]
+
+
+def test_a_forged_raw_bytes_claim_is_stored_flagged_and_not_credited(receiver, db, caplog):
+    forged = make_batch("forged", "telemetry_summary", summary_table(3), raw_bytes=2**64 - 1)
+    honest = make_batch("honest", "telemetry_summary", summary_table(2, start=3), raw_bytes=900)
+    acks = push(receiver.port, [forged, honest])
+    assert statuses(acks) == [("forged", "STORED"), ("honest", "STORED")]
+    assert acks[0].detail == (
+        f"raw_bytes {2**64 - 1} is over the receiver's cap of {2**40} per batch "
+        "(--max-raw-bytes): kept as sent_raw_bytes, credited 0"
+    )
+    assert acks[1].detail == ""
+    assert f"stored with a note: {acks[0].detail}" in caplog.text
+    receiver.stop()
+    assert sorted(
+        query(
+            db,
+            "SELECT batch_id, rows, raw_bytes, sent_raw_bytes, raw_bytes_implausible "
+            "FROM uplink_batches",
+        )
+    ) == [("forged", 3, 0, 2**64 - 1, True), ("honest", 2, 900, 900, False)]
+    assert query(db, "SELECT sum(raw_bytes) FROM uplink_batches") == [(900,)]
+    assert query(db, "SELECT count(*) FROM telemetry_summary") == [(5,)]
+    assert refusals(db) == [("edge-01", "raw_bytes", 1)]
+
+
+def test_the_storage_quota_makes_the_edge_retry_and_loses_nothing(start_receiver, db, tmp_path):
+    first = seal("edge-01", "alarms", alarms_table(3), priority=0, raw_bytes=10)
+    second = seal("edge-01", "alarms", alarms_table(2, device="fan-2"), priority=0, raw_bytes=20)
+    size = measure_ipc(uplink_pb2.Batch.FromString(first.payload).arrow_ipc, max_bytes=1 << 20)
+    receiver = start_receiver(limits=ReceiverLimits(edge_storage_bytes=size.arrow_bytes + 10))
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    assert outbox.put(first) and outbox.put(second)
+
+    def sender_to(port: int) -> UplinkSender:
+        settings = UplinkSettings(
+            f"127.0.0.1:{port}", "edge-01", SECRET_01, backoff_min_s=0.05, backoff_max_s=0.2
+        )
+        return UplinkSender(outbox, settings)
+
+    sender = sender_to(receiver.port)
+    sender.start()
+    try:
+        wait_for(lambda: outbox.stats().batches == 1, "the first batch to be stored")
+        wait_for(lambda: sender.stats.last_error, "the quota to end a call")
+        time.sleep(0.5)  # several retries, each refused
+        assert outbox.stats().batches == 1
+        assert outbox.stats().rejected == 0
+        assert "RESOURCE_EXHAUSTED: edge 'edge-01' has" in sender.stats.last_error
+    finally:
+        sender.stop()
+    # edge-02 has its own quota
+    assert statuses(push(receiver.port, [make_batch("b-02", "alarms", alarms_table(1), edge="edge-02")], metadata=AUTH_02)) == [("b-02", "STORED")]  # fmt: skip
+    error = push_error(receiver.port, [make_batch("more", "alarms", alarms_table(1))])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details() == (
+        f"edge 'edge-01' has {size.arrow_bytes} bytes stored and its storage quota is "
+        f"{size.arrow_bytes + 10} bytes (--edge-storage-bytes); nothing more is stored for it "
+        "until the quota is raised or its data is deleted; the edge keeps its batches and retries"
+    )
+    receiver.stop()
+    (quota,) = query(db, "SELECT count FROM uplink_refusals WHERE reason = 'storage_quota'")
+    assert quota[0] >= 2
+
+    raised = start_receiver(limits=ReceiverLimits(edge_storage_bytes=0))
+    sender = sender_to(raised.port)
+    sender.start()
+    try:
+        assert sender.flush(10.0)
+    finally:
+        sender.stop()
+        outbox.close()
+    raised.stop()
+    assert query(db, "SELECT device, count(*) FROM alarms GROUP BY ALL ORDER BY ALL") == [
+        ("fan-2", 2),
+        ("pump-7", 4),
+    ]
+
+
+def test_the_rate_quota_paces_one_edge_and_not_the_others(start_receiver, db, caplog):
+    caplog.set_level(logging.INFO, logger="edgesieve.cloud")
+    receiver = start_receiver(limits=ReceiverLimits(edge_batches_per_s=4))
+    many = [make_batch(f"b-{i}", "alarms", alarms_table(1, device=f"d-{i}")) for i in range(12)]
+    other = [
+        make_batch(f"o-{i}", "alarms", alarms_table(1, device=f"o-{i}"), edge="edge-02")
+        for i in range(3)
+    ]
+    timings: dict[str, float] = {}
+
+    def run(name: str, batches: list[uplink_pb2.Batch], metadata: Any) -> None:
+        started = time.monotonic()
+        assert [a.status for a in push(receiver.port, batches, metadata=metadata)] == [
+            STORED
+        ] * len(batches)
+        timings[name] = time.monotonic() - started
+
+    threads = [
+        threading.Thread(target=run, args=("edge-01", many, AUTH_01)),
+        threading.Thread(target=run, args=("edge-02", other, AUTH_02)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    # 4 batches of burst, then 4 per second: 8 more take about 2 s
+    assert timings["edge-01"] >= 1.5, timings
+    assert timings["edge-02"] < 1.0, timings
+    assert re.search(r"Push from edge edge-01 .+; [5-8] batch\(es\) paced [\d.]+ s", caplog.text)
+    receiver.stop()
+    assert query(db, "SELECT count(*) FROM alarms") == [(15,)]
+    (paced,) = refusals(db)
+    assert paced[:2] == ("edge-01", "rate_quota") and 5 <= paced[2] <= 8
+
+
+def test_an_edge_may_hold_only_its_share_of_calls(start_receiver, db):
+    receiver = start_receiver(limits=ReceiverLimits(edge_calls=1))
+    release = threading.Event()
+
+    def slow() -> Iterator[uplink_pb2.Batch]:
+        yield make_batch("first", "alarms", alarms_table(1))
+        release.wait(10)
+
+    with channel(receiver.port) as chan:
+        held = uplink_pb2_grpc.UplinkStub(chan).Push(slow(), metadata=AUTH_01, timeout=10)
+        assert next(held).status == STORED
+        error = push_error(receiver.port, [make_batch("second", "alarms", alarms_table(2))])
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.details() == (
+            "edge 'edge-01' already has 1 Push calls open (--edge-calls); an edge needs one; "
+            "retry once the others have ended"
+        )
+        other = make_batch("other", "alarms", alarms_table(1), edge="edge-02")
+        assert statuses(push(receiver.port, [other], metadata=AUTH_02)) == [("other", "STORED")]
+        release.set()
+        assert list(held) == []
+    again = make_batch("second", "alarms", alarms_table(2))
+    assert statuses(push(receiver.port, [again])) == [("second", "STORED")]
+    receiver.stop()
+    assert refusals(db) == [("edge-01", "calls", 1)]
+
+
+def test_a_database_keyed_by_batch_id_alone_is_rekeyed_and_a_squatted_id_freed(start_receiver, db):
+    real = make_batch("edge-01's", "alarms", alarms_table(2))
+    with duckdb.connect(str(db)) as con:  # an old receiver stored edge-02's squat
+        con.execute(
+            "CREATE TABLE uplink_batches (batch_id VARCHAR PRIMARY KEY, edge_id VARCHAR NOT NULL, "
+            "stream VARCHAR NOT NULL, rows UBIGINT NOT NULL, raw_bytes UBIGINT NOT NULL, "
+            "wire_bytes UBIGINT NOT NULL, received_at TIMESTAMPTZ NOT NULL, priority UINTEGER, "
+            "created_at TIMESTAMPTZ)"
+        )
+        con.execute(
+            "INSERT INTO uplink_batches VALUES (?, 'edge-02', 'alarms', 5, 77, 500, now(), 0, "
+            "NULL)",
+            [real.batch_id],
+        )
+    receiver = start_receiver()
+    assert statuses(push(receiver.port, [real])) == [("edge-01's", "STORED")]
+    receiver.stop()
+    assert sorted(
+        query(
+            db,
+            "SELECT edge_id, rows, arrow_bytes IS NULL, raw_bytes_implausible FROM uplink_batches",
+        )
+    ) == [("edge-01", 2, False, False), ("edge-02", 5, True, False)]
+    assert query(
+        db,
+        "SELECT constraint_column_names FROM duckdb_constraints() "
+        "WHERE table_name = 'uplink_batches' AND constraint_type = 'PRIMARY KEY'",
+    ) == [(["edge_id", "batch_id"],)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"max_batch_bytes": 0},
+            "ReceiverLimits.max_batch_bytes (--max-batch-bytes) must be an int >= 1; got 0",
+        ),
+        (
+            {"edge_calls": True},
+            "ReceiverLimits.edge_calls (--edge-calls) must be an int >= 1; got True",
+        ),
+        (
+            {"edge_storage_bytes": -1},
+            "ReceiverLimits.edge_storage_bytes (--edge-storage-bytes) must be an int >= 0 "
+            "(0 = no limit); got -1",
+        ),
+        (
+            {"max_raw_bytes": 1.5},
+            "ReceiverLimits.max_raw_bytes (--max-raw-bytes) must be an int >= 0 (0 = no limit); "
+            "got 1.5",
+        ),
+    ],
+)
+def test_receiver_limits_errors(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        ReceiverLimits(**kwargs)
+    assert str(info.value) == message
+
+
+def test_receiver_limits_must_be_receiver_limits(db):
+    with pytest.raises(TypeError, match="CloudReceiver limits must be a ReceiverLimits; got dict"):
+        CloudReceiver("127.0.0.1:0", db, EDGES, limits={"edge_calls": 1})
+
+
+# ---------------------------------------------------------------- fuzz
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    out = bytearray(data)
+    for kind, position, value in edits:
+        if not out:
+            break
+        at = position % len(out)
+        if kind == 0:
+            out[at] = value
+        elif kind == 1:
+            del out[at:]
+        else:
+            out[at:at] = bytes([value]) * (1 + value % 9)
+    return bytes(out)
+
+
+FUZZ_SEEDS = [
+    ipc(alarms_table(3)),
+    ipc(summary_table(4)),
+    ipc(pa.table({"flow": [1.0, 2.0], "tags": [["a"], ["b", "c"]]})),
+    ipc(pa.table({"d": pa.array(["u", "v", "u"]).dictionary_encode()})),
+]
+
+
+@st.composite
+def fuzzed_batches(draw: st.DrawFn) -> uplink_pb2.Batch:
+    stream = draw(
+        st.sampled_from(["alarms", "telemetry_summary", "pump_curves", "fz"]) | st.text(max_size=8)
+    )
+    if draw(st.booleans()):
+        seed = draw(st.sampled_from(FUZZ_SEEDS))
+        edits = draw(
+            st.lists(
+                st.tuples(st.integers(0, 2), st.integers(0, 1 << 16), st.integers(0, 255)),
+                max_size=6,
+            )
+        )
+        arrow_ipc = _mutate(seed, edits)
+    else:
+        arrow_ipc = draw(st.binary(max_size=600))
+    right_id = batch_id_of("edge-01", stream, arrow_ipc)
+    return uplink_pb2.Batch(
+        edge_id="edge-01",
+        batch_id=draw(st.just(right_id) | st.text(max_size=300)),
+        stream=stream,
+        rows=draw(st.integers(0, 6) | st.integers(0, 2**64 - 1)),
+        arrow_ipc=arrow_ipc,
+        raw_bytes=draw(st.integers(0, 2**64 - 1)),
+        priority=draw(st.integers(0, 2**32 - 1)),
+        created_at_us=draw(st.integers(-(2**63), 2**63 - 1)),
+    )
+
+
+@given(batch=fuzzed_batches())
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_any_batch_is_answered_with_one_line_and_the_stream_goes_on(receiver, batch):
+    good = make_batch("good", "alarms", alarms_table(1, device="fuzz-canary"))
+    fuzzed, after = push(receiver.port, [batch, good])
+    assert fuzzed.status in (STORED, DUPLICATE, REJECTED)
+    if fuzzed.status == REJECTED:
+        assert fuzzed.detail and "\n" not in fuzzed.detail
+        assert len(fuzzed.detail) < 2000
+    assert after.status in (STORED, DUPLICATE)
