@@ -12,12 +12,22 @@ Per batch the receiver answers (see :mod:`connectors.cloud.store`):
 
 - ``REJECTED`` (with a one-line ``detail``) when the batch can never be
   stored: no ``batch_id``, an ``edge_id`` other than the authenticated key,
-  a new stream whose name cannot be a table, bytes that are not an Arrow IPC
-  stream, a ``rows`` count that disagrees with the Arrow data, columns that do
-  not fit the stream's schema or its table, or a ``batch_id`` already stored
-  for another edge. The stream stays open for the next batch.
-- ``DUPLICATE`` when the ``batch_id`` is already in ``uplink_batches`` (an
-  edge re-sending after a lost ``Ack``); nothing is written.
+  a new stream whose name cannot be a table, bytes that are not a valid
+  Arrow IPC stream, buffers that would expand past the batch size cap or
+  more rows than the row cap (read from the IPC headers, before anything is
+  decompressed), a ``rows`` count that disagrees with the Arrow data, a
+  ``batch_id`` that is not the id of the batch's content, or columns that do
+  not fit the stream's schema or its table. The stream stays open for the
+  next batch.
+- ``DUPLICATE`` when the edge's ``batch_id`` is already in ``uplink_batches``
+  (an edge re-sending after a lost ``Ack``); nothing is decoded or written.
+
+Per edge (:class:`~connectors.cloud.limits.ReceiverLimits`): batches beyond
+the rate quota wait for their turn; a call beyond the edge's open-call limit,
+or once the edge has its storage quota stored, ends with
+``RESOURCE_EXHAUSTED`` and the reason, so the edge keeps its batches and
+retries. A ``raw_bytes`` claim over the cap is stored but not credited. Every
+refusal is counted per edge and reason in ``uplink_refusals``.
 - ``STORED`` once the rows and their ``uplink_batches`` row are committed in
   one DuckDB transaction. Rows whose natural key is already stored (a replay
   after an edge crash sealed them again, under another ``batch_id``) are

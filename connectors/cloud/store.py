@@ -3,13 +3,20 @@
 Tables (the DuckDB file given by ``--db``):
 
 ``uplink_batches``
-    ``batch_id VARCHAR PRIMARY KEY``, ``edge_id``, ``stream``, ``rows``,
+    ``batch_id``, ``edge_id`` (together the primary key), ``stream``, ``rows``,
     ``raw_bytes`` (device payload bytes the batch stands for),
     ``wire_bytes`` (serialized size of the ``Batch`` message),
     ``received_at TIMESTAMPTZ`` (commit time, UTC), ``priority`` and
     ``created_at TIMESTAMPTZ`` (when the edge sealed the batch, NULL if unset),
-    then ``duplicate_rows`` and ``sent_raw_bytes`` (below). ``rows`` counts the
-    rows stored, ``duplicate_rows`` those of the batch that were skipped.
+    then ``duplicate_rows`` and ``sent_raw_bytes`` (below), ``arrow_bytes``
+    (decompressed Arrow size, what the storage quota counts) and
+    ``raw_bytes_implausible`` (the claim was over the cap and credited 0).
+    ``rows`` counts the rows stored, ``duplicate_rows`` those of the batch
+    that were skipped.
+
+``uplink_refusals``
+    ``edge_id``, ``reason``, ``count``, ``last_at``, ``last_detail``: every
+    refusal counted per edge and reason.
 
 one table per stream, named like the stream
     The stream's columns, in schema order and with the DuckDB types of their
@@ -52,8 +59,9 @@ duplicates counts 0 raw bytes (its device bytes were counted with the first
 copy) but its real ``wire_bytes``, so replays lower the reduction ratio
 instead of inflating it.
 
-Per batch :meth:`BatchStore.store` answers ``REJECTED`` (with a one-line
-detail) when the batch can never be stored, ``DUPLICATE`` when its
+:func:`check` reads only the IPC message headers (sizes, rows) and hashes the
+batch, then :meth:`BatchStore.store` answers ``REJECTED`` (with a one-line
+detail) when the batch can never be stored, ``DUPLICATE`` when the edge's
 ``batch_id`` is already in ``uplink_batches``, or ``STORED`` once the rows and
 their ``uplink_batches`` row are committed in one DuckDB transaction. Writes
 are serialised by one lock (one DuckDB writer at a time, which also makes the
