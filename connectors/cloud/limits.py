@@ -27,7 +27,9 @@ __all__ = [
     "DEFAULT_EDGE_STORAGE_BYTES",
     "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MAX_BATCH_ROWS",
+    "DEFAULT_MAX_DECODING_BYTES",
     "DEFAULT_MAX_RAW_BYTES",
+    "DecodeBudget",
     "EdgeQuotas",
     "LIMIT_OPTIONS",
     "IpcSize",
@@ -50,6 +52,8 @@ DEFAULT_EDGE_STORAGE_BYTES = 64 * 1024 * MiB
 """Decompressed Arrow bytes (64 GiB) one edge may have stored in ``uplink_batches``."""
 DEFAULT_EDGE_CALLS = 4
 """``Push`` calls one edge may hold open at once (an edge uses one)."""
+DEFAULT_MAX_DECODING_BYTES = 4 * DEFAULT_MAX_BATCH_BYTES
+"""Decompressed Arrow bytes all calls together may be decoding and storing at once."""
 
 
 LIMIT_OPTIONS: dict[str, tuple[int, str]] = {
@@ -69,6 +73,10 @@ LIMIT_OPTIONS: dict[str, tuple[int, str]] = {
         "decompressed Arrow bytes stored per edge; 0 = no quota",
     ),
     "edge_calls": (DEFAULT_EDGE_CALLS, "Push calls one edge may hold open"),
+    "max_decoding_bytes": (
+        DEFAULT_MAX_DECODING_BYTES,
+        "decompressed Arrow bytes being decoded at once, all calls together",
+    ),
 }
 """Each :class:`ReceiverLimits` field: its default and help (``edgesieve cloud`` options)."""
 
@@ -92,7 +100,9 @@ class ReceiverLimits:
     edge (its batches wait, nothing is refused); ``edge_storage_bytes`` (0 =
     no limit) ends an edge's call with ``RESOURCE_EXHAUSTED`` once it has that
     much stored, and so does a call beyond ``edge_calls`` open ones: the edge
-    keeps its batches and retries.
+    keeps its batches and retries. ``max_decoding_bytes`` bounds the
+    decompressed bytes all calls decode and store at once (a batch waits for
+    room; one larger than it runs alone), which bounds the receiver's memory.
     """
 
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
@@ -102,6 +112,7 @@ class ReceiverLimits:
     edge_bytes_per_s: int = DEFAULT_EDGE_BYTES_PER_S
     edge_storage_bytes: int = DEFAULT_EDGE_STORAGE_BYTES
     edge_calls: int = DEFAULT_EDGE_CALLS
+    max_decoding_bytes: int = DEFAULT_MAX_DECODING_BYTES
 
     def __post_init__(self) -> None:
         for name in (
@@ -110,6 +121,7 @@ class ReceiverLimits:
             "edge_batches_per_s",
             "edge_bytes_per_s",
             "edge_calls",
+            "max_decoding_bytes",
         ):
             _positive(name, getattr(self, name))
         _positive("max_raw_bytes", self.max_raw_bytes, allow_zero=True)
@@ -308,3 +320,34 @@ class EdgeQuotas:
             per_batch.spend(1)
             per_byte.spend(arrow_bytes)
             return wait
+
+
+class DecodeBudget:
+    """Decompressed bytes being decoded at once, over all calls (thread-safe).
+
+    :meth:`reserve` waits until ``nbytes`` fit under the budget, or until
+    nothing else is being decoded (a batch larger than the budget runs
+    alone); it gives up, returning False, when ``stop`` is set.
+    """
+
+    def __init__(self, budget: int, stop: threading.Event) -> None:
+        self._budget = budget
+        self._stop = stop
+        self._used = 0
+        self._room = threading.Condition()
+
+    def reserve(self, nbytes: int) -> bool:
+        """Take ``nbytes`` of the budget once they fit; False if stopping first."""
+        with self._room:
+            while self._used and self._used + nbytes > self._budget:
+                if self._stop.is_set():
+                    return False
+                self._room.wait(0.1)
+            self._used += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        """Give back what :meth:`reserve` took."""
+        with self._room:
+            self._used -= nbytes
+            self._room.notify_all()

@@ -62,7 +62,7 @@ import duckdb
 import grpc
 
 from connectors.cloud.auth import EdgeAuth, load_auth
-from connectors.cloud.limits import EdgeQuotas, ReceiverLimits
+from connectors.cloud.limits import DecodeBudget, EdgeQuotas, ReceiverLimits
 from connectors.cloud.store import (
     BatchStore,
     Outcome,
@@ -174,6 +174,7 @@ class CloudReceiver:
         self.limits = limits if limits is not None else ReceiverLimits()
         self._quotas = EdgeQuotas(self.limits)
         self._stopping = threading.Event()
+        self._decoding = DecodeBudget(self.limits.max_decoding_bytes, self._stopping)
         self._tls = tls
         self._tls_credentials = tls.server_credentials() if tls is not None else None
         self._on_commit = on_commit
@@ -390,10 +391,15 @@ class CloudReceiver:
         elif store.seen(cursor, edge, batch.batch_id):
             outcome = Outcome(DUPLICATE)
         else:
+            if not self._decoding.reserve(checked):
+                msg = "the cloud receiver is stopping"
+                raise _Stopping(msg)
             try:
                 outcome = store.store(cursor, edge, batch, checked)
             except QuotaExceeded as exc:
                 self._refuse(store, cursor, edge, "storage_quota", str(exc))
+            finally:
+                self._decoding.release(checked)
         status, detail = outcome.status, outcome.detail
         if outcome.reason:
             store.count_refusal(cursor, edge, outcome.reason, detail)

@@ -37,7 +37,8 @@ from connectors.cloud import (
     load_auth,
     serve,
 )
-from connectors.cloud.limits import measure_ipc
+from connectors.cloud import store as receiver_store
+from connectors.cloud.limits import DecodeBudget, measure_ipc
 from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, UTC_US
 from connectors.uplink.outbox import Outbox
@@ -1880,3 +1881,35 @@ def test_any_batch_is_answered_with_one_line_and_the_stream_goes_on(receiver, ba
         assert fuzzed.detail and "\n" not in fuzzed.detail
         assert len(fuzzed.detail) < 2000
     assert after.status in (STORED, DUPLICATE)
+
+
+def test_the_decode_budget_makes_batches_wait_for_room():
+    stop = threading.Event()
+    budget = DecodeBudget(100, stop)
+    assert budget.reserve(60)
+    got: list[str] = []
+    waiter = threading.Thread(target=lambda: got.append(f"second {budget.reserve(60)}"))
+    waiter.start()
+    waiter.join(0.3)
+    assert got == []  # 60 + 60 > 100: waits
+    budget.release(60)
+    waiter.join(5)
+    assert got == ["second True"]
+    budget.release(60)
+    assert budget.reserve(500)  # larger than the budget: runs once nothing else does
+    late = threading.Thread(target=lambda: got.append(f"late {budget.reserve(1)}"))
+    late.start()
+    stop.set()
+    late.join(5)
+    assert got[-1] == "late False"
+
+
+@given(batch=fuzzed_batches())
+@settings(max_examples=500, deadline=None)
+def test_any_batch_is_checked_and_decoded_without_an_unexpected_error(batch):
+    """What the gRPC fuzz does, in process and faster: only a rejection may come out."""
+    try:
+        receiver_store.check("edge-01", batch, ReceiverLimits())
+        receiver_store._decode(batch)
+    except receiver_store._Rejected as exc:
+        assert exc.detail and exc.reason
