@@ -190,8 +190,8 @@ def _read(kind: struct.Struct, buf: bytes, pos: int) -> int:
     return int(kind.unpack_from(buf, pos)[0])
 
 
-def _body_bytes(batch: _Table, body: memoryview, max_bytes: int) -> int:
-    """What the buffers of one record batch occupy once decompressed."""
+def _body_bytes(batch: _Table, body: memoryview, room: int, max_bytes: int) -> int:
+    """What the buffers of one record batch occupy once decompressed (counted past ``room``)."""
     compressed = batch.table(3) is not None
     total = 0
     for offset, length in batch.structs(2, 16):
@@ -215,7 +215,7 @@ def _body_bytes(batch: _Table, body: memoryview, max_bytes: int) -> int:
             else:
                 size = claimed
         total += size
-        if total > max_bytes:
+        if total > room:
             break
     for length, _nulls in batch.structs(1, 16):
         if length < 0 or length > 8 * max_bytes:
@@ -266,7 +266,7 @@ def measure_ipc(data: bytes, *, max_bytes: int) -> IpcSize:
         else:
             msg = f"message type {kind} has no place in an IPC stream"
             raise ValueError(msg)
-        total += _body_bytes(batch, body, max_bytes - total)
+        total += _body_bytes(batch, body, max_bytes - total, max_bytes)
         if total > max_bytes:
             break
     if schemas != 1:
