@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     cloud.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS")
     cloud.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     cloud.add_argument("--client-ca", type=Path, help="require client certificates from this CA")
+    from connectors.cloud.limits import LIMIT_OPTIONS
+
+    for name, (default, text) in LIMIT_OPTIONS.items():
+        cloud.add_argument(
+            f"--{name.replace('_', '-')}", type=int, default=default, help=f"{text} ({default})"
+        )
 
     devices = sub.add_parser("devices", help="device registry tools")
     devices_sub = devices.add_subparsers(dest="devices_command", required=True)
@@ -65,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
 def _cloud(args: argparse.Namespace) -> None:
     import threading
 
-    from connectors.cloud import ReceiverTls, serve
+    from connectors.cloud import ReceiverLimits, ReceiverTls, serve
+    from connectors.cloud.limits import LIMIT_OPTIONS
     from flows.runtime import stop_on_signals
 
     tls = None
@@ -74,9 +81,10 @@ def _cloud(args: argparse.Namespace) -> None:
             msg = "TLS needs both --tls-cert and --tls-key (--client-ca adds mutual TLS)"
             raise ConfigError(msg)
         tls = ReceiverTls(args.tls_cert, args.tls_key, args.client_ca)
+    limits = ReceiverLimits(**{name: getattr(args, name) for name in LIMIT_OPTIONS})
     stop = threading.Event()
     with stop_on_signals(stop):
-        serve(args.listen, args.db, args.auth, tls=tls, stop=stop)
+        serve(args.listen, args.db, args.auth, tls=tls, limits=limits, stop=stop)
 
 
 def _mosquitto_config(config_path: Path, out: Path) -> None:

@@ -12,12 +12,22 @@ Per batch the receiver answers (see :mod:`connectors.cloud.store`):
 
 - ``REJECTED`` (with a one-line ``detail``) when the batch can never be
   stored: no ``batch_id``, an ``edge_id`` other than the authenticated key,
-  a new stream whose name cannot be a table, bytes that are not an Arrow IPC
-  stream, a ``rows`` count that disagrees with the Arrow data, columns that do
-  not fit the stream's schema or its table, or a ``batch_id`` already stored
-  for another edge. The stream stays open for the next batch.
-- ``DUPLICATE`` when the ``batch_id`` is already in ``uplink_batches`` (an
-  edge re-sending after a lost ``Ack``); nothing is written.
+  a new stream whose name cannot be a table, bytes that are not a valid
+  Arrow IPC stream, buffers that would expand past the batch size cap or
+  more rows than the row cap (read from the IPC headers, before anything is
+  decompressed), a ``rows`` count that disagrees with the Arrow data, a
+  ``batch_id`` that is not the id of the batch's content, or columns that do
+  not fit the stream's schema or its table. The stream stays open for the
+  next batch.
+- ``DUPLICATE`` when the edge's ``batch_id`` is already in ``uplink_batches``
+  (an edge re-sending after a lost ``Ack``); nothing is decoded or written.
+
+Per edge (:class:`~connectors.cloud.limits.ReceiverLimits`): batches beyond
+the rate quota wait for their turn; a call beyond the edge's open-call limit,
+or once the edge has its storage quota stored, ends with
+``RESOURCE_EXHAUSTED`` and the reason, so the edge keeps its batches and
+retries. A ``raw_bytes`` claim over the cap is stored but not credited. Every
+refusal is counted per edge and reason in ``uplink_refusals``.
 - ``STORED`` once the rows and their ``uplink_batches`` row are committed in
   one DuckDB transaction. Rows whose natural key is already stored (a replay
   after an edge crash sealed them again, under another ``batch_id``) are
@@ -37,6 +47,7 @@ Secrets never appear in logs, errors or ``repr``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -45,13 +56,20 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import duckdb
 import grpc
 
 from connectors.cloud.auth import EdgeAuth, load_auth
-from connectors.cloud.store import BatchStore, Outcome, ReceiverError, StoreFailed
+from connectors.cloud.limits import DecodeBudget, EdgeQuotas, ReceiverLimits
+from connectors.cloud.store import (
+    BatchStore,
+    Outcome,
+    QuotaExceeded,
+    ReceiverError,
+    StoreFailed,
+)
 from connectors.cloud.tls import ReceiverTls
 from connectors.common.address import join_host_port, parse_host_port
 from connectors.uplink.wire import (
@@ -75,6 +93,10 @@ class _Stopping(Exception):
     """A call arrived while the receiver is stopping."""
 
 
+class _Refused(Exception):
+    """A call ended with ``RESOURCE_EXHAUSTED`` (a quota); ``args[0]`` is the detail."""
+
+
 @dataclass
 class _PushStats:
     batches: int = 0
@@ -85,6 +107,8 @@ class _PushStats:
     duplicate_rows: int = 0
     raw_bytes: int = 0
     wire_bytes: int = 0
+    paced: int = 0
+    waited_s: float = 0.0
 
     def count(self, outcome: Outcome, wire_bytes: int) -> None:
         status = outcome.status
@@ -113,7 +137,9 @@ class CloudReceiver:
     at once (one thread each); further calls are refused with
     ``RESOURCE_EXHAUSTED`` and retried by the edge. ``max_message_bytes``
     bounds one ``Batch`` message (larger ones end the call with
-    ``RESOURCE_EXHAUSTED``).
+    ``RESOURCE_EXHAUSTED``). ``limits`` caps each batch and each edge
+    (:class:`~connectors.cloud.limits.ReceiverLimits`; refusals are counted per
+    edge in ``uplink_refusals``).
     """
 
     def __init__(
@@ -126,6 +152,7 @@ class CloudReceiver:
         on_commit: Callable[[str], None] | None = None,
         max_workers: int = DEFAULT_MAX_WORKERS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        limits: ReceiverLimits | None = None,
     ) -> None:
         self._host, _ = parse_host_port(listen, key="CloudReceiver.listen")
         self._listen = listen
@@ -139,8 +166,15 @@ class CloudReceiver:
                 f"CloudReceiver max_message_bytes must be an int >= 1024; got {max_message_bytes!r}"
             )
             raise ValueError(msg)
+        if limits is not None and not isinstance(limits, ReceiverLimits):
+            msg = f"CloudReceiver limits must be a ReceiverLimits; got {type(limits).__name__}"
+            raise TypeError(msg)
         self._max_workers = max_workers
         self._max_message_bytes = max_message_bytes
+        self.limits = limits if limits is not None else ReceiverLimits()
+        self._quotas = EdgeQuotas(self.limits)
+        self._stopping = threading.Event()
+        self._decoding = DecodeBudget(self.limits.max_decoding_bytes, self._stopping)
         self._tls = tls
         self._tls_credentials = tls.server_credentials() if tls is not None else None
         self._on_commit = on_commit
@@ -173,7 +207,7 @@ class CloudReceiver:
         """Open the database, create ``uplink_batches`` if missing, bind and start serving."""
         if self._server is not None:
             return self
-        store = BatchStore(self._db_path)
+        store = BatchStore(self._db_path, self.limits)
         server = grpc.server(
             futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="edgesieve-cloud"),
             maximum_concurrent_rpcs=self._max_workers,
@@ -196,6 +230,7 @@ class CloudReceiver:
             )
             raise ReceiverError(msg) from None
         self._store = store
+        self._stopping.clear()
         server.start()
         self._server = server
         self._port = port
@@ -213,6 +248,7 @@ class CloudReceiver:
         server, self._server = self._server, None
         if server is None:
             return
+        self._stopping.set()
         server.stop(grace).wait(grace + 5.0)
         deadline = time.monotonic() + grace + 5.0
         with self._calls:
@@ -261,20 +297,50 @@ class CloudReceiver:
         stats = _PushStats()
         started = time.monotonic()
         ended = "cut short"
+        entered = False
         try:
+            entered = self._quotas.enter_call(edge)
+            if not entered:
+                self._refuse(
+                    store,
+                    cursor,
+                    edge,
+                    "calls",
+                    f"edge {edge!r} already has {self.limits.edge_calls} Push calls open "
+                    "(--edge-calls); an edge needs one; retry once the others have ended",
+                )
+            refusal = store.over_quota(edge)
+            if refusal is not None:
+                self._refuse(store, cursor, edge, "storage_quota", refusal)
             for batch in batches:
-                outcome = self._handle(store, cursor, edge, batch)
+                outcome = self._handle(store, cursor, edge, batch, stats)
                 stats.count(outcome, batch.ByteSize())
                 yield uplink_pb2.Ack(
                     batch_id=batch.batch_id, status=outcome.status, detail=outcome.detail
                 )
             ended = "ended"
+        except _Refused:
+            ended = "refused"
+            raise
         finally:
+            if entered:
+                self._quotas.leave_call(edge)
+            if stats.paced:
+                with contextlib.suppress(StoreFailed, RuntimeError):
+                    store.count_refusal(
+                        cursor,
+                        edge,
+                        "rate_quota",
+                        f"{stats.paced} batch(es) waited {stats.waited_s:.2f} s in all for the "
+                        f"rate quota ({self.limits.edge_batches_per_s} batches/s, "
+                        f"{self.limits.edge_bytes_per_s} bytes/s)",
+                        stats.paced,
+                    )
             self._leave_call(cursor)
             logger.info(
                 "Push from edge %s (%s) %s after %.2f s: %d batch(es): %d stored, "
                 "%d duplicate, %d rejected; %d rows, %d raw bytes stored, %d duplicate rows "
-                "skipped, %d wire bytes received",
+                "skipped, %d wire bytes received; %d batch(es) paced %.2f s by the rate quota",
                 edge,
                 peer,
                 ended,
@@ -287,7 +353,22 @@ class CloudReceiver:
                 stats.raw_bytes,
                 stats.duplicate_rows,
                 stats.wire_bytes,
+                stats.paced,
+                stats.waited_s,
             )
+
+    def _refuse(
+        self,
+        store: BatchStore,
+        cursor: duckdb.DuckDBPyConnection,
+        edge: str,
+        reason: str,
+        detail: str,
+    ) -> NoReturn:
+        """Count a quota refusal of ``edge`` and end its call with ``RESOURCE_EXHAUSTED``."""
+        logger.warning("edge %s: Push call refused (%s): %s", edge, reason, detail)
+        store.count_refusal(cursor, edge, reason, detail)
+        raise _Refused(detail)
 
     def _handle(
         self,
@@ -295,14 +376,46 @@ class CloudReceiver:
         cursor: duckdb.DuckDBPyConnection,
         edge: str,
         batch: uplink_pb2.Batch,
+        stats: _PushStats,
     ) -> Outcome:
-        outcome = store.store(cursor, edge, batch)
+        checked = store.check(edge, batch)
+        wait = self._quotas.pace(edge, 0 if isinstance(checked, Outcome) else checked)
+        if wait > 0:
+            stats.paced += 1
+            stats.waited_s += wait
+            if self._stopping.wait(wait):
+                msg = "the cloud receiver is stopping"
+                raise _Stopping(msg)
+        if isinstance(checked, Outcome):
+            outcome = checked
+        elif store.seen(cursor, edge, batch.batch_id):
+            outcome = Outcome(DUPLICATE)
+        else:
+            if not self._decoding.reserve(checked):
+                msg = "the cloud receiver is stopping"
+                raise _Stopping(msg)
+            try:
+                outcome = store.store(cursor, edge, batch, checked)
+            except QuotaExceeded as exc:
+                self._refuse(store, cursor, edge, "storage_quota", str(exc))
+            finally:
+                self._decoding.release(checked)
         status, detail = outcome.status, outcome.detail
+        if outcome.reason:
+            store.count_refusal(cursor, edge, outcome.reason, detail)
         if status == REJECTED:
             logger.warning(
                 "edge %s: batch %r (%s) rejected: %s", edge, batch.batch_id, batch.stream, detail
             )
-        elif status == STORED and self._on_commit is not None:
+        elif status == STORED and outcome.reason:
+            logger.warning(
+                "edge %s: batch %r (%s) stored with a note: %s",
+                edge,
+                batch.batch_id,
+                batch.stream,
+                detail,
+            )
+        if status == STORED and self._on_commit is not None:
             self._on_commit(batch.batch_id)
         logger.debug(
             "edge %s: batch %r (%s, %d rows, %d raw bytes, %d wire bytes): %s",
@@ -338,6 +451,8 @@ class _Servicer(uplink_pb2_grpc.UplinkServicer):
             yield from self._receiver._push(edge, request_iterator, peer)
         except _Stopping:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the cloud receiver is stopping; retry")
+        except _Refused as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except StoreFailed as exc:
             logger.error("edge %s: storing failed, rolled back: %s", edge, exc)
             context.abort(
@@ -352,6 +467,7 @@ def serve(
     auth_file: Path,
     *,
     tls: ReceiverTls | None = None,
+    limits: ReceiverLimits | None = None,
     stop: threading.Event,
 ) -> None:
     """Run the receiver until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT).
@@ -362,5 +478,5 @@ def serve(
     opened or the address cannot be bound.
     """
     edges = load_auth(auth_file)
-    with CloudReceiver(listen, db, edges, tls=tls):
+    with CloudReceiver(listen, db, edges, tls=tls, limits=limits):
         stop.wait()

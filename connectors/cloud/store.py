@@ -3,13 +3,20 @@
 Tables (the DuckDB file given by ``--db``):
 
 ``uplink_batches``
-    ``batch_id VARCHAR PRIMARY KEY``, ``edge_id``, ``stream``, ``rows``,
+    ``batch_id``, ``edge_id`` (together the primary key), ``stream``, ``rows``,
     ``raw_bytes`` (device payload bytes the batch stands for),
     ``wire_bytes`` (serialized size of the ``Batch`` message),
     ``received_at TIMESTAMPTZ`` (commit time, UTC), ``priority`` and
     ``created_at TIMESTAMPTZ`` (when the edge sealed the batch, NULL if unset),
-    then ``duplicate_rows`` and ``sent_raw_bytes`` (below). ``rows`` counts the
-    rows stored, ``duplicate_rows`` those of the batch that were skipped.
+    then ``duplicate_rows`` and ``sent_raw_bytes`` (below), ``arrow_bytes``
+    (decompressed Arrow size, what the storage quota counts) and
+    ``raw_bytes_implausible`` (the claim was over the cap and credited 0).
+    ``rows`` counts the rows stored, ``duplicate_rows`` those of the batch
+    that were skipped.
+
+``uplink_refusals``
+    ``edge_id``, ``reason``, ``count``, ``last_at``, ``last_detail``: every
+    refusal counted per edge and reason.
 
 one table per stream, named like the stream
     The stream's columns, in schema order and with the DuckDB types of their
@@ -52,8 +59,9 @@ duplicates counts 0 raw bytes (its device bytes were counted with the first
 copy) but its real ``wire_bytes``, so replays lower the reduction ratio
 instead of inflating it.
 
-Per batch :meth:`BatchStore.store` answers ``REJECTED`` (with a one-line
-detail) when the batch can never be stored, ``DUPLICATE`` when its
+:func:`check` reads only the IPC message headers (sizes, rows) and hashes the
+batch, then :meth:`BatchStore.store` answers ``REJECTED`` (with a one-line
+detail) when the batch can never be stored, ``DUPLICATE`` when the edge's
 ``batch_id`` is already in ``uplink_batches``, or ``STORED`` once the rows and
 their ``uplink_batches`` row are committed in one DuckDB transaction. Writes
 are serialised by one lock (one DuckDB writer at a time, which also makes the
@@ -75,16 +83,19 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from connectors.cloud.limits import ReceiverLimits, measure_ipc
 from connectors.streams import STREAMS, StreamSpec, conform
-from connectors.uplink.wire import DUPLICATE, MAX_BATCH_ID_LENGTH, REJECTED, STORED
+from connectors.uplink.wire import DUPLICATE, MAX_BATCH_ID_LENGTH, REJECTED, STORED, batch_id_of
 from protos import uplink_pb2
 
 __all__ = [
     "BATCHES_TABLE",
     "NATURAL_KEYS",
+    "REFUSALS_TABLE",
     "STREAM_NAME",
     "BatchStore",
     "Outcome",
+    "QuotaExceeded",
     "ReceiverError",
     "StoreFailed",
     "natural_key",
@@ -143,10 +154,21 @@ class Outcome(NamedTuple):
     rows: int = 0
     duplicates: int = 0
     raw_bytes: int = 0
+    reason: str = ""
+    """The refusal counted in ``uplink_refusals`` (a rejection, or ``raw_bytes`` not credited)."""
 
 
 class _Rejected(Exception):
-    """A batch that will never be stored; ``args[0]`` is the Ack detail."""
+    """A batch that will never be stored: ``detail`` for the Ack, ``reason`` for the count."""
+
+    def __init__(self, detail: str, reason: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.reason = reason
+
+
+class QuotaExceeded(Exception):
+    """An edge has its storage quota stored; ``args[0]`` is the one-line reason."""
 
 
 def one_line(text: object) -> str:
@@ -181,9 +203,8 @@ class _Decoded:
     """The column whose larger value supersedes a stored row of the same key (``SUPERSEDED_BY``)."""
 
 
-_CREATE_BATCHES = f"""
-CREATE TABLE IF NOT EXISTS {BATCHES_TABLE} (
-    batch_id VARCHAR PRIMARY KEY,
+_BATCHES_COLUMNS = """
+    batch_id VARCHAR NOT NULL,
     edge_id VARCHAR NOT NULL,
     stream VARCHAR NOT NULL,
     rows UBIGINT NOT NULL,
@@ -193,25 +214,61 @@ CREATE TABLE IF NOT EXISTS {BATCHES_TABLE} (
     priority UINTEGER,
     created_at TIMESTAMPTZ,
     duplicate_rows UBIGINT NOT NULL DEFAULT 0,
-    sent_raw_bytes UBIGINT
-)
+    sent_raw_bytes UBIGINT,
+    arrow_bytes UBIGINT,
+    raw_bytes_implausible BOOLEAN NOT NULL DEFAULT false,
+    PRIMARY KEY (edge_id, batch_id)
 """
+_CREATE_BATCHES = f"CREATE TABLE IF NOT EXISTS {BATCHES_TABLE} ({_BATCHES_COLUMNS})"
 _MIGRATE_BATCHES = (
     # Databases created before row deduplication: every row was stored.
     f"ALTER TABLE {BATCHES_TABLE} ADD COLUMN IF NOT EXISTS duplicate_rows UBIGINT DEFAULT 0",
     f"ALTER TABLE {BATCHES_TABLE} ADD COLUMN IF NOT EXISTS sent_raw_bytes UBIGINT",
     f"UPDATE {BATCHES_TABLE} SET sent_raw_bytes = raw_bytes WHERE sent_raw_bytes IS NULL",
+    # Databases created before the receiver's limits: sizes unknown, claims credited.
+    f"ALTER TABLE {BATCHES_TABLE} ADD COLUMN IF NOT EXISTS arrow_bytes UBIGINT",
+    f"ALTER TABLE {BATCHES_TABLE} ADD COLUMN IF NOT EXISTS raw_bytes_implausible BOOLEAN "
+    "DEFAULT false",
+)
+# Databases whose batch_id alone was the key: rebuilt keyed by (edge_id, batch_id).
+_OLD_KEY = (
+    "SELECT 1 FROM duckdb_constraints() WHERE table_name = ? AND constraint_type = "
+    "'PRIMARY KEY' AND constraint_column_names = ['batch_id']"
+)
+_REKEY_BATCHES = (
+    f"CREATE TABLE {BATCHES_TABLE}_rekeyed ({_BATCHES_COLUMNS})",
+    f"INSERT INTO {BATCHES_TABLE}_rekeyed BY NAME SELECT * FROM {BATCHES_TABLE}",
+    f"DROP TABLE {BATCHES_TABLE}",
+    f"ALTER TABLE {BATCHES_TABLE}_rekeyed RENAME TO {BATCHES_TABLE}",
+)
+REFUSALS_TABLE = "uplink_refusals"
+"""Refusals counted per edge and reason."""
+_CREATE_REFUSALS = f"""
+CREATE TABLE IF NOT EXISTS {REFUSALS_TABLE} (
+    edge_id VARCHAR NOT NULL,
+    reason VARCHAR NOT NULL,
+    count UBIGINT NOT NULL,
+    last_at TIMESTAMPTZ NOT NULL,
+    last_detail VARCHAR NOT NULL,
+    PRIMARY KEY (edge_id, reason)
+)
+"""
+_STORED_BYTES = (
+    f"SELECT edge_id, sum(coalesce(arrow_bytes, wire_bytes))::UBIGINT FROM {BATCHES_TABLE} "
+    "GROUP BY edge_id"
 )
 
 
 class BatchStore:
-    """The DuckDB file at ``path`` (created with its directory), ``uplink_batches`` ensured.
+    """The DuckDB file at ``path`` (created with its directory), its tables ensured.
 
-    Raises :class:`ReceiverError` when the file cannot be opened.
+    ``limits`` bound what one batch may be and how much one edge may have
+    stored. Raises :class:`ReceiverError` when the file cannot be opened.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, limits: ReceiverLimits | None = None) -> None:
         self.path = Path(path)
+        self.limits = limits if limits is not None else ReceiverLimits()
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,6 +284,13 @@ class BatchStore:
             con.execute(_CREATE_BATCHES)
             for statement in _MIGRATE_BATCHES:
                 con.execute(statement)
+            if con.execute(_OLD_KEY, [BATCHES_TABLE]).fetchall():
+                con.execute("BEGIN TRANSACTION")
+                for statement in _REKEY_BATCHES:
+                    con.execute(statement)
+                con.execute("COMMIT")
+            con.execute(_CREATE_REFUSALS)
+            stored = dict(con.execute(_STORED_BYTES).fetchall())
         except duckdb.Error as exc:
             con.close()
             msg = (
@@ -234,6 +298,7 @@ class BatchStore:
                 f"{one_line(exc)}"
             )
             raise ReceiverError(msg) from None
+        self._stored: dict[str, int] = {edge: int(total) for edge, total in stored.items()}
         self._db: duckdb.DuckDBPyConnection | None = con
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
@@ -250,24 +315,85 @@ class BatchStore:
             if db is not None:
                 db.close()
 
-    def store(
-        self, cursor: duckdb.DuckDBPyConnection, edge: str, batch: uplink_pb2.Batch
-    ) -> Outcome:
-        """Check and store one batch of the authenticated ``edge``: its Ack status and detail.
+    def stored_bytes(self, edge: str) -> int:
+        """Decompressed Arrow bytes of the batches stored for ``edge`` (its storage quota use)."""
+        with self._lock:
+            return self._stored.get(edge, 0)
 
-        Raises :class:`StoreFailed` when the database fails (nothing was stored).
+    def over_quota(self, edge: str, arrow_bytes: int = 0) -> str | None:
+        """Why ``edge`` may not store ``arrow_bytes`` more, or None while it may."""
+        quota = self.limits.edge_storage_bytes
+        stored = self._stored.get(edge, 0)
+        room = stored + arrow_bytes <= quota if arrow_bytes else stored < quota
+        if not quota or room:
+            return None
+        return (
+            f"edge {edge!r} has {stored} bytes stored and its storage quota is {quota} bytes "
+            f"(--edge-storage-bytes); nothing more is stored for it until the quota is raised "
+            "or its data is deleted; the edge keeps its batches and retries"
+        )
+
+    def check(self, edge: str, batch: uplink_pb2.Batch) -> Outcome | int:
+        """The ``REJECTED`` outcome of a batch that fails :func:`check`, else its Arrow bytes."""
+        try:
+            return check(edge, batch, self.limits)
+        except _Rejected as exc:
+            return Outcome(REJECTED, one_line(exc.detail), reason=exc.reason)
+
+    def seen(self, cursor: duckdb.DuckDBPyConnection, edge: str, batch_id: str) -> bool:
+        """Whether ``edge`` has a batch ``batch_id`` stored (its re-send needs no decoding)."""
+        try:
+            return bool(
+                cursor.execute(
+                    f"SELECT 1 FROM {BATCHES_TABLE} WHERE edge_id = ? AND batch_id = ?",
+                    [edge, batch_id],
+                ).fetchall()
+            )
+        except duckdb.Error as exc:
+            msg = f"batch {batch_id!r}: {one_line(exc)}"
+            raise StoreFailed(msg) from exc
+
+    def count_refusal(
+        self, cursor: duckdb.DuckDBPyConnection, edge: str, reason: str, detail: str, n: int = 1
+    ) -> None:
+        """Add ``n`` to the count of ``reason`` for ``edge`` in ``uplink_refusals``."""
+        try:
+            with self._lock:
+                cursor.execute(
+                    f"INSERT INTO {REFUSALS_TABLE} VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                    "SET count = count + excluded.count, last_at = excluded.last_at, "
+                    "last_detail = excluded.last_detail",
+                    [edge, reason, n, datetime.now(UTC), detail[:1000]],
+                )
+        except duckdb.Error as exc:
+            msg = f"the refusal count of edge {edge!r}: {one_line(exc)}"
+            raise StoreFailed(msg) from exc
+
+    def store(
+        self,
+        cursor: duckdb.DuckDBPyConnection,
+        edge: str,
+        batch: uplink_pb2.Batch,
+        arrow_bytes: int,
+    ) -> Outcome:
+        """Decode and store a batch :meth:`check` passed (``arrow_bytes`` is what it gave).
+
+        Raises :class:`StoreFailed` when the database fails (nothing was
+        stored), :class:`QuotaExceeded` when the edge's storage quota has no
+        room for the batch.
         """
         try:
-            decoded = _decode(edge, batch)
-            status, duplicates = self._write(cursor, edge, batch, decoded)
+            decoded = _decode(batch)
+            status, duplicates = self._write(cursor, edge, batch, decoded, arrow_bytes)
         except _Rejected as exc:
-            return Outcome(REJECTED, one_line(exc.args[0]))
+            return Outcome(REJECTED, one_line(exc.detail), reason=exc.reason)
         except duckdb.Error as exc:
             msg = f"batch {batch.batch_id!r} ({batch.stream}): {one_line(exc)}"
             raise StoreFailed(msg) from exc
         if status != STORED:
             return Outcome(status)
         notes = []
+        reason = ""
         if decoded.dropped:
             notes.append(
                 f"stored without column(s) {', '.join(decoded.dropped)}, which stream "
@@ -279,9 +405,26 @@ class BatchStore:
                 f"{duplicates} of {decoded.table.num_rows} rows skipped: their natural key "
                 f"({key}) is already stored"
             )
+        if self._implausible(batch.raw_bytes):
+            reason = "raw_bytes"
+            notes.append(
+                f"raw_bytes {batch.raw_bytes} is over the receiver's cap of "
+                f"{self.limits.max_raw_bytes} per batch (--max-raw-bytes): kept as "
+                "sent_raw_bytes, credited 0"
+            )
         rows = decoded.table.num_rows - duplicates
-        raw = _credited(batch.raw_bytes, rows, duplicates)
-        return Outcome(STORED, "; ".join(notes), rows, duplicates, raw)
+        raw = self._credited(batch.raw_bytes, rows, duplicates)
+        return Outcome(STORED, "; ".join(notes), rows, duplicates, raw, reason)
+
+    def _implausible(self, raw_bytes: int) -> bool:
+        cap = self.limits.max_raw_bytes
+        return bool(cap) and raw_bytes > cap
+
+    def _credited(self, raw_bytes: int, stored: int, duplicates: int) -> int:
+        """The part of a batch's ``raw_bytes`` its stored (not duplicate) rows stand for."""
+        if self._implausible(raw_bytes):
+            return 0
+        return _credited(raw_bytes, stored, duplicates)
 
     def _write(
         self,
@@ -289,21 +432,26 @@ class BatchStore:
         edge: str,
         batch: uplink_pb2.Batch,
         decoded: _Decoded,
+        arrow_bytes: int,
     ) -> tuple[int, int]:
         """Write rows and the ``uplink_batches`` row in one transaction: (status, duplicates)."""
         with self._lock:
             cursor.execute("BEGIN TRANSACTION")
             committed = False
             try:
-                found = cursor.execute(
-                    f"SELECT edge_id FROM {BATCHES_TABLE} WHERE batch_id = ?", [batch.batch_id]
+                seen = cursor.execute(
+                    f"SELECT 1 FROM {BATCHES_TABLE} WHERE edge_id = ? AND batch_id = ?",
+                    [edge, batch.batch_id],
                 ).fetchall()
-                seen = found[0] if found else None
                 duplicates = 0
-                if seen is None:
-                    duplicates = self._insert(cursor, edge, batch, decoded)
+                if not seen:
+                    refusal = self.over_quota(edge, arrow_bytes)
+                    if refusal is not None:
+                        raise QuotaExceeded(refusal)
+                    duplicates = self._insert(cursor, edge, batch, decoded, arrow_bytes)
                     cursor.execute("COMMIT")
                     committed = True
+                    self._stored[edge] = self._stored.get(edge, 0) + arrow_bytes
             finally:
                 if not committed:
                     with contextlib.suppress(duckdb.Error):
@@ -311,22 +459,17 @@ class BatchStore:
                 for view in (_ROWS_VIEW, _EMPTY_VIEW):
                     with contextlib.suppress(duckdb.Error):
                         cursor.unregister(view)
-        if seen is None:
-            return STORED, duplicates
-        if seen[0] != edge:
-            msg = (
-                f"batch_id {batch.batch_id!r} is already stored for another edge; "
-                "batch ids must be unique across edges (derive them from the edge id)"
-            )
-            raise _Rejected(msg)
-        return DUPLICATE, 0
+        if seen:
+            return DUPLICATE, 0
+        return STORED, duplicates
 
-    @staticmethod
     def _insert(
+        self,
         cursor: duckdb.DuckDBPyConnection,
         edge: str,
         batch: uplink_pb2.Batch,
         decoded: _Decoded,
+        arrow_bytes: int,
     ) -> int:
         """Insert the new rows (from Arrow, one statement) and the ``uplink_batches`` row.
 
@@ -354,23 +497,24 @@ class BatchStore:
         stored = int(inserted[0]) if inserted else 0
         duplicates = table.num_rows - stored
         raw = batch.raw_bytes
-        credited = _credited(raw, stored, duplicates)
         cursor.execute(
             f"INSERT INTO {BATCHES_TABLE} (batch_id, edge_id, stream, rows, raw_bytes, "
-            "wire_bytes, received_at, priority, created_at, duplicate_rows, sent_raw_bytes) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "wire_bytes, received_at, priority, created_at, duplicate_rows, sent_raw_bytes, "
+            "arrow_bytes, raw_bytes_implausible) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 batch.batch_id,
                 edge,
                 decoded.stream,
                 stored,
-                credited,
+                self._credited(raw, stored, duplicates),
                 batch.ByteSize(),
                 datetime.now(UTC),
                 batch.priority,
                 _from_us(batch.created_at_us),
                 duplicates,
                 raw,
+                arrow_bytes,
+                self._implausible(raw),
             ],
         )
         return duplicates
@@ -479,7 +623,7 @@ def _check_fits(cursor: duckdb.DuckDBPyConnection, stream: str) -> None:
         f"{'; '.join(differences)}; a stream's columns and types must not change "
         "(give a changed output a new stream name)"
     )
-    raise _Rejected(msg)
+    raise _Rejected(msg, "columns")
 
 
 def _check_stream_name(stream: str) -> None:
@@ -489,44 +633,111 @@ def _check_stream_name(stream: str) -> None:
             "table, so its name must be 1-63 lowercase letters, digits or '_', starting with "
             f"a letter, and not {BATCHES_TABLE!r} (known streams: {', '.join(sorted(STREAMS))})"
         )
-        raise _Rejected(msg)
+        raise _Rejected(msg, "stream")
 
 
-def _decode(edge: str, batch: uplink_pb2.Batch) -> _Decoded:
-    """Check a batch and read its rows; raise :class:`_Rejected` with the Ack detail."""
+def check(edge: str, batch: uplink_pb2.Batch, limits: ReceiverLimits) -> int:
+    """Check a batch without decompressing it: its decompressed Arrow bytes.
+
+    Raises :class:`_Rejected` with the Ack detail: a missing or foreign field,
+    a payload over ``limits`` (read from the IPC message headers), a ``rows``
+    count that disagrees with them, or a ``batch_id`` that is not the one its
+    content gives (:func:`~connectors.uplink.wire.batch_id_of`).
+    """
     if not batch.batch_id:
         msg = "batch has no batch_id; the edge must set a deterministic batch_id"
-        raise _Rejected(msg)
+        raise _Rejected(msg, "batch_id")
     if len(batch.batch_id) > MAX_BATCH_ID_LENGTH:
         msg = f"batch_id is {len(batch.batch_id)} characters long; at most {MAX_BATCH_ID_LENGTH}"
-        raise _Rejected(msg)
+        raise _Rejected(msg, "batch_id")
     if batch.edge_id != edge:
         msg = (
             f"edge_id {batch.edge_id!r} does not match the authenticated edge key {edge!r}; an "
             "edge may push only its own batches (check edge_id and cloud.key in the edge config)"
         )
-        raise _Rejected(msg)
+        raise _Rejected(msg, "edge_id")
     stream = batch.stream
-    spec = STREAMS.get(stream)
-    if spec is None:
+    if stream not in STREAMS:
         _check_stream_name(stream)
     if not batch.arrow_ipc:
         msg = f"stream {stream!r}: arrow_ipc is empty; it must hold an Arrow IPC stream"
-        raise _Rejected(msg)
+        raise _Rejected(msg, "arrow")
+    try:
+        size = measure_ipc(batch.arrow_ipc, max_bytes=limits.max_batch_bytes)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise _unreadable(batch, exc) from None
+    if size.arrow_bytes > limits.max_batch_bytes:
+        msg = (
+            f"stream {stream!r}: arrow_ipc ({len(batch.arrow_ipc)} bytes) expands to at least "
+            f"{size.arrow_bytes} bytes, over the receiver's cap of {limits.max_batch_bytes} "
+            "bytes per batch (--max-batch-bytes); seal smaller batches (cloud.batch_rows)"
+        )
+        raise _Rejected(msg, "too_large")
+    if size.rows > limits.max_batch_rows:
+        msg = (
+            f"stream {stream!r}: the batch holds {size.rows} rows, over the receiver's cap of "
+            f"{limits.max_batch_rows} rows per batch (--max-batch-rows); seal smaller batches "
+            "(cloud.batch_rows)"
+        )
+        raise _Rejected(msg, "too_many_rows")
+    if size.rows != batch.rows:
+        msg = (
+            f"stream {stream!r}: the batch says rows={batch.rows} but its Arrow data holds "
+            f"{size.rows} rows; the batch was built wrongly or corrupted"
+        )
+        raise _Rejected(msg, "rows")
+    expected = batch_id_of(edge, stream, batch.arrow_ipc)
+    if batch.batch_id != expected:
+        msg = (
+            f"batch_id {batch.batch_id[:80]!r} is not the id of this batch's content "
+            f"({expected}): the hex SHA-256 over edge id, stream and arrow_ipc (see "
+            "docs/uplink.md); the batch was built wrongly or corrupted"
+        )
+        raise _Rejected(msg, "batch_id_mismatch")
+    return size.arrow_bytes
+
+
+def _unreadable(batch: uplink_pb2.Batch, exc: Exception) -> _Rejected:
+    msg = (
+        f"stream {batch.stream!r}: arrow_ipc ({len(batch.arrow_ipc)} bytes) is not a readable "
+        f"Arrow IPC stream: {one_line(exc)}"
+    )
+    return _Rejected(msg, "arrow")
+
+
+def _check_names(schema: pa.Schema) -> None:
+    """Read every field name, nested ones too: one that is not UTF-8 raises ``ValueError``."""
+    types = []
+    for field in schema:
+        _ = field.name
+        types.append(field.type)
+    while types:
+        kind = types.pop()
+        if isinstance(kind, pa.DictionaryType):
+            types.append(kind.value_type)
+            continue
+        for i in range(kind.num_fields):
+            child = kind.field(i)
+            _ = child.name
+            types.append(child.type)
+
+
+def _decode(batch: uplink_pb2.Batch) -> _Decoded:
+    """Read the rows of a batch :func:`check` passed; :class:`_Rejected` if they do not fit."""
+    stream = batch.stream
+    spec = STREAMS.get(stream)
     try:
         table = pa.ipc.open_stream(batch.arrow_ipc).read_all()
+        _check_names(table.schema)
+        table.validate(full=True)  # offsets and UTF-8 too, before DuckDB reads the buffers
     except (pa.ArrowException, OSError, ValueError) as exc:
-        msg = (
-            f"stream {stream!r}: arrow_ipc ({len(batch.arrow_ipc)} bytes) is not a readable "
-            f"Arrow IPC stream: {one_line(exc)}"
-        )
-        raise _Rejected(msg) from None
+        raise _unreadable(batch, exc) from None
     if table.num_rows != batch.rows:
         msg = (
             f"stream {stream!r}: the batch says rows={batch.rows} but its Arrow data holds "
             f"{table.num_rows} rows; the batch was built wrongly or corrupted"
         )
-        raise _Rejected(msg)
+        raise _Rejected(msg, "rows")
     dropped = [name for name in _EDGE_COLUMNS if name in table.column_names]
     if spec is None:
         table = table.drop_columns(dropped)
@@ -551,7 +762,7 @@ def _decode(edge: str, batch: uplink_pb2.Batch) -> _Decoded:
     try:
         table = conform(spec, table)
     except (ValueError, TypeError) as exc:
-        raise _Rejected(str(exc)) from None
+        raise _Rejected(str(exc), "columns") from None
     return _Decoded(
         stream,
         table,
@@ -580,17 +791,17 @@ def _check_column_names(stream: str, names: list[str]) -> None:
     """A user's stream needs at least one column and names DuckDB tells apart."""
     if not names:
         msg = f"stream {stream!r}: the batch has no columns besides edge_id and batch_id"
-        raise _Rejected(msg)
+        raise _Rejected(msg, "columns")
     seen: dict[str, str] = {}
     for name in names:
         if not name:
             msg = f"stream {stream!r}: a column has an empty name; name every column"
-            raise _Rejected(msg)
+            raise _Rejected(msg, "columns")
         folded = name.lower()
         if folded in seen:
             msg = (
                 f"stream {stream!r}: columns {seen[folded]!r} and {name!r} would be the same "
                 "DuckDB column (names are case-insensitive); rename one"
             )
-            raise _Rejected(msg)
+            raise _Rejected(msg, "columns")
         seen[folded] = name

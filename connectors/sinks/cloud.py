@@ -34,7 +34,6 @@ batches with other ids; the cloud receiver skips them by their natural key.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from connectors.sinks.timed import TimedFlushPartition
 from connectors.streams import StreamSpec, conform, spec_of, to_table
 from connectors.uplink.batch import Sealed
 from connectors.uplink.outbox import Outbox
-from connectors.uplink.wire import priority_of
+from connectors.uplink.wire import batch_id_of, priority_of
 from protos import uplink_pb2
 
 __all__ = [
@@ -126,16 +125,6 @@ def encode_ipc(table: pa.Table) -> bytes:
     with pa.ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
         writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
-
-
-def batch_id_of(edge_id: str, stream: str, arrow_ipc: bytes) -> str:
-    """The deterministic batch id: hex SHA-256 over edge id, stream and IPC bytes."""
-    digest = hashlib.sha256()
-    for part in (edge_id.encode(), stream.encode()):
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
-    digest.update(arrow_ipc)
-    return digest.hexdigest()
 
 
 def seal(

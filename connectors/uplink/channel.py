@@ -24,8 +24,9 @@ ERROR_HINTS = {
     ),
     grpc.StatusCode.DEADLINE_EXCEEDED: "the network or the receiver is slow",
     grpc.StatusCode.RESOURCE_EXHAUSTED: (
-        "a batch may exceed the receiver's message size limit; seal smaller batches "
-        "(cloud.batch_rows) or raise the receiver's grpc.max_receive_message_length"
+        "the receiver is busy or this edge is over one of its quotas (the detail says which; "
+        "the batches stay in the outbox until it has room), or a batch exceeds the receiver's "
+        "message size limit (seal smaller batches with cloud.batch_rows)"
     ),
     grpc.StatusCode.UNIMPLEMENTED: "the target is not an edgesieve receiver (no Uplink.Push)",
 }

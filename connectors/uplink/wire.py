@@ -2,10 +2,13 @@
 
 The messages themselves are in ``protos/uplink.proto``; this module holds
 what both ends must agree on beyond them: the method path, the metadata
-carrying the credentials, the ``Ack`` statuses and the stream priorities.
+carrying the credentials, the ``Ack`` statuses, the stream priorities and
+how a ``batch_id`` is derived (the receiver checks it).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from protos import uplink_pb2
 
@@ -20,6 +23,7 @@ __all__ = [
     "SECRET_HEADER",
     "STORED",
     "UNAUTHENTICATED_DETAIL",
+    "batch_id_of",
     "priority_of",
     "status_name",
 ]
@@ -69,3 +73,17 @@ def status_name(status: int) -> str:
         return uplink_pb2.Ack.Status.Name(status)
     except ValueError:
         return str(status)
+
+
+def batch_id_of(edge_id: str, stream: str, arrow_ipc: bytes) -> str:
+    """The deterministic batch id: hex SHA-256 over edge id, stream and IPC bytes.
+
+    The edge id and the stream are each preceded by their UTF-8 length as 8
+    bytes big-endian; the receiver recomputes the id and rejects a mismatch.
+    """
+    digest = hashlib.sha256()
+    for part in (edge_id.encode(), stream.encode()):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    digest.update(arrow_ipc)
+    return digest.hexdigest()

@@ -277,6 +277,14 @@ def test_cloud_tls_needs_cert_and_key(tmp_path, capsys):
     assert "TLS needs both --tls-cert and --tls-key" in capsys.readouterr().err
 
 
+def test_cloud_limit_options_are_checked(tmp_path, capsys):
+    args = ["cloud", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.duckdb"), "--auth", str(tmp_path / "a.yaml")]
+    assert main([*args, "--max-batch-rows", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "edgesieve: error: ReceiverLimits.max_batch_rows (--max-batch-rows) must be an int >= 1; got 0\n"
+    )
+
+
 def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
     import socket
 
@@ -284,7 +292,7 @@ def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
     import pyarrow as pa
 
     from connectors.streams import STREAMS, to_table
-    from connectors.uplink.wire import KEY_HEADER, SECRET_HEADER
+    from connectors.uplink.wire import KEY_HEADER, SECRET_HEADER, batch_id_of
     from operators.threshold import Alarm
     from protos import uplink_pb2, uplink_pb2_grpc
 
@@ -304,8 +312,10 @@ def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
             w.write_table(table)
-        batch = uplink_pb2.Batch(edge_id="edge-01", batch_id="b-1", stream="alarms", priority=0, rows=1,
-                                 arrow_ipc=sink.getvalue().to_pybytes(), raw_bytes=4096)
+        arrow_ipc = sink.getvalue().to_pybytes()
+        batch_id = batch_id_of("edge-01", "alarms", arrow_ipc)
+        batch = uplink_pb2.Batch(edge_id="edge-01", batch_id=batch_id, stream="alarms", priority=0, rows=1,
+                                 arrow_ipc=arrow_ipc, raw_bytes=4096)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=20)
         stub = uplink_pb2_grpc.UplinkStub(channel)
@@ -313,7 +323,7 @@ def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
             list(stub.Push(iter([batch]), metadata=[(KEY_HEADER, "edge-01"), (SECRET_HEADER, "wrong")], timeout=10))
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         acks = list(stub.Push(iter([batch]), metadata=[(KEY_HEADER, "edge-01"), (SECRET_HEADER, secret)], timeout=10))
-        assert [(a.batch_id, a.status) for a in acks] == [("b-1", uplink_pb2.Ack.STORED)]
+        assert [(a.batch_id, a.status) for a in acks] == [(batch_id, uplink_pb2.Ack.STORED)]
         channel.close()
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
@@ -322,5 +332,5 @@ def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
             proc.kill()
     assert proc.returncode == 0
     with duckdb.connect(str(db), read_only=True) as con:
-        assert con.sql("select batch_id, rows, raw_bytes from uplink_batches").fetchall() == [("b-1", 1, 4096)]
+        assert con.sql("select batch_id, rows, raw_bytes from uplink_batches").fetchall() == [(batch_id, 1, 4096)]
         assert con.sql("select device, rule, state from alarms").fetchall() == [("pump-7", "iso_zone_d", "raised")]

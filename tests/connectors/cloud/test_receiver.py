@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +19,12 @@ from typing import Any
 
 import duckdb
 import grpc
+import numpy as np
 import pyarrow as pa
 import pytest
 import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from connectors.cloud import (
     AuthError,
@@ -27,13 +32,26 @@ from connectors.cloud import (
     EdgeAuth,
     EdgeCredentials,
     ReceiverError,
+    ReceiverLimits,
     ReceiverTls,
     load_auth,
     serve,
 )
+from connectors.cloud import store as receiver_store
+from connectors.cloud.limits import DecodeBudget, measure_ipc
+from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, UTC_US
-from connectors.uplink.wire import KEY_HEADER, SECRET_HEADER, UNAUTHENTICATED_DETAIL
+from connectors.uplink.outbox import Outbox
+from connectors.uplink.sender import UplinkSender
+from connectors.uplink.settings import UplinkSettings
+from connectors.uplink.wire import (
+    KEY_HEADER,
+    SECRET_HEADER,
+    UNAUTHENTICATED_DETAIL,
+    batch_id_of,
+)
 from protos import uplink_pb2, uplink_pb2_grpc
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).parents[3]
 SECRET_01 = "s3cret-edge-01-Qx7vN2kLp9"
@@ -102,8 +120,12 @@ def ipc(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+LABELS: dict[str, str] = {}
+"""Real batch id -> the short name a test gave it (acks and queries show the name)."""
+
+
 def make_batch(
-    batch_id: str,
+    label: str,
     stream: str,
     table: pa.Table,
     *,
@@ -111,14 +133,19 @@ def make_batch(
     raw_bytes: int | None = None,
     rows: int | None = None,
     priority: int = 1,
+    batch_id: str | None = None,
 ) -> uplink_pb2.Batch:
+    """A batch with the id its content gives (``batch_id`` forces another), named ``label``."""
+    arrow_ipc = ipc(table)
+    real = batch_id_of(edge, stream, arrow_ipc)
+    LABELS[real] = label
     return uplink_pb2.Batch(
         edge_id=edge,
-        batch_id=batch_id,
+        batch_id=real if batch_id is None else batch_id,
         stream=stream,
         priority=priority,
         rows=table.num_rows if rows is None else rows,
-        arrow_ipc=ipc(table),
+        arrow_ipc=arrow_ipc,
         raw_bytes=100 * table.num_rows if raw_bytes is None else raw_bytes,
         created_at_us=int((T0 - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1_000_000),
     )
@@ -155,13 +182,32 @@ def push_error(port: int, batches: Iterable[uplink_pb2.Batch], **kwargs: Any) ->
 
 
 def statuses(acks: list[uplink_pb2.Ack]) -> list[tuple[str, str]]:
-    return [(ack.batch_id, uplink_pb2.Ack.Status.Name(ack.status)) for ack in acks]
+    return [(label(ack.batch_id), uplink_pb2.Ack.Status.Name(ack.status)) for ack in acks]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_labels() -> Iterator[None]:
+    LABELS.clear()
+    yield
+    LABELS.clear()
+
+
+def real_id(name: str) -> str:
+    """The real batch id of the one batch of this test named ``name``."""
+    (found,) = [real for real, given in LABELS.items() if given == name]
+    return found
+
+
+def label(value: Any) -> Any:
+    """The test's name for a real batch id; any other value as it is."""
+    return LABELS.get(value, value) if isinstance(value, str) else value
 
 
 def query(db: Path, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-    """Read the receiver's DuckDB file (after the receiver is stopped)."""
+    """Read the receiver's DuckDB file (after the receiver is stopped); batch ids as labels."""
     with duckdb.connect(str(db), read_only=True) as con:
-        return con.execute(sql, params or []).fetchall()
+        rows = con.execute(sql, params or []).fetchall()
+    return [tuple(label(value) for value in row) for row in rows]
 
 
 def tables(db: Path) -> set[str]:
@@ -237,7 +283,7 @@ def test_batches_of_two_streams_are_stored_with_their_accounting(receiver, db, c
         "received_at FROM uplink_batches ORDER BY received_at",
     )
     expected = [
-        (b.batch_id, "edge-01", b.stream, b.rows, b.raw_bytes, b.ByteSize(), b.priority, T0)
+        (label(b.batch_id), "edge-01", b.stream, b.rows, b.raw_bytes, b.ByteSize(), b.priority, T0)
         for b in batches
     ]
     assert [row[:8] for row in rows] == expected
@@ -258,20 +304,19 @@ def test_batches_of_two_streams_are_stored_with_their_accounting(receiver, db, c
         assert list(columns)[-2:] == ["edge_id", "batch_id"]
         assert columns["window_start"] == "TIMESTAMP WITH TIME ZONE"
         assert columns["count"] == "BIGINT"
-        per_batch = con.execute(
-            "SELECT batch_id, edge_id, count(*) FROM telemetry_summary GROUP BY ALL ORDER BY 1"
-        ).fetchall()
-        assert per_batch == [("b-sum-1", "edge-01", 3), ("b-sum-2", "edge-01", 2)]
-        alarms = con.execute(
-            "SELECT device, ts, rule, state, severity, value, key, edge_id, batch_id "
-            "FROM alarms ORDER BY ts"
-        ).fetchall()
+    per_batch = query(db, "SELECT batch_id, edge_id, count(*) FROM telemetry_summary GROUP BY ALL")
+    assert sorted(per_batch) == [("b-sum-1", "edge-01", 3), ("b-sum-2", "edge-01", 2)]
+    alarms = query(
+        db,
+        "SELECT device, ts, rule, state, severity, value, key, edge_id, batch_id "
+        "FROM alarms ORDER BY ts",
+    )
     assert [row[:7] for row in alarms] == [tuple(r.values()) for r in a1.to_pylist()]
     assert {row[7:] for row in alarms} == {("edge-01", "b-alarm-1")}
 
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert any(
-        "batch 'b-alarm-1' (alarms, 4 rows, 999 raw bytes" in line and "STORED" in line
+        f"batch {batches[1].batch_id!r} (alarms, 4 rows, 999 raw bytes" in line and "STORED" in line
         for line in debug
     )
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Push from")]
@@ -296,19 +341,27 @@ def test_a_repeated_batch_id_is_acknowledged_duplicate_and_not_stored_again(rece
     assert query(db, "SELECT batch_id, rows FROM uplink_batches") == [("b-1", 3)]
 
 
-def test_a_batch_id_stored_for_another_edge_is_rejected(receiver, db):
-    assert statuses(push(receiver.port, [make_batch("b-1", "alarms", alarms_table(2))])) == [
-        ("b-1", "STORED")
-    ]
-    again = make_batch("b-1", "alarms", alarms_table(5), edge="edge-02")
-    (ack,) = push(receiver.port, [again], metadata=AUTH_02)
-    assert ack.status == REJECTED
-    assert ack.detail == (
-        "batch_id 'b-1' is already stored for another edge; batch ids must be unique across "
-        "edges (derive them from the edge id)"
-    )
+def test_no_edge_can_squat_or_overwrite_another_edges_batch_id(receiver, db):
+    real = make_batch("edge-01's", "alarms", alarms_table(2))
+    squat = make_batch("squat", "alarms", alarms_table(5), edge="edge-02", batch_id=real.batch_id)
+    copied = uplink_pb2.Batch()
+    copied.CopyFrom(real)
+    copied.edge_id = "edge-02"  # edge-01's very bytes and id, sent as edge-02's
+    acks = push(receiver.port, [squat, copied], metadata=AUTH_02)
+    assert statuses(acks) == [("edge-01's", "REJECTED"), ("edge-01's", "REJECTED")]
+    for ack in acks:
+        assert re.fullmatch(
+            rf"batch_id '{real.batch_id}' is not the id of this batch's content \([0-9a-f]{{64}}\): "
+            r"the hex SHA-256 over edge id, stream and arrow_ipc \(see docs/uplink.md\); the "
+            r"batch was built wrongly or corrupted",
+            ack.detail,
+        ), ack.detail
+    assert statuses(push(receiver.port, [real])) == [("edge-01's", "STORED")]
     receiver.stop()
     assert query(db, "SELECT edge_id, count(*) FROM alarms GROUP BY ALL") == [("edge-01", 2)]
+    assert query(db, "SELECT edge_id, reason, count FROM uplink_refusals") == [
+        ("edge-02", "batch_id_mismatch", 2)
+    ]
 
 
 def test_concurrent_edges_are_all_stored(receiver, db):
@@ -418,7 +471,7 @@ def test_a_new_stream_creates_its_table_and_later_batches_append(receiver, db):
         (3.0, [1.0, 3.0], "edge-01", "pc-2"),
         (4.0, [1.0, 4.0], "edge-01", "pc-2"),
     ]
-    assert query(db, "SELECT batch_id, stream, rows FROM uplink_batches ORDER BY 1") == [
+    assert sorted(query(db, "SELECT batch_id, stream, rows FROM uplink_batches ORDER BY 1")) == [
         ("pc-1", "pump_curves", 3),
         ("pc-2", "pump_curves", 2),
     ]
@@ -447,7 +500,10 @@ def test_a_batch_that_does_not_fit_its_new_streams_table_is_rejected(receiver, d
     assert f"rejected: {acks[0].detail}" in caplog.text
     receiver.stop()
     assert query(db, "SELECT count(*) FROM pump_curves") == [(3,)]
-    assert query(db, "SELECT batch_id FROM uplink_batches ORDER BY 1") == [("pc-1",), ("pc-3",)]
+    assert sorted(query(db, "SELECT batch_id FROM uplink_batches ORDER BY 1")) == [
+        ("pc-1",),
+        ("pc-3",),
+    ]
 
 
 # ---------------------------------------------------------------- rows deduplicated by natural key
@@ -480,7 +536,10 @@ def test_the_same_rows_under_another_batch_id_are_stored_once(receiver, db, capl
     caplog.set_level(logging.INFO, logger="edgesieve.cloud")
     table = summary_table(5)
     first = make_batch("b-1", "telemetry_summary", table, raw_bytes=5_000)
-    replay = make_batch("b-1-replayed", "telemetry_summary", table, raw_bytes=4_000)
+    # Sealed again after an edge crash: the same rows, cut and ordered differently.
+    replay = make_batch(
+        "b-1-replayed", "telemetry_summary", table.take([4, 3, 2, 1, 0]), raw_bytes=4_000
+    )
     acks = push(receiver.port, [first, replay])
     assert statuses(acks) == [("b-1", "STORED"), ("b-1-replayed", "STORED")]
     assert acks[0].detail == ""
@@ -491,8 +550,8 @@ def test_the_same_rows_under_another_batch_id_are_stored_once(receiver, db, capl
     receiver.stop()
     assert query(db, "SELECT batch_id, count(*) FROM telemetry_summary GROUP BY 1") == [("b-1", 5)]
     # The replayed batch is recorded (its wire bytes were spent) but credits no raw bytes.
-    assert query(db, DEDUP, ["b-1"]) == [(5, 0, 5_000, 5_000)]
-    assert query(db, DEDUP, ["b-1-replayed"]) == [(0, 5, 0, 4_000)]
+    assert query(db, DEDUP, [real_id("b-1")]) == [(5, 0, 5_000, 5_000)]
+    assert query(db, DEDUP, [real_id("b-1-replayed")]) == [(0, 5, 0, 4_000)]
     assert re.search(
         r"2 stored, 0 duplicate, 0 rejected; 5 rows, 5000 raw bytes stored, "
         r"5 duplicate rows skipped",
@@ -514,12 +573,19 @@ def test_a_window_sent_again_more_complete_replaces_the_stored_row(receiver, db)
             make_batch("b-stale", "telemetry_summary", stale),
         ],
     )
-    assert statuses(acks) == [("b-early", "STORED"), ("b-complete", "STORED"), ("b-stale", "STORED")]
+    assert statuses(acks) == [
+        ("b-early", "STORED"),
+        ("b-complete", "STORED"),
+        ("b-stale", "STORED"),
+    ]
     receiver.stop()
     rows = query(db, "SELECT window_start, count, batch_id FROM telemetry_summary ORDER BY 1")
     assert [(c, b) for _, c, b in rows] == [(10, "b-early"), (15, "b-complete"), (12, "b-early")]
-    assert query(db, DEDUP, ["b-complete"])[0][:2] == (1, 2)  # one row replaced, two skipped
-    assert query(db, DEDUP, ["b-stale"])[0][:2] == (0, 3)
+    assert query(db, DEDUP, [real_id("b-complete")])[0][:2] == (
+        1,
+        2,
+    )  # one row replaced, two skipped
+    assert query(db, DEDUP, [real_id("b-stale")])[0][:2] == (0, 3)
 
 
 def test_repeats_of_a_window_within_one_batch_keep_the_largest_count(receiver, db):
@@ -547,7 +613,7 @@ def test_a_partly_replayed_batch_stores_only_its_new_rows(receiver, db):
     )
     assert stored == [(m, "b-old") for m in range(6)] + [(m, "b-new") for m in range(6, 9)]
     # raw bytes credited in proportion to the stored rows: 601 * 3 // 6
-    assert query(db, DEDUP, ["b-new"]) == [(3, 3, 300, 601)]
+    assert query(db, DEDUP, [real_id("b-new")]) == [(3, 3, 300, 601)]
     assert query(db, "SELECT sum(rows), sum(duplicate_rows) FROM uplink_batches") == [(9, 3)]
 
 
@@ -559,7 +625,7 @@ def test_a_key_repeated_within_one_batch_is_stored_once(receiver, db):
     assert ack.detail.startswith("1 of 3 rows skipped")
     receiver.stop()
     assert query(db, "SELECT key FROM telemetry_points ORDER BY key") == [("h",), ("t",)]
-    assert query(db, DEDUP, ["b-1"]) == [(2, 1, 200, 300)]
+    assert query(db, DEDUP, [real_id("b-1")]) == [(2, 1, 200, 300)]
 
 
 # Per standard stream: rows differing in one key column are all kept; the same key
@@ -594,11 +660,14 @@ def test_each_standard_stream_is_deduplicated_by_its_natural_key(
     )
     assert [ack.status for ack in acks] == [STORED, STORED]
     receiver.stop()
-    assert query(db, f"SELECT batch_id, count(*) FROM {stream} GROUP BY 1 ORDER BY 1") == [
+    assert sorted(query(db, f"SELECT batch_id, count(*) FROM {stream} GROUP BY 1 ORDER BY 1")) == [
         ("b-1", 1),
         ("b-2", 1),
     ]
-    assert query(db, "SELECT duplicate_rows FROM uplink_batches ORDER BY batch_id") == [(0,), (1,)]
+    assert sorted(query(db, "SELECT batch_id, duplicate_rows FROM uplink_batches")) == [
+        ("b-1", 0),
+        ("b-2", 1),
+    ]
 
 
 def test_the_same_rows_from_two_edges_are_both_stored(receiver, db):
@@ -619,9 +688,9 @@ def test_a_user_stream_like_a_standard_one_uses_its_key_and_others_only_the_batc
         receiver.port,
         [
             make_batch("l-1", "pressure_summary", like),
-            make_batch("l-2", "pressure_summary", like),
+            make_batch("l-2", "pressure_summary", like.take([1, 0])),
             make_batch("c-1", "pump_curves", custom),
-            make_batch("c-2", "pump_curves", custom),
+            make_batch("c-2", "pump_curves", custom.take([1, 0])),
         ],
     )
     assert [ack.status for ack in acks] == [STORED] * 4
@@ -655,7 +724,7 @@ def test_a_database_from_before_deduplication_is_migrated_on_open(start_receiver
         "SELECT batch_id, rows, duplicate_rows, raw_bytes, sent_raw_bytes FROM uplink_batches "
         "ORDER BY batch_id",
     ) == [("new", 1, 2, 100, 300), ("old", 2, 0, 77, 77)]
-    assert query(db, "SELECT batch_id, count(*) FROM alarms GROUP BY 1 ORDER BY 1") == [
+    assert sorted(query(db, "SELECT batch_id, count(*) FROM alarms GROUP BY 1 ORDER BY 1")) == [
         ("new", 1),
         ("old", 2),
     ]
@@ -714,7 +783,7 @@ def test_bad_credentials_are_refused_before_any_batch_is_read(
     assert SECRET_01 not in caplog.text and SECRET_02 not in caplog.text
     receiver.stop()
     assert query(db, "SELECT count(*) FROM uplink_batches") == [(0,)]
-    assert tables(db) == {"uplink_batches"}
+    assert tables(db) == {"uplink_batches", "uplink_refusals"}
 
 
 def test_an_unknown_key_is_logged_cut_to_64_characters(receiver, caplog):
@@ -814,12 +883,12 @@ REJECTIONS = [
         id="edge-id-mismatch",
     ),
     pytest.param(
-        lambda: make_batch("", "alarms", alarms_table(2)),
+        lambda: make_batch("no id", "alarms", alarms_table(2), batch_id=""),
         r"batch has no batch_id; the edge must set a deterministic batch_id",
         id="no-batch-id",
     ),
     pytest.param(
-        lambda: make_batch("b" * 257, "alarms", alarms_table(2)),
+        lambda: make_batch("long id", "alarms", alarms_table(2), batch_id="b" * 257),
         r"batch_id is 257 characters long; at most 256",
         id="long-batch-id",
     ),
@@ -854,7 +923,11 @@ def test_a_bad_batch_is_rejected_and_the_stream_goes_on(receiver, db, caplog, ma
     bad = make_bad()
     good = make_batch("good", "alarms", alarms_table(3))
     acks = push(receiver.port, [bad, good, make_batch("good", "alarms", alarms_table(3))])
-    assert statuses(acks) == [(bad.batch_id, "REJECTED"), ("good", "STORED"), ("good", "DUPLICATE")]
+    assert statuses(acks) == [
+        (label(bad.batch_id), "REJECTED"),
+        ("good", "STORED"),
+        ("good", "DUPLICATE"),
+    ]
     assert re.fullmatch(detail, acks[0].detail), acks[0].detail
     assert "\n" not in acks[0].detail
     assert f"rejected: {acks[0].detail}" in caplog.text
@@ -867,10 +940,11 @@ def test_a_database_fault_ends_the_call_internal_and_stores_nothing(start_receiv
     with duckdb.connect(str(db)) as con:  # a table changed by hand, missing most columns
         con.execute("CREATE TABLE alarms (device VARCHAR)")
     receiver = start_receiver()
-    error = push_error(receiver.port, [make_batch("b-1", "alarms", alarms_table(2))])
+    batch = make_batch("b-1", "alarms", alarms_table(2))
+    error = push_error(receiver.port, [batch])
     assert error.code() == grpc.StatusCode.INTERNAL
     assert re.fullmatch(
-        r"the receiver could not store batch 'b-1' \(alarms\): Binder Error: .+ "
+        rf"the receiver could not store batch '{batch.batch_id}' \(alarms\): Binder Error: .+ "
         r"\(nothing was stored; retry later\)",
         error.details(),
     ), error.details()
@@ -967,7 +1041,7 @@ def test_a_crash_between_commit_and_ack_is_answered_duplicate_after_restart(tmp_
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
-    assert query(db, "SELECT batch_id, count(*) FROM alarms GROUP BY ALL ORDER BY 1") == [
+    assert sorted(query(db, "SELECT batch_id, count(*) FROM alarms GROUP BY ALL ORDER BY 1")) == [
         ("b-crash", 4),
         ("b-next", 1),
     ]
@@ -1016,12 +1090,14 @@ def test_tls_clients_are_served_and_plaintext_clients_are_not(start_receiver, tl
     assert statuses(push(receiver.port, [batch], credentials=client_credentials(ca))) == [
         ("b-tls", "STORED")
     ]
-    error = push_error(receiver.port, [make_batch("b-plain", "alarms", alarms_table(2))])
+    error = push_error(
+        receiver.port, [make_batch("b-plain", "alarms", alarms_table(2, device="fan-3"))]
+    )
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     other_ca = trustme.CA()
     error = push_error(
         receiver.port,
-        [make_batch("b-other", "alarms", alarms_table(2))],
+        [make_batch("b-other", "alarms", alarms_table(2, device="fan-2"))],
         credentials=client_credentials(other_ca),
     )
     assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -1058,7 +1134,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(
     assert statuses(acks) == [("b-mtls", "STORED")]
     error = push_error(
         receiver.port,
-        [make_batch("b-mtls-2", "alarms", alarms_table(2))],
+        [make_batch("b-mtls-2", "alarms", alarms_table(2, device="fan-2"))],
         credentials=client_credentials(ca, client),
         metadata=((KEY_HEADER, "edge-01"), (SECRET_HEADER, SECRET_02)),
     )
@@ -1412,3 +1488,429 @@ def test_serve_fails_fast_on_a_bad_auth_file(tmp_path, db):
     with pytest.raises(AuthError, match="no edges are listed"):
         serve("127.0.0.1:0", db, write_auth(tmp_path, "edges: []\n"), tls=None, stop=stop)
     assert not db.exists()
+
+
+# ---------------------------------------------------------------- limits and quotas
+
+
+def refusals(db: Path) -> list[tuple[Any, ...]]:
+    return query(db, "SELECT edge_id, reason, count FROM uplink_refusals ORDER BY ALL")
+
+
+def zeros_table(nbytes: int) -> pa.Table:
+    """A user stream whose one int64 column of zeros compresses about 1000:1."""
+    return pa.table({"x": pa.array(np.zeros(nbytes // 8, dtype=np.int64))})
+
+
+def test_measure_ipc_reads_sizes_and_rows_from_the_headers():
+    table = pa.table(
+        {
+            "n": pa.array(range(1000), type=pa.int64()),
+            "s": ["x" * 10] * 1000,
+            "l": [[1.0, 2.0]] * 1000,
+            "d": pa.array(["u", "v"] * 500).dictionary_encode(),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.slice(0, 400))
+        writer.write_table(table.slice(400))
+    plain = measure_ipc(sink.getvalue().to_pybytes(), max_bytes=1 << 30)
+    compressed = measure_ipc(ipc(table), max_bytes=1 << 30)
+    assert plain.rows == compressed.rows == 1000
+    assert table.nbytes <= compressed.arrow_bytes <= table.nbytes + 1000
+    assert plain.arrow_bytes >= table.nbytes
+    assert measure_ipc(ipc(table.slice(0, 0)), max_bytes=1) == (0, 0)
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=300, deadline=None)
+def test_measure_ipc_of_any_bytes_returns_or_raises_value_error(data):
+    try:
+        size = measure_ipc(data, max_bytes=1 << 20)
+    except (ValueError, pa.ArrowException, OSError):
+        return
+    assert size.arrow_bytes >= 0 and size.rows >= 0
+
+
+def test_a_batch_that_expands_past_the_cap_is_rejected_before_it_is_decompressed(tmp_path):
+    """The probe: ~10 KB of zstd that would expand to 100 MB, against the real CLI process."""
+    auth = write_auth(tmp_path, AUTH_YAML)
+    db = tmp_path / "cloud.duckdb"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "cloud",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--db",
+            str(db),
+            "--auth",
+            str(auth),
+        ],  # fmt: skip
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        good = make_batch("good", "alarms", alarms_table(3))
+        with channel(port) as chan:
+            grpc.channel_ready_future(chan).result(timeout=30)
+        assert statuses(push(port, [good])) == [("good", "STORED")]
+        before = peak_rss(proc.pid)
+        bomb = make_batch("bomb", "bomb", zeros_table(100 * 1024 * 1024))
+        assert len(bomb.arrow_ipc) < 100_000
+        (ack,) = push(port, [bomb])
+        grown = peak_rss(proc.pid) - before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert (label(ack.batch_id), ack.status) == ("bomb", REJECTED)
+    assert ack.detail == (
+        f"stream 'bomb': arrow_ipc ({len(bomb.arrow_ipc)} bytes) expands to at least "
+        f"{100 * 1024 * 1024} bytes, over the receiver's cap of 67108864 bytes per batch "
+        "(--max-batch-bytes); seal smaller batches (cloud.batch_rows)"
+    )
+    assert grown < 20 * 1024 * 1024, f"receiver peak RSS grew {grown} bytes"
+    assert proc.returncode == 0, err
+    assert query(db, "SELECT batch_id FROM uplink_batches") == [("good",)]
+    assert "bomb" not in tables(db)
+    assert refusals(db) == [("edge-01", "too_large", 1)]
+
+
+def peak_rss(pid: int) -> int:
+    """The peak resident set size of process ``pid`` in bytes (Linux ``VmHWM``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def test_a_batch_over_the_row_cap_is_rejected(start_receiver, db):
+    receiver = start_receiver(limits=ReceiverLimits(max_batch_rows=3))
+    acks = push(
+        receiver.port,
+        [
+            make_batch("four", "alarms", alarms_table(4)),
+            make_batch("three", "alarms", alarms_table(3)),
+        ],
+    )
+    assert statuses(acks) == [("four", "REJECTED"), ("three", "STORED")]
+    assert acks[0].detail == (
+        "stream 'alarms': the batch holds 4 rows, over the receiver's cap of 3 rows per batch "
+        "(--max-batch-rows); seal smaller batches (cloud.batch_rows)"
+    )
+    receiver.stop()
+    assert refusals(db) == [("edge-01", "too_many_rows", 1)]
+
+
+def test_a_forged_raw_bytes_claim_is_stored_flagged_and_not_credited(receiver, db, caplog):
+    forged = make_batch("forged", "telemetry_summary", summary_table(3), raw_bytes=2**64 - 1)
+    honest = make_batch("honest", "telemetry_summary", summary_table(2, start=3), raw_bytes=900)
+    acks = push(receiver.port, [forged, honest])
+    assert statuses(acks) == [("forged", "STORED"), ("honest", "STORED")]
+    assert acks[0].detail == (
+        f"raw_bytes {2**64 - 1} is over the receiver's cap of {2**40} per batch "
+        "(--max-raw-bytes): kept as sent_raw_bytes, credited 0"
+    )
+    assert acks[1].detail == ""
+    assert f"stored with a note: {acks[0].detail}" in caplog.text
+    receiver.stop()
+    assert sorted(
+        query(
+            db,
+            "SELECT batch_id, rows, raw_bytes, sent_raw_bytes, raw_bytes_implausible "
+            "FROM uplink_batches",
+        )
+    ) == [("forged", 3, 0, 2**64 - 1, True), ("honest", 2, 900, 900, False)]
+    assert query(db, "SELECT sum(raw_bytes) FROM uplink_batches") == [(900,)]
+    assert query(db, "SELECT count(*) FROM telemetry_summary") == [(5,)]
+    assert refusals(db) == [("edge-01", "raw_bytes", 1)]
+
+
+def test_the_storage_quota_makes_the_edge_retry_and_loses_nothing(start_receiver, db, tmp_path):
+    first = seal("edge-01", "alarms", alarms_table(3), priority=0, raw_bytes=10)
+    second = seal("edge-01", "alarms", alarms_table(2, device="fan-2"), priority=0, raw_bytes=20)
+    size = measure_ipc(uplink_pb2.Batch.FromString(first.payload).arrow_ipc, max_bytes=1 << 20)
+    receiver = start_receiver(limits=ReceiverLimits(edge_storage_bytes=size.arrow_bytes + 10))
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    assert outbox.put(first) and outbox.put(second)
+
+    def sender_to(port: int) -> UplinkSender:
+        settings = UplinkSettings(
+            f"127.0.0.1:{port}", "edge-01", SECRET_01, backoff_min_s=0.05, backoff_max_s=0.2
+        )
+        return UplinkSender(outbox, settings)
+
+    sender = sender_to(receiver.port)
+    sender.start()
+    try:
+        wait_for(lambda: outbox.stats().batches == 1, "the first batch to be stored")
+        wait_for(lambda: sender.stats.last_error, "the quota to end a call")
+        time.sleep(0.5)  # several retries, each refused
+        assert outbox.stats().batches == 1
+        assert outbox.stats().rejected == 0
+        assert "RESOURCE_EXHAUSTED: edge 'edge-01' has" in sender.stats.last_error
+    finally:
+        sender.stop()
+    # edge-02 has its own quota
+    assert statuses(push(receiver.port, [make_batch("b-02", "alarms", alarms_table(1), edge="edge-02")], metadata=AUTH_02)) == [("b-02", "STORED")]  # fmt: skip
+    error = push_error(receiver.port, [make_batch("more", "alarms", alarms_table(1))])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details() == (
+        f"edge 'edge-01' has {size.arrow_bytes} bytes stored and its storage quota is "
+        f"{size.arrow_bytes + 10} bytes (--edge-storage-bytes); nothing more is stored for it "
+        "until the quota is raised or its data is deleted; the edge keeps its batches and retries"
+    )
+    receiver.stop()
+    (quota,) = query(db, "SELECT count FROM uplink_refusals WHERE reason = 'storage_quota'")
+    assert quota[0] >= 2
+
+    raised = start_receiver(limits=ReceiverLimits(edge_storage_bytes=0))
+    sender = sender_to(raised.port)
+    sender.start()
+    try:
+        assert sender.flush(10.0)
+    finally:
+        sender.stop()
+        outbox.close()
+    raised.stop()
+    assert query(db, "SELECT device, count(*) FROM alarms GROUP BY ALL ORDER BY ALL") == [
+        ("fan-2", 2),
+        ("pump-7", 4),
+    ]
+
+
+def test_the_rate_quota_paces_one_edge_and_not_the_others(start_receiver, db, caplog):
+    caplog.set_level(logging.INFO, logger="edgesieve.cloud")
+    receiver = start_receiver(limits=ReceiverLimits(edge_batches_per_s=4))
+    many = [make_batch(f"b-{i}", "alarms", alarms_table(1, device=f"d-{i}")) for i in range(12)]
+    other = [
+        make_batch(f"o-{i}", "alarms", alarms_table(1, device=f"o-{i}"), edge="edge-02")
+        for i in range(3)
+    ]
+    timings: dict[str, float] = {}
+
+    def run(name: str, batches: list[uplink_pb2.Batch], metadata: Any) -> None:
+        started = time.monotonic()
+        assert [a.status for a in push(receiver.port, batches, metadata=metadata)] == [
+            STORED
+        ] * len(batches)
+        timings[name] = time.monotonic() - started
+
+    threads = [
+        threading.Thread(target=run, args=("edge-01", many, AUTH_01)),
+        threading.Thread(target=run, args=("edge-02", other, AUTH_02)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    # 4 batches of burst, then 4 per second: 8 more take about 2 s
+    assert timings["edge-01"] >= 1.5, timings
+    assert timings["edge-02"] < timings["edge-01"] / 2, timings
+    assert re.search(r"Push from edge edge-01 .+; [5-8] batch\(es\) paced [\d.]+ s", caplog.text)
+    assert re.search(r"Push from edge edge-02 .+; 0 batch\(es\) paced 0.00 s", caplog.text)
+    receiver.stop()
+    assert query(db, "SELECT count(*) FROM alarms") == [(15,)]
+    (paced,) = refusals(db)
+    assert paced[:2] == ("edge-01", "rate_quota") and 5 <= paced[2] <= 8
+
+
+def test_an_edge_may_hold_only_its_share_of_calls(start_receiver, db):
+    receiver = start_receiver(limits=ReceiverLimits(edge_calls=1))
+    release = threading.Event()
+
+    def slow() -> Iterator[uplink_pb2.Batch]:
+        yield make_batch("first", "alarms", alarms_table(1))
+        release.wait(10)
+
+    with channel(receiver.port) as chan:
+        held = uplink_pb2_grpc.UplinkStub(chan).Push(slow(), metadata=AUTH_01, timeout=10)
+        assert next(held).status == STORED
+        error = push_error(receiver.port, [make_batch("second", "alarms", alarms_table(2))])
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.details() == (
+            "edge 'edge-01' already has 1 Push calls open (--edge-calls); an edge needs one; "
+            "retry once the others have ended"
+        )
+        other = make_batch("other", "alarms", alarms_table(1), edge="edge-02")
+        assert statuses(push(receiver.port, [other], metadata=AUTH_02)) == [("other", "STORED")]
+        release.set()
+        assert list(held) == []
+    again = make_batch("second", "alarms", alarms_table(2))
+    assert statuses(push(receiver.port, [again])) == [("second", "STORED")]
+    receiver.stop()
+    assert refusals(db) == [("edge-01", "calls", 1)]
+
+
+def test_a_database_keyed_by_batch_id_alone_is_rekeyed_and_a_squatted_id_freed(start_receiver, db):
+    real = make_batch("edge-01's", "alarms", alarms_table(2))
+    with duckdb.connect(str(db)) as con:  # an old receiver stored edge-02's squat
+        con.execute(
+            "CREATE TABLE uplink_batches (batch_id VARCHAR PRIMARY KEY, edge_id VARCHAR NOT NULL, "
+            "stream VARCHAR NOT NULL, rows UBIGINT NOT NULL, raw_bytes UBIGINT NOT NULL, "
+            "wire_bytes UBIGINT NOT NULL, received_at TIMESTAMPTZ NOT NULL, priority UINTEGER, "
+            "created_at TIMESTAMPTZ)"
+        )
+        con.execute(
+            "INSERT INTO uplink_batches VALUES (?, 'edge-02', 'alarms', 5, 77, 500, now(), 0, "
+            "NULL)",
+            [real.batch_id],
+        )
+    receiver = start_receiver()
+    assert statuses(push(receiver.port, [real])) == [("edge-01's", "STORED")]
+    receiver.stop()
+    assert sorted(
+        query(
+            db,
+            "SELECT edge_id, rows, arrow_bytes IS NULL, raw_bytes_implausible FROM uplink_batches",
+        )
+    ) == [("edge-01", 2, False, False), ("edge-02", 5, True, False)]
+    assert query(
+        db,
+        "SELECT constraint_column_names FROM duckdb_constraints() "
+        "WHERE table_name = 'uplink_batches' AND constraint_type = 'PRIMARY KEY'",
+    ) == [(["edge_id", "batch_id"],)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"max_batch_bytes": 0},
+            "ReceiverLimits.max_batch_bytes (--max-batch-bytes) must be an int >= 1; got 0",
+        ),
+        (
+            {"edge_calls": True},
+            "ReceiverLimits.edge_calls (--edge-calls) must be an int >= 1; got True",
+        ),
+        (
+            {"edge_storage_bytes": -1},
+            "ReceiverLimits.edge_storage_bytes (--edge-storage-bytes) must be an int >= 0 "
+            "(0 = no limit); got -1",
+        ),
+        (
+            {"max_raw_bytes": 1.5},
+            "ReceiverLimits.max_raw_bytes (--max-raw-bytes) must be an int >= 0 (0 = no limit); "
+            "got 1.5",
+        ),
+    ],
+)
+def test_receiver_limits_errors(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        ReceiverLimits(**kwargs)
+    assert str(info.value) == message
+
+
+def test_receiver_limits_must_be_receiver_limits(db):
+    with pytest.raises(TypeError, match="CloudReceiver limits must be a ReceiverLimits; got dict"):
+        CloudReceiver("127.0.0.1:0", db, EDGES, limits={"edge_calls": 1})
+
+
+# ---------------------------------------------------------------- fuzz
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    out = bytearray(data)
+    for kind, position, value in edits:
+        if not out:
+            break
+        at = position % len(out)
+        if kind == 0:
+            out[at] = value
+        elif kind == 1:
+            del out[at:]
+        else:
+            out[at:at] = bytes([value]) * (1 + value % 9)
+    return bytes(out)
+
+
+FUZZ_SEEDS = [
+    ipc(alarms_table(3)),
+    ipc(summary_table(4)),
+    ipc(pa.table({"flow": [1.0, 2.0], "tags": [["a"], ["b", "c"]]})),
+    ipc(pa.table({"d": pa.array(["u", "v", "u"]).dictionary_encode()})),
+]
+
+
+@st.composite
+def fuzzed_batches(draw: st.DrawFn) -> uplink_pb2.Batch:
+    stream = draw(
+        st.sampled_from(["alarms", "telemetry_summary", "pump_curves", "fz"]) | st.text(max_size=8)
+    )
+    if draw(st.booleans()):
+        seed = draw(st.sampled_from(FUZZ_SEEDS))
+        edits = draw(
+            st.lists(
+                st.tuples(st.integers(0, 2), st.integers(0, 1 << 16), st.integers(0, 255)),
+                max_size=6,
+            )
+        )
+        arrow_ipc = _mutate(seed, edits)
+    else:
+        arrow_ipc = draw(st.binary(max_size=600))
+    right_id = batch_id_of("edge-01", stream, arrow_ipc)
+    return uplink_pb2.Batch(
+        edge_id="edge-01",
+        batch_id=draw(st.just(right_id) | st.text(max_size=300)),
+        stream=stream,
+        rows=draw(st.integers(0, 6) | st.integers(0, 2**64 - 1)),
+        arrow_ipc=arrow_ipc,
+        raw_bytes=draw(st.integers(0, 2**64 - 1)),
+        priority=draw(st.integers(0, 2**32 - 1)),
+        created_at_us=draw(st.integers(-(2**63), 2**63 - 1)),
+    )
+
+
+@given(batch=fuzzed_batches())
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_any_batch_is_answered_with_one_line_and_the_stream_goes_on(receiver, batch):
+    good = make_batch("good", "alarms", alarms_table(1, device="fuzz-canary"))
+    fuzzed, after = push(receiver.port, [batch, good])
+    assert fuzzed.status in (STORED, DUPLICATE, REJECTED)
+    if fuzzed.status == REJECTED:
+        assert fuzzed.detail and "\n" not in fuzzed.detail
+        assert len(fuzzed.detail) < 2000
+    assert after.status in (STORED, DUPLICATE)
+
+
+def test_the_decode_budget_makes_batches_wait_for_room():
+    stop = threading.Event()
+    budget = DecodeBudget(100, stop)
+    assert budget.reserve(60)
+    got: list[str] = []
+    waiter = threading.Thread(target=lambda: got.append(f"second {budget.reserve(60)}"))
+    waiter.start()
+    waiter.join(0.3)
+    assert got == []  # 60 + 60 > 100: waits
+    budget.release(60)
+    waiter.join(5)
+    assert got == ["second True"]
+    budget.release(60)
+    assert budget.reserve(500)  # larger than the budget: runs once nothing else does
+    late = threading.Thread(target=lambda: got.append(f"late {budget.reserve(1)}"))
+    late.start()
+    stop.set()
+    late.join(5)
+    assert got[-1] == "late False"
+
+
+@given(batch=fuzzed_batches())
+@settings(max_examples=500, deadline=None)
+def test_any_batch_is_checked_and_decoded_without_an_unexpected_error(batch):
+    """What the gRPC fuzz does, in process and faster: only a rejection may come out."""
+    try:
+        receiver_store.check("edge-01", batch, ReceiverLimits())
+        receiver_store._decode(batch)
+    except receiver_store._Rejected as exc:
+        assert exc.detail and exc.reason
