@@ -120,9 +120,12 @@ def _closing(response: web.Response) -> web.Response:
 
 
 def _first_line(text: str, most: int = 120) -> str:
-    """One line of an aiohttp message, with any token in it redacted."""
-    line = _TOKEN_IN_PATH.sub(r"\1<token>", text.strip().split("\n", 1)[0]).rstrip(":. ")
-    return line[:most]
+    """The first line of an aiohttp message, without the request bytes it quotes.
+
+    Those bytes may hold a token; any token left in the line is redacted too.
+    """
+    line = re.split(r":\s*(?:b'|b\"|bytearray\()", text.strip().split("\n", 1)[0])[0]
+    return _TOKEN_IN_PATH.sub(r"\1<token>", line).rstrip(":. ")[:most]
 
 
 class _RedactParseErrors(logging.Filter):

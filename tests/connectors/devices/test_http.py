@@ -763,6 +763,13 @@ def test_requests_aiohttp_cannot_parse_get_json_errors(serve, caplog):
         ),
         f"POST {path} HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n": "Invalid header",
         f"POST {path} HTTP/9.9\r\nHost: x\r\n\r\n": "",
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 9000}\r\n\r\n": (
+            "Got more than 8190 bytes when reading; hint"
+        ),
+        f"POST {path}{'t' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n": (
+            "Got more than 8190 bytes when reading; hint"
+        ),
+        "\x16\x03\x01 tls hello\r\n\r\n": "Received HTTPS traffic on an HTTP port; hint",
         f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n": "",
     }
     for request, detail in cases.items():
