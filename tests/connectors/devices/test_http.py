@@ -924,3 +924,25 @@ def test_max_requests_per_device_is_checked(bad):
         rf"\(got {re.escape(repr(bad))}\); hint: 8 lets a device pipeline a few requests",
     ):
         HttpServer("127.0.0.1:0", device_registry(), Ingress(), max_requests_per_device=bad)
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr("connectors.devices.http.KEEPALIVE_TIMEOUT_S", 0.5)
+    ingress = Ingress()
+    server = HttpServer("127.0.0.1:0", device_registry(), ingress)
+    partition = DeviceServers(ingress, [server]).build("http", 0, 1)
+    with (
+        contextlib.closing(partition),
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock,
+    ):
+        started = time.monotonic()
+        sock.sendall(f"POST /api/v1/{TOKEN_1}/telemetry HTTP/1.1\r\nHost: x\r\n".encode())
+        for _ in range(3):  # trickle a header line now and then
+            time.sleep(0.2)
+            with contextlib.suppress(OSError):
+                sock.sendall(b"X-Slow: 1\r\n")
+        assert sock.recv(4096) == b""  # closed by the server, without an answer
+        assert time.monotonic() - started < 3
+    no_tracebacks(caplog)
+    assert len(ingress) == 0 and not server._in_flight
