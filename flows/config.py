@@ -34,6 +34,7 @@ __all__ = [
     "DeadbandSection",
     "CloudSection",
     "EdgeConfig",
+    "HttpSection",
     "ListenSection",
     "MqttSection",
     "JournalSection",
@@ -81,11 +82,18 @@ class ListenSection(_Section):
         return self
 
 
+class HttpSection(ListenSection):
+    """``transports.http``: the HTTP device API."""
+
+    max_requests_per_device: int = Field(8, gt=0)
+    """Requests one device may have in progress at once (503 beyond)."""
+
+
 class TransportsSection(_Section):
     """``transports``: how devices reach the edge."""
 
     mqtt: MqttSection | None = None
-    http: ListenSection | None = None
+    http: HttpSection | None = None
     coap: ListenSection | None = None
     queue_messages: int = Field(10_000, gt=0)
     """Bound of the hand-off queue of the HTTP and CoAP servers (503 / 5.03 beyond)."""

@@ -100,7 +100,14 @@ def _servers(config: EdgeConfig, ingress: Ingress) -> list[DeviceServer]:
     if transports.http is not None:
         from connectors.devices.http import HttpServer
 
-        servers.append(HttpServer(transports.http.listen, registry, ingress))
+        servers.append(
+            HttpServer(
+                transports.http.listen,
+                registry,
+                ingress,
+                max_requests_per_device=transports.http.max_requests_per_device,
+            )
+        )
     if transports.coap is not None:
         from connectors.devices.coap import CoapServer
 

@@ -4,8 +4,10 @@ Devices log in with username = device id and password = access token; the
 edge logs in with an account of its own (:class:`EdgeAccount`). One set of
 rules says who may do what:
 
-- a device publishes only ``v1/devices/{its id}/telemetry`` and
-  ``v1/devices/{its id}/vibration``, and reads only ``v1/devices/{its id}/alarms``;
+- a device publishes only its own data topics, ``v1/devices/{its id}/`` +
+  ``telemetry``, ``vibration``, ``attributes`` or ``logs`` (:data:`DEVICE_CHANNELS`),
+  and reads only ``v1/devices/{its id}/alarms``: it can neither speak for
+  another device nor forge its own alarms;
 - the edge reads every device's telemetry and vibration (also through shared
   subscriptions ``$share/{group}/...``) and publishes every device's alarms;
 - anyone else, anonymous clients included, is refused.
@@ -37,6 +39,7 @@ __all__ = [
     "ACL_FILE",
     "CONF_FILE",
     "FLOW_CONTROL_LINES",
+    "DEVICE_CHANNELS",
     "DEVICE_RULES",
     "EDGE_RULES",
     "PASSWORD_FILE",
@@ -92,14 +95,19 @@ EDGE_RULES: tuple[TopicRule, ...] = (
 )
 """What the edge account may do."""
 
+DEVICE_CHANNELS = ("telemetry", "vibration", "attributes", "logs")
+"""The topics under ``v1/devices/{id}/`` a device publishes (ThingsBoard's device topic names)."""
+
 DEVICE_RULES: tuple[TopicRule, ...] = (
-    TopicRule("write", "v1/devices/%u/#"),
+    *(TopicRule("write", f"v1/devices/%u/{channel}") for channel in DEVICE_CHANNELS),
     TopicRule("read", "v1/devices/%u/alarms"),
 )
 """What every device may do, ``%u`` being its own id (mosquitto ``pattern`` lines).
 
-Writing is the device API contract's ``pattern write v1/devices/%u/#``: a
-device speaks only under its own id, never for another device."""
+A device speaks only under its own id and only on its data topics: the
+``alarms`` topic, which its subscribers trust to come from the edge, and any
+other topic are denied, so a device can forge neither another device's data
+nor its own alarms."""
 
 
 @dataclass(frozen=True)
@@ -235,8 +243,8 @@ def acl_file(edge: EdgeAccount) -> str:
         raise TypeError(msg)
     lines = [
         "# mosquitto ACL of the edgesieve device API: a device (user name = device id)",
-        "# publishes under its own v1/devices/<id>/ and reads its alarms; the edge reads",
-        "# every device and publishes alarms. Anything not listed is denied.",
+        "# publishes its own data topics and reads its own alarms; the edge reads every",
+        "# device's telemetry and vibration and publishes alarms. Anything else is denied.",
         *(f"pattern {rule.access} {rule.topic}" for rule in DEVICE_RULES),
         "",
         f"user {edge.username}",

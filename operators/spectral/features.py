@@ -17,10 +17,40 @@ import numpy as np
 
 from operators.spectral.config import SpectralConfig
 
-__all__ = ["AXIS_NAMES", "Features", "Frames", "Plan", "frame_results", "row_features"]
+__all__ = [
+    "AXIS_NAMES",
+    "MAX_ABS_SAMPLE",
+    "SILENT_PEAK",
+    "CONSTANT_SPREAD",
+    "Features",
+    "Frames",
+    "Plan",
+    "frame_results",
+    "row_features",
+]
 
 AXIS_NAMES = ("x", "y", "z")
 """Names of the axes of a block, in column order."""
+
+MAX_ABS_SAMPLE = 1e100
+"""Largest ``|sample|`` in m/s² the operator computes features of (blocks beyond are refused).
+
+Every feature of samples within it is a finite float64: powers of FFT sums
+stay far below 1.8e308. EVB1 cannot exceed about 1.2e77 (float32 × float32 scale).
+"""
+
+SILENT_PEAK = 1e-100
+"""A frame whose largest ``|sample - frame mean|`` is at most this (m/s²) has no vibration.
+
+So does a frame whose samples vary by at most :data:`CONSTANT_SPREAD` times
+its mean (the rounding of a constant signal's mean). Such a frame counts as
+exactly zero; a row of them has ``rms``, ``peak``, velocity and band
+energies ``0.0`` and ``crest_factor`` and ``kurtosis`` (ratios to an RMS of
+0) ``None``.
+"""
+
+CONSTANT_SPREAD = 1e-9
+"""Relative spread below float32 resolution (6e-8): a frame within it is constant."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +74,14 @@ class Features:
       integrated in the frequency domain (``A(f) / 2πf``).
     - ``peak``: largest ``|acceleration|`` in m/s²; ``crest_factor`` is
       ``peak / rms`` and ``kurtosis`` is Pearson's (3 for Gaussian noise,
-      1.5 for a sinusoid); both are NaN for a constant signal.
+      1.5 for a sinusoid); both are ``None`` (null) for a row without
+      vibration (:data:`SILENT_PEAK`: a silent or constant signal), where
+      ``rms``, ``peak``, velocity and band energies are ``0.0``.
+
+    Every value is finite or ``None``, never NaN or infinite, for any
+    samples within :data:`MAX_ABS_SAMPLE`, and the math raises no NumPy
+    warning: the fourth moment is kept relative to each frame's peak, so it
+    cannot overflow for a saturated or huge-scale block.
     - ``dominant_hz`` / ``dominant_amplitude``: the largest line of the
       amplitude spectrum (DC excluded) in Hz and m/s² amplitude, refined
       between bins with the Hann window's exact main-lobe shape, so an
@@ -62,8 +99,8 @@ class Features:
     rms: float
     velocity_rms_mm_s: float
     peak: float
-    crest_factor: float
-    kurtosis: float
+    crest_factor: float | None
+    kurtosis: float | None
     dominant_hz: float
     dominant_amplitude: float
     iso_zone: str
@@ -73,7 +110,12 @@ class Features:
 
 @dataclass
 class Frames:
-    """Per-frame results, frame axis first: ``power`` is ``(F, axes, bins)``."""
+    """Per-frame results, frame axis first: ``power`` is ``(F, axes, bins)``.
+
+    ``sumsq`` is ``Σx²`` in (m/s²)², ``peak`` is ``max |x|`` in m/s² and
+    ``sum4`` is ``Σ(x / peak)⁴`` (0 for a frame without vibration), of the
+    frame's samples ``x`` less their mean.
+    """
 
     power: np.ndarray
     sumsq: np.ndarray
@@ -154,12 +196,20 @@ def frame_results(by_axis: np.ndarray, plan: Plan, count: int) -> Frames:
     else:
         view = np.lib.stride_tricks.sliding_window_view(by_axis, n, axis=1)[:, ::hop]
         frames = np.array(view[:, :count])
-    frames -= frames.mean(axis=2, keepdims=True)
+    mean = frames.mean(axis=2, keepdims=True)
+    frames -= mean
+    peak = np.abs(frames).max(axis=2)
+    quiet = peak <= np.maximum(SILENT_PEAK, CONSTANT_SPREAD * np.abs(mean[..., 0]))
+    if quiet.any():
+        frames[quiet] = 0.0
+        peak[quiet] = 0.0
     squared = frames * frames
     sumsq = squared.sum(axis=2)
+    # (x / peak)^4 is in [0, 1]: x^4 itself overflows float64 beyond about 1e77 m/s²
+    inverse = np.divide(1.0, peak, out=np.zeros_like(peak), where=peak > SILENT_PEAK)
+    squared *= (inverse * inverse)[..., None]
     np.multiply(squared, squared, out=squared)
     sum4 = squared.sum(axis=2)
-    peak = np.abs(frames).max(axis=2)
     frames *= plan.window
     spectrum = np.fft.rfft(frames, axis=2)
     power = spectrum.real * spectrum.real
@@ -191,20 +241,27 @@ def row_features(
     rows = len(starts)
     power = frames.power[0::per_row].copy()
     sumsq = frames.sumsq[0::per_row].copy()
-    sum4 = frames.sum4[0::per_row].copy()
     peak = frames.peak[0::per_row].copy()
     for j in range(1, per_row):
         power += frames.power[j::per_row]
         sumsq += frames.sumsq[j::per_row]
-        sum4 += frames.sum4[j::per_row]
         np.maximum(peak, frames.peak[j::per_row], out=peak)
     power /= per_row
     samples = per_row * config.fft_size
     mean_square = sumsq / samples
     rms = np.sqrt(mean_square)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        crest = peak / rms
-        kurtosis = (sum4 / samples) / (mean_square * mean_square)
+    # crest factor and kurtosis relative to the row's peak: each frame's (x / peak_f)^4 sum
+    # times (peak_f / peak)^4; all ratios are at most 1, so nothing overflows
+    vibrating = peak > SILENT_PEAK
+    scale = np.where(vibrating, peak, 1.0)
+    sum4 = np.zeros_like(peak)
+    for j in range(per_row):
+        ratio = frames.peak[j::per_row] / scale
+        ratio *= ratio
+        sum4 += frames.sum4[j::per_row] * (ratio * ratio)
+    relative_ms = np.where(vibrating, sumsq / (scale * scale) / samples, 1.0)
+    crest = np.where(vibrating, 1.0 / np.sqrt(relative_ms), np.nan)
+    kurtosis = np.where(vibrating, (sum4 / samples) / (relative_ms * relative_ms), np.nan)
     energy = power * plan.energy_weight
     band_energy = plan.band_energy(energy)
     velocity = plan.velocity_ms(energy) * 1000.0
@@ -217,7 +274,7 @@ def row_features(
     out: list[Features] = []
     band_rows = band_energy.tolist()
     rms_l, vel_l, peak_l = rms.tolist(), velocity.tolist(), peak.tolist()
-    crest_l, kurt_l = crest.tolist(), kurtosis.tolist()
+    crest_l, kurt_l = _nullable(crest), _nullable(kurtosis)
     hz_l, amp_l = dominant_hz.tolist(), dominant_amp.tolist()
     for r in range(rows):
         ts = starts[r]
@@ -244,6 +301,14 @@ def row_features(
                 )
             )
     return out
+
+
+def _nullable(values: np.ndarray) -> list[list[float | None]]:
+    """``values`` as nested lists with ``None`` where NaN marks an undefined feature."""
+    rows = values.tolist()
+    if np.isnan(values).any():
+        rows = [[None if v != v else v for v in row] for row in rows]
+    return rows
 
 
 def _dominant(power: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]:

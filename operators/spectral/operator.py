@@ -21,7 +21,14 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 from connectors.codecs.evb1 import encode_evb1
 from operators.records import DeadLetter, VibrationBlock
 from operators.spectral.config import ONE_US, SpectralConfig
-from operators.spectral.features import Features, Frames, Plan, frame_results, row_features
+from operators.spectral.features import (
+    MAX_ABS_SAMPLE,
+    Features,
+    Frames,
+    Plan,
+    frame_results,
+    row_features,
+)
 
 __all__ = ["SpectralLogic", "SpectralOut", "SpectralState", "spectral"]
 
@@ -36,7 +43,8 @@ class SpectralOut:
     """One :class:`Features` per axis and row, keyed like the input."""
 
     errors: KeyedStream[DeadLetter]
-    """Discontinuities that discarded buffered samples, one per event."""
+    """Discontinuities that discarded buffered samples, and blocks with samples that are not
+    finite or beyond :data:`~operators.spectral.features.MAX_ABS_SAMPLE`, one per event."""
 
 
 @dataclass
@@ -53,7 +61,10 @@ class SpectralState:
     samples from ``received - len(tail)`` on that have not yet been the
     start of a frame (with overlap, it includes the part shared with the
     next frame). ``pending_*`` are per-frame results of a row not yet
-    complete, the first of which started at ``pending_ts``.
+    complete, the first of which started at ``pending_ts``, as in
+    :class:`~operators.spectral.features.Frames`. ``sum4_relative`` is false
+    only in a state saved by an earlier version, whose ``pending_sum4`` was
+    ``Σx⁴``; such a state is converted when it is resumed.
     """
 
     device: str
@@ -68,6 +79,7 @@ class SpectralState:
     pending_sum4: np.ndarray
     pending_peak: np.ndarray
     pending_ts: datetime | None = None
+    sum4_relative: bool = False
 
     def ts_of(self, index: int) -> datetime:
         """Timestamp of sample ``index`` of the current contiguous signal."""
@@ -97,6 +109,16 @@ class SpectralLogic(StatefulBatchLogic[VibrationBlock, Features | DeadLetter, Sp
         self.config = config
         self.state = resume_state
         self.plans: dict[int, Plan] = {}
+        if resume_state is not None and not resume_state.sum4_relative:
+            peak2 = resume_state.pending_peak * resume_state.pending_peak
+            sum4 = resume_state.pending_sum4
+            resume_state.pending_sum4 = np.divide(
+                np.divide(sum4, peak2, out=np.zeros_like(sum4), where=peak2 > 0),
+                peak2,
+                out=np.zeros_like(sum4),
+                where=peak2 > 0,
+            )
+            resume_state.sum4_relative = True
 
     def plan(self, sample_rate_hz: int) -> Plan:
         """The cached :class:`Plan` of this configuration at ``sample_rate_hz``."""
@@ -110,6 +132,10 @@ class SpectralLogic(StatefulBatchLogic[VibrationBlock, Features | DeadLetter, Sp
         out: list[Features | DeadLetter] = []
         segment: list[np.ndarray] = []
         for block in values:
+            refused = _out_of_range(block)
+            if refused is not None:
+                out.append(refused)  # the next block then follows a gap
+                continue
             state = self.state
             if state is not None:
                 reason = self._discontinuity(state, block)
@@ -152,6 +178,7 @@ class SpectralLogic(StatefulBatchLogic[VibrationBlock, Features | DeadLetter, Sp
             pending_sumsq=np.empty((0, axes)),
             pending_sum4=np.empty((0, axes)),
             pending_peak=np.empty((0, axes)),
+            sum4_relative=True,
         )
 
     def _discontinuity(self, state: SpectralState, block: VibrationBlock) -> str | None:
@@ -282,6 +309,26 @@ class SpectralLogic(StatefulBatchLogic[VibrationBlock, Features | DeadLetter, Sp
         return row_features(
             frames, per_row, starts, plan, device=state.device, transport=state.transport
         )
+
+
+def _out_of_range(block: VibrationBlock) -> DeadLetter | None:
+    """A dead letter for a block with a sample that is not finite or beyond MAX_ABS_SAMPLE."""
+    samples = block.samples
+    largest = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if largest <= MAX_ABS_SAMPLE:  # False for NaN
+        return None
+    bad = int(np.count_nonzero(~(np.abs(samples) <= MAX_ABS_SAMPLE)))
+    return DeadLetter(
+        device=block.device,
+        transport=block.transport,
+        received_at=block.start_ts,
+        reason=(
+            f"{_PREFIX}block at {block.start_ts.isoformat()} refused: {bad} of {samples.size} "
+            f"samples are NaN, infinite or beyond ±{MAX_ABS_SAMPLE:g} m/s²; hint: check the "
+            "sensor's scale; the block is skipped and the next one follows a gap"
+        ),
+        payload=b"",
+    )
 
 
 def _is_features(item: Features | DeadLetter) -> bool:

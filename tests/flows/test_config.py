@@ -8,6 +8,7 @@ import pytest
 from flows.config import ConfigError, EdgeConfig, check_environment, load_config, parse_config
 from operators.spectral import SpectralConfig
 from operators.threshold import Rule
+from tests.conftest import write_devices
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -460,3 +461,22 @@ def test_journal_partitions_default_to_an_existing_journals_count_else_one(tmp_p
     Journal(JournalSettings(root=tmp_path / "journal", partitions=3)).close()
     assert journal_partition_count(config) == 3
     assert journal_partition_count(parse_config({"data_dir": str(tmp_path), "journal": {"partitions": 3}})) == 3
+
+
+def test_http_max_requests_per_device(tmp_path):
+    devices = str(write_devices(tmp_path, "devices: []\n"))
+    http = {"listen": "127.0.0.1:8080"}
+    config = parse_config({"transports": {"http": http}, "devices": devices})
+    assert (
+        config.transports.http is not None and config.transports.http.max_requests_per_device == 8
+    )
+    config = parse_config(
+        {"transports": {"http": {**http, "max_requests_per_device": 2}}, "devices": devices}
+    )
+    assert (
+        config.transports.http is not None and config.transports.http.max_requests_per_device == 2
+    )
+    fails(
+        {"transports": {"http": {**http, "max_requests_per_device": 0}}, "devices": devices},
+        "transports.http.max_requests_per_device: must be greater than 0 (got 0)",
+    )

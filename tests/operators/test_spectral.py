@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -15,10 +16,13 @@ from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.codecs.evb1 import decode_vibration
+from connectors.codecs.evb1 import HEADER, MAGIC, decode_vibration, encode_evb1
+from connectors.streams import spec_of, to_table
 from operators.records import DeadLetter, RawMessage, VibrationBlock
 from operators.spectral import Features, SpectralConfig, SpectralState, spectral
 from operators.spectral.operator import SpectralLogic
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 FS = 25_600
@@ -200,12 +204,173 @@ def test_velocity_band_limits_the_integration():
     )
 
 
-def test_constant_signal_has_zero_spectrum_and_nan_shape_factors():
-    f = run(cut(np.full(N, 4.0), [N]))[0][0]
+@pytest.mark.parametrize("level", [0.0, 4.0, 0.1, -9.81, 1e-300, 3.3e38 * 3.3e38])
+def test_silent_and_constant_signals_have_zero_spectrum_and_null_shape_factors(level):
+    # 0.1 and 9.81 leave rounding residue in the frame mean; it is not vibration
+    f = run(cut(np.full(N, level), [N]))[0][0]
     assert f.rms == 0.0 and f.peak == 0.0 and f.velocity_rms_mm_s == 0.0
     assert f.band_energy == (0.0, 0.0, 0.0)
     assert (f.dominant_hz, f.dominant_amplitude) == (0.0, 0.0)
-    assert math.isnan(f.crest_factor) and math.isnan(f.kurtosis)
+    assert f.crest_factor is None and f.kurtosis is None
+    assert f.iso_zone == "A"
+
+
+def test_a_silent_evb1_block_gives_null_shape_factors_in_the_stream():
+    block = encode_evb1(np.zeros((N, 3)), sample_rate_hz=FS, start_ts=T0, dtype="int16")
+    decoded = decode_vibration(RawMessage("pump-7", "vibration", "http", T0, block))
+    assert isinstance(decoded, VibrationBlock)
+    features, errors = run([decoded])
+    assert errors == [] and len(features) == 3
+    assert all(f.crest_factor is None and f.kurtosis is None for f in features)
+    table = to_table(spec_of("vibration_features", "test"), features)
+    assert table.column("kurtosis").null_count == 3
+    assert table.column("crest_factor").null_count == 3
+    assert table.column("rms").to_pylist() == [0.0, 0.0, 0.0]
+
+
+def evb1_raw(samples: np.ndarray, *, dtype: str, scale: float) -> bytes:
+    """An EVB1 block of already quantised ``samples`` with any stored ``scale``."""
+    code, kind = (1, "<i2") if dtype == "int16" else (2, "<f4")
+    start_us = int((T0 - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
+    header = HEADER.pack(MAGIC, code, samples.shape[1], 0, FS, start_us, scale)
+    return header + samples.astype(kind).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "peak", "scale"),
+    [
+        ("int16", 32767, 3.4e38),  # the scale's float32 maximum on full-scale int16
+        ("float32", 3.4e38, 3.4e38),  # the largest block EVB1 can carry: about 1.2e77 m/s²
+        ("float32", 3.4e38, 1.0),
+        ("int16", 32767, 1e-38),
+    ],
+)
+def test_saturated_and_huge_scale_blocks_have_finite_features(dtype, peak, scale):
+    rng = np.random.default_rng(11)
+    unit = np.clip(rng.normal(0, 0.2, (N, 2)), -1, 1)
+    unit[::97] = 1.0  # clipped, saturated samples
+    raw = evb1_raw(unit * peak, dtype=dtype, scale=scale)
+    big = decode_vibration(RawMessage("pump-7", "vibration", "http", T0, raw))
+    assert isinstance(big, VibrationBlock)
+    reference = VibrationBlock(
+        "pump-7", "http", T0, FS, big.samples / np.abs(big.samples).max(), raw_bytes=len(raw)
+    )
+    got, errors = run([big])
+    want, _ = run([reference])
+    assert errors == []
+    factor = float(np.abs(big.samples).max())
+    for g, w in zip(got, want, strict=True):
+        values = [g.rms, g.peak, g.velocity_rms_mm_s, g.crest_factor, g.kurtosis, *g.band_energy]
+        assert all(math.isfinite(v) for v in values), g
+        # shape factors do not depend on the scale; levels are proportional to it
+        assert g.kurtosis == pytest.approx(w.kurtosis, rel=1e-9)
+        assert g.crest_factor == pytest.approx(w.crest_factor, rel=1e-9)
+        assert g.rms == pytest.approx(w.rms * factor, rel=1e-9)
+        assert g.velocity_rms_mm_s == pytest.approx(w.velocity_rms_mm_s * factor, rel=1e-9)
+        assert g.dominant_hz == pytest.approx(w.dominant_hz, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("bad", "count"), [(np.nan, 1), (np.inf, 1), (-np.inf, 1), (1e101, 1), (2e150, 1)]
+)
+def test_blocks_with_non_finite_or_out_of_range_samples_are_dead_letters(bad, count):
+    signal = tone(1.0, 100.0, 3 * N)
+    signal[N + 5] = bad
+    blocks = cut(signal, [N, N])
+    features, errors = run(blocks)
+    # the first and the last block give a row each; the bad one is refused, then the last
+    # block follows a gap
+    assert len(features) == 2
+    assert all(
+        f.crest_factor is not None and math.isfinite(f.kurtosis) and math.isfinite(f.rms)
+        for f in features
+    )
+    [refused, gap] = errors
+    assert refused.reason == (
+        f"vibration: block at {blocks[1].start_ts.isoformat()} refused: {count} of {N} samples "
+        "are NaN, infinite or beyond ±1e+100 m/s²; hint: check the sensor's scale; the block is "
+        "skipped and the next one follows a gap"
+    )
+    assert refused.received_at == blocks[1].start_ts and refused.payload == b""
+    assert gap.reason.startswith("vibration: gap of 0.160000 s")
+
+
+def test_a_state_saved_with_absolute_fourth_moments_is_converted_on_resume():
+    config = SpectralConfig(fft_size=256, frames_per_row=4)
+    blocks = cut(np.random.default_rng(5).normal(0, 2, (2600, 2)), [300] * 8)
+    straight = SpectralLogic(config, None)
+    expected = [f for b in blocks for f in straight.on_batch([b])[0]]
+
+    first = SpectralLogic(config, None)
+    got = [f for b in blocks[:5] for f in first.on_batch([b])[0]]
+    state = first.snapshot()
+    assert state is not None and len(state.pending_sum4)
+    # what an earlier version saved: the sum of x^4 and no sum4_relative attribute
+    old = pickle.loads(pickle.dumps(state))
+    old.pending_sum4 = old.pending_sum4 * old.pending_peak**4
+    del old.__dict__["sum4_relative"]
+    assert pickle.loads(pickle.dumps(old)).sum4_relative is False
+    second = SpectralLogic(config, pickle.loads(pickle.dumps(old)))
+    got += [f for b in blocks[5:] for f in second.on_batch([b])[0]]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        assert g.kurtosis == pytest.approx(e.kurtosis, rel=1e-12)
+        assert g.rms == e.rms
+
+
+@st.composite
+def evb1_blocks(draw: st.DrawFn) -> bytes:
+    """Any valid EVB1 block: int16 or any finite float32 samples, any positive float32 scale."""
+    axes = draw(st.integers(1, 3))
+    frames = draw(st.integers(1, 300))
+    dtype = draw(st.sampled_from(["int16", "float32"]))
+    if dtype == "int16":
+        element = st.integers(-32768, 32767)
+    else:
+        element = st.floats(width=32, allow_nan=False, allow_infinity=False)
+    pattern = draw(st.lists(element, min_size=1, max_size=64))
+    fill = draw(st.sampled_from(["repeat", "constant", "zeros"]))
+    flat = np.resize(np.array(pattern, dtype=np.float64), frames * axes)
+    if fill == "constant":
+        flat[:] = pattern[0]
+    elif fill == "zeros":
+        flat[:] = 0
+    scale = draw(st.floats(min_value=0.0, exclude_min=True, width=32, allow_infinity=False))
+    return evb1_raw(flat.reshape(frames, axes), dtype=dtype, scale=scale)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blocks=st.lists(evb1_blocks(), min_size=1, max_size=3), per_row=st.integers(1, 3))
+def test_any_evb1_block_gives_finite_or_null_features(blocks, per_row):
+    config = SpectralConfig(fft_size=64, frames_per_row=per_row, overlap=0.5)
+    logic = SpectralLogic(config, None)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NumPy overflow / invalid-value warning either
+        for i, raw in enumerate(blocks):
+            msg = RawMessage("pump-7", "vibration", "http", T0 + timedelta(seconds=i), raw)
+            block = decode_vibration(msg)
+            assert isinstance(block, VibrationBlock), block
+            out += logic.on_batch([block])[0]
+        out += logic.on_eof()[0]
+    for item in out:
+        if isinstance(item, DeadLetter):
+            assert item.reason.startswith("vibration: ")
+            continue
+        values = [
+            item.window_s,
+            item.rms,
+            item.velocity_rms_mm_s,
+            item.peak,
+            item.dominant_hz,
+            item.dominant_amplitude,
+            *item.band_energy,
+        ]
+        assert all(math.isfinite(v) for v in values), item
+        for shape in (item.crest_factor, item.kurtosis):
+            assert shape is None or (math.isfinite(shape) and shape >= 1.0 - 1e-9), item
+        assert (item.crest_factor is None) == (item.kurtosis is None) == (item.peak == 0.0)
+        assert item.iso_zone in "ABCD"
 
 
 # --- white noise -------------------------------------------------------------------

@@ -471,3 +471,38 @@ def test_messages_sharing_a_ts_and_the_next_ts_convert_exactly() -> None:
     for ms in (TS, TS, TS + 1, TS, MIN_TS_MS, MIN_TS_MS):
         (r,) = readings(json.dumps({"ts": ms, "values": {"x": 1}}))
         assert r.ts == at(ms)
+
+
+# Raw JSON text, not json.dumps output: the tokens Python's parser accepts beyond JSON
+# (NaN, Infinity), numbers beyond float64 or beyond int() limits, lone surrogate escapes,
+# control characters, nesting near and past the recursion limit.
+raw_leaves = st.sampled_from(
+    [
+        "NaN", "-NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1e-400", "-0", "0.0",
+        "9" * 4400, "-" + "9" * 400, "1" + "0" * 309, "1.7976931348623157e308",
+        "1763800000000", "true", "null", '""', '"\\ud800"', '"\\udfff\\ud800"', '"\\u0000"',
+        '"a\\nb"', '"\\/"', '"\t"', "[]", "{}", "tru", '"', "1.", ".5", "01", "+1",
+    ]
+)  # fmt: skip
+raw_keys = st.sampled_from(['"ts"', '"values"', '"t"', '""', '"\\ud800"', '"k\\u0000"', "t"])
+
+
+def raw_json(depth: int) -> st.SearchStrategy[str]:
+    if depth == 0:
+        return raw_leaves
+    child = raw_json(depth - 1)
+    return st.one_of(
+        raw_leaves,
+        st.lists(child, max_size=4).map(lambda xs: "[" + ",".join(xs) + "]"),
+        st.lists(st.tuples(raw_keys, child), max_size=4).map(
+            lambda kv: "{" + ",".join(f"{k}:{v}" for k, v in kv) + "}"
+        ),
+    )
+
+
+@given(raw_json(3), st.integers(0, 3000), st.sampled_from(["[", '{"t":']))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_raw_json_tokens_and_deep_nesting_never_raise(doc: str, depth: int, opener: str) -> None:
+    closer = "]" if opener == "[" else "}"
+    text = opener * depth + doc + closer * depth
+    check_result(decode_telemetry(make_msg(text.encode("utf-8", "surrogatepass"))))

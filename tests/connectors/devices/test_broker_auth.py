@@ -354,7 +354,10 @@ def test_password_file_and_policy_need_an_edge_account(registry: DeviceRegistry)
 def test_acl_file_rules() -> None:
     rules = [line for line in acl_file(EDGE).splitlines() if line and not line.startswith("#")]
     assert rules == [
-        "pattern write v1/devices/%u/#",
+        "pattern write v1/devices/%u/telemetry",
+        "pattern write v1/devices/%u/vibration",
+        "pattern write v1/devices/%u/attributes",
+        "pattern write v1/devices/%u/logs",
         "pattern read v1/devices/%u/alarms",
         "user edgesieve",
         "topic read v1/devices/+/telemetry",
@@ -462,8 +465,14 @@ def test_access_policy_topic_rules(registry: DeviceRegistry) -> None:
     assert allowed("pump-7", "write", "v1/devices/pump-7/telemetry")
     assert allowed("pump-7", "write", "v1/devices/pump-7/vibration")
     assert not allowed("pump-7", "write", "v1/devices/pump-8/telemetry")
-    assert allowed("pump-7", "write", "v1/devices/pump-7/telemetry/x")  # contract: %u/#
+    assert allowed("pump-7", "write", "v1/devices/pump-7/attributes")
+    assert allowed("pump-7", "write", "v1/devices/pump-7/logs")
+    assert not allowed("pump-7", "write", "v1/devices/pump-7/telemetry/x")
+    assert not allowed("pump-7", "write", "v1/devices/pump-7/alarms")  # no forged alarms
+    assert not allowed("pump-7", "write", "v1/devices/pump-7/other")
+    assert not allowed("pump-7", "write", "v1/devices/pump-7")
     assert not allowed("pump-7", "write", "v1/devices/pump-8/alarms")
+    assert not allowed("pump-7", "write", "v1/devices/pump-8/attributes")
     assert not allowed("pump-7", "write", "v1/devices/+/telemetry")
     assert not allowed("pump-7", "read", "v1/devices/pump-7/telemetry")
     assert allowed("pump-7", "read", "v1/devices/pump-7/alarms")
@@ -567,6 +576,128 @@ def test_a_device_cannot_publish_for_another_device_or_forge_alarms(
     wait_for(lambda: b"real alarm" in watcher.payloads(), "the edge's alarm for pump-8")
     assert edge.payloads() == [b"control"]
     assert watcher.payloads() == [b"real alarm"]
+
+
+# A device's own topics: which it may publish, as (topic, allowed).
+OWN_TOPICS = [
+    ("v1/devices/pump-7/telemetry", True),
+    ("v1/devices/pump-7/vibration", True),
+    ("v1/devices/pump-7/attributes", True),
+    ("v1/devices/pump-7/logs", True),
+    ("v1/devices/pump-7/alarms", False),
+    ("v1/devices/pump-7/telemetry/extra", False),
+    ("v1/devices/pump-7/rpc", False),
+    ("v1/devices/pump-7", False),
+    ("v1/devices/pump-8/attributes", False),
+    ("v1/devices/me/telemetry", False),
+]
+
+
+def publish_as_pump7(broker: Mosquitto | EmbeddedBroker, topic: str, protocol: str) -> str:
+    """Publish with the real mosquitto_pub as pump-7 (QoS 1); its stderr."""
+    proc = subprocess.run(
+        ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-u", "pump-7"]
+        + ["-P", TOKENS["pump-7"], "-q", "1", "-V", protocol, "-t", topic, "-m", "x"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr.strip()
+
+
+def test_mosquitto_lets_a_device_publish_only_its_data_topics(
+    mosquitto_factory: Callable[..., Mosquitto], registry: DeviceRegistry, tmp_path: Path
+) -> None:
+    shutil.which("mosquitto_pub") or pytest.skip("mosquitto_pub is not installed")
+    passwd, acl = write_mosquitto_config(registry, EDGE, tmp_path / "auth")
+    broker = mosquitto_factory(password_file=passwd, acl_file=acl).start()
+    for topic, allowed in OWN_TOPICS:
+        # MQTT 5 reports a refused publish in its PUBACK
+        warning = publish_as_pump7(broker, topic, "mqttv5")
+        assert warning == ("" if allowed else "Warning: Publish 1 failed: Not authorized."), topic
+
+
+def test_the_embedded_broker_lets_a_device_publish_only_its_data_topics(
+    registry: DeviceRegistry, caplog: pytest.LogCaptureFixture, wait_for: Any
+) -> None:
+    shutil.which("mosquitto_pub") or pytest.skip("mosquitto_pub is not installed")
+    caplog.set_level(logging.INFO, logger="edgesieve.broker")
+    denied_topics = {topic for topic, allowed in OWN_TOPICS if not allowed}
+
+    def denied() -> set[str]:
+        lines = [r.getMessage() for r in caplog.records]
+        return {
+            t for t, _ in OWN_TOPICS for line in lines if line.endswith(f" {t!r} to user 'pump-7'")
+        }
+
+    with EmbeddedBroker(registry=registry, edge=EDGE) as broker:
+        for topic, _allowed in OWN_TOPICS:
+            assert publish_as_pump7(broker, topic, "mqttv311") == ""
+        wait_for(lambda: denied() == denied_topics, "a denial logged for every refused topic")
+        time.sleep(0.2)
+    assert denied() == denied_topics
+    assert all(
+        r.getMessage().startswith("embedded broker: denied publish of ")
+        for r in caplog.records
+        if "denied" in r.getMessage()
+    )
+
+
+def test_a_device_cannot_forge_its_own_alarms(
+    secured: Mosquitto | EmbeddedBroker, mosquitto_pub: Callable[..., None]
+) -> None:
+    """The probe: pump-7 publishing on its own alarms topic reaches none of its subscribers."""
+    shutil.which("mosquitto_sub") or pytest.skip("mosquitto_sub is not installed")
+    # line-buffered (stdbuf): its SUBACK line is read before anything is published
+    watcher = subprocess.Popen(
+        [
+            "stdbuf",
+            "-oL",
+            "mosquitto_sub",
+            "-h",
+            secured.host,
+            "-p",
+            str(secured.port),
+            "-u",
+            "pump-7",
+        ]
+        + ["-P", TOKENS["pump-7"], "-i", "pump-7-watcher", "-q", "1", "-V", "mqttv311"]
+        + ["-t", "v1/devices/pump-7/alarms", "-v", "-d", "-C", "1", "-W", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert watcher.stdout is not None
+        seen = ""
+        while "received SUBACK" not in seen:
+            line = watcher.stdout.readline()
+            assert line, seen
+            seen += line
+        mosquitto_pub(
+            secured,
+            "v1/devices/pump-7/alarms",
+            message="forged by the device",
+            username="pump-7",
+            password=TOKENS["pump-7"],
+        )
+        mosquitto_pub(
+            secured,
+            "v1/devices/pump-7/alarms",
+            message="from the edge",
+            username=EDGE.username,
+            password=EDGE.password,
+        )
+        out, _ = watcher.communicate(timeout=15)
+        out = seen + out
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    received = [line for line in out.splitlines() if line.startswith("v1/devices/")]
+    assert received == ["v1/devices/pump-7/alarms from the edge"], out
 
 
 def test_the_edge_cannot_publish_device_data(

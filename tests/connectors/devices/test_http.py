@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import gzip
 import json
 import logging
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -660,3 +662,287 @@ def test_ipv6_loopback(serve):
         "http",
         b'{"v6": 1}',
     )
+
+
+# --- protocol edges: encodings, parse errors, clients that vanish, one device's share ----------
+
+ENCODING_HINT = "send the body uncompressed, or compressed with gzip or deflate"
+
+
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing at WARNING or above and no traceback in what the edge logged."""
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not loud, [(r.name, r.levelname, r.getMessage()) for r in loud]
+    assert "Traceback" not in caplog.text
+
+
+def raw_request(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` on a fresh connection; the answer's head and body (read to close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_content_encodings(serve, caplog):
+    caplog.set_level(logging.DEBUG)
+    ingress = Ingress()
+    server = serve(ingress)
+    url = api(server, TOKEN_1, "telemetry")
+    doc = b'{"temperature": 21.5}'
+    for encoding, body in (
+        ("deflate", zlib.compress(doc)),
+        ("DEFLATE", zlib.compress(doc)[2:-4]),  # raw deflate, no zlib header: accepted as well
+        ("gzip", gzip.compress(doc)),
+        ("identity", doc),
+    ):
+        reply = curl(url, body, headers=(f"Content-Encoding: {encoding}",))
+        assert reply.status == 200, (encoding, reply)
+    assert [m.payload for m in ingress.take(10)] == [doc] * 4
+
+    refused = {
+        ("deflate", b"garbage-not-deflate"): (
+            "body is not valid deflate data (Content-Encoding: deflate); compress it with "
+            "deflate, or send it uncompressed without the header"
+        ),
+        ("deflate", zlib.compress(doc)[:-6]): (  # truncated stream
+            "body is not valid deflate data (Content-Encoding: deflate); compress it with "
+            "deflate, or send it uncompressed without the header"
+        ),
+        ("gzip", b"\x1f\x8b garbage"): (
+            "body is not valid gzip data (Content-Encoding: gzip); compress it with gzip, "
+            "or send it uncompressed without the header"
+        ),
+        ("x-custom", doc): f"Content-Encoding 'x-custom' is not supported; {ENCODING_HINT}",
+        ("gzip, gzip", gzip.compress(gzip.compress(doc))): (
+            f"Content-Encoding 'gzip, gzip' is not supported; {ENCODING_HINT}"
+        ),
+        # aiohttp refuses these itself, before routing, unless Brotli / zstd are installed
+        ("br", doc): f"Content-Encoding brotli (br) is not supported; {ENCODING_HINT}",
+        ("zstd", doc): f"Content-Encoding zstandard (zstd) is not supported; {ENCODING_HINT}",
+    }
+    for (encoding, body), reason in refused.items():
+        reply = curl(url, body, headers=(f"Content-Encoding: {encoding}",))
+        assert (reply.status, reply.error) == (400, reason), encoding
+        assert reply.headers["content-type"].startswith("application/json")
+    # two Content-Encoding headers are one list
+    reply = curl(url, doc, headers=("Content-Encoding: identity", "Content-Encoding: gzip"))
+    assert (reply.status, reply.error) == (
+        400,
+        f"Content-Encoding 'identity, gzip' is not supported; {ENCODING_HINT}",
+    )
+    # refused before the body is sent
+    reply = curl(url, doc, headers=("Content-Encoding: compress", "Expect: 100-continue"))
+    assert (reply.status, reply.error) == (
+        400,
+        f"Content-Encoding 'compress' is not supported; {ENCODING_HINT}",
+    )
+    assert len(ingress) == 0
+    no_tracebacks(caplog)
+    assert curl(url, doc).status == 200  # and the server is fine
+
+
+def test_requests_aiohttp_cannot_parse_get_json_errors(serve, caplog):
+    caplog.set_level(logging.DEBUG)
+    ingress = Ingress()
+    server = serve(ingress)
+    hint = (
+        "hint: devices POST to /api/v1/{token}/telemetry or /api/v1/{token}/vibration "
+        "in HTTP/1.1 with well-formed headers"
+    )
+    path = f"/api/v1/{TOKEN_1}/telemetry"
+    cases = {
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n": (
+            "Invalid character in Content-Length"
+        ),
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n": (
+            "Duplicate Content-Length"
+        ),
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n": "Invalid header",
+        f"POST {path} HTTP/9.9\r\nHost: x\r\n\r\n": "",
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 9000}\r\n\r\n": (
+            "Got more than 8190 bytes when reading; hint"
+        ),
+        f"POST {path}{'t' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n": (
+            "Got more than 8190 bytes when reading; hint"
+        ),
+        "\x16\x03\x01 tls hello\r\n\r\n": "Received HTTPS traffic on an HTTP port; hint",
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n": "",
+    }
+    for request, detail in cases.items():
+        head, body = raw_request(server.port, request.encode())
+        assert head.startswith(b"HTTP/1.0 400") or head.startswith(b"HTTP/1.1 400"), head
+        assert b"application/json" in head, head
+        error = json.loads(body)["error"]
+        assert error.startswith(f"malformed HTTP request: {detail}"), error
+        assert error.endswith(f"; {hint}"), error
+        assert TOKEN_1 not in error
+    assert len(ingress) == 0
+    no_tracebacks(caplog)
+    parse_errors = [r for r in caplog.records if r.getMessage().startswith("Error handling")]
+    assert len(parse_errors) == len(cases)
+    assert {r.levelname for r in parse_errors} <= {"INFO", "DEBUG"}
+
+
+def test_clients_that_vanish_mid_body_are_one_info_line_each(serve, caplog):
+    caplog.set_level(logging.DEBUG)
+    ingress = Ingress()
+    server = serve(ingress)
+    head = f"POST /api/v1/{TOKEN_1}/telemetry HTTP/1.1\r\nHost: x\r\n"
+    sockets = []
+    for i in range(30):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        if i % 3 == 2:  # chunked, stopped inside a chunk
+            sock.sendall(f'{head}Transfer-Encoding: chunked\r\n\r\n10\r\n{{"t"'.encode())
+        elif i % 3 == 1:  # gzip, stopped inside the stream
+            part = gzip.compress(b'{"t": 1}')[:8]
+            sock.sendall(
+                f"{head}Content-Encoding: gzip\r\nContent-Length: 100\r\n\r\n".encode() + part
+            )
+        else:
+            sock.sendall(f'{head}Content-Length: 1000\r\n\r\n{{"t": '.encode())
+        sockets.append(sock)
+    wait_until = time.monotonic() + 10
+    while time.monotonic() < wait_until and (server._in_flight["pump-1"], ingress.refused) != (
+        8,
+        22,
+    ):
+        time.sleep(0.01)
+    # the first 8 are in progress (the per-device limit); the rest were refused with 503
+    assert (server._in_flight["pump-1"], ingress.refused) == (8, 22)
+    for sock in sockets:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # a reset, as a dropped connection
+
+    def closed_lines() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "edgesieve.http" and "closed the connection" in r.getMessage()
+        ]
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(closed_lines()) < 8:
+        time.sleep(0.05)
+    lines = closed_lines()
+    assert len(lines) == 8, lines
+    assert all(
+        re.fullmatch(
+            r"http: pump-1 closed the connection after \d+ of (1000|100|\?) body bytes "
+            r"\(POST /api/v1/\{token\}/telemetry\); nothing was stored",
+            line,
+        )
+        for line in lines
+    ), lines
+    assert {r.levelname for r in caplog.records if r.getMessage() in lines} == {"INFO"}
+    access = [r.getMessage() for r in caplog.records if r.name == "edgesieve.http.access"]
+    assert sum(" 499 " in a for a in access) == 8
+    no_tracebacks(caplog)
+    assert len(ingress) == 0 and not server._in_flight
+    assert curl(api(server, TOKEN_1, "telemetry"), b'{"t": 2}').status == 200
+
+
+def test_stopping_with_a_body_in_progress_is_quiet(caplog):
+    caplog.set_level(logging.DEBUG)
+    ingress = Ingress()
+    server = HttpServer("127.0.0.1:0", device_registry(), ingress)
+    partition = DeviceServers(ingress, [server]).build("http", 0, 1)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /api/v1/{TOKEN_2}/telemetry HTTP/1.1\r\nHost: x\r\n"
+            'Content-Length: 100\r\n\r\n{"t": '.encode()
+        )
+        wait_until = time.monotonic() + 5
+        while time.monotonic() < wait_until and not server._in_flight:
+            time.sleep(0.01)
+        # a request refused before its body, whose client then leaves: aiohttp lingers over it
+        reply = curl(
+            api(server, "not-a-known-token", "telemetry"),
+            b'{"t": 1}',
+            headers=("Expect: 100-continue",),
+        )
+        assert reply.status == 401
+        partition.close()  # waits the shutdown timeout, then cancels the request
+        assert sock.recv(4096) == b""
+    gc.collect()  # a task left pending on the closed loop would be reported now
+    no_tracebacks(caplog)
+    [line] = [r for r in caplog.records if "cancelled while reading" in r.getMessage()]
+    assert line.levelname == "DEBUG"
+    assert line.getMessage() == (
+        "http: POST /api/v1/{token}/telemetry from fan-2 cancelled while reading its body "
+        "(the edge is stopping); nothing was stored"
+    )
+    assert len(ingress) == 0
+
+
+def test_one_device_cannot_hold_every_request_slot(serve):
+    ingress = Ingress(retry_after_s=3)
+    server = HttpServer("127.0.0.1:0", device_registry(), ingress, max_requests_per_device=2)
+    partition = DeviceServers(ingress, [server]).build("http", 0, 1)
+    busy = (
+        "device pump-1 already has 2 requests in progress "
+        "(transports.http.max_requests_per_device); wait for their answers, retry in 3s"
+    )
+    url = api(server, TOKEN_1, "telemetry")
+    with contextlib.closing(partition), contextlib.ExitStack() as stack:
+        slow = []
+        for _ in range(2):
+            sock = stack.enter_context(
+                socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            )
+            sock.sendall(
+                f"POST /api/v1/{TOKEN_1}/telemetry HTTP/1.1\r\nHost: x\r\n"
+                'Content-Length: 8\r\n\r\n{"t": '.encode()
+            )
+            slow.append(sock)
+        wait_for_slots = time.monotonic() + 5
+        while time.monotonic() < wait_for_slots and server._in_flight["pump-1"] < 2:
+            time.sleep(0.01)
+        reply = curl(url, b'{"t": 3}')
+        assert (reply.status, reply.headers["retry-after"], reply.error) == (503, "3", busy)
+        assert reply.headers.get("connection") == "close"
+        reply = curl(url, b'{"t": 3}', headers=("Expect: 100-continue",))
+        assert (reply.status, reply.error) == (503, busy)
+        # other devices are served
+        assert curl(api(server, TOKEN_2, "telemetry"), b'{"t": 4}').status == 200
+        # a request that completes frees its slot
+        slow[0].sendall(b"1}")
+        assert slow[0].recv(4096).startswith(b"HTTP/1.1 200")
+        assert curl(url, b'{"t": 5}').status == 200
+    assert ingress.refused == 2
+    assert sorted(json.loads(m.payload)["t"] for m in ingress.take(10)) == [1, 4, 5]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "8"])
+def test_max_requests_per_device_is_checked(bad):
+    with pytest.raises(
+        ValueError,
+        match=rf"HttpServer: max_requests_per_device must be a positive integer "
+        rf"\(got {re.escape(repr(bad))}\); hint: 8 lets a device pipeline a few requests",
+    ):
+        HttpServer("127.0.0.1:0", device_registry(), Ingress(), max_requests_per_device=bad)
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr("connectors.devices.http.KEEPALIVE_TIMEOUT_S", 0.5)
+    ingress = Ingress()
+    server = HttpServer("127.0.0.1:0", device_registry(), ingress)
+    partition = DeviceServers(ingress, [server]).build("http", 0, 1)
+    with (
+        contextlib.closing(partition),
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock,
+    ):
+        started = time.monotonic()
+        sock.sendall(f"POST /api/v1/{TOKEN_1}/telemetry HTTP/1.1\r\nHost: x\r\n".encode())
+        for _ in range(3):  # trickle a header line now and then
+            time.sleep(0.2)
+            with contextlib.suppress(OSError):
+                sock.sendall(b"X-Slow: 1\r\n")
+        assert sock.recv(4096) == b""  # closed by the server, without an answer
+        assert time.monotonic() - started < 3
+    no_tracebacks(caplog)
+    assert len(ingress) == 0 and not server._in_flight
