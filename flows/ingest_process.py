@@ -25,7 +25,10 @@ withheld PUBACKs) go to ``data_dir/journal/ingest-stats.json`` every second
 Standalone: ``python -m flows.ingest_process --config edge.yaml`` (SIGTERM or
 SIGINT: clean stop). A failure to start (port in use, unusable journal) is one
 log line and exit status 2; a broker refusing the credentials is one log line
-per change of state while the client retries with backoff.
+per change of state while the client retries with backoff. Under the
+supervisor, a first start that fails sends that line to the parent
+(:attr:`IngestSupervisor.failure`) and is not retried: the flow stops and
+``edgesieve run`` prints the line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from connectors.devices.journal import JournalSettings, journal_partitions
 from connectors.devices.journal_source import JournalSource
 from connectors.devices.mqtt.journaled import JournaledMqtt
 from connectors.devices.registry import DeviceRegistry
-from flows.config import ConfigError, EdgeConfig, load_config
+from flows.config import ConfigError, EdgeConfig, environment_problems, load_config
 from flows.ingest_stats import MeteredJournal, StatsWriter, remove_snapshot
 from flows.transports import mqtt_settings
 from operators.records import TELEMETRY, VIBRATION
@@ -199,6 +202,18 @@ def _reason(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def _start_failure(config: EdgeConfig, exc: BaseException) -> str:
+    """The one-line reason ``run_ingest`` failed, naming the config key when one is to blame.
+
+    The servers are closed by now, so checking the environment again finds the
+    address another program holds (or the unusable ``data_dir``/``devices``).
+    """
+    if isinstance(exc, OSError):
+        if problems := environment_problems(config):
+            return "; ".join(problems)
+    return _reason(exc)
+
+
 def _watch(
     stop: threading.Event,
     parent_stop: multiprocessing.connection.Connection,
@@ -228,8 +243,12 @@ def _child(
     parent_stop: multiprocessing.connection.Connection,
     ready: Any,
     level: int,
+    failed: multiprocessing.connection.Connection,
 ) -> None:
-    """Entry point of the ingest process (spawned): run until the supervisor says stop."""
+    """Entry point of the ingest process (spawned): run until the supervisor says stop.
+
+    A failure to start is logged, its reason sent on ``failed``, exit status 2.
+    """
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a clean stop, as when run standalone
@@ -248,7 +267,12 @@ def _child(
     try:
         run_ingest(config, channels=channels, stop=stop, ready=announce)
     except (OSError, ValueError, RuntimeError) as exc:
-        logger.error("ingest: cannot run: %s", _reason(exc))
+        reason = _start_failure(config, exc)
+        logger.error("ingest: cannot run: %s", reason)
+        try:
+            failed.send_bytes(reason.encode("utf-8", "replace"))
+        except OSError:
+            pass  # the supervisor is gone
         sys.exit(START_FAILED)
 
 
@@ -258,11 +282,26 @@ class IngestSupervisor:
     :meth:`start` spawns it; a monitor thread waits for it and, unless
     :meth:`stop` was called, starts it again after a backoff (0.5 s doubling
     to 5 s, back to 0.5 s once a process became ready), logging how it ended.
+    When the first process fails to start (status 2 before it was ever ready)
+    nothing is restarted: :attr:`failure` holds its one-line reason and
+    ``on_failure`` is called with it (a port in use or a bad registry does not
+    fix itself; a process that ran before and fails to come back is retried).
     """
 
-    def __init__(self, config: EdgeConfig, *, channels: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        *,
+        channels: tuple[str, ...],
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
         self.channels = channels
+        self.failure: str | None = None
+        """Why the first ingest process could not start (None: it did, or has not ended)."""
+        self._on_failure = on_failure
+        self._failed: multiprocessing.connection.Connection | None = None
+        self._ever_ready = False
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -311,19 +350,23 @@ class IngestSupervisor:
         # block the stop forever. A pipe and a lock-free shared byte cannot wait for the dead.
         ready = self._ctx.RawValue("b", 0)
         child_end, stop_child = self._ctx.Pipe(duplex=False)
+        failed, child_failed = self._ctx.Pipe(duplex=False)
+        level = logging.getLogger().level
         proc = self._ctx.Process(
             target=_child,
-            args=(self.config, self.channels, child_end, ready, logging.getLogger().level),
+            args=(self.config, self.channels, child_end, ready, level, child_failed),
             name="edgesieve-ingest",
             daemon=True,
         )
         try:
             proc.start()
         finally:
-            child_end.close()  # the child has its own copy
-        if self._stop_child is not None:
-            self._stop_child.close()  # the previous child's, which is gone
-        self._proc, self._ready, self._stop_child = proc, ready, stop_child
+            child_end.close()  # the child has its own copies
+            child_failed.close()
+        for previous in (self._stop_child, self._failed):
+            if previous is not None:
+                previous.close()  # the previous child's, which is gone
+        self._proc, self._ready, self._stop_child, self._failed = proc, ready, stop_child, failed
         logger.info("ingest process started (pid %d)", proc.pid)
 
     def _supervise(self) -> None:
@@ -338,7 +381,11 @@ class IngestSupervisor:
                 return
             if ready.value:
                 backoff = BACKOFF_MIN_S
+                self._ever_ready = True
             code = proc.exitcode
+            if code == START_FAILED and not self._ever_ready:
+                self._give_up()
+                return
             if code == 0 and self._stopping.wait(_STOP_GRACE_S):
                 return  # a clean stop on its own SIGTERM: the whole group is likely stopping
             how = (
@@ -358,6 +405,20 @@ class IngestSupervisor:
                     return
                 self._restarts += 1
                 self._spawn()
+
+    def _give_up(self) -> None:
+        """The first process could not start: keep its reason, tell ``on_failure``, no restart."""
+        reason = "the ingest process could not start (its log line above says why)"
+        failed = self._failed
+        try:
+            if failed is not None and failed.poll(0):
+                reason = failed.recv_bytes().decode("utf-8", "replace")
+        except (OSError, EOFError):
+            pass
+        self.failure = reason
+        logger.debug("ingest process could not start, not restarting it: %s", reason)
+        if self._on_failure is not None:
+            self._on_failure(reason)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the ingest process cleanly (no restart after); kill it after ``timeout`` s."""
@@ -413,12 +474,20 @@ class JournalFeed:
         supervisor = self._supervisor
         return int(supervisor.restarts) if supervisor is not None else 0
 
+    @property
+    def failure(self) -> str | None:
+        """Why the ingest process could not start (then ``stop`` was set), else None."""
+        supervisor = self._supervisor
+        return supervisor.failure if supervisor is not None else None
+
     def start(self, stop: threading.Event) -> None:
-        """Spawn the ingest process (once) and watch ``stop``."""
+        """Spawn the ingest process (once) and watch ``stop`` (set too if ingest cannot start)."""
         with self._lock:
             if self._supervisor is not None or self._stopped:
                 return
-            self._supervisor = IngestSupervisor(self.config, channels=self.channels)
+            self._supervisor = IngestSupervisor(
+                self.config, channels=self.channels, on_failure=lambda _reason: stop.set()
+            )
             self._supervisor.start()
         threading.Thread(
             target=self._watch, args=(stop,), name="edgesieve-ingest-stop", daemon=True
