@@ -535,11 +535,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     channels = tuple(c for c in args.channels.split(",") if c)
+    config: EdgeConfig | None = None
     try:
         config = load_config(args.config)
         run_ingest(config, channels=channels, stop=stop)
     except (OSError, ValueError, RuntimeError) as exc:
-        logger.error("ingest: cannot run: %s", _reason(exc))
+        reason = _start_failure(config, exc) if config is not None else _reason(exc)
+        logger.error("ingest: cannot run: %s", reason)
         return START_FAILED
     return 0
 
