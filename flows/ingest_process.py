@@ -42,6 +42,7 @@ import multiprocessing.process
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -431,8 +432,13 @@ class IngestSupervisor:
             except OSError:
                 pass  # the child is gone (broken pipe)
             stop_child.close()
+            deadline = time.monotonic() + timeout
             proc.join(timeout)
-            if proc.is_alive():
+            # The monitor thread may reap the child first: this join then returns at once and
+            # sees no exit status until that thread has recorded it.
+            while proc.exitcode is None and time.monotonic() < deadline:
+                proc.join(_POLL_S)
+            if proc.exitcode is None:
                 logger.error(
                     "ingest process (pid %d) did not stop within %gs; killing it",
                     proc.pid,
