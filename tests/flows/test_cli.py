@@ -324,3 +324,33 @@ def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.sql("select batch_id, rows, raw_bytes from uplink_batches").fetchall() == [("b-1", 1, 4096)]
         assert con.sql("select device, rule, state from alarms").fetchall() == [("pump-7", "iso_zone_d", "raised")]
+
+
+def test_an_idle_edge_stopped_cleanly_prints_one_report_that_says_so(tmp_path):
+    from tests.conftest import DEVICES, free_port, write_devices
+
+    config = tmp_path / "edge.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path / 'var'}\ndevices: {write_devices(tmp_path, DEVICES)}\n"
+        f'transports: {{http: {{listen: "127.0.0.1:{free_port()}"}}}}\n'
+    )
+    log = tmp_path / "edge.log"
+    proc = subprocess.Popen(
+        [*EDGESIEVE, "run", "flows.edge", "--config", str(config)],
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+    )
+    try:
+        wait_for(lambda: "ingest: ready" in log.read_text() or proc.poll() is not None, 60, "ready")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log.read_text()
+    lines = out.splitlines()
+    assert lines[0] == "flow edge: no device messages in this run, nothing written"
+    assert lines[1] == "  journal: 0 messages, 0 bytes held, 0 not read by the flow"
+    assert lines[2].startswith("  ingest: 0 commits") and len(lines) == 3
