@@ -156,6 +156,21 @@ def test_a_port_taken_after_the_checks_stops_the_edge_with_the_ingest_process_li
     assert line == f"edgesieve: error: {in_use('transports.http.listen', address)}"
 
 
+def test_bytewax_runner_stops_with_the_ingest_process_line(tmp_path):
+    script = (
+        "import runpy, sys\n"
+        "import flows.runtime\n"
+        "flows.runtime.check_environment = lambda *args, **kwargs: None\n"
+        "sys.argv = ['bytewax.run', 'flows.edge']\n"
+        "runpy.run_module('bytewax.run', run_name='__main__')\n"
+    )
+    with held() as address:
+        path = config(tmp_path, f'transports: {{http: {{listen: "{address}"}}}}\n')
+        code, line = run([sys.executable, "-c", script], env={"EDGESIEVE_CONFIG": str(path)})
+    assert code == 2
+    assert line == f"edgesieve: error: {in_use('transports.http.listen', address)}"
+
+
 def test_a_metrics_port_taken_after_the_checks(tmp_path):
     with held() as address:
         path = config(
