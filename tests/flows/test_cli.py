@@ -354,3 +354,38 @@ def test_an_idle_edge_stopped_cleanly_prints_one_report_that_says_so(tmp_path):
     assert lines[0] == "flow edge: no device messages in this run, nothing written"
     assert lines[1] == "  journal: 0 messages, 0 bytes held, 0 not read by the flow"
     assert lines[2].startswith("  ingest: 0 commits") and len(lines) == 3
+
+
+FAILING_FLOW = '''
+import bytewax.operators as op
+from bytewax.testing import TestingSource
+
+
+def fail(item):
+    raise OSError(5, "Input/output error", "/dev/sdz")
+
+
+def build(edge):
+    up = op.input("in", edge.flow, TestingSource([1]))
+    op.inspect("out", op.map("fail", up, fail))
+'''
+
+
+def test_a_flow_that_fails_while_running_is_one_line_and_status_3(tmp_path):
+    (tmp_path / "boom.py").write_text(FAILING_FLOW)
+    (tmp_path / "edge.yaml").write_text(f"data_dir: {tmp_path / 'var'}\n")
+    done = subprocess.run(
+        [*EDGESIEVE, "run", str(tmp_path / "boom.py"), "--config", str(tmp_path / "edge.yaml")],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("edgesieve:")]
+    assert errors == [
+        "edgesieve: error: flow boom stopped: Input/output error (/dev/sdz); what devices were "
+        f"told accepted is kept in {tmp_path / 'var' / 'journal'} and processed by the next "
+        "start; hint: start the edge again; run with -v for the traceback"
+    ]
