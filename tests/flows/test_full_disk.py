@@ -115,7 +115,9 @@ def start(config: Path, log: Path, port: int) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("snapshot_s", [1, 3600], ids=["snapshots-during-the-run", "none-before-stop"])
+@pytest.mark.parametrize(
+    "snapshot_s", [1, 3600], ids=["snapshots-during-the-run", "none-before-stop"]
+)
 def test_a_stop_on_a_full_disk_loses_nothing_and_the_next_start_catches_up(
     tmp_path, small_disk, snapshot_s
 ):
@@ -171,9 +173,7 @@ def test_a_stop_on_a_full_disk_loses_nothing_and_the_next_start_catches_up(
     assert report["journal_messages"] == 0 and report["journal_lag"] == 0
 
 
-def test_a_report_that_cannot_be_written_is_one_warning_and_leaves_nothing(
-    small_disk, caplog
-):
+def test_a_report_that_cannot_be_written_is_one_warning_and_leaves_nothing(small_disk, caplog):
     path = small_disk / "report-telemetry.json"
     path.write_text("{}")  # the previous run's
     filler = fill(small_disk)

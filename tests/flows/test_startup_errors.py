@@ -36,7 +36,9 @@ PARENT_CHECKS_OFF = (
 port taken after the checks passed, so the ingest process's own bind is what fails."""
 
 
-def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 90) -> tuple[int, str]:
+def run(
+    cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 90
+) -> tuple[int, str]:
     """Run ``cmd``; return its exit status and its one error line (asserting there is just one)."""
     done = subprocess.run(
         cmd,
@@ -82,7 +84,9 @@ def config(tmp_path: Path, body: str) -> Path:
 
 
 def test_metrics_listen_without_a_port(tmp_path):
-    path = config(tmp_path, 'metrics_listen: localhost\ntransports: {http: {listen: "127.0.0.1:0"}}\n')
+    path = config(
+        tmp_path, 'metrics_listen: localhost\ntransports: {http: {listen: "127.0.0.1:0"}}\n'
+    )
     code, line = run(edgesieve("run", "flows.telemetry", "-c", str(path)))
     assert code == 2
     assert line == (
@@ -201,7 +205,13 @@ def test_cloud_listen_in_use(tmp_path):
     with held() as address:
         code, line = run(
             edgesieve(
-                "cloud", "--listen", address, "--db", str(tmp_path / "c.duckdb"), "--auth", str(auth)
+                "cloud",
+                "--listen",
+                address,
+                "--db",
+                str(tmp_path / "c.duckdb"),
+                "--auth",
+                str(auth),
             )
         )
     assert code == 2
