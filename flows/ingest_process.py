@@ -27,8 +27,9 @@ SIGINT: clean stop). A failure to start (port in use, unusable journal) is one
 log line and exit status 2; a broker refusing the credentials is one log line
 per change of state while the client retries with backoff. Under the
 supervisor, a first start that fails sends that line to the parent
-(:attr:`IngestSupervisor.failure`) and is not retried: the flow stops and
-``edgesieve run`` prints the line and exits with status 2.
+(:attr:`IngestSupervisor.failure`) and is not retried when trying again
+cannot help (a port in use, a bad registry): the flow stops and ``edgesieve
+run`` prints the line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -203,16 +204,20 @@ def _reason(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _start_failure(config: EdgeConfig, exc: BaseException) -> str:
-    """The one-line reason ``run_ingest`` failed, naming the config key when one is to blame.
+def _start_failure(config: EdgeConfig, exc: BaseException) -> tuple[str, bool]:
+    """The one-line reason ``run_ingest`` failed, and whether trying again cannot help.
 
     The servers are closed by now, so checking the environment again finds the
-    address another program holds (or the unusable ``data_dir``/``devices``).
+    address another program holds (or the unusable ``data_dir``/``devices``)
+    and names its config key. A bad config is lasting too; anything else (the
+    journal still locked by a previous ingest process that is finishing its
+    stop, a port freed meanwhile) may pass on the next try.
     """
     if isinstance(exc, OSError):
         if problems := environment_problems(config):
-            return "; ".join(problems)
-    return _reason(exc)
+            return "; ".join(problems), True
+        return _reason(exc), False
+    return _reason(exc), isinstance(exc, ValueError)
 
 
 def _watch(
@@ -248,7 +253,8 @@ def _child(
 ) -> None:
     """Entry point of the ingest process (spawned): run until the supervisor says stop.
 
-    A failure to start is logged, its reason sent on ``failed``, exit status 2.
+    A failure to start is logged and exits with status 2; when trying again
+    cannot help (a port in use, a bad registry) its reason is sent on ``failed``.
     """
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
@@ -268,12 +274,13 @@ def _child(
     try:
         run_ingest(config, channels=channels, stop=stop, ready=announce)
     except (OSError, ValueError, RuntimeError) as exc:
-        reason = _start_failure(config, exc)
+        reason, lasting = _start_failure(config, exc)
         logger.error("ingest: cannot run: %s", reason)
-        try:
-            failed.send_bytes(reason.encode("utf-8", "replace"))
-        except OSError:
-            pass  # the supervisor is gone
+        if lasting:
+            try:
+                failed.send_bytes(reason.encode("utf-8", "replace"))
+            except OSError:
+                pass  # the supervisor is gone
         sys.exit(START_FAILED)
 
 
@@ -283,10 +290,12 @@ class IngestSupervisor:
     :meth:`start` spawns it; a monitor thread waits for it and, unless
     :meth:`stop` was called, starts it again after a backoff (0.5 s doubling
     to 5 s, back to 0.5 s once a process became ready), logging how it ended.
-    When the first process fails to start (status 2 before it was ever ready)
-    nothing is restarted: :attr:`failure` holds its one-line reason and
-    ``on_failure`` is called with it (a port in use or a bad registry does not
-    fix itself; a process that ran before and fails to come back is retried).
+    When the first process fails to start for a lasting reason (a port in
+    use, a bad registry or config) nothing is restarted: :attr:`failure` holds
+    its one-line reason and ``on_failure`` is called with it. Other start
+    failures (the journal still locked by a previous ingest process finishing
+    its stop), and a process that ran before and fails to come back, are
+    retried.
     """
 
     def __init__(
@@ -384,8 +393,7 @@ class IngestSupervisor:
                 backoff = BACKOFF_MIN_S
                 self._ever_ready = True
             code = proc.exitcode
-            if code == START_FAILED and not self._ever_ready:
-                self._give_up()
+            if code == START_FAILED and not self._ever_ready and self._give_up():
                 return
             if code == 0 and self._stopping.wait(_STOP_GRACE_S):
                 return  # a clean stop on its own SIGTERM: the whole group is likely stopping
@@ -407,19 +415,20 @@ class IngestSupervisor:
                 self._restarts += 1
                 self._spawn()
 
-    def _give_up(self) -> None:
-        """The first process could not start: keep its reason, tell ``on_failure``, no restart."""
-        reason = "the ingest process could not start (its log line above says why)"
+    def _give_up(self) -> bool:
+        """Whether the first process failed for good; then keep its reason, tell ``on_failure``."""
         failed = self._failed
         try:
-            if failed is not None and failed.poll(0):
-                reason = failed.recv_bytes().decode("utf-8", "replace")
+            if failed is None or not failed.poll(0):
+                return False  # a failure that may pass: restart as after any other exit
+            reason = failed.recv_bytes().decode("utf-8", "replace")
         except (OSError, EOFError):
-            pass
+            return False
         self.failure = reason
         logger.debug("ingest process could not start, not restarting it: %s", reason)
         if self._on_failure is not None:
             self._on_failure(reason)
+        return True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the ingest process cleanly (no restart after); kill it after ``timeout`` s."""
@@ -546,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         run_ingest(config, channels=channels, stop=stop)
     except (OSError, ValueError, RuntimeError) as exc:
-        reason = _start_failure(config, exc) if config is not None else _reason(exc)
+        reason = _start_failure(config, exc)[0] if config is not None else _reason(exc)
         logger.error("ingest: cannot run: %s", reason)
         return START_FAILED
     return 0

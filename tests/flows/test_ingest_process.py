@@ -348,6 +348,25 @@ def test_a_first_start_that_fails_is_not_retried_and_its_line_reaches_the_superv
     assert "restarting" not in caplog.text
 
 
+def test_a_journal_still_locked_by_a_previous_process_is_retried_until_free(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, None, coap=False)
+    reasons: list[str] = []
+    supervisor = IngestSupervisor(config, channels=CHANNELS, on_failure=reasons.append)
+    previous = Journal(journal_settings(config))  # holds writer.lock, like an ingest stopping
+    try:
+        supervisor.start()
+        wait_for(lambda: supervisor.restarts >= 1, "a retry", 20)
+        assert reasons == [] and supervisor.failure is None and not supervisor.ready
+    finally:
+        previous.close()
+    try:
+        wait_for(lambda: supervisor.ready, "a start once the journal is free", 30)
+    finally:
+        supervisor.stop()
+
+
 def test_a_process_that_ran_and_cannot_come_back_is_retried(tmp_path: Path) -> None:
     config = make_config(tmp_path, None, coap=False)
     assert config.transports.http is not None
