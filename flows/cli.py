@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(build: FlowBuilder, config: EdgeConfig, workers: int) -> int:
     """``edgesieve run``: run the flow, print its reports; a failure is one line and status 3."""
-    from flows.runtime import disk_full, flow_name, one_line, run_flow
+    from flows.runtime import failure_line, flow_name, run_flow
 
     try:
         result = run_flow(build, config, workers=workers)
@@ -189,17 +189,7 @@ def _run(build: FlowBuilder, config: EdgeConfig, workers: int) -> int:
         raise  # a config error, or a setting checked when the flow was built: status 2
     except Exception as exc:  # noqa: BLE001 - any failure of a running flow: one line
         logging.getLogger("edgesieve.run").debug("the flow failed", exc_info=True)
-        hint = (
-            f"free space on the disk of {config.data_dir}, then start the edge again"
-            if disk_full(exc)
-            else "start the edge again; run with -v for the traceback"
-        )
-        print(
-            f"edgesieve: error: flow {flow_name(build)} stopped: {one_line(exc)}; what devices "
-            f"were told accepted is kept in {config.data_dir / 'journal'} and processed by the "
-            f"next start; hint: {hint}",
-            file=sys.stderr,
-        )
+        print(failure_line(flow_name(build), config, exc), file=sys.stderr)
         return EXIT_FAILED
     for rep in result.reports.values():
         print(rep.render())

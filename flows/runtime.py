@@ -178,34 +178,60 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps) says the disk is full."""
-    return "No space left on device" in one_line(exc)
+def failure_line(flow: str, config: EdgeConfig, exc: BaseException) -> str:
+    """The one line that says a running flow stopped on ``exc``, what is kept, what to do."""
+    reason = one_line(exc)
+    hint = (
+        f"free space on the disk of {config.data_dir}, then start the edge again"
+        if "No space left on device" in reason
+        else "start the edge again; run with -v for the traceback"
+    )
+    return (
+        f"edgesieve: error: flow {flow} stopped: {reason}; what devices were told accepted is "
+        f"kept in {config.data_dir / 'journal'} and processed by the next start; hint: {hint}"
+    )
 
 
-def _note_uncaught_exceptions() -> threading.Event:
-    """An event set when the process ends on an uncaught exception (atexit cannot tell)."""
+def _note_uncaught_exceptions(edge: Edge) -> threading.Event:
+    """An event set when the process ends on an uncaught exception (atexit cannot tell).
+
+    The exception is one line (:func:`failure_line`), its traceback logged at
+    DEBUG; a KeyboardInterrupt (a second Ctrl-C) keeps Python's own report.
+    """
     failed = threading.Event()
     previous = sys.excepthook
 
     def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         failed.set()
-        previous(kind, value, tb)
+        if not isinstance(value, Exception):
+            previous(kind, value, tb)
+            return
+        log.debug("the flow failed", exc_info=(kind, value, tb))
+        print(failure_line(edge.name, edge.config, value), file=sys.stderr)
 
     sys.excepthook = hook
     return failed
 
 
 def _close_at_exit(edge: Edge, failed: threading.Event) -> None:
-    """Close ``edge`` when ``python -m bytewax.run`` ends; exit 2 if ingest could not start."""
+    """Close ``edge`` when ``python -m bytewax.run`` ends, exiting as ``edgesieve run`` would.
+
+    Status 2 when the ingest process could not start (its line is printed here),
+    3 when the flow failed (its line was printed by the exception hook).
+    """
     edge.close(completed=not failed.is_set())
     ingest = edge._shared.ingest  # noqa: SLF001 - the ingest feed of this run
+    code = None
     if ingest is not None and ingest.failure is not None:
         print(f"edgesieve: error: {ingest.failure}", file=sys.stderr)
+        code = 2
+    elif failed.is_set():
+        code = 3
+    if code is not None:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(2)  # an atexit handler cannot change the exit status otherwise
+        os._exit(code)  # an atexit handler cannot change the exit status otherwise
 
 
 def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
@@ -221,7 +247,8 @@ def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
     uncaught exception, what the flow read is released from the journal. A
     config or environment problem (:func:`~flows.config.check_environment`), or
     an ingest process that cannot start, is one ``edgesieve: error:`` line on
-    stderr and exit status 2, as with ``edgesieve run``.
+    stderr and exit status 2, a failure of the running flow (a full disk) one
+    line and status 3, as with ``edgesieve run``.
     """
     built: dict[str, Any] = {}
 
@@ -244,7 +271,7 @@ def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
             build(edge)
             built["flow"] = edge.dataflow()
             edge.recovery_config()
-            failed = _note_uncaught_exceptions()
+            failed = _note_uncaught_exceptions(edge)
             atexit.register(_close_at_exit, edge, failed)
             edge.start_ingest()
         return built["flow"]
