@@ -96,6 +96,25 @@ def test_metrics_listen_without_a_port(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("section", "value", "hint"),
+    [
+        ("http", ":8080", "give both a host and a port, separated by ':'"),
+        ("http", "127.0.0.1:70000", "the port must be a number 0-65535, not '70000'"),
+        ("coap", "127.0.0.1:coap", "the port must be a number 0-65535, not 'coap'"),
+        ("coap", "::1:5683", "put an IPv6 address in brackets: [::1]:5683"),
+    ],
+)
+def test_a_bad_listen_address(tmp_path, section, value, hint):
+    path = config(tmp_path, f'transports: {{{section}: {{listen: "{value}"}}}}\n')
+    code, line = run(edgesieve("run", "flows.edge", "-c", str(path)))
+    assert code == 2
+    assert line == (
+        f"edgesieve: error: {path}: transports.{section}.listen: must be HOST:PORT, e.g. "
+        f"127.0.0.1:8080 or [::1]:8080 (got {value!r}); hint: {hint}"
+    )
+
+
+@pytest.mark.parametrize(
     ("key", "kind"),
     [
         ("metrics_listen", socket.SOCK_STREAM),
