@@ -147,8 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 msg = f"--workers must be at least 1 (got {args.workers})"
                 raise ConfigError(msg)
             config = load_config(args.config)
-            check_environment(config, source=str(args.config))
             build = load_flow_builder(args.flow)
+            check_environment(config, source=str(args.config))  # creates data_dir: last
             return _run(build, config, args.workers)
         elif args.command == "cloud":
             _cloud(args)
