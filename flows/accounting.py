@@ -9,6 +9,8 @@ Counting happens once per Bytewax batch, not per item.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import threading
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -36,6 +38,8 @@ __all__ = [
 ]
 
 X = TypeVar("X")
+
+log = logging.getLogger("edgesieve.run")
 
 RECEIVED = "received"
 
@@ -344,6 +348,16 @@ class FlowReport:
         return self.raw_bytes / out if out else None
 
     @property
+    def idle(self) -> bool:
+        """Whether the flow received, processed and wrote nothing in this run."""
+        return not (
+            self.messages_in
+            or any(self.stages.values())
+            or any(self.output_rows.values())
+            or any(self.wire_rows.values())
+        )
+
+    @property
     def wire_ratio(self) -> float | None:
         """Raw device bytes per byte sent to the cloud, if any was."""
         wire = sum(self.wire_bytes.values())
@@ -354,14 +368,36 @@ class FlowReport:
         body = {**asdict(self), "ratio": self.ratio, "wire_ratio": self.wire_ratio}
         return json.dumps(body, indent=2, sort_keys=True)
 
-    def write(self, path: Path) -> None:
-        """Write the JSON report atomically."""
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        tmp.replace(path)
+    def write(self, path: Path) -> bool:
+        """Write the JSON report atomically (temporary file, fsync, rename); return whether it was.
+
+        When it cannot be written (a full disk, say) the temporary file is
+        removed, one warning is logged and the previous report stays as it was.
+        """
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("w", encoding="utf-8") as fh:
+                fh.write(self.to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning(
+                "report: %s not written (%s); the report is printed only; hint: free space "
+                "or fix the permissions of %s",
+                path,
+                exc.strerror or exc,
+                path.parent,
+            )
+            return False
+        return True
 
     def render(self) -> str:
         """A short human-readable summary."""
+        if self.idle:
+            lines = [f"flow {self.flow}: no device messages in this run, nothing written"]
+            return "\n".join(lines + self._journal_lines())
         lines = [f"flow {self.flow}: {self.messages_in} messages, {self.raw_bytes} raw bytes in"]
         for stage, n in sorted(self.stages.items()):
             lines.append(f"  stage {stage:<20} {n:>10} records")
@@ -377,6 +413,10 @@ class FlowReport:
         wire = self.wire_ratio
         if wire is not None:
             lines.append(f"  reduction (raw bytes / wire bytes to the cloud): {ratio_text(wire)}")
+        return "\n".join(lines + self._journal_lines())
+
+    def _journal_lines(self) -> list[str]:
+        lines = []
         if self.journal_messages is not None:
             lines.append(
                 f"  journal: {self.journal_messages} messages, {self.journal_bytes} bytes held, "
@@ -391,7 +431,7 @@ class FlowReport:
                 f"{self.refused} refused, {self.acks_withheld} MQTT acks withheld, "
                 f"{self.ingest_restarts} restarts"
             )
-        return "\n".join(lines)
+        return lines
 
 
 def ratio_text(ratio: float) -> str:

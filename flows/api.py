@@ -511,20 +511,22 @@ class Edge:
                 self._shared.link.close()
 
     def reports(self, *, write: bool = False) -> dict[str, FlowReport]:
-        """The traffic report of each part that saw messages (the flow's own, at least)."""
+        """The traffic report of each part that did something; the flow's own when none did."""
         parts = self._shared.parts
-        out: dict[str, FlowReport] = {}
         ingest = self._shared.ingest
         snapshot = read_snapshot(ingest.source.root) if ingest is not None else None
-        for part in parts:
-            rep = report(
+        every = {
+            part.name: report(
                 part.meter,
                 ingest.source if ingest is not None else None,
                 ingest=snapshot,
                 restarts=ingest.restarts if ingest is not None else 0,
             )
-            if rep.messages_in or (part is parts[0] and len(parts) == 1):
-                out[part.name] = rep
+            for part in parts
+        }
+        out = {name: rep for name, rep in every.items() if not rep.idle}
+        if not out:  # an idle run: one report, the flow's own, says so
+            out = {parts[0].name: every[parts[0].name]}
         if write:
             for name, rep in out.items():
                 rep.write(self.config.data_dir / f"report-{name}.json")

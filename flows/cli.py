@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flows.config import ConfigError, check_environment, load_config
+from flows.config import ConfigError, check_environment, data_dir_problem, load_config
 
-__all__ = ["main"]
+EXIT_CONFIG = 2
+"""Bad options, config or environment (a port in use, an unusable data_dir): nothing ran."""
+EXIT_FAILED = 3
+"""The flow started and then stopped on an error (e.g. a full disk). What devices were told
+"accepted" stays in the journal and is processed, exactly once, by the next start."""
+
+
+if TYPE_CHECKING:
+    from flows.config import EdgeConfig
+    from flows.runtime import FlowBuilder
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,8 +86,12 @@ def _cloud(args: argparse.Namespace) -> None:
 
     from connectors.cloud import ReceiverLimits, ReceiverTls, serve
     from connectors.cloud.limits import LIMIT_OPTIONS
+    from connectors.cloud.store import ReceiverError
+    from flows.config import bind_problem
     from flows.runtime import stop_on_signals
 
+    if problem := bind_problem("--listen", args.listen, socket.SOCK_STREAM):
+        raise ConfigError(problem)
     tls = None
     if args.tls_cert or args.tls_key or args.client_ca:
         if not (args.tls_cert and args.tls_key):
@@ -84,7 +101,10 @@ def _cloud(args: argparse.Namespace) -> None:
     limits = ReceiverLimits(**{name: getattr(args, name) for name in LIMIT_OPTIONS})
     stop = threading.Event()
     with stop_on_signals(stop):
-        serve(args.listen, args.db, args.auth, tls=tls, limits=limits, stop=stop)
+        try:
+            serve(args.listen, args.db, args.auth, tls=tls, limits=limits, stop=stop)
+        except ReceiverError as exc:
+            raise ConfigError(" ".join(str(exc).split())) from None
 
 
 def _mosquitto_config(config_path: Path, out: Path) -> None:
@@ -129,17 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "run":
-            from flows.runtime import load_flow_builder, run_flow
+            from flows.runtime import load_flow_builder
 
             if args.workers < 1:
                 msg = f"--workers must be at least 1 (got {args.workers})"
                 raise ConfigError(msg)
             config = load_config(args.config)
-            check_environment(config)
             build = load_flow_builder(args.flow)
-            result = run_flow(build, config, workers=args.workers)
-            for rep in result.reports.values():
-                print(rep.render())
+            check_environment(config, source=str(args.config))  # creates data_dir: last
+            return _run(build, config, args.workers)
         elif args.command == "cloud":
             _cloud(args)
         elif args.command == "devices":
@@ -147,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from flows.demo import DemoSettings, run_demo
 
+            if args.data_dir is not None and (
+                problem := data_dir_problem(args.data_dir, key="--data-dir")
+            ):
+                raise ConfigError(problem)
             run_demo(
                 DemoSettings(
                     devices=args.devices,
@@ -161,7 +183,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     except (ConfigError, ValueError) as exc:
         print(f"edgesieve: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    return 0
+
+
+def _run(build: FlowBuilder, config: EdgeConfig, workers: int) -> int:
+    """``edgesieve run``: run the flow, print its reports; a failure is one line and status 3."""
+    from flows.runtime import failure_line, flow_name, run_flow
+
+    try:
+        result = run_flow(build, config, workers=workers)
+    except ValueError:
+        raise  # a config error, or a setting checked when the flow was built: status 2
+    except Exception as exc:  # noqa: BLE001 - any failure of a running flow: one line
+        logging.getLogger("edgesieve.run").debug("the flow failed", exc_info=True)
+        print(failure_line(flow_name(build), config, exc), file=sys.stderr)
+        return EXIT_FAILED
+    for rep in result.reports.values():
+        print(rep.render())
     return 0
 
 

@@ -25,7 +25,11 @@ withheld PUBACKs) go to ``data_dir/journal/ingest-stats.json`` every second
 Standalone: ``python -m flows.ingest_process --config edge.yaml`` (SIGTERM or
 SIGINT: clean stop). A failure to start (port in use, unusable journal) is one
 log line and exit status 2; a broker refusing the credentials is one log line
-per change of state while the client retries with backoff.
+per change of state while the client retries with backoff. Under the
+supervisor, a first start that fails sends that line to the parent
+(:attr:`IngestSupervisor.failure`) and is not retried when trying again
+cannot help (a port in use, a bad registry): the flow stops and ``edgesieve
+run`` prints the line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import multiprocessing.process
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -47,7 +52,7 @@ from connectors.devices.journal import JournalSettings, journal_partitions
 from connectors.devices.journal_source import JournalSource
 from connectors.devices.mqtt.journaled import JournaledMqtt
 from connectors.devices.registry import DeviceRegistry
-from flows.config import ConfigError, EdgeConfig, load_config
+from flows.config import ConfigError, EdgeConfig, environment_problems, load_config
 from flows.ingest_stats import MeteredJournal, StatsWriter, remove_snapshot
 from flows.transports import mqtt_settings
 from operators.records import TELEMETRY, VIBRATION
@@ -206,6 +211,22 @@ def _reason(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def _start_failure(config: EdgeConfig, exc: BaseException) -> tuple[str, bool]:
+    """The one-line reason ``run_ingest`` failed, and whether trying again cannot help.
+
+    The servers are closed by now, so checking the environment again finds the
+    address another program holds (or the unusable ``data_dir``/``devices``)
+    and names its config key. A bad config is lasting too; anything else (the
+    journal still locked by a previous ingest process that is finishing its
+    stop, a port freed meanwhile) may pass on the next try.
+    """
+    if isinstance(exc, OSError):
+        if problems := environment_problems(config):
+            return "; ".join(problems), True
+        return _reason(exc), False
+    return _reason(exc), isinstance(exc, ValueError)
+
+
 def _watch(
     stop: threading.Event,
     parent_stop: multiprocessing.connection.Connection,
@@ -235,8 +256,13 @@ def _child(
     parent_stop: multiprocessing.connection.Connection,
     ready: Any,
     level: int,
+    failed: multiprocessing.connection.Connection,
 ) -> None:
-    """Entry point of the ingest process (spawned): run until the supervisor says stop."""
+    """Entry point of the ingest process (spawned): run until the supervisor says stop.
+
+    A failure to start is logged and exits with status 2; when trying again
+    cannot help (a port in use, a bad registry) its reason is sent on ``failed``.
+    """
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a clean stop, as when run standalone
@@ -255,7 +281,13 @@ def _child(
     try:
         run_ingest(config, channels=channels, stop=stop, ready=announce)
     except (OSError, ValueError, RuntimeError) as exc:
-        logger.error("ingest: cannot run: %s", _reason(exc))
+        reason, lasting = _start_failure(config, exc)
+        logger.error("ingest: cannot run: %s", reason)
+        if lasting:
+            try:
+                failed.send_bytes(reason.encode("utf-8", "replace"))
+            except OSError:
+                pass  # the supervisor is gone
         sys.exit(START_FAILED)
 
 
@@ -265,11 +297,28 @@ class IngestSupervisor:
     :meth:`start` spawns it; a monitor thread waits for it and, unless
     :meth:`stop` was called, starts it again after a backoff (0.5 s doubling
     to 5 s, back to 0.5 s once a process became ready), logging how it ended.
+    When the first process fails to start for a lasting reason (a port in
+    use, a bad registry or config) nothing is restarted: :attr:`failure` holds
+    its one-line reason and ``on_failure`` is called with it. Other start
+    failures (the journal still locked by a previous ingest process finishing
+    its stop), and a process that ran before and fails to come back, are
+    retried.
     """
 
-    def __init__(self, config: EdgeConfig, *, channels: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        *,
+        channels: tuple[str, ...],
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
         self.channels = channels
+        self.failure: str | None = None
+        """Why the first ingest process could not start (None: it did, or has not ended)."""
+        self._on_failure = on_failure
+        self._failed: multiprocessing.connection.Connection | None = None
+        self._ever_ready = False
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -318,19 +367,23 @@ class IngestSupervisor:
         # block the stop forever. A pipe and a lock-free shared byte cannot wait for the dead.
         ready = self._ctx.RawValue("b", 0)
         child_end, stop_child = self._ctx.Pipe(duplex=False)
+        failed, child_failed = self._ctx.Pipe(duplex=False)
+        level = logging.getLogger().level
         proc = self._ctx.Process(
             target=_child,
-            args=(self.config, self.channels, child_end, ready, logging.getLogger().level),
+            args=(self.config, self.channels, child_end, ready, level, child_failed),
             name="edgesieve-ingest",
             daemon=True,
         )
         try:
             proc.start()
         finally:
-            child_end.close()  # the child has its own copy
-        if self._stop_child is not None:
-            self._stop_child.close()  # the previous child's, which is gone
-        self._proc, self._ready, self._stop_child = proc, ready, stop_child
+            child_end.close()  # the child has its own copies
+            child_failed.close()
+        for previous in (self._stop_child, self._failed):
+            if previous is not None:
+                previous.close()  # the previous child's, which is gone
+        self._proc, self._ready, self._stop_child, self._failed = proc, ready, stop_child, failed
         logger.info("ingest process started (pid %d)", proc.pid)
 
     def _supervise(self) -> None:
@@ -345,7 +398,10 @@ class IngestSupervisor:
                 return
             if ready.value:
                 backoff = BACKOFF_MIN_S
+                self._ever_ready = True
             code = proc.exitcode
+            if code == START_FAILED and not self._ever_ready and self._give_up():
+                return
             if code == 0 and self._stopping.wait(_STOP_GRACE_S):
                 return  # a clean stop on its own SIGTERM: the whole group is likely stopping
             how = (
@@ -366,6 +422,21 @@ class IngestSupervisor:
                 self._restarts += 1
                 self._spawn()
 
+    def _give_up(self) -> bool:
+        """Whether the first process failed for good; then keep its reason, tell ``on_failure``."""
+        failed = self._failed
+        try:
+            if failed is None or not failed.poll(0):
+                return False  # a failure that may pass: restart as after any other exit
+            reason = failed.recv_bytes().decode("utf-8", "replace")
+        except (OSError, EOFError):
+            return False
+        self.failure = reason
+        logger.debug("ingest process could not start, not restarting it: %s", reason)
+        if self._on_failure is not None:
+            self._on_failure(reason)
+        return True
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the ingest process cleanly (no restart after); kill it after ``timeout`` s."""
         self._stopping.set()
@@ -377,8 +448,13 @@ class IngestSupervisor:
             except OSError:
                 pass  # the child is gone (broken pipe)
             stop_child.close()
+            deadline = time.monotonic() + timeout
             proc.join(timeout)
-            if proc.is_alive():
+            # The monitor thread may reap the child first: this join then returns at once and
+            # sees no exit status until that thread has recorded it.
+            while proc.exitcode is None and time.monotonic() < deadline:
+                proc.join(_POLL_S)
+            if proc.exitcode is None:
                 logger.error(
                     "ingest process (pid %d) did not stop within %gs; killing it",
                     proc.pid,
@@ -420,12 +496,20 @@ class JournalFeed:
         supervisor = self._supervisor
         return int(supervisor.restarts) if supervisor is not None else 0
 
+    @property
+    def failure(self) -> str | None:
+        """Why the ingest process could not start (then ``stop`` was set), else None."""
+        supervisor = self._supervisor
+        return supervisor.failure if supervisor is not None else None
+
     def start(self, stop: threading.Event) -> None:
-        """Spawn the ingest process (once) and watch ``stop``."""
+        """Spawn the ingest process (once) and watch ``stop`` (set too if ingest cannot start)."""
         with self._lock:
             if self._supervisor is not None or self._stopped:
                 return
-            self._supervisor = IngestSupervisor(self.config, channels=self.channels)
+            self._supervisor = IngestSupervisor(
+                self.config, channels=self.channels, on_failure=lambda _reason: stop.set()
+            )
             self._supervisor.start()
         threading.Thread(
             target=self._watch, args=(stop,), name="edgesieve-ingest-stop", daemon=True
@@ -473,11 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     channels = tuple(c for c in args.channels.split(",") if c)
+    config: EdgeConfig | None = None
     try:
         config = load_config(args.config)
         run_ingest(config, channels=channels, stop=stop)
     except (OSError, ValueError, RuntimeError) as exc:
-        logger.error("ingest: cannot run: %s", _reason(exc))
+        reason = _start_failure(config, exc)[0] if config is not None else _reason(exc)
+        logger.error("ingest: cannot run: %s", reason)
         return START_FAILED
     return 0
 

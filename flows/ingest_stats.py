@@ -231,10 +231,14 @@ class StatsWriter:
         }
 
     def write(self, *, running: bool = True) -> None:
-        """Write the snapshot now (write-then-rename)."""
+        """Write the snapshot now (write-then-rename; nothing is left behind on failure)."""
         tmp = self.path.with_name(f".{STATS_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.snapshot(running=running)), encoding="utf-8")
-        tmp.replace(self.path)
+        try:
+            tmp.write_text(json.dumps(self.snapshot(running=running)), encoding="utf-8")
+            tmp.replace(self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+            raise
 
     def start(self) -> None:
         """Write the first snapshot and start the thread that rewrites it."""

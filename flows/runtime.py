@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from connectors.common.address import parse_host_port
-from flows.config import ConfigError, EdgeConfig, load_config
+from flows.config import ConfigError, EdgeConfig, check_environment, listen_problem, load_config
 
 if TYPE_CHECKING:
     from flows.api import Edge, RunResult
@@ -80,11 +80,17 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def serve_metrics(config: EdgeConfig, registry: CollectorRegistry) -> None:
-    """Serve ``registry`` on ``metrics_listen`` (HOST:PORT) when it is configured."""
+    """Serve ``registry`` on ``metrics_listen`` (HOST:PORT) when it is configured.
+
+    :raises ConfigError: when the address cannot be bound (one line naming the key).
+    """
     if not config.metrics_listen:
         return
     host, port = parse_host_port(config.metrics_listen, key="metrics_listen")
-    start_http_server(port, addr=host, registry=registry)
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(listen_problem("metrics_listen", config.metrics_listen, exc)) from None
 
 
 def load_flow_builder(flow: str) -> FlowBuilder:
@@ -134,25 +140,98 @@ def run_flow(
     stop: threading.Event | None = None,
     name: str | None = None,
 ) -> RunResult:
-    """Build ``build`` on a new :class:`~flows.api.Edge` and run it until its input ends or stop."""
+    """Build ``build`` on a new :class:`~flows.api.Edge` and run it until its input ends or stop.
+
+    :raises ConfigError: when the ingest process could not start (its one-line
+        reason: a port taken after the start checks, an unusable journal).
+    """
     from flows.api import Edge
 
     edge = Edge(config, name=name or flow_name(build), stop=stop)
     build(edge)
-    return edge.run(workers=workers)
+    result = edge.run(workers=workers)
+    ingest = edge._shared.ingest  # noqa: SLF001 - the ingest feed of this run
+    if ingest is not None and ingest.failure is not None:
+        raise ConfigError(ingest.failure)
+    return result
 
 
-def _note_uncaught_exceptions() -> threading.Event:
-    """An event set when the process ends on an uncaught exception (atexit cannot tell)."""
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: the innermost ``OSError`` it wraps, else its own text.
+
+    Bytewax wraps what a step raised (and its own storage errors) in
+    ``RuntimeError`` with Rust locations; what the user can act on is the
+    operating system's error at the bottom, e.g. ``No space left on device``.
+    """
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for err in reversed(seen):
+        if isinstance(err, OSError):
+            where = f" ({err.filename})" if err.filename else ""
+            return f"{err.strerror or err}{where}"
+    text = " ".join(str(exc).split())
+    if "disk is full" in text or "DiskFull" in text:
+        return "No space left on device (database or disk is full)"
+    return text or type(exc).__name__
+
+
+def failure_line(flow: str, config: EdgeConfig, exc: BaseException) -> str:
+    """The one line that says a running flow stopped on ``exc``, what is kept, what to do."""
+    reason = one_line(exc)
+    hint = (
+        f"free space on the disk of {config.data_dir}, then start the edge again"
+        if "No space left on device" in reason
+        else "start the edge again; run with -v for the traceback"
+    )
+    return (
+        f"edgesieve: error: flow {flow} stopped: {reason}; what devices were told accepted is "
+        f"kept in {config.data_dir / 'journal'} and processed by the next start; hint: {hint}"
+    )
+
+
+def _note_uncaught_exceptions(edge: Edge) -> threading.Event:
+    """An event set when the process ends on an uncaught exception (atexit cannot tell).
+
+    The exception is one line (:func:`failure_line`), its traceback logged at
+    DEBUG; a KeyboardInterrupt (a second Ctrl-C) keeps Python's own report.
+    """
     failed = threading.Event()
     previous = sys.excepthook
 
     def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         failed.set()
-        previous(kind, value, tb)
+        if not isinstance(value, Exception):
+            previous(kind, value, tb)
+            return
+        log.debug("the flow failed", exc_info=(kind, value, tb))
+        print(failure_line(edge.name, edge.config, value), file=sys.stderr)
 
     sys.excepthook = hook
     return failed
+
+
+def _close_at_exit(edge: Edge, failed: threading.Event) -> None:
+    """Close ``edge`` when ``python -m bytewax.run`` ends, exiting as ``edgesieve run`` would.
+
+    Status 2 when the ingest process could not start (its line is printed here),
+    3 when the flow failed (its line was printed by the exception hook).
+    """
+    edge.close(completed=not failed.is_set())
+    ingest = edge._shared.ingest  # noqa: SLF001 - the ingest feed of this run
+    code = None
+    if ingest is not None and ingest.failure is not None:
+        print(f"edgesieve: error: {ingest.failure}", file=sys.stderr)
+        code = 2
+    elif failed.is_set():
+        code = 3
+    if code is not None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # an atexit handler cannot change the exit status otherwise
 
 
 def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
@@ -165,7 +244,11 @@ def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
     past the snapshots stored there), the ingest process starts
     with the flow, SIGTERM/SIGINT stop ingest and then drain the journal through
     the flow, and at exit ingest is stopped and, unless the run failed with an
-    uncaught exception, what the flow read is released from the journal.
+    uncaught exception, what the flow read is released from the journal. A
+    config or environment problem (:func:`~flows.config.check_environment`), or
+    an ingest process that cannot start, is one ``edgesieve: error:`` line on
+    stderr and exit status 2, a failure of the running flow (a full disk) one
+    line and status 3, as with ``edgesieve run``.
     """
     built: dict[str, Any] = {}
 
@@ -176,15 +259,20 @@ def lazy_flow(module: str, build: FlowBuilder) -> Callable[[str], Any]:
         if "flow" not in built:
             from flows.api import Edge
 
-            config = load_config(os.environ.get(CONFIG_ENV, "edge.yaml"))
-            config.data_dir.mkdir(parents=True, exist_ok=True)
+            path = os.environ.get(CONFIG_ENV, "edge.yaml")
+            try:
+                config = load_config(path)
+                check_environment(config, source=path)
+            except ConfigError as exc:
+                print(f"edgesieve: error: {exc}", file=sys.stderr)
+                sys.exit(2)
             edge = Edge(config, name=module.rsplit(".", 1)[-1])
             install_stop_handlers(edge.stop)
             build(edge)
             built["flow"] = edge.dataflow()
             edge.recovery_config()
-            failed = _note_uncaught_exceptions()
-            atexit.register(lambda: edge.close(completed=not failed.is_set()))
+            failed = _note_uncaught_exceptions(edge)
+            atexit.register(_close_at_exit, edge, failed)
             edge.start_ingest()
         return built["flow"]
 

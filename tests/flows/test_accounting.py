@@ -77,3 +77,22 @@ def test_wire_bytes_give_the_cloud_reduction_ratio():
     assert "reduction (raw bytes / wire bytes to the cloud): 1,000:1" in rep.render()
     assert json.loads(rep.to_json())["wire_ratio"] == 1000.0
     assert report(Meter("x")).wire_ratio is None
+
+
+def test_a_report_of_rows_restored_from_a_snapshot_is_not_idle():
+    # a start after a crash may write rows its snapshot held without receiving a message
+    meter = Meter("telemetry")
+    assert report(meter).idle
+    meter.on_file("telemetry_points", 50, 1990)
+    rep = report(meter)
+    assert not rep.idle and rep.messages_in == 0
+    assert "out   telemetry_points             50 rows" in rep.render()
+
+
+def test_an_idle_report_says_so_and_keeps_the_journal_lines():
+    rep = report(Meter("edge"))
+    rep.journal_messages, rep.journal_bytes, rep.journal_lag = 0, 0, 0
+    assert rep.render() == (
+        "flow edge: no device messages in this run, nothing written\n"
+        "  journal: 0 messages, 0 bytes held, 0 not read by the flow"
+    )

@@ -334,3 +334,68 @@ def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.sql("select batch_id, rows, raw_bytes from uplink_batches").fetchall() == [(batch_id, 1, 4096)]
         assert con.sql("select device, rule, state from alarms").fetchall() == [("pump-7", "iso_zone_d", "raised")]
+
+
+def test_an_idle_edge_stopped_cleanly_prints_one_report_that_says_so(tmp_path):
+    from tests.conftest import DEVICES, free_port, write_devices
+
+    config = tmp_path / "edge.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path / 'var'}\ndevices: {write_devices(tmp_path, DEVICES)}\n"
+        f'transports: {{http: {{listen: "127.0.0.1:{free_port()}"}}}}\n'
+    )
+    log = tmp_path / "edge.log"
+    proc = subprocess.Popen(
+        [*EDGESIEVE, "run", "flows.edge", "--config", str(config)],
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+    )
+    try:
+        wait_for(lambda: "ingest: ready" in log.read_text() or proc.poll() is not None, 60, "ready")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log.read_text()
+    lines = out.splitlines()
+    assert lines[0] == "flow edge: no device messages in this run, nothing written"
+    assert lines[1] == "  journal: 0 messages, 0 bytes held, 0 not read by the flow"
+    assert lines[2].startswith("  ingest: 0 commits") and len(lines) == 3
+
+
+FAILING_FLOW = '''
+import bytewax.operators as op
+from bytewax.testing import TestingSource
+
+
+def fail(item):
+    raise OSError(5, "Input/output error", "/dev/sdz")
+
+
+def build(edge):
+    up = op.input("in", edge.flow, TestingSource([1]))
+    op.inspect("out", op.map("fail", up, fail))
+'''
+
+
+def test_a_flow_that_fails_while_running_is_one_line_and_status_3(tmp_path):
+    (tmp_path / "boom.py").write_text(FAILING_FLOW)
+    (tmp_path / "edge.yaml").write_text(f"data_dir: {tmp_path / 'var'}\n")
+    done = subprocess.run(
+        [*EDGESIEVE, "run", str(tmp_path / "boom.py"), "--config", str(tmp_path / "edge.yaml")],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("edgesieve:")]
+    assert errors == [
+        "edgesieve: error: flow boom stopped: Input/output error (/dev/sdz); what devices were "
+        f"told accepted is kept in {tmp_path / 'var' / 'journal'} and processed by the next "
+        "start; hint: start the edge again; run with -v for the traceback"
+    ]

@@ -1,11 +1,20 @@
+import os
 import re
 import socket
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, EdgeConfig, check_environment, load_config, parse_config
+from flows.config import (
+    ConfigError,
+    EdgeConfig,
+    check_environment,
+    listen_addresses,
+    load_config,
+    parse_config,
+)
 from operators.spectral import SpectralConfig
 from operators.threshold import Rule
 from tests.conftest import write_devices
@@ -401,7 +410,7 @@ def test_data_dir_must_not_be_a_file(tmp_path):
         match="^"
         + re.escape(
             f"data_dir: {tmp_path / 'var'} is a file, not a directory; hint: point data_dir at "
-            "a directory (it is created if missing) or move the file away"
+            "a directory the edge may write to (it is created if missing) or move the file away"
         )
         + "$",
     ):
@@ -449,6 +458,115 @@ def test_listen_address_must_belong_to_this_machine(tmp_path):
         r"address\); hint: use an address of this machine, e\.g\. 127\.0\.0\.1:9108$",
     ):
         check_environment(config)
+
+
+DATA_DIR_HINT = "hint: point data_dir at a directory the edge may write to (it is created if missing)"
+
+
+def test_data_dir_is_created_when_missing(tmp_path):
+    check_environment(environment(tmp_path, data_dir=str(tmp_path / "a" / "b")))
+    assert (tmp_path / "a" / "b").is_dir()
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the write test leaves nothing
+
+
+def test_data_dir_that_cannot_be_created(tmp_path):
+    (tmp_path / "a").write_text("")
+    with pytest.raises(
+        ConfigError,
+        match="^"
+        + re.escape(
+            f"data_dir: {tmp_path / 'a' / 'var'} cannot be created (Not a directory); {DATA_DIR_HINT}"
+        )
+        + "$",
+    ):
+        check_environment(environment(tmp_path, data_dir=str(tmp_path / "a" / "var")))
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory the edge cannot write to: a read-only tmpfs as root, mode 0o500 otherwise."""
+    at = tmp_path / "ro"
+    at.mkdir()
+    if os.geteuid() != 0:
+        at.chmod(0o500)
+        yield at
+        at.chmod(0o700)
+        return
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(at)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", "-l", str(at)], capture_output=True)
+
+
+def test_data_dir_must_be_writable(tmp_path, read_only_dir):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data_dir: " + re.escape(str(read_only_dir)) + r" is not writable "
+        r"\((Read-only file system|Permission denied)\); " + re.escape(DATA_DIR_HINT) + "$",
+    ):
+        check_environment(environment(tmp_path, data_dir=str(read_only_dir)))
+
+
+def test_a_bad_device_registry_fails_at_start_naming_devices(tmp_path):
+    (tmp_path / "devices.yaml").write_text("devices: [{id: d1, token: short}]\n")
+    config = parse_config(
+        {"data_dir": str(tmp_path / "var"), "devices": "devices.yaml"}, base_dir=tmp_path
+    )
+    with pytest.raises(
+        ConfigError,
+        match="^"
+        + re.escape(f"edge.yaml: devices: {tmp_path / 'devices.yaml'}: devices[0] (d1): token must")
+        + ".*",
+    ):
+        check_environment(config, source="edge.yaml")
+
+
+def test_every_problem_is_reported_at_once_after_the_config_file(tmp_path):
+    (tmp_path / "var").write_text("")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        with pytest.raises(ConfigError) as err:
+            check_environment(environment(tmp_path, metrics_listen=address), source="edge.yaml")
+    text = str(err.value)
+    assert "\n" not in text
+    assert text.startswith(f"edge.yaml: data_dir: {tmp_path / 'var'} is a file")
+    assert f"; metrics_listen: {address} is in use (Address already in use)" in text
+
+
+def test_a_listen_host_that_does_not_resolve(tmp_path):
+    config = environment(tmp_path, metrics_listen="no-such-host.invalid:9108")
+    with pytest.raises(
+        ConfigError,
+        match=r"^metrics_listen: no-such-host\.invalid:9108 names a host that does not resolve "
+        r"\(.+\); hint: use an address of this machine, e\.g\. 127\.0\.0\.1:9108$",
+    ):
+        check_environment(config)
+
+
+def test_listen_addresses_finds_every_listen_key(tmp_path):
+    config = environment(
+        tmp_path,
+        **{
+            "metrics_listen": "127.0.0.1:9108",
+            "devices": "devices.yaml",
+            "transports": {
+                "http": {"listen": "127.0.0.1:8080"},
+                "coap": {"listen": "[::1]:5683"},
+            },
+        },
+    )
+    assert listen_addresses(config) == [
+        ("metrics_listen", "127.0.0.1:9108", socket.SOCK_STREAM),
+        ("transports.http.listen", "127.0.0.1:8080", socket.SOCK_STREAM),
+        ("transports.coap.listen", "[::1]:5683", socket.SOCK_DGRAM),
+    ]
 
 
 def test_journal_partitions_default_to_an_existing_journals_count_else_one(tmp_path):

@@ -115,3 +115,21 @@ def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
         f"select count(*) from read_parquet('{str(tmp_path / 'parquet' / 'telemetry_points' / '**' / '*.parquet')}') where device = 'good'"
     ).fetchall()[0][0]
     assert points == sent_good  # each good reading moved 10 units: all pass the deadband
+
+
+def test_an_idle_run_is_one_report_that_says_so(tmp_path):
+    config = parse_config({"data_dir": str(tmp_path)})
+    flow = run_recorded(edge.build, config, [], name="edge")
+    result = flow.reports()
+    assert list(result) == ["edge"]
+    assert result["edge"].idle
+    assert result["edge"].render() == "flow edge: no device messages in this run, nothing written"
+    assert json.loads((tmp_path / "report-edge.json").read_text())["messages_in"] == 0
+
+
+def test_only_the_parts_that_did_something_are_reported(tmp_path):
+    config = parse_config({"data_dir": str(tmp_path)})
+    flow = run_recorded(edge.build, config, messages()[:5], name="edge")
+    result = flow.reports()
+    assert list(result) == ["telemetry"]
+    assert result["telemetry"].render().startswith("flow telemetry: 5 messages, ")

@@ -322,21 +322,73 @@ def test_the_supervisor_restarts_a_killed_ingest_process_and_nothing_is_lost(
 
 
 @pytest.mark.slow
-def test_a_port_in_use_is_one_line_and_the_supervisor_retries(
-    tmp_path: Path, taken_port: int, caplog: pytest.LogCaptureFixture
+def test_a_first_start_that_fails_is_not_retried_and_its_line_reaches_the_supervisor(
+    tmp_path: Path,
+    taken_port: int,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     config = make_config(tmp_path, None, coap=False, http_port=taken_port)
-    supervisor = IngestSupervisor(config, channels=CHANNELS)
+    reasons: list[str] = []
+    supervisor = IngestSupervisor(config, channels=CHANNELS, on_failure=reasons.append)
     caplog.set_level(logging.INFO, "edgesieve.ingest")
     supervisor.start()
     try:
-        wait_for(lambda: supervisor.restarts >= 1, "a restart", 20)
-        assert not supervisor.ready
+        wait_for(lambda: reasons, "the start failure", 20)
+        time.sleep(1.0)  # longer than the first backoff: no restart comes
+        assert supervisor.restarts == 0 and not supervisor.ready
     finally:
         supervisor.stop()
-    assert "exited with status 2 (the reason is logged above); restarting it in 0.5s" in (
-        caplog.text
+    line = (
+        f"transports.http.listen: 127.0.0.1:{taken_port} is in use (Address already in use); "
+        f"hint: stop the program that holds port {taken_port} or choose another port"
     )
+    assert reasons == [line] and supervisor.failure == line
+    assert f"ERROR edgesieve.ingest: ingest: cannot run: {line}" in capfd.readouterr().err
+    assert "restarting" not in caplog.text
+
+
+def test_a_journal_still_locked_by_a_previous_process_is_retried_until_free(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, None, coap=False)
+    reasons: list[str] = []
+    supervisor = IngestSupervisor(config, channels=CHANNELS, on_failure=reasons.append)
+    previous = Journal(journal_settings(config))  # holds writer.lock, like an ingest stopping
+    try:
+        supervisor.start()
+        wait_for(lambda: supervisor.restarts >= 1, "a retry", 20)
+        assert reasons == [] and supervisor.failure is None and not supervisor.ready
+    finally:
+        previous.close()
+    try:
+        wait_for(lambda: supervisor.ready, "a start once the journal is free", 30)
+    finally:
+        supervisor.stop()
+
+
+def test_a_process_that_ran_and_cannot_come_back_is_retried(tmp_path: Path) -> None:
+    config = make_config(tmp_path, None, coap=False)
+    assert config.transports.http is not None
+    port = int(config.transports.http.listen.rsplit(":", 1)[1])
+    reasons: list[str] = []
+    supervisor = IngestSupervisor(config, channels=CHANNELS, on_failure=reasons.append)
+    supervisor.start()
+    try:
+        wait_for(lambda: supervisor.ready, "the ingest process to get ready", 30)
+        pid = supervisor.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: supervisor.pid is None, "the ingest process to be gone")
+        with socket.socket() as thief:  # its port is taken while it is down
+            thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            thief.bind(("127.0.0.1", port))
+            thief.listen()
+            wait_for(lambda: supervisor.restarts >= 2, "restarts that fail", 30)
+        assert reasons == [] and supervisor.failure is None
+        wait_for(lambda: supervisor.ready, "a restart once the port is free", 30)
+    finally:
+        supervisor.stop()
 
 
 def test_standalone_port_in_use_exits_2_with_one_line(tmp_path: Path, taken_port: int) -> None:
@@ -359,7 +411,7 @@ def test_standalone_port_in_use_exits_2_with_one_line(tmp_path: Path, taken_port
     assert proc.returncode == 2, proc.stderr.decode()
     assert len(errors) == 1 and "Traceback" not in proc.stderr.decode()
     assert (
-        f"ingest: cannot run: HttpServer: cannot listen on '127.0.0.1:{taken_port}'" in (errors[0])
+        f"ingest: cannot run: transports.http.listen: 127.0.0.1:{taken_port} is in use" in errors[0]
     )
 
 
