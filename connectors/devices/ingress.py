@@ -13,7 +13,9 @@ two modes:
   told "accepted" (200, 2.04) or "malformed, kept as a dead letter" (400,
   4.00) has its message on disk. A journal over its byte bound, a full disk
   (:class:`~connectors.devices.journal.JournalFull`) or a journal that
-  pushes back (``admit()``) refuses it (503 / 5.03) with the journal's reason.
+  pushes back (``admit()``) refuses it (503 / 5.03) with the journal's reason;
+  so does a device holding its own share of the journal
+  (``journal.device_share``), while other devices are still accepted.
 """
 
 from __future__ import annotations
@@ -105,10 +107,13 @@ class Ingress:
         self.refused = 0
         self.high_water = 0
 
-    def busy(self) -> str | None:
-        """Why a new message would be refused right now (the 503 / 5.03 reason), or None."""
+    def busy(self, device: str | None = None) -> str | None:
+        """Why a new message would be refused right now (the 503 / 5.03 reason), or None.
+
+        With ``device`` and a journal, that device's share of the journal counts too.
+        """
         if self.journal is not None:
-            pushback = self.journal.admit()
+            pushback = self.journal.admit(device)
             if pushback is None:
                 return None
             return f"edge is busy: {pushback}; retry in {self.retry_after_s}s"
@@ -215,7 +220,7 @@ class Ingress:
         size = len(payload)
         if size > self.max_payload_bytes:
             return self._judge(device, channel, transport, payload)  # the refusal, counted
-        busy = self.busy()
+        busy = self.busy(device)
         if busy is not None:
             self.refused += 1
             return Offer(Verdict.OVERLOADED, busy)

@@ -463,7 +463,9 @@ def test_spool_holds_at_most_max_transfers_and_expires_abandoned_ones() -> None:
     ingress = Ingress(retry_after_s=3)
 
     async def scenario() -> None:
-        async with served(ingress, max_transfers=1, transfer_timeout_s=0.3) as (
+        async with served(
+            ingress, max_transfers=1, max_device_transfers=1, transfer_timeout_s=0.3
+        ) as (
             server,
             client,
             base,
@@ -624,8 +626,8 @@ def test_a_commit_slower_than_the_ack_delay_gets_an_empty_ack_then_a_separate_20
     class SlowDisk:
         """The journal, with each commit reported 0.5 s late."""
 
-        def admit(self) -> str | None:
-            return journal.admit()
+        def admit(self, device: str | None = None) -> str | None:
+            return journal.admit(device)
 
         def submit(self, msg: Any, *, redelivery: bool = False, dedup_key: Any = None) -> Any:
             late: concurrent.futures.Future[Any] = concurrent.futures.Future()

@@ -585,7 +585,7 @@ class _HeldJournal:
         future.add_done_callback(lambda f: done([token], [f.exception() or f.result()]))
         return True
 
-    def admit(self) -> str | None:
+    def admit(self, device: str | None = None) -> str | None:
         return self.pushback
 
 

@@ -256,7 +256,8 @@ def test_a_retransmission_key_matches_only_the_same_transmission(open_journal) -
 
 
 def test_redelivery_window_is_the_last_offsets_of_the_partition(open_journal) -> None:
-    journal = open_journal(partitions=1, max_batch=2000)
+    # one device submits DEDUP_WINDOW messages at once: more than its share of the queue
+    journal = open_journal(partitions=1, max_batch=2000, device_share=1.0)
     old = journal.submit(message("dev", b"old")).result(10)
     futures = [journal.submit(message("dev", str(i).encode())) for i in range(DEDUP_WINDOW)]
     for future in futures:
@@ -297,7 +298,7 @@ def test_a_retransmission_after_its_first_copy_was_processed_and_deleted_is_stor
 
 
 def test_digests_of_deleted_rows_are_kept_only_for_the_window(root: Path, open_journal) -> None:
-    journal = open_journal(partitions=1, max_batch=2000)
+    journal = open_journal(partitions=1, max_batch=2000, device_share=1.0)  # one device, a burst
     first = journal.submit(message("dev", b"first"), dedup_key=b"k0").result(10)
     futures = [journal.submit(message("dev", str(i).encode())) for i in range(DEDUP_WINDOW + 50)]
     last = futures[-1].result(30)
@@ -315,7 +316,7 @@ def test_digests_of_deleted_rows_are_kept_only_for_the_window(root: Path, open_j
 
 
 def test_max_bytes_refuses_then_resumes_after_release(root: Path, open_journal) -> None:
-    journal = open_journal(partitions=1, max_bytes=1000)
+    journal = open_journal(partitions=1, max_bytes=1000, device_share=1.0)  # the whole journal
     for i in range(10):
         journal.submit(message("dev", bytes([i]) * 100)).result(10)
     assert journal.admit() == (
@@ -337,7 +338,7 @@ def test_max_bytes_refuses_then_resumes_after_release(root: Path, open_journal) 
 
 
 def test_queue_bound_refuses_when_the_writer_is_behind(root: Path, open_journal) -> None:
-    journal = open_journal(partitions=1, max_batch=1, linger=timedelta(0))
+    journal = open_journal(partitions=1, max_batch=1, linger=timedelta(0), device_share=1.0)
     gate = threading.Event()
     journal._fault_hook = lambda db: gate.wait(10)
     futures = [journal.submit(message("dev", b"a"))]
@@ -404,7 +405,7 @@ def test_partition_count_is_fixed_when_created(root: Path, open_journal) -> None
 
 
 def test_release_truncates_and_offsets_continue(root: Path, open_journal) -> None:
-    journal = open_journal(partitions=1)
+    journal = open_journal(partitions=1, device_share=1.0)  # one device, a burst
     for future in [journal.submit(message("d", bytes(2000))) for _ in range(6000)]:
         future.result(30)
     reader = JournalReader(root, 0)
