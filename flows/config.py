@@ -103,9 +103,10 @@ class CoapSection(ListenSection):
             )
             raise ValueError(msg)
         for name in ("transfer_timeout", "transfer_deadline"):
-            if getattr(self, name) <= timedelta(0):
+            seconds = getattr(self, name).total_seconds()
+            if seconds <= 0:
                 msg = (
-                    f"{name}: must be more than 0 seconds (got {getattr(self, name).total_seconds():g}); "
+                    f"{name}: must be more than 0 seconds (got {seconds:g}); "
                     "hint: seconds, e.g. 93 and 300"
                 )
                 raise ValueError(msg)

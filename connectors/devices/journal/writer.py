@@ -268,7 +268,7 @@ class Journal:
                     reason = None
                     self._over_share += 1
                 else:
-                    reason = self._share_refusal(device, account, size)
+                    reason = self._share_refusal(device, account, size, over_share)
             elif self._closing:
                 reason = self._closed_message()
             else:
@@ -336,7 +336,7 @@ class Journal:
                 if account[0] >= self._device_max_bytes or account[1] >= self._device_max_queue:
                     if over_share and self._in_reserve_room(0):
                         return None
-                    return self._share_message(device, account, 0)
+                    return self._share_message(device, account, 0, over_share)
             return refusal
 
     def _in_reserve_room(self, size: int) -> bool:
@@ -368,13 +368,24 @@ class Journal:
             )
         return None
 
-    def _share_refusal(self, device: str, account: list[int] | tuple[int, int], size: int) -> str:
+    def _share_refusal(
+        self, device: str, account: list[int] | tuple[int, int], size: int, over_share: bool
+    ) -> str:
         """The reason a message of ``device`` over its share is refused (lock held), counted."""
         self._refused_share += 1
-        return self._share_message(device, account, size)
+        return self._share_message(device, account, size, over_share)
 
-    def _share_message(self, device: str, account: list[int] | tuple[int, int], size: int) -> str:
+    def _share_message(
+        self, device: str, account: list[int] | tuple[int, int], size: int, over_share: bool
+    ) -> str:
         share = self.settings.device_share
+        if over_share:  # kept over its share until only the reserve is left
+            return (
+                f"journal nearly full: device {device} is over its share (journal.device_share="
+                f"{share:g}) and the rest of journal.max_bytes={self.settings.max_bytes} and of "
+                f"the commit queue in {self.root} is kept for the other devices (got a "
+                f"{size}-byte message); hint: retry later"
+            )
         if account[1] >= self._device_max_queue:
             return (
                 f"journal queue share of device {device} full: {account[1]} of its messages "
@@ -382,19 +393,12 @@ class Journal:
                 f"{self._max_queue} = {self._device_max_queue}); hint: this device sends "
                 "faster than the disk commits, other devices are still accepted; retry later"
             )
-        if account[0] + size > self._device_max_bytes or size == 0:
-            return (
-                f"journal share of device {device} full: {account[0]} payload bytes held of "
-                f"its {self._device_max_bytes} (journal.device_share={share:g} x "
-                f"journal.max_bytes={self.settings.max_bytes}) in {self.root} (got a {size}-byte "
-                "message); hint: this device sends faster than the flow takes its messages, "
-                "other devices are still accepted; retry later or raise journal.device_share"
-            )
-        return (  # over its share, kept only while the journal has room beyond the reserve
-            f"journal nearly full: device {device} is over its share (journal.device_share="
-            f"{share:g}) and the rest of journal.max_bytes={self.settings.max_bytes} in "
-            f"{self.root} is kept for the other devices (got a {size}-byte message); hint: "
-            "retry later"
+        return (
+            f"journal share of device {device} full: {account[0]} payload bytes held of "
+            f"its {self._device_max_bytes} (journal.device_share={share:g} x "
+            f"journal.max_bytes={self.settings.max_bytes}) in {self.root} (got a {size}-byte "
+            "message); hint: this device sends faster than the flow takes its messages, "
+            "other devices are still accepted; retry later or raise journal.device_share"
         )
 
     def _closed_message(self) -> str:

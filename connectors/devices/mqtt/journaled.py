@@ -578,6 +578,8 @@ class JournaledMqtt:
                             bisect.insort(self._withheld, rest)
                         break
                 drained = not self._withheld
+                if not drained:  # refused again: wait RETRY_INTERVAL_S rather than spin
+                    self._wake.clear()
                 resync = drained and self._resync
                 if resync:
                     self._resync = False
