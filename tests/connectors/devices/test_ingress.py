@@ -707,3 +707,31 @@ def test_memory_mode_deliver_is_offer() -> None:
     )
     assert ingress.busy() == "edge is busy; retry in 1s"
     assert len(ingress) == 1
+
+
+def test_journal_mode_pushes_back_only_the_device_over_its_share(tmp_path: Any) -> None:
+    journal = _journal(tmp_path, max_bytes=1000, device_share=0.5)
+
+    async def scenario() -> list[Offer]:
+        offers = []
+        for device in ["flood"] * 6 + ["calm"]:
+            offers.append(await ingress.deliver(device, "telemetry", "http", b'{"t": 1}'.ljust(100)))
+        return offers
+
+    ingress = Ingress(journal=journal, retry_after_s=2)
+    try:
+        offers = asyncio.run(scenario())
+        assert ingress.busy("flood") is not None and ingress.busy("calm") is None
+        assert ingress.busy() is None
+    finally:
+        journal.close()
+    assert [o.verdict for o in offers] == [Verdict.ACCEPTED] * 5 + [
+        Verdict.OVERLOADED,
+        Verdict.ACCEPTED,
+    ]
+    assert offers[5].reason.startswith(
+        "edge is busy: journal share of device flood full: 500 payload bytes held of its 500 "
+        "(journal.device_share=0.5 x journal.max_bytes=1000) in "
+    )
+    assert offers[5].reason.endswith("; retry in 2s")
+    assert (ingress.accepted, ingress.refused) == (6, 1)
