@@ -246,6 +246,11 @@ class _DeviceApi(Resource, PathCapable):
         response.opt.max_age = self._ingress.retry_after_s
         return response
 
+    def _refuse(self, reason: str) -> Message:
+        """:meth:`_busy` for a block-wise upload refused at its first block, counted."""
+        self._ingress.refused += 1
+        return self._busy(reason)
+
     def _too_large(self, channel: str, size: int, what: str) -> Message:
         limit = self._ingress.max_payload_bytes
         reason = (
@@ -307,7 +312,7 @@ class _DeviceApi(Resource, PathCapable):
                     f"edge is busy: {len(self._transfers)} block-wise uploads in progress, "
                     f"the most it holds; retry in {retry}s"
                 )
-                return self._busy(reason)
+                return self._refuse(reason)
             mine = sum(1 for t in self._transfers.values() if t.device == device)
             if mine >= self._max_device_transfers:
                 reason = (
@@ -315,10 +320,10 @@ class _DeviceApi(Resource, PathCapable):
                     f"the most one device may hold (transports.coap.max_device_transfers); "
                     f"finish one or let it expire, retry in {retry}s"
                 )
-                return self._busy(reason)
+                return self._refuse(reason)
             busy = self._ingress.busy(device)
             if busy is not None:
-                return self._busy(busy)
+                return self._refuse(busy)
             deadline = now + self._transfer_deadline_s
             self._transfers[key] = _Transfer(device, channel, bytearray(payload), now, deadline)
             return self._continue(block1)

@@ -546,7 +546,7 @@ def test_overload_answers_503_with_max_age_and_stays_bounded() -> None:
             assert reply.opt.max_age == 7
             assert reply.payload == b"edge is busy; retry in 7s"
     assert ingress.high_water <= 5 and len(ingress) == 5
-    assert ingress.refused == 95  # the block-wise refusal never reached the ingress
+    assert ingress.refused == 96  # the block-wise one too, refused before spooling
 
 
 # --- tokens stay out of logs ----------------------------------------------------------------
@@ -712,6 +712,7 @@ def test_one_device_holding_uploads_open_leaves_the_spool_to_the_others(tmp_path
             assert server.pending_transfers == 2  # pump-7's, still held for it
 
     run(scenario())
+    assert ingress.refused == 14  # counted (the ingest metrics' refusals)
     taken = ingress.take(10)
     assert [(m.device, m.payload) for m in taken] == [("fan-2", fan_body)] * 2
 
@@ -799,4 +800,4 @@ def test_a_device_over_its_journal_share_gets_503_while_others_are_accepted(
         run(scenario())
     finally:
         journal.close()
-    assert (ingress.accepted, ingress.refused) == (12, 2)  # pushed back before the journal
+    assert (ingress.accepted, ingress.refused) == (12, 3)  # pushed back before the journal
