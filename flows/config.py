@@ -34,6 +34,7 @@ __all__ = [
     "ConfigError",
     "DeadbandSection",
     "CloudSection",
+    "CoapSection",
     "EdgeConfig",
     "HttpSection",
     "ListenSection",
@@ -95,12 +96,43 @@ class HttpSection(ListenSection):
     """Requests one device may have in progress at once (503 beyond)."""
 
 
+class CoapSection(ListenSection):
+    """``transports.coap``: the CoAP device server and its block-wise upload limits."""
+
+    max_transfers: int = Field(16, ge=1, le=4096)
+    """Block-wise uploads held at once by the whole server (5.03 beyond)."""
+    max_device_transfers: int = Field(2, ge=1)
+    """Block-wise uploads one device may hold at once (5.03 beyond, other devices unaffected)."""
+    transfer_timeout: timedelta = timedelta(seconds=93)
+    """An upload with no block for this long is dropped (RFC 7252 MAX_TRANSMIT_WAIT)."""
+    transfer_deadline: timedelta = timedelta(minutes=5)
+    """An upload is dropped this long after its first block, however steadily blocks come."""
+
+    @model_validator(mode="after")
+    def _limits(self) -> CoapSection:
+        if self.max_device_transfers > self.max_transfers:
+            msg = (
+                f"max_device_transfers: must be at most max_transfers ({self.max_transfers}) "
+                f"(got {self.max_device_transfers}); hint: one device's part of the uploads held"
+            )
+            raise ValueError(msg)
+        for name in ("transfer_timeout", "transfer_deadline"):
+            seconds = getattr(self, name).total_seconds()
+            if seconds <= 0:
+                msg = (
+                    f"{name}: must be more than 0 seconds (got {seconds:g}); "
+                    "hint: seconds, e.g. 93 and 300"
+                )
+                raise ValueError(msg)
+        return self
+
+
 class TransportsSection(_Section):
     """``transports``: how devices reach the edge."""
 
     mqtt: MqttSection | None = None
     http: HttpSection | None = None
-    coap: ListenSection | None = None
+    coap: CoapSection | None = None
     queue_messages: int = Field(10_000, gt=0)
     """Bound of the hand-off queue of the HTTP and CoAP servers (503 / 5.03 beyond)."""
 
@@ -294,6 +326,13 @@ class JournalSection(_Section):
     """``full`` survives power loss (fsync per group commit); ``normal`` survives a crash."""
     max_bytes: int = Field(1024 * 1024 * 1024, gt=0)
     """Payload bytes the journal may hold before devices are pushed back (503, 5.03, no PUBACK)."""
+    device_share: float = Field(0.25, gt=0, le=1)
+    """The most of ``max_bytes`` and of the commit queue one device's messages may hold.
+
+    Beyond it that device alone is pushed back (HTTP 503, CoAP 5.03); MQTT
+    messages are kept while the journal has room beyond one share (see
+    docs/config.md). 1 turns the per-device limit off.
+    """
     partitions: int | None = Field(None, ge=1, le=64)
     """SQLite files the journal is split into by device, fixed when it is created.
 
@@ -395,7 +434,7 @@ _TYPE_HINTS = {
     "float_type": "a number, e.g. 0.5",
     "bool_parsing": "true or false",
     "bool_type": "true or false",
-    "string_type": "quote the value, e.g. \"5\"",
+    "string_type": 'quote the value, e.g. "5"',
     "string_too_short": "give a non-empty value or leave the key out",
     "model_type": "write a mapping of keys, e.g. {key: value}",
     "dataclass_type": "write a mapping of keys, e.g. {key: value}",

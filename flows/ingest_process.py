@@ -92,6 +92,7 @@ def journal_settings(config: EdgeConfig) -> JournalSettings:
         partitions=journal_partition_count(config),
         sync=section.sync,
         max_bytes=section.max_bytes,
+        device_share=section.device_share,
     )
 
 
@@ -116,7 +117,18 @@ def _servers(config: EdgeConfig, ingress: Ingress) -> list[DeviceServer]:
     if transports.coap is not None:
         from connectors.devices.coap import CoapServer
 
-        servers.append(CoapServer(transports.coap.listen, registry, ingress))
+        coap = transports.coap
+        servers.append(
+            CoapServer(
+                coap.listen,
+                registry,
+                ingress,
+                max_transfers=coap.max_transfers,
+                max_device_transfers=coap.max_device_transfers,
+                transfer_timeout_s=coap.transfer_timeout.total_seconds(),
+                transfer_deadline_s=coap.transfer_deadline.total_seconds(),
+            )
+        )
     return servers
 
 

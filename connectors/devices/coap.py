@@ -19,19 +19,26 @@ Response codes:
 4.01 Unauthorized                     unknown access token
 4.04 Not Found                        not ``/api/v1/{token}/telemetry|vibration``
 4.05 Method Not Allowed               anything but POST on the device API
-4.08 Request Entity Incomplete        a later block without the earlier ones
+4.08 Request Entity Incomplete        a later block without the earlier ones, or after its
+                                      transfer expired
 4.13 Request Entity Too Large         body over ``ingress.max_payload_bytes`` (Size1 = limit)
-5.03 Service Unavailable              the ingress queue or journal (or the block-wise spool)
-                                      is full; Max-Age = ``ingress.retry_after_s``
+5.03 Service Unavailable              the ingress queue or journal, the device's share of the
+                                      journal, or the block-wise spool (all of it, or the
+                                      device's own part) is full; Max-Age =
+                                      ``ingress.retry_after_s``
 ====================================  =======================================================
 
 Block-wise uploads (RFC 7959 Block1) are reassembled here rather than by
 aiocoap's generic spool, which has no size limit and keeps each completed
 body for 93 s or more after the last block: a transfer is refused with 4.13 as soon as a
 block (or the client's Size1 option) goes past the payload limit, at most
-``max_transfers`` transfers are held at once (5.03 beyond that) and an
-abandoned transfer is dropped after ``transfer_timeout_s``. The spool thus
-never holds more than ``max_transfers × max_payload_bytes`` bytes, and
+``max_transfers`` transfers are held at once and at most
+``max_device_transfers`` of them for one device (5.03 beyond either, with a
+reason saying which), and a transfer is dropped when no block came for
+``transfer_timeout_s`` or, however steadily its blocks come,
+``transfer_deadline_s`` after its first block (a later block gets 4.08). So
+one device can hold neither the whole spool nor a slot for ever, and the
+spool never holds more than ``max_transfers × max_payload_bytes`` bytes;
 nothing is spooled for an unknown token (every block is authenticated).
 
 With a journal (``Ingress(journal=...)``) the answer to a request (or to its
@@ -78,8 +85,11 @@ WIRE_LOGGER = "edgesieve.coap.wire"
 TRANSPORT = "coap"
 CHANNELS = (TELEMETRY, VIBRATION)
 DEFAULT_MAX_TRANSFERS = 16
+DEFAULT_MAX_DEVICE_TRANSFERS = 2
 DEFAULT_TRANSFER_TIMEOUT_S = 93.0
 """RFC 7252's MAX_TRANSMIT_WAIT: the longest a client may take between blocks."""
+DEFAULT_TRANSFER_DEADLINE_S = 300.0
+"""The longest a whole block-wise upload may take, from its first block."""
 
 _MAX_DIAGNOSTIC_BYTES = 512
 _BERT_EXPONENT = 7
@@ -127,6 +137,8 @@ class _Transfer:
     channel: str
     body: bytearray
     touched: float
+    deadline: float
+    """Monotonic time past which the transfer is dropped, set at its first block."""
 
 
 _TransferKey = tuple[object, str, str, tuple[bytes, ...]]
@@ -142,13 +154,17 @@ class _DeviceApi(Resource, PathCapable):
         ingress: Ingress,
         *,
         max_transfers: int,
+        max_device_transfers: int,
         transfer_timeout_s: float,
+        transfer_deadline_s: float,
     ) -> None:
         super().__init__()
         self._registry = registry
         self._ingress = ingress
         self._max_transfers = max_transfers
+        self._max_device_transfers = max_device_transfers
         self._transfer_timeout_s = transfer_timeout_s
+        self._transfer_deadline_s = transfer_deadline_s
         self._transfers: dict[_TransferKey, _Transfer] = {}
 
     def get_link_description(self) -> None:
@@ -230,6 +246,11 @@ class _DeviceApi(Resource, PathCapable):
         response.opt.max_age = self._ingress.retry_after_s
         return response
 
+    def _refuse(self, reason: str) -> Message:
+        """:meth:`_busy` for a block-wise upload refused at its first block, counted."""
+        self._ingress.refused += 1
+        return self._busy(reason)
+
     def _too_large(self, channel: str, size: int, what: str) -> Message:
         limit = self._ingress.max_payload_bytes
         reason = (
@@ -285,18 +306,37 @@ class _DeviceApi(Resource, PathCapable):
             if not more:
                 return payload
             self._expire(now)
+            retry = self._ingress.retry_after_s
             if len(self._transfers) >= self._max_transfers:
                 reason = (
                     f"edge is busy: {len(self._transfers)} block-wise uploads in progress, "
-                    f"the most it holds; retry in {self._ingress.retry_after_s}s"
+                    f"the most it holds; retry in {retry}s"
                 )
-                return self._busy(reason)
-            busy = self._ingress.busy()
+                return self._refuse(reason)
+            mine = sum(1 for t in self._transfers.values() if t.device == device)
+            if mine >= self._max_device_transfers:
+                reason = (
+                    f"{channel}: device {device} has {mine} block-wise uploads in progress, "
+                    f"the most one device may hold (transports.coap.max_device_transfers); "
+                    f"finish one or let it expire, retry in {retry}s"
+                )
+                return self._refuse(reason)
+            busy = self._ingress.busy(device)
             if busy is not None:
-                return self._busy(busy)
-            self._transfers[key] = _Transfer(device, channel, bytearray(payload), now)
+                return self._refuse(busy)
+            deadline = now + self._transfer_deadline_s
+            self._transfers[key] = _Transfer(device, channel, bytearray(payload), now, deadline)
             return self._continue(block1)
         transfer = self._transfers.get(key)
+        if transfer is not None and now > transfer.deadline:
+            del self._transfers[key]
+            reason = (
+                f"{channel}: block {number} arrived after the {self._transfer_deadline_s:g}s "
+                "a block-wise upload may take from its first block "
+                "(transports.coap.transfer_deadline); restart from block 0 with larger blocks "
+                "or a smaller body"
+            )
+            return _reply(Code.REQUEST_ENTITY_INCOMPLETE, reason)
         if transfer is None or now - transfer.touched > self._transfer_timeout_s:
             self._transfers.pop(key, None)
             reason = (
@@ -328,7 +368,10 @@ class _DeviceApi(Resource, PathCapable):
 
     def _expire(self, now: float) -> None:
         timeout = self._transfer_timeout_s
-        for key in [k for k, t in self._transfers.items() if now - t.touched > timeout]:
+        expired = [
+            k for k, t in self._transfers.items() if now - t.touched > timeout or now > t.deadline
+        ]
+        for key in expired:
             del self._transfers[key]
 
 
@@ -338,8 +381,9 @@ class CoapServer:
     ``listen`` is ``"HOST:PORT"`` (``"[::1]:5683"`` for IPv6); port 0 picks
     a free UDP port, readable from :attr:`port` once started. Each request is
     authenticated with ``registry`` and offered to ``ingress`` on the event
-    loop thread. ``max_transfers`` and ``transfer_timeout_s`` bound the
-    block-wise uploads held at once (see the module docstring).
+    loop thread. ``max_transfers``, ``max_device_transfers``,
+    ``transfer_timeout_s`` and ``transfer_deadline_s`` bound the block-wise
+    uploads held at once (see the module docstring).
     """
 
     name = "coap"
@@ -351,33 +395,41 @@ class CoapServer:
         ingress: Ingress,
         *,
         max_transfers: int = DEFAULT_MAX_TRANSFERS,
+        max_device_transfers: int = DEFAULT_MAX_DEVICE_TRANSFERS,
         transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
+        transfer_deadline_s: float = DEFAULT_TRANSFER_DEADLINE_S,
     ) -> None:
         self.host, self._requested_port = parse_host_port(listen, key="CoapServer.listen")
         self.listen = listen
-        if (
-            isinstance(max_transfers, bool)
-            or not isinstance(max_transfers, int)
-            or max_transfers < 1
+        for name, value, hint in (
+            ("max_transfers", max_transfers, "block-wise uploads held at once, e.g. 16"),
+            ("max_device_transfers", max_device_transfers, "uploads of one device, e.g. 2"),
         ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                msg = f"CoapServer: {name} must be an int >= 1; got {value!r}; hint: {hint}"
+                raise ValueError(msg)
+        if max_device_transfers > max_transfers:
             msg = (
-                f"CoapServer: max_transfers must be an int >= 1; got {max_transfers!r}; "
-                "hint: block-wise uploads held at once, e.g. 16"
+                f"CoapServer: max_device_transfers must be <= max_transfers ({max_transfers}); "
+                f"got {max_device_transfers}; hint: one device's share of the uploads held"
             )
             raise ValueError(msg)
-        if not isinstance(transfer_timeout_s, int | float) or not transfer_timeout_s > 0:
-            msg = (
-                f"CoapServer: transfer_timeout_s must be a number > 0; got {transfer_timeout_s!r}; "
-                "hint: seconds a client may pause between blocks, e.g. 93"
-            )
-            raise ValueError(msg)
+        for name, value, hint in (
+            ("transfer_timeout_s", transfer_timeout_s, "seconds a client may pause between blocks"),
+            ("transfer_deadline_s", transfer_deadline_s, "seconds a whole upload may take"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                msg = f"CoapServer: {name} must be a number > 0; got {value!r}; hint: {hint}"
+                raise ValueError(msg)
         self.registry = registry
         self.ingress = ingress
         self._api = _DeviceApi(
             registry,
             ingress,
             max_transfers=max_transfers,
+            max_device_transfers=max_device_transfers,
             transfer_timeout_s=float(transfer_timeout_s),
+            transfer_deadline_s=float(transfer_deadline_s),
         )
         self._context: aiocoap.Context | None = None
         self._port = self._requested_port

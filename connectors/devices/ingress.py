@@ -13,7 +13,9 @@ two modes:
   told "accepted" (200, 2.04) or "malformed, kept as a dead letter" (400,
   4.00) has its message on disk. A journal over its byte bound, a full disk
   (:class:`~connectors.devices.journal.JournalFull`) or a journal that
-  pushes back (``admit()``) refuses it (503 / 5.03) with the journal's reason.
+  pushes back (``admit()``) refuses it (503 / 5.03) with the journal's reason;
+  so does a device holding its own share of the journal
+  (``journal.device_share``), while other devices are still accepted.
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ class Ingress:
     """Bounded hand-off from device servers to the dataflow, in memory or through a journal.
 
     Without ``journal`` accepted and rejected messages are queued in memory
-    (at most ``max_messages``) for :class:`DeviceServers`; :meth:`offer` and
-    :meth:`deliver` both work. With ``journal`` they are submitted to it and
+    (at most ``max_messages``, and at most ``device_share`` of them from one
+    device: 1, no per-device limit, unless set) for :class:`DeviceServers`;
+    :meth:`offer` and :meth:`deliver` both work. With ``journal`` they are submitted to it and
     :meth:`deliver` returns only once the journal has committed them
     (``max_messages`` is then unused: the journal's own bound applies).
     Offers run on the servers' event loop thread.
@@ -88,6 +91,7 @@ class Ingress:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         retry_after_s: int = 1,
         journal: Journal | None = None,
+        device_share: float = 1.0,
     ) -> None:
         if max_messages < 1 or max_payload_bytes < 1 or retry_after_s < 0:
             msg = (
@@ -95,7 +99,17 @@ class Ingress:
                 f"retry_after_s >= 0 (got {max_messages}, {max_payload_bytes}, {retry_after_s})"
             )
             raise ValueError(msg)
+        if not 0 < device_share <= 1:
+            msg = (
+                f"Ingress: device_share must be above 0 and at most 1 (got {device_share}); "
+                "hint: the fraction of max_messages one device may have queued, e.g. 0.25"
+            )
+            raise ValueError(msg)
         self.max_messages = max_messages
+        self.device_share = device_share
+        self._device_max = max(1, int(device_share * max_messages))
+        self._queued: dict[str, int] = {}
+        """Messages queued in memory per device (without a journal)."""
         self.max_payload_bytes = max_payload_bytes
         self.retry_after_s = retry_after_s
         self.journal = journal
@@ -105,15 +119,24 @@ class Ingress:
         self.refused = 0
         self.high_water = 0
 
-    def busy(self) -> str | None:
-        """Why a new message would be refused right now (the 503 / 5.03 reason), or None."""
+    def busy(self, device: str | None = None) -> str | None:
+        """Why a new message would be refused right now (the 503 / 5.03 reason), or None.
+
+        With ``device``, that device's share of the journal (or of the queue) counts too.
+        """
         if self.journal is not None:
-            pushback = self.journal.admit()
+            pushback = self.journal.admit(device)
             if pushback is None:
                 return None
             return f"edge is busy: {pushback}; retry in {self.retry_after_s}s"
         if len(self._buf) >= self.max_messages:
             return f"edge is busy; retry in {self.retry_after_s}s"
+        if device is not None and self._queued.get(device, 0) >= self._device_max:
+            return (
+                f"edge is busy: device {device} has {self._device_max} messages waiting for the "
+                f"flow, the most one device may ({self.device_share:g} x {self.max_messages}); "
+                f"retry in {self.retry_after_s}s"
+            )
         return None
 
     def _judge(
@@ -128,7 +151,7 @@ class Ingress:
                 "split it into smaller messages"
             )
             return Offer(Verdict.TOO_LARGE, reason)
-        busy = self.busy()
+        busy = self.busy(device)
         if busy is not None:
             self.refused += 1
             return Offer(Verdict.OVERLOADED, busy)
@@ -163,6 +186,7 @@ class Ingress:
             return judged
         msg, offer = judged
         self._buf.append(msg)
+        self._queued[device] = self._queued.get(device, 0) + 1
         size = len(self._buf)
         if size > self.high_water:
             self.high_water = size
@@ -215,7 +239,7 @@ class Ingress:
         size = len(payload)
         if size > self.max_payload_bytes:
             return self._judge(device, channel, transport, payload)  # the refusal, counted
-        busy = self.busy()
+        busy = self.busy(device)
         if busy is not None:
             self.refused += 1
             return Offer(Verdict.OVERLOADED, busy)
@@ -251,7 +275,15 @@ class Ingress:
         """Remove and return up to ``most`` queued messages, oldest first."""
         buf = self._buf
         popleft = buf.popleft
-        return [popleft() for _ in range(min(len(buf), most))]
+        taken = [popleft() for _ in range(min(len(buf), most))]
+        queued = self._queued
+        for msg in taken:
+            left = queued[msg.device] - 1
+            if left:
+                queued[msg.device] = left
+            else:
+                del queued[msg.device]
+        return taken
 
     def oldest(self) -> datetime | None:
         """Receive time of the oldest queued message."""

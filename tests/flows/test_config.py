@@ -598,3 +598,68 @@ def test_http_max_requests_per_device(tmp_path):
         {"transports": {"http": {**http, "max_requests_per_device": 0}}, "devices": devices},
         "transports.http.max_requests_per_device: must be greater than 0 (got 0)",
     )
+
+
+def test_coap_transfer_limits_and_journal_share_reach_the_ingest_process(tmp_path):
+    from flows.ingest_process import _servers, journal_settings
+
+    path = tmp_path / "edge.yaml"
+    path.write_text(
+        "devices: devices.yaml\n"
+        "transports:\n"
+        "  coap: {listen: '127.0.0.1:0', max_transfers: 8, max_device_transfers: 3,\n"
+        "         transfer_timeout: 20, transfer_deadline: PT2M}\n"
+        "journal: {device_share: 0.5}\n"
+    )
+    (tmp_path / "devices.yaml").write_text("devices: []\n")
+    config = load_config(path)
+    assert journal_settings(config).device_share == 0.5
+    [server] = _servers(config, None)  # type: ignore[arg-type]
+    api = server._api
+    assert (api._max_transfers, api._max_device_transfers) == (8, 3)
+    assert (api._transfer_timeout_s, api._transfer_deadline_s) == (20.0, 120.0)
+    assert parse_config({}).journal.device_share == 0.25
+    from connectors.devices import coap
+    from flows.config import CoapSection
+
+    section = CoapSection(listen="127.0.0.1:0")  # the server's own defaults
+    assert (section.max_transfers, section.max_device_transfers) == (
+        coap.DEFAULT_MAX_TRANSFERS,
+        coap.DEFAULT_MAX_DEVICE_TRANSFERS,
+    )
+    assert section.transfer_timeout.total_seconds() == coap.DEFAULT_TRANSFER_TIMEOUT_S
+    assert section.transfer_deadline.total_seconds() == coap.DEFAULT_TRANSFER_DEADLINE_S
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"coap": {"listen": "127.0.0.1:0", "max_transfers": 2, "max_device_transfers": 3}},
+            "transports.coap.max_device_transfers: must be at most max_transfers (2) (got 3); "
+            "hint: one device's part of the uploads held",
+        ),
+        (
+            {"coap": {"listen": "127.0.0.1:0", "transfer_deadline": 0}},
+            "transports.coap.transfer_deadline: must be more than 0 seconds (got 0); "
+            "hint: seconds, e.g. 93 and 300",
+        ),
+        (
+            {"coap": {"listen": "127.0.0.1:0", "max_device_transfers": 0}},
+            "transports.coap.max_device_transfers: must be greater than or equal to 1 (got 0)",
+        ),
+    ],
+)
+def test_coap_transfer_limits_are_checked(data, message):
+    fails({"transports": data}, message)
+
+
+@pytest.mark.parametrize(
+    ("share", "message"),
+    [
+        (0, "journal.device_share: must be greater than 0 (got 0)"),
+        (1.5, "journal.device_share: must be less than or equal to 1 (got 1.5)"),
+    ],
+)
+def test_journal_device_share_is_a_fraction(share, message):
+    fails({"journal": {"device_share": share}}, message)

@@ -62,8 +62,9 @@ def make_config(
     if coap:
         data["transports"]["coap"] = {"listen": f"127.0.0.1:{free_udp_port()}"}
     data["journal"] = {"partitions": 1}
-    if max_bytes is not None:
+    if max_bytes is not None:  # the whole journal for one device
         data["journal"]["max_bytes"] = max_bytes
+        data["journal"]["device_share"] = 1.0
     return parse_config(data)
 
 
@@ -257,7 +258,7 @@ def test_a_full_journal_pushes_devices_back_and_loses_nothing(
 
     # MQTT on a journal of its own, just as small: PUBACKs are withheld, then sent
     root = tmp_path / "mqtt-journal"
-    journal = Journal(JournalSettings(root=root, partitions=1, max_bytes=30))
+    journal = Journal(JournalSettings(root=root, partitions=1, max_bytes=30, device_share=1.0))
     mqtt = JournaledMqtt(mqtt_settings_for(mosquitto), journal)
     try:
         mqtt.start()

@@ -22,7 +22,11 @@ The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
   registered reader, plus those waiting to be committed) never exceed
   ``max_bytes``; at most ``4 * max_batch`` messages wait for the writer. Beyond
   either, and while the disk is full, futures fail with :class:`JournalFull`
-  and :meth:`Journal.admit` gives the reason. A disk-full commit is rolled
+  and :meth:`Journal.admit` gives the reason. One device's messages may hold
+  at most ``device_share`` of both (a dict of per-device counts under the
+  append lock; :meth:`Journal.admit` with the device says so); a transport
+  that cannot push one device back alone (MQTT) appends with ``over_share``
+  and is refused only once less than one share would be left. A disk-full commit is rolled
   back; the writer keeps running and the next successful commit clears it.
 - **Redelivery** (MQTT DUP): a redelivered message equal (device, channel,
   payload) to an unkeyed row among the partition's last :data:`DEDUP_WINDOW`

@@ -112,6 +112,8 @@ class JournalSettings:
     max_bytes: int = 1 << 30
     max_batch: int = 2000
     linger: timedelta = timedelta(milliseconds=2)
+    device_share: float = 0.25
+    """The most of ``max_bytes`` and of the writer queue one device's messages may hold."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,10 @@ class JournalStats:
     queued: int
     duplicates: int
     refused: int
+    refused_share: int = 0
+    """Of ``refused``: messages refused because their device held its ``device_share``."""
+    over_share: int = 0
+    """Messages kept although their device held its share (MQTT: already acknowledged)."""
 
 
 class JournalFull(Exception):

@@ -99,11 +99,14 @@ class _Partition:
         count, low = self.db.execute("SELECT count(*), min(released) FROM readers").fetchone()
         return None if count == 0 else int(low)
 
-    def truncate_chunk(self) -> tuple[int, int]:
-        """Delete up to TRUNCATE_CHUNK released rows in one transaction; the rows and bytes."""
+    def truncate_chunk(self) -> tuple[int, int, dict[str, int]]:
+        """Delete up to TRUNCATE_CHUNK released rows in one transaction.
+
+        Returns the rows and bytes deleted, and the bytes per device.
+        """
         floor = self.release_floor()
         if floor is None or floor <= self.truncated:
-            return 0, 0
+            return 0, 0, {}
         upto = min(floor, self.truncated + TRUNCATE_CHUNK)
         db = self.db
         window = self.last - DEDUP_WINDOW
@@ -122,10 +125,11 @@ class _Partition:
             db.execute("PRAGMA synchronous = NORMAL")
         db.execute("BEGIN IMMEDIATE")
         try:
-            count, size = db.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE seq > ? AND seq <= ?",
+            per_device = db.execute(
+                "SELECT device, count(*), sum(size) FROM messages WHERE seq > ? AND seq <= ?"
+                " GROUP BY device",
                 (self.truncated, upto),
-            ).fetchone()
+            ).fetchall()
             db.execute("DELETE FROM messages WHERE seq > ? AND seq <= ?", (self.truncated, upto))
             db.executemany("INSERT OR REPLACE INTO recent (seq, digest) VALUES (?, ?)", recent)
             db.execute("DELETE FROM recent WHERE seq <= ?", (window,))
@@ -138,12 +142,20 @@ class _Partition:
             if relaxed:
                 db.execute(f"PRAGMA synchronous = {self.sync.upper()}")
         row = db.execute("SELECT received_at_us FROM messages ORDER BY seq LIMIT 1").fetchone()
+        count = sum(int(n) for _, n, _ in per_device)
+        sizes = {device: int(size) for device, _, size in per_device}
+        size = sum(sizes.values())
         with self.lock:
             self.truncated = upto
-            self.count -= int(count)
-            self.bytes -= int(size)
+            self.count -= count
+            self.bytes -= size
             self.oldest_us = None if row is None else int(row[0])
-        return int(count), int(size)
+        return count, size, sizes
+
+    def device_bytes(self) -> dict[str, int]:
+        """Payload bytes held per device (a scan: at open only)."""
+        rows = self.db.execute("SELECT device, sum(size) FROM messages GROUP BY device")
+        return {device: int(size) for device, size in rows}
 
     def vacuum_chunk(self) -> None:
         """Give up to VACUUM_CHUNK free pages back to the file system when many are free."""

@@ -45,6 +45,9 @@ from connectors.devices.journal.format import (
 from connectors.devices.journal.partition import _insert, _Partition
 from operators.records import RawMessage
 
+_NONE = (0, 0)
+"""The account of a device that holds nothing (never stored, never changed)."""
+
 
 class _Item(NamedTuple):
     """One queued message (a tuple: made once per message on the submitting thread)."""
@@ -108,12 +111,25 @@ class Journal:
             for part in self._parts:
                 while part.truncate_chunk()[0]:
                     pass
+            accounts: dict[str, list[int]] = {}
+            for part in self._parts:
+                for device, size in part.device_bytes().items():
+                    accounts[device] = [size, 0]
         except BaseException:
             for part in self._parts:
                 part.db.close()
             self._lock_file.close()
             raise
         self._queue: deque[_Item] = deque()
+        self._accounts = accounts
+        """Per device holding bytes: [payload bytes queued or held, messages queued].
+
+        Under the lock: a message adds to both when queued, leaves the queue
+        count when the writer takes it, and gives its bytes back when its
+        commit fails or finds a duplicate, else when the readers release it.
+        """
+        self._device_max_bytes = int(settings.device_share * settings.max_bytes)
+        self._device_max_queue = max(1, int(settings.device_share * self._max_queue))
         self._device_parts: dict[str, int] = {}
         """Partition of each device seen (writer thread; cleared beyond DEVICE_CACHE)."""
         self._pending_bytes = 0
@@ -127,6 +143,8 @@ class Journal:
         self._commits = 0
         self._duplicates = 0
         self._refused = 0
+        self._refused_share = 0
+        self._over_share = 0
         self._waits: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._writes: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         # the writer thread writes one partition of a group itself, the pool the others
@@ -163,8 +181,9 @@ class Journal:
         is stored once, while a new message with the same content is not
         mistaken for it.
 
-        Never blocks. A refused message (journal over ``max_bytes``, queue full)
-        gets a future already failed with :class:`JournalFull`, and a submission
+        Never blocks. A refused message (journal over ``max_bytes``, queue full,
+        its device over its ``device_share``) gets a future already failed with
+        :class:`JournalFull`, and a submission
         after :meth:`close` one failed with ``RuntimeError``; their callbacks run
         in the caller's thread. While the disk is full, messages are still
         queued (their group fails with ``JournalFull("disk full: ...")`` if it
@@ -222,25 +241,44 @@ class Journal:
         *,
         redelivery: bool = False,
         dedup_key: bytes | None = None,
+        over_share: bool = False,
     ) -> bool:
         """:meth:`append` of a message's fields (``received_us``: microseconds since the epoch).
 
         For a transport's receiving thread that makes no :class:`RawMessage`
         of its own (MQTT): one tuple queued per message, under one lock.
+
+        ``over_share``: a message whose device already holds its
+        ``device_share`` is kept anyway while the journal has room beyond one
+        device's share (the reserve left for the devices within theirs),
+        rather than refused. For a transport that already told the device
+        "accepted" and cannot push one device back alone (MQTT).
         """
         size = len(payload)
         with self._lock:
-            if (
-                len(self._queue) < self._max_queue
-                and self._held_bytes + self._pending_bytes + size < self._max_bytes
-                and not self._closing
-            ):
-                reason = None
+            account = self._accounts.get(device, _NONE)
+            held = self._held_bytes + self._pending_bytes + size
+            if len(self._queue) < self._max_queue and held < self._max_bytes and not self._closing:
+                if (
+                    account[0] + size <= self._device_max_bytes
+                    and account[1] < self._device_max_queue
+                ):
+                    reason = None
+                elif over_share and self._in_reserve_room(size):
+                    reason = None
+                    self._over_share += 1
+                else:
+                    reason = self._share_refusal(device, account, size, over_share)
             elif self._closing:
                 reason = self._closed_message()
             else:
                 reason = self._refusal(size)
             if reason is None:
+                if account is _NONE:
+                    self._accounts[device] = [size, 1]
+                else:
+                    account[0] += size
+                    account[1] += 1
                 queue = self._queue
                 queue.append(
                     _Item(
@@ -270,16 +308,21 @@ class Journal:
         done([token], [refused])
         return False
 
-    def admit(self) -> str | None:
+    def admit(self, device: str | None = None, *, over_share: bool = False) -> str | None:
         """None when there is room; otherwise the one-line reason devices are pushed back for.
 
-        Cheap when there is room (no lock: the bounds are read as they are).
+        With ``device``, its own share is looked at too (``over_share``: as
+        :meth:`append_received` does with it). Cheap when there is room (no
+        lock: the bounds are read as they are).
         """
+        account = _NONE if device is None else self._accounts.get(device, _NONE)
         if (
             len(self._queue) < self._max_queue
             and self._held_bytes + self._pending_bytes < self._max_bytes
             and self._disk_full is None
             and not self._closing
+            and account[0] < self._device_max_bytes
+            and account[1] < self._device_max_queue
         ):
             return None
         with self._cond:
@@ -287,7 +330,21 @@ class Journal:
                 return self._closed_message()
             if self._disk_full is not None:
                 return self._disk_full
-            return self._refusal(0)
+            refusal = self._refusal(0)
+            if refusal is None and device is not None:
+                account = self._accounts.get(device, _NONE)
+                if account[0] >= self._device_max_bytes or account[1] >= self._device_max_queue:
+                    if over_share and self._in_reserve_room(0):
+                        return None
+                    return self._share_message(device, account, 0, over_share)
+            return refusal
+
+    def _in_reserve_room(self, size: int) -> bool:
+        """Whether a message over its device's share leaves one device's share free (lock held)."""
+        return (
+            self._held_bytes + self._pending_bytes + size < self._max_bytes - self._device_max_bytes
+            and len(self._queue) < self._max_queue - self._device_max_queue
+        )
 
     @property
     def queued(self) -> int:
@@ -311,6 +368,39 @@ class Journal:
             )
         return None
 
+    def _share_refusal(
+        self, device: str, account: list[int] | tuple[int, int], size: int, over_share: bool
+    ) -> str:
+        """The reason a message of ``device`` over its share is refused (lock held), counted."""
+        self._refused_share += 1
+        return self._share_message(device, account, size, over_share)
+
+    def _share_message(
+        self, device: str, account: list[int] | tuple[int, int], size: int, over_share: bool
+    ) -> str:
+        share = self.settings.device_share
+        if over_share:  # kept over its share until only the reserve is left
+            return (
+                f"journal nearly full: device {device} is over its share (journal.device_share="
+                f"{share:g}) and the rest of journal.max_bytes={self.settings.max_bytes} and of "
+                f"the commit queue in {self.root} is kept for the other devices (got a "
+                f"{size}-byte message); hint: retry later"
+            )
+        if account[1] >= self._device_max_queue:
+            return (
+                f"journal queue share of device {device} full: {account[1]} of its messages "
+                f"wait to be committed to {self.root} (limit journal.device_share={share:g} x "
+                f"{self._max_queue} = {self._device_max_queue}); hint: this device sends "
+                "faster than the disk commits, other devices are still accepted; retry later"
+            )
+        return (
+            f"journal share of device {device} full: {account[0]} payload bytes held of "
+            f"its {self._device_max_bytes} (journal.device_share={share:g} x "
+            f"journal.max_bytes={self.settings.max_bytes}) in {self.root} (got a {size}-byte "
+            "message); hint: this device sends faster than the flow takes its messages, "
+            "other devices are still accepted; retry later or raise journal.device_share"
+        )
+
     def _closed_message(self) -> str:
         return f"journal {self.root} is closed (got a submission); hint: open a new Journal"
 
@@ -333,6 +423,8 @@ class Journal:
                 queued=len(self._queue),
                 duplicates=self._duplicates,
                 refused=self._refused,
+                refused_share=self._refused_share,
+                over_share=self._over_share,
             )
 
     def close(self) -> None:
@@ -412,6 +504,9 @@ class Journal:
             else:
                 group = [queue.popleft() for _ in range(max_batch)]
             self._last_group = len(group)
+            accounts = self._accounts
+            for item in group:
+                accounts[item.device][1] -= 1  # no longer waiting (its bytes are held still)
             return group
 
     def _partition_of(self, device: str) -> int:
@@ -465,6 +560,13 @@ class Journal:
         done = time.monotonic()
         with self._cond:
             self._pending_bytes -= sum(item.size for item in group)
+            accounts = self._accounts
+            for item, outcome in zip(group, outcomes, strict=True):
+                if outcome.__class__ is not Committed or outcome.duplicate:  # type: ignore[union-attr]
+                    account = accounts[item.device]
+                    account[0] -= item.size  # nothing is held for it
+                    if not account[0] and not account[1]:
+                        del accounts[item.device]
             if wrote:
                 self._commits += 1
                 self._writes.append(done - started)
@@ -619,10 +721,18 @@ class Journal:
     def _truncate(self) -> None:
         for part in self._parts:
             try:
-                count, size = part.truncate_chunk()
+                count, size, sizes = part.truncate_chunk()
                 if count:
                     with self._lock:
                         self._held_bytes -= size
+                        accounts = self._accounts
+                        for device, released in sizes.items():
+                            account = accounts.get(device)
+                            if account is None:
+                                continue
+                            account[0] -= released
+                            if account[0] <= 0 and not account[1]:
+                                del accounts[device]
                 else:
                     part.vacuum_chunk()
             except sqlite3.Error:
@@ -728,6 +838,12 @@ def _check_settings(settings: JournalSettings) -> None:
         msg = (
             f"journal.sync: must be one of {', '.join(SYNC_MODES)} (got {settings.sync!r}); "
             "hint: full survives power loss, normal survives a crash of the process"
+        )
+        raise ValueError(msg)
+    if not 0 < settings.device_share <= 1:
+        msg = (
+            f"journal.device_share: must be above 0 and at most 1 (got {settings.device_share}); "
+            "hint: the fraction of journal.max_bytes one device may hold, e.g. 0.25 (1: no limit)"
         )
         raise ValueError(msg)
     for name in ("partitions", "max_bytes", "max_batch"):

@@ -25,6 +25,19 @@ queues the rest in the session. If the list is full anyway, the message is
 dropped from memory unacknowledged and, once the list has drained, the
 connection is dropped on purpose so the broker redelivers it.
 
+A device over its share of the journal (``journal.device_share``) is not
+pushed back here as an HTTP or CoAP device is: the broker told it "accepted"
+already (its own PUBACK), and a PUBACK withheld for one device stops every
+device on the session (PUBACKs go in arrival order, and unacknowledged
+messages fill the broker's in-flight window for the whole session). Its
+messages are submitted with ``over_share=True``: journaled, processed and
+acknowledged like any other while the journal has room beyond one device's
+share, which stays kept for the devices within theirs (HTTP, CoAP and the
+other MQTT devices alike); counted in the journal's ``over_share``. Only
+past that reserve is it withheld as above. Marking such messages as dead
+letters instead would keep the same bytes (a dead letter keeps its payload)
+and only make valid data look bad.
+
 An acknowledgement is only sent on the connection the message came in on: a
 message packet id is only meaningful there. A message committed while the
 client was reconnecting is redelivered by the broker with DUP set and then
@@ -485,6 +498,7 @@ class JournaledMqtt:
             self._committed,
             pending,
             redelivery=pending.dup,
+            over_share=True,
         )
 
     def _committed(self, group: list[_Pending], outcomes: list[Committed | BaseException]) -> None:
@@ -502,7 +516,7 @@ class JournaledMqtt:
                     acks.append(pending)
             elif isinstance(outcome, JournalFull):
                 with self._lock:
-                    self._withhold(pending)
+                    self._withhold(pending, str(outcome))
             else:
                 logger.warning(
                     "mqtt client %s: message from %s not journaled (%s); left unacknowledged "
@@ -522,7 +536,7 @@ class JournaledMqtt:
         client.send_acks()
         self.acked += len(group)
 
-    def _withhold(self, pending: _Pending) -> None:
+    def _withhold(self, pending: _Pending, reason: str | None = None) -> None:
         """Keep ``pending`` for a later submission, in arrival order (lock held)."""
         if len(self._withheld) >= self.max_withheld:
             self.dropped += 1
@@ -540,7 +554,7 @@ class JournaledMqtt:
             logger.warning(
                 "mqtt client %s: the journal refuses messages (%s); withholding PUBACKs",
                 self.client_id,
-                self.journal.admit() or "journal full",
+                reason or self.journal.admit() or "journal full",
             )
         bisect.insort(self._withheld, pending)
         self.withheld += 1
@@ -555,7 +569,7 @@ class JournaledMqtt:
             with self._lock:
                 if not self._withheld or not self._taking:
                     continue
-                if self.journal.admit() is not None:
+                if self.journal.admit(self._withheld[0].device, over_share=True) is not None:
                     continue
                 waiting, self._withheld = self._withheld, []
                 for i, pending in enumerate(waiting):
@@ -564,6 +578,8 @@ class JournaledMqtt:
                             bisect.insort(self._withheld, rest)
                         break
                 drained = not self._withheld
+                if not drained:  # refused again: wait RETRY_INTERVAL_S rather than spin
+                    self._wake.clear()
                 resync = drained and self._resync
                 if resync:
                     self._resync = False

@@ -8,6 +8,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -463,7 +464,9 @@ def test_spool_holds_at_most_max_transfers_and_expires_abandoned_ones() -> None:
     ingress = Ingress(retry_after_s=3)
 
     async def scenario() -> None:
-        async with served(ingress, max_transfers=1, transfer_timeout_s=0.3) as (
+        async with served(
+            ingress, max_transfers=1, max_device_transfers=1, transfer_timeout_s=0.3
+        ) as (
             server,
             client,
             base,
@@ -543,7 +546,7 @@ def test_overload_answers_503_with_max_age_and_stays_bounded() -> None:
             assert reply.opt.max_age == 7
             assert reply.payload == b"edge is busy; retry in 7s"
     assert ingress.high_water <= 5 and len(ingress) == 5
-    assert ingress.refused == 95  # the block-wise refusal never reached the ingress
+    assert ingress.refused == 96  # the block-wise one too, refused before spooling
 
 
 # --- tokens stay out of logs ----------------------------------------------------------------
@@ -615,7 +618,6 @@ def test_a_commit_slower_than_the_ack_delay_gets_an_empty_ack_then_a_separate_20
     tmp_path: Path,
 ) -> None:
     import concurrent.futures
-    import time
 
     from connectors.devices.journal import Journal, JournalReader, JournalSettings
 
@@ -624,8 +626,8 @@ def test_a_commit_slower_than_the_ack_delay_gets_an_empty_ack_then_a_separate_20
     class SlowDisk:
         """The journal, with each commit reported 0.5 s late."""
 
-        def admit(self) -> str | None:
-            return journal.admit()
+        def admit(self, device: str | None = None) -> str | None:
+            return journal.admit(device)
 
         def submit(self, msg: Any, *, redelivery: bool = False, dedup_key: Any = None) -> Any:
             late: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -662,3 +664,140 @@ def test_a_commit_slower_than_the_ack_delay_gets_an_empty_ack_then_a_separate_20
     assert reply.line.startswith("v:1 t:ACK c:0.00 "), reply.line
     with JournalReader(tmp_path / "journal", 0) as reader:
         assert [m.payload for _, m in reader.read(-1, 10)] == [b'{"t": 1}']
+
+
+# --- fairness: one device cannot hold the spool or the journal for the others ------------------
+
+
+def _vibration_file(tmp_path: Path, device: str) -> tuple[Path, bytes]:
+    body = blocks(Machine("healthy", seed=5), device=device, block_frames=256, count=1, start_ts=T0)
+    path = tmp_path / f"{device}.bin"
+    path.write_bytes(body[0])
+    return path, body[0]
+
+
+def test_one_device_holding_uploads_open_leaves_the_spool_to_the_others(tmp_path: Path) -> None:
+    # The probe: one device opens 16 block-wise uploads and never finishes them.
+    ingress = Ingress(retry_after_s=2)
+    fan_file, fan_body = _vibration_file(tmp_path, "fan-2")
+
+    async def scenario() -> None:
+        async with served(ingress, max_transfers=4, max_device_transfers=2) as (
+            server,
+            client,
+            base,
+        ):
+            uri = f"{base}/{TOKEN}/vibration"
+            replies = [
+                await send(client, post(uri, b"\x00" * 64, block=(0, True, 2), tag=b"t%d" % i))
+                for i in range(16)
+            ]
+            assert [r.code for r in replies[:2]] == [Code.CONTINUE] * 2
+            for busy in replies[2:]:
+                assert busy.code == Code.SERVICE_UNAVAILABLE
+                assert busy.opt.max_age == 2
+                assert busy.payload.decode() == (
+                    "vibration: device pump-7 has 2 block-wise uploads in progress, the most one "
+                    "device may hold (transports.coap.max_device_transfers); finish one or let it "
+                    "expire, retry in 2s"
+                )
+            assert server.pending_transfers == 2
+            # another device uploads block-wise, with libcoap's client and with aiocoap's
+            fan_url = f"{base}/{FAN_TOKEN}/vibration"
+            reply = await asyncio.to_thread(coap_client, fan_url, file=fan_file, block=256)
+            assert reply.code == "2.04", reply
+            assert reply.codes.count("2.31") == len(fan_body) // 256
+            aio = await send(client, post(fan_url, fan_body), blockwise=True)
+            assert aio.code == Code.CHANGED, aio.payload
+            assert server.pending_transfers == 2  # pump-7's, still held for it
+
+    run(scenario())
+    assert ingress.refused == 14  # counted (the ingest metrics' refusals)
+    taken = ingress.take(10)
+    assert [(m.device, m.payload) for m in taken] == [("fan-2", fan_body)] * 2
+
+
+def test_a_transfer_expires_on_a_deadline_from_its_first_block_however_steadily_blocks_come() -> (
+    None
+):
+    ingress = Ingress()
+
+    async def scenario() -> None:
+        async with served(
+            ingress, max_device_transfers=1, transfer_timeout_s=30, transfer_deadline_s=0.6
+        ) as (server, client, base):
+            uri = f"{base}/{TOKEN}/vibration"
+            chunk = b"\x00" * 64
+            number = 0
+            started = time.monotonic()
+            reply = await send(client, post(uri, chunk, block=(0, True, 2), tag=b"slow"))
+            while reply.code == Code.CONTINUE:  # a block every 0.2 s: never idle for 30 s
+                assert number < 10, "the deadline never struck"
+                await asyncio.sleep(0.2)
+                number += 1
+                reply = await send(client, post(uri, chunk, block=(number, True, 2), tag=b"slow"))
+            assert reply.code == Code.REQUEST_ENTITY_INCOMPLETE
+            assert time.monotonic() - started >= 0.6 and number >= 2
+            assert reply.payload.decode() == (
+                f"vibration: block {number} arrived after the 0.6s a block-wise upload may take "
+                "from its first block (transports.coap.transfer_deadline); restart from block 0 "
+                "with larger blocks or a smaller body"
+            )
+            assert server.pending_transfers == 0
+            # an abandoned one gives its slot back at its deadline, without any later block
+            first = await send(client, post(uri, chunk, block=(0, True, 2), tag=b"gone"))
+            assert first.code == Code.CONTINUE
+            held = await send(client, post(uri, chunk, block=(0, True, 2), tag=b"next"))
+            assert held.code == Code.SERVICE_UNAVAILABLE  # its one upload is held
+            await asyncio.sleep(0.7)
+            fresh = await send(client, post(uri, chunk, block=(0, True, 2), tag=b"next"))
+            assert fresh.code == Code.CONTINUE
+            assert server.pending_transfers == 1
+
+    run(scenario())
+
+
+def test_a_device_over_its_journal_share_gets_503_while_others_are_accepted(
+    tmp_path: Path,
+) -> None:
+    from connectors.devices.journal import Journal, JournalSettings
+
+    journal = Journal(
+        JournalSettings(root=tmp_path / "journal", partitions=1, max_bytes=40_000, device_share=0.25)
+    )
+    ingress = Ingress(journal=journal, retry_after_s=4)
+    fan_file, _ = _vibration_file(tmp_path, "fan-2")
+    big = journal.settings.max_bytes
+
+    async def scenario() -> None:
+        async with served(ingress) as (server, client, base):
+            uri = f"{base}/{TOKEN}/telemetry"
+            codes = []
+            for i in range(12):  # 1000 bytes each, nobody releases: its share is 10000 bytes
+                body = b'{"n": %d}' % i
+                reply = await send(client, post(uri, body.ljust(1000)))
+                codes.append(reply.code)
+            assert codes == [Code.CHANGED] * 10 + [Code.SERVICE_UNAVAILABLE] * 2
+            assert reply.opt.max_age == 4
+            assert reply.payload.decode() == (
+                f"edge is busy: journal share of device pump-7 full: 10000 payload bytes held of "
+                f"its 10000 (journal.device_share=0.25 x journal.max_bytes={big}) in "
+                f"{tmp_path / 'journal'} (got a 0-byte message); hint: this device sends faster "
+                "than the flow takes its messages, other devices are still accepted; retry later "
+                "or raise journal.device_share; retry in 4s"
+            )
+            blockwise = await send(
+                client, post(f"{base}/{TOKEN}/vibration", b"\x00" * 64, block=(0, True, 2))
+            )
+            assert blockwise.code == Code.SERVICE_UNAVAILABLE  # nothing spooled for it
+            assert server.pending_transfers == 0
+            fan = f"{base}/{FAN_TOKEN}"
+            assert (await send(client, post(f"{fan}/telemetry", b'{"t": 1}'))).code == Code.CHANGED
+            reply = await asyncio.to_thread(coap_client, f"{fan}/vibration", file=fan_file, block=256)
+            assert reply.code == "2.04", reply
+
+    try:
+        run(scenario())
+    finally:
+        journal.close()
+    assert (ingress.accepted, ingress.refused) == (12, 3)  # pushed back before the journal

@@ -585,7 +585,7 @@ class _HeldJournal:
         future.add_done_callback(lambda f: done([token], [f.exception() or f.result()]))
         return True
 
-    def admit(self) -> str | None:
+    def admit(self, device: str | None = None) -> str | None:
         return self.pushback
 
 
@@ -707,3 +707,55 @@ def test_memory_mode_deliver_is_offer() -> None:
     )
     assert ingress.busy() == "edge is busy; retry in 1s"
     assert len(ingress) == 1
+
+
+def test_journal_mode_pushes_back_only_the_device_over_its_share(tmp_path: Any) -> None:
+    journal = _journal(tmp_path, max_bytes=1000, device_share=0.5)
+
+    async def scenario() -> list[Offer]:
+        offers = []
+        for device in ["flood"] * 6 + ["calm"]:
+            offers.append(await ingress.deliver(device, "telemetry", "http", b'{"t": 1}'.ljust(100)))
+        return offers
+
+    ingress = Ingress(journal=journal, retry_after_s=2)
+    try:
+        offers = asyncio.run(scenario())
+        assert ingress.busy("flood") is not None and ingress.busy("calm") is None
+        assert ingress.busy() is None
+    finally:
+        journal.close()
+    assert [o.verdict for o in offers] == [Verdict.ACCEPTED] * 5 + [
+        Verdict.OVERLOADED,
+        Verdict.ACCEPTED,
+    ]
+    assert offers[5].reason.startswith(
+        "edge is busy: journal share of device flood full: 500 payload bytes held of its 500 "
+        "(journal.device_share=0.5 x journal.max_bytes=1000) in "
+    )
+    assert offers[5].reason.endswith("; retry in 2s")
+    assert (ingress.accepted, ingress.refused) == (6, 1)
+
+
+def test_in_memory_a_device_over_its_share_of_the_queue_is_refused_alone() -> None:
+    ingress = Ingress(max_messages=8, device_share=0.25, retry_after_s=2)
+    offers = [ingress.offer(d, "telemetry", "http", b'{"t": 1}') for d in ["flood"] * 3 + ["calm"]]
+    assert [o.verdict for o in offers] == [Verdict.ACCEPTED] * 2 + [
+        Verdict.OVERLOADED,
+        Verdict.ACCEPTED,
+    ]
+    assert offers[2].reason == (
+        "edge is busy: device flood has 2 messages waiting for the flow, the most one device "
+        "may (0.25 x 8); retry in 2s"
+    )
+    assert ingress.busy("flood") == offers[2].reason and ingress.busy("calm") is None
+    assert [m.device for m in ingress.take(1)] == ["flood"]
+    assert ingress.offer("flood", "telemetry", "http", b'{"t": 2}').verdict is Verdict.ACCEPTED
+    assert [m.device for m in ingress.take(10)] == ["flood", "calm", "flood"]
+    assert ingress._queued == {}  # nothing is kept for devices with nothing queued
+    with pytest.raises(
+        ValueError,
+        match=r"^Ingress: device_share must be above 0 and at most 1 \(got 0\); hint: the "
+        r"fraction of max_messages one device may have queued, e.g\. 0\.25$",
+    ):
+        Ingress(device_share=0)

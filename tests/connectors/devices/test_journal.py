@@ -256,7 +256,8 @@ def test_a_retransmission_key_matches_only_the_same_transmission(open_journal) -
 
 
 def test_redelivery_window_is_the_last_offsets_of_the_partition(open_journal) -> None:
-    journal = open_journal(partitions=1, max_batch=2000)
+    # one device submits DEDUP_WINDOW messages at once: more than its share of the queue
+    journal = open_journal(partitions=1, max_batch=2000, device_share=1.0)
     old = journal.submit(message("dev", b"old")).result(10)
     futures = [journal.submit(message("dev", str(i).encode())) for i in range(DEDUP_WINDOW)]
     for future in futures:
@@ -297,7 +298,7 @@ def test_a_retransmission_after_its_first_copy_was_processed_and_deleted_is_stor
 
 
 def test_digests_of_deleted_rows_are_kept_only_for_the_window(root: Path, open_journal) -> None:
-    journal = open_journal(partitions=1, max_batch=2000)
+    journal = open_journal(partitions=1, max_batch=2000, device_share=1.0)  # one device, a burst
     first = journal.submit(message("dev", b"first"), dedup_key=b"k0").result(10)
     futures = [journal.submit(message("dev", str(i).encode())) for i in range(DEDUP_WINDOW + 50)]
     last = futures[-1].result(30)
@@ -315,7 +316,7 @@ def test_digests_of_deleted_rows_are_kept_only_for_the_window(root: Path, open_j
 
 
 def test_max_bytes_refuses_then_resumes_after_release(root: Path, open_journal) -> None:
-    journal = open_journal(partitions=1, max_bytes=1000)
+    journal = open_journal(partitions=1, max_bytes=1000, device_share=1.0)  # the whole journal
     for i in range(10):
         journal.submit(message("dev", bytes([i]) * 100)).result(10)
     assert journal.admit() == (
@@ -337,7 +338,7 @@ def test_max_bytes_refuses_then_resumes_after_release(root: Path, open_journal) 
 
 
 def test_queue_bound_refuses_when_the_writer_is_behind(root: Path, open_journal) -> None:
-    journal = open_journal(partitions=1, max_batch=1, linger=timedelta(0))
+    journal = open_journal(partitions=1, max_batch=1, linger=timedelta(0), device_share=1.0)
     gate = threading.Event()
     journal._fault_hook = lambda db: gate.wait(10)
     futures = [journal.submit(message("dev", b"a"))]
@@ -404,7 +405,7 @@ def test_partition_count_is_fixed_when_created(root: Path, open_journal) -> None
 
 
 def test_release_truncates_and_offsets_continue(root: Path, open_journal) -> None:
-    journal = open_journal(partitions=1)
+    journal = open_journal(partitions=1, device_share=1.0)  # one device, a burst
     for future in [journal.submit(message("d", bytes(2000))) for _ in range(6000)]:
         future.result(30)
     reader = JournalReader(root, 0)
@@ -592,3 +593,118 @@ def test_read_is_what_was_committed_and_not_released(ops) -> None:
             for reader in readers:
                 reader.close()
             journal.close()
+
+
+# --- one device's share -------------------------------------------------------------------------
+
+
+def test_a_device_over_its_byte_share_is_refused_alone_until_its_messages_are_released(
+    root: Path, open_journal
+) -> None:
+    journal = open_journal(partitions=1, max_bytes=1000, device_share=0.3)  # 300 bytes a device
+    for i in range(3):
+        journal.submit(message("flood", bytes([i]) * 100)).result(10)
+    # repeats are not held twice: a duplicate gives its bytes back
+    keyed = journal.submit(message("quiet", b"k" * 100), dedup_key=b"ep|1").result(10)
+    for _ in range(3):
+        assert journal.submit(message("quiet", b"k" * 100), dedup_key=b"ep|1").result(10) == (
+            Committed(0, keyed.offset, duplicate=True)
+        )
+    reason = (
+        f"journal share of device flood full: 300 payload bytes held of its 300 "
+        f"(journal.device_share=0.3 x journal.max_bytes=1000) in {root} (got a 1-byte message); "
+        "hint: this device sends faster than the flow takes its messages, other devices are "
+        "still accepted; retry later or raise journal.device_share"
+    )
+    with pytest.raises(JournalFull, match=f"^{re.escape(reason)}$"):
+        journal.submit(message("flood", b"x")).result(1)
+    assert journal.admit("flood") == reason.replace("a 1-byte", "a 0-byte")
+    assert journal.admit() is None and journal.admit("quiet") is None
+    for _ in range(2):  # the other device still has its own 300 bytes
+        assert not journal.submit(message("quiet", b"q" * 100)).result(10).duplicate
+    stats = journal.stats()
+    assert (stats.refused, stats.refused_share, stats.over_share) == (1, 1, 0)
+    with JournalReader(root, 0) as reader:
+        reader.release("flow", 1)  # the first two of "flood"
+        wait_for(lambda: journal.admit("flood") is None)
+    assert journal.submit(message("flood", b"y" * 200)).result(10).offset == 6
+    with pytest.raises(JournalFull, match="^journal share of device flood full: 300 payload"):
+        journal.submit(message("flood", b"z")).result(1)
+
+
+def test_a_device_share_is_counted_again_after_a_restart(root: Path, open_journal) -> None:
+    journal = open_journal(partitions=2, max_bytes=1000, device_share=0.2)
+    for _ in range(2):
+        journal.submit(message("flood", b"f" * 100)).result(10)
+    journal.close()
+    reopened = open_journal(partitions=2, max_bytes=1000, device_share=0.2)
+    assert reopened.admit("flood") is not None and reopened.admit("other") is None
+    with pytest.raises(JournalFull, match="^journal share of device flood full: 200 payload"):
+        reopened.submit(message("flood", b"f")).result(1)
+    reopened.submit(message("other", b"o" * 200)).result(10)
+
+
+def test_a_device_over_its_queue_share_is_refused_while_others_still_queue(
+    root: Path, open_journal
+) -> None:
+    journal = open_journal(partitions=1, max_batch=2, linger=timedelta(0), device_share=0.25)
+    gate = threading.Event()
+    journal._fault_hook = lambda db: gate.wait(10)
+    futures = [journal.submit(message("flood", b"a"))]
+    wait_for(lambda: journal.stats().queued == 0)  # the writer holds the first
+    futures += [journal.submit(message("flood", b"b")) for _ in range(2)]  # 0.25 x 8 = 2 queued
+    reason = (
+        f"journal queue share of device flood full: 2 of its messages wait to be committed to "
+        f"{root} (limit journal.device_share=0.25 x 8 = 2); hint: this device sends faster than "
+        "the disk commits, other devices are still accepted; retry later"
+    )
+    assert journal.admit("flood") == reason and journal.admit("calm") is None
+    with pytest.raises(JournalFull, match=f"^{re.escape(reason)}$"):
+        journal.submit(message("flood", b"c")).result(1)
+    futures += [journal.submit(message("calm", b"d")) for _ in range(2)]
+    gate.set()
+    assert [f.result(10).offset for f in futures] == [0, 1, 2, 3, 4]
+    assert journal.admit("flood") is None
+
+
+def test_over_share_messages_are_kept_while_one_share_stays_free_for_the_others(
+    root: Path, open_journal
+) -> None:
+    # a transport that already told its device "accepted" (MQTT) keeps the message if it can
+    journal = open_journal(partitions=1, max_bytes=1000, device_share=0.25)
+    done: list[Committed | BaseException] = []
+
+    def append(device: str, size: int) -> bool:
+        return journal.append_received(
+            device, "telemetry", "mqtt", 0, b"m" * size, lambda _, out: done.extend(out),
+            over_share=True,
+        )
+
+    kept = [append("flood", 100) for _ in range(7)]  # 700 bytes, over its 250: within 750
+    assert kept == [True] * 7
+    wait_for(lambda: len(done) == 7)
+    assert all(isinstance(outcome, Committed) for outcome in done)
+    assert not append("flood", 100)  # 800 would leave less than one share (250) free
+    reason = str(done[-1])
+    assert reason == (
+        f"journal nearly full: device flood is over its share (journal.device_share=0.25) and "
+        f"the rest of journal.max_bytes=1000 and of the commit queue in {root} is kept for the "
+        "other devices (got a 100-byte message); hint: retry later"
+    )
+    assert journal.admit("calm") is None  # the reserve: another device within its share
+    journal.submit(message("calm", b"c" * 250)).result(10)
+    assert journal.admit("flood", over_share=True) == reason.replace("a 100-byte", "a 0-byte")
+    stats = journal.stats()
+    assert (stats.over_share, stats.refused_share, stats.bytes) == (5, 1, 950)
+    with JournalReader(root, 0) as reader:
+        reader.release("flow", 4)
+        wait_for(lambda: journal.admit("flood", over_share=True) is None)
+
+
+def test_device_share_must_be_a_fraction(root: Path) -> None:
+    for share in (0, 1.5):
+        with pytest.raises(ValueError, match=re.escape(
+            f"journal.device_share: must be above 0 and at most 1 (got {share}); hint: the "
+            "fraction of journal.max_bytes one device may hold, e.g. 0.25 (1: no limit)"
+        )):
+            Journal(JournalSettings(root=root, device_share=share))

@@ -132,7 +132,9 @@ def test_a_flow_drains_what_is_committed_while_it_runs_then_ends_on_the_signal(t
 
 
 def test_release_lets_the_writer_free_space(tmp_path):
-    settings = JournalSettings(tmp_path, partitions=2, max_bytes=4000, linger=timedelta(0))
+    settings = JournalSettings(
+        tmp_path, partitions=2, max_bytes=4000, linger=timedelta(0), device_share=1.0
+    )  # the global bound: 3 devices fill it
     with Journal(settings) as journal:
         for i in range(40):
             journal.submit(message(f"d{i % 3}", i, size=100)).result(timeout=30)

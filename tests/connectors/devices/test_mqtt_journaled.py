@@ -341,3 +341,59 @@ def test_through_the_embedded_broker(
     assert sorted((m.device, m.payload) for m in edge.rows()) == [
         (f"d{i}", b"%d" % i) for i in range(10)
     ]
+
+
+def publish_all(broker: Mosquitto, messages: list[tuple[str, bytes]]) -> None:
+    """QoS 1 messages ``(device, payload)`` in this order, each acknowledged by the broker."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="devices")
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        infos = [
+            client.publish(f"v1/devices/{device}/telemetry", payload, qos=1)
+            for device, payload in messages
+        ]
+        for info in infos:
+            info.wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_a_device_over_its_journal_share_is_acknowledged_and_kept_until_the_reserve(
+    tmp_path: Path, mosquitto: Mosquitto, wait_for: Callable[..., Any]
+) -> None:
+    # 10,000 bytes, 2,500 a device; messages over a share are kept while 2,500 stay free
+    root = tmp_path / "journal"
+    journal = Journal(JournalSettings(root=root, partitions=1, max_bytes=10_000))
+    mqtt = JournaledMqtt(settings_for(mosquitto), journal)
+
+    def body(device: str, i: int) -> bytes:
+        return f'{{"{device}": {i}}}'.encode().ljust(100)
+
+    first = [("flood", body("flood", i)) for i in range(50)]
+    first += [("calm", body("calm", i)) for i in range(10)]
+    later = [("flood", body("flood", i)) for i in range(50, 80)]
+    later += [("calm", body("calm", i)) for i in range(10, 15)]
+    try:
+        mqtt.start()
+        wait_for(lambda: mqtt.ready, "the journaled client to subscribe")
+        publish_all(mosquitto, first)  # flood: 5,000 bytes, twice its share; nothing withheld
+        wait_for(lambda: mqtt.acked == 60, "60 PUBACKs")
+        assert (mqtt.withheld, journal.stats().over_share) == (0, 25)
+        publish_all(mosquitto, later)  # past 7,500 bytes: flood's next one waits, calm behind it
+        wait_for(lambda: mqtt.acked == 74 and mqtt.withheld_now == 21, "the reserve reached")
+        assert journal.stats().bytes == 7_400
+        with JournalReader(root, 0) as reader:
+            released = reader.last_offset()
+            reader.release("flow", released)
+            wait_for(lambda: mqtt.acked == 95, "every PUBACK once the flow took its messages")
+        assert mqtt.withheld_now == 0
+    finally:
+        journal.close()
+        mqtt.close()
+    with JournalReader(root, 0) as reader:
+        rows = reader.read(released, 200)
+    assert released == 73  # the first 74, in arrival order; the rest after them:
+    assert [m.payload for _, m in rows] == [b for _, b in first + later][74:]
+    assert session_backlog(mosquitto, "edge-batched") == 0
