@@ -1,9 +1,11 @@
-"""The decode step every flow starts with: count, decode and key in one pass.
+"""The decode step every flow starts with: count, decode, limit and key.
 
 Readings are keyed by series (``device/key``), vibration blocks by device,
 dead letters by the name of the flow part that reports them. Messages of a
 channel the flow does not take become dead letters, so nothing is dropped
-silently.
+silently. The ``limits`` of the configuration are applied here, before any
+operator keeps state: too many keys in one message, too many series for one
+device or the edge, and series idle too long (see :func:`series_limits`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ from __future__ import annotations
 import json
 from collections import Counter as Tally
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Protocol
+
+import bytewax.operators as op
+from bytewax.dataflow import Stream
+from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from connectors.codecs.decode import decode
 from connectors.codecs.evb1 import encode_evb1
@@ -21,14 +29,34 @@ from operators.records import (
     TELEMETRY,
     VIBRATION,
     DeadLetter,
+    Evict,
     RawMessage,
     Reading,
     VibrationBlock,
 )
 
-__all__ = ["CHANNELS", "READINGS", "Decoded", "decoder", "reading_payload", "to_dead_letter"]
+__all__ = [
+    "CHANNELS",
+    "EVICTED",
+    "READINGS",
+    "REFUSED",
+    "Decoded",
+    "Message",
+    "SeriesLimits",
+    "decoder",
+    "reading_payload",
+    "readings_payload",
+    "series_limits",
+    "to_dead_letter",
+]
 
 READINGS = "readings"
+REFUSED = "refused_"
+"""Prefix of the stages counting what a limit refused: ``refused_keys_per_message`` (messages),
+``refused_series_per_device``, ``refused_state_bytes_per_device``, ``refused_series_total``
+(readings)."""
+EVICTED = "evicted_series"
+"""Stage counting series forgotten after ``limits.series_idle_evict`` of silence."""
 CHANNELS = (TELEMETRY, VIBRATION)
 """The device API's channels."""
 
@@ -48,25 +76,30 @@ def decoder(
     channels: tuple[str, ...],
     flow: str,
     owner_of: Callable[[str], Owner],
-) -> Callable[[list[RawMessage]], list[tuple[str, Decoded]]]:
-    """A batch mapper for ``op.flat_map_batch`` that counts, decodes and keys messages.
+    keys_per_message: int | None = None,
+) -> Callable[[list[RawMessage]], list[tuple[str, object]]]:
+    """A batch mapper for ``op.flat_map_batch`` that counts and decodes messages.
 
     ``owner_of(channel)`` picks the part whose report counts that channel's
-    messages and whose ``dead_letters`` get its undecodable ones.
+    messages and whose ``dead_letters`` get its undecodable ones. Out come
+    ``(device, Message)`` for telemetry (its readings, for :func:`series_limits`),
+    ``(device, block)`` for vibration and ``(part name, dead letter)``. A
+    message with more than ``keys_per_message`` distinct keys is a dead letter
+    whole, counted in the stage ``refused_keys_per_message``.
     """
     wanted = frozenset(channels)
 
-    def decode_batch(batch: list[RawMessage]) -> list[tuple[str, Decoded]]:
-        received: dict[str, tuple[Tally[str], Tally[str], Tally[str]]] = {}
+    def decode_batch(batch: list[RawMessage]) -> list[tuple[str, object]]:
+        received: dict[str, tuple[Tally[str], Tally[str], Tally[str], Tally[str]]] = {}
         owners: dict[str, Owner] = {}
-        out: list[tuple[str, Decoded]] = []
+        out: list[tuple[str, object]] = []
         for msg in batch:
             channel = msg.channel
             owner = owners.get(channel)
             if owner is None:
                 owner = owners[channel] = owner_of(channel)
-                received.setdefault(owner.name, (Tally(), Tally(), Tally()))
-            counts, sizes, readings = received[owner.name]
+                received.setdefault(owner.name, (Tally(), Tally(), Tally(), Tally()))
+            counts, sizes, readings, refused = received[owner.name]
             device = msg.device
             counts[device] += 1
             sizes[device] += len(msg.payload)
@@ -80,21 +113,225 @@ def decoder(
                 else:
                     result = decode(msg, max_payload_bytes=max_payload_bytes)
             if type(result) is list:
+                if keys_per_message is not None and len(result) > keys_per_message:
+                    keys = len({r.key for r in result})
+                    if keys > keys_per_message:
+                        refused[device] += 1
+                        out.append((owner.name, _too_many_keys(msg, keys, keys_per_message)))
+                        continue
                 readings[device] += len(result)
-                prefix = device + "/"  # series_key(device, key), built once per message
-                out += [(prefix + r.key, r) for r in result]
+                out.append((device, Message(msg.received_at, result)))
             elif type(result) is VibrationBlock:
                 out.append((device, result))
             else:
-                out.append((owner.name, result))  # type: ignore[arg-type]
+                out.append((owner.name, result))
         for owner in {id(o): o for o in owners.values()}.values():
-            counts, sizes, readings = received[owner.name]
+            counts, sizes, readings, refused = received[owner.name]
             owner.meter.add(RECEIVED, counts, sizes)
             if readings:
                 owner.meter.add(READINGS, readings)
+            if refused:
+                owner.meter.add(REFUSED + "keys_per_message", refused)
         return out
 
     return decode_batch
+
+
+def _too_many_keys(msg: RawMessage, keys: int, limit: int) -> DeadLetter:
+    reason = (
+        f"limits.keys_per_message: a telemetry message of device {msg.device!r} has {keys} "
+        f"distinct keys, more than the limit of {limit}; nothing of it was processed; hint: "
+        "send fewer keys per message or raise limits.keys_per_message"
+    )
+    return DeadLetter(msg.device, msg.transport, msg.received_at, reason, msg.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """The readings of one decoded telemetry message and when the edge received it."""
+
+    received_at: datetime
+    readings: list[Reading]
+
+
+SERIES_BYTES = 1536
+"""Estimated operator state of one series, besides its key: Bytewax's per-key logic
+and snapshot of the deadband and window operators and this step's own entry."""
+
+SeriesState = tuple[datetime, dict[str, datetime]]
+"""Snapshot of one device's series: ``(newest received_at, {series key: received_at of
+its last message})``, the series in the order they were last sent."""
+
+
+@dataclass(frozen=True)
+class SeriesLimits:
+    """The per-device and per-worker series limits of :func:`series_limits`."""
+
+    series_per_device: int
+    state_bytes_per_device: int
+    series_total: int
+    idle_evict: timedelta | None
+
+
+class _Total:
+    """Series held by every device of one worker (shared by its devices' logics)."""
+
+    __slots__ = ("series",)
+
+    def __init__(self) -> None:
+        self.series = 0
+
+
+class _DeviceSeries(StatefulBatchLogic[Message, list[tuple[str, object]], SeriesState]):
+    """One device's series: admitted in message order, evicted when idle.
+
+    Time is the device's own receive time (``received_at``, stored in the
+    journal), so a replay admits, refuses and evicts exactly the same.
+    """
+
+    __slots__ = ("bytes", "clock", "limits", "meter", "owner", "series", "total")
+
+    def __init__(
+        self,
+        limits: SeriesLimits,
+        total: _Total,
+        owner: Callable[[], Owner],
+        resume_state: SeriesState | None,
+    ) -> None:
+        self.limits = limits
+        self.total = total
+        self.owner = owner
+        self.clock: datetime | None = None
+        self.series: dict[str, datetime] = {}
+        self.bytes = 0
+        if resume_state is not None:
+            self.clock, series = resume_state
+            self.series = dict(series)
+            self.bytes = sum(SERIES_BYTES + len(k) for k in self.series)
+            total.series += len(self.series)
+
+    def on_batch(self, values: list[Message]) -> tuple[list[list[tuple[str, object]]], bool]:
+        out: list[tuple[str, object]] = []
+        refused: Tally[str] = Tally()
+        evicted = 0
+        limits = self.limits
+        idle = limits.idle_evict
+        series = self.series
+        total = self.total
+        device = ""
+        for message in values:
+            received_at = message.received_at
+            readings = message.readings
+            device = readings[0].device
+            clock = self.clock
+            if clock is None or received_at > clock:
+                self.clock = clock = received_at
+            if idle is not None and series:
+                cutoff = clock - idle
+                while series:
+                    oldest = next(iter(series))
+                    if series[oldest] > cutoff:
+                        break
+                    del series[oldest]
+                    self.bytes -= SERIES_BYTES + len(oldest)
+                    total.series -= 1
+                    evicted += 1
+                    out.append((oldest, Evict(device, oldest[len(device) + 1 :])))
+            prefix = device + "/"
+            over: dict[str, list[Reading]] = {}
+            for reading in readings:
+                key = prefix + reading.key
+                if key in series:
+                    del series[key]  # to the end: the series' order is the order last sent
+                    series[key] = received_at
+                    out.append((key, reading))
+                    continue
+                reason = self._refusal(key)
+                if reason is None:
+                    series[key] = received_at
+                    self.bytes += SERIES_BYTES + len(key)
+                    total.series += 1
+                    out.append((key, reading))
+                else:
+                    over.setdefault(reason, []).append(reading)
+            for limit, kept_out in over.items():
+                refused[limit] += len(kept_out)
+                out.append((self._owner_name(), self._letter(limit, kept_out, received_at)))
+        if refused or evicted:
+            meter = self.owner().meter
+            for limit, n in refused.items():
+                meter.add(REFUSED + limit, {device: n})
+            if evicted:
+                meter.add(EVICTED, {device: evicted})
+        return [out], (StatefulBatchLogic.DISCARD if not series else StatefulBatchLogic.RETAIN)
+
+    def _owner_name(self) -> str:
+        return self.owner().name
+
+    def _refusal(self, key: str) -> str | None:
+        """The limit a new series ``key`` would break, or None."""
+        limits = self.limits
+        if len(self.series) >= limits.series_per_device:
+            return "series_per_device"
+        if self.bytes + SERIES_BYTES + len(key) > limits.state_bytes_per_device:
+            return "state_bytes_per_device"
+        if self.total.series >= limits.series_total:
+            return "series_total"
+        return None
+
+    def _letter(self, limit: str, readings: list[Reading], received_at: datetime) -> DeadLetter:
+        first = readings[0]
+        keys = list(dict.fromkeys(r.key for r in readings))
+        limits = self.limits
+        held = {
+            "series_per_device": f"has {len(self.series)} series, the limit",
+            "state_bytes_per_device": (
+                f"holds about {self.bytes} bytes of state for {len(self.series)} series, "
+                f"and the limit is {limits.state_bytes_per_device}"
+            ),
+            "series_total": f"is on an edge holding {self.total.series} series, the limit",
+        }[limit]
+        reason = (
+            f"limits.{limit}: device {first.device!r} {held}; {len(readings)} readings of "
+            f"{len(keys)} new keys refused (first {keys[0]!r}); hint: send fewer distinct "
+            f"keys, or raise limits.{limit}"
+        )
+        return DeadLetter(
+            first.device, first.transport, received_at, reason, readings_payload(readings)
+        )
+
+    def snapshot(self) -> SeriesState:
+        assert self.clock is not None
+        return (self.clock, dict(self.series))
+
+
+def series_limits(
+    step_id: str,
+    up: KeyedStream[Message],
+    limits: SeriesLimits,
+    owner: Callable[[], Owner],
+) -> Stream[tuple[str, object]]:
+    """Admit, refuse and evict each device's series; readings and evictions keyed by series.
+
+    A new key of a device is admitted while the device has fewer than
+    ``series_per_device`` series, their estimated state stays within
+    ``state_bytes_per_device`` and the worker holds fewer than
+    ``series_total``; otherwise its readings in that message become one dead
+    letter per limit (payload: those readings as telemetry JSON) and are
+    counted in the stage ``refused_<limit>``. A series its device has not sent
+    for ``idle_evict`` of the device's receive time is evicted before the
+    device's next message: an :class:`~operators.records.Evict` goes down its
+    key (operators drop its state) and the stage ``evicted_series`` counts it.
+    """
+    total = _Total()
+
+    def build(resume_state: SeriesState | None) -> _DeviceSeries:
+        return _DeviceSeries(limits, total, owner, resume_state)
+
+    held = op.stateful_batch(f"{step_id}_series", up, build)
+    return op.flat_map_batch(
+        f"{step_id}_by_series", held, lambda batch: [x for _, items in batch for x in items]
+    )
 
 
 def _unwanted(msg: RawMessage, flow: str) -> DeadLetter:
@@ -126,3 +363,12 @@ def reading_payload(reading: Reading) -> bytes:
     """A reading re-encoded in the device API's JSON shape (for dead letters)."""
     ts_ms = int(reading.ts.timestamp() * 1000)
     return json.dumps({"ts": ts_ms, "values": {reading.key: reading.value}}).encode()
+
+
+def readings_payload(readings: list[Reading]) -> bytes:
+    """Readings re-encoded as one telemetry JSON list, one object per timestamp."""
+    by_ts: dict[datetime, dict[str, float | str]] = {}
+    for reading in readings:
+        by_ts.setdefault(reading.ts, {})[reading.key] = reading.value
+    doc = [{"ts": int(ts.timestamp() * 1000), "values": values} for ts, values in by_ts.items()]
+    return json.dumps(doc).encode()
