@@ -224,11 +224,11 @@ class LimitsSection(_Section):
 
     keys_per_message: int = Field(1000, gt=0)
     """Distinct telemetry keys one message may carry; a message with more is a dead letter."""
-    series_per_device: int = Field(2000, gt=0)
+    series_per_device: int = Field(1000, gt=0)
     """Distinct keys a device may have in the flow's state; new keys beyond are dead letters."""
     state_bytes_per_device: int = Field(4 * 1024 * 1024, gt=0)
     """Estimated operator state a device's series may take (long keys cost more)."""
-    series_total: int = Field(100_000, gt=0)
+    series_total: int = Field(50_000, gt=0)
     """Series the edge holds over all devices (per flow worker)."""
     series_idle_evict: timedelta | None = timedelta(hours=24)
     """Forget a series its device has not sent for this long (device receive time); null: never."""
