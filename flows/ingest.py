@@ -332,7 +332,7 @@ class _DeviceSeries(StatefulBatchLogic[Message, list[tuple[str, object]], Series
         }[limit]
         reason = (
             f"limits.{limit}: device {first.device!r} {held}; {len(readings)} readings of "
-            f"{len(keys)} new keys refused (first {keys[0]!r}); hint: send fewer distinct "
+            f"{len(keys)} new keys refused (first {_short(keys[0])}); hint: send fewer distinct "
             f"keys, or raise limits.{limit}"
         )
         return DeadLetter(
@@ -342,6 +342,11 @@ class _DeviceSeries(StatefulBatchLogic[Message, list[tuple[str, object]], Series
     def snapshot(self) -> SeriesState:
         assert self.clock is not None
         return (self.clock, dict(self.series))
+
+
+def _short(key: str) -> str:
+    """``key`` quoted, cut to 40 characters (a key may have up to 256)."""
+    return repr(key) if len(key) <= 40 else f"{key[:40]!r}..."
 
 
 def series_limits(
