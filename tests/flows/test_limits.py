@@ -328,3 +328,23 @@ def test_the_telemetry_flow_refuses_evicts_and_flushes(tmp_path, runner):
         ("evil", "limits.keys_per_message"),
         ("evil", "limits.series_per_device"),
     ]
+
+
+def test_a_resumed_flow_counts_the_series_it_held_toward_the_total(tmp_path):
+    """Bytewax rebuilds every key's logic from the snapshot at resume, so the worker's
+    total starts from what the devices held, not from zero."""
+    config = parse_config(
+        {"data_dir": str(tmp_path), "limits": {"series_total": 3, "series_per_device": 3}}
+    )
+
+    def sent(device: str, *keys: str) -> RawMessage:
+        return RawMessage(
+            device, "telemetry", "mqtt", T0, json.dumps(dict.fromkeys(keys, 1.0)).encode()
+        )
+
+    first = [sent("a", "x", "y")]
+    run_recorded(telemetry.build, config, first, name="telemetry")
+    # The recorded source resumes after what the first run took: only b's message is new.
+    edge = run_recorded(telemetry.build, config, [*first, sent("b", "p", "q")], name="telemetry")
+    stages = edge.reports()["telemetry"].stages
+    assert stages["received"] == 1 and stages["refused_series_total"] == 1
