@@ -227,7 +227,7 @@ class _DeviceSeries(StatefulBatchLogic[Message, list[tuple[str, object]], Series
     journal), so a replay admits, refuses and evicts exactly the same.
     """
 
-    __slots__ = ("bytes", "clock", "limits", "meter", "owner", "series", "total")
+    __slots__ = ("bytes", "clock", "limits", "owner", "series", "total")
 
     def __init__(
         self,
@@ -266,22 +266,26 @@ class _DeviceSeries(StatefulBatchLogic[Message, list[tuple[str, object]], Series
                 self.clock = clock = received_at
             if idle is not None and series:
                 cutoff = clock - idle
-                while series:
-                    oldest = next(iter(series))
-                    if series[oldest] > cutoff:
+                idle_keys = []
+                for key, seen in series.items():  # oldest first: stop at the first recent one
+                    if seen > cutoff:
                         break
-                    del series[oldest]
-                    self.bytes -= SERIES_BYTES + len(oldest)
-                    total.series -= 1
-                    evicted += 1
-                    out.append((oldest, Evict(device, oldest[len(device) + 1 :])))
+                    idle_keys.append(key)
+                for key in idle_keys:
+                    del series[key]
+                    self.bytes -= SERIES_BYTES + len(key)
+                    out.append((key, Evict(device, key[len(device) + 1 :])))
+                total.series -= len(idle_keys)
+                evicted += len(idle_keys)
             prefix = device + "/"
             over: dict[str, list[Reading]] = {}
             for reading in readings:
                 key = prefix + reading.key
-                if key in series:
-                    del series[key]  # to the end: the series' order is the order last sent
-                    series[key] = received_at
+                seen = series.get(key)
+                if seen is not None:
+                    if seen is not received_at:  # to the end: series stay in the order last sent
+                        del series[key]
+                        series[key] = received_at
                     out.append((key, reading))
                     continue
                 reason = self._refusal(key)
@@ -292,9 +296,10 @@ class _DeviceSeries(StatefulBatchLogic[Message, list[tuple[str, object]], Series
                     out.append((key, reading))
                 else:
                     over.setdefault(reason, []).append(reading)
-            for limit, kept_out in over.items():
-                refused[limit] += len(kept_out)
-                out.append((self._owner_name(), self._letter(limit, kept_out, received_at)))
+            for limit, refused_readings in over.items():
+                refused[limit] += len(refused_readings)
+                letter = self._letter(limit, refused_readings, received_at)
+                out.append((self.owner().name, letter))
         if refused or evicted:
             meter = self.owner().meter
             for limit, n in refused.items():
@@ -303,9 +308,6 @@ class _DeviceSeries(StatefulBatchLogic[Message, list[tuple[str, object]], Series
                 meter.add(EVICTED, {device: evicted})
                 total.note_evicted(evicted)
         return [out], (StatefulBatchLogic.DISCARD if not series else StatefulBatchLogic.RETAIN)
-
-    def _owner_name(self) -> str:
-        return self.owner().name
 
     def _refusal(self, key: str) -> str | None:
         """The limit a new series ``key`` would break, or None."""
