@@ -369,9 +369,12 @@ def series_limits(
     device's next message: an :class:`~operators.records.Evict` goes down its
     key (operators drop its state) and the stage ``evicted_series`` counts it.
     """
-    total = _Total()
+    workers = threading.local()  # Bytewax runs each worker in its own thread
 
     def build(resume_state: SeriesState | None) -> _DeviceSeries:
+        total = getattr(workers, "total", None)
+        if total is None:
+            total = workers.total = _Total()
         return _DeviceSeries(limits, total, owner, resume_state)
 
     held = op.stateful_batch(f"{step_id}_series", up, build)
