@@ -369,12 +369,14 @@ def series_limits(
     device's next message: an :class:`~operators.records.Evict` goes down its
     key (operators drop its state) and the stage ``evicted_series`` counts it.
     """
-    workers = threading.local()  # Bytewax runs each worker in its own thread
+    # Bytewax runs each worker in its own OS thread (threading.local does not last
+    # between its calls into Python, the thread's ident does).
+    totals: dict[int, _Total] = {}
 
     def build(resume_state: SeriesState | None) -> _DeviceSeries:
-        total = getattr(workers, "total", None)
+        total = totals.get(threading.get_ident())
         if total is None:
-            total = workers.total = _Total()
+            total = totals.setdefault(threading.get_ident(), _Total())
         return _DeviceSeries(limits, total, owner, resume_state)
 
     held = op.stateful_batch(f"{step_id}_series", up, build)
