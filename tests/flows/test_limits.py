@@ -13,6 +13,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+import bytewax.operators as op
 import duckdb
 import pytest
 from hypothesis import given, settings
@@ -348,3 +349,21 @@ def test_a_resumed_flow_counts_the_series_it_held_toward_the_total(tmp_path):
     edge = run_recorded(telemetry.build, config, [*first, sent("b", "p", "q")], name="telemetry")
     stages = edge.reports()["telemetry"].stages
     assert stages["received"] == 1 and stages["refused_series_total"] == 1
+
+
+def test_devices_readings_never_carry_an_evict_devices_series_does(tmp_path):
+    config = parse_config({"data_dir": str(tmp_path), "limits": {"series_idle_evict": 10}})
+    seen: dict[str, list[type]] = {"readings": [], "series": []}
+
+    def build(edge) -> None:
+        dev = edge.devices("in", channels=["telemetry"])
+        for name, stream in (("readings", dev.readings), ("series", dev.series)):
+            op.inspect(f"see_{name}", stream, lambda _, kv, n=name: seen[n].append(type(kv[1])))
+        edge.output("telemetry_points", dev.readings)
+
+    def sent(seconds: float, body: dict) -> RawMessage:
+        at = T0 + timedelta(seconds=seconds)
+        return RawMessage("d", "telemetry", "mqtt", at, json.dumps(body).encode())
+
+    run_recorded(build, config, [sent(0, {"a": 1.0}), sent(20, {"b": 2.0})], name="flow")
+    assert seen == {"readings": [Reading, Reading], "series": [Reading, Evict, Reading]}
