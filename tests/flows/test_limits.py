@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from flows import telemetry
 from flows.accounting import Meter
+from flows.api import Edge
 from flows.config import ConfigError, LimitsSection, parse_config
 from flows.ingest import (
     SERIES_BYTES,
@@ -32,6 +33,7 @@ from flows.ingest import (
     readings_payload,
 )
 from operators.records import DeadLetter, Evict, RawMessage, Reading
+from tests.conftest import query_parquet
 from tests.flows.conftest import run_recorded
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -367,3 +369,59 @@ def test_devices_readings_never_carry_an_evict_devices_series_does(tmp_path):
 
     run_recorded(build, config, [sent(0, {"a": 1.0}), sent(20, {"b": 2.0})], name="flow")
     assert seen == {"readings": [Reading, Reading], "series": [Reading, Evict, Reading]}
+
+
+def limited_traffic() -> list[RawMessage]:
+    """Two devices; one sends waves of new keys past its limit and goes idle between them."""
+    out = []
+    for i in range(120):
+        received = T0 + timedelta(seconds=i)
+        body = {"ts": int(received.timestamp() * 1000), "values": {"t": float(i % 7)}}
+        out.append(RawMessage("good", "telemetry", "mqtt", received, json.dumps(body).encode()))
+        if i % 40 < 8:  # a wave of 8 messages, then 32 s of silence: evicted at the next wave
+            keys = {f"w{i // 40}-{i % 40}-{k}": float(k) for k in range(4)}
+            body = {"ts": int(received.timestamp() * 1000), "values": keys}
+            out.append(RawMessage("evil", "telemetry", "mqtt", received, json.dumps(body).encode()))
+    return out
+
+
+@pytest.mark.parametrize("abort_at", [None, 25, 61, 140])
+def test_a_resumed_run_refuses_and_evicts_like_an_uninterrupted_one(tmp_path, abort_at):
+    """Replay determinism: limits and eviction depend on the journal only."""
+    from tests.flows.test_replay import Recorded
+
+    def run(data_dir, source) -> dict[str, list[tuple]]:
+        config = parse_config(
+            {
+                "data_dir": str(data_dir),
+                "recovery": {"snapshot_interval": 0.1},
+                "parquet": {"max_file_age": 0.3},
+                "telemetry": {"window": {"length": 10}},
+                "limits": {"series_per_device": 10, "series_idle_evict": 20},
+            }
+        )
+        edge = Edge(config, name="telemetry", source=source)
+        telemetry.build(edge)
+        edge.run()
+        streams = ("telemetry_points", "telemetry_summary", "dead_letters")
+        return {s: query_parquet(data_dir, s, "select * from {src} order by all") for s in streams}
+
+    reference = run(tmp_path / "reference", Recorded(limited_traffic(), None))
+    # Each wave: 32 new keys, 10 admitted; a wave evicts the one before it.
+    summaries = query_parquet(
+        tmp_path / "reference",
+        "telemetry_summary",
+        "select count(distinct key) from {src} where device = 'evil'",
+    )
+    assert summaries == [(30,)]
+    letters = query_parquet(
+        tmp_path / "reference",
+        "dead_letters",
+        "select count(*) from {src} where reason like 'limits.series_per_device: %'",
+    )
+    assert letters == [(3 * 6,)]  # per wave: 10 keys admitted, 6 of its 8 messages refused
+    if abort_at is None:
+        return
+    source = Recorded(limited_traffic(), abort_at)
+    run(tmp_path / "resumed", source)  # ends at the abort, without end of input
+    assert run(tmp_path / "resumed", source) == reference
