@@ -45,11 +45,19 @@ from connectors.uplink.wire import priority_of
 from flows.accounting import FlowReport, IngestCollector, JournalCollector, Meter, report
 from flows.cloud import CloudLink
 from flows.config import ConfigError, EdgeConfig, check_environment
-from flows.ingest import CHANNELS, Decoded, decoder, to_dead_letter
+from flows.ingest import (
+    CHANNELS,
+    Decoded,
+    Message,
+    SeriesLimits,
+    decoder,
+    series_limits,
+    to_dead_letter,
+)
 from flows.ingest_process import JournalFeed, journal_partition_count
 from flows.ingest_stats import read_snapshot
 from flows.transports import require_transports
-from operators.records import DeadLetter, RawMessage, Reading, VibrationBlock
+from operators.records import TELEMETRY, DeadLetter, Evict, RawMessage, Reading, VibrationBlock
 
 __all__ = ["Devices", "Edge", "RunResult"]
 
@@ -67,27 +75,44 @@ class Devices:
 
     ``readings`` are numeric readings keyed by series (``device/key``),
     ``text`` are string readings, ``blocks`` are vibration blocks keyed by
-    device. Undecodable messages are already on their way to ``dead_letters``;
-    a kind of record no step takes is dead-lettered too, so nothing is lost
-    silently.
+    device. ``series`` is ``readings`` with an
+    :class:`~operators.records.Evict` wherever ``limits.series_idle_evict``
+    forgets a series, in order with its readings: feed it to operators that
+    keep per-series state (deadband, window aggregates, threshold) so that
+    state is dropped too. Undecodable messages and what ``limits`` refuses
+    are already on their way to ``dead_letters``; a kind of record no step
+    takes is dead-lettered too, so nothing is lost silently.
     """
 
     def __init__(
         self,
-        readings: KeyedStream[Reading],
+        series: KeyedStream[Reading | Evict],
         text: Stream[Reading],
         blocks: KeyedStream[VibrationBlock],
+        *,
+        step_id: str,
     ) -> None:
         self._streams: dict[str, Stream[Any]] = {
-            "readings": readings,
+            "readings": series,
             "text": text,
             "blocks": blocks,
         }
+        self._step_id = step_id
+        self._readings: KeyedStream[Reading] | None = None
         self._used: set[str] = set()
 
     @property
     def readings(self) -> KeyedStream[Reading]:
         """Numeric telemetry readings (numbers and booleans), keyed ``device/key``."""
+        if self._readings is None:
+            self._readings = op.filter(
+                f"{self._step_id}_readings", self._take("readings"), _not_evict
+            )
+        return self._readings
+
+    @property
+    def series(self) -> KeyedStream[Reading | Evict]:
+        """``readings`` and, in order with them, an ``Evict`` for each series forgotten."""
         return self._take("readings")
 
     @property
@@ -106,7 +131,11 @@ class Devices:
 
     def unused(self) -> dict[str, Stream[Any]]:
         """The streams no step took (they are dead-lettered when the flow is finished)."""
-        return {k: s for k, s in self._streams.items() if k not in self._used}
+        return {
+            k: (op.filter(f"{self._step_id}_unused_{k}", s, _not_evict) if k == "readings" else s)
+            for k, s in self._streams.items()
+            if k not in self._used
+        }
 
 
 @dataclass
@@ -140,8 +169,6 @@ class _Shared:
         self.link = CloudLink(config, self.registry) if config.cloud is not None else None
         self.parts: list[Edge] = []
         self.ingest: JournalFeed | None = None
-
-
 
 
 class Edge:
@@ -279,19 +306,39 @@ class Edge:
             shared.registry.register(JournalCollector(journal))
             ingest = shared.ingest
             shared.registry.register(IngestCollector(journal.root, lambda: ingest.restarts))
+        limits = self.config.limits
         decode = decoder(
             self.config.max_payload_bytes,
             channels=wanted,
             flow=self.name,
             owner_of=lambda channel: shared.owners.get(channel, self),
+            keys_per_message=limits.keys_per_message,
         )
         decoded = op.flat_map_batch(f"{sid}_decode", raw, decode)
-        numbers = op.branch(f"{sid}_numbers", decoded, _is_number)
+        messages = op.branch(f"{sid}_messages", decoded, _is_message)
+        series = series_limits(
+            f"{sid}_limits",
+            messages.trues,  # type: ignore[arg-type]
+            SeriesLimits(
+                series_per_device=limits.series_per_device,
+                state_bytes_per_device=limits.state_bytes_per_device,
+                series_total=limits.series_total,
+                idle_evict=limits.series_idle_evict,
+            ),
+            lambda: shared.owners.get(TELEMETRY, self),
+        )
+        items = op.merge(f"{sid}_items", series, messages.falses)
+        numbers = op.branch(f"{sid}_numbers", items, _is_number)
         others = op.branch(f"{sid}_text", numbers.falses, _is_reading)
         rest = op.branch(f"{sid}_blocks", others.falses, _is_block)
         shared.errors = rest.falses  # type: ignore[assignment]
         text = op.map(f"{sid}_unkey_text", others.trues, _value)
-        shared.devices = Devices(numbers.trues, text, rest.trues)  # type: ignore[arg-type]
+        shared.devices = Devices(
+            numbers.trues,  # type: ignore[arg-type]
+            text,
+            rest.trues,  # type: ignore[arg-type]
+            step_id=sid,
+        )
         return shared.devices
 
     # -- outputs -----------------------------------------------------------------------------
@@ -575,15 +622,19 @@ class Edge:
         config = self.config
         link = self._shared.link
         for name, out in self._outputs.items():
-            up = out.streams[0] if len(out.streams) == 1 else op.merge(
-                self.id(f"merge_{name}"), *out.streams
+            up = (
+                out.streams[0]
+                if len(out.streams) == 1
+                else op.merge(self.id(f"merge_{name}"), *out.streams)
             )
             rows = op.flat_map_batch(self.id(f"count_{name}"), up, _counter(self.meter, name))
             recovery = self.recovery_dir if self.recovery_config() is not None else None
             partitions = config.recovery.partitions
             if config.sinks.parquet:
-                age = out.max_file_age if out.max_file_age is not None else (
-                    config.parquet.max_file_age
+                age = (
+                    out.max_file_age
+                    if out.max_file_age is not None
+                    else (config.parquet.max_file_age)
                 )
                 parquet = ParquetSink(
                     config.data_dir / "parquet",
@@ -643,9 +694,17 @@ def _value(item: Any) -> Any:
     return item[1] if type(item) is tuple else item
 
 
-def _is_number(item: tuple[str, Decoded]) -> bool:
+def _is_message(item: tuple[str, object]) -> bool:
+    return type(item[1]) is Message
+
+
+def _is_number(item: tuple[str, object]) -> bool:
     value = item[1]
-    return type(value) is Reading and type(value.value) is float
+    return (type(value) is Reading and type(value.value) is float) or type(value) is Evict
+
+
+def _not_evict(item: tuple[str, object]) -> bool:
+    return type(item[1]) is not Evict
 
 
 def _is_reading(item: tuple[str, Decoded]) -> bool:
@@ -654,4 +713,3 @@ def _is_reading(item: tuple[str, Decoded]) -> bool:
 
 def _is_block(item: tuple[str, Decoded]) -> bool:
     return type(item[1]) is VibrationBlock
-

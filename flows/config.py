@@ -40,6 +40,7 @@ __all__ = [
     "ListenSection",
     "MqttSection",
     "JournalSection",
+    "LimitsSection",
     "ParquetSection",
     "RecoverySection",
     "SinksSection",
@@ -264,6 +265,32 @@ class VibrationSection(_Section):
         )
 
 
+class LimitsSection(_Section):
+    """``limits``: what one device may make the edge hold (docs/config.md explains the numbers)."""
+
+    keys_per_message: int = Field(1000, gt=0)
+    """Distinct telemetry keys one message may carry; a message with more is a dead letter."""
+    series_per_device: int = Field(1000, gt=0)
+    """Distinct keys a device may have in the flow's state; new keys beyond are dead letters."""
+    state_bytes_per_device: int = Field(4 * 1024 * 1024, gt=0)
+    """Estimated operator state a device's series may take (long keys cost more)."""
+    series_total: int = Field(50_000, gt=0)
+    """Series the edge holds over all devices (per flow worker)."""
+    series_idle_evict: timedelta | None = timedelta(hours=24)
+    """Forget a series its device has not sent for this long (device receive time); null: never."""
+
+    @model_validator(mode="after")
+    def _evict(self) -> LimitsSection:
+        idle = self.series_idle_evict
+        if idle is not None and idle <= timedelta(0):
+            msg = (
+                f"series_idle_evict: must be longer than zero (got {idle.total_seconds():g}); "
+                "hint: null keeps idle series forever, 86400 forgets them after a day"
+            )
+            raise ValueError(msg)
+        return self
+
+
 class CloudTlsSection(_Section):
     """``cloud.tls``: verify the receiver with ``ca``; ``cert``/``key`` for mutual TLS."""
 
@@ -401,6 +428,7 @@ class EdgeConfig(_Section):
     journal: JournalSection = JournalSection()
     recovery: RecoverySection = RecoverySection()
     sinks: SinksSection = SinksSection()
+    limits: LimitsSection = LimitsSection()
     cloud: CloudSection | None = None
 
     @model_validator(mode="after")

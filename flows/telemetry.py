@@ -2,7 +2,9 @@
 
 Device telemetry → decode → deadband → ``telemetry_points``; event-time window
 aggregates → ``telemetry_summary``; string values → ``telemetry_text``;
-undecodable payloads and late readings → ``dead_letters``.
+undecodable payloads, late readings and what ``limits`` refuses →
+``dead_letters``. Series evicted as idle (``limits.series_idle_evict``) have
+their open windows emitted and their state dropped.
 
 Run it with ``edgesieve run flows.telemetry --config edge.yaml`` or with
 ``EDGESIEVE_CONFIG=edge.yaml python -m bytewax.run flows.telemetry``.
@@ -41,23 +43,22 @@ def pipeline(edge: Edge, dev: Devices) -> None:
     """Deadband, windows and outputs of the telemetry flow, on any device input."""
     settings = edge.config.telemetry
     band, window = settings.deadband, settings.window
+    series = dev.series  # readings, and an Evict where limits.series_idle_evict forgets one
     points = deadband(
         edge.id("deadband"),
-        dev.readings,
+        series,
         absolute=band.absolute,
         percent=band.percent,
         max_silence=band.max_silence,
     )
     agg = window_aggregate(
         edge.id("window"),
-        dev.readings,
+        series,
         length=window.length,
         slide=window.slide,
         allowed_lateness=window.allowed_lateness,
     )
-    late = op.map(
-        edge.id("late"), agg.late, lambda kv: late_letter(kv[1], window.allowed_lateness)
-    )
+    late = op.map(edge.id("late"), agg.late, lambda kv: late_letter(kv[1], window.allowed_lateness))
     edge.output("telemetry_points", points)
     edge.output("telemetry_summary", agg.down)
     edge.output("telemetry_text", dev.text)

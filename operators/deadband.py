@@ -17,7 +17,7 @@ import bytewax.operators as op
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
-from operators.records import Reading
+from operators.records import Evict, Reading
 
 __all__ = ["DeadbandConfig", "DeadbandState", "deadband"]
 
@@ -147,8 +147,12 @@ def _deadband_mapper(
     return mapper
 
 
-class _DeadbandLogic(StatefulBatchLogic[Reading, Reading, DeadbandState]):
-    """One series' deadband: the rules of :func:`_deadband_mapper` over a whole batch."""
+class _DeadbandLogic(StatefulBatchLogic[Reading | Evict, Reading, DeadbandState]):
+    """One series' deadband: the rules of :func:`_deadband_mapper` over a whole batch.
+
+    An :class:`~operators.records.Evict` forgets the series: the next reading
+    is its first, and with none after it the key's state is discarded.
+    """
 
     __slots__ = ("keep", "state")
 
@@ -160,32 +164,43 @@ class _DeadbandLogic(StatefulBatchLogic[Reading, Reading, DeadbandState]):
         self.keep = keep
         self.state = state
 
-    def on_batch(self, values: list[Reading]) -> tuple[list[Reading], bool]:
+    def on_batch(self, values: list[Reading | Evict]) -> tuple[list[Reading], bool]:
+        out: list[Reading] = []
+        if Evict in set(map(type, values)):  # rare: run the readings between evictions
+            start = 0
+            for i, value in enumerate(values):
+                if type(value) is Evict:
+                    if i > start:
+                        out += self.on_batch(values[start:i])[0]  # type: ignore[arg-type]
+                    self.state = None
+                    start = i + 1
+            if start < len(values):
+                out += self.on_batch(values[start:])[0]  # type: ignore[arg-type]
+            return out, self.state is None
         keep = self.keep
         state = self.state
-        out: list[Reading] = []
         readings = iter(values)
         if state is None:
-            first = next(readings)
+            first: Reading = next(readings)  # type: ignore[assignment]
             state = keep(first.value, first.ts)
             out.append(first)
         last_value, last_ts, tolerance, due = state
         for reading in readings:
-            ts = reading.ts
+            ts = reading.ts  # type: ignore[union-attr]
             if ts < last_ts:
-                out.append(reading)  # out of order: passed through, state unchanged
+                out.append(reading)  # type: ignore[arg-type]  # out of order: passed through
                 continue
             if ts < due:
-                value = reading.value
+                value = reading.value  # type: ignore[union-attr]
                 try:
                     if abs(value - last_value) <= tolerance:  # type: ignore[operator]
                         continue
                 except TypeError:
                     if value == last_value:
                         continue
-            state = keep(reading.value, ts)
+            state = keep(reading.value, ts)  # type: ignore[union-attr]
             last_value, last_ts, tolerance, due = state
-            out.append(reading)
+            out.append(reading)  # type: ignore[arg-type]
         self.state = state
         return out, StatefulBatchLogic.RETAIN
 
@@ -214,13 +229,15 @@ def _keeper(config: DeadbandConfig) -> Callable[[float | str, datetime], Deadban
 # The step ids of ``op.stateful_flat_map("filter", ...)``, which this operator used before:
 # recovery snapshots taken by it resume here (the state is the same tuple).
 @operator
-def _filter(step_id: str, up: KeyedStream[Reading], config: DeadbandConfig) -> KeyedStream[Reading]:
+def _filter(
+    step_id: str, up: KeyedStream[Reading | Evict], config: DeadbandConfig
+) -> KeyedStream[Reading]:
     return _stateful("stateful", up, config)
 
 
 @operator
 def _stateful(
-    step_id: str, up: KeyedStream[Reading], config: DeadbandConfig
+    step_id: str, up: KeyedStream[Reading | Evict], config: DeadbandConfig
 ) -> KeyedStream[Reading]:
     keep = _keeper(config)
 
@@ -233,7 +250,7 @@ def _stateful(
 @operator
 def deadband(
     step_id: str,
-    up: KeyedStream[Reading],
+    up: KeyedStream[Reading | Evict],
     *,
     absolute: float | None = DeadbandConfig.absolute,
     percent: float | None = DeadbandConfig.percent,
@@ -260,6 +277,9 @@ def deadband(
       passed through unchanged and do not change the state, like a process
       historian's exception test lets out-of-order events bypass it: nothing
       is lost silently, and the sink downstream sees them.
+    - An :class:`~operators.records.Evict` on a key (``Devices.series``
+      sends one when a series is evicted as idle) drops the key's state; its
+      next reading is kept as a first one.
 
     Kept readings update the state. The state is a small tuple, so it goes
     into Bytewax recovery snapshots as is. Every setting defaults to the

@@ -15,6 +15,7 @@ import numpy as np
 __all__ = [
     "UTC",
     "DeadLetter",
+    "Evict",
     "RawMessage",
     "Reading",
     "VibrationBlock",
@@ -96,6 +97,20 @@ class DeadLetter:
     received_at: datetime
     reason: str
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """Tells a stateful operator to drop the state of the key it arrives on.
+
+    Sent in a series' own stream, in order with its readings, when the series
+    is evicted (idle too long). Operators that keep per-key state flush what
+    they hold (a window operator emits its open windows) and forget the key;
+    the series' next reading starts it afresh.
+    """
+
+    device: str
+    key: str
 
 
 def series_key(device: str, key: str) -> str:

@@ -22,6 +22,8 @@ import bytewax.operators as op
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream
 
+from operators.records import Evict
+
 __all__ = [
     "CLEARED",
     "RAISED",
@@ -372,6 +374,8 @@ def _threshold_mapper(
     def mapper(
         state: ThresholdState | None, item: Any
     ) -> tuple[ThresholdState | None, Iterable[Alarm]]:
+        if type(item) is Evict:
+            return None, ()  # the key is forgotten: a raised alarm is not cleared
         try:
             device = item.device
             ts = item.ts
@@ -486,6 +490,9 @@ def threshold(
       neither make it negative nor stretch it backwards.
     - Nothing is cleared when the input ends: a raised alarm stays raised in
       the state (and in recovery snapshots) until a value clears it.
+    - An :class:`~operators.records.Evict` on a key (``Devices.series`` sends
+      one when a series is evicted as idle) drops the key's state without an
+      alarm: a raised alarm of a series gone silent is not cleared.
 
     When an item fires several rules, their alarms come out in the order of
     ``rules``. The state is a small dict of small dataclasses per key, kept

@@ -32,9 +32,12 @@ delivered. With ``allowed_lateness`` ``L``:
 
 A key's state (its newest timestamp and its open windows) is part of the
 Bytewax recovery snapshot, together with which windows were flushed and at
-what count, so a resumed flow makes the same decisions. A key is never
-forgotten: its newest timestamp and last windows stay in memory (a few
-hundred bytes per series) so that its late readings stay late.
+what count, so a resumed flow makes the same decisions. A key is forgotten
+only when an :class:`~operators.records.Evict` arrives on it (``Devices.series``
+sends one, in order with the series' readings, when ``limits.series_idle_evict``
+evicts the series): its open windows are emitted as a quiet flush would, then
+its newest timestamp and windows are dropped, so its next reading starts the
+series afresh (and cannot be late).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 from bytewax.operators.windowing import WindowLogic
 
-from operators.records import Reading
+from operators.records import Evict, Reading
 
 __all__ = ["Summary", "WindowAggOut", "WindowConfig", "window_aggregate"]
 
@@ -323,7 +326,7 @@ def _wall_clock() -> datetime:
     return datetime.now(UTC)
 
 
-class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
+class _SeriesWindows(StatefulBatchLogic[Reading | Evict, _Event, _SeriesState]):
     """The open windows and the event time of one key (see the module docstring).
 
     Lateness and closing read only ``newest`` (event time, in arrival order);
@@ -392,14 +395,30 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
         except OverflowError:  # at the ends of datetime's range: no cache
             self.span_lo = self.span_hi = ts
 
-    def on_batch(self, values: list[Reading]) -> tuple[list[_Event], bool]:
+    def on_batch(self, values: list[Reading | Evict]) -> tuple[list[_Event], bool]:
         """Aggregate the readings that are not late; close what event time closes.
+
+        An :class:`Evict` emits every open window holding numbers not emitted
+        yet and forgets the key; with no reading after it the state is discarded.
 
         Runs of readings that fall in one and the same window are folded in
         local variables and stored once (the same arithmetic, in the same order,
         as :meth:`_SummaryLogic.on_value`).
         """
         out: list[_Event] = []
+        if Evict in set(map(type, values)):  # rare: run the readings between evictions
+            start = 0
+            for i, value in enumerate(values):
+                if type(value) is Evict:
+                    if i > start:
+                        out += self.on_batch(values[start:i])[0]
+                    for window_id in self._due():
+                        self._emit(window_id, out)
+                    self._forget()
+                    start = i + 1
+            if start < len(values):
+                out += self.on_batch(values[start:])[0]
+            return out, self.newest is None
         config = self.config
         lateness = config.allowed_lateness
         windows = self.windows
@@ -499,6 +518,14 @@ class _SeriesWindows(StatefulBatchLogic[Reading, _Event, _SeriesState]):
                 self.flushed.pop(window_id, None)
         return out, StatefulBatchLogic.RETAIN
 
+    def _forget(self) -> None:
+        """Back to the state of a key never seen."""
+        self.newest = None
+        self.windows = {}
+        self.flushed = {}
+        self.span_ids = (0, -1)
+        self.span_lo = self.span_hi = _EPOCH
+
     def _due(self) -> list[int]:
         """Open windows holding numbers that were never emitted, oldest first."""
         flushed = self.flushed
@@ -560,7 +587,7 @@ def _minus(ts: datetime, delta: timedelta) -> datetime | None:
 @operator
 def window_aggregate(
     step_id: str,
-    up: KeyedStream[Reading],
+    up: KeyedStream[Reading | Evict],
     *,
     length: timedelta,
     slide: timedelta | None = WindowConfig.slide,

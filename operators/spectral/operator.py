@@ -374,6 +374,13 @@ def spectral(
     - At end of input the pending partial row is emitted; samples short of
       a frame stay in the state (and in recovery snapshots).
 
+    A device's state is bounded by the settings, whatever it sends: fewer
+    than ``fft_size`` samples per axis, the spectra of fewer than
+    ``frames_per_row`` frames and the anchors of the blocks among those
+    samples: ``8 * axes * (fft_size + (frames_per_row - 1) * (fft_size // 2 +
+    1))`` bytes of samples and spectra (about 350 KB with the defaults and
+    three axes) and at most one anchor per sample held.
+
     A dead letter's ``received_at`` is the ``start_ts`` of the block that
     broke the signal (blocks carry no receive time).
 
