@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import sqlite3
@@ -209,16 +208,6 @@ def to_us(ts: datetime) -> int:
 def from_us(us: int) -> datetime:
     """The aware UTC datetime of microseconds since the epoch."""
     return _EPOCH + timedelta(microseconds=us)
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` is SQLite's or the OS's "no space left"."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    if isinstance(exc, sqlite3.Error):
-        code = getattr(exc, "sqlite_errorcode", None)
-        return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
-    return False
 
 
 def _connect(path: Path, *, create: bool) -> sqlite3.Connection:

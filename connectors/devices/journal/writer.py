@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from connectors.common.stores import is_disk_full
 from connectors.devices.journal.format import (
     _COLUMNS,
     CHECKPOINT_S,
@@ -36,7 +37,6 @@ from connectors.devices.journal.format import (
     _connect,
     _percentile,
     digest_of,
-    is_disk_full,
     journal_partitions,
     logger,
     partition_of,
