@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sqlite3
 import zlib
 from collections.abc import Callable
@@ -171,14 +172,50 @@ def journal_partitions(root: Path) -> int | None:
     path = part_path(root, 0)
     if not path.exists():
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error:
+        return _files(root)
     try:
         row = db.execute("SELECT value FROM meta WHERE key = 'partitions'").fetchone()
-    except sqlite3.OperationalError:
-        return None
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        return _files(root)
+    except sqlite3.DatabaseError:  # a corrupt part-0: the files say how many there are
+        return _files(root)
     finally:
         db.close()
     return None if row is None else int(row[0])
+
+
+def _files(root: Path) -> int:
+    """The partition files present, counted from part-0 (the count when part-0 is unreadable)."""
+    count = 1
+    while part_path(root, count).exists():
+        count += 1
+    return count
+
+
+def damage_flag(path: Path) -> Path:
+    """The file a reader leaves next to partition ``path`` it found corrupt, for the writer."""
+    return path.with_name(path.name + ".damaged")
+
+
+def flag_damage(path: Path, problem: str) -> None:
+    """Ask the writer (any process) to replace partition ``path``: it looks for the flag."""
+    flag = damage_flag(path)
+    if not flag.exists():
+        temp = flag.with_name(flag.name + ".tmp")
+        temp.write_text(problem)
+        os.replace(temp, flag)
+
+
+def _flagged(flag: Path) -> str:
+    try:
+        return flag.read_text().strip() or "a reader found it corrupt"
+    except OSError:
+        return "a reader found it corrupt"
 
 
 def digest_of(device: str, channel: str, payload: bytes, key: bytes = b"") -> bytes:

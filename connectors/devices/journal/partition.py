@@ -6,6 +6,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from connectors.common.stores import move_aside, report, salvage_rows, sqlite_problem
 from connectors.devices.journal.format import (
     _COLUMNS,
     _INSERTS,
@@ -29,16 +30,35 @@ class _Partition:
     """The writer's connection to one partition file and what it knows about it."""
 
     def __init__(
-        self, root: Path, index: int, partitions: int, sync: str, lock: threading.Condition
+        self,
+        root: Path,
+        index: int,
+        partitions: int,
+        sync: str,
+        lock: threading.Condition,
+        *,
+        damage: str | None = None,
+        last: int | None = None,
     ) -> None:
+        """Open (or create) the partition file; a corrupt one is replaced (see :func:`_heal`).
+
+        ``damage`` says the file is corrupt (found at run time) and ``last``
+        is the highest offset the writer used; without ``damage`` the file
+        is checked with ``PRAGMA quick_check`` first.
+        """
         self.index = index
         self.lock = lock
         self.sync = sync
         self.path = part_path(root, index)
+        problem = damage if damage is not None else sqlite_problem(self.path)
+        moved = move_aside(self.path) if problem is not None else None
         new = not self.path.exists()
         self.db = _connect(self.path, create=True)
         try:
             self._init(new, partitions, sync)
+            if moved is not None:
+                assert problem is not None
+                _heal(self.db, self.path, moved, problem, last)
         except BaseException:
             self.db.close()
             raise
@@ -176,6 +196,94 @@ class _Partition:
         if row is not None:
             return int(row[0])
         return self.find(digest_of(device, channel, payload))
+
+
+SEQUENCE_GAP = 1 << 32
+"""How far past the highest known offset a salvaged partition numbers on when its old
+sequence (the last offset used) is unreadable, so no offset a reader may hold is reused."""
+
+
+def _heal(db: sqlite3.Connection, path: Path, moved: Path, problem: str, last: int | None) -> None:
+    """Copy what is readable of the moved-aside ``moved`` into the fresh partition ``db``.
+
+    Messages keep their offsets, so a reader goes on after the offset it
+    holds and gets each salvaged message once; readers' released offsets,
+    the dedup digests and the sequence come along. The next offset is above
+    every offset the old file used (``last``, its sequence, or, when neither
+    is known, the highest one found plus :data:`SEQUENCE_GAP`).
+    """
+    messages, whole = salvage_rows(
+        moved,
+        "messages",
+        ("device", "channel", "transport", "received_at_us", "payload", "size", "digest"),
+    )
+    messages = [m for m in messages if _intact(m)]
+    readers, _ = salvage_rows(moved, "readers", ("name", "released"))
+    readers = [(n, r) for _, n, r in readers if isinstance(n, str) and isinstance(r, int)]
+    recent, _ = salvage_rows(moved, "recent", ("digest",))
+    recent = [(q, d) for q, d in recent if isinstance(d, bytes)]
+    sequence, _ = salvage_rows(moved, "sqlite_sequence", ("name", "seq"))
+    known = [int(q) for _, n, q in sequence if n == "messages" and isinstance(q, int)]
+    if last is None and known:
+        last = known[0]
+    highest = max(
+        [m[0] for m in messages] + [r for _, r in readers] + [q for q, _ in recent] + [-1]
+    )
+    top = max(last, highest) if last is not None else highest + SEQUENCE_GAP
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for start in range(0, len(messages), INSERT_ROWS):
+            rows = messages[start : start + INSERT_ROWS]
+            _insert(db, [v for m in rows for v in m])
+        db.executemany("INSERT OR REPLACE INTO readers (name, released) VALUES (?, ?)", readers)
+        db.executemany("INSERT OR REPLACE INTO recent (seq, digest) VALUES (?, ?)", recent)
+        if top >= 0:
+            db.execute("DELETE FROM sqlite_sequence WHERE name = 'messages'")
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?)", (top,))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    floor = min((r for _, r in readers), default=None)
+    if messages:
+        first = messages[0][0] if floor is None else floor + 1
+        held = sum(1 for m in messages if m[0] >= first)
+        span = f"offsets {messages[0][0]}..{messages[-1][0]}"
+    else:
+        first, held, span = (None if floor is None else floor + 1), 0, "none"
+    if whole:
+        lost = "every message was readable"
+    elif first is None or last is None:
+        lost = "an unknown number of accepted messages could not be read and are lost"
+    else:
+        lost = (
+            f"{max(0, last - first + 1 - held)} accepted message(s) up to offset {last} could "
+            "not be read and are lost"
+        )
+    report(
+        "journal",
+        path,
+        moved,
+        problem,
+        f"salvaged {len(messages)} message(s) ({span}) under their offsets, so the flow reads "
+        f"each once; {lost}; new messages are numbered from {top + 1}",
+    )
+
+
+def _intact(row: tuple[object, ...]) -> bool:
+    """Whether a salvaged message row has the types and size it must have."""
+    seq, device, channel, transport, received_us, payload, size, digest = row
+    return (
+        isinstance(seq, int)
+        and isinstance(device, str)
+        and isinstance(channel, str)
+        and isinstance(transport, str)
+        and isinstance(received_us, int)
+        and isinstance(payload, bytes)
+        and size == len(payload)
+        and isinstance(digest, bytes)
+    )
 
 
 def _insert(db: sqlite3.Connection, values: list[object]) -> None:

@@ -6,8 +6,10 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from connectors.common.stores import corruption
 from connectors.devices.journal.format import (
     _connect,
+    flag_damage,
     from_us,
     journal_partitions,
     part_path,
@@ -30,7 +32,23 @@ class JournalReader:
             )
             raise FileNotFoundError(msg)
         self._lock = threading.Lock()
+        self._inode = self.path.stat().st_ino
         self._db: sqlite3.Connection | None = _connect(self.path, create=False)
+
+    def _replaced(self) -> bool:
+        """Whether the writer replaced the partition file (a corrupt one, moved aside)."""
+        try:
+            inode = self.path.stat().st_ino
+        except OSError:
+            return False  # between the move and the fresh file
+        return inode != self._inode
+
+    def _reopen(self) -> None:
+        """Read the file now at the path (the writer's fresh copy) from here on."""
+        if self._db is not None:
+            self._db.close()
+        self._inode = self.path.stat().st_ino
+        self._db = _connect(self.path, create=False)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -39,17 +57,31 @@ class JournalReader:
         return self._db
 
     def read(self, after: int, limit: int) -> list[tuple[int, RawMessage]]:
-        """Up to ``limit`` messages with offsets > ``after``, ascending."""
+        """Up to ``limit`` messages with offsets > ``after``, ascending.
+
+        When the partition file is found corrupt, the writer is asked to
+        replace it (:func:`flag_damage`) and nothing is returned until it has;
+        then reading goes on from the fresh file, after ``after``.
+        """
         with self._lock:
-            rows = (
-                self._conn()
-                .execute(
+            db = self._conn()
+            try:
+                rows = db.execute(
                     "SELECT seq, device, channel, transport, received_at_us, payload FROM messages"
                     " WHERE seq > ? ORDER BY seq LIMIT ?",
                     (after, limit),
-                )
-                .fetchall()
-            )
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                problem = corruption(exc)
+                if problem is None:
+                    raise
+                if self._replaced():
+                    self._reopen()
+                else:
+                    flag_damage(self.path, problem)
+                return []
+            if not rows and self._replaced():
+                self._reopen()
         return [
             (int(seq), RawMessage(device, channel, transport, from_us(us), bytes(payload)))
             for seq, device, channel, transport, us, payload in rows

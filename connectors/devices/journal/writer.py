@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from connectors.common.stores import is_disk_full
+from connectors.common.stores import corruption, is_disk_full
 from connectors.devices.journal.format import (
     _COLUMNS,
     CHECKPOINT_S,
@@ -35,7 +35,9 @@ from connectors.devices.journal.format import (
     JournalSettings,
     JournalStats,
     _connect,
+    _flagged,
     _percentile,
+    damage_flag,
     digest_of,
     journal_partitions,
     logger,
@@ -122,6 +124,8 @@ class Journal:
         self._fault_hook: Callable[[sqlite3.Connection], None] | None = None
         """Called at the start of each write transaction (tests inject disk faults with it)."""
         self._disk_full: str | None = None
+        self._broken: str | None = None
+        """Why the journal refuses everything: a corrupt partition could not be replaced."""
         self._closing = False
         self._closed = False
         self._commits = 0
@@ -234,10 +238,13 @@ class Journal:
                 len(self._queue) < self._max_queue
                 and self._held_bytes + self._pending_bytes + size < self._max_bytes
                 and not self._closing
+                and self._broken is None
             ):
                 reason = None
             elif self._closing:
                 reason = self._closed_message()
+            elif self._broken is not None:
+                reason = self._broken
             else:
                 reason = self._refusal(size)
             if reason is None:
@@ -280,11 +287,14 @@ class Journal:
             and self._held_bytes + self._pending_bytes < self._max_bytes
             and self._disk_full is None
             and not self._closing
+            and self._broken is None
         ):
             return None
         with self._cond:
             if self._closing:
                 return self._closed_message()
+            if self._broken is not None:
+                return self._broken
             if self._disk_full is not None:
                 return self._disk_full
             return self._refusal(0)
@@ -377,7 +387,7 @@ class Journal:
                 # idle: at once; busy: every TRUNCATE_BUSY_S, each a transaction of its own
                 next_poll = now + TRUNCATE_BUSY_S
                 self._truncate()
-            if not group and self._disk_full is not None and now >= next_probe:
+            if not group and self._disk_full is not None and now >= next_probe and not self._broken:
                 next_probe = now + PROBE_INTERVAL_S
                 self._probe()
             with self._cond:
@@ -438,6 +448,7 @@ class Journal:
                 places.append(i)
         outcomes: list[Committed | BaseException] = [None] * len(group)  # type: ignore[list-item]
         disk_full: str | None = None
+        damaged: dict[int, str] = {}
         wrote = False
         writes = self._write_partitions(
             {index: [group[i] for i in places] for index, places in by_part.items()}
@@ -453,6 +464,12 @@ class Journal:
                         f"on the disk of {self.root}, commits resume by themselves"
                     )
                     error: BaseException = JournalFull(disk_full)
+                elif (problem := corruption(exc)) is not None:
+                    damaged[index] = problem
+                    error = JournalFull(
+                        f"journal partition {part.path} is corrupt ({problem}); it is replaced "
+                        "by a fresh one; hint: retry"
+                    )
                 else:
                     logger.exception("journal %s: commit failed", part.path)
                     error = exc
@@ -473,6 +490,8 @@ class Journal:
                 self._disk_full = disk_full
             elif wrote:
                 self._disk_full = None
+        for index, problem in damaged.items():
+            self._heal(index, problem)
         # one call per run of consecutive items with the same callback, in submission order
         start = 0
         count = len(group)
@@ -614,9 +633,14 @@ class Journal:
             try:
                 part.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:
-                logger.info("journal %s: checkpoint failed: %s", part.path, exc)
+                if (problem := corruption(exc)) is not None:
+                    self._heal(index, problem)
+                else:
+                    logger.info("journal %s: checkpoint failed: %s", part.path, exc)
 
     def _truncate(self) -> None:
+        if self._broken is not None:
+            return
         for part in self._parts:
             try:
                 count, size = part.truncate_chunk()
@@ -625,8 +649,53 @@ class Journal:
                         self._held_bytes -= size
                 else:
                     part.vacuum_chunk()
-            except sqlite3.Error:
-                logger.exception("journal %s: truncation failed", part.path)
+            except sqlite3.Error as exc:
+                if (problem := corruption(exc)) is not None:
+                    self._heal(part.index, problem)
+                else:
+                    logger.exception("journal %s: truncation failed", part.path)
+        for part in self._parts:
+            flag = damage_flag(part.path)
+            if flag.exists():
+                self._heal(part.index, _flagged(flag))
+
+    def _heal(self, index: int, problem: str) -> None:
+        """Replace corrupt partition ``index`` by a fresh file with what is readable of it.
+
+        The writer thread's own work: its checkpointer's connections are
+        closed and reopened around it. Readers in other processes notice the
+        new file (:class:`JournalReader` compares inodes) and go on after
+        their offsets. A partition that cannot be replaced refuses messages
+        with the reason (devices are pushed back) until the edge restarts.
+        """
+        old = self._parts[index]
+        self._checkpointer.close()
+        old.db.close()
+        try:
+            part = _Partition(
+                self.root,
+                index,
+                self.settings.partitions,
+                self.settings.sync,
+                self._cond,
+                damage=problem,
+                last=old.last,
+            )
+        except (sqlite3.Error, OSError) as exc:
+            broken = (
+                f"journal partition {old.path} is corrupt ({problem}) and could not be replaced "
+                f"by a fresh one: {type(exc).__name__}: {exc}; hint: check that {self.root} is "
+                "writable, then restart the edge"
+            )
+            logger.error("%s", broken)
+            with self._cond:
+                self._broken = broken
+            return
+        with self._cond:
+            self._parts[index] = part
+            self._held_bytes = sum(p.bytes for p in self._parts)
+        damage_flag(old.path).unlink(missing_ok=True)
+        self._checkpointer = _Checkpointer([p.path for p in self._parts], self.settings.sync)
 
 
 class _Checkpointer:
