@@ -43,6 +43,7 @@ __all__ = [
     "CORRUPT_HINT",
     "StoreRecoveryCollector",
     "corruption",
+    "heal_recovery_store",
     "is_disk_full",
     "move_aside",
     "recoveries",
@@ -328,6 +329,41 @@ def report(store: str, path: Path, moved: Path, problem: str, salvaged: str) -> 
         salvaged,
         CORRUPT_HINT,
     )
+
+
+RECOVERY_CONSEQUENCE = (
+    "the flow starts from the journal's released offsets with empty operator state: nothing "
+    "accepted is lost, but rows already written from the replayed messages may be written "
+    "again (Parquet, DuckDB, cloud)"
+)
+
+
+def heal_recovery_store(db_dir: Path) -> Path | None:
+    """Move a corrupt Bytewax recovery store ``db_dir`` aside; where it went, None if intact.
+
+    Checks every ``part-*.sqlite3`` with ``PRAGMA quick_check``; a store
+    with a damaged part, or a file where the directory should be, is moved
+    aside whole (its snapshots belong together) and the caller creates a
+    fresh one. Nothing is salvaged: a snapshot is only useful with the
+    others of its epoch. See :data:`RECOVERY_CONSEQUENCE` for what it means.
+    """
+    db_dir = Path(db_dir)
+    if not db_dir.exists():
+        return None
+    problem = None
+    if not db_dir.is_dir():
+        problem = "a file is where the recovery directory should be"
+    else:
+        for part in sorted(db_dir.glob("part-*.sqlite3")):
+            found = sqlite_problem(part)
+            if found is not None:
+                problem = f"{part.name}: {found}"
+                break
+    if problem is None:
+        return None
+    moved = move_aside(db_dir)
+    report("recovery", db_dir, moved, problem, RECOVERY_CONSEQUENCE)
+    return moved
 
 
 _STORES = {
