@@ -165,3 +165,40 @@ def test_a_garbage_duckdb_file_is_replaced_and_the_flow_loads_on(tmp_path, caplo
         (loaded,) = con.execute("select count(*) from telemetry_points").fetchall()[0]
     assert loaded > 0
     assert [r.messages_in for r in flow.reports().values()] == [100]
+
+
+def test_a_garbage_journal_partition_is_replaced_by_the_ingest_process_and_messages_flow(
+    tmp_path, mosquitto, mosquitto_pub, wait_for
+):
+    from flows.api import Edge
+    from tests.flows.conftest import running
+
+    config = parse_config(
+        {
+            "data_dir": str(tmp_path),
+            "transports": {"mqtt": {"url": mosquitto.url, "client_id": "stores"}},
+        }
+    )
+
+    def publish(first: int, count: int) -> Edge:
+        flow = Edge(config, name="edge")
+        edge.build(flow)
+        with running(flow):
+            for i in range(first, first + count):
+                body = json.dumps({"ts": 1763640000000 + i * 1000, "values": {"t": float(i)}})
+                mosquitto_pub(mosquitto, "v1/devices/pump-1/telemetry", message=body)
+            wait_for(
+                lambda: sum(m.totals["received"] for m in flow.meter.family()) == count,
+                f"{count} messages through the flow",
+            )
+        return flow
+
+    publish(0, 5)
+    partition = tmp_path / "journal" / "part-0.sqlite"
+    partition.write_bytes(os.urandom(max(partition.stat().st_size, 8192)))
+    for sidecar in ("-wal", "-shm"):
+        partition.with_name(partition.name + sidecar).unlink(missing_ok=True)
+    publish(5, 5)  # the ingest process replaced the partition; the flow reads the new one
+    assert recoveries(tmp_path)["journal"] == 1
+    points = ds.dataset(tmp_path / "parquet" / "telemetry_points", partitioning="hive").to_table()
+    assert sorted(points.column("value").to_pylist()) == [float(i) for i in range(10)]

@@ -202,20 +202,34 @@ def damage_flag(path: Path) -> Path:
     return path.with_name(path.name + ".damaged")
 
 
-def flag_damage(path: Path, problem: str) -> None:
-    """Ask the writer (any process) to replace partition ``path``: it looks for the flag."""
+def flag_damage(path: Path, problem: str, inode: int) -> None:
+    """Ask the writer (any process) to replace partition ``path``: it looks for the flag.
+
+    ``inode`` is the file the reader found corrupt: a writer that already
+    replaced it ignores the flag.
+    """
     flag = damage_flag(path)
     if not flag.exists():
         temp = flag.with_name(flag.name + ".tmp")
-        temp.write_text(problem)
+        temp.write_text(f"{inode} {problem}")
         os.replace(temp, flag)
 
 
-def _flagged(flag: Path) -> str:
+def flagged(path: Path) -> str | None:
+    """What a reader found wrong with partition ``path`` as it is now, None if nothing.
+
+    A flag about a file already replaced is removed.
+    """
+    flag = damage_flag(path)
     try:
-        return flag.read_text().strip() or "a reader found it corrupt"
+        inode, _, problem = flag.read_text().partition(" ")
+        current = path.stat().st_ino
     except OSError:
-        return "a reader found it corrupt"
+        return None
+    if inode.strip() == str(current):
+        return problem.strip() or "a reader found it corrupt"
+    flag.unlink(missing_ok=True)
+    return None
 
 
 def digest_of(device: str, channel: str, payload: bytes, key: bytes = b"") -> bytes:

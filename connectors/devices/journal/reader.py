@@ -78,7 +78,7 @@ class JournalReader:
                 if self._replaced():
                     self._reopen()
                 else:
-                    flag_damage(self.path, problem)
+                    self.report_damage(problem)
                 return []
             if not rows and self._replaced():
                 self._reopen()
@@ -86,6 +86,10 @@ class JournalReader:
             (int(seq), RawMessage(device, channel, transport, from_us(us), bytes(payload)))
             for seq, device, channel, transport, us, payload in rows
         ]
+
+    def report_damage(self, problem: str) -> None:
+        """Ask the journal's writer to replace this partition, found corrupt (``problem``)."""
+        flag_damage(self.path, problem, self._inode)
 
     def last_offset(self) -> int:
         """Highest committed offset, -1 when none yet."""

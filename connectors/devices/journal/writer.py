@@ -35,10 +35,10 @@ from connectors.devices.journal.format import (
     JournalSettings,
     JournalStats,
     _connect,
-    _flagged,
     _percentile,
     damage_flag,
     digest_of,
+    flagged,
     journal_partitions,
     logger,
     partition_of,
@@ -655,9 +655,8 @@ class Journal:
                 else:
                     logger.exception("journal %s: truncation failed", part.path)
         for part in self._parts:
-            flag = damage_flag(part.path)
-            if flag.exists():
-                self._heal(part.index, _flagged(flag))
+            if damage_flag(part.path).exists() and (problem := flagged(part.path)) is not None:
+                self._heal(part.index, problem)
 
     def _heal(self, index: int, problem: str) -> None:
         """Replace corrupt partition ``index`` by a fresh file with what is readable of it.

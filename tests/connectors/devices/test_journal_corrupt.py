@@ -25,7 +25,7 @@ from connectors.devices.journal import (
     journal_partitions,
 )
 from connectors.devices.journal import partition as partition_module
-from connectors.devices.journal.format import damage_flag, part_path
+from connectors.devices.journal.format import damage_flag, flag_damage, part_path
 from connectors.devices.journal.partition import SEQUENCE_GAP
 from tests.connectors.devices.test_journal import message, wait_for
 
@@ -254,3 +254,13 @@ def test_a_partition_that_cannot_be_replaced_pushes_devices_back(
     assert re.match(broken, journal.admit() or "")
     with pytest.raises(JournalFull, match=broken):
         journal.submit(message("pump-7", b"y")).result(10)
+
+
+def test_a_flag_about_a_file_already_replaced_is_dropped(root: Path, open_journal, caplog) -> None:
+    written(root, 10, released=-1)
+    path = part_path(root, 0)
+    flag_damage(path, "file is not a database", path.stat().st_ino + 1)  # an older file's
+    open_journal()
+    wait_for(lambda: not damage_flag(path).exists())
+    assert [r for r in caplog.records if r.name == STORES] == []
+    assert [o for o, _ in read_after(root, -1)] == list(range(10))
