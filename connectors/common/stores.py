@@ -381,7 +381,7 @@ def recoveries(data_dir: Path) -> dict[str, int]:
         names = set()
         for pattern in patterns:
             for path in Path(data_dir).glob(pattern + MARK + "*"):
-                if not any(path.name.endswith(s) for s in SIDECARS):
+                if not any(path.name.endswith(s) for s in (*SIDECARS, ".salvage")):
                     names.add(path.name)
         counts[store] = len(names)
     return counts

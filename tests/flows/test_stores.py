@@ -7,7 +7,6 @@ import logging
 import os
 import re
 from datetime import UTC, datetime
-from pathlib import Path
 
 import duckdb
 import pyarrow.dataset as ds
@@ -18,6 +17,7 @@ from connectors.common.stores import recoveries
 from flows import edge
 from flows.config import parse_config
 from operators.records import RawMessage
+from tests.connectors.common.test_stores import scribble
 from tests.flows.conftest import run_recorded
 from tests.flows.test_cloud import SECRET, free_port
 
@@ -36,12 +36,6 @@ def readings(first: int, count: int) -> list[RawMessage]:
         )
         for i in range(first, first + count)
     ]
-
-
-def scribble(path: Path, size: int = 20_000) -> None:
-    with path.open("r+b") as f:
-        f.seek(path.stat().st_size // 2)
-        f.write(os.urandom(size))
 
 
 def reports(caplog) -> list[str]:

@@ -27,6 +27,7 @@ from connectors.devices.journal import (
 from connectors.devices.journal import partition as partition_module
 from connectors.devices.journal.format import damage_flag, flag_damage, part_path
 from connectors.devices.journal.partition import SEQUENCE_GAP
+from tests.connectors.common.test_stores import scribble
 from tests.connectors.devices.test_journal import message, wait_for
 
 STORES = "edgesieve.stores"
@@ -68,12 +69,6 @@ def written(root: Path, n: int = 2000, released: int = 499) -> dict[int, bytes]:
             if released >= 0:
                 reader.release(READER, released)
     return offsets
-
-
-def scribble(path: Path, at: float = 0.5, size: int = 20_000) -> None:
-    with path.open("r+b") as f:
-        f.seek(int(path.stat().st_size * at))
-        f.write(os.urandom(size))
 
 
 def the_record(caplog: pytest.LogCaptureFixture) -> re.Match[str]:

@@ -15,6 +15,7 @@ from connectors.common.stores import recoveries
 from connectors.uplink import outbox as outbox_module
 from connectors.uplink.batch import Sealed
 from connectors.uplink.outbox import Outbox
+from tests.connectors.common.test_stores import scribble
 from tests.connectors.uplink.test_sender import (  # noqa: F401 - fixtures
     fill,
     make_batch,
@@ -35,13 +36,6 @@ def filled(path: Path, n: int = 300, size: int = 2000) -> list[Sealed]:
     """An outbox file holding ``n`` batches, closed (so its WAL is checkpointed)."""
     with Outbox(path) as box:
         return fill(box, n, size=size)
-
-
-def scribble(path: Path, *, at: float = 0.5, size: int = 20_000) -> None:
-    """Random bytes written into the middle of the file, as the probe did."""
-    with path.open("r+b") as f:
-        f.seek(int(path.stat().st_size * at))
-        f.write(os.urandom(size))
 
 
 def healed(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
