@@ -17,6 +17,10 @@ from connectors.devices.journal.format import (
 from operators.records import RawMessage
 
 
+class _Damaged(sqlite3.DatabaseError):
+    """The partition file is corrupt (the message says how); the writer was asked to replace it."""
+
+
 class JournalReader:
     """The read side of one partition (any process; SQLite WAL readers never block the writer)."""
 
@@ -91,29 +95,49 @@ class JournalReader:
         """Ask the journal's writer to replace this partition, found corrupt (``problem``)."""
         flag_damage(self.path, problem, self._inode)
 
-    def last_offset(self) -> int:
-        """Highest committed offset, -1 when none yet."""
+    def _fetch(self, sql: str, params: tuple[object, ...] = ()) -> tuple[object, ...] | None:
+        """One row, None if none; corruption reported to the writer raises :class:`_Damaged`."""
         with self._lock:
-            row = (
-                self._conn()
-                .execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
-                .fetchone()
-            )
-        return -1 if row is None else int(row[0])
+            try:
+                return self._conn().execute(sql, params).fetchone()
+            except sqlite3.DatabaseError as exc:
+                problem = corruption(exc)
+                if problem is None:
+                    raise
+                if self._replaced():
+                    self._reopen()
+                else:
+                    self.report_damage(problem)
+                raise _Damaged(problem) from exc
+
+    def last_offset(self) -> int:
+        """Highest committed offset, -1 when none yet (or while a corrupt file is replaced)."""
+        try:
+            row = self._fetch("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
+        except _Damaged:
+            return -1
+        return -1 if row is None else int(row[0])  # type: ignore[call-overload]
 
     def released(self, reader: str) -> int:
-        """What ``reader`` released last, -1 if never."""
-        with self._lock:
-            row = (
-                self._conn()
-                .execute("SELECT released FROM readers WHERE name = ?", (reader,))
-                .fetchone()
-            )
-        return -1 if row is None else int(row[0])
+        """What ``reader`` released last, -1 if never.
+
+        Raises ``sqlite3.DatabaseError`` while the file is corrupt (the writer
+        was asked to replace it): a reader must not start from a guess.
+        """
+        row = self._fetch("SELECT released FROM readers WHERE name = ?", (reader,))
+        return -1 if row is None else int(row[0])  # type: ignore[call-overload]
 
     def release(self, reader: str, offset: int) -> None:
-        """``reader`` is done with offsets <= ``offset`` (registers it; never goes back)."""
-        last = self.last_offset()
+        """``reader`` is done with offsets <= ``offset`` (registers it; never goes back).
+
+        Nothing is released while the file is corrupt (the next release, on
+        the replaced file, catches up).
+        """
+        try:
+            row = self._fetch("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
+        except _Damaged:
+            return
+        last = -1 if row is None else int(row[0])  # type: ignore[call-overload]
         if offset > last:
             msg = (
                 f"journal: reader {reader!r} released offset {offset} of {self.path}, beyond "
@@ -121,12 +145,14 @@ class JournalReader:
                 "offsets read()"
             )
             raise ValueError(msg)
-        with self._lock:
-            self._conn().execute(
+        try:
+            self._fetch(
                 "INSERT INTO readers (name, released) VALUES (?, ?) ON CONFLICT (name) "
                 "DO UPDATE SET released = max(released, excluded.released)",
                 (reader, offset),
             )
+        except _Damaged:
+            return
 
     def close(self) -> None:
         """Close the file; further calls raise RuntimeError."""

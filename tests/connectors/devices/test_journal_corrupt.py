@@ -259,3 +259,23 @@ def test_a_flag_about_a_file_already_replaced_is_dropped(root: Path, open_journa
     wait_for(lambda: not damage_flag(path).exists())
     assert [r for r in caplog.records if r.name == STORES] == []
     assert [o for o, _ in read_after(root, -1)] == list(range(10))
+
+
+def test_a_reader_never_guesses_while_the_partition_is_replaced(root: Path, open_journal) -> None:
+    written(root, 10, released=4)
+    journal = open_journal()
+    path = part_path(root, 0)
+    reader = JournalReader(root, 0)
+    try:
+        scribble(path, at=0.0, size=path.stat().st_size)  # the whole file, garbage
+        assert reader.last_offset() == -1  # nothing committed it can vouch for
+        reader.release(READER, 9)  # nothing released meanwhile, no error
+        with pytest.raises(sqlite3.DatabaseError, match="malformed|not a database"):
+            reader.released(READER)
+        wait_for(lambda: not damage_flag(path).exists(), timeout=10)
+        assert reader.read(-1, 100) == []  # the fresh file: nothing was readable
+        new = journal.submit(message("pump-7", b"new")).result(10)
+        assert [(o, m.payload) for o, m in reader.read(-1, 100)] == [(new.offset, b"new")]
+        assert reader.last_offset() == new.offset
+    finally:
+        reader.close()
