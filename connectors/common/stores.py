@@ -50,6 +50,7 @@ __all__ = [
     "report",
     "salvage_rows",
     "sqlite_problem",
+    "sync_dir",
 ]
 
 logger = logging.getLogger("edgesieve.stores")
@@ -164,11 +165,12 @@ def move_aside(path: Path, *, now: datetime | None = None) -> Path:
         extra = path.with_name(path.name + sidecar)
         if extra.exists():
             os.replace(extra, target.with_name(target.name + sidecar))
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
     return target
 
 
-def _sync_dir(directory: Path) -> None:
+def sync_dir(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (best effort: some file systems refuse)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

@@ -196,3 +196,58 @@ def test_a_garbage_journal_partition_is_replaced_by_the_ingest_process_and_messa
     assert recoveries(tmp_path)["journal"] == 1
     points = ds.dataset(tmp_path / "parquet" / "telemetry_points", partitioning="hive").to_table()
     assert sorted(points.column("value").to_pylist()) == [float(i) for i in range(10)]
+
+
+def test_salvaged_journal_messages_go_through_a_deployed_edge_once(
+    tmp_path, mosquitto, mosquitto_pub, wait_for
+):
+    from connectors.common.stores import salvage_rows
+    from connectors.devices.journal import Journal, JournalReader, JournalSettings
+    from flows.api import Edge
+    from tests.connectors.common.test_stores import scribble
+    from tests.flows.conftest import running
+
+    root = tmp_path / "journal"
+    with Journal(JournalSettings(root=root, partitions=1)) as journal:
+        futures = [
+            journal.submit(
+                RawMessage(
+                    "pump-1",
+                    "telemetry",
+                    "mqtt",
+                    T0,
+                    json.dumps(
+                        {"ts": 1763640000000 + i * 1000, "values": {"t": float(i * 10)}}
+                    ).encode(),
+                )
+            )
+            for i in range(3000)
+        ]
+        assert [f.result(10).offset for f in futures] == list(range(3000))
+        with JournalReader(root, 0) as reader:
+            reader.release("edge", 999)  # the flow processed the first 1000 in an earlier run
+    partition = root / "part-0.sqlite"
+    scribble(partition)
+    config = parse_config(
+        {
+            "data_dir": str(tmp_path),
+            "recovery": {"enabled": False},
+            "transports": {"mqtt": {"url": mosquitto.url, "client_id": "salvage"}},
+        }
+    )
+    flow = Edge(config, name="edge")
+    edge.build(flow)
+    with running(flow):
+        wait_for(lambda: recoveries(tmp_path)["journal"] == 1, "the partition replaced")
+        (moved,) = [p for p in root.glob("part-0.sqlite.corrupt-*") if "-" not in p.name[-4:]]
+        rows, whole = salvage_rows(moved, "messages", ("payload",))
+        expected = sorted(
+            json.loads(payload)["values"]["t"] for seq, payload in rows if seq > 999
+        )
+        assert not whole and 1000 < len(expected) < 2000
+        wait_for(
+            lambda: sum(m.totals["received"] for m in flow.meter.family()) == len(expected),
+            "the salvaged messages through the flow",
+        )
+    points = ds.dataset(tmp_path / "parquet" / "telemetry_points", partitioning="hive").to_table()
+    assert sorted(points.column("value").to_pylist()) == expected  # each once, none before 1000

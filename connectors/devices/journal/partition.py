@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
 
-from connectors.common.stores import move_aside, report, salvage_rows, sqlite_problem
+from connectors.common.stores import move_aside, report, salvage_rows, sqlite_problem, sync_dir
 from connectors.devices.journal.format import (
     _COLUMNS,
     _INSERTS,
@@ -51,14 +52,12 @@ class _Partition:
         self.sync = sync
         self.path = part_path(root, index)
         problem = damage if damage is not None else sqlite_problem(self.path)
-        moved = move_aside(self.path) if problem is not None else None
+        if problem is not None:
+            _rebuild(self.path, move_aside(self.path), problem, last, partitions, sync)
         new = not self.path.exists()
         self.db = _connect(self.path, create=True)
         try:
-            self._init(new, partitions, sync)
-            if moved is not None:
-                assert problem is not None
-                _heal(self.db, self.path, moved, problem, last)
+            _prepare(self.db, self.path, new, partitions, sync)
         except BaseException:
             self.db.close()
             raise
@@ -73,42 +72,6 @@ class _Partition:
         self.truncated = self.last if first is None else int(first) - 1
         self.oldest_us: int | None = None
         self.load_oldest()
-
-    def _init(self, new: bool, partitions: int, sync: str) -> None:
-        db = self.db
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            msg = (
-                f"journal: {self.path} has schema version {version}, newer than this edgesieve "
-                f"supports (got {version}, know {SCHEMA_VERSION}); hint: run the edgesieve "
-                "version that wrote it"
-            )
-            raise ValueError(msg)
-        if new:
-            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            logger.warning("journal %s: SQLite refused WAL (journal_mode=%s)", self.path, mode)
-        db.execute(f"PRAGMA synchronous = {sync.upper()}")
-        # No checkpoint inside a commit (SQLite's default runs one every 1000 WAL pages, in
-        # the COMMIT that crosses it, with a sync of the file): the journal's checkpointer
-        # runs them from a thread of its own (see writer.py).
-        db.execute("PRAGMA wal_autocheckpoint = 0")
-        db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('partitions', ?)",
-                (str(partitions),),
-            )
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def load_oldest(self) -> None:
         row = self.db.execute("SELECT received_at_us FROM messages ORDER BY seq LIMIT 1").fetchone()
@@ -196,6 +159,68 @@ class _Partition:
         if row is not None:
             return int(row[0])
         return self.find(digest_of(device, channel, payload))
+
+
+def _prepare(db: sqlite3.Connection, path: Path, new: bool, partitions: int, sync: str) -> None:
+    """Check the schema version, set the pragmas, create the tables (a new file: auto-vacuum)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        msg = (
+            f"journal: {path} has schema version {version}, newer than this edgesieve "
+            f"supports (got {version}, know {SCHEMA_VERSION}); hint: run the edgesieve "
+            "version that wrote it"
+        )
+        raise ValueError(msg)
+    if new:
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        logger.warning("journal %s: SQLite refused WAL (journal_mode=%s)", path, mode)
+    db.execute(f"PRAGMA synchronous = {sync.upper()}")
+    # No checkpoint inside a commit (SQLite's default runs one every 1000 WAL pages, in
+    # the COMMIT that crosses it, with a sync of the file): the journal's checkpointer
+    # runs them from a thread of its own (see writer.py).
+    db.execute("PRAGMA wal_autocheckpoint = 0")
+    db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('partitions', ?)",
+            (str(partitions),),
+        )
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _rebuild(
+    path: Path, moved: Path, problem: str, last: int | None, partitions: int, sync: str
+) -> None:
+    """Build the fresh partition, with what is readable of ``moved``, and put it at ``path``.
+
+    Built under a temporary name and renamed into place whole, so a reader
+    never opens a fresh file before its salvaged rows and released offsets
+    are in it (it would start from a guess).
+    """
+    temp = path.with_name(path.name + ".fresh")
+    for suffix in ("", "-wal", "-shm"):
+        temp.with_name(temp.name + suffix).unlink(missing_ok=True)
+    db = _connect(temp, create=True)
+    try:
+        _prepare(db, temp, True, partitions, sync)
+        _heal(db, path, moved, problem, last)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    for suffix in ("-wal", "-shm"):
+        temp.with_name(temp.name + suffix).unlink(missing_ok=True)
+    os.replace(temp, path)
+    sync_dir(path.parent)
 
 
 SEQUENCE_GAP = 1 << 32
