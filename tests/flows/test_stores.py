@@ -241,9 +241,7 @@ def test_salvaged_journal_messages_go_through_a_deployed_edge_once(
         wait_for(lambda: recoveries(tmp_path)["journal"] == 1, "the partition replaced")
         (moved,) = [p for p in root.glob("part-0.sqlite.corrupt-*") if "-" not in p.name[-4:]]
         rows, whole = salvage_rows(moved, "messages", ("payload",))
-        expected = sorted(
-            json.loads(payload)["values"]["t"] for seq, payload in rows if seq > 999
-        )
+        expected = sorted(json.loads(payload)["values"]["t"] for seq, payload in rows if seq > 999)
         assert not whole and 1000 < len(expected) < 2000
         wait_for(
             lambda: sum(m.totals["received"] for m in flow.meter.family()) == len(expected),
