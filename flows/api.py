@@ -36,6 +36,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import cluster_main
 from prometheus_client import CollectorRegistry
 
+from connectors.common.stores import StoreRecoveryCollector, heal_recovery_store
 from connectors.devices.journal_source import JournalSource
 from connectors.sinks.cloud import CloudSink, CloudSinkSettings
 from connectors.sinks.duckdb import DuckDBSink, PeriodicCopy
@@ -161,6 +162,7 @@ class _Shared:
         self.flow = Dataflow(name)
         self.stop = stop if stop is not None else threading.Event()
         self.registry = CollectorRegistry()
+        self.registry.register(StoreRecoveryCollector(config.data_dir))
         self.owners: dict[str, Edge] = {}
         self.devices: Devices | None = None
         self.sources: list[object] = []
@@ -516,6 +518,7 @@ class Edge:
         if not settings.enabled:
             return None
         db_dir = self.recovery_dir
+        heal_recovery_store(db_dir)
         count = len(list(db_dir.glob("part-*.sqlite3"))) if db_dir.is_dir() else 0
         if count == 0:
             db_dir.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from connectors.common.stores import corruption
 from connectors.devices.journal import JournalReader, journal_partitions
 from connectors.devices.journal.format import part_path
 from operators.records import RawMessage
@@ -147,6 +148,13 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
             self._released = reader.released(self._name)
         except sqlite3.OperationalError:
             reader.close()  # created, its tables not yet
+            return False
+        except sqlite3.DatabaseError as exc:  # corrupt: the ingest process replaces it
+            reader.close()
+            problem = corruption(exc)
+            if problem is None:
+                raise
+            reader.report_damage(problem)
             return False
         self._reader = reader
         if self._resume is None:
@@ -374,8 +382,8 @@ def journal_depth(root: Path) -> tuple[int, int]:
                 "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE seq > "
                 "(SELECT coalesce(min(released), -1) FROM readers)"
             ).fetchone()
-        except sqlite3.OperationalError:
-            continue  # created, its tables not yet
+        except sqlite3.DatabaseError:
+            continue  # created, its tables not yet (or corrupt: being replaced)
         finally:
             db.close()
         messages += int(count)

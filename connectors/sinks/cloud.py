@@ -44,6 +44,7 @@ from typing import Any
 import pyarrow as pa
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
+from connectors.common.stores import is_disk_full
 from connectors.sinks.timed import TimedFlushPartition
 from connectors.streams import StreamSpec, conform, spec_of, to_table
 from connectors.uplink.batch import Sealed
@@ -435,8 +436,7 @@ class CloudSinkPartition(TimedFlushPartition, StatefulSinkPartition[object, Clou
             self._retry_at = time.monotonic() + self._retry_s
             logger.error(
                 "%s: could not store a batch of %d rows in the outbox %s: %s: %s. The rows "
-                "stay buffered (%d rows) and the seal is retried in %.1fs. Hint: check free "
-                "disk space and permissions of data_dir",
+                "stay buffered (%d rows) and the seal is retried in %.1fs. Hint: %s",
                 self._where,
                 table.num_rows,
                 sink.outbox.path,
@@ -444,6 +444,9 @@ class CloudSinkPartition(TimedFlushPartition, StatefulSinkPartition[object, Clou
                 exc,
                 self._rows,
                 self._retry_s,
+                "free disk space on the volume of data_dir"
+                if is_disk_full(exc)
+                else "see the error; check that data_dir is writable",
             )
             return False
         self._carry_raw, self._carry_rows = carry

@@ -64,6 +64,7 @@ import duckdb
 import pyarrow as pa
 from bytewax.outputs import FixedPartitionedSink
 
+from connectors.common.stores import corruption, move_aside, report
 from connectors.sinks.timed import (
     ReplaySafePartition,
     SinkState,
@@ -137,6 +138,8 @@ class _Database:
     users: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     streams: set[str] = field(default_factory=set)
+    generation: int = 0
+    """Bumped when a corrupt file is replaced: partitions take a new cursor on the new one."""
 
 
 _DATABASES: dict[Path, _Database] = {}
@@ -149,32 +152,73 @@ def _acquire(path: Path, where: str) -> _Database:
         db = _DATABASES.get(key)
         if db is None:
             try:
-                con = duckdb.connect(str(key))
+                con = _connect(key)
             except duckdb.Error as exc:
-                msg = (
-                    f"{where}: could not open the DuckDB database {str(key)!r}: {exc}. Hint: "
-                    "only one process may write it; stop the other process (another edge, "
-                    "or a duckdb shell) holding it, and query the Parquet files meanwhile"
-                )
-                raise RuntimeError(msg) from exc
+                problem = corruption(exc)
+                if problem is None:
+                    msg = (
+                        f"{where}: could not open the DuckDB database {str(key)!r}: {exc}. "
+                        "Hint: only one process may write it; stop the other process (another "
+                        "edge, or a duckdb shell) holding it, and query the Parquet files "
+                        "meanwhile"
+                    )
+                    raise RuntimeError(msg) from exc
+                con = _fresh(key, problem)
             db = _Database(key, con)
-            with db.lock:
-                con.execute(f"CREATE SCHEMA IF NOT EXISTS {_SCHEMA}")
-                con.execute(
-                    f"CREATE TABLE IF NOT EXISTS {_SCHEMA}.flushes (sink VARCHAR NOT NULL, "
-                    "part VARCHAR NOT NULL, seq BIGINT NOT NULL, stream VARCHAR NOT NULL, "
-                    "flush BIGINT NOT NULL, rows BIGINT NOT NULL, "
-                    "committed_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (sink, part, seq))"
-                )
-                con.execute(
-                    f"CREATE TABLE IF NOT EXISTS {_SCHEMA}.sink_starts (sink VARCHAR NOT NULL, "
-                    "part VARCHAR NOT NULL, store VARCHAR NOT NULL, base BIGINT NOT NULL, "
-                    "PRIMARY KEY (sink, part))"
-                )
-                con.execute(f"CREATE SEQUENCE IF NOT EXISTS {_SCHEMA}.flush_ids")
             _DATABASES[key] = db
         db.users += 1
         return db
+
+
+def _connect(path: Path) -> duckdb.DuckDBPyConnection:
+    """Open the database and make the bookkeeping tables (reading the catalog checks it)."""
+    con = duckdb.connect(str(path))
+    try:
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {_SCHEMA}")
+        con.execute(
+            f"CREATE TABLE IF NOT EXISTS {_SCHEMA}.flushes (sink VARCHAR NOT NULL, "
+            "part VARCHAR NOT NULL, seq BIGINT NOT NULL, stream VARCHAR NOT NULL, "
+            "flush BIGINT NOT NULL, rows BIGINT NOT NULL, "
+            "committed_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (sink, part, seq))"
+        )
+        con.execute(
+            f"CREATE TABLE IF NOT EXISTS {_SCHEMA}.sink_starts (sink VARCHAR NOT NULL, "
+            "part VARCHAR NOT NULL, store VARCHAR NOT NULL, base BIGINT NOT NULL, "
+            "PRIMARY KEY (sink, part))"
+        )
+        con.execute(f"CREATE SEQUENCE IF NOT EXISTS {_SCHEMA}.flush_ids")
+        con.execute(f"SELECT max(seq), max(flush), max(rows) FROM {_SCHEMA}.flushes").fetchall()
+        con.execute(f"SELECT max(base), max(store) FROM {_SCHEMA}.sink_starts").fetchall()
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _fresh(path: Path, problem: str) -> duckdb.DuckDBPyConnection:
+    """Move the corrupt database aside and start a fresh one (Parquet keeps every row)."""
+    moved = move_aside(path)
+    con = _connect(path)
+    report(
+        "duckdb",
+        path,
+        moved,
+        problem,
+        "the tables start empty and fill with new rows; every row written before is in the "
+        "Parquet files (load them with read_parquet if needed)",
+    )
+    return con
+
+
+def _heal(db: _Database, problem: str) -> None:
+    """Replace the shared database of ``db`` by a fresh one (caller holds ``db.lock``)."""
+    try:
+        db.con.close()
+    except duckdb.Error:
+        pass
+    db.con = _fresh(db.path, problem)
+    db.streams.clear()
+    db.generation += 1
 
 
 def _release(db: _Database) -> None:
@@ -250,8 +294,7 @@ class PeriodicCopy:
                 self.copies += 1
             except (duckdb.Error, OSError) as exc:
                 logger.warning(
-                    "copying %s to %s failed (%s); readers keep the previous copy, next try "
-                    "in %gs",
+                    "copying %s to %s failed (%s); readers keep the previous copy, next try in %gs",
                     self.source,
                     self.target,
                     exc,
@@ -365,9 +408,22 @@ class DuckDBSinkPartition(ReplaySafePartition):
         self.flushes_removed = 0
         self._db = _acquire(sink.path, self._where)
         self._cur = self._db.con.cursor()
+        self._generation = self._db.generation
         try:
-            self._ensure_stream()
-            self._resume(state)
+            try:
+                self._ensure_stream()
+                self._resume(state)
+            except duckdb.Error as exc:
+                problem = corruption(exc)
+                if problem is None:
+                    raise
+                with self._db.lock:
+                    if self._generation == self._db.generation:
+                        _heal(self._db, problem)
+                self._cur = self._db.con.cursor()
+                self._generation = self._db.generation
+                self._ensure_stream()
+                self._resume(state)
         except BaseException:
             self._release()
             raise
@@ -515,12 +571,20 @@ class DuckDBSinkPartition(ReplaySafePartition):
         if self._settings.flush_on_snapshot and self._rows and time.monotonic() >= self._retry_at:
             self._flush_locked()
 
-    def _write_locked(self, table: pa.Table) -> pa.Table | None:
-        """Load ``table`` and record the flush in one transaction; all or nothing."""
+    def _write_locked(self, table: pa.Table, *, healed: bool = False) -> pa.Table | None:
+        """Load ``table`` and record the flush in one transaction; all or nothing.
+
+        A corrupt database file is replaced by a fresh one and the load
+        retried there once (``healed``).
+        """
         cur = self._cur
         if cur is None:
             msg = f"{self._where}: the partition is closed"
             raise RuntimeError(msg)
+        if self._generation != self._db.generation:  # the file was replaced: use the new one
+            cur = self._cur = self._db.con.cursor()
+            self._generation = self._db.generation
+            self._ensure_stream()
         seq = self._next_seq
         cur.register(_BATCH_VIEW, table.combine_chunks())
         try:
@@ -546,10 +610,19 @@ class DuckDBSinkPartition(ReplaySafePartition):
                 raise
         except (duckdb.Error, OSError) as exc:
             self.write_failures += 1
-            self._log_failure(table.num_rows, exc)
-            return table
+            problem = corruption(exc)
+            if problem is None or healed:
+                self._log_failure(table.num_rows, exc)
+                return table
+            with self._db.lock:
+                if self._generation == self._db.generation:
+                    _heal(self._db, problem)
+            return self._write_locked(table, healed=True)  # into the fresh file, once
         finally:
-            cur.unregister(_BATCH_VIEW)
+            try:
+                cur.unregister(_BATCH_VIEW)
+            except duckdb.Error:
+                pass
         self._next_seq = seq + 1
         self.flushes_written += 1
         self.rows_written += table.num_rows

@@ -39,7 +39,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
+from connectors.common.stores import corruption, move_aside, report, salvage_rows, sqlite_problem
 from connectors.uplink.batch import OutboxStats, Rejected, Sealed, check_aware, from_us, to_us
 
 __all__ = ["Outbox", "OutboxSettings"]
@@ -83,6 +85,7 @@ INSERT OR IGNORE INTO counters (name, value)
 VALUES ('dropped_full', 0), ('expired', 0), ('rejected', 0);
 """
 
+
 @dataclass(frozen=True)
 class OutboxSettings:
     """Size and age limits of the outbox.
@@ -122,6 +125,31 @@ class OutboxSettings:
 
 
 _COLUMNS = "batch_id, stream, priority, rows, raw_bytes, created_at_us"
+_SALVAGED = (*_COLUMNS.split(", "), "size", "payload")
+"""The columns copied from a corrupt outbox (after ``seq``), waiting and rejected batches."""
+_T = TypeVar("_T")
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any; a failing rollback (a corrupt file) is ignored."""
+    try:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+def _intact(row: tuple[object, ...]) -> bool:
+    """Whether a salvaged ``(seq, *_SALVAGED, ...)`` row has the types and size it must have."""
+    seq, batch_id, stream, *numbers = row[:7]
+    size, payload = row[7], row[8]
+    return (
+        isinstance(batch_id, str)
+        and isinstance(stream, str)
+        and all(isinstance(n, int) for n in (seq, *numbers, size))
+        and isinstance(payload, bytes)
+        and len(payload) == size
+    )
 
 
 class Outbox:
@@ -148,27 +176,116 @@ class Outbox:
         self.settings = settings
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
+        self._db: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db: sqlite3.Connection | None = sqlite3.connect(
-                path, timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-            self._open()
+            problem = sqlite_problem(path)
+            if problem is None:
+                try:
+                    self._open()
+                except sqlite3.DatabaseError as exc:
+                    problem = corruption(exc)
+                    if problem is None:
+                        raise
+            if problem is not None:
+                self._heal(problem)
         except (sqlite3.Error, OSError) as exc:
-            db = getattr(self, "_db", None)
-            if db is not None:
-                db.close()
-            self._db = None
+            self._drop_connection()
             msg = (
                 f"Outbox: cannot open {str(path)!r}: {type(exc).__name__}: {exc}. Hint: the "
-                "path must be a writable SQLite outbox file (or not exist yet); move a "
-                "foreign or corrupt file out of the way"
+                "path must be a writable SQLite outbox file (or not exist yet) on a disk with "
+                "free space"
             )
             raise RuntimeError(msg) from exc
 
-    def _open(self) -> None:
+    def _drop_connection(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+
+    def _heal(self, problem: str) -> None:
+        """Move the corrupt file aside, open a fresh outbox, copy the readable batches into it."""
+        self._drop_connection()
+        moved = move_aside(self.path)
+        self._open()
+        waiting, whole = salvage_rows(moved, "batches", _SALVAGED)
+        rejected, whole_rejected = salvage_rows(
+            moved, "rejected", (*_SALVAGED, "rejected_at_us", "detail")
+        )
+        counters, _ = salvage_rows(moved, "counters", ("name", "value"))
+        waiting = [r for r in waiting if _intact(r)]
+        rejected = [
+            r for r in rejected if _intact(r) and isinstance(r[9], int) and isinstance(r[10], str)
+        ]
         db = self._db
         assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                f"INSERT OR IGNORE INTO batches (seq, {', '.join(_SALVAGED)}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                waiting,
+            )
+            db.executemany(
+                f"INSERT OR IGNORE INTO rejected (seq, {', '.join(_SALVAGED)}, rejected_at_us, "
+                "detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rejected,
+            )
+            db.executemany(
+                "UPDATE counters SET value = ? WHERE name = ?",
+                [(v, n) for _, n, v in counters if isinstance(v, int) and isinstance(n, str)],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        rows = sum(int(r[4]) for r in waiting)
+        lost = (
+            "every row was readable"
+            if whole and whole_rejected
+            else (
+                "the batches SQLite could not read are lost (their rows were sealed but are not "
+                "sent)"
+            )
+        )
+        report(
+            "outbox",
+            self.path,
+            moved,
+            problem,
+            f"salvaged {len(waiting)} waiting batch(es) ({rows} rows) and {len(rejected)} "
+            f"rejected one(s); {lost}",
+        )
+
+    def _guarded(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work(db)`` (lock held); on corruption heal the outbox once and run it again."""
+        db = self._conn()
+        try:
+            return work(db)
+        except sqlite3.DatabaseError as exc:
+            problem = corruption(exc)
+            if problem is None:
+                raise
+        try:
+            self._heal(problem)
+        except (sqlite3.Error, OSError) as exc:
+            self._drop_connection()
+            msg = (
+                f"Outbox {str(self.path)!r} is corrupt ({problem}) and could not be replaced by "
+                f"a fresh one: {type(exc).__name__}: {exc}. Hint: check that data_dir is "
+                "writable, then restart the edge"
+            )
+            raise RuntimeError(msg) from exc
+        return work(self._conn())
+
+    def _open(self) -> None:
+        self._db = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        db = self._db
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             msg = (
@@ -246,85 +363,13 @@ class Outbox:
                 "OutboxSettings.max_bytes or seal smaller batches (CloudSinkSettings.max_rows)"
             )
             raise ValueError(msg)
-        evicted: list[tuple[str, str, int, int]] = []
         with self._lock:
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if db.execute(
-                    "SELECT 1 FROM batches WHERE batch_id = ?", (sealed.batch_id,)
-                ).fetchone():
-                    db.execute("ROLLBACK")
-                    logger.debug("outbox %s: batch %s already queued", self.path, sealed.batch_id)
-                    return False
-                if db.execute(
-                    "SELECT 1 FROM rejected WHERE batch_id = ?", (sealed.batch_id,)
-                ).fetchone():
-                    db.execute("ROLLBACK")
-                    logger.warning(
-                        "outbox %s: batch %s (stream %r) was rejected by the cloud before; it "
-                        "is not queued again (see the rejected table for the reason)",
-                        self.path,
-                        sealed.batch_id,
-                        sealed.stream,
-                    )
-                    return False
-                total = db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
-                if total + size > cap:
-                    victims = self._victims(db, sealed.priority, total + size - cap)
-                    if victims is None:
-                        db.execute(
-                            "UPDATE counters SET value = value + 1 WHERE name = 'dropped_full'"
-                        )
-                        dropped = self._counter(db, "dropped_full")
-                        db.execute("COMMIT")
-                        logger.error(
-                            "outbox %s is full (%d of %d bytes) with batches of priority %d or "
-                            "more urgent: dropped the NEW batch %s (stream %r, priority %d, %d "
-                            "rows, %d bytes); dropped_full is now %d. Hint: raise "
-                            "OutboxSettings.max_bytes or check why the cloud is not "
-                            "acknowledging",
-                            self.path,
-                            total,
-                            cap,
-                            sealed.priority,
-                            sealed.batch_id,
-                            sealed.stream,
-                            sealed.priority,
-                            sealed.rows,
-                            size,
-                            dropped,
-                        )
-                        return False
-                    evicted = victims
-                    db.executemany(
-                        "DELETE FROM batches WHERE batch_id = ?", [(v[0],) for v in evicted]
-                    )
-                    db.execute(
-                        "UPDATE counters SET value = value + ? WHERE name = 'dropped_full'",
-                        (len(evicted),),
-                    )
-                db.execute(
-                    "INSERT INTO batches (batch_id, stream, priority, rows, raw_bytes, "
-                    "created_at_us, size, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        sealed.batch_id,
-                        sealed.stream,
-                        sealed.priority,
-                        sealed.rows,
-                        sealed.raw_bytes,
-                        to_us(sealed.created_at),
-                        size,
-                        payload,
-                    ),
-                )
-                dropped = self._counter(db, "dropped_full")
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            stored, evicted, dropped = self._guarded(
+                lambda db: self._put_locked(db, sealed, payload, size, cap)
+            )
             listeners = list(self._listeners)
+        if not stored:
+            return False
         if evicted:
             freed = sum(v[3] for v in evicted)
             streams = sorted({f"{v[1]}/p{v[2]}" for v in evicted})
@@ -350,6 +395,83 @@ class Outbox:
             except Exception:
                 logger.exception("outbox %s: a put listener raised; ignored", self.path)
         return True
+
+    def _put_locked(
+        self, db: sqlite3.Connection, sealed: Sealed, payload: bytes, size: int, cap: int
+    ) -> tuple[bool, list[tuple[str, str, int, int]], int]:
+        """:meth:`put`'s transaction: (stored, evicted batches, dropped_full)."""
+        evicted: list[tuple[str, str, int, int]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute(
+                "SELECT 1 FROM batches WHERE batch_id = ?", (sealed.batch_id,)
+            ).fetchone():
+                db.execute("ROLLBACK")
+                logger.debug("outbox %s: batch %s already queued", self.path, sealed.batch_id)
+                return False, [], 0
+            if db.execute(
+                "SELECT 1 FROM rejected WHERE batch_id = ?", (sealed.batch_id,)
+            ).fetchone():
+                db.execute("ROLLBACK")
+                logger.warning(
+                    "outbox %s: batch %s (stream %r) was rejected by the cloud before; it "
+                    "is not queued again (see the rejected table for the reason)",
+                    self.path,
+                    sealed.batch_id,
+                    sealed.stream,
+                )
+                return False, [], 0
+            total = db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
+            if total + size > cap:
+                victims = self._victims(db, sealed.priority, total + size - cap)
+                if victims is None:
+                    db.execute("UPDATE counters SET value = value + 1 WHERE name = 'dropped_full'")
+                    dropped = self._counter(db, "dropped_full")
+                    db.execute("COMMIT")
+                    logger.error(
+                        "outbox %s is full (%d of %d bytes) with batches of priority %d or "
+                        "more urgent: dropped the NEW batch %s (stream %r, priority %d, %d "
+                        "rows, %d bytes); dropped_full is now %d. Hint: raise "
+                        "OutboxSettings.max_bytes or check why the cloud is not "
+                        "acknowledging",
+                        self.path,
+                        total,
+                        cap,
+                        sealed.priority,
+                        sealed.batch_id,
+                        sealed.stream,
+                        sealed.priority,
+                        sealed.rows,
+                        size,
+                        dropped,
+                    )
+                    return False, [], 0
+                evicted = victims
+                db.executemany("DELETE FROM batches WHERE batch_id = ?", [(v[0],) for v in evicted])
+                db.execute(
+                    "UPDATE counters SET value = value + ? WHERE name = 'dropped_full'",
+                    (len(evicted),),
+                )
+            db.execute(
+                "INSERT INTO batches (batch_id, stream, priority, rows, raw_bytes, "
+                "created_at_us, size, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sealed.batch_id,
+                    sealed.stream,
+                    sealed.priority,
+                    sealed.rows,
+                    sealed.raw_bytes,
+                    to_us(sealed.created_at),
+                    size,
+                    payload,
+                ),
+            )
+            dropped = self._counter(db, "dropped_full")
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        return True, evicted, dropped
 
     @staticmethod
     def _victims(
@@ -386,30 +508,32 @@ class Outbox:
         if limit == 0:
             return []
         with self._lock:
-            db = self._conn()
-            ids = [
-                row[0]
-                for row in db.execute(
-                    "SELECT batch_id FROM batches ORDER BY priority, created_at_us, seq LIMIT ?",
-                    (limit + len(skip),),
-                )
-                if row[0] not in skip
-            ][:limit]
-            out: list[Sealed] = []
-            for batch_id in ids:
-                row = db.execute(
-                    f"SELECT {_COLUMNS}, payload FROM batches WHERE batch_id = ?", (batch_id,)
-                ).fetchone()
-                if row is not None:
-                    out.append(
-                        Sealed(row[0], row[1], row[2], row[3], row[4], from_us(row[5]), row[6])
-                    )
-            return out
+            return self._guarded(lambda db: self._next_locked(db, limit, skip))
+
+    def _next_locked(self, db: sqlite3.Connection, limit: int, skip: set[str]) -> list[Sealed]:
+        ids = [
+            row[0]
+            for row in db.execute(
+                "SELECT batch_id FROM batches ORDER BY priority, created_at_us, seq LIMIT ?",
+                (limit + len(skip),),
+            )
+            if row[0] not in skip
+        ][:limit]
+        out: list[Sealed] = []
+        for batch_id in ids:
+            row = db.execute(
+                f"SELECT {_COLUMNS}, payload FROM batches WHERE batch_id = ?", (batch_id,)
+            ).fetchone()
+            if row is not None:
+                out.append(Sealed(row[0], row[1], row[2], row[3], row[4], from_us(row[5]), row[6]))
+        return out
 
     def ack(self, batch_id: str) -> None:
         """Delete a batch the cloud acknowledged (unknown ids are ignored)."""
         with self._lock:
-            self._conn().execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+            self._guarded(
+                lambda db: db.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+            )
 
     def reject(self, batch_id: str, detail: str, now: datetime | None = None) -> bool:
         """Move a batch the cloud rejected to the ``rejected`` table; False if unknown.
@@ -419,26 +543,29 @@ class Outbox:
         """
         when = check_aware("Outbox.reject: now", now) if now is not None else datetime.now(UTC)
         with self._lock:
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = db.execute(
-                    f"INSERT OR REPLACE INTO rejected ({_COLUMNS}, rejected_at_us, detail, size, "
-                    f"payload) SELECT {_COLUMNS}, ?, ?, size, payload FROM batches "
-                    "WHERE batch_id = ?",
-                    (to_us(when), str(detail), batch_id),
-                )
-                if cur.rowcount == 0:
-                    db.execute("ROLLBACK")
-                    return False
-                db.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
-                db.execute("UPDATE counters SET value = value + 1 WHERE name = 'rejected'")
-                self._trim_rejected(db)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            return self._guarded(lambda db: self._reject_locked(db, batch_id, detail, when))
+
+    def _reject_locked(
+        self, db: sqlite3.Connection, batch_id: str, detail: str, when: datetime
+    ) -> bool:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = db.execute(
+                f"INSERT OR REPLACE INTO rejected ({_COLUMNS}, rejected_at_us, detail, size, "
+                f"payload) SELECT {_COLUMNS}, ?, ?, size, payload FROM batches "
+                "WHERE batch_id = ?",
+                (to_us(when), str(detail), batch_id),
+            )
+            if cur.rowcount == 0:
+                db.execute("ROLLBACK")
+                return False
+            db.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+            db.execute("UPDATE counters SET value = value + 1 WHERE name = 'rejected'")
+            self._trim_rejected(db)
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
         return True
 
     def _trim_rejected(self, db: sqlite3.Connection) -> None:
@@ -456,14 +583,9 @@ class Outbox:
 
     def rejected(self) -> list[Rejected]:
         """The rejected batches still kept, oldest rejection first."""
+        query = f"SELECT {_COLUMNS}, rejected_at_us, detail, payload FROM rejected ORDER BY seq"
         with self._lock:
-            rows = (
-                self._conn()
-                .execute(
-                    f"SELECT {_COLUMNS}, rejected_at_us, detail, payload FROM rejected ORDER BY seq"
-                )
-                .fetchall()
-            )
+            rows = self._guarded(lambda db: db.execute(query).fetchall())
         return [
             Rejected(r[0], r[1], r[2], r[3], r[4], from_us(r[5]), from_us(r[6]), r[7], r[8])
             for r in rows
@@ -474,25 +596,8 @@ class Outbox:
         when = check_aware("Outbox.expire: now", now) if now is not None else datetime.now(UTC)
         cutoff = to_us(when - self.settings.ttl)
         with self._lock:
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                per_stream = db.execute(
-                    "SELECT stream, COUNT(*), SUM(size) FROM batches WHERE created_at_us < ? "
-                    "GROUP BY stream ORDER BY stream",
-                    (cutoff,),
-                ).fetchall()
-                count = sum(row[1] for row in per_stream)
-                if count:
-                    db.execute("DELETE FROM batches WHERE created_at_us < ?", (cutoff,))
-                    db.execute(
-                        "UPDATE counters SET value = value + ? WHERE name = 'expired'", (count,)
-                    )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            per_stream = self._guarded(lambda db: self._expire_locked(db, cutoff))
+        count = sum(row[1] for row in per_stream)
         if count:
             logger.warning(
                 "outbox %s: %d batch(es) waited longer than the TTL (%s) for the cloud and "
@@ -505,14 +610,29 @@ class Outbox:
             )
         return count
 
+    @staticmethod
+    def _expire_locked(db: sqlite3.Connection, cutoff: int) -> list[tuple[str, int, int]]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            per_stream = db.execute(
+                "SELECT stream, COUNT(*), SUM(size) FROM batches WHERE created_at_us < ? "
+                "GROUP BY stream ORDER BY stream",
+                (cutoff,),
+            ).fetchall()
+            count = sum(row[1] for row in per_stream)
+            if count:
+                db.execute("DELETE FROM batches WHERE created_at_us < ?", (cutoff,))
+                db.execute("UPDATE counters SET value = value + ? WHERE name = 'expired'", (count,))
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        return per_stream
+
     def stats(self) -> OutboxStats:
         """Depth and drop counters (counters persist across restarts)."""
         with self._lock:
-            db = self._conn()
-            batches, size, oldest = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created_at_us) FROM batches"
-            ).fetchone()
-            counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+            (batches, size, oldest), counters = self._guarded(self._stats_locked)
         age = None
         if oldest is not None:
             age = max(0.0, (datetime.now(UTC) - from_us(oldest)).total_seconds())
@@ -524,6 +644,13 @@ class Outbox:
             expired=counters.get("expired", 0),
             rejected=counters.get("rejected", 0),
         )
+
+    @staticmethod
+    def _stats_locked(db: sqlite3.Connection) -> tuple[tuple[int, int, int | None], dict[str, int]]:
+        depth = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created_at_us) FROM batches"
+        ).fetchone()
+        return depth, dict(db.execute("SELECT name, value FROM counters").fetchall())
 
     def close(self) -> None:
         """Close the database (idempotent); later calls raise ``RuntimeError``."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
+import os
 import sqlite3
 import zlib
 from collections.abc import Callable
@@ -178,14 +178,64 @@ def journal_partitions(root: Path) -> int | None:
     path = part_path(root, 0)
     if not path.exists():
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error:
+        return _files(root)
     try:
         row = db.execute("SELECT value FROM meta WHERE key = 'partitions'").fetchone()
-    except sqlite3.OperationalError:
-        return None
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        return _files(root)
+    except sqlite3.DatabaseError:  # a corrupt part-0: the files say how many there are
+        return _files(root)
     finally:
         db.close()
     return None if row is None else int(row[0])
+
+
+def _files(root: Path) -> int:
+    """The partition files present, counted from part-0 (the count when part-0 is unreadable)."""
+    count = 1
+    while part_path(root, count).exists():
+        count += 1
+    return count
+
+
+def damage_flag(path: Path) -> Path:
+    """The file a reader leaves next to partition ``path`` it found corrupt, for the writer."""
+    return path.with_name(path.name + ".damaged")
+
+
+def flag_damage(path: Path, problem: str, inode: int) -> None:
+    """Ask the writer (any process) to replace partition ``path``: it looks for the flag.
+
+    ``inode`` is the file the reader found corrupt: a writer that already
+    replaced it ignores the flag.
+    """
+    flag = damage_flag(path)
+    if not flag.exists():
+        temp = flag.with_name(flag.name + ".tmp")
+        temp.write_text(f"{inode} {problem}")
+        os.replace(temp, flag)
+
+
+def flagged(path: Path) -> str | None:
+    """What a reader found wrong with partition ``path`` as it is now, None if nothing.
+
+    A flag about a file already replaced is removed.
+    """
+    flag = damage_flag(path)
+    try:
+        inode, _, problem = flag.read_text().partition(" ")
+        current = path.stat().st_ino
+    except OSError:
+        return None
+    if inode.strip() == str(current):
+        return problem.strip() or "a reader found it corrupt"
+    flag.unlink(missing_ok=True)
+    return None
 
 
 def digest_of(device: str, channel: str, payload: bytes, key: bytes = b"") -> bytes:
@@ -215,16 +265,6 @@ def to_us(ts: datetime) -> int:
 def from_us(us: int) -> datetime:
     """The aware UTC datetime of microseconds since the epoch."""
     return _EPOCH + timedelta(microseconds=us)
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` is SQLite's or the OS's "no space left"."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    if isinstance(exc, sqlite3.Error):
-        code = getattr(exc, "sqlite_errorcode", None)
-        return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
-    return False
 
 
 def _connect(path: Path, *, create: bool) -> sqlite3.Connection:

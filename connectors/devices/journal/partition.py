@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
 
+from connectors.common.stores import move_aside, report, salvage_rows, sqlite_problem, sync_dir
 from connectors.devices.journal.format import (
     _COLUMNS,
     _INSERTS,
@@ -29,16 +31,33 @@ class _Partition:
     """The writer's connection to one partition file and what it knows about it."""
 
     def __init__(
-        self, root: Path, index: int, partitions: int, sync: str, lock: threading.Condition
+        self,
+        root: Path,
+        index: int,
+        partitions: int,
+        sync: str,
+        lock: threading.Condition,
+        *,
+        damage: str | None = None,
+        last: int | None = None,
     ) -> None:
+        """Open (or create) the partition file; a corrupt one is replaced (see :func:`_heal`).
+
+        ``damage`` says the file is corrupt (found at run time) and ``last``
+        is the highest offset the writer used; without ``damage`` the file
+        is checked with ``PRAGMA quick_check`` first.
+        """
         self.index = index
         self.lock = lock
         self.sync = sync
         self.path = part_path(root, index)
+        problem = damage if damage is not None else sqlite_problem(self.path)
+        if problem is not None:
+            _rebuild(self.path, move_aside(self.path), problem, last, partitions, sync)
         new = not self.path.exists()
         self.db = _connect(self.path, create=True)
         try:
-            self._init(new, partitions, sync)
+            _prepare(self.db, self.path, new, partitions, sync)
         except BaseException:
             self.db.close()
             raise
@@ -53,42 +72,6 @@ class _Partition:
         self.truncated = self.last if first is None else int(first) - 1
         self.oldest_us: int | None = None
         self.load_oldest()
-
-    def _init(self, new: bool, partitions: int, sync: str) -> None:
-        db = self.db
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            msg = (
-                f"journal: {self.path} has schema version {version}, newer than this edgesieve "
-                f"supports (got {version}, know {SCHEMA_VERSION}); hint: run the edgesieve "
-                "version that wrote it"
-            )
-            raise ValueError(msg)
-        if new:
-            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            logger.warning("journal %s: SQLite refused WAL (journal_mode=%s)", self.path, mode)
-        db.execute(f"PRAGMA synchronous = {sync.upper()}")
-        # No checkpoint inside a commit (SQLite's default runs one every 1000 WAL pages, in
-        # the COMMIT that crosses it, with a sync of the file): the journal's checkpointer
-        # runs them from a thread of its own (see writer.py).
-        db.execute("PRAGMA wal_autocheckpoint = 0")
-        db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('partitions', ?)",
-                (str(partitions),),
-            )
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def load_oldest(self) -> None:
         row = self.db.execute("SELECT received_at_us FROM messages ORDER BY seq LIMIT 1").fetchone()
@@ -188,6 +171,156 @@ class _Partition:
         if row is not None:
             return int(row[0])
         return self.find(digest_of(device, channel, payload))
+
+
+def _prepare(db: sqlite3.Connection, path: Path, new: bool, partitions: int, sync: str) -> None:
+    """Check the schema version, set the pragmas, create the tables (a new file: auto-vacuum)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        msg = (
+            f"journal: {path} has schema version {version}, newer than this edgesieve "
+            f"supports (got {version}, know {SCHEMA_VERSION}); hint: run the edgesieve "
+            "version that wrote it"
+        )
+        raise ValueError(msg)
+    if new:
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        logger.warning("journal %s: SQLite refused WAL (journal_mode=%s)", path, mode)
+    db.execute(f"PRAGMA synchronous = {sync.upper()}")
+    # No checkpoint inside a commit (SQLite's default runs one every 1000 WAL pages, in
+    # the COMMIT that crosses it, with a sync of the file): the journal's checkpointer
+    # runs them from a thread of its own (see writer.py).
+    db.execute("PRAGMA wal_autocheckpoint = 0")
+    db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('partitions', ?)",
+            (str(partitions),),
+        )
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _rebuild(
+    path: Path, moved: Path, problem: str, last: int | None, partitions: int, sync: str
+) -> None:
+    """Build the fresh partition, with what is readable of ``moved``, and put it at ``path``.
+
+    Built under a temporary name and renamed into place whole, so a reader
+    never opens a fresh file before its salvaged rows and released offsets
+    are in it (it would start from a guess).
+    """
+    temp = path.with_name(path.name + ".fresh")
+    for suffix in ("", "-wal", "-shm"):
+        temp.with_name(temp.name + suffix).unlink(missing_ok=True)
+    db = _connect(temp, create=True)
+    try:
+        _prepare(db, temp, True, partitions, sync)
+        _heal(db, path, moved, problem, last)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    for suffix in ("-wal", "-shm"):
+        temp.with_name(temp.name + suffix).unlink(missing_ok=True)
+    os.replace(temp, path)
+    sync_dir(path.parent)
+
+
+SEQUENCE_GAP = 1 << 32
+"""How far past the highest known offset a salvaged partition numbers on when its old
+sequence (the last offset used) is unreadable, so no offset a reader may hold is reused."""
+
+
+def _heal(db: sqlite3.Connection, path: Path, moved: Path, problem: str, last: int | None) -> None:
+    """Copy what is readable of the moved-aside ``moved`` into the fresh partition ``db``.
+
+    Messages keep their offsets, so a reader goes on after the offset it
+    holds and gets each salvaged message once; readers' released offsets,
+    the dedup digests and the sequence come along. The next offset is above
+    every offset the old file used (``last``, its sequence, or, when neither
+    is known, the highest one found plus :data:`SEQUENCE_GAP`).
+    """
+    messages, whole = salvage_rows(
+        moved,
+        "messages",
+        ("device", "channel", "transport", "received_at_us", "payload", "size", "digest"),
+    )
+    messages = [m for m in messages if _intact(m)]
+    readers, _ = salvage_rows(moved, "readers", ("name", "released"))
+    readers = [(n, r) for _, n, r in readers if isinstance(n, str) and isinstance(r, int)]
+    recent, _ = salvage_rows(moved, "recent", ("digest",))
+    recent = [(q, d) for q, d in recent if isinstance(d, bytes)]
+    sequence, _ = salvage_rows(moved, "sqlite_sequence", ("name", "seq"))
+    known = [int(q) for _, n, q in sequence if n == "messages" and isinstance(q, int)]
+    if last is None and known:
+        last = known[0]
+    highest = max(
+        [m[0] for m in messages] + [r for _, r in readers] + [q for q, _ in recent] + [-1]
+    )
+    top = max(last, highest) if last is not None else highest + SEQUENCE_GAP
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for start in range(0, len(messages), INSERT_ROWS):
+            rows = messages[start : start + INSERT_ROWS]
+            _insert(db, [v for m in rows for v in m])
+        db.executemany("INSERT OR REPLACE INTO readers (name, released) VALUES (?, ?)", readers)
+        db.executemany("INSERT OR REPLACE INTO recent (seq, digest) VALUES (?, ?)", recent)
+        if top >= 0:
+            db.execute("DELETE FROM sqlite_sequence WHERE name = 'messages'")
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?)", (top,))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    floor = min((r for _, r in readers), default=None)
+    if messages:
+        first = messages[0][0] if floor is None else floor + 1
+        held = sum(1 for m in messages if m[0] >= first)
+        span = f"offsets {messages[0][0]}..{messages[-1][0]}"
+    else:
+        first, held, span = (None if floor is None else floor + 1), 0, "none"
+    if whole:
+        lost = "every message was readable"
+    elif first is None or last is None:
+        lost = "an unknown number of accepted messages could not be read and are lost"
+    else:
+        lost = (
+            f"{max(0, last - first + 1 - held)} accepted message(s) up to offset {last} could "
+            "not be read and are lost"
+        )
+    report(
+        "journal",
+        path,
+        moved,
+        problem,
+        f"salvaged {len(messages)} message(s) ({span}) under their offsets, so the flow reads "
+        f"each once; {lost}; new messages are numbered from {top + 1}",
+    )
+
+
+def _intact(row: tuple[object, ...]) -> bool:
+    """Whether a salvaged message row has the types and size it must have."""
+    seq, device, channel, transport, received_us, payload, size, digest = row
+    return (
+        isinstance(seq, int)
+        and isinstance(device, str)
+        and isinstance(channel, str)
+        and isinstance(transport, str)
+        and isinstance(received_us, int)
+        and isinstance(payload, bytes)
+        and size == len(payload)
+        and isinstance(digest, bytes)
+    )
 
 
 def _insert(db: sqlite3.Connection, values: list[object]) -> None:

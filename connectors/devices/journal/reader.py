@@ -6,13 +6,19 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from connectors.common.stores import corruption
 from connectors.devices.journal.format import (
     _connect,
+    flag_damage,
     from_us,
     journal_partitions,
     part_path,
 )
 from operators.records import RawMessage
+
+
+class _Damaged(sqlite3.DatabaseError):
+    """The partition file is corrupt (the message says how); the writer was asked to replace it."""
 
 
 class JournalReader:
@@ -30,7 +36,23 @@ class JournalReader:
             )
             raise FileNotFoundError(msg)
         self._lock = threading.Lock()
+        self._inode = self.path.stat().st_ino
         self._db: sqlite3.Connection | None = _connect(self.path, create=False)
+
+    def _replaced(self) -> bool:
+        """Whether the writer replaced the partition file (a corrupt one, moved aside)."""
+        try:
+            inode = self.path.stat().st_ino
+        except OSError:
+            return False  # between the move and the fresh file
+        return inode != self._inode
+
+    def _reopen(self) -> None:
+        """Read the file now at the path (the writer's fresh copy) from here on."""
+        if self._db is not None:
+            self._db.close()
+        self._inode = self.path.stat().st_ino
+        self._db = _connect(self.path, create=False)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -39,45 +61,83 @@ class JournalReader:
         return self._db
 
     def read(self, after: int, limit: int) -> list[tuple[int, RawMessage]]:
-        """Up to ``limit`` messages with offsets > ``after``, ascending."""
+        """Up to ``limit`` messages with offsets > ``after``, ascending.
+
+        When the partition file is found corrupt, the writer is asked to
+        replace it (:func:`flag_damage`) and nothing is returned until it has;
+        then reading goes on from the fresh file, after ``after``.
+        """
         with self._lock:
-            rows = (
-                self._conn()
-                .execute(
+            db = self._conn()
+            try:
+                rows = db.execute(
                     "SELECT seq, device, channel, transport, received_at_us, payload FROM messages"
                     " WHERE seq > ? ORDER BY seq LIMIT ?",
                     (after, limit),
-                )
-                .fetchall()
-            )
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                problem = corruption(exc)
+                if problem is None:
+                    raise
+                if self._replaced():
+                    self._reopen()
+                else:
+                    self.report_damage(problem)
+                return []
+            if not rows and self._replaced():
+                self._reopen()
         return [
             (int(seq), RawMessage(device, channel, transport, from_us(us), bytes(payload)))
             for seq, device, channel, transport, us, payload in rows
         ]
 
-    def last_offset(self) -> int:
-        """Highest committed offset, -1 when none yet."""
+    def report_damage(self, problem: str) -> None:
+        """Ask the journal's writer to replace this partition, found corrupt (``problem``)."""
+        flag_damage(self.path, problem, self._inode)
+
+    def _fetch(self, sql: str, params: tuple[object, ...] = ()) -> tuple[object, ...] | None:
+        """One row, None if none; corruption reported to the writer raises :class:`_Damaged`."""
         with self._lock:
-            row = (
-                self._conn()
-                .execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
-                .fetchone()
-            )
-        return -1 if row is None else int(row[0])
+            try:
+                return self._conn().execute(sql, params).fetchone()
+            except sqlite3.DatabaseError as exc:
+                problem = corruption(exc)
+                if problem is None:
+                    raise
+                if self._replaced():
+                    self._reopen()
+                else:
+                    self.report_damage(problem)
+                raise _Damaged(problem) from exc
+
+    def last_offset(self) -> int:
+        """Highest committed offset, -1 when none yet (or while a corrupt file is replaced)."""
+        try:
+            row = self._fetch("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
+        except _Damaged:
+            return -1
+        return -1 if row is None else int(row[0])  # type: ignore[call-overload]
 
     def released(self, reader: str) -> int:
-        """What ``reader`` released last, -1 if never."""
-        with self._lock:
-            row = (
-                self._conn()
-                .execute("SELECT released FROM readers WHERE name = ?", (reader,))
-                .fetchone()
-            )
-        return -1 if row is None else int(row[0])
+        """What ``reader`` released last, -1 if never.
+
+        Raises ``sqlite3.DatabaseError`` while the file is corrupt (the writer
+        was asked to replace it): a reader must not start from a guess.
+        """
+        row = self._fetch("SELECT released FROM readers WHERE name = ?", (reader,))
+        return -1 if row is None else int(row[0])  # type: ignore[call-overload]
 
     def release(self, reader: str, offset: int) -> None:
-        """``reader`` is done with offsets <= ``offset`` (registers it; never goes back)."""
-        last = self.last_offset()
+        """``reader`` is done with offsets <= ``offset`` (registers it; never goes back).
+
+        Nothing is released while the file is corrupt (the next release, on
+        the replaced file, catches up).
+        """
+        try:
+            row = self._fetch("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
+        except _Damaged:
+            return
+        last = -1 if row is None else int(row[0])  # type: ignore[call-overload]
         if offset > last:
             msg = (
                 f"journal: reader {reader!r} released offset {offset} of {self.path}, beyond "
@@ -85,12 +145,14 @@ class JournalReader:
                 "offsets read()"
             )
             raise ValueError(msg)
-        with self._lock:
-            self._conn().execute(
+        try:
+            self._fetch(
                 "INSERT INTO readers (name, released) VALUES (?, ?) ON CONFLICT (name) "
                 "DO UPDATE SET released = max(released, excluded.released)",
                 (reader, offset),
             )
+        except _Damaged:
+            return
 
     def close(self) -> None:
         """Close the file; further calls raise RuntimeError."""

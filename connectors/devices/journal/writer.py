@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from connectors.common.stores import corruption, is_disk_full
 from connectors.devices.journal.format import (
     _COLUMNS,
     CHECKPOINT_S,
@@ -35,8 +36,9 @@ from connectors.devices.journal.format import (
     JournalStats,
     _connect,
     _percentile,
+    damage_flag,
     digest_of,
-    is_disk_full,
+    flagged,
     journal_partitions,
     logger,
     partition_of,
@@ -138,6 +140,8 @@ class Journal:
         self._fault_hook: Callable[[sqlite3.Connection], None] | None = None
         """Called at the start of each write transaction (tests inject disk faults with it)."""
         self._disk_full: str | None = None
+        self._broken: str | None = None
+        """Why the journal refuses everything: a corrupt partition could not be replaced."""
         self._closing = False
         self._closed = False
         self._commits = 0
@@ -258,7 +262,12 @@ class Journal:
         with self._lock:
             account = self._accounts.get(device, _NONE)
             held = self._held_bytes + self._pending_bytes + size
-            if len(self._queue) < self._max_queue and held < self._max_bytes and not self._closing:
+            if (
+                len(self._queue) < self._max_queue
+                and held < self._max_bytes
+                and not self._closing
+                and self._broken is None
+            ):
                 if (
                     account[0] + size <= self._device_max_bytes
                     and account[1] < self._device_max_queue
@@ -271,6 +280,8 @@ class Journal:
                     reason = self._share_refusal(device, account, size, over_share)
             elif self._closing:
                 reason = self._closed_message()
+            elif self._broken is not None:
+                reason = self._broken
             else:
                 reason = self._refusal(size)
             if reason is None:
@@ -323,11 +334,14 @@ class Journal:
             and not self._closing
             and account[0] < self._device_max_bytes
             and account[1] < self._device_max_queue
+            and self._broken is None
         ):
             return None
         with self._cond:
             if self._closing:
                 return self._closed_message()
+            if self._broken is not None:
+                return self._broken
             if self._disk_full is not None:
                 return self._disk_full
             refusal = self._refusal(0)
@@ -469,7 +483,7 @@ class Journal:
                 # idle: at once; busy: every TRUNCATE_BUSY_S, each a transaction of its own
                 next_poll = now + TRUNCATE_BUSY_S
                 self._truncate()
-            if not group and self._disk_full is not None and now >= next_probe:
+            if not group and self._disk_full is not None and now >= next_probe and not self._broken:
                 next_probe = now + PROBE_INTERVAL_S
                 self._probe()
             with self._cond:
@@ -533,6 +547,7 @@ class Journal:
                 places.append(i)
         outcomes: list[Committed | BaseException] = [None] * len(group)  # type: ignore[list-item]
         disk_full: str | None = None
+        damaged: dict[int, str] = {}
         wrote = False
         writes = self._write_partitions(
             {index: [group[i] for i in places] for index, places in by_part.items()}
@@ -548,6 +563,12 @@ class Journal:
                         f"on the disk of {self.root}, commits resume by themselves"
                     )
                     error: BaseException = JournalFull(disk_full)
+                elif (problem := corruption(exc)) is not None:
+                    damaged[index] = problem
+                    error = JournalFull(
+                        f"journal partition {part.path} is corrupt ({problem}); it is replaced "
+                        "by a fresh one; hint: retry"
+                    )
                 else:
                     logger.exception("journal %s: commit failed", part.path)
                     error = exc
@@ -575,6 +596,8 @@ class Journal:
                 self._disk_full = disk_full
             elif wrote:
                 self._disk_full = None
+        for index, problem in damaged.items():
+            self._heal(index, problem)
         # one call per run of consecutive items with the same callback, in submission order
         start = 0
         count = len(group)
@@ -716,9 +739,14 @@ class Journal:
             try:
                 part.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:
-                logger.info("journal %s: checkpoint failed: %s", part.path, exc)
+                if (problem := corruption(exc)) is not None:
+                    self._heal(index, problem)
+                else:
+                    logger.info("journal %s: checkpoint failed: %s", part.path, exc)
 
     def _truncate(self) -> None:
+        if self._broken is not None:
+            return
         for part in self._parts:
             try:
                 count, size, sizes = part.truncate_chunk()
@@ -735,8 +763,62 @@ class Journal:
                                 del accounts[device]
                 else:
                     part.vacuum_chunk()
-            except sqlite3.Error:
-                logger.exception("journal %s: truncation failed", part.path)
+            except sqlite3.Error as exc:
+                if (problem := corruption(exc)) is not None:
+                    self._heal(part.index, problem)
+                else:
+                    logger.exception("journal %s: truncation failed", part.path)
+        for part in self._parts:
+            if damage_flag(part.path).exists() and (problem := flagged(part.path)) is not None:
+                self._heal(part.index, problem)
+
+    def _heal(self, index: int, problem: str) -> None:
+        """Replace corrupt partition ``index`` by a fresh file with what is readable of it.
+
+        The writer thread's own work: its checkpointer's connections are
+        closed and reopened around it. Readers in other processes notice the
+        new file (:class:`JournalReader` compares inodes) and go on after
+        their offsets. A partition that cannot be replaced refuses messages
+        with the reason (devices are pushed back) until the edge restarts.
+        """
+        old = self._parts[index]
+        self._checkpointer.close()
+        old.db.close()
+        try:
+            part = _Partition(
+                self.root,
+                index,
+                self.settings.partitions,
+                self.settings.sync,
+                self._cond,
+                damage=problem,
+                last=old.last,
+            )
+        except (sqlite3.Error, OSError) as exc:
+            broken = (
+                f"journal partition {old.path} is corrupt ({problem}) and could not be replaced "
+                f"by a fresh one: {type(exc).__name__}: {exc}; hint: check that {self.root} is "
+                "writable, then restart the edge"
+            )
+            logger.error("%s", broken)
+            with self._cond:
+                self._broken = broken
+            return
+        with self._cond:
+            self._parts[index] = part
+            self._held_bytes = sum(p.bytes for p in self._parts)
+            # the devices' shares: what the fresh file holds, plus what waits in the queue
+            queued: dict[str, list[int]] = {}
+            for item in self._queue:
+                account = queued.setdefault(item.device, [0, 0])
+                account[0] += item.size
+                account[1] += 1
+            for p in self._parts:
+                for device, size in p.device_bytes().items():
+                    queued.setdefault(device, [0, 0])[0] += size
+            self._accounts = queued
+        damage_flag(old.path).unlink(missing_ok=True)
+        self._checkpointer = _Checkpointer([p.path for p in self._parts], self.settings.sync)
 
 
 class _Checkpointer:

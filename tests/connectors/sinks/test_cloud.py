@@ -387,8 +387,35 @@ def test_outbox_failure_keeps_rows_and_retries(box: Outbox, caplog):
     assert "could not store a batch of 5 rows in the outbox" in caplog.text
     assert (
         "OperationalError: database or disk is full. The rows stay buffered (5 rows) and "
-        "the seal is retried in 0.0s. Hint: check free disk space" in caplog.text
+        "the seal is retried in 0.0s. Hint: free disk space on the volume of data_dir"
+        in caplog.text
     )
+
+
+def test_outbox_failure_other_than_a_full_disk_does_not_blame_the_disk(box: Outbox, caplog):
+    real_put = box.put
+    calls = {"n": 0}
+
+    def flaky_put(sealed: Sealed) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise PermissionError(13, "Permission denied")
+        return real_put(sealed)
+
+    sink = Recorder(
+        box, "edge-01", POINTS, settings=CloudSinkSettings(max_rows=5, retry_interval=timedelta(0))
+    )
+    with (
+        mock.patch.object(box, "put", side_effect=flaky_put),
+        caplog.at_level(logging.ERROR, LOGGER),
+    ):
+        run(readings(5), sink, batch_size=5)
+    assert sum(b.rows for b in batches(box)) == 5
+    assert (
+        "PermissionError: [Errno 13] Permission denied. The rows stay buffered (5 rows) and the "
+        "seal is retried in 0.0s. Hint: see the error; check that data_dir is writable"
+    ) in caplog.text
+    assert "free disk space" not in caplog.text
 
 
 def test_failure_at_close_is_logged_as_loss(box: Outbox, caplog):

@@ -504,18 +504,6 @@ def test_directory_path_is_refused(tmp_path: Path):
         Outbox(tmp_path)
 
 
-def test_foreign_file_is_refused(tmp_path: Path):
-    path = tmp_path / "outbox.sqlite"
-    path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(
-        RuntimeError,
-        match=r"Outbox: cannot open '.*outbox.sqlite': DatabaseError: "
-        r"file is not a database. Hint: the path must be a "
-        r"writable SQLite outbox file",
-    ):
-        Outbox(path)
-
-
 def test_newer_schema_is_refused(tmp_path: Path):
     path = tmp_path / "outbox.sqlite"
     with sqlite3.connect(path) as db:
