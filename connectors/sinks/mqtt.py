@@ -121,7 +121,7 @@ class MqttSinkPartition(StatefulSinkPartition[Any, MqttSinkState]):
         self._client.on_publish = self._on_publish
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_unreachable
-        self._client.on_disconnect = self._on_unreachable
+        self._client.on_disconnect = self._on_disconnect
         self._client.loop_start()
         if resume_state is not None:
             self._resume(resume_state)
@@ -164,6 +164,13 @@ class MqttSinkPartition(StatefulSinkPartition[Any, MqttSinkState]):
     ) -> None:
         with self._sent:
             self._reachable = not reason.is_failure
+            self._sent.notify_all()
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, *_: Any) -> None:
+        # Reconnecting: whether the broker is reachable is known again after the next attempt
+        # (a dropped connection, e.g. one the broker closed on a protocol error, is retried).
+        with self._sent:
+            self._reachable = None
             self._sent.notify_all()
 
     def _on_unreachable(self, client: paho.Client, userdata: Any, *_: Any) -> None:
