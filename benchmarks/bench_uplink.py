@@ -46,7 +46,7 @@ import duckdb
 import grpc
 import pyarrow as pa
 
-from connectors.cloud import CloudReceiver
+from connectors.cloud import CloudReceiver, ReceiverLimits
 from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, to_table
 from connectors.uplink.batch import Sealed
@@ -217,12 +217,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+UNPACED = ReceiverLimits(edge_batches_per_s=10**9, edge_bytes_per_s=10**15)
+"""The receiver's per-edge pacing off: both sides run as fast as the receiver stores."""
+
+
 # --- 1. records/s --------------------------------------------------------------------------
 
 
 def run_per_record(db: Path, singles: list[Sealed], timeout: float) -> float:
     """(a) One Push call per record on one channel; seconds for all of them."""
-    receiver = CloudReceiver("127.0.0.1:0", db, EDGES).start()
+    receiver = CloudReceiver("127.0.0.1:0", db, EDGES, limits=UNPACED).start()
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{receiver.port}")
         try:
@@ -250,7 +254,7 @@ def run_per_record(db: Path, singles: list[Sealed], timeout: float) -> float:
 
 def run_batched(tmp: Path, db: Path, batches: list[Sealed], timeout: float) -> float:
     """(b) Outbox + UplinkSender, connected beforehand; seconds from first put to flush."""
-    receiver = CloudReceiver("127.0.0.1:0", db, EDGES).start()
+    receiver = CloudReceiver("127.0.0.1:0", db, EDGES, limits=UNPACED).start()
     try:
         with Outbox(tmp / "outbox-batched.sqlite") as outbox:
             sender = UplinkSender(outbox, sender_settings(receiver.port))
@@ -361,7 +365,9 @@ def run_backlog(tmp: Path, args: argparse.Namespace) -> None:
             )
 
             t0 = time.perf_counter()
-            receiver = CloudReceiver(f"127.0.0.1:{port}", db, EDGES, on_commit=on_commit)
+            receiver = CloudReceiver(
+                f"127.0.0.1:{port}", db, EDGES, on_commit=on_commit, limits=UNPACED
+            )
             receiver.start()
             failed_down = quiet.hidden
             if not sender.flush(args.timeout):
