@@ -76,6 +76,9 @@ log = logging.getLogger("edgesieve.journal")
 _PART_PREFIX = "journal-"
 _COMMITTED_EVERY_S = 0.1
 """During a catch-up (full batches), re-read the committed offset at most this often."""
+READ_BYTES = 8 * 1024 * 1024
+"""Payload bytes one read takes at most (and ``max_batch`` messages): a flood of large
+messages is read a few at a time, so what the flow holds in flight is bounded by bytes."""
 _IDLE_MAX = timedelta(milliseconds=80)
 """Consecutive empty polls wait twice as long each time, up to this: an idle edge sleeps."""
 
@@ -181,10 +184,13 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
                 raise StopIteration
             return self._wait()
         assert self._reader is not None
-        batch = self._reader.read(self._after, self._max_batch)
+        batch = self._reader.read(self._after, self._max_batch, READ_BYTES)
         if batch:
             self._after = batch[-1][0]
-            if len(batch) < self._max_batch:
+            full = (
+                len(batch) == self._max_batch or sum(len(m.payload) for _, m in batch) >= READ_BYTES
+            )
+            if not full:
                 # this read saw everything committed: the flow is caught up
                 self._committed = max(self._committed, self._after)
             elif (

@@ -60,8 +60,14 @@ class JournalReader:
             raise RuntimeError(msg)
         return self._db
 
-    def read(self, after: int, limit: int) -> list[tuple[int, RawMessage]]:
+    def read(
+        self, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[int, RawMessage]]:
         """Up to ``limit`` messages with offsets > ``after``, ascending.
+
+        With ``max_bytes`` the read also stops once the payloads read add up
+        to it (at least one message is returned), so what a read holds in
+        memory is bounded by bytes as well as by count.
 
         When the partition file is found corrupt, the writer is asked to
         replace it (:func:`flag_damage`) and nothing is returned until it has;
@@ -70,11 +76,22 @@ class JournalReader:
         with self._lock:
             db = self._conn()
             try:
-                rows = db.execute(
+                cursor = db.execute(
                     "SELECT seq, device, channel, transport, received_at_us, payload FROM messages"
                     " WHERE seq > ? ORDER BY seq LIMIT ?",
                     (after, limit),
-                ).fetchall()
+                )
+                if max_bytes is None:
+                    rows = cursor.fetchall()
+                else:
+                    rows = []
+                    held = 0
+                    for row in cursor:
+                        rows.append(row)
+                        held += len(row[5])
+                        if held >= max_bytes:
+                            break
+                    cursor.close()
             except sqlite3.DatabaseError as exc:
                 problem = corruption(exc)
                 if problem is None:

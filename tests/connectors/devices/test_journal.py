@@ -708,3 +708,16 @@ def test_device_share_must_be_a_fraction(root: Path) -> None:
             "fraction of journal.max_bytes one device may hold, e.g. 0.25 (1: no limit)"
         )):
             Journal(JournalSettings(root=root, device_share=share))
+
+
+def test_a_read_is_bounded_by_bytes_as_well_as_by_count(root: Path, open_journal) -> None:
+    journal = open_journal(device_share=1.0)
+    sizes = [100, 5_000, 100, 70_000, 300, 10]
+    for f in [journal.submit(message("dev", b"x" * n)) for n in sizes]:
+        f.result(10)
+    with JournalReader(root, 0) as reader:
+        assert [o for o, _ in reader.read(-1, 10, 5_100)] == [0, 1]  # stops once 5,100 bytes held
+        assert [o for o, _ in reader.read(1, 10, 50)] == [2]  # one over the cap: still one message
+        assert [o for o, _ in reader.read(2, 10, 1_000_000)] == [3, 4, 5]
+        assert [o for o, _ in reader.read(-1, 2, 1_000_000)] == [0, 1]  # the count still caps
+        assert [o for o, _ in reader.read(-1, 10)] == list(range(6))
