@@ -208,7 +208,7 @@ def test_salvaged_journal_messages_go_through_a_deployed_edge_once(
     from tests.flows.conftest import running
 
     root = tmp_path / "journal"
-    with Journal(JournalSettings(root=root, partitions=1)) as journal:
+    with Journal(JournalSettings(root=root, partitions=1, device_share=1.0)) as journal:
         futures = [
             journal.submit(
                 RawMessage(
