@@ -155,6 +155,17 @@ STREAMS: dict[str, StreamSpec] = {
             ],
         ),
         _spec(
+            "device_attributes",
+            "updated_at",
+            [
+                ("device", pa.string()),
+                ("key", pa.string()),
+                ("value", pa.string()),  # the attribute's value as JSON text
+                ("updated_at", UTC_US),
+                ("source", pa.string()),  # the transport it came over
+            ],
+        ),
+        _spec(
             "dead_letters",
             "received_at",
             [

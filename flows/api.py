@@ -36,6 +36,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import cluster_main
 from prometheus_client import CollectorRegistry
 
+from connectors.codecs.attributes_json import Attribute
 from connectors.common.stores import StoreRecoveryCollector, heal_recovery_store
 from connectors.devices.journal_source import JournalSource
 from connectors.sinks.cloud import CloudSink, CloudSinkSettings
@@ -64,7 +65,9 @@ __all__ = ["Devices", "Edge", "RunResult"]
 
 log = logging.getLogger("edgesieve.run")
 
-CLOUD_BY_DEFAULT = frozenset({"telemetry_summary", "vibration_features", "alarms"})
+CLOUD_BY_DEFAULT = frozenset(
+    {"telemetry_summary", "vibration_features", "alarms", "device_attributes"}
+)
 """Streams sent to the cloud when ``cloud`` is configured (points with ``cloud.send_points``)."""
 
 LOCAL_ONLY = frozenset({"telemetry_text", "dead_letters"})
@@ -76,7 +79,7 @@ class Devices:
 
     ``readings`` are numeric readings keyed by series (``device/key``),
     ``text`` are string readings, ``blocks`` are vibration blocks keyed by
-    device. ``series`` is ``readings`` with an
+    device, ``attributes`` are client attributes keyed by device. ``series`` is ``readings`` with an
     :class:`~operators.records.Evict` wherever ``limits.series_idle_evict``
     forgets a series, in order with its readings: feed it to operators that
     keep per-series state (deadband, window aggregates, threshold) so that
@@ -90,6 +93,7 @@ class Devices:
         series: KeyedStream[Reading | Evict],
         text: Stream[Reading],
         blocks: KeyedStream[VibrationBlock],
+        attributes: KeyedStream[Attribute],
         *,
         step_id: str,
     ) -> None:
@@ -97,6 +101,7 @@ class Devices:
             "readings": series,
             "text": text,
             "blocks": blocks,
+            "attributes": attributes,
         }
         self._step_id = step_id
         self._readings: KeyedStream[Reading] | None = None
@@ -125,6 +130,11 @@ class Devices:
     def blocks(self) -> KeyedStream[VibrationBlock]:
         """Decoded EVB1 vibration blocks, keyed by device."""
         return self._take("blocks")
+
+    @property
+    def attributes(self) -> KeyedStream[Attribute]:
+        """Client attributes (the ``attributes`` channel), keyed by device."""
+        return self._take("attributes")
 
     def _take(self, kind: str) -> Any:
         self._used.add(kind)
@@ -333,12 +343,14 @@ class Edge:
         numbers = op.branch(f"{sid}_numbers", items, _is_number)
         others = op.branch(f"{sid}_text", numbers.falses, _is_reading)
         rest = op.branch(f"{sid}_blocks", others.falses, _is_block)
-        shared.errors = rest.falses  # type: ignore[assignment]
+        attributes = op.branch(f"{sid}_attributes", rest.falses, _is_attribute)
+        shared.errors = attributes.falses  # type: ignore[assignment]
         text = op.map(f"{sid}_unkey_text", others.trues, _value)
         shared.devices = Devices(
             numbers.trues,  # type: ignore[arg-type]
             text,
             rest.trues,  # type: ignore[arg-type]
+            attributes.trues,  # type: ignore[arg-type]
             step_id=sid,
         )
         return shared.devices
@@ -716,3 +728,7 @@ def _is_reading(item: tuple[str, Decoded]) -> bool:
 
 def _is_block(item: tuple[str, Decoded]) -> bool:
     return type(item[1]) is VibrationBlock
+
+
+def _is_attribute(item: tuple[str, Decoded]) -> bool:
+    return type(item[1]) is Attribute

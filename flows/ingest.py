@@ -1,7 +1,7 @@
 """The decode step every flow starts with: count, decode, limit and key.
 
-Readings are keyed by series (``device/key``), vibration blocks by device,
-dead letters by the name of the flow part that reports them. Messages of a
+Readings are keyed by series (``device/key``), vibration blocks and client
+attributes by device, dead letters by the name of the flow part that reports them. Messages of a
 channel the flow does not take become dead letters, so nothing is dropped
 silently. The ``limits`` of the configuration are applied here, before any
 operator keeps state: too many keys in one message, too many series for one
@@ -23,6 +23,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Stream
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
+from connectors.codecs.attributes_json import ATTRIBUTES, Attribute, attributes_payload
 from connectors.codecs.decode import decode
 from connectors.codecs.evb1 import encode_evb1
 from connectors.codecs.telemetry_json import decode_telemetry
@@ -59,10 +60,10 @@ REFUSED = "refused_"
 (readings)."""
 EVICTED = "evicted_series"
 """Stage counting series forgotten after ``limits.series_idle_evict`` of silence."""
-CHANNELS = (TELEMETRY, VIBRATION)
+CHANNELS = (TELEMETRY, VIBRATION, ATTRIBUTES)
 """The device API's channels."""
 
-Decoded = Reading | VibrationBlock | DeadLetter
+Decoded = Reading | VibrationBlock | Attribute | DeadLetter
 
 
 class Owner(Protocol):
@@ -84,8 +85,9 @@ def decoder(
 
     ``owner_of(channel)`` picks the part whose report counts that channel's
     messages and whose ``dead_letters`` get its undecodable ones. Out come
-    ``(device, Message)`` for telemetry (its readings, for :func:`series_limits`),
-    ``(device, block)`` for vibration and ``(part name, dead letter)``. A
+    ``(device, Message)`` for telemetry (its readings, for :func:`series_limits`;
+    nothing for an empty ``{}``), ``(device, block)`` for vibration,
+    ``(device, attribute)`` for each client attribute and ``(part name, dead letter)``. A
     message with more than ``keys_per_message`` distinct keys is a dead letter
     whole, counted in the stage ``refused_keys_per_message``.
     """
@@ -115,6 +117,11 @@ def decoder(
                 else:
                     result = decode(msg, max_payload_bytes=max_payload_bytes)
             if type(result) is list:
+                if channel == ATTRIBUTES:
+                    out.extend((device, attribute) for attribute in result)
+                    continue
+                if not result:  # {}: a valid message with nothing in it
+                    continue
                 if keys_per_message is not None and len(result) > keys_per_message:
                     keys = len({r.key for r in result})
                     if keys > keys_per_message:
@@ -396,12 +403,15 @@ def _unwanted(msg: RawMessage, flow: str) -> DeadLetter:
 def to_dead_letter(item: Decoded, reason: str) -> DeadLetter:
     """``item`` as a dead letter with ``reason`` (a dead letter stays as it is).
 
-    The payload is the record in its device API shape (JSON for a reading,
-    EVB1 for a vibration block), so it can be sent again. Its ``received_at``
+    The payload is the record in its device API shape (JSON for a reading or
+    an attribute, EVB1 for a vibration block), so it can be sent again. Its ``received_at``
     is the record's own timestamp, so a replay gives the same dead letter.
     """
     if isinstance(item, DeadLetter):
         return item
+    if isinstance(item, Attribute):
+        payload = attributes_payload([item])
+        return DeadLetter(item.device, item.source, item.updated_at, reason, payload)
     if isinstance(item, VibrationBlock):
         payload = encode_evb1(
             item.samples, sample_rate_hz=item.sample_rate_hz, start_ts=item.start_ts

@@ -2,6 +2,7 @@
 
 Device telemetry → decode → deadband → ``telemetry_points``; event-time window
 aggregates → ``telemetry_summary``; string values → ``telemetry_text``;
+client attributes → ``device_attributes``;
 undecodable payloads, late readings and what ``limits`` refuses →
 ``dead_letters``. Series evicted as idle (``limits.series_idle_evict``) have
 their open windows emitted and their state dropped.
@@ -16,6 +17,7 @@ from datetime import timedelta
 
 import bytewax.operators as op
 
+from connectors.codecs.attributes_json import ATTRIBUTES
 from flows.api import Devices, Edge
 from flows.ingest import reading_payload
 from flows.runtime import lazy_flow
@@ -62,12 +64,13 @@ def pipeline(edge: Edge, dev: Devices) -> None:
     edge.output("telemetry_points", points)
     edge.output("telemetry_summary", agg.down)
     edge.output("telemetry_text", dev.text)
+    edge.output("device_attributes", dev.attributes)
     edge.dead_letters(late)
 
 
 def build(edge: Edge) -> None:
-    """The telemetry flow: device telemetry in, points, summaries, text and dead letters out."""
-    pipeline(edge, edge.devices("in", channels=[TELEMETRY]))
+    """The telemetry flow: telemetry and attributes in; points, summaries, text, attributes out."""
+    pipeline(edge, edge.devices("in", channels=[TELEMETRY, ATTRIBUTES]))
 
 
 __getattr__ = lazy_flow(__name__, build)

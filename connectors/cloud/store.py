@@ -109,6 +109,8 @@ STREAM_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 NATURAL_KEYS: dict[str, tuple[str, ...]] = {
     "telemetry_points": ("device", "key", "ts"),
     "telemetry_text": ("device", "key", "ts"),
+    # Every update is kept; the latest per device and key is arg_max(value, updated_at).
+    "device_attributes": ("device", "key", "updated_at"),
     "telemetry_summary": ("device", "key", "window_start"),
     "vibration_features": ("device", "axis", "ts"),
     # ``key`` (device/axis the rule watched): one rule on several axes of a

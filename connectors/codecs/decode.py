@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from connectors.codecs.attributes_json import ATTRIBUTES, Attribute, decode_attributes
 from connectors.codecs.evb1 import decode_vibration
 from connectors.codecs.telemetry_json import decode_telemetry
 from operators.records import TELEMETRY, VIBRATION, DeadLetter, RawMessage, Reading, VibrationBlock
@@ -13,7 +14,7 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 
 def decode(
     msg: RawMessage, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
-) -> list[Reading] | VibrationBlock | DeadLetter:
+) -> list[Reading] | list[Attribute] | VibrationBlock | DeadLetter:
     """Decode one message by its channel; never raises for bad device input.
 
     An oversized payload becomes a dead letter that keeps the first
@@ -30,7 +31,11 @@ def decode(
         return decode_telemetry(msg)
     if msg.channel == VIBRATION:
         return decode_vibration(msg)
-    reason = f"unknown channel {msg.channel!r}; expected {TELEMETRY!r} or {VIBRATION!r}"
+    if msg.channel == ATTRIBUTES:
+        return decode_attributes(msg)
+    reason = (
+        f"unknown channel {msg.channel!r}; expected {TELEMETRY!r}, {VIBRATION!r} or {ATTRIBUTES!r}"
+    )
     return _dead(msg, reason, msg.payload)
 
 

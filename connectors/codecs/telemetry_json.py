@@ -12,14 +12,20 @@ doubles), a fractional one is not. A reading without ``ts`` gets the
 message's ``received_at``.
 
 Values: finite numbers become ``float``, booleans become ``1.0``/``0.0``,
-strings are kept as ``str``. Anything else (``null``, arrays, objects,
-``NaN``/``Infinity`` tokens, numbers that overflow a float) makes the whole
+strings are kept as ``str``, and JSON objects and arrays are kept as their
+compact JSON text (a ``str``, like ThingsBoard's JSON values), so they land
+with the strings. Anything else (``null``, ``NaN``/``Infinity`` tokens, also
+inside an object or array, numbers that overflow a float, unpaired surrogates) makes the whole
 message one :class:`DeadLetter` whose ``reason`` is a single line starting
 with ``"telemetry: "``. A leading UTF-8 byte order mark is ignored. When a
 JSON object repeats a key, the last value wins (as in :func:`json.loads`).
 
+An empty object (``{}``, or ``{"ts": ..., "values": {}}``) is a valid message
+with no readings: ThingsBoard's clients post ``{}`` to test the connection.
+
 Decoding never raises for device input: every payload, however malformed or
-deeply nested, yields either a non-empty ``list[Reading]`` or a dead letter.
+deeply nested, yields either a ``list[Reading]`` (empty only for empty
+objects) or a dead letter.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ __all__ = [
     "MAX_TS_MS",
     "MIN_TS_MS",
     "decode_telemetry",
+    "json_text",
 ]
 
 MAX_KEY_LENGTH = 256
@@ -53,7 +60,7 @@ MAX_TS_MS = 4_102_444_800_000
 _PREFIX = "telemetry: "
 _MAX_REASON = 200
 _MAX_QUOTE = 40
-_VALUE_HINT = "send finite numbers, booleans or strings"
+_VALUE_HINT = "send finite numbers, booleans, strings, objects or arrays"
 _TS_HINT = "send Unix milliseconds as an integer, e.g. 1763800000000"
 _SHAPE_HINT = 'send {"key": value}, {"ts": <Unix ms>, "values": {...}} or a list of those'
 
@@ -192,10 +199,6 @@ def _collect(obj: dict[str, Any], msg: RawMessage, out: list[Reading], index: in
     else:
         items = obj
         ts = msg.received_at
-    if not items:
-        where = "'values' is empty" if items is not obj else "the object is empty"
-        _reject(index, f"{where}, so there are no readings; " + _SHAPE_HINT)
-
     device = msg.device
     transport = msg.transport
     append = out.append
@@ -249,9 +252,38 @@ def _collect(obj: dict[str, Any], msg: RawMessage, out: list[Reading], index: in
                 "'values' without 'ts'; add \"ts\" (Unix milliseconds) or send the keys "
                 "at the top level",
             )
+        elif kind is dict or kind is list:
+            value = json_text(value)
+            if value is None:
+                _reject(
+                    index,
+                    f"value of {_quote(key)} holds NaN, Infinity or an unpaired surrogate; "
+                    "send standard JSON",
+                )
         else:
             _reject(index, f"value of {_quote(key)} is {_kind(value)}; " + _VALUE_HINT)
         append(Reading(device, key, ts, value, transport))
+
+
+def _no_constant(value: object) -> NoReturn:
+    raise TypeError(value)
+
+
+def json_text(value: object) -> str | None:
+    """``value`` (as this module decodes JSON) as compact JSON text, or None.
+
+    None when it holds a ``NaN``/``Infinity`` token or an unpaired surrogate;
+    ``null`` inside an object or array is kept.
+    """
+    try:
+        text = json.dumps(
+            value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_no_constant
+        )
+    except (TypeError, ValueError, RecursionError):
+        return None
+    if not text.isascii() and _has_surrogate(text):
+        return None
+    return text
 
 
 def _timestamp(raw: object, index: int | None) -> datetime:

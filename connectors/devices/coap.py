@@ -70,6 +70,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 from aiocoap.resource import PathCapable, Resource
 
+from connectors.codecs.attributes_json import ATTRIBUTES
 from connectors.common.address import parse_host_port
 from connectors.devices.ingress import Ingress, Verdict
 from connectors.devices.registry import DeviceRegistry
@@ -83,7 +84,7 @@ WIRE_LOGGER = "edgesieve.coap.wire"
 """aiocoap's own logger for the server; set to WARNING unless configured otherwise."""
 
 TRANSPORT = "coap"
-CHANNELS = (TELEMETRY, VIBRATION)
+CHANNELS = (TELEMETRY, VIBRATION, ATTRIBUTES)
 DEFAULT_MAX_TRANSFERS = 16
 DEFAULT_MAX_DEVICE_TRANSFERS = 2
 DEFAULT_TRANSFER_TIMEOUT_S = 93.0
@@ -93,7 +94,9 @@ DEFAULT_TRANSFER_DEADLINE_S = 300.0
 
 _MAX_DIAGNOSTIC_BYTES = 512
 _BERT_EXPONENT = 7
-_API_PATHS = "POST to /api/v1/{token}/telemetry or /api/v1/{token}/vibration"
+_API_PATHS = (
+    "POST to /api/v1/{token}/telemetry, /api/v1/{token}/attributes or /api/v1/{token}/vibration"
+)
 _REDACT = re.compile(r"(api/v1/|'api', 'v1', ')[^/'\"\s]+")
 
 

@@ -81,7 +81,7 @@ server_logger = logging.getLogger("edgesieve.http.server")
 """aiohttp's own connection-level messages; see :class:`_RedactParseErrors`."""
 
 TRANSPORT: Final = "http"
-ROUTE: Final = "/api/v1/{token:[^/]+}/{channel:telemetry|vibration}"
+ROUTE: Final = "/api/v1/{token:[^/]+}/{channel:telemetry|vibration|attributes}"
 KEEPALIVE_TIMEOUT_S: Final = 75.0
 """Idle keep-alive connections are closed after this long."""
 SHUTDOWN_TIMEOUT_S: Final = 5.0
@@ -99,8 +99,12 @@ _ACCEPTED: Final = b'{"status": "accepted"}'
 _HINTS: Final = {
     "telemetry": 'POST JSON telemetry like {"temperature": 21.5}',
     "vibration": "POST one EVB1 block as application/octet-stream",
+    "attributes": 'POST a JSON object of attributes like {"firmware": "1.4.2"}',
 }
-_ENDPOINTS: Final = "devices POST to /api/v1/{token}/telemetry or /api/v1/{token}/vibration"
+_ENDPOINTS: Final = (
+    "devices POST to /api/v1/{token}/telemetry, /api/v1/{token}/attributes "
+    "or /api/v1/{token}/vibration"
+)
 _TOKEN_IN_PATH = re.compile(r"(/api/v1/)[^/\s]+")
 
 if hasattr(web, "RequestKey"):

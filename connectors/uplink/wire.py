@@ -55,6 +55,7 @@ PRIORITIES: dict[str, int] = {
     "telemetry_summary": 2,
     "telemetry_points": 3,
     "telemetry_text": 3,
+    "device_attributes": 2,
     "dead_letters": 4,
 }
 """Outbox priority of each built-in stream: 0 is sent first and dropped last."""

@@ -64,6 +64,7 @@ def test_stream_contract_columns_and_time_columns() -> None:
             "ts",
         ),
         "alarms": (["device", "ts", "rule", "state", "severity", "value", "key"], "ts"),
+        "device_attributes": (["device", "key", "value", "updated_at", "source"], "updated_at"),
     }
     assert set(STREAMS) == set(expected)
     for name, (columns, time_column) in expected.items():
@@ -77,6 +78,7 @@ def test_stream_contract_columns_and_time_columns() -> None:
     assert STREAMS["telemetry_summary"].schema.field("count").type == pa.int64()
     assert STREAMS["telemetry_summary"].schema.field("window_end").type == UTC_US
     assert STREAMS["dead_letters"].schema.field("payload").type == pa.binary()
+    assert STREAMS["device_attributes"].schema.field("value").type == pa.string()
 
 
 def test_readings_to_table_keep_values_types_and_utc() -> None:

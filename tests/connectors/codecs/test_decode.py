@@ -53,7 +53,7 @@ payloads = st.one_of(
     evb1_like().map(lambda b: b[: len(b) // 2]),  # truncated
     telemetry_docs.map(lambda b: b"\xef\xbb\xbf" + b),  # BOM
 )
-channels = st.sampled_from(["telemetry", "vibration"]) | st.text(max_size=10)
+channels = st.sampled_from(["telemetry", "vibration", "attributes"]) | st.text(max_size=10)
 
 
 @given(channel=channels, payload=payloads, limit=st.integers(1, 400))
@@ -73,12 +73,12 @@ def test_decode_never_raises_for_any_channel_payload_or_limit(
                 f"{channel}: payload of {len(payload)} bytes is over the {limit}-byte limit; "
                 "split it or raise max_payload_bytes (first bytes kept)"
             )
-        elif channel in ("telemetry", "vibration"):
+        elif channel in ("telemetry", "vibration", "attributes"):
             assert out.payload == payload
             assert_reason_shape(out.reason, channel)
         else:
             assert out.reason == (
-                f"unknown channel {channel!r}; expected 'telemetry' or 'vibration'"
+                f"unknown channel {channel!r}; expected 'telemetry', 'vibration' or 'attributes'"
             )
         return
     assert len(payload) <= limit
@@ -87,7 +87,10 @@ def test_decode_never_raises_for_any_channel_payload_or_limit(
         assert out.samples.dtype == np.float64 and np.isfinite(out.samples).all()
         assert out.raw_bytes == len(payload)
         return
-    assert channel == "telemetry" and isinstance(out, list) and out
+    assert channel in ("telemetry", "attributes") and isinstance(out, list)
+    if channel == "attributes":
+        assert all(json.loads(a.value) is not None for a in out)
+        return
     for reading in out:
         assert isinstance(reading, Reading) and reading.device == "pump-7"
         assert reading.ts.utcoffset() is not None
