@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["STREAMS", "UTC_US", "StreamSpec", "conform", "declare", "spec_of", "to_table"]
+__all__ = ["STREAMS", "UTC_US", "VIEWS", "StreamSpec", "conform", "declare", "spec_of", "to_table"]
 
 UTC_US = pa.timestamp("us", tz="UTC")
 """Arrow type of every timestamp column: microseconds, UTC."""
@@ -179,6 +179,19 @@ STREAMS: dict[str, StreamSpec] = {
     )
 }
 """The streams written by the standard flows, by name."""
+
+
+VIEWS: dict[str, dict[str, str]] = {
+    "device_attributes": {
+        "device_attributes_latest": (
+            "SELECT device, key, arg_max(value, updated_at) AS value, "
+            "max(updated_at) AS updated_at, arg_max(source, updated_at) AS source "
+            "FROM device_attributes GROUP BY device, key"
+        ),
+    },
+}
+"""SQL views over a stream, by stream then view name: ``device_attributes_latest`` holds
+the latest value of each device's attribute (every update stays in ``device_attributes``)."""
 
 
 def spec_of(stream: str | StreamSpec, where: str) -> StreamSpec:

@@ -233,12 +233,12 @@ class Edge:
         """Set it to stop the flow cleanly (SIGTERM/SIGINT do when run by ``edgesieve run``)."""
         return self._shared.stop
 
-    def part(self, name: str, *, channel: str | None = None) -> Edge:
+    def part(self, name: str, *, channel: str | Iterable[str] | None = None) -> Edge:
         """A named part of this flow with its own report, e.g. telemetry and vibration in one flow.
 
         Step ids made with :meth:`id` and the part's outputs are prefixed with
-        ``name``. With ``channel``, the messages and dead letters of that
-        device channel are counted in this part's report.
+        ``name``. With ``channel`` (one or several), the messages and dead
+        letters of that device channel are counted in this part's report.
         """
         self._check_open("part")
         part = object.__new__(Edge)
@@ -251,14 +251,15 @@ class Edge:
         part._outputs = {}
         part._letters = 0
         self._shared.parts.append(part)
-        if channel is not None:
-            if channel not in CHANNELS:
+        channels = () if channel is None else (channel,) if isinstance(channel, str) else channel
+        for one in channels:
+            if one not in CHANNELS:
                 msg = (
-                    f"Edge.part({name!r}): channel {channel!r} is not a device channel; "
+                    f"Edge.part({name!r}): channel {one!r} is not a device channel; "
                     f"hint: one of {', '.join(CHANNELS)}"
                 )
                 raise ValueError(msg)
-            self._shared.owners[channel] = part
+            self._shared.owners[one] = part
         return part
 
     def id(self, step_id: str) -> str:

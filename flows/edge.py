@@ -22,7 +22,7 @@ __all__ = ["build"]
 def build(edge: Edge) -> None:
     """Both standard pipelines on one device input, each with its own report."""
     dev = edge.devices("in", channels=[TELEMETRY, VIBRATION, ATTRIBUTES])
-    telemetry.pipeline(edge.part("telemetry", channel=TELEMETRY), dev)
+    telemetry.pipeline(edge.part("telemetry", channel=(TELEMETRY, ATTRIBUTES)), dev)
     vibration.pipeline(edge.part("vibration", channel=VIBRATION), dev)
 
 

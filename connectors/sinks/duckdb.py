@@ -4,7 +4,8 @@ Database: ``data_dir/edge.duckdb`` (the path is given to :class:`DuckDBSink`).
 For each stream it holds
 
 - ``main.<stream>``: a VIEW with exactly the stream's columns
-  (:data:`connectors.streams.STREAMS`) — what users query;
+  (:data:`connectors.streams.STREAMS`) — what users query — and the stream's
+  derived views (:data:`connectors.streams.VIEWS`, e.g. ``device_attributes_latest``);
 - ``edgesieve.<stream>``: the rows, plus ``_flush BIGINT``, the id of the
   flush that loaded them;
 - ``edgesieve.flushes``: one row per committed flush: ``sink`` (the output
@@ -72,7 +73,7 @@ from connectors.sinks.timed import (
     check_recovery_dir,
     recovery_store_id,
 )
-from connectors.streams import StreamSpec, spec_of
+from connectors.streams import VIEWS, StreamSpec, spec_of
 
 __all__ = [
     "DuckDBSettings",
@@ -472,6 +473,8 @@ class DuckDBSinkPartition(ReplaySafePartition):
                         f"CREATE OR REPLACE VIEW main.{_quote(spec.name)} AS "
                         f"SELECT {self._columns} FROM {self._table}"
                     )
+                    for view, query in VIEWS.get(spec.name, {}).items():
+                        cur.execute(f"CREATE OR REPLACE VIEW main.{_quote(view)} AS {query}")
                 except duckdb.CatalogException as exc:
                     msg = (
                         f"{self._where}: cannot create the view main.{spec.name} in "

@@ -85,7 +85,8 @@ def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
     good_block = encode_evb1(np.zeros((64, 3)), sample_rate_hz=1000, start_ts=T0)
     bad = {
         ("telemetry", b"{not json"): "telemetry: ",
-        ("telemetry", b'{"t": [1, 2]}'): "telemetry: ",
+        ("telemetry", b'{"t": [1, NaN]}'): "telemetry: ",
+        ("attributes", b'{"fw": null}'): "attributes: value of 'fw' is null",
         ("telemetry", b'{"t": NaN}'): "NaN",
         ("telemetry", b""): "telemetry: ",
         ("telemetry", b'{"t": "' + b"x" * 5000 + b'"}'): "over the 4096-byte limit",
@@ -106,7 +107,9 @@ def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
         )
 
     glob = str(tmp_path / "parquet" / "dead_letters" / "**" / "*.parquet")
-    letters = duckdb.sql(f"select device, transport, reason from read_parquet('{glob}') order by device").fetchall()
+    letters = duckdb.sql(
+        f"select device, transport, reason from read_parquet('{glob}') order by device"
+    ).fetchall()
     assert [d for d, _, _ in letters] == [f"dev-{i}" for i in range(len(bad))]
     assert all(t == "mqtt" for _, t, _ in letters)
     for (_, _, reason), expected in zip(letters, bad.values(), strict=True):

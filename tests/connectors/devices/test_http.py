@@ -245,8 +245,17 @@ def test_bad_input_matrix(tmp_path, run_flow):
         Case(tel, TOKEN_1, "telemetry", b'{"t": 21.5', 400, dead=True, reason=(
             r"telemetry: not valid JSON \(Expecting ',' delimiter at line 1 column 11\); "
             r"send UTF-8 JSON")),
-        Case(tel, TOKEN_1, "telemetry", b'{"t": [1, 2]}', 400, dead=True, reason=(
-            r"telemetry: value of 't' is an array; send finite numbers, booleans or strings")),
+        Case(tel, TOKEN_1, "telemetry", b'{"t": [1, NaN]}', 400, dead=True, reason=(
+            r"telemetry: value of 't' holds NaN, Infinity or an unpaired surrogate; send ")),
+        Case(tel, TOKEN_2, "telemetry", b"{}", 200, args=("-H", "Content-Type: application/json")),
+        Case(tel, TOKEN_1, "attributes", b'{"fw": "1.4.2"}', 200,
+             args=("-H", "Content-Type: application/json")),
+        Case(tel, TOKEN_1, "attributes", b"[1]", 400, dead=True, reason=(
+            r"attributes: top-level JSON is an array; send one JSON object of attributes")),
+        Case(tel, TOKEN_1, "attributes", b"", 400,
+             reason=r'empty body; POST a JSON object of attributes like \{"firmware": "1\.4\.2"\}'),
+        Case(tel, "not-a-known-token", "attributes", b'{"fw": "1"}', 401,
+             reason=re.escape(UNKNOWN_TOKEN)),
         Case(tel, TOKEN_2, "telemetry", b'{"t": NaN}', 400, dead=True,
              reason=r"telemetry: value of 't' is NaN; send finite numbers"),
         Case(tel, TOKEN_2, "telemetry", good_reading(-8, 5.0), 200),
@@ -327,6 +336,10 @@ def test_bad_input_matrix(tmp_path, run_flow):
         dirs["telemetry"], "telemetry_points", "select device, value from {src} order by value"
     )
     assert points == [("pump-1", 1.0), ("fan-2", 5.0), ("fan-2", 9.0)]
+    attributes = query_parquet(
+        dirs["telemetry"], "device_attributes", "select device, key, value, source from {src}"
+    )
+    assert attributes == [("pump-1", "fw", '"1.4.2"', "http")]
     features = query_parquet(
         dirs["vibration"], "vibration_features", "select count(*), min(ts) from {src}"
     )
