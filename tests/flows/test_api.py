@@ -67,9 +67,7 @@ def test_a_new_schema_and_dead_letters_with_a_reason(tmp_path, config):
     def build(edge: Edge) -> None:
         dev = edge.devices("in")
         doubled = op.map(
-            "double",
-            dev.readings,
-            lambda kv: {"device": kv[1].device, "ts": kv[1].ts, "doubled": 2 * kv[1].value},
+            "double", dev.readings, lambda kv: {"device": kv[1].device, "ts": kv[1].ts, "doubled": 2 * kv[1].value}
         )
         edge.output("doubled", doubled, schema=schema, time_column="ts")
         edge.dead_letters(dev.text, reason="text is not kept by this flow")
@@ -77,9 +75,7 @@ def test_a_new_schema_and_dead_letters_with_a_reason(tmp_path, config):
     run_recorded(build, config, [telemetry("d", {"ts": MS, "values": {"a": 2, "s": "hi"}})])
     assert rows(tmp_path, "doubled", "device, doubled") == [("d", 4.0)]
     letters = rows(tmp_path, "dead_letters", "reason, payload")
-    assert letters == [
-        ("text is not kept by this flow", json.dumps({"ts": MS, "values": {"s": "hi"}}).encode())
-    ]
+    assert letters == [("text is not kept by this flow", json.dumps({"ts": MS, "values": {"s": "hi"}}).encode())]
 
 
 def test_kinds_no_step_takes_become_dead_letters(tmp_path, config):
@@ -108,25 +104,14 @@ def test_messages_of_a_channel_the_flow_does_not_take_are_dead_letters(tmp_path,
 
     run_recorded(build, config, [RawMessage("m", "vibration", "http", T0, b"EVB1...")], name="t")
     assert rows(tmp_path, "dead_letters", "device, reason, payload") == [
-        (
-            "m",
-            "vibration message sent to flow 't', which does not take the vibration channel",
-            b"EVB1...",
-        )
+        ("m", "vibration message sent to flow 't', which does not take the vibration channel", b"EVB1...")
     ]
 
 
 def test_the_cloud_link_starts_when_the_flow_runs_not_when_it_is_built(tmp_path):
     config = parse_config(
-        {
-            "data_dir": str(tmp_path),
-            "cloud": {
-                "target": "127.0.0.1:9",
-                "key": "edge-01",
-                "secret": "s",
-                "stop_timeout": 0.1,
-            },
-        }
+        {"data_dir": str(tmp_path), "cloud": {"target": "127.0.0.1:9", "key": "edge-01", "secret": "s",
+                                              "stop_timeout": 0.1}}
     )
     edge = Edge(config, name="t", source=TestingSource([telemetry("d", {"a": 1})]))
     edge.output("telemetry_points", edge.devices("in").readings, cloud=True)
@@ -137,38 +122,14 @@ def test_the_cloud_link_starts_when_the_flow_runs_not_when_it_is_built(tmp_path)
 
 
 ERRORS = [
-    (
-        lambda e, s: e.output("mine", s),
-        r"^Edge.output\('mine'\): unknown stream; declare its columns with like='telemetry_points' or schema=pa.schema\(\[...\]\), time_column='ts' \(known: ",
-    ),
-    (
-        lambda e, s: e.output("mine", s, like="nope"),
-        r"^Edge.output\('mine'\): like='nope' is not a known stream; hint: one of alarms, ",
-    ),
-    (
-        lambda e, s: e.output("mine", s, schema=pa.schema([("ts", UTC_US)])),
-        r"^Edge.output\('mine'\): a new schema needs time_column=, the timestamp\[us, UTC\] column",
-    ),
-    (
-        lambda e, s: e.output("mine", s, like="alarms", schema=pa.schema([])),
-        r"^Edge.output\('mine'\): give like= or schema=, not both$",
-    ),
-    (
-        lambda e, s: e.output("My-Stream", s, like="alarms"),
-        r"^Edge.output\('My-Stream'\): a stream name is a lower-case identifier \(got 'My-Stream'\); hint: pressure_points$",
-    ),
-    (
-        lambda e, s: e.output("alarms", s, priority=-1),
-        r"^Edge.output\('alarms'\): priority must be an int >= 0 \(got -1\); hint: alarms use 0$",
-    ),
-    (
-        lambda e, s: e.devices("again"),
-        r"^Edge.devices\('again'\): the flow already has its device input; hint: call devices\(\) once",
-    ),
-    (
-        lambda e, s: e.part("p", channel="logs"),
-        r"^Edge.part\('p'\): channel 'logs' is not a device channel; hint: one of telemetry, vibration, attributes$",
-    ),
+    (lambda e, s: e.output("mine", s), r"^Edge.output\('mine'\): unknown stream; declare its columns with like='telemetry_points' or schema=pa.schema\(\[...\]\), time_column='ts' \(known: "),
+    (lambda e, s: e.output("mine", s, like="nope"), r"^Edge.output\('mine'\): like='nope' is not a known stream; hint: one of alarms, "),
+    (lambda e, s: e.output("mine", s, schema=pa.schema([("ts", UTC_US)])), r"^Edge.output\('mine'\): a new schema needs time_column=, the timestamp\[us, UTC\] column"),
+    (lambda e, s: e.output("mine", s, like="alarms", schema=pa.schema([])), r"^Edge.output\('mine'\): give like= or schema=, not both$"),
+    (lambda e, s: e.output("My-Stream", s, like="alarms"), r"^Edge.output\('My-Stream'\): a stream name is a lower-case identifier \(got 'My-Stream'\); hint: pressure_points$"),
+    (lambda e, s: e.output("alarms", s, priority=-1), r"^Edge.output\('alarms'\): priority must be an int >= 0 \(got -1\); hint: alarms use 0$"),
+    (lambda e, s: e.devices("again"), r"^Edge.devices\('again'\): the flow already has its device input; hint: call devices\(\) once"),
+    (lambda e, s: e.part("p", channel="logs"), r"^Edge.part\('p'\): channel 'logs' is not a device channel; hint: one of telemetry, vibration, attributes$"),
 ]
 
 
@@ -184,24 +145,15 @@ def test_one_stream_declared_twice_with_other_columns(config):
     edge = Edge(config, source=TestingSource([]))
     dev = edge.devices("in")
     edge.output("mine", dev.readings, like="telemetry_points")
-    with pytest.raises(
-        ValueError,
-        match=r"^Edge.output\('mine'\): the stream was already declared with other columns",
-    ):
+    with pytest.raises(ValueError, match=r"^Edge.output\('mine'\): the stream was already declared with other columns"):
         edge.output("mine", dev.text, like="telemetry_text")
 
 
 def test_devices_needs_known_channels(config):
     edge = Edge(config, source=TestingSource([]))
-    with pytest.raises(
-        ValueError,
-        match=r"^Edge.devices\('in'\): unknown channel 'logs'; hint: channels are telemetry, vibration, attributes$",
-    ):
+    with pytest.raises(ValueError, match=r"^Edge.devices\('in'\): unknown channel 'logs'; hint: channels are telemetry, vibration, attributes$"):
         edge.devices("in", channels=["logs"])
-    with pytest.raises(
-        ValueError,
-        match=r"^Edge.devices\('in'\): channels is empty; hint: channels=\['telemetry'\]$",
-    ):
+    with pytest.raises(ValueError, match=r"^Edge.devices\('in'\): channels is empty; hint: channels=\['telemetry'\]$"):
         edge.devices("in", channels=[])
 
 
@@ -209,26 +161,17 @@ def test_nothing_can_be_added_once_the_flow_is_finished(config):
     edge = Edge(config, source=TestingSource([]))
     edge.output("telemetry_points", edge.devices("in").readings)
     edge.dataflow()
-    with pytest.raises(
-        RuntimeError,
-        match=r"^Edge.output\(\): the flow 'flow' is already finished \(dataflow\(\) or run\(\) was called\); hint: declare everything inside build\(edge\)$",
-    ):
+    with pytest.raises(RuntimeError, match=r"^Edge.output\(\): the flow 'flow' is already finished \(dataflow\(\) or run\(\) was called\); hint: declare everything inside build\(edge\)$"):
         edge.output("telemetry_points", edge.flow and edge.devices)  # type: ignore[arg-type]
 
 
 def test_config_must_be_loaded(tmp_path):
-    with pytest.raises(
-        TypeError,
-        match=r"^Edge: config must be an EdgeConfig \(got dict\); hint: load it with flows.config.load_config\('edge.yaml'\)$",
-    ):
+    with pytest.raises(TypeError, match=r"^Edge: config must be an EdgeConfig \(got dict\); hint: load it with flows.config.load_config\('edge.yaml'\)$"):
         Edge({"data_dir": str(tmp_path)})  # type: ignore[arg-type]
 
 
 def test_a_flow_name_has_no_period(config):
-    with pytest.raises(
-        ValueError,
-        match=r"^Edge: name must be a non-empty string without '.' \(got 'flows.x'\); hint: the flow's module name, e.g. 'telemetry'$",
-    ):
+    with pytest.raises(ValueError, match=r"^Edge: name must be a non-empty string without '.' \(got 'flows.x'\); hint: the flow's module name, e.g. 'telemetry'$"):
         Edge(config, name="flows.x")
 
 
@@ -242,27 +185,15 @@ def test_a_new_stream_reaches_the_cloud_which_creates_its_table(tmp_path):
             {
                 "edge_id": "edge-01",
                 "data_dir": str(tmp_path / "edge"),
-                "cloud": {
-                    "target": f"127.0.0.1:{receiver.port}",
-                    "key": "edge-01",
-                    "secret": secret,
-                },
+                "cloud": {"target": f"127.0.0.1:{receiver.port}", "key": "edge-01", "secret": secret},
             }
         )
 
         def build(edge: Edge) -> None:
             dev = edge.devices("in", channels=["telemetry"])
-            edge.output(
-                "pressure_points",
-                deadband("db", dev.readings, absolute=0.2),
-                like="telemetry_points",
-                cloud=True,
-            )
+            edge.output("pressure_points", deadband("db", dev.readings, absolute=0.2), like="telemetry_points", cloud=True)
 
-        messages = [
-            telemetry("p", {"ts": MS + i, "values": {"pressure": v}})
-            for i, v in enumerate([1.0, 1.1, 1.5])
-        ]
+        messages = [telemetry("p", {"ts": MS + i, "values": {"pressure": v}}) for i, v in enumerate([1.0, 1.1, 1.5])]
         edge = run_recorded(build, config, messages, name="pressure")
     rep = edge.reports()["pressure"]
     assert rep.wire_rows == {"pressure_points": 2}
@@ -327,11 +258,8 @@ def test_the_recovery_store_is_made_once_and_bounds_the_workers(tmp_path):
         "3 workers asked for; hint: run with at most 2 workers, or stop the flow cleanly and move "
         "that directory away to start from the journal's released offsets"
     )
-    off = Edge(
-        parse_config({"data_dir": str(tmp_path / "off"), "recovery": {"enabled": False}}),
-        name="mine",
-        source=TestingSource([]),
-    )
+    off = Edge(parse_config({"data_dir": str(tmp_path / "off"), "recovery": {"enabled": False}}),
+               name="mine", source=TestingSource([]))
     assert off.recovery_config(8) is None and not (tmp_path / "off" / "recovery").exists()
 
 
@@ -343,16 +271,11 @@ def test_a_periodic_copy_of_edge_duckdb_can_be_read_by_another_process_while_the
     import threading
 
     config = parse_config(
-        {
-            "data_dir": str(tmp_path),
-            "sinks": {"duckdb_copy_every": 1},
-            "recovery": {"snapshot_interval": 0.2},
-        }
+        {"data_dir": str(tmp_path), "sinks": {"duckdb_copy_every": 1},
+         "recovery": {"snapshot_interval": 0.2}}
     )
-    messages = [
-        telemetry(f"d-{i % 3}", {"ts": 1763640000000 + i, "values": {"t": float(i)}})
-        for i in range(30)
-    ]
+    messages = [telemetry(f"d-{i % 3}", {"ts": 1763640000000 + i, "values": {"t": float(i)}})
+                for i in range(30)]
     # the messages, then 10 s of idling before the input ends
     items = [*messages, *[TestingSource.PAUSE(timedelta(seconds=0.2))] * 50]
     edge = Edge(config, name="copying", source=TestingSource(items))
@@ -367,16 +290,10 @@ def test_a_periodic_copy_of_edge_duckdb_can_be_read_by_another_process_while_the
             time.sleep(0.5)
             if copy.exists():
                 out = subprocess.run(
-                    [
-                        sys.executable,
-                        "-c",
-                        "import duckdb,sys; print(duckdb.connect(sys.argv[1], "
-                        "read_only=True).sql('select count(*) from telemetry_points').fetchall()[0][0])",
-                        str(copy),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=True,
+                    [sys.executable, "-c", "import duckdb,sys; print(duckdb.connect(sys.argv[1], "
+                     "read_only=True).sql('select count(*) from telemetry_points').fetchall()[0][0])",
+                     str(copy)],
+                    capture_output=True, text=True, check=True,
                 )
                 count = int(out.stdout)
         assert count == 30

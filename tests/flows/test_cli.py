@@ -37,9 +37,7 @@ def test_flow_file_without_build(tmp_path, capsys):
     (tmp_path / "edge.yaml").write_text("{}\n")
     (tmp_path / "mine.py").write_text("x = 1\n")
     assert main(["run", str(tmp_path / "mine.py"), "--config", str(tmp_path / "edge.yaml")]) == 2
-    assert (
-        "has no build(edge) function; hint: see examples/custom_flow.py" in capsys.readouterr().err
-    )
+    assert "has no build(edge) function; hint: see examples/custom_flow.py" in capsys.readouterr().err
 
 
 def test_missing_flow_file(tmp_path, capsys):
@@ -167,11 +165,7 @@ def test_stop_on_signals_sets_the_event_and_restores_handlers():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def _edge_files(
-    tmp_path,
-    *,
-    mqtt: str = "{url: 'mqtt://127.0.0.1:1883', username: edge, password: edge-secret-1}",
-):
+def _edge_files(tmp_path, *, mqtt: str = "{url: 'mqtt://127.0.0.1:1883', username: edge, password: edge-secret-1}"):
     (tmp_path / "devices.yaml").write_text(
         "devices:\n  - {id: pump-7, token: token-pump-7}\n  - {id: pump-8, token: token-pump-8}\n"
     )
@@ -195,15 +189,11 @@ class _IncludedBroker:
         conf = directory / "mosquitto.conf"
         lines = [f"listener {self.port} {self.host}", f"include_dir {include}", "log_dest stderr"]
         if os.geteuid() == 0:
-            lines.append(
-                "user root"
-            )  # else mosquitto drops to 'mosquitto' and cannot read 0600 files
+            lines.append("user root")  # else mosquitto drops to 'mosquitto' and cannot read 0600 files
         conf.write_text("\n".join(lines) + "\n")
         self.log = directory / "mosquitto.log"
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [Mosquitto.binary(), "-c", str(conf)], stdout=log, stderr=log
-            )
+            self.proc = subprocess.Popen([Mosquitto.binary(), "-c", str(conf)], stdout=log, stderr=log)
         wait_for(self._accepts, 10, f"mosquitto on port {self.port}")
 
     def _accepts(self) -> bool:
@@ -228,10 +218,7 @@ def test_mosquitto_config_is_enforced_by_a_real_mosquitto(tmp_path, capsys, mosq
     out = tmp_path / "broker-auth"
     assert main(["devices", "mosquitto-config", "--config", str(config), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert (
-        "(2 devices + edge account 'edge')" in printed
-        and f"wrote {out / 'edgesieve.conf'}" in printed
-    )
+    assert "(2 devices + edge account 'edge')" in printed and f"wrote {out / 'edgesieve.conf'}" in printed
     assert f"  include_dir {out.resolve()}" in printed
     assert "  max_inflight_messages 1000" in printed and "  max_queued_messages 0" in printed
     for name in ("passwd", "acl", "edgesieve.conf"):
@@ -242,9 +229,7 @@ def test_mosquitto_config_is_enforced_by_a_real_mosquitto(tmp_path, capsys, mosq
         # the edge account reads device topics; it never acks, as when the journal holds acks back
         got: list[paho.MQTTMessage] = []
         edge = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
-            client_id="edge-cli-test",
-            protocol=paho.MQTTv311,
+            paho.CallbackAPIVersion.VERSION2, client_id="edge-cli-test", protocol=paho.MQTTv311,
             manual_ack=True,
         )
         edge.username_pw_set("edge", "edge-secret-1")
@@ -260,20 +245,9 @@ def test_mosquitto_config_is_enforced_by_a_real_mosquitto(tmp_path, capsys, mosq
             device = {"username": "pump-7", "password": "token-pump-7"}
             mosquitto_pub(broker, "v1/devices/pump-8/telemetry", message='{"t": 2}', **device)
             with pytest.raises(RuntimeError, match="mosquitto_pub"):
-                mosquitto_pub(
-                    broker,
-                    "v1/devices/pump-7/telemetry",
-                    message="{}",
-                    username="pump-7",
-                    password="wrong-token",
-                )
+                mosquitto_pub(broker, "v1/devices/pump-7/telemetry", message="{}", username="pump-7", password="wrong-token")
             # 50 unacknowledged QoS 1 messages all arrive: mosquitto's default would stop at 20
-            mosquitto_pub(
-                broker,
-                "v1/devices/pump-7/telemetry",
-                lines=[f'{{"t": {i}}}' for i in range(50)],
-                **device,
-            )
+            mosquitto_pub(broker, "v1/devices/pump-7/telemetry", lines=[f'{{"t": {i}}}' for i in range(50)], **device)
             wait_for(lambda: len(got) >= 50, 10, "50 unacknowledged messages in flight")
             time.sleep(0.3)
         finally:
@@ -281,63 +255,30 @@ def test_mosquitto_config_is_enforced_by_a_real_mosquitto(tmp_path, capsys, mosq
             edge.disconnect()
     finally:
         broker.stop()
-    assert {m.topic for m in got} == {
-        "v1/devices/pump-7/telemetry"
-    }  # pump-7 cannot speak for pump-8
+    assert {m.topic for m in got} == {"v1/devices/pump-7/telemetry"}  # pump-7 cannot speak for pump-8
     assert [m.payload for m in got] == [f'{{"t": {i}}}'.encode() for i in range(50)]
 
 
 def test_mosquitto_config_needs_the_edge_account(tmp_path, capsys):
     config = _edge_files(tmp_path, mqtt="{url: 'mqtt://127.0.0.1:1883'}")
-    assert (
-        main(["devices", "mosquitto-config", "--config", str(config), "--out", str(tmp_path / "o")])
-        == 2
-    )
+    assert main(["devices", "mosquitto-config", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
     assert "transports.mqtt: needs username and password" in capsys.readouterr().err
 
 
 def test_mosquitto_config_needs_a_registry(tmp_path, capsys):
     (tmp_path / "edge.yaml").write_text("transports: {mqtt: {username: e, password: p}}\n")
-    assert (
-        main(
-            [
-                "devices",
-                "mosquitto-config",
-                "--config",
-                str(tmp_path / "edge.yaml"),
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 2
-    )
+    assert main(["devices", "mosquitto-config", "--config", str(tmp_path / "edge.yaml"), "--out", str(tmp_path)]) == 2
     assert "set devices: devices.yaml" in capsys.readouterr().err
 
 
 def test_cloud_tls_needs_cert_and_key(tmp_path, capsys):
-    args = [
-        "cloud",
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        str(tmp_path / "c.duckdb"),
-        "--auth",
-        str(tmp_path / "a.yaml"),
-    ]
+    args = ["cloud", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.duckdb"), "--auth", str(tmp_path / "a.yaml")]
     assert main([*args, "--tls-cert", str(tmp_path / "c.pem")]) == 2
     assert "TLS needs both --tls-cert and --tls-key" in capsys.readouterr().err
 
 
 def test_cloud_limit_options_are_checked(tmp_path, capsys):
-    args = [
-        "cloud",
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        str(tmp_path / "c.duckdb"),
-        "--auth",
-        str(tmp_path / "a.yaml"),
-    ]
+    args = ["cloud", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.duckdb"), "--auth", str(tmp_path / "a.yaml")]
     assert main([*args, "--max-batch-rows", "0"]) == 2
     assert capsys.readouterr().err == (
         "edgesieve: error: ReceiverLimits.max_batch_rows (--max-batch-rows) must be an int >= 1; got 0\n"
@@ -362,61 +303,26 @@ def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
     (tmp_path / "edges.yaml").write_text(f"edges:\n  - {{key: edge-01, secret: {secret}}}\n")
     db = tmp_path / "cloud.duckdb"
     proc = subprocess.Popen(
-        [
-            *EDGESIEVE,
-            "cloud",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--db",
-            str(db),
-            "--auth",
-            str(tmp_path / "edges.yaml"),
-        ],
-        cwd=Path(__file__).parents[2],
-        stderr=subprocess.PIPE,
-        text=True,
+        [*EDGESIEVE, "cloud", "--listen", f"127.0.0.1:{port}", "--db", str(db), "--auth", str(tmp_path / "edges.yaml")],
+        cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True,
     )
     try:
         now = datetime.now(UTC)
-        table = to_table(
-            STREAMS["alarms"],
-            [Alarm("pump-7", now, "iso_zone_d", "raised", "critical", 7.1, "pump-7/x")],
-        )
+        table = to_table(STREAMS["alarms"], [Alarm("pump-7", now, "iso_zone_d", "raised", "critical", 7.1, "pump-7/x")])
         sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(
-            sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")
-        ) as w:
+        with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
             w.write_table(table)
         arrow_ipc = sink.getvalue().to_pybytes()
         batch_id = batch_id_of("edge-01", "alarms", arrow_ipc)
-        batch = uplink_pb2.Batch(
-            edge_id="edge-01",
-            batch_id=batch_id,
-            stream="alarms",
-            priority=0,
-            rows=1,
-            arrow_ipc=arrow_ipc,
-            raw_bytes=4096,
-        )
+        batch = uplink_pb2.Batch(edge_id="edge-01", batch_id=batch_id, stream="alarms", priority=0, rows=1,
+                                 arrow_ipc=arrow_ipc, raw_bytes=4096)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=20)
         stub = uplink_pb2_grpc.UplinkStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
-            list(
-                stub.Push(
-                    iter([batch]),
-                    metadata=[(KEY_HEADER, "edge-01"), (SECRET_HEADER, "wrong")],
-                    timeout=10,
-                )
-            )
+            list(stub.Push(iter([batch]), metadata=[(KEY_HEADER, "edge-01"), (SECRET_HEADER, "wrong")], timeout=10))
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        acks = list(
-            stub.Push(
-                iter([batch]),
-                metadata=[(KEY_HEADER, "edge-01"), (SECRET_HEADER, secret)],
-                timeout=10,
-            )
-        )
+        acks = list(stub.Push(iter([batch]), metadata=[(KEY_HEADER, "edge-01"), (SECRET_HEADER, secret)], timeout=10))
         assert [(a.batch_id, a.status) for a in acks] == [(batch_id, uplink_pb2.Ack.STORED)]
         channel.close()
         proc.send_signal(signal.SIGTERM)
@@ -426,12 +332,8 @@ def test_cloud_command_stores_batches_and_stops_on_sigterm(tmp_path):
             proc.kill()
     assert proc.returncode == 0
     with duckdb.connect(str(db), read_only=True) as con:
-        assert con.sql("select batch_id, rows, raw_bytes from uplink_batches").fetchall() == [
-            (batch_id, 1, 4096)
-        ]
-        assert con.sql("select device, rule, state from alarms").fetchall() == [
-            ("pump-7", "iso_zone_d", "raised")
-        ]
+        assert con.sql("select batch_id, rows, raw_bytes from uplink_batches").fetchall() == [(batch_id, 1, 4096)]
+        assert con.sql("select device, rule, state from alarms").fetchall() == [("pump-7", "iso_zone_d", "raised")]
 
 
 def test_an_idle_edge_stopped_cleanly_prints_one_report_that_says_so(tmp_path):
@@ -464,7 +366,7 @@ def test_an_idle_edge_stopped_cleanly_prints_one_report_that_says_so(tmp_path):
     assert lines[2].startswith("  ingest: 0 commits") and len(lines) == 3
 
 
-FAILING_FLOW = """
+FAILING_FLOW = '''
 import bytewax.operators as op
 from bytewax.testing import TestingSource
 
@@ -476,7 +378,7 @@ def fail(item):
 def build(edge):
     up = op.input("in", edge.flow, TestingSource([1]))
     op.inspect("out", op.map("fail", up, fail))
-"""
+'''
 
 
 def test_a_flow_that_fails_while_running_is_one_line_and_status_3(tmp_path):

@@ -107,9 +107,7 @@ def test_bad_input_over_mqtt_becomes_dead_letters_and_loses_nothing_else(
         )
 
     glob = str(tmp_path / "parquet" / "dead_letters" / "**" / "*.parquet")
-    letters = duckdb.sql(
-        f"select device, transport, reason from read_parquet('{glob}') order by device"
-    ).fetchall()
+    letters = duckdb.sql(f"select device, transport, reason from read_parquet('{glob}') order by device").fetchall()
     assert [d for d, _, _ in letters] == [f"dev-{i}" for i in range(len(bad))]
     assert all(t == "mqtt" for _, t, _ in letters)
     for (_, _, reason), expected in zip(letters, bad.values(), strict=True):

@@ -267,13 +267,8 @@ def test_telemetry_end_to_end_with_bad_input_matrix(
         Case(fan, "4.00", r"'pressure'", dead=True, text='{"pressure": [1, NaN]}'),
         Case(fan, "2.04", text="{}"),  # how ThingsBoard's clients test the connection
         Case(f"{base}/{TOKEN}/attributes", "2.04", text='{"fw": "1.4.2", "on": true}'),
-        Case(
-            f"{base}/{FAN_TOKEN}/attributes",
-            "4.00",
-            r"^attributes: value of 'x' is null; ",
-            dead=True,
-            text='{"x": null}',
-        ),
+        Case(f"{base}/{FAN_TOKEN}/attributes", "4.00", r"^attributes: value of 'x' is null; ",
+             dead=True, text='{"x": null}'),
         Case(pump, "4.00", r"NaN", dead=True, text='{"temperature": NaN}'),
         Case(fan, "2.04", text='{"pressure": 1.5}', non=True),
         Case(stranger, "4.01", r"^unknown access token; check the token", text=one),
@@ -649,12 +644,7 @@ def test_a_commit_slower_than_the_ack_delay_gets_an_empty_ack_then_a_separate_20
             return late
 
         def append(
-            self,
-            msg: Any,
-            done: Any,
-            token: Any = None,
-            *,
-            redelivery: bool = False,
+            self, msg: Any, done: Any, token: Any = None, *, redelivery: bool = False,
             dedup_key: Any = None,
         ) -> bool:
             late = self.submit(msg, redelivery=redelivery, dedup_key=dedup_key)
@@ -781,9 +771,7 @@ def test_a_device_over_its_journal_share_gets_503_while_others_are_accepted(
     from connectors.devices.journal import Journal, JournalSettings
 
     journal = Journal(
-        JournalSettings(
-            root=tmp_path / "journal", partitions=1, max_bytes=40_000, device_share=0.25
-        )
+        JournalSettings(root=tmp_path / "journal", partitions=1, max_bytes=40_000, device_share=0.25)
     )
     ingress = Ingress(journal=journal, retry_after_s=4)
     fan_file, _ = _vibration_file(tmp_path, "fan-2")
@@ -813,9 +801,7 @@ def test_a_device_over_its_journal_share_gets_503_while_others_are_accepted(
             assert server.pending_transfers == 0
             fan = f"{base}/{FAN_TOKEN}"
             assert (await send(client, post(f"{fan}/telemetry", b'{"t": 1}'))).code == Code.CHANGED
-            reply = await asyncio.to_thread(
-                coap_client, f"{fan}/vibration", file=fan_file, block=256
-            )
+            reply = await asyncio.to_thread(coap_client, f"{fan}/vibration", file=fan_file, block=256)
             assert reply.code == "2.04", reply
 
     try:

@@ -116,11 +116,7 @@ def test_accepted_vibration_is_queued_as_a_block() -> None:
             'send {"key": value}, {"ts": <Unix ms>, "values": {...}} or a list of those',
         ),
         ("vibration", b"EVB0", None),
-        (
-            "alarms",
-            b"{}",
-            "unknown channel 'alarms'; expected 'telemetry', 'vibration' or 'attributes'",
-        ),
+        ("alarms", b"{}", "unknown channel 'alarms'; expected 'telemetry', 'vibration' or 'attributes'"),
     ],
 )
 def test_malformed_payload_is_rejected_but_kept_as_a_dead_letter(
@@ -567,9 +563,7 @@ class _HeldJournal:
         self.submitted: list[RawMessage] = []
         self.pushback: str | None = None
 
-    def submit(
-        self, msg: RawMessage, *, redelivery: bool = False, dedup_key: bytes | None = None
-    ) -> Any:
+    def submit(self, msg: RawMessage, *, redelivery: bool = False, dedup_key: bytes | None = None) -> Any:
         import concurrent.futures
 
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -721,9 +715,7 @@ def test_journal_mode_pushes_back_only_the_device_over_its_share(tmp_path: Any) 
     async def scenario() -> list[Offer]:
         offers = []
         for device in ["flood"] * 6 + ["calm"]:
-            offers.append(
-                await ingress.deliver(device, "telemetry", "http", b'{"t": 1}'.ljust(100))
-            )
+            offers.append(await ingress.deliver(device, "telemetry", "http", b'{"t": 1}'.ljust(100)))
         return offers
 
     ingress = Ingress(journal=journal, retry_after_s=2)
