@@ -88,8 +88,8 @@ def decoder(
     ``(device, Message)`` for telemetry (its readings, for :func:`series_limits`;
     nothing for an empty ``{}``), ``(device, block)`` for vibration,
     ``(device, attribute)`` for each client attribute and ``(part name, dead letter)``. A
-    message with more than ``keys_per_message`` distinct keys is a dead letter
-    whole, counted in the stage ``refused_keys_per_message``.
+    telemetry or attributes message with more than ``keys_per_message`` distinct
+    keys is a dead letter whole, counted in the stage ``refused_keys_per_message``.
     """
     wanted = frozenset(channels)
 
@@ -117,9 +117,6 @@ def decoder(
                 else:
                     result = decode(msg, max_payload_bytes=max_payload_bytes)
             if type(result) is list:
-                if channel == ATTRIBUTES:
-                    out.extend((device, attribute) for attribute in result)
-                    continue
                 if not result:  # {}: a valid message with nothing in it
                     continue
                 if keys_per_message is not None and len(result) > keys_per_message:
@@ -128,6 +125,9 @@ def decoder(
                         refused[device] += 1
                         out.append((owner.name, _too_many_keys(msg, keys, keys_per_message)))
                         continue
+                if channel == ATTRIBUTES:
+                    out.extend((device, attribute) for attribute in result)
+                    continue
                 readings[device] += len(result)
                 out.append((device, Message(msg.received_at, result)))
             elif type(result) is VibrationBlock:
@@ -148,11 +148,16 @@ def decoder(
 
 def _too_many_keys(msg: RawMessage, keys: int, limit: int) -> DeadLetter:
     reason = (
-        f"limits.keys_per_message: a telemetry message of device {msg.device!r} has {keys} "
+        f"limits.keys_per_message: {_a(msg.channel)} message of device {msg.device!r} has {keys} "
         f"distinct keys, more than the limit of {limit}; nothing of it was processed; hint: "
         "send fewer keys per message or raise limits.keys_per_message"
     )
     return DeadLetter(msg.device, msg.transport, msg.received_at, reason, msg.payload)
+
+
+def _a(word: str) -> str:
+    """``word`` with its indefinite article: "a telemetry", "an attributes"."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,3 +221,22 @@ def test_edgesieve_run_flows_edge_stores_attributes_in_parquet_and_edge_duckdb(t
         latest = con.sql("select key, value from device_attributes_latest order by key").fetchall()
         assert con.sql("select count(*) from device_attributes").fetchall() == [(6,)]
     assert latest == [("count", "2"), ("fw", '"1.2"')]
+
+
+def test_an_attributes_message_over_keys_per_message_is_one_dead_letter(tmp_path):
+    config = parse_config({"data_dir": str(tmp_path), "limits": {"keys_per_message": 2}})
+    messages = [attrs("evil", T0, {"a": 1, "b": 2, "c": 3}), attrs("good", T0, {"a": 1, "b": 2})]
+    flow = run_recorded(telemetry.build, config, messages, name="telemetry")
+    stored = query_parquet(tmp_path, "device_attributes", "select device, key from {src}")
+    assert sorted(stored) == [("good", "a"), ("good", "b")]
+    letters = query_parquet(tmp_path, "dead_letters", "select device, reason, payload from {src}")
+    assert letters == [
+        (
+            "evil",
+            "limits.keys_per_message: an attributes message of device 'evil' has 3 distinct keys, "
+            "more than the limit of 2; nothing of it was processed; hint: send fewer keys per "
+            "message or raise limits.keys_per_message",
+            b'{"a": 1, "b": 2, "c": 3}',
+        )
+    ]
+    assert flow.meter.totals["refused_keys_per_message"] == 1

@@ -837,6 +837,7 @@ REJECTIONS = [
         r"stream 'Telemetry-Raw' is not a name the receiver can store: a new stream becomes a "
         r"table, so its name must be 1-63 lowercase letters, digits or '_', starting with a "
         r"letter, and not 'uplink_batches' \(known streams: alarms, dead_letters, "
+        r"device_attributes, "
         r"telemetry_points, telemetry_summary, telemetry_text, vibration_features\)",
         id="bad-stream-name",
     ),
