@@ -31,11 +31,18 @@ T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 MS0 = int(T0.timestamp() * 1000)
 BATCH = 10
 PAUSE = timedelta(milliseconds=40)
-STREAMS = ("telemetry_points", "telemetry_summary", "vibration_features", "alarms", "dead_letters")
+STREAMS = (
+    "telemetry_points",
+    "telemetry_summary",
+    "vibration_features",
+    "alarms",
+    "dead_letters",
+    "device_attributes",
+)
 
 
 def recorded() -> list[RawMessage]:
-    """Telemetry of three devices (one of them late once, one malformed) and two vibrating pumps."""
+    """Telemetry and attributes of three devices (one late once, one malformed), two vibrating pumps."""
     out: list[RawMessage] = []
     for i in range(240):
         device = f"s-{i % 3}"
@@ -47,6 +54,9 @@ def recorded() -> list[RawMessage]:
         out.append(RawMessage(device, "telemetry", "mqtt", received, body.encode()))
         if i % 60 == 0:
             out.append(RawMessage(device, "telemetry", "http", received, b"{not json"))
+        if i % 20 == 0:
+            attrs = json.dumps({"seq": i, "fw": f"1.{i}", "cfg": {"on": i % 40 == 0}})
+            out.append(RawMessage(device, "attributes", "coap", received, attrs.encode()))
     for p, machine in enumerate((Machine("imbalance", seed=3), Machine("healthy", seed=4))):
         for block in blocks(machine, device=f"pump-{p}", count=24, start_ts=T0):
             out.append(RawMessage(f"pump-{p}", "vibration", "coap", T0, block))
