@@ -8,7 +8,7 @@ rules says who may do what:
   ``telemetry``, ``vibration``, ``attributes`` or ``logs`` (:data:`DEVICE_CHANNELS`),
   and reads only ``v1/devices/{its id}/alarms``: it can neither speak for
   another device nor forge its own alarms;
-- the edge reads every device's telemetry and vibration (also through shared
+- the edge reads every device's telemetry, vibration and attributes (also through shared
   subscriptions ``$share/{group}/...``) and publishes every device's alarms;
 - anyone else, anonymous clients included, is refused.
 
@@ -91,6 +91,7 @@ class TopicRule:
 EDGE_RULES: tuple[TopicRule, ...] = (
     TopicRule("read", "v1/devices/+/telemetry"),
     TopicRule("read", "v1/devices/+/vibration"),
+    TopicRule("read", "v1/devices/+/attributes"),
     TopicRule("write", "v1/devices/+/alarms"),
 )
 """What the edge account may do."""
@@ -244,7 +245,8 @@ def acl_file(edge: EdgeAccount) -> str:
     lines = [
         "# mosquitto ACL of the edgesieve device API: a device (user name = device id)",
         "# publishes its own data topics and reads its own alarms; the edge reads every",
-        "# device's telemetry and vibration and publishes alarms. Anything else is denied.",
+        "# device's telemetry, vibration and attributes and publishes alarms. Anything else",
+        "# is denied.",
         *(f"pattern {rule.access} {rule.topic}" for rule in DEVICE_RULES),
         "",
         f"user {edge.username}",

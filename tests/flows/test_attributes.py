@@ -130,7 +130,9 @@ def _config(tmp_path: Path, mosquitto) -> dict:
     }
 
 
-def test_attributes_over_http_coap_and_mqtt_with_real_clients(tmp_path, mosquitto, mosquitto_pub):
+def test_attributes_over_http_coap_and_mqtt_with_real_clients(
+    tmp_path, mosquitto, mosquitto_pub, wait_for
+):
     raw = _config(tmp_path, mosquitto)
     config = parse_config(raw)
     http = f"http://{raw['transports']['http']['listen']}/api/v1"
@@ -163,6 +165,7 @@ def test_attributes_over_http_coap_and_mqtt_with_real_clients(tmp_path, mosquitt
             "attributes: value of 'x' is null; send a string, number, boolean, object or array",
         )
         mosquitto_pub(mosquitto, "v1/devices/mq-3/attributes", message='{"serial": "A-7"}')
+        wait_for(lambda: flow.meter.totals["received"] == 7, "every journaled message")
     data = tmp_path / "var"
     rows = query_parquet(
         data,
@@ -240,3 +243,37 @@ def test_an_attributes_message_over_keys_per_message_is_one_dead_letter(tmp_path
         )
     ]
     assert flow.meter.totals["refused_keys_per_message"] == 1
+
+
+def test_the_edge_account_may_read_attributes_on_a_secured_mosquitto(
+    tmp_path, mosquitto_factory, mosquitto_pub, wait_for
+):
+    from connectors.devices.broker_auth import EdgeAccount, write_mosquitto_config
+    from tests.conftest import device_registry
+
+    account = EdgeAccount("edge", "edge-secret-0123")
+    passwd, acl = write_mosquitto_config(device_registry(), account, tmp_path / "auth")
+    broker = mosquitto_factory(password_file=passwd, acl_file=acl).start()
+    mqtt = {
+        "url": broker.url,
+        "client_id": "secured",
+        "username": "edge",
+        "password": account.password,
+    }
+    config = parse_config({"data_dir": str(tmp_path / "var"), "transports": {"mqtt": mqtt}})
+    flow = Edge(config, name="telemetry")
+    telemetry.build(flow)
+    with running(flow):
+        for device, token in DEVICES.items():
+            mosquitto_pub(
+                broker,
+                f"v1/devices/{device}/attributes",
+                message=json.dumps({"owner": device}),
+                username=device,
+                password=token,
+            )
+        wait_for(lambda: flow.meter.totals["received"] == 2, "both attributes messages")
+    rows = query_parquet(
+        tmp_path / "var", "device_attributes", "select device, value, source from {src} order by 1"
+    )
+    assert rows == [("fan-2", '"fan-2"', "mqtt"), ("pump-1", '"pump-1"', "mqtt")]

@@ -362,6 +362,7 @@ def test_acl_file_rules() -> None:
         "user edgesieve",
         "topic read v1/devices/+/telemetry",
         "topic read v1/devices/+/vibration",
+        "topic read v1/devices/+/attributes",
         "topic write v1/devices/+/alarms",
     ]
 
