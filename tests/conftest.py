@@ -540,11 +540,14 @@ def coap_client(
     file: Path | None = None,
     block: int | None = None,
     non: bool = False,
+    content_format: str | None = None,
 ) -> CoapReply:
     """Run the real coap-client once (bounded by -B and a subprocess timeout)."""
     cmd = [require_coap_client(), "-v", "7", "-B", "5", "-m", method]
     if non:
         cmd.append("-N")
+    if content_format is not None:
+        cmd += ["-t", content_format]
     if text is not None:
         cmd += ["-e", text]
     if file is not None:

@@ -155,10 +155,13 @@ def test_attributes_over_http_coap_and_mqtt_with_real_clients(
         )
         unknown = curl(f"{http}/not-a-token/attributes", b'{"fw": "1"}')
         assert unknown.status == 401
-        assert coap_client(f"{coap}/{TOKEN_2}/attributes", text='{"mode": {"eco": 1}}').code == (
-            "2.04"
-        )
-        assert coap_client(f"{coap}/{TOKEN_2}/telemetry", text="{}").code == "2.04"
+        mode = '{"mode": {"eco": 1}}'
+        assert coap_client(
+            f"{coap}/{TOKEN_2}/attributes", text=mode, content_format="json"
+        ).code == ("2.04")
+        assert coap_client(
+            f"{coap}/{TOKEN_2}/telemetry", text="{}", content_format="json"
+        ).code == ("2.04")
         bad_coap = coap_client(f"{coap}/{TOKEN_2}/attributes", text='{"x": null}')
         assert (bad_coap.code, bad_coap.diagnostic) == (
             "4.00",
