@@ -46,7 +46,7 @@ _SHAPE_HINT = 'send one JSON object of attributes like {"firmware": "1.4.2"}'
 
 @dataclass(frozen=True, slots=True)
 class Attribute:
-    """One client attribute of a device: its latest value as JSON text, and when it came."""
+    """One reported client attribute of a device: its value as JSON text, and when it came."""
 
     device: str
     key: str
