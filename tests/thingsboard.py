@@ -71,11 +71,32 @@ def published(info, timeout=15.0):
     except SystemExit:
         pass
     return {{"rc": rc, "acked": bool(parts) and all(p.is_published() for p in parts)}}
+def connack_codes(client):
+    # every CONNACK reason code of an SDK client, recorded before the SDK handles it
+    codes = []
+    inner = client._client.on_connect
+    def on_connect(c, userdata, flags, code, *rest):
+        codes.append(int(getattr(code, "value", code)))
+        inner(c, userdata, flags, code, *rest)
+    client._client.on_connect = on_connect
+    return codes
+def session_limits(client):
+    # every answer to the SDK's getSessionLimits RPC
+    answers = []
+    inner = client.service_configuration_callback
+    def record(rpc_id, response, *args, **kwargs):
+        answers.append(dict(response) if isinstance(response, dict) else response)
+        return inner(rpc_id, response, *args, **kwargs)
+    client.service_configuration_callback = record
+    return answers
 """
 """What every script starts with: logging to stderr, ``params``, ``say``, ``hear``, ``published``.
 
 ``published(info)`` is ``{"rc": info.get(), "acked": every part PUBACKed}`` for the
-``TBPublishInfo`` a send returned; ``wait_until(cond, what)`` exits the script on timeout.
+``TBPublishInfo`` a send returned; ``wait_until(cond, what)`` exits the script on timeout;
+``connack_codes(client)`` and ``session_limits(client)`` give lists that fill with every
+CONNACK reason code and every ``getSessionLimits`` answer of an SDK MQTT client (call them
+before ``connect``).
 """
 
 
