@@ -411,6 +411,9 @@ def test_http_answers_bad_input_with_400_and_a_one_line_reason(edge: TBEdge) -> 
     edge.stop()
     assert edge.points("pump-1") == set()
     assert edge.attributes() == {}
+    # each refused body is kept as a dead letter; the accepted {} is not one
+    letters = edge.dead_letters()
+    assert [(d, t) for d, t, _ in letters] == [("pump-1", "http")] * (len(BAD_HTTP) - 1), letters
 
 
 MQTT_WRONG_TOKEN = """
