@@ -32,6 +32,7 @@ from tests.conftest import (
     ROOT,
     TOKEN_1,
     TOKEN_2,
+    coap_client,
     curl,
     free_port,
     query_parquet,
@@ -66,6 +67,7 @@ class TBEdge:
     def __init__(self, tmp_path: Path) -> None:
         self.http_port = free_port()
         self.mqtt_port = free_port()
+        self.coap_port = free_port()
         self.data = tmp_path / "var"
         self.config = tmp_path / "edge.yaml"
         self.config.write_text(
@@ -73,6 +75,7 @@ class TBEdge:
             f"devices: {write_devices(tmp_path, REGISTRY)}\n"
             "transports:\n"
             f'  http: {{listen: "127.0.0.1:{self.http_port}"}}\n'
+            f'  coap: {{listen: "127.0.0.1:{self.coap_port}"}}\n'
             f'  mqtt_server: {{listen: "127.0.0.1:{self.mqtt_port}"}}\n'
         )
         self.log = tmp_path / "edge.log"
@@ -414,6 +417,20 @@ def test_http_answers_bad_input_with_400_and_a_one_line_reason(edge: TBEdge) -> 
     # each refused body is kept as a dead letter; the accepted {} is not one
     letters = edge.dead_letters()
     assert [(d, t) for d, t, _ in letters] == [("pump-1", "http")] * (len(BAD_HTTP) - 1), letters
+
+
+def test_coap_takes_attributes_and_empty_telemetry_like_thingsboard(edge: TBEdge) -> None:
+    api = f"coap://127.0.0.1:{edge.coap_port}/api/v1"
+    assert coap_client(f"{api}/{TOKEN_2}/telemetry", text="{}").code == "2.04"
+    assert coap_client(f"{api}/{TOKEN_2}/attributes", text='{"fw_version": "2.0"}').code == "2.04"
+    assert coap_client(f"{api}/not-a-token/attributes", text='{"fw_version": "x"}').code == "4.01"
+    bad = coap_client(f"{api}/{TOKEN_2}/attributes", text="[1, 2]")
+    assert bad.code == "4.00" and bad.diagnostic, bad
+    edge.stop()
+    assert {k: v for k, (v, _source) in edge.attributes().items()} == {
+        ("fan-2", "fw_version"): "2.0"
+    }
+    assert edge.points("fan-2") == set()
 
 
 MQTT_WRONG_TOKEN = """
