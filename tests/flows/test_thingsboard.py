@@ -236,6 +236,8 @@ limits, connects = session_limits(client), connack_codes(client)
 client.connect(min_reconnect_delay=1, timeout=10)
 wait_until(client.is_connected, "the CONNACK")
 wait_until(lambda: limits, "the answer to getSessionLimits")
+pushed = []  # attribute updates the edge sends down: none (it has no shared attributes)
+client.subscribe_to_all_attributes(lambda content, *_: pushed.append(content))
 sent = [
     published(client.send_telemetry({"ts": params["ts"], "values": {"temp": 20.0}})),
     published(client.send_telemetry({"hum": 40.0})),  # a plain dict: the edge's receive time
@@ -245,6 +247,7 @@ say({"limits": limits[0], "sent": sent, "connects": connects})
 hear()  # the test restarts the edge's ingest process
 wait_until(lambda: len([c for c in connects if c == 0]) >= 2 and client.is_connected(),
            "the reconnect", 30)
+client.subscribe_to_all_attributes(lambda content, *_: pushed.append(content))  # lost on disconnect
 sent = [
     published(client.send_telemetry([{"ts": params["ts"] + 1000, "values": {"temp": 30.0}},
                                       {"ts": params["ts"] + 2000, "values": {"temp": 45.0}}])),
@@ -252,7 +255,7 @@ sent = [
 ]
 client.disconnect()
 client.stop()
-say({"sent": sent, "connects": connects, "success": TBPublishInfo.TB_ERR_SUCCESS})
+say({"sent": sent, "connects": connects, "pushed": pushed, "success": TBPublishInfo.TB_ERR_SUCCESS})
 """
 
 OK = {"rc": 0, "acked": True}
@@ -282,6 +285,9 @@ def test_tb_mqtt_device_sends_telemetry_and_attributes_and_reconnects_after_an_i
     assert last["success"] == 0
     assert last["sent"] == [OK, OK]
     assert last["connects"][0] == 0 and last["connects"][-1] == 0
+    # a device's own attributes are not echoed back on v1/devices/me/attributes (the SDK would
+    # take an echoed fw_version for a firmware update and start downloading)
+    assert last["pushed"] == []
     points = edge.points("pump-1")
     assert {p for p in points if p[0] == "temp"} == {
         ("temp", T0_MS, 20.0),
