@@ -246,7 +246,10 @@ class SdkScript:
         if code != 0:
             self._failure(f"exited with status {code}")
         while True:
-            obj = self._lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            try:
+                obj = self._lines.get(timeout=max(1.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self._failure("ended but its output did not close")
             if obj is _EOF:
                 break
             self.said.append(obj)
