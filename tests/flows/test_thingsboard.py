@@ -248,6 +248,8 @@ hear()  # the test restarts the edge's ingest process
 wait_until(lambda: len([c for c in connects if c == 0]) >= 2 and client.is_connected(),
            "the reconnect", 30)
 client.subscribe_to_all_attributes(lambda content, *_: pushed.append(content))  # lost on disconnect
+qos0 = client.send_telemetry({"ts": params["ts"] + 3000, "values": {"temp": 60.0}},
+                             quality_of_service=0).get()  # no PUBACK at QoS 0: sent is all
 sent = [
     published(client.send_telemetry([{"ts": params["ts"] + 1000, "values": {"temp": 30.0}},
                                       {"ts": params["ts"] + 2000, "values": {"temp": 45.0}}])),
@@ -255,7 +257,8 @@ sent = [
 ]
 client.disconnect()
 client.stop()
-say({"sent": sent, "connects": connects, "pushed": pushed, "success": TBPublishInfo.TB_ERR_SUCCESS})
+say({"sent": sent, "qos0": qos0, "connects": connects, "pushed": pushed,
+     "success": TBPublishInfo.TB_ERR_SUCCESS})
 """
 
 OK = {"rc": 0, "acked": True}
@@ -284,6 +287,7 @@ def test_tb_mqtt_device_sends_telemetry_and_attributes_and_reconnects_after_an_i
     edge.stop()
     assert last["success"] == 0
     assert last["sent"] == [OK, OK]
+    assert last["qos0"] == 0
     assert last["connects"][0] == 0 and last["connects"][-1] == 0
     # a device's own attributes are not echoed back on v1/devices/me/attributes (the SDK would
     # take an echoed fw_version for a firmware update and start downloading)
@@ -293,6 +297,7 @@ def test_tb_mqtt_device_sends_telemetry_and_attributes_and_reconnects_after_an_i
         ("temp", T0_MS, 20.0),
         ("temp", T0_MS + 1000, 30.0),
         ("temp", T0_MS + 2000, 45.0),
+        ("temp", T0_MS + 3000, 60.0),  # QoS 0
     }
     (hum,) = [p for p in points if p[0] == "hum"]
     assert hum[2] == 40.0 and before <= hum[1] <= after  # stamped on receipt
@@ -313,6 +318,8 @@ wait_until(gateway.is_connected, "the CONNACK")
 wait_until(lambda: limits, "the answer to getSessionLimits")
 ts = params["ts"]
 sent = [
+    # the gateway is a device too: the IoT Gateway sends its own statistics this way
+    published(gateway.send_telemetry({"ts": ts, "values": {"connected_devices": 2.0}})),
     published(gateway.gw_connect_device("line-1-press", "press")),
     published(gateway.gw_connect_device("line-1-oven", "oven")),
     published(gateway.gw_send_telemetry("line-1-press", [
@@ -343,7 +350,7 @@ def test_tb_gateway_connects_two_devices_sends_for_both_and_disconnects(
         GATEWAY, host="127.0.0.1", port=edge.mqtt_port, token=GATEWAY_TOKEN, ts=T0_MS
     )
     edge.stop()
-    assert result["sent"] == [OK] * 8
+    assert result["sent"] == [OK] * 9
     assert "rateLimits" in result["limits"], result["limits"]
     assert edge.points("line-1-press") == {
         ("pressure", T0_MS, 101.0),
@@ -351,7 +358,7 @@ def test_tb_gateway_connects_two_devices_sends_for_both_and_disconnects(
     }
     assert edge.points("line-1-oven") == {("heat", T0_MS, 200.0)}
     assert edge.points("line-2-saw") == set()
-    assert edge.points("gw-1") == set()  # the gateway speaks for its devices, not for itself
+    assert edge.points("gw-1") == {("connected_devices", T0_MS, 2.0)}
     attributes = {k: v for k, (v, _source) in edge.attributes().items()}
     assert attributes == {
         ("line-1-press", "model"): "P-400",
