@@ -248,11 +248,11 @@ hear()  # the test restarts the edge's ingest process
 wait_until(lambda: len([c for c in connects if c == 0]) >= 2 and client.is_connected(),
            "the reconnect", 30)
 client.subscribe_to_all_attributes(lambda content, *_: pushed.append(content))  # lost on disconnect
-qos0 = client.send_telemetry({"ts": params["ts"] + 3000, "values": {"temp": 60.0}},
+qos0 = client.send_telemetry({"ts": params["ts"] + 1000, "values": {"temp": 30.0}},
                              quality_of_service=0).get()  # no PUBACK at QoS 0: sent is all
 sent = [
-    published(client.send_telemetry([{"ts": params["ts"] + 1000, "values": {"temp": 30.0}},
-                                      {"ts": params["ts"] + 2000, "values": {"temp": 45.0}}])),
+    published(client.send_telemetry([{"ts": params["ts"] + 2000, "values": {"temp": 45.0}},
+                                      {"ts": params["ts"] + 3000, "values": {"temp": 60.0}}])),
     published(client.send_attributes({"fw_version": "1.2.4"})),
 ]
 client.disconnect()
@@ -295,9 +295,9 @@ def test_tb_mqtt_device_sends_telemetry_and_attributes_and_reconnects_after_an_i
     points = edge.points("pump-1")
     assert {p for p in points if p[0] == "temp"} == {
         ("temp", T0_MS, 20.0),
-        ("temp", T0_MS + 1000, 30.0),
+        ("temp", T0_MS + 1000, 30.0),  # QoS 0
         ("temp", T0_MS + 2000, 45.0),
-        ("temp", T0_MS + 3000, 60.0),  # QoS 0
+        ("temp", T0_MS + 3000, 60.0),
     }
     (hum,) = [p for p in points if p[0] == "hum"]
     assert hum[2] == 40.0 and before <= hum[1] <= after  # stamped on receipt
