@@ -580,3 +580,11 @@ def edge_for(
     edge = Edge(config, name=name, stop=stop, source=source)
     build(edge)
     return edge
+
+
+@pytest.fixture(scope="session")
+def tb_sdk() -> Any:
+    """ThingsBoard's Python SDK in its own virtualenv (created on first use): ``tests.thingsboard``."""
+    from tests.thingsboard import sdk_venv
+
+    return sdk_venv()
