@@ -14,7 +14,9 @@ def mqtt_settings(
     """Client settings from ``transports.mqtt``.
 
     The client id is ``{client_id}-{channels}`` (``-{role}`` for publishers), so
-    flows sharing one broker never take each other's session.
+    flows sharing one broker never take each other's session. ``attributes``
+    is not named in it: a flow that takes attributes too keeps the session its
+    data channels had, with the messages the broker queued for it.
     """
     section = config.transports.mqtt
     if section is None:
@@ -24,7 +26,8 @@ def mqtt_settings(
         )
         raise ConfigError(msg)
     base = section.client_id or f"edgesieve-{config.edge_id}"
-    client_id = f"{base}-{'-'.join(channels)}"
+    named = [channel for channel in channels if channel != "attributes"] or list(channels)
+    client_id = f"{base}-{'-'.join(named)}"
     if role != "ingest":
         client_id = f"{client_id}-{role}"
     return MqttSettings(

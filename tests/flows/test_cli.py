@@ -90,7 +90,7 @@ parquet: {{max_file_age: 3600}}
             "-p",
             str(mosquitto.port),
             "-i",
-            "cli-test-telemetry-attributes",  # ingest appends the flow's channels to the configured client_id
+            "cli-test-telemetry",  # ingest appends the flow's data channels to the configured client_id
             "-c",
             "-q",
             "1",
