@@ -3,8 +3,9 @@
 :func:`run_ingest` opens the :class:`~connectors.devices.journal.Journal`
 under ``data_dir/journal``, starts the journaled MQTT client (with
 ``transports.mqtt``) and the HTTP and CoAP servers (with ``transports.http`` /
-``transports.coap``), each of which tells a device "accepted" only after its
-message is committed. A clean stop stops accepting, lets the journal commit
+``transports.coap``) and the ThingsBoard MQTT endpoint (with
+``transports.mqtt_server``), each of which tells a device "accepted" only after
+its message is committed. A clean stop stops accepting, lets the journal commit
 what was submitted (the PUBACKs of those go out), then disconnects.
 
 :class:`IngestSupervisor` runs :func:`run_ingest` in a child process (the
@@ -98,7 +99,7 @@ def journal_settings(config: EdgeConfig) -> JournalSettings:
 
 def _servers(config: EdgeConfig, ingress: Ingress) -> list[DeviceServer]:
     transports = config.transports
-    if transports.http is None and transports.coap is None:
+    if transports.http is None and transports.coap is None and transports.mqtt_server is None:
         return []
     assert config.devices is not None  # checked when the config was loaded
     registry = DeviceRegistry.load(config.devices)
@@ -127,6 +128,20 @@ def _servers(config: EdgeConfig, ingress: Ingress) -> list[DeviceServer]:
                 max_device_transfers=coap.max_device_transfers,
                 transfer_timeout_s=coap.transfer_timeout.total_seconds(),
                 transfer_deadline_s=coap.transfer_deadline.total_seconds(),
+            )
+        )
+    if transports.mqtt_server is not None:
+        from connectors.devices.mqtt_server import MqttServer
+
+        section = transports.mqtt_server
+        servers.append(
+            MqttServer(
+                section.listen,
+                registry,
+                ingress,
+                max_inflight=section.max_inflight,
+                max_connections=section.max_connections,
+                max_device_connections=section.max_device_connections,
             )
         )
     return servers
@@ -183,10 +198,11 @@ def run_ingest(
     :raises OSError: when a server cannot listen (the message names the address).
     """
     transports = config.transports
-    if transports.mqtt is None and transports.http is None and transports.coap is None:
+    if not any((transports.mqtt, transports.http, transports.coap, transports.mqtt_server)):
         msg = (
             "transports: none is configured, so the ingest process has nothing to serve; "
-            "hint: add transports.mqtt, transports.http or transports.coap to the config"
+            "hint: add transports.mqtt, transports.http, transports.coap or transports.mqtt_server "
+            "to the config"
         )
         raise ConfigError(msg)
     journal = MeteredJournal(journal_settings(config))

@@ -211,7 +211,7 @@ def test_entry_needs_exactly_id_and_token(tmp_path: Path, entry: str, got: str) 
         tmp_path, f'devices:\n  - {{id: pump-7, token: "{TOKEN_7}"}}\n  - {entry}\n'
     )
     exc = load_error(path)
-    assert str(exc) == f"{path}: devices[1] must have exactly `id` and `token` (got {got})"
+    assert str(exc) == f"{path}: devices[1] must have exactly `id` and `token`, optionally `gateway` (got {got})"
     assert_not_printed(exc, TOKEN_7, TOKEN_8)
 
 

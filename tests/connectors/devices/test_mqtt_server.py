@@ -1,0 +1,475 @@
+"""The ThingsBoard MQTT endpoint: real paho clients against the real server and a real journal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from connectors.codecs.decode import decode
+from connectors.devices.ingress import Ingress
+from connectors.devices.journal import Journal, JournalReader, JournalSettings
+from connectors.devices.mqtt_server import MqttServer
+from connectors.devices.registry import Device, DeviceRegistry
+from operators.records import DeadLetter, RawMessage
+from tests.conftest import TOKEN_1, TOKEN_2, free_port, write_file
+
+GW_TOKEN = "tok-gateway-1-Xy7Pq2Lm"
+REGISTRY = DeviceRegistry(
+    [
+        Device("pump-1", TOKEN_1),
+        Device("fan-2", TOKEN_2),
+        Device("gw-1", GW_TOKEN, ("line-1-*",)),
+    ]
+)
+
+
+class Served:
+    """An :class:`MqttServer` on an ephemeral loopback port, on its own loop thread."""
+
+    def __init__(self, root: Path, journal: Any = None) -> None:
+        self.root = root
+        self.journal = journal or Journal(JournalSettings(root=root / "journal", partitions=1))
+        self.ingress = Ingress(journal=self.journal)
+        self.server = MqttServer("127.0.0.1:0", REGISTRY, self.ingress)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.server.start())
+        self.port = self.server.port
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=20)
+
+    def close(self) -> None:
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.journal.close()
+
+    def journaled(self) -> list[RawMessage]:
+        with JournalReader(self.root / "journal", 0) as reader:
+            return [msg for _, msg in reader.read(-1, 1000)]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path)
+    yield s
+    s.close()
+
+
+class Client:
+    """A real paho client (VERSION2 callbacks) logged in with a token."""
+
+    def __init__(self, port: int, token: str | None, *, keepalive: int = 60) -> None:
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="")
+        if token is not None:
+            self.c.username_pw_set(token)
+        self.connack: Any = None
+        self.connected = threading.Event()
+        self.messages: list[tuple[str, bytes]] = []
+        self.got = threading.Event()
+        self.granted: list[Any] = []
+        self.subscribed = threading.Event()
+        self.disconnected = threading.Event()
+        self.c.on_connect = self._on_connect
+        self.c.on_message = self._on_message
+        self.c.on_subscribe = self._on_subscribe
+        self.c.on_disconnect = lambda *a: self.disconnected.set()
+        self.c.connect("127.0.0.1", port, keepalive=keepalive)
+        self.c.loop_start()
+        assert self.connected.wait(10), "no CONNACK"
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.connack = reason
+        self.connected.set()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self.messages.append((msg.topic, msg.payload))
+        self.got.set()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, codes: Any, props: Any) -> None:
+        self.granted = [c.value for c in codes]
+        self.subscribed.set()
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, timeout: float = 10) -> Any:
+        info = self.c.publish(topic, payload, qos=qos)
+        info.wait_for_publish(timeout)
+        return info
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., Client]]:
+    made: list[Client] = []
+
+    def make(port: int, token: str | None, **kwargs: Any) -> Client:
+        client = Client(port, token, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def dead_reason(msg: RawMessage) -> str:
+    result = decode(msg)
+    assert isinstance(result, DeadLetter)
+    return result.reason
+
+
+# --- devices --------------------------------------------------------------------------------
+
+
+def test_token_login_and_telemetry_attributes_journaled_under_the_device(
+    served: Served, clients: Callable[..., Client]
+) -> None:
+    client = clients(served.port, TOKEN_1)
+    assert not client.connack.is_failure
+    assert client.publish("v1/devices/me/telemetry", '{"temperature": 21.5}').is_published()
+    assert client.publish("v1/devices/me/attributes", '{"fw": "1.2"}').is_published()
+    client.publish("v1/devices/me/telemetry", '{"t": 1}', qos=0)
+    client.publish("v1/devices/me/telemetry", '{"t": 2}').wait_for_publish(10)  # after the QoS 0
+    got = [(m.device, m.channel, m.transport, m.payload) for m in served.journaled()]
+    assert got == [
+        ("pump-1", "telemetry", "mqtt_server", b'{"temperature": 21.5}'),
+        ("pump-1", "attributes", "mqtt_server", b'{"fw": "1.2"}'),
+        ("pump-1", "telemetry", "mqtt_server", b'{"t": 1}'),
+        ("pump-1", "telemetry", "mqtt_server", b'{"t": 2}'),
+    ]
+
+
+@pytest.mark.parametrize("token", ["tok-nobody-000000", None])
+def test_unknown_or_missing_token_is_refused_bad_credentials(
+    served: Served, clients: Callable[..., Client], token: str | None
+) -> None:
+    client = clients(served.port, token)
+    assert client.connack.is_failure
+    assert str(client.connack) == "Bad user name or password"
+    assert served.server.refused_connections == 1
+    assert served.journaled() == []
+
+
+def test_malformed_payload_is_acknowledged_and_kept_as_a_dead_letter(
+    served: Served, clients: Callable[..., Client]
+) -> None:
+    client = clients(served.port, TOKEN_1)
+    assert client.publish("v1/devices/me/telemetry", b"{not json").is_published()
+    [msg] = served.journaled()
+    assert (msg.device, msg.channel, msg.payload) == ("pump-1", "telemetry", b"{not json")
+    assert dead_reason(msg).startswith("telemetry: not valid JSON")
+    assert served.ingress.rejected == 1
+
+
+def test_a_topic_outside_the_api_is_kept_as_a_dead_letter(
+    served: Served, clients: Callable[..., Client]
+) -> None:
+    client = clients(served.port, TOKEN_1)
+    assert client.publish("v1/devices/me/claim", b'{"secretKey": "x"}').is_published()
+    [msg] = served.journaled()
+    assert dead_reason(msg) == (
+        "topic 'v1/devices/me/claim' is not part of the ThingsBoard device API; "
+        "publish to v1/devices/me/telemetry or v1/devices/me/attributes"
+    )
+
+
+def test_subscriptions_to_attribute_and_rpc_topics_are_granted(
+    served: Served, clients: Callable[..., Client]
+) -> None:
+    client = clients(served.port, TOKEN_1)
+    topics = [
+        ("v1/devices/me/attributes", 1),
+        ("v1/devices/me/attributes/response/+", 1),
+        ("v1/devices/me/rpc/request/+", 1),
+        ("v1/devices/me/rpc/response/+", 0),
+        ("v1/devices/pump-1/telemetry", 1),
+    ]
+    client.c.subscribe(topics)
+    assert client.subscribed.wait(10)
+    assert client.granted == [1, 1, 1, 0, 0x80]
+
+
+def test_get_session_limits_is_answered_in_thingsboards_shape(
+    served: Served, clients: Callable[..., Client]
+) -> None:
+    client = clients(served.port, TOKEN_1)
+    client.c.subscribe("v1/devices/me/rpc/response/+", 1)
+    assert client.subscribed.wait(10)
+    request = {"method": "getSessionLimits", "params": {"timeout": 5000}}
+    client.publish("v1/devices/me/rpc/request/7", json.dumps(request))
+    assert client.got.wait(10)
+    [(topic, payload)] = client.messages
+    assert topic == "v1/devices/me/rpc/response/7"
+    assert json.loads(payload) == {
+        "maxPayloadSize": 1024 * 1024,
+        "maxInflightMessages": 16,
+        "rateLimits": {"messages": "", "telemetryMessages": "", "telemetryDataPoints": ""},
+    }
+    client.got.clear()
+    client.publish("v1/devices/me/rpc/request/8", '{"method": "reboot", "params": {}}')
+    assert client.got.wait(10)
+    assert client.messages[1] == (
+        "v1/devices/me/rpc/response/8",
+        b'{"error": "RPC method \'reboot\' is not supported by the edge; only '
+        b'getSessionLimits is answered"}',
+    )
+    assert served.journaled() == []  # RPCs are not data
+
+
+def test_qos_2_closes_the_connection(served: Served, clients: Callable[..., Client]) -> None:
+    client = clients(served.port, TOKEN_1)
+    client.c.publish("v1/devices/me/telemetry", b'{"t": 1}', qos=2)
+    assert client.disconnected.wait(10)
+    assert served.journaled() == []
+
+
+def _connect_packet(token: str, keepalive: int) -> bytes:
+    def s(text: str) -> bytes:
+        return struct.pack("!H", len(text)) + text.encode()
+
+    body = s("MQTT") + bytes((4, 0x82)) + struct.pack("!H", keepalive) + s("raw-1") + s(token)
+    return bytes((0x10, len(body))) + body
+
+
+def test_keepalive_silence_closes_the_connection_after_one_and_a_half_times(
+    served: Served,
+) -> None:
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        sock.sendall(_connect_packet(TOKEN_1, keepalive=1))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        start = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the server
+        waited = time.monotonic() - start
+    assert 1.4 <= waited < 3.0
+    assert served.server.keepalive_timeouts == 1
+
+
+def test_mqtt_5_is_refused_with_unacceptable_protocol(served: Served) -> None:
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        packet = bytearray(_connect_packet(TOKEN_1, keepalive=10))
+        packet[8] = 5  # protocol level
+        sock.sendall(bytes(packet))
+        assert sock.recv(4) == b"\x20\x02\x00\x01"
+        assert sock.recv(1) == b""
+
+
+# --- journal faults: PUBACK only after the commit ------------------------------------------
+
+
+class _HeldCommits:
+    """The real journal, with commits whose callbacks wait for ``release`` (fault injection)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self.release = threading.Event()
+        self.pushback: str | None = None
+
+    def append(self, msg: RawMessage, done: Any, token: Any = None, **kwargs: Any) -> bool:
+        def held(tokens: Any, outcomes: Any) -> None:
+            threading.Thread(target=lambda: (self.release.wait(20), done(tokens, outcomes))).start()
+
+        return self._journal.append(msg, held, token, **kwargs)
+
+    def admit(self, device: str | None = None) -> str | None:
+        return self.pushback or self._journal.admit(device)
+
+    def close(self) -> None:
+        self._journal.close()
+
+
+def test_puback_is_sent_only_after_the_commit(
+    tmp_path: Path, clients: Callable[..., Client]
+) -> None:
+    held = _HeldCommits(Journal(JournalSettings(root=tmp_path / "journal", partitions=1)))
+    served = Served(tmp_path, held)
+    try:
+        client = clients(served.port, TOKEN_1)
+        info = client.c.publish("v1/devices/me/telemetry", b'{"t": 1}', qos=1)
+        time.sleep(0.5)
+        assert not info.is_published()
+        held.release.set()
+        info.wait_for_publish(10)
+        assert info.is_published()
+        assert [m.payload for m in served.journaled()] == [b'{"t": 1}']
+    finally:
+        served.close()
+
+
+def test_a_refusing_journal_withholds_the_puback_and_the_message_is_retried(
+    tmp_path: Path, clients: Callable[..., Client]
+) -> None:
+    held = _HeldCommits(Journal(JournalSettings(root=tmp_path / "journal", partitions=1)))
+    held.release.set()
+    held.pushback = "journal full: 10 payload bytes held of journal.max_bytes=10"
+    served = Served(tmp_path, held)
+    try:
+        client = clients(served.port, TOKEN_1)
+        info = client.c.publish("v1/devices/me/telemetry", b'{"t": 1}', qos=1)
+        time.sleep(0.6)
+        assert not info.is_published()
+        assert served.journaled() == []
+        held.pushback = None
+        info.wait_for_publish(10)
+        assert info.is_published()
+        assert [m.payload for m in served.journaled()] == [b'{"t": 1}']  # once
+    finally:
+        served.close()
+
+
+# --- gateways -------------------------------------------------------------------------------
+
+
+def test_gateway_connects_and_sends_telemetry_for_two_devices(
+    served: Served, clients: Callable[..., Client]
+) -> None:
+    gw = clients(served.port, GW_TOKEN)
+    assert gw.publish("v1/gateway/connect", '{"device": "line-1-a", "type": "pump"}').is_published()
+    telemetry = {
+        "line-1-a": [{"ts": 1763800000000, "values": {"t": 1.5}}],
+        "line-1-b": [{"ts": 1763800000000, "values": {"t": 2.5}}],
+    }
+    assert gw.publish("v1/gateway/telemetry", json.dumps(telemetry)).is_published()
+    assert gw.publish("v1/gateway/attributes", '{"line-1-a": {"model": "X1"}}').is_published()
+    assert gw.publish("v1/gateway/disconnect", '{"device": "line-1-a"}').is_published()
+    got = sorted((m.device, m.channel, m.transport, m.payload) for m in served.journaled())
+    assert got == [
+        ("line-1-a", "attributes", "gateway:gw-1", b'{"model":"X1"}'),
+        ("line-1-a", "telemetry", "gateway:gw-1", b'[{"ts":1763800000000,"values":{"t":1.5}}]'),
+        ("line-1-b", "telemetry", "gateway:gw-1", b'[{"ts":1763800000000,"values":{"t":2.5}}]'),
+    ]
+    for msg in served.journaled():
+        if msg.channel == "telemetry":
+            assert not isinstance(decode(msg), DeadLetter)
+
+
+def test_a_device_the_gateway_may_not_speak_for_is_a_dead_letter_and_the_rest_is_kept(
+    served: Served, clients: Callable[..., Client]
+) -> None:
+    gw = clients(served.port, GW_TOKEN)
+    telemetry = {"line-1-a": {"t": 1}, "pump-1": {"t": 666}}
+    assert gw.publish("v1/gateway/telemetry", json.dumps(telemetry)).is_published()
+    assert gw.publish("v1/gateway/connect", '{"device": "line-2-x"}').is_published()
+    kept, refused, refused_connect = served.journaled()
+    assert (kept.device, kept.channel, kept.payload) == ("line-1-a", "telemetry", b'{"t":1}')
+    assert (refused.device, refused.transport) == ("gw-1", "gateway:gw-1")
+    assert refused.payload == b'{"pump-1":{"t":666}}'
+    assert dead_reason(refused) == (
+        "gateway 'gw-1' may not speak for device 'pump-1'; its devices.yaml patterns are "
+        "[line-1-*]; hint: add a pattern matching it"
+    )
+    assert "may not speak for device 'line-2-x'" in dead_reason(refused_connect)
+
+
+def test_gateway_payload_problems_are_dead_letters(
+    served: Served, clients: Callable[..., Client]
+) -> None:
+    gw = clients(served.port, GW_TOKEN)
+    gw.publish("v1/gateway/telemetry", "[1, 2]")
+    gw.publish("v1/gateway/connect", '{"name": "line-1-a"}')
+    gw.publish("v1/gateway/telemetry", '{"line 1/a": {"t": 1}}')
+    gw.publish("v1/gateway/claim", "{}")
+    reasons = [dead_reason(m) for m in served.journaled()]
+    assert reasons == [
+        "v1/gateway/telemetry: expected a JSON object of device names, got list; "
+        'e.g. {"Dev A": [{"ts": 1763800000000, "values": {"temp": 21.5}}]}',
+        'v1/gateway/connect: expected a JSON object with a "device" name, got dict; '
+        'e.g. {"device": "Dev A", "type": "default"}',
+        "gateway 'gw-1' sent device name 'line 1/a', which is not a valid device id "
+        "(1-128 letters, digits, '.', '_', ':' or '-')",
+        "topic 'v1/gateway/claim' is not part of the gateway API; use v1/gateway/connect, "
+        "disconnect, telemetry or attributes",
+    ]
+
+
+def test_a_plain_device_on_gateway_topics_is_a_dead_letter(
+    served: Served, clients: Callable[..., Client]
+) -> None:
+    client = clients(served.port, TOKEN_1)
+    assert client.publish("v1/gateway/telemetry", '{"line-1-a": {"t": 1}}').is_published()
+    [msg] = served.journaled()
+    assert (msg.device, msg.transport) == ("pump-1", "mqtt_server")
+    assert dead_reason(msg) == (
+        "device 'pump-1' is not a gateway but published to v1/gateway/telemetry; hint: give it "
+        "`gateway: {devices: [...]}` in devices.yaml, or publish to v1/devices/me/telemetry or "
+        "v1/devices/me/attributes"
+    )
+
+
+def test_gateway_subscriptions_are_granted_to_gateways_only(
+    served: Served, clients: Callable[..., Client]
+) -> None:
+    gw = clients(served.port, GW_TOKEN)
+    gw.c.subscribe([("v1/gateway/attributes", 1), ("v1/gateway/rpc", 1)])
+    assert gw.subscribed.wait(10) and gw.granted == [1, 1]
+    device = clients(served.port, TOKEN_1)
+    device.c.subscribe("v1/gateway/rpc", 1)
+    assert device.subscribed.wait(10) and device.granted == [0x80]
+
+
+# --- the whole edge -------------------------------------------------------------------------
+
+
+def test_edgesieve_run_with_mqtt_server_stores_a_thingsboard_devices_telemetry(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "var"
+    port = free_port()
+    devices = write_file(
+        tmp_path, "devices.yaml", f'devices:\n  - {{id: pump-1, token: "{TOKEN_1}"}}\n'
+    )
+    config = write_file(
+        tmp_path,
+        "edge.yaml",
+        f"""
+data_dir: {data}
+devices: {devices}
+transports:
+  mqtt_server: {{listen: "127.0.0.1:{port}"}}
+telemetry:
+  window: {{length: 3600}}
+parquet: {{max_file_age: 3600}}
+""",
+    )
+    cmd = [sys.executable, "-m", "flows.cli", "run", "flows.telemetry", "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[3], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        client = None
+        while client is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                client = Client(port, TOKEN_1)
+            except (ConnectionRefusedError, AssertionError):
+                time.sleep(0.2)
+        assert client is not None, "the edge did not listen"
+        for i in range(5):
+            body = {"ts": 1763800000000 + i * 1000, "values": {"t": float(i)}}
+            assert client.publish("v1/devices/me/telemetry", json.dumps(body)).is_published()
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    glob = str(data / "parquet" / "telemetry_points" / "**" / "*.parquet")
+    rows = duckdb.sql(f"select device, value from read_parquet('{glob}') order by ts").fetchall()
+    assert rows == [("pump-1", float(i)) for i in range(5)]
