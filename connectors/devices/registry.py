@@ -47,6 +47,10 @@ class Device:
     gateway: tuple[str, ...] | None = None
     """For a gateway: the ``fnmatch`` patterns of the device names it may speak for."""
 
+    def __repr__(self) -> str:
+        gateway = "" if self.gateway is None else f", gateway={list(self.gateway)!r}"
+        return f"Device(id={self.id!r}{gateway})"
+
     def speaks_for(self, name: str) -> bool:
         """Whether this gateway may send data of device ``name`` (False for a plain device)."""
         return self.gateway is not None and any(fnmatchcase(name, p) for p in self.gateway)
