@@ -463,6 +463,7 @@ parquet: {{max_file_age: 3600}}
         for i in range(5):
             body = {"ts": 1763800000000 + i * 1000, "values": {"t": float(i)}}
             assert client.publish("v1/devices/me/telemetry", json.dumps(body)).is_published()
+        assert client.publish("v1/devices/me/claim", b"{}").is_published()
         client.close()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
@@ -473,3 +474,13 @@ parquet: {{max_file_age: 3600}}
     glob = str(data / "parquet" / "telemetry_points" / "**" / "*.parquet")
     rows = duckdb.sql(f"select device, value from read_parquet('{glob}') order by ts").fetchall()
     assert rows == [("pump-1", float(i)) for i in range(5)]
+    glob = str(data / "parquet" / "dead_letters" / "**" / "*.parquet")
+    dead = duckdb.sql(f"select device, transport, reason from read_parquet('{glob}')").fetchall()
+    assert dead == [
+        (
+            "pump-1",
+            "mqtt_server",
+            "topic 'v1/devices/me/claim' is not part of the ThingsBoard device API; "
+            "publish to v1/devices/me/telemetry or v1/devices/me/attributes",
+        )
+    ]
