@@ -15,10 +15,14 @@ journaled as a message of that device (device id = the name) with transport
 
 Answers and rules:
 
-- CONNECT with an unknown token (or none): CONNACK 4 (bad user name or
-  password); an MQTT version other than 3.1.1: CONNACK 1; an empty client id
-  with ``clean session`` off: CONNACK 2; more than ``max_connections`` in all
-  or ``max_device_connections`` for one token: CONNACK 3 (server unavailable).
+- MQTT 3.1.1 and 5 (ThingsBoard's Python SDK speaks 5). CONNECT with an
+  unknown token (or none): CONNACK 4 / 0x86 (bad user name or password); an
+  MQTT version other than those: CONNACK 1; an empty client id with ``clean
+  session`` off (3.1.1): CONNACK 2; more than ``max_connections`` in all or
+  ``max_device_connections`` for one token: CONNACK 3 / 0x88 (server
+  unavailable). MQTT 5's CONNACK carries Receive Maximum (``max_inflight``),
+  Maximum QoS 1 and Maximum Packet Size; MQTT 5 properties the clients send
+  are read past and not used.
   A new connection with a client id in use closes the old one (MQTT 3.1.1 §3.1.4).
 - PUBLISH QoS 1 is acknowledged (PUBACK) only after its message is committed
   to the ingest journal, in the order the PUBLISHes came. QoS 0 is journaled
@@ -52,8 +56,8 @@ Answers and rules:
   request ``v1/devices/me/attributes/request/<id>`` is answered ``{}`` (the
   edge keeps no server-side or shared attributes).
 
-The MQTT codec is this module's own (MQTT 3.1.1, the part a device server
-needs): the maintained Python brokers (amqtt) acknowledge a QoS 1 PUBLISH in
+The MQTT codec is this module's own (MQTT 3.1.1 and 5, the part a device
+server needs): the maintained Python brokers (amqtt) acknowledge a QoS 1 PUBLISH in
 their own protocol handler before a plugin could commit it, which breaks
 "accepted means kept".
 """
@@ -100,6 +104,8 @@ SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11
 PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
 
 ACCEPTED, BAD_VERSION, BAD_CLIENT_ID, UNAVAILABLE, BAD_CREDENTIALS = 0, 1, 2, 3, 4
+_V5_CONNACK: Final = {ACCEPTED: 0x00, BAD_CLIENT_ID: 0x85, UNAVAILABLE: 0x88, BAD_CREDENTIALS: 0x86}
+"""MQTT 5 reason codes of the 3.1.1 return codes."""
 
 TELEMETRY_TOPIC: Final = "v1/devices/me/telemetry"
 ATTRIBUTES_TOPIC: Final = "v1/devices/me/attributes"
@@ -259,6 +265,7 @@ class _Connection:
         )
         self.acker: asyncio.Task[None] | None = None
         self._forgotten = False
+        self.v5 = False
         self.peer = writer.get_extra_info("peername")
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -337,12 +344,15 @@ class _Connection:
         name, at = _string(body, 0)
         level, flags, keepalive = body[at], body[at + 1], struct.unpack_from("!H", body, at + 2)[0]
         at += 4
-        if name != "MQTT" or level != 4:
+        if name != "MQTT" or level not in (4, 5):
             self._send(bytes((0x20, 2, 0, BAD_VERSION)))
-            msg = f"protocol {name!r} level {level}; only MQTT 3.1.1 (level 4) is served"
+            msg = f"protocol {name!r} level {level}; only MQTT 3.1.1 and 5 are served"
             raise _Closed(msg)
+        self.v5 = level == 5
+        at = self._skip_properties(body, at)
         client_id, at = _string(body, at)
-        if flags & 0x04:  # will topic and message: read and ignore
+        if flags & 0x04:  # will properties, topic and message: read and ignore
+            at = self._skip_properties(body, at)
             _, at = _string(body, at)
             (size,) = struct.unpack_from("!H", body, at)
             at += 2 + size
@@ -353,14 +363,14 @@ class _Connection:
         device = server._registry.lookup(token) if token else None
         if device is None:
             server.refused_connections += 1
-            self._send(bytes((0x20, 2, 0, BAD_CREDENTIALS)))
+            self._connack(BAD_CREDENTIALS)
             msg = (
                 "unknown access token (CONNACK 4); set the MQTT username to the device's "
                 "token from devices.yaml"
             )
             raise _Closed(msg)
-        if not client_id and not flags & 0x02:
-            self._send(bytes((0x20, 2, 0, BAD_CLIENT_ID)))
+        if not client_id and not flags & 0x02 and not self.v5:
+            self._connack(BAD_CLIENT_ID)
             msg = f"{device.id}: an empty client id needs clean session (CONNACK 2)"
             raise _Closed(msg)
         total = sum(server._per_device.values())
@@ -369,7 +379,7 @@ class _Connection:
             or server._per_device[device.id] >= server.max_device_connections
         ):
             server.refused_connections += 1
-            self._send(bytes((0x20, 2, 0, UNAVAILABLE)))
+            self._connack(UNAVAILABLE)
             msg = (
                 f"{device.id}: too many connections ({server._per_device[device.id]} of this "
                 f"token, {total} in all; transports.mqtt_server.max_device_connections / "
@@ -386,7 +396,7 @@ class _Connection:
                 )
                 old.writer.close()
             server._by_client_id[client_id] = self
-        self._send(bytes((0x20, 2, 0, ACCEPTED)))
+        self._connack(ACCEPTED, assigned_id=not client_id)
         logger.info(
             "mqtt_server: %s%s connected (client id %r, keepalive %ds)",
             "gateway " if device.gateway is not None else "",
@@ -414,7 +424,7 @@ class _Connection:
             elif kind == SUBSCRIBE:
                 self._subscribe(body)
             elif kind == UNSUBSCRIBE:
-                self._send(bytes((0xB0, 2)) + body[:2])
+                self._unsubscribe(body)
             elif kind == DISCONNECT:
                 return
             else:
@@ -445,17 +455,54 @@ class _Connection:
         body = await self.reader.readexactly(size) if size else b""
         return head[0] >> 4, head[0] & 0x0F, body
 
+    def _skip_properties(self, body: bytes, at: int) -> int:
+        """``at`` past an MQTT 5 property list (none in 3.1.1); the properties are not used."""
+        if not self.v5:
+            return at
+        size, at = _varint(body, at)
+        return at + size
+
+    def _connack(self, code: int, *, assigned_id: bool = False) -> None:
+        """CONNACK ``code`` (3.1.1's return code; MQTT 5 gets its reason code and the limits)."""
+        if not self.v5:
+            self._send(bytes((0x20, 2, 0, code)))
+            return
+        props = b""
+        if code == ACCEPTED:
+            limit = self.server._ingress.max_payload_bytes + _TOPIC_HEADROOM
+            props = (
+                b"\x21"
+                + struct.pack("!H", min(self.server.max_inflight, 0xFFFF))  # receive max
+                + b"\x24\x01"  # maximum QoS 1
+                + b"\x27"
+                + struct.pack("!I", limit)  # maximum packet size
+            )
+            if assigned_id:
+                props += b"\x12" + _encode_string(f"edgesieve-{id(self):x}")
+        data = bytes((0, _V5_CONNACK[code])) + _length(len(props)) + props
+        self._send(b"\x20" + _length(len(data)) + data)
+
     def _send(self, packet: bytes) -> None:
         if not self.writer.is_closing():
             self.writer.write(packet)
 
     def _publish_to_device(self, topic: str, payload: dict[str, object]) -> None:
-        data = _encode_string(topic) + json.dumps(payload).encode()
+        """PUBLISH QoS 0 to the device (an RPC or attribute request's answer)."""
+        props = b"\x00" if self.v5 else b""
+        data = _encode_string(topic) + props + json.dumps(payload).encode()
         self._send(bytes((0x30,)) + _length(len(data)) + data)
+
+    def _unsubscribe(self, body: bytes) -> None:
+        at, codes = self._skip_properties(body, 2), bytearray()
+        while at < len(body):
+            _, at = _string(body, at)
+            codes.append(0)
+        data = body[:2] + (b"\x00" + bytes(codes) if self.v5 else b"")
+        self._send(bytes((0xB0,)) + _length(len(data)) + data)
 
     def _subscribe(self, body: bytes) -> None:
         gateway = self.device is not None and self.device.gateway is not None
-        at, codes = 2, bytearray()
+        at, codes = self._skip_properties(body, 2), bytearray()
         while at < len(body):
             topic, at = _string(body, at)
             qos = body[at] & 0x03
@@ -464,7 +511,7 @@ class _Connection:
             codes.append(min(qos, 1) if granted else 0x80)
             if not granted:
                 logger.info("mqtt_server: %s: subscription to %r refused", self._id, topic)
-        data = body[:2] + bytes(codes)
+        data = body[:2] + (b"\x00" if self.v5 else b"") + bytes(codes)
         self._send(bytes((0x90,)) + _length(len(data)) + data)
 
     # -- PUBLISH --------------------------------------------------------------------------
@@ -486,6 +533,7 @@ class _Connection:
         if qos:
             (packet_id,) = struct.unpack_from("!H", body, at)
             at += 2
+        at = self._skip_properties(body, at)
         payload = body[at:]
         if len(payload) > self.server._ingress.max_payload_bytes:
             msg = (
@@ -505,13 +553,24 @@ class _Connection:
             delay = min(delay * 2, _RETRY_MAX_S)
 
     async def _ack_in_order(self) -> None:
+        """PUBACK each message once kept, in arrival order; the writer's buffer paces reading."""
         while True:
             task = await self.pending.get()
             if task is None:
                 return
-            packet_id = await task
-            if packet_id is not None:
-                self._send(b"\x40\x02" + struct.pack("!H", packet_id))
+            try:
+                packet_id = await task
+                if packet_id is not None:
+                    self._send(b"\x40\x02" + struct.pack("!H", packet_id))
+                await self.writer.drain()
+            except ConnectionError:
+                return
+            except Exception:
+                logger.exception(
+                    "mqtt_server: %s: a message failed; closing the connection", self._id
+                )
+                self.writer.close()
+                return
 
     async def _handle(self, topic: str, payload: bytes, packet_id: int | None) -> int | None:
         """Keep the message (journal commit or an RPC answer); ``packet_id`` once it is kept."""
@@ -666,6 +725,19 @@ def _string(body: bytes, at: int) -> tuple[str, int]:
     except UnicodeDecodeError:
         msg = "a string is not UTF-8"
         raise _Closed(msg) from None
+
+
+def _varint(body: bytes, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    for _ in range(4):
+        byte = body[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+    msg = "malformed variable byte integer"
+    raise _Closed(msg)
 
 
 def _encode_string(text: str) -> bytes:

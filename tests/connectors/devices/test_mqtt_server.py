@@ -76,8 +76,10 @@ def served(tmp_path: Path) -> Iterator[Served]:
 class Client:
     """A real paho client (VERSION2 callbacks) logged in with a token."""
 
-    def __init__(self, port: int, token: str | None, *, keepalive: int = 60) -> None:
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="")
+    def __init__(
+        self, port: int, token: str | None, *, keepalive: int = 60, protocol: int = mqtt.MQTTv311
+    ) -> None:
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=protocol)
         if token is not None:
             self.c.username_pw_set(token)
         self.connack: Any = None
@@ -117,12 +119,13 @@ class Client:
         self.c.loop_stop()
 
 
-@pytest.fixture
-def clients() -> Iterator[Callable[..., Client]]:
+@pytest.fixture(params=[mqtt.MQTTv311, mqtt.MQTTv5], ids=["3.1.1", "5"])
+def clients(request: pytest.FixtureRequest) -> Iterator[Callable[..., Client]]:
+    """Real paho clients; every test using them runs with MQTT 3.1.1 and with MQTT 5."""
     made: list[Client] = []
 
     def make(port: int, token: str | None, **kwargs: Any) -> Client:
-        client = Client(port, token, **kwargs)
+        client = Client(port, token, protocol=request.param, **kwargs)
         made.append(client)
         return client
 
@@ -263,10 +266,10 @@ def test_keepalive_silence_closes_the_connection_after_one_and_a_half_times(
     assert served.server.keepalive_timeouts == 1
 
 
-def test_mqtt_5_is_refused_with_unacceptable_protocol(served: Served) -> None:
+def test_another_mqtt_version_is_refused_with_unacceptable_protocol(served: Served) -> None:
     with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
         packet = bytearray(_connect_packet(TOKEN_1, keepalive=10))
-        packet[8] = 5  # protocol level
+        packet[8] = 3  # protocol level: MQTT 3.1
         sock.sendall(bytes(packet))
         assert sock.recv(4) == b"\x20\x02\x00\x01"
         assert sock.recv(1) == b""
@@ -484,3 +487,15 @@ parquet: {{max_file_age: 3600}}
             "publish to v1/devices/me/telemetry or v1/devices/me/attributes",
         )
     ]
+
+
+def test_mqtt_5_connack_carries_the_limits(served: Served) -> None:
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        packet = bytearray(_connect_packet(TOKEN_1, keepalive=10))
+        packet[8] = 5
+        packet[1] += 1
+        packet.insert(12, 0)  # no CONNECT properties
+        sock.sendall(bytes(packet))
+        limit = 1024 * 1024 + 64 * 1024
+        props = b"\x21\x00\x10" + b"\x24\x01" + b"\x27" + struct.pack("!I", limit)
+        assert sock.recv(64) == b"\x20" + bytes((3 + len(props), 0, 0, len(props))) + props
