@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
 import struct
@@ -163,13 +164,22 @@ def test_token_login_and_telemetry_attributes_journaled_under_the_device(
 
 @pytest.mark.parametrize("token", ["tok-nobody-000000", None])
 def test_unknown_or_missing_token_is_refused_bad_credentials(
-    served: Served, clients: Callable[..., Client], token: str | None
+    served: Served,
+    clients: Callable[..., Client],
+    token: str | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "edgesieve.mqtt_server")
     client = clients(served.port, token)
     assert client.connack.is_failure
     assert str(client.connack) == "Bad user name or password"
     assert served.server.refused_connections == 1
     assert served.journaled() == []
+    assert (
+        "refused: unknown access token (CONNACK 4); set the MQTT username to the device's "
+        "token from devices.yaml"
+    ) in caplog.text
+    assert "tok-nobody" not in caplog.text
 
 
 def test_malformed_payload_is_acknowledged_and_kept_as_a_dead_letter(
@@ -254,8 +264,9 @@ def _connect_packet(token: str, keepalive: int) -> bytes:
 
 
 def test_keepalive_silence_closes_the_connection_after_one_and_a_half_times(
-    served: Served,
+    served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "edgesieve.mqtt_server")
     with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
         sock.sendall(_connect_packet(TOKEN_1, keepalive=1))
         assert sock.recv(4) == b"\x20\x02\x00\x00"
@@ -264,6 +275,8 @@ def test_keepalive_silence_closes_the_connection_after_one_and_a_half_times(
         waited = time.monotonic() - start
     assert 1.4 <= waited < 3.0
     assert served.server.keepalive_timeouts == 1
+    time.sleep(0.1)
+    assert "disconnected: nothing received for 1.5s (1.5 x keepalive)" in caplog.text
 
 
 def test_another_mqtt_version_is_refused_with_unacceptable_protocol(served: Served) -> None:
@@ -499,3 +512,78 @@ def test_mqtt_5_connack_carries_the_limits(served: Served) -> None:
         limit = 1024 * 1024 + 64 * 1024
         props = b"\x21\x00\x10" + b"\x24\x01" + b"\x27" + struct.pack("!I", limit)
         assert sock.recv(64) == b"\x20" + bytes((3 + len(props), 0, 0, len(props))) + props
+
+
+def _raw_login(port: int, token: str, client_id: str = "raw-1") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    packet = bytearray(_connect_packet(token, keepalive=30))
+    packet[14:19] = client_id.encode()  # same length as "raw-1"
+    sock.sendall(bytes(packet))
+    return sock
+
+
+def test_a_token_over_its_connections_gets_server_unavailable(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "edgesieve.mqtt_server")
+    socks = [_raw_login(served.port, TOKEN_1, f"raw-{i}") for i in range(5)]
+    try:
+        answers = [sock.recv(4) for sock in socks]
+        assert answers == [b"\x20\x02\x00\x00"] * 4 + [b"\x20\x02\x00\x03"]
+        assert socks[4].recv(1) == b""
+        other = _raw_login(served.port, TOKEN_2, "raw-9")  # other devices still connect
+        assert other.recv(4) == b"\x20\x02\x00\x00"
+        other.close()
+    finally:
+        for sock in socks:
+            sock.close()
+    assert (
+        "pump-1: too many connections (4 of this token, 4 in all; "
+        "transports.mqtt_server.max_device_connections / max_connections) (CONNACK 3)"
+    ) in caplog.text
+
+
+def test_the_same_client_id_again_closes_the_older_connection(served: Served) -> None:
+    first = _raw_login(served.port, TOKEN_1, "raw-1")
+    assert first.recv(4) == b"\x20\x02\x00\x00"
+    second = _raw_login(served.port, TOKEN_1, "raw-1")
+    assert second.recv(4) == b"\x20\x02\x00\x00"
+    assert first.recv(1) == b""
+    first.close()
+    second.close()
+
+
+def test_a_packet_over_the_limit_closes_the_connection_before_its_body(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "edgesieve.mqtt_server")
+    served = Served(tmp_path)
+    served.ingress.max_payload_bytes = 100
+    try:
+        sock = _raw_login(served.port, TOKEN_1)
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        size = 100 + 64 * 1024 + 1
+        sock.sendall(b"\x32" + bytes((size & 0x7F | 0x80, (size >> 7) & 0x7F | 0x80, size >> 14)))
+        assert sock.recv(1) == b""
+        sock.close()
+    finally:
+        served.close()
+    assert (
+        f"a packet of {size} bytes is over the limit of {size - 1} (max_payload_bytes plus "
+        "the topic); split the payload into smaller messages"
+    ) in caplog.text
+
+
+def test_qos_2_is_logged_with_a_hint(served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "edgesieve.mqtt_server")
+    sock = _raw_login(served.port, TOKEN_1)
+    assert sock.recv(4) == b"\x20\x02\x00\x00"
+    topic = b"v1/devices/me/telemetry"
+    body = struct.pack("!H", len(topic)) + topic + b"\x00\x01" + b'{"t": 1}'
+    sock.sendall(bytes((0x34, len(body))) + body)
+    assert sock.recv(1) == b""
+    sock.close()
+    time.sleep(0.2)
+    assert (
+        "PUBLISH with QoS 2, which the edge does not serve; publish with QoS 0 or 1"
+    ) in caplog.text
