@@ -260,9 +260,9 @@ class _Connection:
         self.device: Device | None = None
         self.client_id = ""
         self.stopping = False
-        self.pending: asyncio.Queue[asyncio.Task[int | None] | None] = asyncio.Queue(
-            server.max_inflight
-        )
+        self.pending: asyncio.Queue[asyncio.Task[int | None] | None] = asyncio.Queue()
+        self.slots = asyncio.Semaphore(server.max_inflight)
+        """Messages waiting for their commit and PUBACK; reading waits when none is free."""
         self.acker: asyncio.Task[None] | None = None
         self._forgotten = False
         self.v5 = False
@@ -305,8 +305,7 @@ class _Connection:
         if acker is None:
             return
         self.acker = None
-        with contextlib.suppress(asyncio.QueueFull):
-            self.pending.put_nowait(None)
+        self.pending.put_nowait(None)
         if timeout > 0 and not acker.done():
             with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(acker), timeout)
@@ -542,8 +541,9 @@ class _Connection:
             )
             raise _Closed(msg)
         await self._wait_until_admitted()
+        await self.slots.acquire()  # at most max_inflight wait: the next read waits here
         task = asyncio.create_task(self._handle(topic, payload, packet_id))
-        await self.pending.put(task)  # at most max_inflight wait: the next read waits here
+        self.pending.put_nowait(task)
 
     async def _wait_until_admitted(self) -> None:
         """Stop reading while the journal pushes back for this device (TCP backpressure)."""
@@ -560,6 +560,7 @@ class _Connection:
                 return
             try:
                 packet_id = await task
+                self.slots.release()
                 if packet_id is not None:
                     self._send(b"\x40\x02" + struct.pack("!H", packet_id))
                 await self.writer.drain()
