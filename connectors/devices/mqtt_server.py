@@ -68,6 +68,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import struct
 from collections import Counter
 from typing import Final
@@ -210,8 +211,9 @@ class MqttServer:
         try:
             self._server = await asyncio.start_server(self._accept, self._host, self._port)
         except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
             msg = (
-                f"MqttServer: cannot listen on {self.listen!r}: {exc.strerror or exc}; hint: "
+                f"MqttServer: cannot listen on {self.listen!r}: {why}; hint: "
                 f"another process may hold port {self._port} (pick another, or 0 for an "
                 f"ephemeral port), or {self._host!r} is not an address of this machine"
             )

@@ -625,3 +625,23 @@ def test_qos_2_is_logged_with_a_hint(served: Served, caplog: pytest.LogCaptureFi
     assert logged(
         caplog, "PUBLISH with QoS 2, which the edge does not serve; publish with QoS 0 or 1"
     )
+
+
+def test_a_taken_port_is_an_error_naming_the_address(taken_port: int) -> None:
+    server = MqttServer(f"127.0.0.1:{taken_port}", REGISTRY, Ingress())
+    with pytest.raises(OSError) as info:
+        asyncio.run(server.start())
+    assert info.value.strerror == (
+        f"MqttServer: cannot listen on '127.0.0.1:{taken_port}': Address already in use; hint: "
+        f"another process may hold port {taken_port} (pick another, or 0 for an ephemeral "
+        "port), or '127.0.0.1' is not an address of this machine"
+    )
+    assert not server.running
+
+
+@pytest.mark.parametrize("key", ["max_inflight", "max_connections", "max_device_connections"])
+@pytest.mark.parametrize("value", [0, True, 1.5])
+def test_bounds_must_be_positive_integers(key: str, value: object) -> None:
+    with pytest.raises(ValueError) as info:
+        MqttServer("127.0.0.1:0", REGISTRY, Ingress(), **{key: value})
+    assert str(info.value) == f"MqttServer: {key} must be a positive integer (got {value!r})"
