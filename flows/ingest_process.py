@@ -52,6 +52,7 @@ from connectors.devices.ingress import DeviceServer, Ingress
 from connectors.devices.journal import JournalSettings, journal_partitions
 from connectors.devices.journal_source import JournalSource
 from connectors.devices.mqtt.journaled import JournaledMqtt
+from connectors.devices.mqtt_server import MqttServer
 from connectors.devices.registry import DeviceRegistry
 from flows.config import ConfigError, EdgeConfig, environment_problems, load_config
 from flows.ingest_stats import MeteredJournal, StatsWriter, remove_snapshot
@@ -131,8 +132,6 @@ def _servers(config: EdgeConfig, ingress: Ingress) -> list[DeviceServer]:
             )
         )
     if transports.mqtt_server is not None:
-        from connectors.devices.mqtt_server import MqttServer
-
         section = transports.mqtt_server
         servers.append(
             MqttServer(
@@ -213,7 +212,8 @@ def run_ingest(
         servers = _servers(config, ingress)
         if transports.mqtt is not None:
             mqtt = JournaledMqtt(mqtt_settings(config, channels=channels), journal)
-        stats = StatsWriter(journal, ingress, mqtt)
+        mqtt_server = next((s for s in servers if isinstance(s, MqttServer)), None)
+        stats = StatsWriter(journal, ingress, mqtt, mqtt_server)
         stats.start()
         if mqtt is not None:
             mqtt.start()

@@ -191,6 +191,11 @@ class MqttServer:
             raise RuntimeError(msg)
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def connections(self) -> int:
+        """Devices and gateways connected now."""
+        return sum(self._per_device.values())
+
     def session_limits(self, device: Device) -> dict[str, object]:
         """The ``getSessionLimits`` answer, in ThingsBoard's shape."""
         no_limits = {"messages": "", "telemetryMessages": "", "telemetryDataPoints": ""}

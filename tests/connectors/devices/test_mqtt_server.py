@@ -645,3 +645,25 @@ def test_bounds_must_be_positive_integers(key: str, value: object) -> None:
     with pytest.raises(ValueError) as info:
         MqttServer("127.0.0.1:0", REGISTRY, Ingress(), **{key: value})
     assert str(info.value) == f"MqttServer: {key} must be a positive integer (got {value!r})"
+
+
+def test_connections_and_refusals_reach_the_ingest_metrics(
+    tmp_path: Path, clients: Callable[..., Client]
+) -> None:
+    from flows.accounting import IngestCollector
+    from flows.ingest_stats import MeteredJournal, StatsWriter
+
+    journal = MeteredJournal(JournalSettings(root=tmp_path / "journal", partitions=1))
+    served = Served(tmp_path, journal)
+    try:
+        clients(served.port, TOKEN_1)
+        clients(served.port, "tok-nobody-000000")
+        StatsWriter(journal, served.ingress, None, served.server).write()
+        metrics = {
+            f.name: f.samples[0].value for f in IngestCollector(journal.root, lambda: 0).collect()
+        }
+    finally:
+        served.close()
+    assert metrics["edgesieve_mqtt_server_connections"] == 1
+    assert metrics["edgesieve_mqtt_server_refused_connections"] == 1
+    assert metrics["edgesieve_mqtt_server_keepalive_timeouts"] == 0
