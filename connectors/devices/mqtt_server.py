@@ -26,7 +26,8 @@ Answers and rules:
   A new connection with a client id in use closes the old one (MQTT 3.1.1 §3.1.4).
 - PUBLISH QoS 1 is acknowledged (PUBACK) only after its message is committed
   to the ingest journal, in the order the PUBLISHes came. QoS 0 is journaled
-  the same way, without an answer. QoS 2 is not supported: the connection is
+  the same way, without an answer. A PUBLISH sent again with DUP set is stored
+  once when the journal holds it already. QoS 2 is not supported: the connection is
   closed (MQTT 3.1.1 has no way to refuse one message).
 - Every data message is kept: a malformed payload is journaled and becomes a
   dead letter in the flow (it is acknowledged, as HTTP answers 400 after
@@ -549,7 +550,7 @@ class _Connection:
             raise _Closed(msg)
         await self._wait_until_admitted()
         await self.slots.acquire()  # at most max_inflight wait: the next read waits here
-        task = asyncio.create_task(self._handle(topic, payload, packet_id))
+        task = asyncio.create_task(self._handle(topic, payload, packet_id, dup=bool(flags & 0x08)))
         self.pending.put_nowait(task)
 
     async def _wait_until_admitted(self) -> None:
@@ -580,14 +581,20 @@ class _Connection:
                 self.writer.close()
                 return
 
-    async def _handle(self, topic: str, payload: bytes, packet_id: int | None) -> int | None:
-        """Keep the message (journal commit or an RPC answer); ``packet_id`` once it is kept."""
+    async def _handle(
+        self, topic: str, payload: bytes, packet_id: int | None, *, dup: bool
+    ) -> int | None:
+        """Keep the message (journal commit or an RPC answer); ``packet_id`` once it is kept.
+
+        A PUBLISH with DUP set (sent again after a lost PUBACK) is stored once
+        when the journal already holds it.
+        """
         device = self.device
         assert device is not None
         if topic == TELEMETRY_TOPIC:
-            await self._keep(device.id, TELEMETRY, TRANSPORT, payload)
+            await self._keep(device.id, TELEMETRY, TRANSPORT, payload, dup)
         elif topic == ATTRIBUTES_TOPIC:
-            await self._keep(device.id, ATTRIBUTES, TRANSPORT, payload)
+            await self._keep(device.id, ATTRIBUTES, TRANSPORT, payload, dup)
         elif topic.startswith(RPC_REQUEST):
             self._rpc(topic.removeprefix(RPC_REQUEST), payload)
         elif topic.startswith(ATTRIBUTES_REQUEST):
@@ -597,18 +604,20 @@ class _Connection:
         elif topic.startswith(RPC_RESPONSE):
             logger.debug("mqtt_server: %s answered an RPC the edge did not send", device.id)
         elif topic.startswith(GATEWAY):
-            await self._gateway(topic.removeprefix(GATEWAY), payload)
+            await self._gateway(topic.removeprefix(GATEWAY), payload, dup)
         else:
             reason = f"topic {topic[:100]!r} is not part of the ThingsBoard device API; {_API}"
             await self._keep(device.id, refused_channel(reason), TRANSPORT, payload)
         return packet_id
 
-    async def _keep(self, device: str, channel: str, transport: str, payload: bytes) -> None:
+    async def _keep(
+        self, device: str, channel: str, transport: str, payload: bytes, dup: bool = False
+    ) -> None:
         """Journal one message, retrying while the journal refuses it; return after the commit."""
         ingress = self.server._ingress
         delay = _RETRY_MIN_S
         while True:
-            offer = await ingress.deliver(device, channel, transport, payload)
+            offer = await ingress.deliver(device, channel, transport, payload, redelivery=dup)
             if offer.verdict is Verdict.OVERLOADED:
                 logger.debug("mqtt_server: %s: %s; retrying", device, offer.reason)
                 await asyncio.sleep(delay)
@@ -635,7 +644,7 @@ class _Connection:
             }
         self._publish_to_device(RPC_RESPONSE + request_id, answer)
 
-    async def _gateway(self, what: str, payload: bytes) -> None:
+    async def _gateway(self, what: str, payload: bytes, dup: bool) -> None:
         device = self.device
         assert device is not None
         transport = GATEWAY_TRANSPORT + device.id
@@ -685,7 +694,7 @@ class _Connection:
             body = json.dumps(part, separators=(",", ":"), ensure_ascii=False).encode()
             refusal = _forbidden(device, name)
             if refusal is None:
-                parts.append(self._keep(name, channel, transport, body))
+                parts.append(self._keep(name, channel, transport, body, dup))
             else:
                 body = json.dumps({name: part}, separators=(",", ":"), ensure_ascii=False).encode()
                 parts.append(self._keep(device.id, refused_channel(refusal), transport, body))

@@ -667,3 +667,24 @@ def test_connections_and_refusals_reach_the_ingest_metrics(
     assert metrics["edgesieve_mqtt_server_connections"] == 1
     assert metrics["edgesieve_mqtt_server_refused_connections"] == 1
     assert metrics["edgesieve_mqtt_server_keepalive_timeouts"] == 0
+
+
+def _publish_packet(payload: bytes, packet_id: int, *, dup: bool) -> bytes:
+    topic = b"v1/devices/me/telemetry"
+    body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", packet_id) + payload
+    return bytes((0x32 | (0x08 if dup else 0), len(body))) + body
+
+
+def test_a_publish_sent_again_with_dup_is_stored_once(served: Served) -> None:
+    sock = _raw_login(served.port, TOKEN_1)
+    try:
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        sock.sendall(_publish_packet(b'{"t": 1}', 1, dup=False))
+        assert sock.recv(4) == b"\x40\x02\x00\x01"
+        sock.sendall(_publish_packet(b'{"t": 1}', 1, dup=True))  # its PUBACK was "lost"
+        assert sock.recv(4) == b"\x40\x02\x00\x01"
+        sock.sendall(_publish_packet(b'{"t": 1}', 2, dup=False))  # the same reading, sent anew
+        assert sock.recv(4) == b"\x40\x02\x00\x02"
+    finally:
+        sock.close()
+    assert [m.payload for m in served.journaled()] == [b'{"t": 1}', b'{"t": 1}']
