@@ -98,7 +98,8 @@ def run_side(
     try:
         if name == "tb":
             registry = DeviceRegistry(Device(f"dev-{i}", token(i)) for i in range(args.devices))
-            server = MqttServer("127.0.0.1:0", registry, Ingress(journal=journal))
+            ingress = Ingress(journal=journal)
+            server = MqttServer("127.0.0.1:0", registry, ingress, max_inflight=args.server_inflight)
             asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
             port = server.port
         else:
@@ -138,12 +139,15 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--messages", type=int, default=1000, help="per device")
     parser.add_argument("--inflight", type=int, default=16, help="per device")
+    parser.add_argument(
+        "--server-inflight", type=int, default=16, help="transports.mqtt_server.max_inflight"
+    )
     parser.add_argument("--sync", default="normal", choices=["off", "normal", "full"])
     args = parser.parse_args()
     n = args.devices * args.messages
     print(
         f"{n} QoS 1 messages from {args.devices} devices, {args.inflight} in flight each, "
-        f"journal sync={args.sync}"
+        f"endpoint max_inflight {args.server_inflight}, journal sync={args.sync}"
     )
     ctx = multiprocessing.get_context("spawn")
     results = {}
