@@ -688,3 +688,23 @@ def test_a_publish_sent_again_with_dup_is_stored_once(served: Served) -> None:
     finally:
         sock.close()
     assert [m.payload for m in served.journaled()] == [b'{"t": 1}', b'{"t": 1}']
+
+
+def test_a_stop_sends_the_pubacks_of_messages_committed_meanwhile(
+    tmp_path: Path, clients: Callable[..., Client]
+) -> None:
+    held = _HeldCommits(Journal(JournalSettings(root=tmp_path / "journal", partitions=1)))
+    served = Served(tmp_path, held)
+    try:
+        client = clients(served.port, TOKEN_1)
+        info = client.c.publish("v1/devices/me/telemetry", b'{"t": 1}', qos=1)
+        time.sleep(0.3)
+        stopping = asyncio.run_coroutine_threadsafe(served.server.stop(), served.loop)
+        time.sleep(0.3)
+        assert not info.is_published() and not stopping.done()  # the stop waits for the commit
+        held.release.set()
+        stopping.result(10)
+        assert info.is_published()
+        assert not served.server.running
+    finally:
+        served.close()
