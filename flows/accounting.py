@@ -211,6 +211,16 @@ _INGEST_COUNTERS = (
         "mqtt_withheld",
     ),
     ("edgesieve_mqtt_acked", "MQTT messages acknowledged after their journal commit", "mqtt_acked"),
+    (
+        "edgesieve_mqtt_server_refused_connections",
+        "ThingsBoard MQTT endpoint: CONNECTs refused (unknown token, too many connections)",
+        "mqtt_server_refused_connections",
+    ),
+    (
+        "edgesieve_mqtt_server_keepalive_timeouts",
+        "ThingsBoard MQTT endpoint: connections closed after 1.5 x keepalive of silence",
+        "mqtt_server_keepalive_timeouts",
+    ),
 )
 
 
@@ -260,6 +270,11 @@ class IngestCollector(Collector):
             "edgesieve_mqtt_withheld_messages",
             "MQTT messages waiting, unacknowledged, for room in the journal",
             value=snap.get("mqtt_withheld_now", 0),
+        )
+        yield GaugeMetricFamily(
+            "edgesieve_mqtt_server_connections",
+            "ThingsBoard MQTT endpoint: devices and gateways connected now",
+            value=snap.get("mqtt_server_connections", 0),
         )
         for name, doc, key in _INGEST_COUNTERS:
             yield CounterMetricFamily(name, doc, value=snap.get(key, 0))

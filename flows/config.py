@@ -38,6 +38,7 @@ __all__ = [
     "EdgeConfig",
     "HttpSection",
     "ListenSection",
+    "MqttServerSection",
     "MqttSection",
     "JournalSection",
     "LimitsSection",
@@ -128,12 +129,24 @@ class CoapSection(ListenSection):
         return self
 
 
+class MqttServerSection(ListenSection):
+    """``transports.mqtt_server``: the edge's own MQTT endpoint, ThingsBoard semantics."""
+
+    max_inflight: int = Field(16, gt=0)
+    """Messages of one connection waiting for their journal commit; reading waits beyond."""
+    max_connections: int = Field(1024, gt=0)
+    """Connections at once (CONNACK 3, server unavailable, beyond)."""
+    max_device_connections: int = Field(4, gt=0)
+    """Connections of one access token at once (CONNACK 3 beyond)."""
+
+
 class TransportsSection(_Section):
     """``transports``: how devices reach the edge."""
 
     mqtt: MqttSection | None = None
     http: HttpSection | None = None
     coap: CoapSection | None = None
+    mqtt_server: MqttServerSection | None = None
     queue_messages: int = Field(10_000, gt=0)
     """Bound of the hand-off queue of the HTTP and CoAP servers (503 / 5.03 beyond)."""
 
@@ -435,9 +448,11 @@ class EdgeConfig(_Section):
     def _across_sections(self) -> EdgeConfig:
         if self.metrics_listen is not None:
             parse_host_port(self.metrics_listen, key="metrics_listen")
-        if (self.transports.http or self.transports.coap) and self.devices is None:
+        transports = self.transports
+        if (transports.http or transports.coap or transports.mqtt_server) and self.devices is None:
             msg = (
-                "devices: is required by transports.http and transports.coap (got null); "
+                "devices: is required by transports.http, transports.coap and "
+                "transports.mqtt_server (got null); "
                 "hint: set devices: devices.yaml (a list of {id, token})"
             )
             raise ValueError(msg)

@@ -24,7 +24,7 @@ from bytewax.dataflow import Stream
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from connectors.codecs.attributes_json import ATTRIBUTES, Attribute, attributes_payload
-from connectors.codecs.decode import decode
+from connectors.codecs.decode import REFUSED_PREFIX, decode
 from connectors.codecs.evb1 import encode_evb1
 from connectors.codecs.telemetry_json import decode_telemetry
 from flows.accounting import RECEIVED, Meter
@@ -107,7 +107,7 @@ def decoder(
             device = msg.device
             counts[device] += 1
             sizes[device] += len(msg.payload)
-            if channel not in wanted:
+            if channel not in wanted and not channel.startswith(REFUSED_PREFIX):
                 out.append((owner.name, _unwanted(msg, flow)))
                 continue
             result = msg.decoded

@@ -3,8 +3,9 @@
 :func:`run_ingest` opens the :class:`~connectors.devices.journal.Journal`
 under ``data_dir/journal``, starts the journaled MQTT client (with
 ``transports.mqtt``) and the HTTP and CoAP servers (with ``transports.http`` /
-``transports.coap``), each of which tells a device "accepted" only after its
-message is committed. A clean stop stops accepting, lets the journal commit
+``transports.coap``) and the ThingsBoard MQTT endpoint (with
+``transports.mqtt_server``), each of which tells a device "accepted" only after
+its message is committed. A clean stop stops accepting, lets the journal commit
 what was submitted (the PUBACKs of those go out), then disconnects.
 
 :class:`IngestSupervisor` runs :func:`run_ingest` in a child process (the
@@ -51,6 +52,7 @@ from connectors.devices.ingress import DeviceServer, Ingress
 from connectors.devices.journal import JournalSettings, journal_partitions
 from connectors.devices.journal_source import JournalSource
 from connectors.devices.mqtt.journaled import JournaledMqtt
+from connectors.devices.mqtt_server import MqttServer
 from connectors.devices.registry import DeviceRegistry
 from flows.config import ConfigError, EdgeConfig, environment_problems, load_config
 from flows.ingest_stats import MeteredJournal, StatsWriter, remove_snapshot
@@ -98,7 +100,7 @@ def journal_settings(config: EdgeConfig) -> JournalSettings:
 
 def _servers(config: EdgeConfig, ingress: Ingress) -> list[DeviceServer]:
     transports = config.transports
-    if transports.http is None and transports.coap is None:
+    if transports.http is None and transports.coap is None and transports.mqtt_server is None:
         return []
     assert config.devices is not None  # checked when the config was loaded
     registry = DeviceRegistry.load(config.devices)
@@ -127,6 +129,18 @@ def _servers(config: EdgeConfig, ingress: Ingress) -> list[DeviceServer]:
                 max_device_transfers=coap.max_device_transfers,
                 transfer_timeout_s=coap.transfer_timeout.total_seconds(),
                 transfer_deadline_s=coap.transfer_deadline.total_seconds(),
+            )
+        )
+    if transports.mqtt_server is not None:
+        section = transports.mqtt_server
+        servers.append(
+            MqttServer(
+                section.listen,
+                registry,
+                ingress,
+                max_inflight=section.max_inflight,
+                max_connections=section.max_connections,
+                max_device_connections=section.max_device_connections,
             )
         )
     return servers
@@ -183,10 +197,11 @@ def run_ingest(
     :raises OSError: when a server cannot listen (the message names the address).
     """
     transports = config.transports
-    if transports.mqtt is None and transports.http is None and transports.coap is None:
+    if not any((transports.mqtt, transports.http, transports.coap, transports.mqtt_server)):
         msg = (
             "transports: none is configured, so the ingest process has nothing to serve; "
-            "hint: add transports.mqtt, transports.http or transports.coap to the config"
+            "hint: add transports.mqtt, transports.http, transports.coap or transports.mqtt_server "
+            "to the config"
         )
         raise ConfigError(msg)
     journal = MeteredJournal(journal_settings(config))
@@ -197,7 +212,8 @@ def run_ingest(
         servers = _servers(config, ingress)
         if transports.mqtt is not None:
             mqtt = JournaledMqtt(mqtt_settings(config, channels=channels), journal)
-        stats = StatsWriter(journal, ingress, mqtt)
+        mqtt_server = next((s for s in servers if isinstance(s, MqttServer)), None)
+        stats = StatsWriter(journal, ingress, mqtt, mqtt_server)
         stats.start()
         if mqtt is not None:
             mqtt.start()

@@ -40,6 +40,7 @@ from typing import Any, Final
 from connectors.devices.ingress import Ingress
 from connectors.devices.journal import Journal
 from connectors.devices.mqtt.journaled import JournaledMqtt
+from connectors.devices.mqtt_server import MqttServer
 
 __all__ = [
     "COMMIT_BUCKETS",
@@ -75,6 +76,8 @@ COUNTERS: Final = (
     "mqtt_acked",
     "mqtt_withheld",
     "mqtt_dropped",
+    "mqtt_server_refused_connections",
+    "mqtt_server_keepalive_timeouts",
 )
 """Snapshot counters that add up over the ingest processes of a run."""
 
@@ -185,10 +188,12 @@ class StatsWriter:
         journal: MeteredJournal,
         ingress: Ingress | None = None,
         mqtt: JournaledMqtt | None = None,
+        mqtt_server: MqttServer | None = None,
     ) -> None:
         self.journal = journal
         self.ingress = ingress
         self.mqtt = mqtt
+        self.mqtt_server = mqtt_server
         self.path = journal.root / STATS_FILE
         self._started_at = _now()
         self._carried: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -206,7 +211,7 @@ class StatsWriter:
     def snapshot(self, *, running: bool = True) -> dict[str, Any]:
         """The snapshot as written: journal state, counters, the commit histogram."""
         stats = self.journal.stats()
-        mqtt, ingress = self.mqtt, self.ingress
+        mqtt, ingress, server = self.mqtt, self.ingress, self.mqtt_server
         now = {
             "commits": stats.commits,
             "duplicates": stats.duplicates,
@@ -216,6 +221,8 @@ class StatsWriter:
             "mqtt_acked": mqtt.acked if mqtt is not None else 0,
             "mqtt_withheld": mqtt.withheld if mqtt is not None else 0,
             "mqtt_dropped": mqtt.dropped if mqtt is not None else 0,
+            "mqtt_server_refused_connections": server.refused_connections if server else 0,
+            "mqtt_server_keepalive_timeouts": server.keepalive_timeouts if server else 0,
         }
         self.journal.sample_commits()
         counts, total = self.journal.commit_seconds.state()
@@ -227,6 +234,7 @@ class StatsWriter:
             "journal": asdict(stats),
             **{name: self._carried[name] + now[name] for name in COUNTERS},
             "mqtt_withheld_now": mqtt.withheld_now if mqtt is not None else 0,
+            "mqtt_server_connections": server.connections if server is not None else 0,
             "commit_seconds": {"buckets": list(COMMIT_BUCKETS), "counts": counts, "sum": total},
         }
 

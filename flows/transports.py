@@ -46,9 +46,10 @@ def mqtt_settings(
 def require_transports(config: EdgeConfig) -> None:
     """Refuse a config without any device transport: the flow would have no input."""
     transports = config.transports
-    if transports.mqtt is None and transports.http is None and transports.coap is None:
+    if not any((transports.mqtt, transports.http, transports.coap, transports.mqtt_server)):
         msg = (
             "transports: none is configured, so the flow has no input; "
-            "hint: add transports.mqtt, transports.http or transports.coap to the config"
+            "hint: add transports.mqtt, transports.http, transports.coap or transports.mqtt_server "
+            "to the config"
         )
         raise ConfigError(msg)

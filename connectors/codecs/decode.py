@@ -7,9 +7,17 @@ from connectors.codecs.evb1 import decode_vibration
 from connectors.codecs.telemetry_json import decode_telemetry
 from operators.records import TELEMETRY, VIBRATION, DeadLetter, RawMessage, Reading, VibrationBlock
 
-__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "decode"]
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "REFUSED_PREFIX", "decode", "refused_channel"]
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+REFUSED_PREFIX = "refused: "
+"""Channel of a message a transport refused but kept (a gateway speaking for a device it
+may not): the rest of the channel is the reason, and the message decodes to a dead letter."""
+
+
+def refused_channel(reason: str) -> str:
+    """The journal channel that makes a kept message a dead letter with ``reason``."""
+    return REFUSED_PREFIX + reason
 
 
 def decode(
@@ -29,6 +37,8 @@ def decode(
         return _dead(msg, reason, msg.payload[:max_payload_bytes])
     if msg.channel == TELEMETRY:
         return decode_telemetry(msg)
+    if msg.channel.startswith(REFUSED_PREFIX):
+        return _dead(msg, msg.channel.removeprefix(REFUSED_PREFIX), msg.payload)
     if msg.channel == VIBRATION:
         return decode_vibration(msg)
     if msg.channel == ATTRIBUTES:

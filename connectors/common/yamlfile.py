@@ -58,8 +58,9 @@ def read_entries(
     example: str,
     error: type[ValueError],
     yaml_hint: str = "",
+    optional: tuple[str, ...] = (),
 ) -> list[dict[str, object]]:
-    """The ``key:`` list of mappings in ``path``, each with exactly ``fields``.
+    """The ``key:`` list of mappings in ``path``, each with ``fields`` and any of ``optional``.
 
     Every failure raises ``error`` naming the file (as ``what``) and the entry;
     values are never quoted, so secrets stay out of messages (see
@@ -79,9 +80,11 @@ def read_entries(
         msg = f"{path}: expected a mapping with {article} `{key}:` list, e.g. {example}"
         raise error(msg)
     for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or set(entry) != set(fields):
+        if not isinstance(entry, dict) or not set(fields) <= set(entry) <= {*fields, *optional}:
             got = sorted(str(k) for k in entry) if isinstance(entry, dict) else type(entry).__name__
             wanted = " and ".join(f"`{f}`" for f in fields)
+            if optional:
+                wanted += ", optionally " + " and ".join(f"`{f}`" for f in optional)
             msg = f"{path}: {key}[{index}] must have exactly {wanted} (got {got})"
             raise error(msg)
     return entries

@@ -200,11 +200,14 @@ class Ingress:
         payload: bytes,
         *,
         dedup_key: bytes | None = None,
+        redelivery: bool = False,
     ) -> Offer:
         """Keep ``payload`` as :meth:`offer` does; in journal mode return after its commit.
 
         ``dedup_key`` identifies a transmission the device may repeat (CoAP's
         endpoint, message id and token): the journal stores a repeat once.
+        ``redelivery`` (an MQTT PUBLISH with DUP set) stores the message once
+        when the journal holds it already (see ``Journal.append``).
 
         Malformed messages are journaled too (the flow turns them into dead
         letters). A journal that refuses the message (over its byte bound, disk
@@ -220,7 +223,7 @@ class Ingress:
             return judged
         msg, offer = judged
         committed = asyncio.get_running_loop().create_future()
-        journal.append(msg, self._committed, committed, dedup_key=dedup_key)
+        journal.append(msg, self._committed, committed, dedup_key=dedup_key, redelivery=redelivery)
         try:
             await committed
         except JournalFull as exc:

@@ -3,7 +3,11 @@
 ```yaml
 devices:
   - {id: pump-7, token: "s3cr3t-token-7"}
+  - {id: gw-1, token: "gateway-token-1", gateway: {devices: ["line-1-*"]}}
 ```
+
+A gateway entry (ThingsBoard's gateway API) may speak for the device names
+matching one of its ``fnmatch`` patterns (case-sensitive).
 
 Tokens are looked up by their SHA-256 digest and confirmed with a
 constant-time comparison; they never appear in logs, errors or ``repr``.
@@ -16,6 +20,7 @@ import hmac
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from connectors.common.yamlfile import read_entries
@@ -39,6 +44,16 @@ class Device:
 
     id: str
     token: str = field(repr=False)
+    gateway: tuple[str, ...] | None = None
+    """For a gateway: the ``fnmatch`` patterns of the device names it may speak for."""
+
+    def __repr__(self) -> str:
+        gateway = "" if self.gateway is None else f", gateway={list(self.gateway)!r}"
+        return f"Device(id={self.id!r}{gateway})"
+
+    def speaks_for(self, name: str) -> bool:
+        """Whether this gateway may send data of device ``name`` (False for a plain device)."""
+        return self.gateway is not None and any(fnmatchcase(name, p) for p in self.gateway)
 
 
 def _digest(token: str) -> bytes:
@@ -96,6 +111,7 @@ class DeviceRegistry:
             path,
             "devices",
             ("id", "token"),
+            optional=("gateway",),
             what="device registry",
             missing_hint="set `devices:` in the config",
             example="devices: [{id: pump-7, token: ...}]",
@@ -110,18 +126,23 @@ class DeviceRegistry:
                     f'{device_id!r} ({type(device_id).__name__}); quote it, e.g. id: "pump-7"'
                 )
                 raise RegistryError(msg)
-            devices.append(Device(device_id, entry["token"]))
+            devices.append(Device(device_id, entry["token"], _gateway(entry, path, index)))
         return cls(devices, source=str(path))
 
     def authenticate(self, token: str) -> str | None:
         """The device id for ``token``, or None; comparison in constant time."""
+        device = self.lookup(token)
+        return None if device is None else device.id
+
+    def lookup(self, token: str) -> Device | None:
+        """The registry entry for ``token`` (with its gateway patterns), or None; constant time."""
         device = self._by_digest.get(_digest(token))
         if device is None:
             return None
         if hmac.compare_digest(
             device.token.encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass")
         ):
-            return device.id
+            return device
         return None
 
     def __iter__(self) -> Iterator[Device]:
@@ -135,3 +156,25 @@ class DeviceRegistry:
 
     def __repr__(self) -> str:
         return f"DeviceRegistry({len(self)} devices)"
+
+
+def _gateway(entry: dict[str, object], path: Path, index: int) -> tuple[str, ...] | None:
+    """The checked ``gateway: {devices: [pattern, ...]}`` of one entry, or None."""
+    if "gateway" not in entry:
+        return None
+    section = entry["gateway"]
+    patterns = section.get("devices") if isinstance(section, dict) else None
+    if (
+        not isinstance(section, dict)
+        or set(section) != {"devices"}
+        or not isinstance(patterns, list)
+        or not patterns
+        or not all(isinstance(p, str) and p for p in patterns)
+    ):
+        msg = (
+            f"{path}: devices[{index}]: gateway must be a mapping with a non-empty `devices:` "
+            f"list of device name patterns (got {section!r}); "
+            'e.g. gateway: {devices: ["line-1-*"]}'
+        )
+        raise RegistryError(msg)
+    return tuple(patterns)

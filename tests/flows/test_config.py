@@ -288,7 +288,8 @@ def test_alarm_rules_are_checked_by_the_threshold_operator():
 def test_http_and_coap_need_a_registry():
     fails(
         {"transports": {"http": {"listen": "127.0.0.1:8080"}}},
-        "devices: is required by transports.http and transports.coap (got null); "
+        "devices: is required by transports.http, transports.coap and "
+        "transports.mqtt_server (got null); "
         "hint: set devices: devices.yaml (a list of {id, token})",
     )
 
@@ -663,3 +664,45 @@ def test_coap_transfer_limits_are_checked(data, message):
 )
 def test_journal_device_share_is_a_fraction(share, message):
     fails({"journal": {"device_share": share}}, message)
+
+
+def test_mqtt_server_settings_reach_the_ingest_process(tmp_path):
+    from connectors.devices import mqtt_server
+    from flows.config import MqttServerSection
+    from flows.ingest_process import _servers
+
+    path = tmp_path / "edge.yaml"
+    path.write_text(
+        "devices: devices.yaml\n"
+        "transports:\n"
+        "  mqtt_server: {listen: '127.0.0.1:0', max_inflight: 8, max_connections: 10,\n"
+        "                max_device_connections: 2}\n"
+    )
+    (tmp_path / "devices.yaml").write_text("devices: []\n")
+    [server] = _servers(load_config(path), None)  # type: ignore[arg-type]
+    assert isinstance(server, mqtt_server.MqttServer)
+    assert (server.max_inflight, server.max_connections, server.max_device_connections) == (
+        8,
+        10,
+        2,
+    )
+    section = MqttServerSection(listen="127.0.0.1:0")  # the server's own defaults
+    assert (section.max_inflight, section.max_connections, section.max_device_connections) == (
+        mqtt_server.DEFAULT_MAX_INFLIGHT,
+        mqtt_server.DEFAULT_MAX_CONNECTIONS,
+        mqtt_server.DEFAULT_MAX_DEVICE_CONNECTIONS,
+    )
+    fails(
+        {"transports": {"mqtt_server": {"listen": "127.0.0.1:1884"}}},
+        "devices: is required by transports.http, transports.coap and "
+        "transports.mqtt_server (got null); "
+        "hint: set devices: devices.yaml (a list of {id, token})",
+    )
+    devices = str(tmp_path / "devices.yaml")
+    fails(
+        {
+            "transports": {"mqtt_server": {"listen": "127.0.0.1:1884", "max_inflight": 0}},
+            "devices": devices,
+        },
+        "transports.mqtt_server.max_inflight: must be greater than 0 (got 0)",
+    )

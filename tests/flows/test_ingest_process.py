@@ -459,7 +459,8 @@ def test_run_ingest_without_transports_is_a_config_error(tmp_path: Path) -> None
     with pytest.raises(
         ConfigError,
         match=r"^transports: none is configured, so the ingest process has nothing to serve; "
-        r"hint: add transports.mqtt, transports.http or transports.coap to the config$",
+        r"hint: add transports.mqtt, transports.http, transports.coap or transports.mqtt_server "
+        r"to the config$",
     ):
         run_ingest(config, channels=CHANNELS, stop=threading.Event())
 

@@ -17,7 +17,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.codecs.decode import decode
+from connectors.codecs.decode import decode, refused_channel
 from connectors.codecs.evb1 import HEADER, MAGIC
 from operators.records import DeadLetter, Reading, VibrationBlock
 from tests.conftest import assert_reason_shape, raw_message
@@ -53,7 +53,11 @@ payloads = st.one_of(
     evb1_like().map(lambda b: b[: len(b) // 2]),  # truncated
     telemetry_docs.map(lambda b: b"\xef\xbb\xbf" + b),  # BOM
 )
-channels = st.sampled_from(["telemetry", "vibration", "attributes"]) | st.text(max_size=10)
+channels = (
+    st.sampled_from(["telemetry", "vibration", "attributes"])
+    | st.text(max_size=10)
+    | st.text(max_size=20).map(refused_channel)
+)
 
 
 @given(channel=channels, payload=payloads, limit=st.integers(1, 400))
@@ -76,6 +80,8 @@ def test_decode_never_raises_for_any_channel_payload_or_limit(
         elif channel in ("telemetry", "vibration", "attributes"):
             assert out.payload == payload
             assert_reason_shape(out.reason, channel)
+        elif channel.startswith("refused: "):
+            assert (out.reason, out.payload) == (channel.removeprefix("refused: "), payload)
         else:
             assert out.reason == (
                 f"unknown channel {channel!r}; expected 'telemetry', 'vibration' or 'attributes'"
@@ -95,3 +101,9 @@ def test_decode_never_raises_for_any_channel_payload_or_limit(
         assert isinstance(reading, Reading) and reading.device == "pump-7"
         assert reading.ts.utcoffset() is not None
         assert isinstance(reading.value, str) or math.isfinite(reading.value)
+
+
+def test_a_refused_channel_decodes_to_a_dead_letter_with_its_reason() -> None:
+    reason = "gateway 'gw-1' may not speak for device 'pump-1'"
+    msg = raw_message(refused_channel(reason), b'{"pump-1": {"t": 1}}', RECEIVED, device="gw-1")
+    assert decode(msg) == DeadLetter("gw-1", "mqtt", RECEIVED, reason, b'{"pump-1": {"t": 1}}')

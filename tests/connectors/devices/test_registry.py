@@ -211,7 +211,10 @@ def test_entry_needs_exactly_id_and_token(tmp_path: Path, entry: str, got: str) 
         tmp_path, f'devices:\n  - {{id: pump-7, token: "{TOKEN_7}"}}\n  - {entry}\n'
     )
     exc = load_error(path)
-    assert str(exc) == f"{path}: devices[1] must have exactly `id` and `token` (got {got})"
+    assert (
+        str(exc)
+        == f"{path}: devices[1] must have exactly `id` and `token`, optionally `gateway` (got {got})"
+    )
     assert_not_printed(exc, TOKEN_7, TOKEN_8)
 
 
@@ -415,3 +418,42 @@ def test_unreadable_registry_names_the_file(tmp_path: Path, directory: bool, mat
     binary = write_devices(tmp_path, b"devices:\n  - {id: a, token: \xff\xfe\xfa}\n")
     with pytest.raises(RegistryError, match=match):
         DeviceRegistry.load(tmp_path if directory else binary)
+
+
+def test_a_gateway_entry_speaks_for_the_names_matching_its_patterns(tmp_path: Path) -> None:
+    path = tmp_path / "devices.yaml"
+    path.write_text(
+        "devices:\n"
+        "  - {id: pump-7, token: tok-pump-7-abcdef}\n"
+        '  - {id: gw-1, token: tok-gw-1-abcdefgh, gateway: {devices: ["line-1-*", "kiln"]}}\n'
+    )
+    registry = DeviceRegistry.load(path)
+    gateway = registry.lookup("tok-gw-1-abcdefgh")
+    assert (
+        gateway is not None and repr(gateway) == "Device(id='gw-1', gateway=['line-1-*', 'kiln'])"
+    )
+    assert gateway.speaks_for("line-1-a") and gateway.speaks_for("kiln")
+    assert not gateway.speaks_for("line-2-a") and not gateway.speaks_for("Kiln")
+    plain = registry.lookup("tok-pump-7-abcdef")
+    assert plain is not None and plain.gateway is None and not plain.speaks_for("pump-7")
+    assert registry.lookup("tok-nobody-abcdef") is None
+
+
+@pytest.mark.parametrize(
+    ("gateway", "got"),
+    [
+        ("yes", "True"),  # YAML 1.1 reads yes as a boolean
+        ("{devices: []}", "{'devices': []}"),
+        ("{devices: [1]}", "{'devices': [1]}"),
+        ("{names: [a]}", "{'names': ['a']}"),
+    ],
+)
+def test_a_bad_gateway_entry_is_refused(tmp_path: Path, gateway: str, got: str) -> None:
+    path = tmp_path / "devices.yaml"
+    path.write_text(f"devices:\n  - {{id: gw-1, token: tok-gw-1-abcdefgh, gateway: {gateway}}}\n")
+    with pytest.raises(RegistryError) as info:
+        DeviceRegistry.load(path)
+    assert str(info.value) == (
+        f"{path}: devices[0]: gateway must be a mapping with a non-empty `devices:` list of "
+        f'device name patterns (got {got}); e.g. gateway: {{devices: ["line-1-*"]}}'
+    )
