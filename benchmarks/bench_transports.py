@@ -1,4 +1,4 @@
-"""HTTP and CoAP ingest: the telemetry flow versus the same server with a bare drain.
+"""HTTP, CoAP and ThingsBoard-MQTT ingest: the telemetry flow versus the same server, bare drain.
 
 For each transport the same device server (same registry, same Ingress, which
 decodes every body once) answers the same list of telemetry POSTs twice:
@@ -8,7 +8,8 @@ decodes every body once) answers the same list of telemetry POSTs twice:
     written to disk, no fsync), so the server answers at once: the target is
     our durable path against a server that keeps nothing;
 (b) flow: ``Edge.run`` of ``flows.telemetry`` (in a thread) with
-    ``transports.http`` / ``transports.coap`` configured, as deployed: the
+    ``transports.http`` / ``transports.coap`` / ``transports.mqtt_server``
+    configured, as deployed: the
     flow spawns the ingest process, whose server answers 200 / 2.04 only
     after the message is committed to the journal (``journal.sync``: ``--sync``), and
     the flow reads the journal, decodes, deadbands, windows and writes
@@ -19,7 +20,11 @@ with the server. HTTP: POSTs over keep-alive connections, sent and read by a
 minimal HTTP/1.1 client (prepared request bytes, the answer parsed only for
 its status and length) rather than aiohttp's client, which used ~100 us of
 CPU per request and so paced side (a) itself; CoAP: confirmable POSTs. Both
-keep a fixed number of requests in flight. aiocoap sends one
+keep a fixed number of requests in flight. MQTT (``mqtt_server``, the
+ThingsBoard endpoint): each in-flight slot is one device's MQTT 3.1.1
+connection (username = its token) publishing QoS 1 to
+``v1/devices/me/telemetry``, one message at a time, with prepared packets;
+the answer is the PUBACK. aiocoap sends one
 confirmable request at a time per peer (NSTART = 1), so each concurrent CoAP
 requester has its own client context, like a separate device. A warm-up batch
 precedes the timed requests; latency is measured by the client from sending a
@@ -67,6 +72,7 @@ from connectors.devices.coap import CoapServer
 from connectors.devices.http import HttpServer
 from connectors.devices.ingress import DeviceServers, Ingress
 from connectors.devices.loopback import free_port
+from connectors.devices.mqtt_server import MqttServer
 from connectors.devices.registry import Device, DeviceRegistry
 from flows import telemetry
 from flows.accounting import RECEIVED, Meter, report
@@ -77,9 +83,15 @@ from flows.ingest_process import journal_settings
 from flows.ingest_stats import read_snapshot
 from flows.simulator import telemetry_payloads
 
-TRANSPORTS = ("http", "coap")
-OK = {"http": "200", "coap": "2.04"}
-BUSY = {"http": "503", "coap": "5.03"}
+TRANSPORTS = ("http", "coap", "mqtt_server")
+OK = {"http": "200", "coap": "2.04", "mqtt_server": "PUBACK"}
+BUSY = {"http": "503", "coap": "5.03", "mqtt_server": "refused"}
+"""MQTT has no refusal answer: a pushed-back message's PUBACK is withheld (it counts as late)."""
+KINDS = {
+    "http": "HTTP POST, keep-alive",
+    "coap": "CoAP confirmable POST",
+    "mqtt_server": "MQTT 3.1.1 QoS 1 PUBLISH to v1/devices/me/telemetry, one connection each",
+}
 REQUEST_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 60.0
@@ -249,6 +261,120 @@ async def _load_coap(
             await context.shutdown()
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _mqtt_string(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+class _MqttConnection(asyncio.Protocol):
+    """One MQTT 3.1.1 connection of the load process: CONNECT, then one QoS 1 PUBLISH at a time.
+
+    Prepared packets, and the answers parsed only for their type: like the
+    HTTP client above, it spends a few microseconds per message.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[str] | None = None
+        self._mid = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        while len(buf) >= 2:
+            length, shift, at = 0, 0, 1
+            while True:
+                if at >= len(buf):
+                    return
+                byte = buf[at]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                at += 1
+                if not byte & 0x80:
+                    break
+            if len(buf) < at + length:
+                return
+            kind, body = buf[0] >> 4, bytes(buf[at : at + length])
+            del buf[: at + length]
+            waiter, self._waiter = self._waiter, None
+            if waiter is not None and not waiter.done():
+                if kind == 2:  # CONNACK
+                    waiter.set_result("CONNACK" if body[1] == 0 else f"CONNACK {body[1]}")
+                elif kind == 4:  # PUBACK
+                    waiter.set_result("PUBACK")
+                else:
+                    waiter.set_result(f"packet type {kind}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc or ConnectionResetError("connection closed by the server"))
+
+    async def _send(self, packet: bytes) -> str:
+        assert self.transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(packet)
+        return await self._waiter
+
+    async def connect(self, client_id: str, token: str) -> str:
+        body = (
+            _mqtt_string("MQTT")
+            + bytes([4, 0x80 | 0x02])  # level 4 (3.1.1); username, clean session
+            + (60).to_bytes(2, "big")
+            + _mqtt_string(client_id)
+            + _mqtt_string(token)
+        )
+        return await self._send(bytes([0x10]) + _varint(len(body)) + body)
+
+    async def publish(self, payload: bytes) -> str:
+        self._mid = self._mid % 0xFFFF + 1
+        body = _mqtt_string("v1/devices/me/telemetry") + self._mid.to_bytes(2, "big") + payload
+        return await self._send(bytes([0x32]) + _varint(len(body)) + body)
+
+
+async def _load_mqtt(
+    port: int, warmup: list[Request], timed: list[Request], concurrency: int, deadline_s: float
+) -> tuple[list[str], Timed]:
+    """Each slot is one device's connection (the slot's token); the bodies are sent as they come."""
+    loop = asyncio.get_running_loop()
+    tokens = list(dict.fromkeys(token for token, _ in (*warmup, *timed)))
+    connections: list[_MqttConnection | None] = [None] * concurrency
+
+    async def send(slot: int, request: Request) -> str:
+        connection = connections[slot]
+        if connection is None or connection.transport is None:
+            _, connection = await loop.create_connection(_MqttConnection, "127.0.0.1", port)
+            answer = await connection.connect(f"bench-{slot}", tokens[slot % len(tokens)])
+            if answer != "CONNACK":
+                return answer
+            connections[slot] = connection
+        return await connection.publish(request[1])
+
+    try:
+        warm, _, _ = await _drive(warmup, concurrency, deadline_s, send)
+        return warm, await _timed(timed, concurrency, deadline_s, send)
+    finally:
+        for connection in connections:
+            if connection is not None and connection.transport is not None:
+                connection.transport.write(b"\xe0\x00")  # DISCONNECT
+                connection.transport.close()
+
+
 def generate_load(
     transport: str,
     port: int,
@@ -258,7 +384,7 @@ def generate_load(
     deadline_s: float,
 ) -> tuple[list[str], Timed]:
     """Warm-up answers, then the timed requests' answers and figures."""
-    load = _load_http if transport == "http" else _load_coap
+    load = {"http": _load_http, "coap": _load_coap, "mqtt_server": _load_mqtt}[transport]
     return asyncio.run(load(port, warmup, timed, concurrency, deadline_s))
 
 
@@ -302,14 +428,16 @@ class Run:
 
 def make_server(
     transport: str, registry: DeviceRegistry, ingress: Ingress
-) -> HttpServer | CoapServer:
+) -> HttpServer | CoapServer | MqttServer:
     if transport == "http":
         return HttpServer("127.0.0.1:0", registry, ingress)
+    if transport == "mqtt_server":
+        return MqttServer("127.0.0.1:0", registry, ingress)
     return CoapServer("127.0.0.1:0", registry, ingress)
 
 
-def listening_port(server: HttpServer | CoapServer) -> int | None:
-    if isinstance(server, CoapServer):
+def listening_port(server: HttpServer | CoapServer | MqttServer) -> int | None:
+    if isinstance(server, CoapServer | MqttServer):
         return server.port if server.running else None
     try:
         return server.port
@@ -529,12 +657,12 @@ def compare(
     pool: ProcessPoolExecutor,
     tmp: Path,
 ) -> bool:
-    n = args.http_requests if transport == "http" else args.coap_requests
+    n = {"http": args.http_requests, "coap": args.coap_requests}.get(transport, args.mqtt_requests)
     requests = [(tokens[device], body) for device, body in payloads[: args.warmup + n]]
     warmup, timed = requests[: args.warmup], requests[args.warmup :]
     ok, busy = OK[transport], BUSY[transport]
     queue_setting = {} if args.queue is None else {"queue_messages": args.queue}
-    kind = "HTTP POST, keep-alive" if transport == "http" else "CoAP confirmable POST"
+    kind = KINDS[transport]
     raw = sum(len(b) for _, b in timed)
     print(
         f"{transport.upper()}: {len(timed):,} requests ({kind}), {raw:,} bytes of telemetry JSON "
@@ -598,6 +726,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--http-requests", type=int, default=10_000)
     parser.add_argument("--coap-requests", type=int, default=4_000)
+    parser.add_argument("--mqtt-requests", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3, help="(a)/(b) pairs per transport")
     parser.add_argument("--warmup", type=int, default=200, help="untimed requests first")
     parser.add_argument("--devices", type=int, default=20)
@@ -620,10 +749,18 @@ def main() -> None:
     )
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
     args = parser.parse_args()
-    counts = (args.http_requests, args.coap_requests, args.rounds, args.devices, args.concurrency)
+    counts = (
+        args.http_requests,
+        args.coap_requests,
+        args.mqtt_requests,
+        args.rounds,
+        args.devices,
+        args.concurrency,
+    )
     if min(counts) < 1:
         parser.error(
-            "--http-requests, --coap-requests, --rounds, --devices, --concurrency must be >= 1"
+            "--http-requests, --coap-requests, --mqtt-requests, --rounds, --devices, "
+            "--concurrency must be >= 1"
         )
     if args.warmup < 0 or (args.queue is not None and args.queue < 1):
         parser.error("--warmup must be >= 0 and --queue >= 1")
@@ -632,7 +769,7 @@ def main() -> None:
         Device(f"sensor-{i:03d}", secrets.token_urlsafe(24)) for i in range(args.devices)
     )
     tokens = {device.id: device.token for device in registry}
-    most = args.warmup + max(args.http_requests, args.coap_requests)
+    most = args.warmup + max(args.http_requests, args.coap_requests, args.mqtt_requests)
     payloads = telemetry_payloads(args.devices, -(-most // args.devices))
 
     consistent = True
