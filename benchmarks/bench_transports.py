@@ -477,7 +477,11 @@ def apply_load(
     elapsed = time.perf_counter() - wall
     server_cpu = (time.process_time() - cpu) / elapsed
     ingest_cpu = (process_cpu(ingest_pid) - ingest_cpu) / elapsed
-    answered = [ms for ms, a in zip(latencies, answers, strict=True) if a[:1].isdigit()]
+    answered = [
+        ms
+        for ms, a in zip(latencies, answers, strict=True)
+        if a[:1].isdigit() or a in (OK[transport], BUSY[transport])
+    ]
     return Run(
         OK[transport],
         Counter(warm),
