@@ -704,6 +704,7 @@ def test_a_stop_sends_the_pubacks_of_messages_committed_meanwhile(
         assert not info.is_published() and not stopping.done()  # the stop waits for the commit
         held.release.set()
         stopping.result(10)
+        info.wait_for_publish(5)  # sent before the stop returned; the client reads it meanwhile
         assert info.is_published()
         assert not served.server.running
     finally:
