@@ -152,13 +152,10 @@ async def _timed(
     return answers, latencies, seconds, time.process_time() - cpu
 
 
-class _HttpConnection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection of the load process, one request at a time.
+class _OneAtATime(asyncio.Protocol):
+    """A connection of the load process with one request at a time: send, await the answer.
 
-    Sends prepared request bytes and reads the answer just far enough to
-    return its status code (status line, ``Content-Length``, body), so the
-    load process spends a few microseconds per request, not the ~100 of a
-    full client library: the server, not the client, sets the pace.
+    Subclasses parse just enough of what arrives to call :meth:`_answer`.
     """
 
     def __init__(self) -> None:
@@ -169,6 +166,33 @@ class _HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport  # asyncio sets TCP_NODELAY on TCP connections
+
+    def _answer(self, answer: str) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(answer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc or ConnectionResetError("connection closed by the server"))
+
+    async def send(self, request: bytes) -> str:
+        assert self.transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self._waiter
+
+
+class _HttpConnection(_OneAtATime):
+    """One keep-alive HTTP/1.1 connection of the load process, one request at a time.
+
+    Sends prepared request bytes and reads the answer just far enough to
+    return its status code (status line, ``Content-Length``, body), so the
+    load process spends a few microseconds per request, not the ~100 of a
+    full client library: the server, not the client, sets the pace.
+    """
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -182,21 +206,7 @@ class _HttpConnection(asyncio.Protocol):
         if len(buf) < end + 4 + length:
             return
         del buf[: end + 4 + length]
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(head[9:12].decode())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc or ConnectionResetError("connection closed by the server"))
-
-    async def send(self, request: bytes) -> str:
-        assert self.transport is not None
-        self._waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(request)
-        return await self._waiter
+        self._answer(head[9:12].decode())
 
 
 async def _load_http(
@@ -275,7 +285,7 @@ def _mqtt_string(text: str) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-class _MqttConnection(asyncio.Protocol):
+class _MqttConnection(_OneAtATime):
     """One MQTT 3.1.1 connection of the load process: CONNECT, then one QoS 1 PUBLISH at a time.
 
     Prepared packets, and the answers parsed only for their type: like the
@@ -283,14 +293,8 @@ class _MqttConnection(asyncio.Protocol):
     """
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
-        self._waiter: asyncio.Future[str] | None = None
+        super().__init__()
         self._mid = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -310,26 +314,10 @@ class _MqttConnection(asyncio.Protocol):
                 return
             kind, body = buf[0] >> 4, bytes(buf[at : at + length])
             del buf[: at + length]
-            waiter, self._waiter = self._waiter, None
-            if waiter is not None and not waiter.done():
-                if kind == 2:  # CONNACK
-                    waiter.set_result("CONNACK" if body[1] == 0 else f"CONNACK {body[1]}")
-                elif kind == 4:  # PUBACK
-                    waiter.set_result("PUBACK")
-                else:
-                    waiter.set_result(f"packet type {kind}")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc or ConnectionResetError("connection closed by the server"))
-
-    async def _send(self, packet: bytes) -> str:
-        assert self.transport is not None
-        self._waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(packet)
-        return await self._waiter
+            if kind == 2:  # CONNACK
+                self._answer("CONNACK" if body[1] == 0 else f"CONNACK {body[1]}")
+            else:
+                self._answer("PUBACK" if kind == 4 else f"packet type {kind}")
 
     async def connect(self, client_id: str, token: str) -> str:
         body = (
@@ -339,12 +327,12 @@ class _MqttConnection(asyncio.Protocol):
             + _mqtt_string(client_id)
             + _mqtt_string(token)
         )
-        return await self._send(bytes([0x10]) + _varint(len(body)) + body)
+        return await self.send(bytes([0x10]) + _varint(len(body)) + body)
 
     async def publish(self, payload: bytes) -> str:
         self._mid = self._mid % 0xFFFF + 1
         body = _mqtt_string("v1/devices/me/telemetry") + self._mid.to_bytes(2, "big") + payload
-        return await self._send(bytes([0x32]) + _varint(len(body)) + body)
+        return await self.send(bytes([0x32]) + _varint(len(body)) + body)
 
 
 async def _load_mqtt(
