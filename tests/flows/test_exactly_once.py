@@ -113,6 +113,7 @@ def test_kill_9_of_the_whole_edge_counts_every_accepted_reading_once_everywhere(
         "group by device, window_start)"
     )
     parquet = seqs(query_parquet(data, "telemetry_points", points_sql))
+    print(f"acknowledged in: {len(accepted)}, counted out in Parquet: {len(parquet)}")
     assert_once("parquet", parquet, accepted)
     assert query_parquet(data, "telemetry_summary", count_sql)[0][0] == len(parquet)
 
@@ -125,5 +126,6 @@ def test_kill_9_of_the_whole_edge_counts_every_accepted_reading_once_everywhere(
     with duckdb.connect(str(cloud_db), read_only=True) as con:
         cloud = seqs(con.sql(points_sql.format(src="telemetry_points")).fetchall())
         cloud_count = con.sql(count_sql.format(src="telemetry_summary")).fetchall()[0][0]
+    print(f"counted out in DuckDB: {len(local)}, in the cloud: {len(cloud)}")
     assert cloud == parquet
     assert cloud_count == len(parquet)
