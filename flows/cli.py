@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a flow until SIGTERM/SIGINT")
-    run.add_argument("flow", help="flow module (flows.telemetry) or path to a .py file")
+    run.add_argument(
+        "flow", help="flow module (flows.telemetry), a .py file or a flow file (x.flow.yaml)"
+    )
     run.add_argument("--config", "-c", type=Path, default=Path("edge.yaml"), help="edge.yaml")
     run.add_argument("--workers", "-w", type=int, default=1, help="Bytewax workers (threads)")
 
@@ -63,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     mosq.add_argument(
         "--out", type=Path, required=True, help="directory for passwd, acl and edgesieve.conf"
     )
+
+    flows = sub.add_parser("flows", help="flow file tools")
+    flows_sub = flows.add_subparsers(dest="flows_command", required=True)
+    check = flows_sub.add_parser(
+        "check", help="check flow files (every problem with its key path), nothing starts"
+    )
+    check.add_argument("files", nargs="+", type=Path, help="flow files (x.flow.yaml)")
+    check.add_argument(
+        "--config", "-c", type=Path, help="edge.yaml whose settings are the steps' defaults"
+    )
+    show = flows_sub.add_parser("show", help="print a flow file's graph as Mermaid")
+    show.add_argument("file", type=Path, help="a flow file (x.flow.yaml)")
 
     demo = sub.add_parser("demo", help="everything on loopback, then the reduction report")
     demo.add_argument("--devices", type=int, default=20, help="simulated sensors (default 20)")
@@ -162,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cloud(args)
         elif args.command == "devices":
             _mosquitto_config(args.config, args.out)
+        elif args.command == "flows":
+            return _flows(args)
         elif args.command == "demo":
             from flows.demo import DemoSettings, run_demo
 
@@ -182,9 +198,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
     except (ConfigError, ValueError) as exc:
-        print(f"edgesieve: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # a flow file's problems: one line each
+            print(f"edgesieve: error: {line}", file=sys.stderr)
         return EXIT_CONFIG
     return 0
+
+
+def _flows(args: argparse.Namespace) -> int:
+    """``edgesieve flows check|show``: one line per good file, every problem of a bad one."""
+    from flows.flowfile import FlowFileError, check_flow_file
+
+    if args.flows_command == "show":
+        print(check_flow_file(args.file).mermaid(), end="")
+        return 0
+    config = load_config(args.config) if args.config is not None else None
+    failed = False
+    for path in args.files:
+        try:
+            flow = check_flow_file(path, config)
+        except FlowFileError as exc:
+            failed = True
+            for problem in exc.problems:
+                print(f"edgesieve: error: {problem}", file=sys.stderr)
+            continue
+        print(
+            f"{path}: ok: flow {flow.name}, input {flow.input} ({', '.join(flow.channels)}), "
+            f"{len(flow.steps)} steps, outputs {', '.join(o.stream for o in flow.outputs)}"
+        )
+    return EXIT_CONFIG if failed else 0
 
 
 def _run(build: FlowBuilder, config: EdgeConfig, workers: int) -> int:

@@ -94,7 +94,21 @@ def serve_metrics(config: EdgeConfig, registry: CollectorRegistry) -> None:
 
 
 def load_flow_builder(flow: str) -> FlowBuilder:
-    """Find ``build`` in a flow module name (``flows.telemetry``) or a ``.py`` path."""
+    """Find ``build`` in a flow module name (``flows.telemetry``), a ``.py`` path or a flow file.
+
+    A flow file (``.yaml``/``.yml``) is checked here, before anything starts; a
+    bare name such as ``telemetry.flow.yaml`` that is not in the current
+    directory is looked up among the standard flow files.
+    """
+    from flows.flowfile import is_flow_file, load_flow_file
+
+    if is_flow_file(flow):
+        from flows.standard import STANDARD_DIR
+
+        path = Path(flow)
+        if not path.exists() and path.name == flow and (STANDARD_DIR / flow).is_file():
+            path = STANDARD_DIR / flow
+        return load_flow_file(path).builder()
     module: ModuleType
     if flow.endswith(".py") or os.sep in flow:
         path = Path(flow)
@@ -127,7 +141,10 @@ def load_flow_builder(flow: str) -> FlowBuilder:
 
 
 def flow_name(build: FlowBuilder) -> str:
-    """A flow's name from its module (``flows.telemetry`` → ``telemetry``)."""
+    """A flow's name: a flow file's ``flow:``, else its module's (``flows.telemetry``)."""
+    name = getattr(build, "flow_name", None)
+    if isinstance(name, str):
+        return name
     module = getattr(build, "__module__", None) or "flow"
     return module.rsplit(".", 1)[-1]
 

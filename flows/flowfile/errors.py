@@ -1,0 +1,31 @@
+"""Operator errors in flow file terms."""
+
+from __future__ import annotations
+
+import re
+
+from flows.config import _plain
+
+__all__ = ["operator_error"]
+
+_OPERATOR = re.compile(
+    r"^[\w ]+?(?: '[^']*')?:? `(?P<key>[\w\[\]]+)` (?P<problem>.*?); got (?P<got>.*?)\."
+    r" Hint: (?P<hint>.*?)\.?$",
+    re.DOTALL,
+)
+
+
+def operator_error(text: str) -> tuple[str | None, str]:
+    """An operator's check message as ``(setting, "problem (got X); hint: ...")``.
+
+    Operators word their errors for Python (``deadband `absolute` must be ...;
+    got -1. Hint: ...``); a flow file names the setting in its path and
+    writes values the YAML way (null, seconds).
+    """
+    text = " ".join(text.split())
+    m = _OPERATOR.match(text)
+    if m is None:
+        return None, _plain(text)
+    key = re.sub(r"\[(\d+)\]", r".\1", m["key"])
+    got = m["got"].removeprefix(f"{m['key']}=")
+    return key, f"{_plain(m['problem'])} (got {_plain(got)}); hint: {_plain(m['hint'])}"

@@ -1,0 +1,696 @@
+"""Checking a flow file's graph and compiling it onto :class:`flows.api.Edge`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import bytewax.operators as op
+from pydantic import ValidationError
+
+from connectors.codecs.attributes_json import ATTRIBUTES
+from connectors.streams import STREAMS
+from flows.flowfile.errors import operator_error
+from flows.flowfile.kinds import (
+    KINDS,
+    LETTERABLE,
+    MODELS,
+    Call,
+    Kind,
+    SettingError,
+    step_model,
+)
+from flows.flowfile.model import (
+    FlowFileError,
+    FlowFileModel,
+    OutputSpec,
+    Settings,
+    describe,
+    read_flow_yaml,
+)
+from flows.ingest import CHANNELS
+from operators.records import TELEMETRY, VIBRATION, Evict
+
+if TYPE_CHECKING:
+    from bytewax.dataflow import Stream
+
+    from flows.api import Edge
+
+__all__ = ["FlowFile", "load_flow_file", "parse_flow_file"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_INPUT_STREAMS: dict[str, tuple[str, str]] = {
+    "series": ("series", TELEMETRY),
+    "readings": ("readings", TELEMETRY),
+    "text": ("text", TELEMETRY),
+    "blocks": ("blocks", VIBRATION),
+    "attributes": ("attributes", ATTRIBUTES),
+    "logs": ("logs", "logs"),
+}
+"""``in.<name>``: the record kind and the device channel of each stream of the device input."""
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One stream of the graph: ``in.series``, ``window.down``, ``window.late``..."""
+
+    producer: str
+    output: str
+    takes: str
+    channels: frozenset[str]
+    main: bool = False
+
+    @property
+    def ref(self) -> str:
+        """How the file names it (a step's main output by the step's name)."""
+        return self.producer if self.main else f"{self.producer}.{self.output}"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A checked step: its kind, settings and the streams it takes."""
+
+    name: str
+    kind: Kind
+    settings: Settings
+    sources: tuple[str, ...]
+    stream_settings: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """A checked output: its stream, the streams it takes and which part counts it."""
+
+    stream: str
+    spec: OutputSpec
+    sources: tuple[str, ...]
+    like: str | None
+    part: str | None
+    source_parts: tuple[str | None, ...] = ()
+    """``dead_letters`` only: the part counting each source (the one owning its channels)."""
+
+
+@dataclass(frozen=True)
+class FlowFile:
+    """A checked flow file, ready to build onto an :class:`~flows.api.Edge`."""
+
+    path: Path
+    name: str
+    input: str
+    channels: tuple[str, ...]
+    parts: dict[str, tuple[str, ...]]
+    steps: tuple[StepPlan, ...]
+    outputs: tuple[OutputPlan, ...]
+    streams: dict[str, StreamInfo]
+    rejects: tuple[tuple[str, str | None], ...]
+    """Reject streams no one takes, dead-lettered by the part that owns them."""
+    description: str | None = None
+
+    def builder(self) -> Callable[[Edge], None]:
+        """``build(edge)`` for ``edgesieve run`` (its ``flow_name`` is the file's ``flow``)."""
+
+        def build(edge: Edge) -> None:
+            self.build(edge)
+
+        build.flow_name = self.name  # type: ignore[attr-defined]
+        return build
+
+    def build(self, edge: Edge) -> None:
+        """Declare the flow on ``edge``: the same calls a Python flow makes."""
+        from flows.api import _value
+        from flows.vibration import ALARM_FILE_AGE
+
+        src = str(self.path)
+        dev = edge.devices(self.input, channels=self.channels)
+        parts = {name: edge.part(name, channel=chs) for name, chs in self.parts.items()}
+        made: dict[str, Stream[Any]] = {}
+        letters: dict[str, Callable[[Any], Any]] = {}
+
+        def stream(ref: str) -> Stream[Any]:
+            if ref not in made:
+                info = self.streams[ref]
+                made[ref] = getattr(dev, info.output)
+            return made[ref]
+
+        def numbers(ref: str, step_id: str) -> Stream[Any]:
+            up = stream(ref)
+            if self.streams[ref].takes == "series":  # an output gets readings, not evictions
+                up = op.filter(step_id, up, lambda kv: type(kv[1]) is not Evict)
+            return up
+
+        for step in self.steps:
+            ups = [stream(ref) for ref in step.sources]
+            up = ups[0] if len(ups) == 1 else op.merge(f"{step.name}_from", *ups)
+            try:
+                kwargs = step.kind.kwargs(step.settings, edge.config)
+                kwargs.update({k: stream(ref) for k, ref in step.stream_settings.items()})
+                takes = self.streams[step.sources[0]].takes
+                built = step.kind.call(Call(step.name, up, kwargs, takes, step.kind.load()))
+            except SettingError as exc:
+                raise FlowFileError([f"{src}: steps.{step.name}.{exc.path}: {exc.text}"]) from None
+            except (TypeError, ValueError) as exc:
+                key, text = operator_error(str(exc))
+                where = f"steps.{step.name}" + (f".{key}" if key else "")
+                raise FlowFileError([f"{src}: {where}: {text}"]) from None
+            for out, s in built.streams.items():
+                made[f"{step.name}.{out}"] = s
+            letters.update({f"{step.name}.{out}": fn for out, fn in built.letters.items()})
+
+        def as_letters(ref: str, reason: str | None, step_id: str) -> Stream[Any]:
+            if self.streams[ref].takes == "letters":
+                return stream(ref)
+            up = numbers(ref, f"{step_id}_readings")
+            if reason is not None:
+                from flows.ingest import to_dead_letter
+
+                return op.map(step_id, up, lambda item: to_dead_letter(_value(item), reason))
+            letter = letters[ref]
+            return op.map(step_id, up, lambda item: letter(_value(item)))
+
+        for out in self.outputs:
+            target = parts[out.part] if out.part else edge
+            spec = out.spec
+            if out.stream == "dead_letters":
+                for i, (ref, part) in enumerate(zip(out.sources, out.source_parts, strict=True)):
+                    target = parts[part] if part else edge
+                    target.dead_letters(as_letters(ref, spec.reason, f"dead_letters_from_{i}"))
+                continue
+            ups = [numbers(ref, f"{out.stream}_from_{i}") for i, ref in enumerate(out.sources)]
+            age = spec.max_file_age
+            if age is None and out.like == "alarms":  # as flows.vibration: alarms show promptly
+                age = min(ALARM_FILE_AGE, edge.config.parquet.max_file_age)
+            like = out.like if out.like != out.stream else None
+            for up in ups:
+                target.output(
+                    out.stream,
+                    up,
+                    like=like,
+                    cloud=spec.cloud,
+                    priority=spec.priority,
+                    max_file_age=age,
+                )
+            if spec.publish:
+                from connectors.sinks.mqtt import alarm_payload
+
+                up = ups[0] if len(ups) == 1 else op.merge(f"{out.stream}_publish_from", *ups)
+                target.publish(
+                    f"publish_{out.stream}",
+                    up,
+                    topic=lambda a: f"v1/devices/{_value(a).device}/alarms",
+                    payload=lambda a: alarm_payload(_value(a)),
+                )
+        for ref, part in self.rejects:
+            target = parts[part] if part else edge
+            target.dead_letters(as_letters(ref, None, f"{ref.replace('.', '_')}_letters"))
+
+    def mermaid(self) -> str:
+        """The graph as a Mermaid flowchart: the input, steps labelled with their op, outputs."""
+        lines = ["flowchart LR"]
+        chans = ", ".join(self.channels)
+        lines.append(f'    i_{self.input}[/"{self.input}<br/>{chans}"/]')
+        for step in self.steps:
+            lines.append(f'    s_{step.name}("{step.name}<br/><i>{step.kind.op}</i>")')
+        sinks = {out.stream for out in self.outputs}
+        if self.rejects:
+            sinks.add("dead_letters")
+        for stream in sorted(sinks):
+            lines.append(f'    o_{stream}[("{stream}")]')
+
+        def edge(ref: str, to: str, dashed: bool = False) -> str:
+            info = self.streams[ref]
+            node = f"i_{info.producer}" if info.producer == self.input else f"s_{info.producer}"
+            label = "" if info.main else info.output
+            if dashed:
+                return f"    {node} -. {label} .-> {to}"
+            return f"    {node} -- {label} --> {to}" if label else f"    {node} --> {to}"
+
+        for step in self.steps:
+            lines += [edge(ref, f"s_{step.name}") for ref in step.sources]
+            lines += [edge(ref, f"s_{step.name}") for ref in step.stream_settings.values()]
+        for out in self.outputs:
+            lines += [edge(ref, f"o_{out.stream}") for ref in out.sources]
+            if out.spec.publish:
+                lines.append(f'    p_{out.stream}>"MQTT v1/devices/+/alarms"]')
+                lines.append(f"    o_{out.stream} -.-> p_{out.stream}")
+        lines += [edge(ref, "o_dead_letters", dashed=True) for ref, _ in self.rejects]
+        return "\n".join(lines) + "\n"
+
+
+def load_flow_file(path: str | Path) -> FlowFile:
+    """Read and check a flow file; every problem found is in the :class:`FlowFileError`."""
+    path = Path(path)
+    return parse_flow_file(read_flow_yaml(path), path)
+
+
+def parse_flow_file(data: object, path: Path) -> FlowFile:
+    """Check already-parsed flow file data (``path`` names it in errors)."""
+    return _Checker(path).check(data)
+
+
+class _Checker:
+    def __init__(self, path: Path) -> None:
+        self.src = str(path)
+        self.path = path
+        self.problems: list[str] = []
+
+    def err(self, where: str, text: str) -> None:
+        self.problems.append(f"{self.src}: {where}: {text}")
+
+    def stop(self) -> None:
+        if self.problems:
+            raise FlowFileError(self.problems)
+
+    def check(self, data: object) -> FlowFile:
+        if not isinstance(data, dict):
+            self.err(
+                "(top level)",
+                f"a flow file is a mapping (got {type(data).__name__}); "
+                "hint: start with flow:, inputs:, steps: and outputs: (see docs/flows.md)",
+            )
+            self.stop()
+        try:
+            model: FlowFileModel | None = FlowFileModel.model_validate(data)
+        except ValidationError as exc:
+            model = None
+            self.problems += [f"{self.src}: {p}" for p in describe(exc, (), FlowFileModel)]
+        steps = data.get("steps") if isinstance(data.get("steps"), dict) else {}
+        checked = self.steps(steps)
+        self.stop()
+        assert model is not None
+        return self.graph(model, checked)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def steps(self, steps: dict[Any, Any]) -> dict[str, tuple[Kind, Settings]]:
+        out = {}
+        kinds = ", ".join(KINDS)
+        for name, raw in steps.items():
+            where = f"steps.{name}"
+            if not isinstance(name, str) or not _NAME.match(name):
+                self.err(
+                    where,
+                    f"a step name is lower-case letters, digits and _ (got {name!r}); "
+                    "hint: e.g. hot_readings",
+                )
+                continue
+            if not isinstance(raw, dict):
+                continue  # described by the model
+            kind_name = raw.get("op")
+            if kind_name is None:
+                self.err(f"{where}.op", f"required key is missing; hint: op: one of {kinds}")
+                continue
+            kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
+            if kind is None:
+                self.err(
+                    f"{where}.op", f"unknown step kind (got {kind_name!r}); hint: one of {kinds}"
+                )
+                continue
+            model = step_model(kind)
+            try:
+                settings = model.model_validate(raw)
+            except ValidationError as exc:
+                for line in describe(exc, ("steps", name), model):
+                    line = line.replace(
+                        "unknown key; hint: the keys here are",
+                        f"unknown setting of {kind.op}; hint: its settings are",
+                    )
+                    self.problems.append(f"{self.src}: {line}")
+                continue
+            if not kind.available():
+                module = kind.function.split(":")[0]
+                ready = ", ".join(k.op for k in KINDS.values() if k.available())
+                self.err(
+                    f"{where}.op",
+                    f"{kind.op} needs {module}, which this edgesieve does not have; "
+                    f"hint: upgrade edgesieve, or use one of {ready}",
+                )
+                continue
+            out[name] = (kind, settings)
+        return out
+
+    # -- the graph ---------------------------------------------------------------------------
+
+    def graph(self, model: FlowFileModel, steps: dict[str, tuple[Kind, Settings]]) -> FlowFile:
+        if len(model.inputs) != 1:
+            self.err(
+                "inputs",
+                f"a flow has one device input (got {len(model.inputs)}: "
+                f"{', '.join(model.inputs)}); hint: list every channel in one input, "
+                "steps take the streams they need from it",
+            )
+            self.stop()
+        (input_name, input_spec), *_ = model.inputs.items()
+        channels = tuple(dict.fromkeys(input_spec.channels))
+        if not _NAME.match(input_name):
+            self.err(f"inputs.{input_name}", "an input name is lower-case letters, digits and _")
+        if input_name in steps:
+            self.err(
+                f"steps.{input_name}",
+                f"has the name of the input; hint: rename the step, {input_name}.* are the "
+                "input's streams",
+            )
+        self.parts(model, channels)
+        streams: dict[str, StreamInfo] = {}
+        for name, (takes, channel) in _INPUT_STREAMS.items():
+            if channel in CHANNELS:
+                streams[f"{input_name}.{name}"] = StreamInfo(
+                    input_name, name, takes, frozenset({channel})
+                )
+        names: dict[str, str] = {}  # every way to name a stream -> its canonical ref
+        names.update({ref: ref for ref in streams})
+        for name, (kind, _settings) in steps.items():
+            outs = list(kind.gives(""))
+            names[name] = f"{name}.{outs[0]}"
+            names.update({f"{name}.{o}": f"{name}.{o}" for o in outs})
+        sources: dict[str, tuple[str, ...]] = {}
+        stream_settings: dict[str, dict[str, str]] = {}
+        for name, (kind, settings) in steps.items():
+            sources[name] = self.refs(f"steps.{name}.from", settings.from_, names)  # type: ignore[attr-defined]
+            stream_settings[name] = {
+                key: ref[0]
+                for key in kind.streams
+                if (value := getattr(settings, key)) is not None
+                and (ref := self.refs(f"steps.{name}.{key}", value, names))
+            }
+        self.stop()
+        order = self.order(steps, sources, stream_settings, input_name)
+        self.stop()
+        used: set[str] = set()
+        plans = []
+        for name in order:
+            kind, settings = steps[name]
+            refs = sources[name]
+            used.update(refs)
+            used.update(stream_settings[name].values())
+            takes = self.takes(f"steps.{name}.from", refs, streams, input_name, channels)
+            if takes is None:
+                continue
+            if takes not in kind.takes:
+                fitting = [r for r, s in streams.items() if s.takes in kind.takes]
+                self.err(
+                    f"steps.{name}.from",
+                    f"{kind.op} does not take {takes} (got {', '.join(refs)}); hint: "
+                    f"{kind.op} takes {', '.join(sorted(kind.takes))}, e.g. "
+                    f"{', '.join(fitting[:3]) or 'the stream of another step'}",
+                )
+                continue
+            if (
+                kind.op == "threshold"
+                and takes != "features"
+                and "rules" not in settings.model_fields_set
+            ):
+                self.err(
+                    f"steps.{name}.rules",
+                    f"required when the step takes {takes}; hint: the default rules watch "
+                    "vibration features (velocity_rms_mm_s, kurtosis), e.g. rules: "
+                    "[{name: hot, field: value, raise_above: 80}]",
+                )
+            for key, ref in stream_settings[name].items():
+                if streams[ref].takes != "alarms":
+                    self.err(
+                        f"steps.{name}.{key}",
+                        f"must name a stream of alarms (got {ref}: {streams[ref].takes}); "
+                        "hint: the name of a threshold step",
+                    )
+            chans = frozenset().union(*(streams[r].channels for r in refs))
+            for i, (out, out_takes) in enumerate(kind.gives(takes).items()):
+                streams[f"{name}.{out}"] = StreamInfo(name, out, out_takes, chans, main=i == 0)
+            plans.append(StepPlan(name, kind, settings, refs, stream_settings[name]))
+        self.stop()
+        outputs = [
+            self.output(s, spec, names, streams, model, used) for s, spec in model.outputs.items()
+        ]
+        for name in steps:
+            if not any(ref.startswith(f"{name}.") for ref in used):
+                self.err(
+                    f"steps.{name}",
+                    f"its output goes nowhere; hint: add an output with from: {name}, feed it "
+                    "to another step, or remove the step",
+                )
+        self.stop()
+        owners = {c: part for part, spec in model.parts.items() for c in spec.channels}
+        rejects = tuple(
+            (ref, self.owner(streams[ref].channels, owners))
+            for plan in plans
+            for ref in (f"{plan.name}.{out}" for out in plan.kind.rejects)
+            if ref not in used
+        )
+        self.stop()
+        return FlowFile(
+            path=self.path,
+            name=model.flow,
+            input=input_name,
+            channels=channels,
+            parts={name: tuple(spec.channels) for name, spec in model.parts.items()},
+            steps=tuple(plans),
+            outputs=tuple(o for o in outputs if o is not None),
+            streams=streams,
+            rejects=rejects,
+            description=model.description,
+        )
+
+    def parts(self, model: FlowFileModel, channels: tuple[str, ...]) -> None:
+        owner: dict[str, str] = {}
+        for name, spec in model.parts.items():
+            where = f"parts.{name}"
+            if not _NAME.match(name) or name == model.flow:
+                self.err(
+                    where,
+                    f"a part name is lower-case letters, digits and _, not the flow's name "
+                    f"(got {name!r}); hint: name it after what it does, e.g. telemetry",
+                )
+            for channel in spec.channels:
+                if channel not in channels:
+                    self.err(
+                        f"{where}.channels",
+                        f"channel {channel!r} is not one of the input's ({', '.join(channels)}); "
+                        f"hint: add it to the input's channels or remove it here",
+                    )
+                elif channel in owner:
+                    self.err(
+                        f"{where}.channels",
+                        f"channel {channel!r} already belongs to part {owner[channel]!r}; "
+                        "hint: each channel is counted by one part",
+                    )
+                owner.setdefault(channel, name)
+
+    def refs(self, where: str, value: str | list[str], names: dict[str, str]) -> tuple[str, ...]:
+        refs = [value] if isinstance(value, str) else value
+        if not refs:
+            self.err(where, "names no stream (got []); hint: from: in.series")
+        out = []
+        for ref in refs:
+            canonical = names.get(ref)
+            if canonical is None:
+                known = ", ".join(sorted(names))
+                self.err(where, f"unknown stream {ref!r}; hint: known streams are {known}")
+            else:
+                out.append(canonical)
+        return tuple(out)
+
+    def order(
+        self,
+        steps: dict[str, Any],
+        sources: dict[str, tuple[str, ...]],
+        settings: dict[str, dict[str, str]],
+        input_name: str,
+    ) -> list[str]:
+        """The steps in an order where each comes after those it takes from; cycles are errors."""
+        deps = {
+            name: {
+                ref.split(".")[0]
+                for ref in (*sources[name], *settings[name].values())
+                if ref.split(".")[0] != input_name
+            }
+            for name in steps
+        }
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1: being visited, 2: done
+
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                cycle = [*path[path.index(name) :], name]
+                self.err(
+                    f"steps.{name}.from",
+                    f"the steps form a cycle: {' -> '.join(reversed(cycle))}; hint: a step "
+                    "cannot take its own output, directly or through other steps",
+                )
+                raise _Cycle
+            state[name] = 1
+            for dep in sorted(deps[name]):
+                visit(dep, [*path, name])
+            state[name] = 2
+            order.append(name)
+
+        try:
+            for name in steps:
+                visit(name, [])
+        except _Cycle:
+            return []
+        return order
+
+    def takes(
+        self,
+        where: str,
+        refs: tuple[str, ...],
+        streams: dict[str, StreamInfo],
+        input_name: str,
+        channels: tuple[str, ...],
+    ) -> str | None:
+        kinds = {}
+        for ref in refs:
+            info = streams[ref]
+            kinds.setdefault(info.takes, ref)
+            if info.producer == input_name:
+                (channel,) = info.channels
+                if channel not in channels:
+                    self.err(
+                        where,
+                        f"{ref} needs channel {channel!r} in inputs.{input_name}.channels "
+                        f"(got {', '.join(channels)}); hint: add {channel} to the channels",
+                    )
+                    return None
+        if len(kinds) > 1:
+            got = ", ".join(f"{ref}: {t}" for t, ref in kinds.items())
+            self.err(
+                where, f"merges streams of different records ({got}); hint: merge alike streams"
+            )
+            return None
+        return next(iter(kinds))
+
+    def output(
+        self,
+        stream: str,
+        spec: OutputSpec,
+        names: dict[str, str],
+        streams: dict[str, StreamInfo],
+        model: FlowFileModel,
+        used: set[str],
+    ) -> OutputPlan | None:
+        where = f"outputs.{stream}"
+        if not stream.isidentifier() or not stream.islower():
+            self.err(where, "a stream name is a lower-case identifier; hint: e.g. pressure_points")
+            return None
+        refs = self.refs(f"{where}.from", spec.from_, names)
+        used.update(refs)
+        if not refs or len(refs) != len(
+            [spec.from_] if isinstance(spec.from_, str) else spec.from_
+        ):
+            return None
+        if spec.part is not None and spec.part not in model.parts:
+            self.err(
+                f"{where}.part",
+                f"unknown part (got {spec.part!r}); "
+                f"hint: one of {', '.join(model.parts) or 'none yet: declare parts: first'}",
+            )
+        owners = {c: part for part, p in model.parts.items() for c in p.channels}
+        if stream == "dead_letters":
+            each = tuple(spec.part or self.owner(streams[r].channels, owners) for r in refs)
+            for key in ("like", "publish"):
+                if key in spec.model_fields_set:
+                    self.err(f"{where}.{key}", "dead_letters takes no " + key)
+            for ref in refs:
+                info = streams[ref]
+                if info.takes == "letters":
+                    continue
+                if spec.reason is None and info.takes in LETTERABLE and info.output in _LETTERED:
+                    continue
+                if info.takes not in LETTERABLE:
+                    self.err(
+                        f"{where}.from",
+                        f"{info.ref} carries {info.takes}, which cannot be dead letters; "
+                        "hint: dead letters are device readings, blocks and attributes",
+                    )
+                elif spec.reason is None:
+                    self.err(
+                        f"{where}.reason",
+                        f"required for {info.ref} ({info.takes}); hint: reason: why they are "
+                        "dead letters, e.g. reason: out of range",
+                    )
+            return OutputPlan(stream, spec, refs, "dead_letters", spec.part, each)
+        chans = frozenset().union(*(streams[r].channels for r in refs))
+        part = spec.part or self.owner(chans, owners, f"{where}.part")
+        if spec.reason is not None:
+            self.err(f"{where}.reason", "only dead_letters takes a reason; hint: remove reason:")
+        kinds = {streams[r].takes for r in refs}
+        if len(kinds) > 1:
+            got = ", ".join(f"{streams[r].ref}: {streams[r].takes}" for r in refs)
+            self.err(
+                f"{where}.from",
+                f"merges streams of different records ({got}); hint: one output per kind",
+            )
+            return None
+        (takes,) = kinds
+        has = MODELS[takes]
+        first = streams[refs[0]].ref
+        if has is None:
+            steps = ", ".join(k.op for k in KINDS.values() if takes in k.takes) or "a step"
+            self.err(
+                f"{where}.from",
+                f"{first} carries {takes}, which has no columns of its own; hint: feed it to "
+                f"{steps} and output that",
+            )
+            return None
+        like = spec.like
+        if stream in STREAMS:
+            if like is not None and like != stream:
+                self.err(
+                    f"{where}.like",
+                    f"{stream} is a standard stream, it takes no like (got {like!r})",
+                )
+            elif has != stream:
+                self.err(
+                    f"{where}.from",
+                    f"{stream} rows are {stream}, but {first} carries {has} rows; hint: take a "
+                    f"step that gives {stream} rows, or name a new stream (like: {has})",
+                )
+            like = stream
+        elif like is None:
+            like = has
+        elif like not in STREAMS:
+            self.err(
+                f"{where}.like",
+                f"not a known stream (got {like!r}); hint: one of {', '.join(sorted(STREAMS))}",
+            )
+        elif like != has:
+            self.err(
+                f"{where}.like",
+                f"{first} carries {has} rows (got like: {like}); "
+                f"hint: like: {has}, or leave it out",
+            )
+        if like not in STREAMS:
+            self.err(
+                f"{where}.from", f"{first} gives {like} rows, which this edgesieve does not know"
+            )
+        if spec.publish and takes != "alarms":
+            self.err(
+                f"{where}.publish",
+                f"only alarms are published (got {first}: {takes}); hint: publish the output of "
+                "a threshold step",
+            )
+        return OutputPlan(stream, spec, refs, like, part)
+
+    def owner(
+        self, channels: frozenset[str], owners: dict[str, str], where: str | None = None
+    ) -> str | None:
+        parts = sorted({owners[c] for c in channels if c in owners})
+        if len(parts) > 1 and where is not None:
+            self.err(
+                where,
+                f"its streams come from channels of parts {', '.join(parts)}; "
+                f"hint: part: {parts[0]} (the part whose report counts the rows)",
+            )
+        return parts[0] if parts else None
+
+
+_LETTERED = frozenset({"late"})
+"""Reject outputs that make their own dead letters (a window's late readings)."""
+
+
+class _Cycle(Exception):
+    pass
