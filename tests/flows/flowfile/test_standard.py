@@ -1,0 +1,116 @@
+"""The standard flows as flow files give the same rows, reports and dead letters as the Python flows."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import duckdb
+import pytest
+
+from connectors.streams import STREAMS
+from flows import edge, telemetry, vibration
+from flows.config import parse_config
+from flows.flowfile import load_flow_file
+from flows.machines import Machine, blocks
+from flows.standard import STANDARD_DIR
+from operators.records import RawMessage
+from tests.flows.conftest import run_recorded
+
+T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+
+
+def at(seconds: float, **values: object) -> bytes:
+    ms = int((T0 + timedelta(seconds=seconds)).timestamp() * 1000)
+    return json.dumps({"ts": ms, "values": values}).encode()
+
+
+def telemetry_messages() -> list[RawMessage]:
+    def tel(device: str, payload: bytes) -> RawMessage:
+        return RawMessage(device, "telemetry", "mqtt", T0, payload)
+
+    return [
+        tel("pump-1", at(0, temperature=20.0, status="ok")),
+        tel("pump-1", at(1, temperature=20.2)),
+        tel("pump-1", at(2, temperature=21.0)),
+        tel("pump-1", b"{not json"),
+        tel("pump-2", b"[" + at(0, humidity=40) + b"," + at(5, humidity=40.1) + b"]"),
+        tel("pump-1", at(12, temperature=21.1, status="warm")),
+        tel("pump-1", at(3, temperature=99.0)),  # late: a dead letter from the window
+        tel("pump-2", at(6, humidity=45)),
+        RawMessage("pump-1", "attributes", "http", T0, b'{"fw": "1.4.2"}'),
+        RawMessage("pump-1", "vibration", "http", T0, b"EVB1 but short"),
+    ]
+
+
+def vibration_messages() -> list[RawMessage]:
+    out = []
+    for kind, device in (("imbalance", "pump-2"), ("bearing", "mill-3")):
+        for payload in blocks(Machine(kind, seed=3), device=device, count=24, start_ts=T0):
+            out.append(RawMessage(device, "vibration", "mqtt", T0, payload))
+    for start in (T0, T0 + timedelta(hours=1)):  # a gap: spectral's errors, a dead letter
+        fan = blocks(Machine("healthy", seed=3), device="fan-1", count=3, start_ts=start)
+        out += [RawMessage("fan-1", "vibration", "mqtt", T0, p) for p in fan]
+    return out
+
+
+def rows(data_dir, stream: str) -> list[tuple]:
+    folder = data_dir / "parquet" / stream
+    if not list(folder.glob("**/*.parquet")):
+        return []
+    src = f"read_parquet('{folder / '**' / '*.parquet'}', hive_partitioning=true)"
+    return duckdb.sql(f"select * exclude (date) from {src} order by all").fetchall()
+
+
+def config(data_dir):
+    return parse_config(
+        {
+            "data_dir": str(data_dir),
+            "telemetry": {
+                "deadband": {"absolute": 0.5},
+                "window": {"length": 10, "allowed_lateness": 1},
+            },
+            "vibration": {"frames_per_row": 3},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "python", "messages"),
+    [
+        ("telemetry", telemetry.build, telemetry_messages()),
+        ("vibration", vibration.build, vibration_messages()),
+        ("edge", edge.build, telemetry_messages() + vibration_messages()),
+    ],
+)
+def test_the_flow_file_writes_the_rows_the_python_flow_writes(tmp_path, name, python, messages):
+    flow = load_flow_file(STANDARD_DIR / f"{name}.flow.yaml")
+    assert flow.name == name
+    by_python = run_recorded(python, config(tmp_path / "py"), messages, name=name, batch_size=4)
+    by_file = run_recorded(
+        flow.builder(), config(tmp_path / "file"), messages, name=name, batch_size=4
+    )
+    written = 0
+    for stream in STREAMS:
+        expected = rows(tmp_path / "py", stream)
+        assert rows(tmp_path / "file", stream) == expected, stream
+        written += bool(expected)
+    assert written >= 3
+
+    def counts(edge_run):
+        return {
+            part: (r.messages_in, r.raw_bytes, r.stages, r.output_rows, r.devices)
+            for part, r in edge_run.reports().items()
+        }
+
+    assert counts(by_file) == counts(by_python)
+
+
+def test_the_alarms_show_the_zone_and_impact_rules_by_default(tmp_path):
+    run_recorded(
+        load_flow_file(STANDARD_DIR / "vibration.flow.yaml").builder(),
+        config(tmp_path),
+        vibration_messages(),
+        name="vibration",
+        batch_size=4,
+    )
+    raised = {(r[0], r[2]) for r in rows(tmp_path, "alarms") if r[3] == "raised"}
+    assert ("pump-2", "iso_zone_d") in raised and ("mill-3", "impacts_kurtosis") in raised
