@@ -9,7 +9,7 @@ from flows.config import _plain
 __all__ = ["operator_error"]
 
 _OPERATOR = re.compile(
-    r"^[\w ]+?(?: '[^']*')?:? `(?P<key>[\w\[\]]+)` (?P<problem>.*?); got (?P<got>.*?)\."
+    r"^(?:[a-z_]+|threshold rule)(?: '[^']*')?:? `(?P<key>[\w\[\]]+)` (?P<problem>.*?); got (?P<got>.*?)\."
     r" Hint: (?P<hint>.*?)\.?$",
     re.DOTALL,
 )

@@ -663,10 +663,6 @@ class _Checker:
                 f"{first} carries {has} rows (got like: {like}); "
                 f"hint: like: {has}, or leave it out",
             )
-        if like not in STREAMS:
-            self.err(
-                f"{where}.from", f"{first} gives {like} rows, which this edgesieve does not know"
-            )
         if spec.publish and takes != "alarms":
             self.err(
                 f"{where}.publish",

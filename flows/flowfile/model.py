@@ -187,6 +187,10 @@ _TYPE_HINTS = {
     "dict_type": "write a mapping of keys, e.g. {key: value}",
     "list_type": "write a list, e.g. [a, b]",
     "tuple_type": "write a list, e.g. [1, 2]",
+    "string_pattern_mismatch": "letters, digits, _ and -, e.g. telemetry",
+    "greater_than_equal": "a value at or above the bound",
+    "too_short": "give at least one",
+    "literal_error": "one of the values listed",
 }
 
 
