@@ -9,8 +9,8 @@ from flows.config import _plain
 __all__ = ["operator_error"]
 
 _OPERATOR = re.compile(
-    r"^(?:[a-z_]+|threshold rule)(?: '[^']*')?:? `(?P<key>[\w\[\]]+)` (?P<problem>.*?); got (?P<got>.*?)\."
-    r" Hint: (?P<hint>.*?)\.?$",
+    r"^(?:[a-z_]+|threshold rule)(?: '[^']*')?:? `(?P<key>[\w\[\]]+)` "
+    r"(?P<problem>.*?); got (?P<got>.*?)\. Hint: (?P<hint>.*?)\.?$",
     re.DOTALL,
 )
 

@@ -223,20 +223,6 @@ CASES = [
         "outputs.mixed.from: merges streams of different records",
     ),
     (
-        edit(
-            inputs={"in": {"channels": ["telemetry", "attributes"]}},
-            parts={"a": {"channels": ["telemetry"]}, "b": {"channels": ["attributes"]}},
-            steps={
-                "db": {"op": "filter", "from": ["in.attributes"]},
-                "x": {"op": "deadband", "from": "in.series"},
-            },
-            outputs={"device_attributes": {"from": "db"}, "telemetry_points": {"from": "x"}},
-        )
-        if KINDS["filter"].available()
-        else None,
-        "",
-    ),
-    (
         edit(outputs=outputs(dead_letters={"from": "db", "like": "dead_letters"})),
         "outputs.dead_letters.like: dead_letters takes no like",
     ),
