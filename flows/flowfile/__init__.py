@@ -97,3 +97,40 @@ def _without_null_defaults(node: Any) -> Any:
 def schema_text() -> str:
     """:func:`json_schema` as the committed file's text."""
     return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+FLOW_FILE_ENV = "EDGESIEVE_FLOW_FILE"
+"""The flow file ``python -m bytewax.run flows.flowfile`` runs."""
+
+
+def __getattr__(name: str) -> Any:
+    """``flow``: the flow file named by ``$EDGESIEVE_FLOW_FILE``, for Bytewax's own runner.
+
+    ``EDGESIEVE_FLOW_FILE=telemetry.flow.yaml EDGESIEVE_CONFIG=edge.yaml python -m
+    bytewax.run flows.flowfile -r var/recovery/telemetry -s 5`` runs it as
+    :func:`flows.runtime.lazy_flow` runs a Python flow module.
+    """
+    if name != "flow":
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    import os
+    import sys
+
+    from flows.runtime import lazy_flow, load_flow_builder
+
+    path = os.environ.get(FLOW_FILE_ENV)
+    try:
+        if not path:
+            msg = (
+                f"{FLOW_FILE_ENV} is not set; hint: {FLOW_FILE_ENV}=telemetry.flow.yaml "
+                "python -m bytewax.run flows.flowfile"
+            )
+            raise FlowFileError([msg])
+        build = load_flow_builder(path)
+    except ValueError as exc:
+        for line in str(exc).splitlines():
+            print(f"edgesieve: error: {line}", file=sys.stderr)
+        sys.exit(2)
+    flow = lazy_flow(f"{__name__}.{build.flow_name}", build)("flow")  # type: ignore[attr-defined]
+    globals()["flow"] = flow
+    return flow
