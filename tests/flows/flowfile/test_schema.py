@@ -63,3 +63,14 @@ def test_each_kind_takes_exactly_its_operators_keyword_settings(op):
     keywords = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     assert set(kind.settings.model_fields) == keywords
     assert set(step_model(kind).model_fields) == keywords | {"op", "from_"}
+
+
+def test_the_readme_example_is_a_good_flow_file_drawn_as_shown():
+    from flows.flowfile import check_flow_file
+
+    root = STANDARD_DIR.parents[1]
+    flow = check_flow_file(root / "examples" / "pressure.flow.yaml")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert f"```mermaid\n{flow.mermaid()}```" in readme
+    example = (root / "examples" / "pressure.flow.yaml").read_text(encoding="utf-8")
+    assert example.split("\n", 3)[3] in readme  # the file as shown, after its comment lines
