@@ -450,3 +450,33 @@ def test_settings_left_out_take_the_edge_configs_so_check_can_use_it(tmp_path):
     assert problems(tmp_path, doc, config)[0].startswith(
         "steps.w.slide: must be > 0 and <= length (10)"
     )
+
+
+def test_an_output_fed_from_two_parts_channels_must_name_its_part(tmp_path, monkeypatch):
+    deadband = KINDS["deadband"]
+    anything = Kind(
+        "relabel",
+        deadband.function,
+        deadband.settings,
+        frozenset({"text", "attributes"}),
+        lambda _t: {"down": "readings"},
+        deadband.call,
+    )
+    monkeypatch.setitem(KINDS, "relabel", anything)
+    doc = edit(
+        inputs={"in": {"channels": ["telemetry", "attributes"]}},
+        parts={"a": {"channels": ["telemetry"]}, "b": {"channels": ["attributes"]}},
+        steps={
+            "x": {"op": "relabel", "from": "in.text"},
+            "y": {"op": "relabel", "from": "in.attributes"},
+        },
+        outputs={"mine": {"from": ["x", "y"]}},
+    )
+    path = write(tmp_path, doc)
+    with pytest.raises(FlowFileError) as err:
+        load_flow_file(path)
+    assert err.value.problems == [
+        f"{path}: outputs.mine.part: its streams come from channels of parts a, b; hint: part: a (the part whose report counts the rows)"
+    ]
+    doc["outputs"]["mine"]["part"] = "b"
+    assert load_flow_file(write(tmp_path, doc)).outputs[0].part == "b"
