@@ -84,7 +84,22 @@ Duration = Annotated[
 """A duration >= 0."""
 
 Channel = Literal[CHANNELS]  # type: ignore[valid-type]
-Refs = str | list[str]
+
+
+def _refs(value: object) -> object:
+    if isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    ):
+        return value
+    msg = (
+        f"must name a stream or a list of streams (got {value!r}); "
+        "hint: from: in.series, or from: [window.late, spectral.errors]"
+    )
+    raise ValueError(msg)
+
+
+Refs = Annotated[str | list[str], BeforeValidator(_refs)]
+"""``from:``: one stream (``in.series``, ``window``, ``window.late``) or a list, merged."""
 
 
 class Settings(BaseModel):

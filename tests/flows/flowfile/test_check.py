@@ -123,6 +123,10 @@ CASES = [
         "steps.db.tolerance: unknown setting of deadband; hint: its settings are absolute, from, max_silence, op, percent",
     ),
     (
+        edit(steps={"db": {"op": "deadband", "from": 5}}),
+        "steps.db.from: must name a stream or a list of streams (got 5); hint: from: in.series, or from: [window.late, spectral.errors]",
+    ),
+    (
         edit(steps={"db": {"op": "deadband"}}),
         "steps.db.from: required key is missing; hint: add from:",
     ),
