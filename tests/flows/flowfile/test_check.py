@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flows.config import parse_config
 from flows.flowfile import FlowFileError, check_flow_file, load_flow_file
@@ -484,3 +486,21 @@ def test_an_output_fed_from_two_parts_channels_must_name_its_part(tmp_path, monk
     ]
     doc["outputs"]["mine"]["part"] = "b"
     assert load_flow_file(write(tmp_path, doc)).outputs[0].part == "b"
+
+
+@given(
+    amount=st.decimals(min_value=0, max_value=10**6, places=3, allow_nan=False),
+    unit=st.sampled_from(["ms", "s", "m", "h", "d"]),
+    space=st.sampled_from(["", " "]),
+)
+def test_durations_read_as_written(amount, unit, space):
+    from datetime import timedelta
+
+    from pydantic import TypeAdapter
+
+    from flows.flowfile.model import Duration
+
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    parsed = TypeAdapter(Duration).validate_python(f"{amount}{space}{unit}")
+    assert parsed == timedelta(seconds=float(amount) * scale)
+    assert TypeAdapter(Duration).validate_python(float(amount)) == timedelta(seconds=float(amount))
