@@ -69,10 +69,11 @@ import math
 import operator as _op
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from itertools import repeat
-from operator import attrgetter
-from typing import Any
+from dataclasses import dataclass, field, fields, is_dataclass
+from functools import cache, partial
+from itertools import compress, repeat
+from operator import attrgetter, itemgetter
+from typing import Any, NamedTuple
 
 import bytewax.operators as op
 import numpy as np
@@ -97,18 +98,23 @@ _Value = tuple[Any, np.ndarray | None]
 NUM, TEXT, BOOL, ANY = "number", "text", "condition", "any"
 
 
-@dataclass(frozen=True, slots=True)
-class Dropped:
+class Dropped(NamedTuple):
     """An item a filter dropped: the filter's ``step_id``, the ``reason`` and the item itself.
 
     ``reason`` is one of :data:`REASONS`; ``detail`` says more when there is
-    more to say (a field the item does not have).
+    more to say (a field the item does not have). Immutable; a named tuple
+    rather than a dataclass because one is made per dropped item and a tuple
+    is made without running Python code (see :func:`_new_dropped`).
     """
 
     step_id: str
     reason: str
     item: Any
     detail: str = ""
+
+
+_new_dropped = partial(tuple.__new__, Dropped)
+"""``Dropped`` from a 4-tuple, in C: what ``map`` calls once per dropped item."""
 
 
 @dataclass(frozen=True)
@@ -211,13 +217,19 @@ def _syntax_name(node: ast.AST) -> str:
 
 
 class _Batch:
-    """The items of one micro-batch and the columns read from them, each read once."""
+    """The items of one micro-batch and the columns read from them, each read once.
 
-    __slots__ = ("items", "n", "raw", "_num", "_text", "missing")
+    ``types`` are the record classes in the batch: a field a dataclass
+    declares ``str`` (``float``, ``int``) in every one of them is taken as
+    text (a number) without looking at each value.
+    """
 
-    def __init__(self, items: list[Any]) -> None:
+    __slots__ = ("items", "n", "types", "raw", "_num", "_text", "missing")
+
+    def __init__(self, items: list[Any], types: set[type]) -> None:
         self.items = items
         self.n = len(items)
+        self.types = types
         self.raw: dict[str, list[Any]] = {}
         self._num: dict[str, _Value] = {}
         self._text: dict[str, _Value] = {}
@@ -234,14 +246,21 @@ class _Batch:
             self.raw[name] = col
         return col
 
+    def declared(self, name: str) -> str | None:
+        kinds = {_declared(t, name) for t in self.types}
+        return kinds.pop() if len(kinds) == 1 else None
+
     def number(self, name: str) -> _Value:
         got = self._num.get(name)
         if got is None:
             col = self.column(name)
-            types = set(map(type, col))
-            if types <= {float, int, np.float64, np.float32, np.int64}:
-                got = (np.array(col, dtype=np.float64), None)
-            else:
+            try:
+                arr = np.array(col, np.float64) if self.declared(name) == NUM else np.array(col)
+            except (TypeError, ValueError):
+                arr = np.array(())
+            if arr.dtype.kind in "fiub" and arr.shape == (self.n,):
+                got = (arr.astype(np.float64, copy=False), None)
+            else:  # text, None or missing among the numbers: unknown there
                 bad = np.fromiter((not _is_number(x) for x in col), bool, self.n)
                 clean = [math.nan if b else x for x, b in zip(col, bad, strict=True)]
                 got = (np.array(clean, dtype=np.float64), bad)
@@ -252,7 +271,7 @@ class _Batch:
         got = self._text.get(name)
         if got is None:
             col = self.column(name)
-            if set(map(type, col)) == {str}:
+            if self.declared(name) == TEXT or set(map(type, col)) == {str}:
                 got = (col, None)
             else:
                 bad = np.fromiter((type(x) is not str for x in col), bool, self.n)
@@ -261,8 +280,20 @@ class _Batch:
         return got
 
 
+@cache
+def _declared(cls: type, name: str) -> str | None:
+    """``NUM`` or ``TEXT`` when dataclass ``cls`` declares ``name`` exactly float/int or str."""
+    if not is_dataclass(cls):
+        return None
+    for f in fields(cls):
+        if f.name == name:
+            t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            return TEXT if t == "str" else NUM if t in ("float", "int") else None
+    return None
+
+
 def _is_number(x: object) -> bool:
-    return isinstance(x, int | float | np.number) and not isinstance(x, bool)
+    return isinstance(x, int | float | np.number)  # booleans are 1 and 0
 
 
 def _either(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
@@ -703,9 +734,12 @@ class Where:
     fields: frozenset[str]
     _root: _Node = field(repr=False, compare=False)
 
-    def mask(self, items: list[Any]) -> tuple[np.ndarray, set[str]]:
-        """Which of ``items`` the expression keeps, and the fields some item lacked."""
-        batch = _Batch(items)
+    def mask(self, items: list[Any], types: set[type] | None = None) -> tuple[np.ndarray, set[str]]:
+        """Which of ``items`` the expression keeps, and the fields some item lacked.
+
+        ``types``: the classes of ``items``, if the caller has them already.
+        """
+        batch = _Batch(items, set(map(type, items)) if types is None else types)
         value, unknown = self._root(batch)
         keep = np.broadcast_to(np.asarray(value, dtype=bool), (batch.n,))
         if unknown is not None:
@@ -856,13 +890,16 @@ class FilterConfig:
         if not batch:
             return [], []
         keyed = type(batch[0]) is tuple
-        values = [kv[1] for kv in batch] if keyed else batch
+        values = list(map(_second, batch)) if keyed else batch
         n = len(values)
-        evict = np.zeros(n, bool)
-        if Evict in set(map(type, values)):
+        evict = None
+        types = set(map(type, values))
+        if Evict in types:
             evict = np.fromiter((type(v) is Evict for v in values), bool, n)
+            types.discard(Evict)
         reason = np.zeros(n, np.int8)  # 0 kept, else 1 + index in REASONS
         missing: set[str] = set()
+        records = values
         if self._devices is not None:
             hit = self._devices.mask([getattr(v, "device", None) for v in values], n)
             reason[~hit] = 1
@@ -882,29 +919,53 @@ class FilterConfig:
                 inside &= x <= self.max_value
             reason[(reason == 0) & ~inside] = 3
         if self.compiled is not None:
-            hit, missing = self.compiled.mask(values)
+            if evict is not None:  # evictions pass: the expression is not about them
+                records = list(compress(values, (~evict).tolist()))
+            hit, missing = self.compiled.mask(records, types)
+            if evict is not None:
+                hit = _scatter(hit, ~evict)
             reason[(reason == 0) & ~hit] = 4
-        reason[evict] = 0
-        if not reason.any():
+        if evict is not None:
+            reason[evict] = 0
+        gone = reason != 0
+        if not gone.any():
             return batch, []
-        kept = [batch[i] for i in np.flatnonzero(reason == 0)]
-        detail = _missing_detail(step_id, values, missing) if missing else ""
-        dropped = []
-        for i in np.flatnonzero(reason).tolist():
-            item = values[i]
-            key = batch[i][0] if keyed else str(getattr(item, "device", "") or "")
-            why = REASONS[reason[i] - 1]
-            dropped.append((key, Dropped(step_id, why, item, detail if why == "where" else "")))
-        return kept, dropped
+        kept = list(compress(batch, (~gone).tolist()))
+        selected = gone.tolist()
+        codes = reason[gone].tolist()
+        items = list(compress(values, selected))
+        if keyed:
+            keys: Iterable[str] = compress(map(_first, batch), selected)
+        else:
+            keys = (str(getattr(item, "device", "") or "") for item in items)
+        if missing:
+            detail = _missing_detail(step_id, records, missing)
+            details: Iterable[str] = (detail if code == 4 else "" for code in codes)
+        else:
+            details = repeat("")
+        why = map(_REASON_OF.__getitem__, codes)
+        dropped = map(_new_dropped, zip(repeat(step_id), why, items, details))
+        return kept, list(zip(keys, dropped, strict=True))
+
+
+_first, _second = itemgetter(0), itemgetter(1)
+_REASON_OF = dict(enumerate(REASONS, start=1))
 
 
 _warned: set[tuple[str, str, str]] = set()
 
 
-def _missing_detail(step_id: str, values: list[Any], missing: set[str]) -> str:
+def _scatter(hit: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """``hit`` at the positions ``where`` is true, true elsewhere."""
+    out = np.ones(len(where), bool)
+    out[where] = hit
+    return out
+
+
+def _missing_detail(step_id: str, records: list[Any], missing: set[str]) -> str:
     names = ", ".join(sorted(missing))
-    for kind in {type(v).__name__ for v in values}:
-        for name in missing:
+    for name in sorted(missing):
+        for kind in sorted({type(x).__name__ for x in records if not hasattr(x, name)}):
             if (step_id, kind, name) not in _warned:
                 _warned.add((step_id, kind, name))
                 log.warning(

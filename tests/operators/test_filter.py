@@ -171,11 +171,12 @@ def test_feature_rows_and_sql_null_rules():
 def test_a_field_some_items_lack_drops_them_with_a_detail_and_one_warning(caplog):
     items = [reading("pump-7", 0, 5.0), features("m1", 5.0, 4.0), features("m2", 9.0, 4.0)]
     with caplog.at_level(logging.WARNING, "edgesieve.filter"):
-        kept, dropped = run_filter(items, batch_size=1, where="velocity_rms_mm_s > 4.5")
-    assert kept == items[1:]
+        kept, dropped = run_filter(items * 2, batch_size=3, where="velocity_rms_mm_s > 4.5")
+    items = items * 2
+    assert kept == [items[1], items[2], items[4], items[5]]
     assert [(d.reason, d.detail) for _, d in dropped] == [
         ("where", "no field velocity_rms_mm_s on some items")
-    ]
+    ] * 2
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings == [
         "filter 'f': some Reading items have no field 'velocity_rms_mm_s'; the expression is "
