@@ -44,6 +44,7 @@ KEYS = ("temp", "hum", "rpm", "pressure")
 WAYS = ("python", "branch", "numpy", "duckdb")
 
 CASES: list[tuple[str, Callable[[Reading], bool], str]] = [
+    ("value > -1000", lambda r: r.value > -1000, "value > -1000"),  # nothing dropped
     (
         'value > 3 and key in ("temp", "hum")',
         lambda r: r.value > 3 and r.key in ("temp", "hum"),
@@ -166,7 +167,7 @@ def main() -> None:
             assert all(kept[w] == first for w in WAYS), "the ways disagree"
             rate = {w: args.readings / s for w, s in best.items()}
             print(
-                f"batch {batch:>5}  {case[0]:<46} kept {len(first):>6}/{args.readings}  "
+                f"batch {batch:>5}  {case[0]:<46.46} kept {len(first):>6}/{args.readings}  "
                 "readings/CPU-s: "
                 + "  ".join(f"{w} {rate[w]:>9,.0f}" for w in WAYS)
                 + f"  numpy/python {rate['numpy'] / rate['python']:.2f}x"

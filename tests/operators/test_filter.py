@@ -23,6 +23,7 @@ from prometheus_client import generate_latest
 
 from flows.api import Edge
 from flows.config import parse_config
+from operators.deadband import deadband
 from operators.filter import Dropped, FilterConfig, compile_where, filter_items
 from operators.records import Evict, RawMessage, series_key
 from operators.spectral import Features
@@ -385,7 +386,7 @@ def test_edge_counts_dropped_items_per_reason_in_the_report_and_metrics(tmp_path
     def build(edge: Edge) -> None:
         dev = edge.devices("in", channels=["telemetry"])
         out = filter_items("hot", dev.series, devices="pump-*", where="value > 3")
-        edge.output("telemetry_points", out.kept)
+        edge.output("telemetry_points", deadband("deadband", out.kept, absolute=0.1))
         edge.count_dropped("hot_dropped", out.dropped)
 
     def msg(device: str, body: dict) -> RawMessage:
