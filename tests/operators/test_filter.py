@@ -27,7 +27,7 @@ from operators.deadband import deadband
 from operators.filter import Dropped, FilterConfig, compile_where, filter_items
 from operators.records import Evict, RawMessage, series_key
 from operators.spectral import Features
-from tests.conftest import keyed, reading
+from tests.conftest import keyed, reading, run_dataflow
 from tests.flows.conftest import run_recorded
 
 
@@ -374,6 +374,70 @@ def test_the_operator_keeps_exactly_what_the_predicate_keeps_in_order(expr, batc
         id(x) for _, x in source if type(x) is not Evict and not reference(expr, x)
     )
     assert all(d.reason == "where" for _, d in dropped)
+
+
+def first_failed(item: Any, devices, keys, low, high, expr) -> str | None:
+    """The reason a plain reading of the settings drops ``item`` for, or None to keep it."""
+    if type(item) is Evict:
+        return None
+    name = getattr(item, "device", None)
+    if devices is not None and not (
+        isinstance(name, str) and any(fnmatch.fnmatchcase(name, p) for p in devices)
+    ):
+        return "device"
+    key = getattr(item, "key", None)
+    if keys is not None and not (
+        isinstance(key, str) and any(fnmatch.fnmatchcase(key, p) for p in keys)
+    ):
+        return "key"
+    if low is not None or high is not None:
+        value = getattr(item, "value", None)
+        if not _num(value) or math.isnan(value):
+            return "range"
+        if (low is not None and value < low) or (high is not None and value > high):
+            return "range"
+    if expr is not None and not reference(expr, item):
+        return "where"
+    return None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.lists(st.one_of(items, st.builds(Evict, st.just("fan-1"), st.just("hum")))),
+    devices=st.none() | st.lists(st.sampled_from(["pump-*", "fan-1", "x", "p?mp-8"]), min_size=1),
+    keys=st.none() | st.lists(st.sampled_from(["temp", "h*", "rpm"]), min_size=1),
+    low=st.none() | st.floats(-10, 10),
+    high=st.none() | st.floats(10, 40),
+    expr=st.none() | conditions,
+    batch_size=st.integers(1, 8),
+)
+def test_every_setting_together_keeps_exactly_what_a_plain_reading_keeps(
+    batch, devices, keys, low, high, expr, batch_size
+):
+    settings_ = {"devices": devices, "keys": keys, "min_value": low, "max_value": high}
+    if all(v is None for v in settings_.values()) and expr is None:
+        expr = "value > 0"
+    source = [(str(i), x) for i, x in enumerate(batch)]
+    kept, dropped = run_filter(source, batch_size=batch_size, where=expr, **settings_)
+    why = [first_failed(x, devices, keys, low, high, expr) for _, x in source]
+    assert kept == [kv for kv, w in zip(source, why, strict=True) if w is None]
+    assert sorted((k, d.reason) for k, d in dropped) == sorted(
+        (kv[0], w) for kv, w in zip(source, why, strict=True) if w is not None
+    )
+
+
+def test_several_workers_keep_each_key_in_order():
+    flow = Dataflow("filter_workers")
+    items = keyed([reading(f"pump-{i % 3}", i, float(i % 7)) for i in range(200)])
+    s = op.input("in", flow, TestingSource(items, batch_size=7))
+    out = filter_items("f", s, where="value >= 2")
+    kept: list = []
+    op.output("kept", out.kept, TestingSink(kept))
+    run_dataflow(flow, workers=2)
+    for key in {k for k, _ in items}:
+        assert [kv for kv in kept if kv[0] == key] == [
+            kv for kv in items if kv[0] == key and kv[1].value >= 2
+        ]
 
 
 # -- counting what was dropped ---------------------------------------------------------------
