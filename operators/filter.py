@@ -181,12 +181,12 @@ _SYNTAX_NAMES = {
     ast.Yield: "yield",
     ast.YieldFrom: "yield",
 }
-_BINOPS: dict[type, tuple[str, Callable[[Any, Any], Any]]] = {
-    ast.Add: ("+", np.add),
-    ast.Sub: ("-", np.subtract),
-    ast.Mult: ("*", np.multiply),
-    ast.Div: ("/", np.true_divide),
-    ast.Mod: ("%", np.mod),
+_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: np.add,
+    ast.Sub: np.subtract,
+    ast.Mult: np.multiply,
+    ast.Div: np.true_divide,
+    ast.Mod: np.mod,
 }
 _CMPOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Eq: _op.eq,
@@ -202,29 +202,34 @@ _LANGUAGE = (
 )
 
 
+_OPERATORS = {
+    ast.Pow: "**",
+    ast.FloorDiv: "//",
+    ast.MatMult: "@",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitAnd: "&",
+    ast.BitOr: "|",
+    ast.BitXor: "^",
+    ast.Invert: "~",
+    ast.UAdd: "unary +",
+    ast.Is: "is",
+    ast.IsNot: "is not",
+}
+
+
 def _syntax_name(node: ast.AST) -> str:
-    if type(node) in _SYNTAX_NAMES:
-        return _SYNTAX_NAMES[type(node)]
+    return _SYNTAX_NAMES.get(type(node), type(node).__name__.lower())
+
+
+def _unsupported(node: ast.AST) -> str:
+    """``unsupported operator '**'`` or ``unsupported syntax 'lambda'``."""
     if isinstance(node, ast.BinOp | ast.UnaryOp | ast.Compare):
-        sym = {
-            ast.Pow: "**",
-            ast.FloorDiv: "//",
-            ast.MatMult: "@",
-            ast.LShift: "<<",
-            ast.RShift: ">>",
-            ast.BitAnd: "&",
-            ast.BitOr: "|",
-            ast.BitXor: "^",
-            ast.Invert: "~",
-            ast.UAdd: "unary +",
-            ast.Is: "is",
-            ast.IsNot: "is not",
-        }
         ops = node.ops if isinstance(node, ast.Compare) else [node.op]
         for one in ops:
-            if type(one) in sym:
-                return f"operator {sym[type(one)]!r}"
-    return type(node).__name__.lower()
+            if type(one) in _OPERATORS:
+                return f"unsupported operator {_OPERATORS[type(one)]!r}"
+    return f"unsupported syntax {_syntax_name(node)!r}"
 
 
 class _Batch:
@@ -348,7 +353,7 @@ class _Compiler:
             inner = self.number(node.operand)
             return NUM, lambda b: _unary(np.negative, inner(b))
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            sym, fn = _BINOPS[type(node.op)]
+            fn = _BINOPS[type(node.op)]
             left, right = self.number(node.left), self.number(node.right)
             return NUM, lambda b: _binary(fn, left(b), right(b))
         if isinstance(node, ast.Compare):
@@ -367,7 +372,7 @@ class _Compiler:
                 node,
                 f'compare it, e.g. {node.id} != 0 or {node.id} == "on"',
             )
-        raise WhereError(f"unsupported syntax {_syntax_name(node)!r}", node, _LANGUAGE)
+        raise WhereError(_unsupported(node), node, _LANGUAGE)
 
     def constant(self, node: ast.Constant) -> tuple[str, _Node]:
         value = node.value
@@ -460,7 +465,7 @@ class _Compiler:
         if isinstance(cmp, ast.In | ast.NotIn):
             return self.membership(left, right, negate=isinstance(cmp, ast.NotIn))
         if type(cmp) not in _CMPOPS:
-            raise WhereError(f"unsupported syntax {_syntax_name(at)!r}", at, _LANGUAGE)
+            raise WhereError(_unsupported(at), at, _LANGUAGE)
         fn = _CMPOPS[type(cmp)]
         for side, other in ((left, right), (right, left)):
             if isinstance(side, ast.Constant) and side.value is None:
@@ -538,10 +543,13 @@ class _Compiler:
         return number_in
 
     def call(self, node: ast.Call) -> tuple[str, _Node]:
-        if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
-            what = node.func.id if isinstance(node.func, ast.Name) else _syntax_name(node.func)
+        if not isinstance(node.func, ast.Name):
+            raise WhereError(_unsupported(node.func), node.func, _LANGUAGE)
+        if node.func.id not in FUNCTIONS:
             raise WhereError(
-                f"unknown function {what!r}", node, f"functions are {', '.join(FUNCTIONS)}"
+                f"unknown function {node.func.id!r}",
+                node,
+                f"functions are {', '.join(FUNCTIONS)}",
             )
         name = node.func.id
         if node.keywords:
