@@ -608,3 +608,17 @@ def test_config_is_frozen_and_normalised():
     with pytest.raises(AttributeError):
         config.where = "value > 1"  # type: ignore[misc]
     assert Dropped("f", "where", 1) == Dropped("f", "where", 1, "")
+
+
+def test_count_dropped_after_the_flow_is_finished_is_an_error(tmp_path):
+    edge = Edge(parse_config({"data_dir": str(tmp_path)}), name="late", source=TestingSource([]))
+    dev = edge.devices("in", channels=["telemetry"])
+    out = filter_items("hot", dev.readings, where="value > 3")
+    edge.output("telemetry_points", out.kept)
+    edge.dataflow()
+    with pytest.raises(RuntimeError) as info:
+        edge.count_dropped("hot_dropped", out.dropped)
+    assert str(info.value) == (
+        "Edge.count_dropped(): the flow 'late' is already finished (dataflow() or run() was "
+        "called); hint: declare everything inside build(edge)"
+    )
