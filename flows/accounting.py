@@ -221,6 +221,21 @@ _INGEST_COUNTERS = (
         "ThingsBoard MQTT endpoint: connections closed after 1.5 x keepalive of silence",
         "mqtt_server_keepalive_timeouts",
     ),
+    (
+        "edgesieve_journal_refused_share",
+        "Messages refused because their device held its journal.device_share",
+        "refused_share",
+    ),
+    (
+        "edgesieve_journal_over_share",
+        "MQTT messages journaled over their device's share while the reserve lasted",
+        "over_share",
+    ),
+    (
+        "edgesieve_http_client_aborted",
+        "HTTP requests whose client closed the connection mid-body (nothing stored)",
+        "client_aborted",
+    ),
 )
 
 

@@ -70,6 +70,9 @@ CLOUD_BY_DEFAULT = frozenset(
 )
 """Streams sent to the cloud when ``cloud`` is configured (points with ``cloud.send_points``)."""
 
+DROPPED = "dropped_"
+"""Prefix of the stages counting what a filter dropped: ``dropped_<step>_<reason>``."""
+
 LOCAL_ONLY = frozenset({"telemetry_text", "dead_letters"})
 """Streams that stay on the edge unless an output asks for ``cloud=True``."""
 
@@ -420,6 +423,28 @@ class Edge:
             lambda item: to_dead_letter(_value(item), reason),
         )
         self.output("dead_letters", letters)
+
+    def count_dropped(self, step_id: str, dropped: Stream[Any]) -> None:
+        """Count what a filter dropped, per reason and device, and discard it.
+
+        ``dropped`` is a ``filter_items`` step's ``dropped`` stream. Each item
+        adds one to the stage ``dropped_<filter step>_<reason>`` of this part's
+        report and of ``edgesieve_messages`` on ``/metrics``.
+        """
+        self._check_open("count_dropped")
+        meter = self.meter
+
+        def tally(batch: list[Any]) -> tuple[()]:
+            stages: dict[str, Tally[str]] = {}
+            for item in batch:
+                gone = _value(item)
+                stage = f"{DROPPED}{gone.step_id}_{gone.reason}"
+                stages.setdefault(stage, Tally())[_by_device(gone.item)[0]] += 1
+            for stage, devices in stages.items():
+                meter.add(stage, devices)
+            return ()
+
+        op.flat_map_batch(self.id(step_id), dropped, tally)
 
     def publish(
         self,

@@ -78,6 +78,9 @@ COUNTERS: Final = (
     "mqtt_dropped",
     "mqtt_server_refused_connections",
     "mqtt_server_keepalive_timeouts",
+    "refused_share",
+    "over_share",
+    "client_aborted",
 )
 """Snapshot counters that add up over the ingest processes of a run."""
 
@@ -223,6 +226,9 @@ class StatsWriter:
             "mqtt_dropped": mqtt.dropped if mqtt is not None else 0,
             "mqtt_server_refused_connections": server.refused_connections if server else 0,
             "mqtt_server_keepalive_timeouts": server.keepalive_timeouts if server else 0,
+            "refused_share": stats.refused_share,
+            "over_share": stats.over_share,
+            "client_aborted": ingress.aborted if ingress is not None else 0,
         }
         self.journal.sample_commits()
         counts, total = self.journal.commit_seconds.state()

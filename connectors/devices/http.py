@@ -508,6 +508,7 @@ class HttpServer:
     def _client_closed(self, request: web.Request, device: str) -> web.Response:
         """One line for a client gone mid-body; the 499 only reaches the access log."""
         declared = request.content_length
+        self._ingress.aborted += 1
         logger.info(
             "http: %s closed the connection after %d of %s body bytes (%s %s); nothing was stored",
             device,

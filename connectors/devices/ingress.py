@@ -117,6 +117,8 @@ class Ingress:
         self.accepted = 0
         self.rejected = 0
         self.refused = 0
+        self.aborted = 0
+        """HTTP requests whose client closed the connection before the whole body arrived."""
         self.high_water = 0
 
     def busy(self, device: str | None = None) -> str | None:

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.devices.ingress import Ingress, Verdict
-from connectors.devices.journal import JournalSettings
+from connectors.devices.journal import JournalFull, JournalSettings
 from flows.accounting import FlowReport, IngestCollector, Meter, report
 from flows.api import Edge
 from flows.config import parse_config
@@ -166,6 +166,30 @@ def test_duplicates_are_counted_and_a_stopped_or_stale_snapshot_is_not_up(tmp_pa
     (tmp_path / STATS_FILE).write_text(json.dumps(body))
     snap = read_snapshot(tmp_path)
     assert snap["up"] is False and snap["age_s"] > STALE_AFTER_S
+
+
+def test_device_share_refusals_and_aborted_requests_reach_metrics(tmp_path):
+    settings = JournalSettings(tmp_path, partitions=1, max_bytes=1000, device_share=0.3)
+    with MeteredJournal(settings) as journal:
+        ingress = Ingress(max_payload_bytes=1024, journal=journal)
+        writer = StatsWriter(journal, ingress)
+        for i in range(3):
+            journal.submit(raw("flood", bytes([i]) * 100)).result(10)
+        with pytest.raises(JournalFull):
+            journal.submit(raw("flood", b"x")).result(1)
+        done = threading.Event()
+        assert journal.append_received(
+            "flood", "telemetry", "mqtt", 0, b"m" * 100, lambda *_: done.set(), over_share=True
+        )
+        assert done.wait(10)
+        ingress.aborted += 2  # what the HTTP server counts for a client gone mid-body
+    writer.stop()
+    metrics = {
+        f.name: f.samples[0].value for f in IngestCollector(tmp_path, lambda: 0).collect()
+    }
+    assert metrics["edgesieve_journal_refused_share"] == 1
+    assert metrics["edgesieve_journal_over_share"] == 1
+    assert metrics["edgesieve_http_client_aborted"] == 2
 
 
 def test_a_new_ingest_process_carries_the_counters_of_the_one_before(tmp_path):

@@ -855,6 +855,7 @@ def test_clients_that_vanish_mid_body_are_one_info_line_each(serve, caplog):
     assert {r.levelname for r in caplog.records if r.getMessage() in lines} == {"INFO"}
     access = [r.getMessage() for r in caplog.records if r.name == "edgesieve.http.access"]
     assert sum(" 499 " in a for a in access) == 8
+    assert ingress.aborted == 8
     no_tracebacks(caplog)
     assert len(ingress) == 0 and not server._in_flight
     assert curl(api(server, TOKEN_1, "telemetry"), b'{"t": 2}').status == 200
