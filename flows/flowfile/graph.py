@@ -176,7 +176,13 @@ class FlowFile:
             if out.stream == "dead_letters":
                 for i, (ref, part) in enumerate(zip(out.sources, out.source_parts, strict=True)):
                     target = parts[part] if part else edge
-                    target.dead_letters(as_letters(ref, spec.reason, f"dead_letters_from_{i}"))
+                    target.output(  # = edge.dead_letters(...), with this output's settings
+                        "dead_letters",
+                        as_letters(ref, spec.reason, f"dead_letters_from_{i}"),
+                        cloud=spec.cloud,
+                        priority=spec.priority,
+                        max_file_age=spec.max_file_age,
+                    )
                 continue
             ups = [numbers(ref, f"{out.stream}_from_{i}") for i, ref in enumerate(out.sources)]
             age = spec.max_file_age

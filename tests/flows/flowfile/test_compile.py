@@ -67,7 +67,10 @@ def test_late_readings_no_output_takes_still_become_dead_letters(tmp_path):
 def test_dead_letters_with_a_reason_of_your_own(tmp_path):
     doc = flow(
         {"w": {"op": "window", "from": "in.series"}},
-        {"mine": {"from": "w"}, "dead_letters": {"from": "w.late", "reason": "too late for us"}},
+        {
+            "mine": {"from": "w"},
+            "dead_letters": {"from": "w.late", "reason": "too late for us", "max_file_age": "1h"},
+        },
     )
     data = run(tmp_path, doc)
     rows = query_parquet(data, "dead_letters", "select device, reason, payload from {src}")
