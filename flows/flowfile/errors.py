@@ -14,6 +14,8 @@ _OPERATOR = re.compile(
     re.DOTALL,
 )
 
+_KEYED = re.compile(r"^[a-z_]+ '[^']*': (?P<key>[a-z_]+): (?P<rest>.*)$", re.DOTALL)
+
 
 def operator_error(text: str) -> tuple[str | None, str]:
     """An operator's check message as ``(setting, "problem (got X); hint: ...")``.
@@ -25,6 +27,8 @@ def operator_error(text: str) -> tuple[str | None, str]:
     text = " ".join(text.split())
     m = _OPERATOR.match(text)
     if m is None:
+        if (m := _KEYED.match(text)) is not None:  # filter 'f.hot': where: ...; hint: ...
+            return m["key"], m["rest"]
         return None, _plain(text)
     key = re.sub(r"\[(\d+)\]", r".\1", m["key"])
     got = m["got"].removeprefix(f"{m['key']}=")

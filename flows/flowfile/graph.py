@@ -106,7 +106,8 @@ class FlowFile:
     outputs: tuple[OutputPlan, ...]
     streams: dict[str, StreamInfo]
     rejects: tuple[tuple[str, str | None], ...]
-    """Reject streams no one takes, dead-lettered by the part that owns them."""
+    """Reject streams no one takes, with the part that owns them: dead-lettered, or
+    counted per reason (a filter's dropped items)."""
     description: str | None = None
 
     def builder(self) -> Callable[[Edge], None]:
@@ -210,7 +211,11 @@ class FlowFile:
                 )
         for ref, part in self.rejects:
             target = parts[part] if part else edge
-            target.dead_letters(as_letters(ref, None, f"{ref.replace('.', '_')}_letters"))
+            step_id = ref.replace(".", "_")
+            if self.streams[ref].takes == "dropped":  # counted per reason in the report
+                target.count_dropped(f"{step_id}_count", stream(ref))
+            else:
+                target.dead_letters(as_letters(ref, None, f"{step_id}_letters"))
 
     def mermaid(self) -> str:
         """The graph as a Mermaid flowchart: the input, steps labelled with their op, outputs."""
@@ -220,7 +225,8 @@ class FlowFile:
         for step in self.steps:
             lines.append(f'    s_{step.name}("{step.name}<br/><i>{step.kind.op}</i>")')
         sinks = {out.stream for out in self.outputs}
-        if self.rejects:
+        letters = [ref for ref, _ in self.rejects if self.streams[ref].takes != "dropped"]
+        if letters:
             sinks.add("dead_letters")
         for stream in sorted(sinks):
             lines.append(f'    o_{stream}[("{stream}")]')
@@ -241,7 +247,7 @@ class FlowFile:
             if out.spec.publish:
                 lines.append(f'    p_{out.stream}>"MQTT v1/devices/+/alarms"]')
                 lines.append(f"    o_{out.stream} -.-> p_{out.stream}")
-        lines += [edge(ref, "o_dead_letters", dashed=True) for ref, _ in self.rejects]
+        lines += [edge(ref, "o_dead_letters", dashed=True) for ref in letters]
         return "\n".join(lines) + "\n"
 
 

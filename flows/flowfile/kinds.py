@@ -291,6 +291,7 @@ KINDS: dict[str, Kind] = {
             frozenset(MODELS),
             _same,
             _several("kept", "dropped"),
+            rejects=frozenset({"dropped"}),
         ),
         Kind(
             "deadband",

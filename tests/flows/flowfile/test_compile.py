@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from flows.config import parse_config
-from flows.flowfile import check_flow_file, load_flow_file
+from flows.flowfile import FlowFileError, check_flow_file, load_flow_file
 from flows.flowfile.kinds import KINDS
 from flows.machines import Machine, blocks
 from flows.standard import STANDARD_DIR
@@ -191,3 +191,36 @@ def test_logs_and_report_by_exception_steps_check(tmp_path):
 
 def test_the_kinds_of_other_modules_are_declared_even_before_they_exist():
     assert {"filter", "logs", "report_by_exception"} <= set(KINDS)
+
+
+def test_what_a_filter_drops_is_counted_per_reason_in_the_report(tmp_path):
+    pytest.importorskip("operators.filter")
+    doc = flow(
+        {"hot": {"op": "filter", "from": "in.readings", "min_value": 3}},
+        {"hot_points": {"from": "hot"}},
+    )
+    path = tmp_path / "f.flow.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    loaded = load_flow_file(path)
+    assert "o_dead_letters" not in loaded.mermaid()  # dropped items are counted, not kept
+    config = parse_config({"data_dir": str(tmp_path / "var")})
+    edge = run_recorded(loaded.builder(), config, READINGS, name="f")
+    stages = edge.reports()["f"].stages
+    assert {k: v for k, v in stages.items() if k.startswith("dropped_")} == {
+        "dropped_hot_min_value": 2
+    }
+
+
+def test_a_filter_expression_error_names_the_setting(tmp_path):
+    pytest.importorskip("operators.filter")
+    doc = flow(
+        {"hot": {"op": "filter", "from": "in.readings", "where": "value > 3 or (lambda: 1)"}},
+        {"hot_points": {"from": "hot"}},
+    )
+    path = tmp_path / "f.flow.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(FlowFileError) as err:
+        check_flow_file(path)
+    assert err.value.problems == [
+        f"{path}: steps.hot.where: unsupported syntax 'lambda' at column 15 in \"value > 3 or (lambda: 1)\"; hint: use fields, numbers, strings, comparisons, in (...), and/or/not, + - * / % and the functions abs, isnan, matches, max, min, round, startswith"
+    ]
