@@ -207,7 +207,7 @@ def test_what_a_filter_drops_is_counted_per_reason_in_the_report(tmp_path):
     edge = run_recorded(loaded.builder(), config, READINGS, name="f")
     stages = edge.reports()["f"].stages
     assert {k: v for k, v in stages.items() if k.startswith("dropped_")} == {
-        "dropped_hot_min_value": 2
+        "dropped_hot_range": 2
     }
 
 
