@@ -206,9 +206,7 @@ def test_what_a_filter_drops_is_counted_per_reason_in_the_report(tmp_path):
     config = parse_config({"data_dir": str(tmp_path / "var")})
     edge = run_recorded(loaded.builder(), config, READINGS, name="f")
     stages = edge.reports()["f"].stages
-    assert {k: v for k, v in stages.items() if k.startswith("dropped_")} == {
-        "dropped_hot_range": 2
-    }
+    assert {k: v for k, v in stages.items() if k.startswith("dropped_")} == {"dropped_hot_range": 2}
 
 
 def test_a_filter_expression_error_names_the_setting(tmp_path):

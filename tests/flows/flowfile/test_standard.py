@@ -114,3 +114,23 @@ def test_the_alarms_show_the_zone_and_impact_rules_by_default(tmp_path):
     )
     raised = {(r[0], r[2]) for r in rows(tmp_path, "alarms") if r[3] == "raised"}
     assert ("pump-2", "iso_zone_d") in raised and ("mill-3", "impacts_kurtosis") in raised
+
+
+def test_the_example_flow_file_writes_what_the_example_python_flow_writes(tmp_path):
+    pytest.importorskip("operators.filter")
+    from flows.runtime import load_flow_builder
+
+    root = STANDARD_DIR.parents[1]
+    messages = [
+        RawMessage("pump-1", "telemetry", "mqtt", T0, at(s, pressure=p, temp=20 + s))
+        for s, p in ((0, 1.0), (1, 1.1), (2, 1.5), (14, 1.4), (3, 9.0), (25, 2.0))
+    ]
+    python = load_flow_builder(str(root / "examples" / "custom_flow.py"))
+    by_file = load_flow_file(root / "examples" / "pressure.flow.yaml").builder()
+    for where, build in (("py", python), ("file", by_file)):
+        run_recorded(
+            build, parse_config({"data_dir": str(tmp_path / where)}), messages, name="pressure"
+        )
+    for stream in ("pressure_points", "pressure_summary", "dead_letters"):
+        expected = rows(tmp_path / "py", stream)
+        assert expected and rows(tmp_path / "file", stream) == expected, stream
