@@ -422,9 +422,10 @@ class _Checker:
                 )
             for key, ref in stream_settings[name].items():
                 if streams[ref].takes != "alarms":
+                    got = streams[ref]
                     self.err(
                         f"steps.{name}.{key}",
-                        f"must name a stream of alarms (got {ref}: {streams[ref].takes}); "
+                        f"must name a stream of alarms (got {got.ref}: {got.takes}); "
                         "hint: the name of a threshold step",
                     )
             chans = frozenset().union(*(streams[r].channels for r in refs))

@@ -504,3 +504,36 @@ def test_durations_read_as_written(amount, unit, space):
     parsed = TypeAdapter(Duration).validate_python(f"{amount}{space}{unit}")
     assert parsed == timedelta(seconds=float(amount) * scale)
     assert TypeAdapter(Duration).validate_python(float(amount)) == timedelta(seconds=float(amount))
+
+
+def test_a_setting_naming_a_stream_must_name_alarms(tmp_path, monkeypatch):
+    from flows.flowfile.kinds import ReportSettings
+
+    deadband = KINDS["deadband"]
+    fake = Kind(
+        "by_exception",
+        deadband.function,
+        ReportSettings,
+        frozenset({"series"}),
+        deadband.gives,
+        deadband.call,
+        streams=("alarms",),
+    )
+    monkeypatch.setitem(KINDS, "by_exception", fake)
+    doc = edit(
+        steps=steps(x={"op": "by_exception", "from": "in.series", "alarms": "db"}),
+        outputs=outputs(mine={"from": "x"}),
+    )
+    assert problems(tmp_path, doc) == [
+        "steps.x.alarms: must name a stream of alarms (got db: readings); hint: the name of a threshold step"
+    ]
+    doc["steps"]["x"]["alarms"] = "nowhere"
+    assert problems(tmp_path, doc)[0].startswith(
+        "steps.x.alarms: unknown stream 'nowhere'; hint: known streams are "
+    )
+
+
+def test_a_step_that_is_not_a_mapping(tmp_path):
+    assert problems(tmp_path, edit(steps={"db": "deadband"})) == [
+        "steps.db: must be a valid dictionary (got 'deadband'); hint: write a mapping of keys, e.g. {key: value}"
+    ]
