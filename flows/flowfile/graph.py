@@ -222,14 +222,26 @@ class FlowFile:
         lines = ["flowchart LR"]
         chans = ", ".join(self.channels)
         lines.append(f'    i_{self.input}[/"{self.input}<br/>{chans}"/]')
+        owners = {c: part for part, channels in self.parts.items() for c in channels}
+        nodes: dict[str | None, list[str]] = {}  # by part: a part's nodes are drawn in a box
         for step in self.steps:
-            lines.append(f'    s_{step.name}("{step.name}<br/><i>{step.kind.op}</i>")')
-        sinks = {out.stream for out in self.outputs}
+            chans_of = self.streams[f"{step.name}.{next(iter(step.kind.gives('')))}"].channels
+            mine = {owners.get(c) for c in chans_of}
+            part = mine.pop() if len(mine) == 1 else None
+            nodes.setdefault(part, []).append(
+                f's_{step.name}("{step.name}<br/><i>{step.kind.op}</i>")'
+            )
+        sinks = {out.stream: out.part for out in self.outputs}
         letters = [ref for ref, _ in self.rejects if self.streams[ref].takes != "dropped"]
         if letters:
-            sinks.add("dead_letters")
-        for stream in sorted(sinks):
-            lines.append(f'    o_{stream}[("{stream}")]')
+            sinks["dead_letters"] = None
+        for stream, part in sorted(sinks.items()):
+            nodes.setdefault(part, []).append(f'o_{stream}[("{stream}")]')
+        lines += [f"    {node}" for node in nodes.pop(None, [])]
+        for part, inside in nodes.items():
+            lines.append(f'    subgraph part_{part} ["{part}"]')
+            lines += [f"        {node}" for node in inside]
+            lines.append("    end")
 
         def edge(ref: str, to: str, dashed: bool = False) -> str:
             info = self.streams[ref]

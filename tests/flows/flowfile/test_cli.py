@@ -258,3 +258,17 @@ def test_bytewax_run_runs_a_standard_flow_file(tmp_path):
             proc.kill()
     assert proc.returncode == 0, err
     assert (tmp_path / "var" / "recovery" / "telemetry").is_dir()  # named by the file's flow:
+
+
+def test_show_draws_each_part_in_a_box(capsys):
+    assert main(["flows", "show", str(STANDARD_DIR / "edge.flow.yaml")]) == 0
+    out = capsys.readouterr().out
+    vibration = out[out.index('    subgraph part_vibration ["vibration"]\n') :]
+    assert vibration[: vibration.index("    end\n")].splitlines()[1:] == [
+        '        s_spectral("spectral<br/><i>spectral</i>")',
+        '        s_alarms("alarms<br/><i>threshold</i>")',
+        '        o_alarms[("alarms")]',
+        '        o_vibration_features[("vibration_features")]',
+    ]
+    assert '    o_dead_letters[("dead_letters")]\n    subgraph part_telemetry' in out  # shared
+    assert "    s_spectral -- errors --> o_dead_letters\n" in out
