@@ -14,7 +14,8 @@ from benchmarks import bench_reduction as bench
 NAMES = [w.name for w in bench.WORKLOADS]
 LINE = re.compile(
     r"^(?P<name>[a-z-]+): raw/wire = (?P<ratio>[\d,.]+):1 \(published (?P<published>[\d,]+:1)"
-    r"[^)]*\)?; target >= [\d,.]+:1 [^)]*\); (?P<fidelity>.+); fidelity OK \| .+$"
+    r"[^)]*\)?; target >= [\d,.]+:1 [^;]*; at live pace (?P<live>[\d,.]+):1 with batch_age 10 s\); "
+    r"(?P<fidelity>.+); fidelity OK \| .+$"
 )
 
 
@@ -38,7 +39,7 @@ def test_quick_run_prints_its_line_and_keeps_fidelity(workload: bench.Workload, 
     match = LINE.match(line)
     assert match, line
     assert match["name"] == workload.name and ok, line
-    assert float(match["ratio"].replace(",", "")) > 1
+    assert float(match["ratio"].replace(",", "")) > 1 and float(match["live"].replace(",", "")) > 1
     fidelity = match["fidelity"]
     if workload.name == "sensor":
         assert re.search(r", 0 of \d+ readings beyond it$", fidelity), line
