@@ -155,10 +155,10 @@ class Devices:
 @dataclass
 class _Output:
     spec: StreamSpec
-    cloud: bool
     priority: int
     max_file_age: timedelta | None
-    streams: list[Stream[Any]] = field(default_factory=list)
+    streams: list[tuple[Stream[Any], bool, bool]] = field(default_factory=list)
+    """Each output of the stream: ``(items, local, cloud)``."""
 
 
 @dataclass
@@ -370,6 +370,7 @@ class Edge:
         schema: pa.Schema | None = None,
         time_column: str | None = None,
         cloud: bool | None = None,
+        local: bool = True,
         priority: int | None = None,
         max_file_age: timedelta | None = None,
     ) -> None:
@@ -383,11 +384,20 @@ class Edge:
         it is sent to the cloud (default: summaries, features and alarms; points
         with ``cloud.send_points``; a new stream like its model, else yes);
         ``max_file_age`` overrides ``parquet.max_file_age`` for this stream.
+        ``local=False`` sends ``up`` to the cloud only (not to Parquet/DuckDB):
+        e.g. every feature row local with ``cloud=False`` and the reported
+        ones to the cloud with ``local=False``.
         Outputs of one stream from several steps are merged into one.
         """
         self._check_open("output")
         where = f"Edge.output({stream!r})"
         spec, model = declare(where, stream, like=like, schema=schema, time_column=time_column)
+        if not local and cloud is False:
+            msg = (
+                f"{where}: local=False and cloud=False send the stream nowhere; "
+                "hint: drop local=False to keep it on the edge"
+            )
+            raise ValueError(msg)
         if cloud is None:
             cloud = self._cloud_default(model)
         if priority is None:
@@ -397,14 +407,14 @@ class Edge:
             raise ValueError(msg)
         existing = self._outputs.get(stream)
         if existing is None:
-            existing = self._outputs[stream] = _Output(spec, cloud, priority, max_file_age)
+            existing = self._outputs[stream] = _Output(spec, priority, max_file_age)
         elif existing.spec.schema != spec.schema:
             msg = (
                 f"{where}: the stream was already declared with other columns; "
                 "hint: give every output of one stream the same like=/schema="
             )
             raise ValueError(msg)
-        existing.streams.append(up)
+        existing.streams.append((up, local, cloud))
 
     def dead_letters(self, up: Stream[Any], *, reason: str | None = None) -> None:
         """Send more items to this flow's ``dead_letters`` stream, keyed or not.
@@ -663,15 +673,16 @@ class Edge:
         config = self.config
         link = self._shared.link
         for name, out in self._outputs.items():
-            up = (
-                out.streams[0]
-                if len(out.streams) == 1
-                else op.merge(self.id(f"merge_{name}"), *out.streams)
-            )
-            rows = op.flat_map_batch(self.id(f"count_{name}"), up, _counter(self.meter, name))
+            here = [s for s, local, _ in out.streams if local]
+            there = [s for s, _, cloud in out.streams if cloud]
+            rows = self._merged(name, here or there, counted=True)
+            if there and there != (here or there):
+                rows_for_cloud = self._merged(f"{name}_cloud", there)
+            else:
+                rows_for_cloud = rows
             recovery = self.recovery_dir if self.recovery_config() is not None else None
             partitions = config.recovery.partitions
-            if config.sinks.parquet:
+            if config.sinks.parquet and here:
                 age = (
                     out.max_file_age
                     if out.max_file_age is not None
@@ -688,7 +699,7 @@ class Edge:
                     recovery_dir=recovery,
                 )
                 op.output(self.id(f"out_{name}"), rows, parquet)
-            if config.sinks.duckdb:
+            if config.sinks.duckdb and here:
                 local = DuckDBSink(
                     config.data_dir / "edge.duckdb",
                     out.spec,
@@ -696,7 +707,7 @@ class Edge:
                     recovery_dir=recovery,
                 )
                 op.output(self.id(f"duckdb_{name}"), rows, local)
-            if out.cloud and link is not None and config.cloud is not None:
+            if there and link is not None and config.cloud is not None:
                 meter = self.meter
                 sink = CloudSink(
                     link.open,
@@ -710,7 +721,14 @@ class Edge:
                     on_seal=lambda s, m=meter: m.on_wire(s.stream, s.rows, len(s.payload)),
                     partitions=partitions,
                 )
-                op.output(self.id(f"cloud_{name}"), rows, sink)
+                op.output(self.id(f"cloud_{name}"), rows_for_cloud, sink)
+
+    def _merged(self, name: str, streams: list[Stream[Any]], *, counted: bool = False) -> Any:
+        """``streams`` as one, keyed by device for the sinks (and counted in the report)."""
+        up = streams[0] if len(streams) == 1 else op.merge(self.id(f"merge_{name}"), *streams)
+        if counted:
+            return op.flat_map_batch(self.id(f"count_{name}"), up, _counter(self.meter, name))
+        return op.map(self.id(f"key_{name}"), up, _by_device)
 
 
 def _by_device(item: Any) -> tuple[str, Any]:

@@ -26,6 +26,7 @@ from pydantic import (
 
 from connectors.common.address import parse_host_port
 from connectors.common.yamlfile import read_yaml
+from operators.exception import ReportConfig
 from operators.spectral import SpectralConfig
 from operators.threshold import Rule
 from operators.windows import WindowConfig
@@ -44,6 +45,7 @@ __all__ = [
     "LimitsSection",
     "ParquetSection",
     "RecoverySection",
+    "ReportSection",
     "SinksSection",
     "TelemetrySection",
     "VibrationSection",
@@ -204,6 +206,35 @@ AlarmRule = Annotated[Rule, BeforeValidator(_alarm_rule)]
 """One entry of ``vibration.alarms``: the threshold operator's :class:`Rule`, checked by it."""
 
 
+class ReportSection(_Section):
+    """``vibration.report``: which feature rows the vibration flow sends to the cloud.
+
+    Every row stays in local Parquet/DuckDB; the cloud gets a row when a
+    feature moved by more than ``tolerance`` (relative), the ISO zone changed,
+    an alarm fired on it, or ``heartbeat`` passed. ``enabled: false`` sends every row.
+    """
+
+    enabled: bool = True
+    tolerance: float = Field(ReportConfig.tolerance, ge=0, allow_inf_nan=False)
+    heartbeat: timedelta | None = ReportConfig.heartbeat
+
+    @model_validator(mode="after")
+    def _check(self) -> ReportSection:
+        heartbeat = self.heartbeat
+        if heartbeat is not None and heartbeat <= timedelta(0):
+            msg = (
+                f"heartbeat: must be longer than zero (got {heartbeat.total_seconds():g}); "
+                "hint: 600 sends a row of a steady machine every 10 minutes, null never"
+            )
+            raise ValueError(msg)
+        self.report()
+        return self
+
+    def report(self) -> ReportConfig:
+        """The report_by_exception step's settings (its checks run here)."""
+        return ReportConfig(tolerance=self.tolerance, heartbeat=self.heartbeat)
+
+
 class VibrationSection(_Section):
     """``vibration``: spectral features and alarms of the vibration flow."""
 
@@ -216,6 +247,7 @@ class VibrationSection(_Section):
     alarms: tuple[AlarmRule, ...] | None = None
     """None: warn in ISO zone C, critical in zone D (10 % hysteresis), and warn on
     impacts (kurtosis above 8 for 3 rows, cleared below 5; Gaussian noise is 3)."""
+    report: ReportSection = ReportSection()
 
     @model_validator(mode="after")
     def _check(self) -> VibrationSection:

@@ -4,7 +4,9 @@ EVB1 blocks → decode (one NumPy array per block) → spectral features per
 device and axis → ``vibration_features``; threshold rules on the features →
 ``alarms``, also published at once on ``v1/devices/{id}/alarms`` so the edge
 reacts without the cloud; undecodable blocks and signal discontinuities →
-``dead_letters``.
+``dead_letters``. Every feature row is kept locally; the cloud gets a row only
+when it reports something (``vibration.report``: a feature moved beyond the
+tolerance, the ISO zone changed, an alarm fired on it, or the heartbeat is due).
 
 By default it warns when velocity RMS enters ISO 10816 zone C and raises a
 critical alarm in zone D. Run it with
@@ -21,6 +23,7 @@ import bytewax.operators as op
 from connectors.sinks.mqtt import alarm_payload
 from flows.api import Devices, Edge
 from flows.runtime import lazy_flow
+from operators.exception import report_by_exception
 from operators.records import VIBRATION
 from operators.spectral import spectral
 from operators.threshold import threshold
@@ -49,7 +52,23 @@ def pipeline(edge: Edge, dev: Devices) -> None:
     by_axis = op.key_on(edge.id("by_axis"), features, lambda f: f"{f.device}/{f.axis}")
     raised = threshold(edge.id("alarms"), by_axis, rules=settings.rules())
     alarms = op.map(edge.id("alarm_rows"), raised, lambda kv: dataclasses.replace(kv[1], key=kv[0]))
-    edge.output("vibration_features", features)
+    report = settings.report
+    if report.enabled and edge.config.cloud is not None:
+        reported = report_by_exception(
+            edge.id("report"),
+            by_axis,
+            tolerance=report.tolerance,
+            heartbeat=report.heartbeat,
+            alarms=raised,
+        )
+        edge.output("vibration_features", features, cloud=False)
+        edge.output(
+            "vibration_features",
+            op.map(edge.id("reported"), reported, lambda kv: kv[1]),
+            local=False,
+        )
+    else:
+        edge.output("vibration_features", features)
     prompt = min(ALARM_FILE_AGE, edge.config.parquet.max_file_age)
     edge.output("alarms", alarms, max_file_age=prompt)
     edge.dead_letters(spec.errors)

@@ -237,18 +237,48 @@ def assert_rows(where: str, stream: str, got: list[tuple], want: list[tuple]) ->
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, list[tuple]]:
-    """Both streams of an uninterrupted run of the same blocks, sorted."""
+def reference_run(tmp_path_factory) -> tuple[dict[str, list[tuple]], dict[str, list[tuple]]]:
+    """Both streams of an uninterrupted run of the same blocks, sorted: local, and in the cloud.
+
+    The cloud gets the reported feature rows only (``vibration.report``), as float32.
+    """
     data = tmp_path_factory.mktemp("reference")
     received = datetime.now(UTC)  # blocks carry their own time; when they arrived is not used
     messages = [RawMessage(DEVICE, "vibration", "mqtt", received, b) for b in vibration_blocks()]
-    run_recorded(edge.build, parse_config(settings(data)), messages, name="edge", batch_size=7)
-    out = {}
+    port = free_port()
+    config = settings(data) | {
+        "cloud": {"target": f"127.0.0.1:{port}", "key": "edge-01", "secret": SECRET}
+    }
+    with CloudReceiver(f"127.0.0.1:{port}", data / "cloud.duckdb", {"edge-01": SECRET}):
+        run_recorded(edge.build, parse_config(config), messages, name="edge", batch_size=7)
+    local, cloud = {}, {}
     with duckdb.connect() as con:
         for stream in ("vibration_features", "alarms"):
             glob = data / "parquet" / stream / "**" / "*.parquet"
-            out[stream] = rows_of(con, stream, f"read_parquet('{glob}', hive_partitioning=true)")
-    return out
+            local[stream] = rows_of(con, stream, f"read_parquet('{glob}', hive_partitioning=true)")
+    with duckdb.connect(str(data / "cloud.duckdb"), read_only=True) as con:
+        for stream in local:
+            cloud[stream] = rows_of(con, stream, stream)
+    return local, cloud
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict[str, list[tuple]]:
+    """Both streams of an uninterrupted run of the same blocks, sorted, as kept on the edge."""
+    return reference_run[0]
+
+
+@pytest.fixture(scope="module")
+def reference_cloud(reference_run) -> dict[str, list[tuple]]:
+    """Both streams of an uninterrupted run as the cloud stored them."""
+    return reference_run[1]
+
+
+def test_the_cloud_gets_the_reported_rows_and_every_alarm(reference, reference_cloud):
+    local, cloud = reference["vibration_features"], reference_cloud["vibration_features"]
+    keys = {row[:3] for row in local}
+    assert {row[:3] for row in cloud} <= keys and 6 <= len(cloud) < len(local)
+    assert len(reference_cloud["alarms"]) == len(reference["alarms"])
 
 
 def test_the_reference_raises_and_clears_alarms_again_and_again(reference):
@@ -278,7 +308,7 @@ def test_the_reference_raises_and_clears_alarms_again_and_again(reference):
 
 
 def test_kill_9_of_the_whole_edge_gives_the_vibration_rows_of_an_uninterrupted_run(
-    tmp_path, mosquitto, reference
+    tmp_path, mosquitto, reference, reference_cloud
 ):
     rng = random.Random(11)
     payloads = vibration_blocks()
@@ -347,7 +377,7 @@ def test_kill_9_of_the_whole_edge_gives_the_vibration_rows_of_an_uninterrupted_r
         for stream, want in reference.items():
             assert_rows("edge.duckdb", stream, rows_of(con, stream, f"main.{stream}"), want)
     with duckdb.connect(str(cloud_db), read_only=True) as con:
-        for stream, want in reference.items():
+        for stream, want in reference_cloud.items():  # the same reported rows, despite the kills
             assert_rows("cloud", stream, rows_of(con, stream, stream), want)
 
     # MQTT alarms are at least once: a replay may publish one again, under the same id

@@ -329,6 +329,62 @@ def test_batches_of_two_streams_are_stored_with_their_accounting(receiver, db, c
     assert SECRET_01 not in caplog.text
 
 
+def test_compact_wire_types_are_stored_with_the_streams_types(receiver, db):
+    """float32 features and dictionary strings, as the cloud sink seals big batches."""
+    spec = STREAMS["vibration_features"]
+    rng = np.random.default_rng(3)
+    n = 300
+    table = pa.table(
+        {
+            "device": [f"pump-{i % 4}" for i in range(n)],
+            "axis": ["xyz"[i % 3] for i in range(n)],
+            "ts": pa.array([T0 + timedelta(seconds=i) for i in range(n)], UTC_US),
+            "window_s": [0.96] * n,
+            "sample_rate_hz": [25_600] * n,
+            "band_energy": [rng.random(3).tolist() for _ in range(n)],
+            **{
+                name: rng.random(n)
+                for name in (
+                    "rms",
+                    "velocity_rms_mm_s",
+                    "peak",
+                    "crest_factor",
+                    "kurtosis",
+                    "dominant_hz",
+                    "dominant_amplitude",
+                )
+            },
+            "iso_zone": ["A"] * n,
+            "frames": [6] * n,
+            "transport": ["mqtt"] * n,
+        },
+        schema=spec.schema,
+    )
+    sealed = seal("edge-01", "vibration_features", table, priority=1, raw_bytes=100)
+    batch = uplink_pb2.Batch.FromString(sealed.payload)
+    sent = pa.ipc.open_stream(batch.arrow_ipc).schema
+    assert sent.field("rms").type == pa.float32()
+    assert sent.field("device").type == pa.dictionary(pa.int32(), pa.string())
+    assert statuses(push(receiver.port, [batch])) == [(batch.batch_id, "STORED")]
+    receiver.stop()
+    with duckdb.connect(str(db), read_only=True) as con:
+        types = dict(
+            con.execute(
+                "SELECT column_name, data_type FROM duckdb_columns() "
+                "WHERE table_name = 'vibration_features'"
+            ).fetchall()
+        )
+        got = con.sql(
+            "SELECT * EXCLUDE (edge_id, batch_id) FROM vibration_features ORDER BY ts"
+        ).to_arrow_table()
+    assert types["rms"] == "DOUBLE" and types["device"] == "VARCHAR"
+    assert types["band_energy"] == "DOUBLE[]"
+    assert got.column("device").to_pylist() == table.column("device").to_pylist()
+    np.testing.assert_allclose(
+        got.column("rms").to_numpy(), table.column("rms").to_numpy(), rtol=1e-7
+    )
+
+
 def test_a_repeated_batch_id_is_acknowledged_duplicate_and_not_stored_again(receiver, db):
     batch = make_batch("b-1", "alarms", alarms_table(3))
     assert statuses(push(receiver.port, [batch, batch])) == [

@@ -14,6 +14,7 @@ from typing import Any
 from unittest import mock
 
 import bytewax.operators as op
+import numpy as np
 import pyarrow as pa
 import pytest
 from bytewax.dataflow import Dataflow
@@ -21,14 +22,16 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.testing import TestingSource, cluster_main, run_main
 
 from connectors.sinks.cloud import (
+    DICTIONARY_MIN_ROWS,
     CloudSink,
     CloudSinkPartition,
     CloudSinkSettings,
     CloudSinkState,
     batch_id_of,
     encode_ipc,
+    wire_table,
 )
-from connectors.streams import STREAMS, StreamSpec, to_table
+from connectors.streams import STREAMS, StreamSpec, conform, to_table
 from connectors.uplink.batch import Sealed
 from connectors.uplink.outbox import Outbox, OutboxSettings
 from connectors.uplink.wire import PRIORITIES
@@ -77,8 +80,10 @@ def batches(box: Outbox) -> list[Sealed]:
 
 
 def rows_of(sealed: Sealed) -> pa.Table:
+    """The rows of a sealed batch as the receiver reads them (cast back to the stream's types)."""
     message = uplink_pb2.Batch.FromString(sealed.payload)
-    return pa.ipc.open_stream(message.arrow_ipc).read_all()
+    table = pa.ipc.open_stream(message.arrow_ipc).read_all()
+    return conform(STREAMS[message.stream], table) if message.stream in STREAMS else table
 
 
 @pytest.fixture
@@ -315,7 +320,7 @@ def test_arrow_and_dict_input_and_list_columns(box: Outbox):
             "ts": T0,
             "window_s": 1.0,
             "sample_rate_hz": 1000,
-            "band_energy": [0.1, 0.2, float(i)],
+            "band_energy": [0.125, 0.25, float(i)],  # float32 carries them exactly
             "rms": 1.5,
             "velocity_rms_mm_s": 4.0 + i,
             "iso_zone": "B",
@@ -581,3 +586,96 @@ def test_a_stream_of_ones_own_by_spec(box: Outbox):
     run(readings(3), CloudSink(box, "edge-01", spec))
     (sealed,) = batches(box)
     assert sealed.stream == "pressure_points" and sealed.priority == 2
+
+
+def feature_rows(n: int, *, rms: float = 1.5) -> pa.Table:
+    spec = STREAMS["vibration_features"]
+    return to_table(
+        spec,
+        [
+            {name: None for name in spec.columns}
+            | {
+                "device": f"pump-{i % 3}",
+                "axis": "xyz"[i % 3],
+                "ts": T0 + timedelta(seconds=i),
+                "window_s": 0.96,
+                "sample_rate_hz": 25_600,
+                "band_energy": [0.1 * i, 1e-4],
+                "rms": rms + i / 7,
+                "velocity_rms_mm_s": 0.49,
+                "iso_zone": "A",
+                "frames": 6,
+                "transport": "mqtt",
+            }
+            for i in range(n)
+        ],
+    )
+
+
+def test_wire_table_sends_features_as_float32_and_big_batches_dictionary_encoded():
+    small = wire_table("vibration_features", feature_rows(10))
+    assert small.schema.field("rms").type == pa.float32()
+    assert small.schema.field("band_energy").type == pa.list_(pa.float32())
+    assert small.schema.field("device").type == pa.string()  # a dictionary costs more here
+    assert small.schema.field("ts").type == STREAMS["vibration_features"].schema.field("ts").type
+    big = wire_table("vibration_features", feature_rows(DICTIONARY_MIN_ROWS))
+    assert big.schema.field("device").type == pa.dictionary(pa.int32(), pa.string())
+    assert big.schema.field("iso_zone").type == pa.dictionary(pa.int32(), pa.string())
+    back = conform(STREAMS["vibration_features"], big)
+    assert (
+        back.column("device").to_pylist()
+        == feature_rows(DICTIONARY_MIN_ROWS).column("device").to_pylist()
+    )
+    np.testing.assert_allclose(
+        back.column("rms").to_numpy(),
+        feature_rows(DICTIONARY_MIN_ROWS).column("rms").to_numpy(),
+        rtol=1e-7,
+    )
+    # the same rows give the same bytes (the batch id is their hash)
+    assert encode_ipc(wire_table("vibration_features", feature_rows(300))) == encode_ipc(
+        wire_table("vibration_features", feature_rows(300))
+    )
+
+
+def test_wire_table_keeps_float64_beyond_float32_range_and_leaves_other_streams_alone():
+    huge = wire_table("vibration_features", feature_rows(3, rms=1e200))
+    assert huge.schema.field("rms").type == pa.float64()
+    assert huge.column("rms").to_pylist()[0] == 1e200
+    assert huge.schema.field("peak").type == pa.float32()  # all null: fits
+    points = to_table(
+        STREAMS["telemetry_points"],
+        [{"device": "d", "key": "t", "ts": T0, "value": 0.1, "transport": "mqtt"}] * 300,
+    )
+    sent = wire_table("telemetry_points", points)
+    assert sent.schema.field("value").type == pa.float64()  # readings stay exact
+    assert sent.schema.field("key").type == pa.dictionary(pa.int32(), pa.string())
+    mine = pa.table({"ts": points.column("ts"), "note": points.column("key")})
+    assert wire_table("my_notes", mine) is mine  # the receiver stores a user's types as sent
+
+
+def test_compact_features_are_smaller_on_the_wire():
+    spec = STREAMS["vibration_features"]
+    rng = np.random.default_rng(7)
+    measured = {  # features of a running machine: every value carries noise
+        name: rng.normal(1.0, 0.05, 100).tolist()
+        for name in ("rms", "velocity_rms_mm_s", "peak", "crest_factor", "kurtosis")
+    }
+    rows = [
+        {name: values[i] for name, values in measured.items()}
+        | {
+            "device": "pump-1",
+            "axis": "xyz"[i % 3],
+            "ts": T0 + timedelta(seconds=i),
+            "window_s": 0.96,
+            "sample_rate_hz": 25_600,
+            "band_energy": rng.exponential(0.1, 3).tolist(),
+            "dominant_hz": 24.75 + rng.normal(0, 0.01),
+            "dominant_amplitude": rng.normal(0.1, 0.005),
+            "iso_zone": "A",
+            "frames": 6,
+            "transport": "mqtt",
+        }
+        for i in range(100)
+    ]
+    table = to_table(spec, rows)
+    assert len(encode_ipc(wire_table("vibration_features", table))) < 0.8 * len(encode_ipc(table))
