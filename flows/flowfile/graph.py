@@ -91,6 +91,8 @@ class OutputPlan:
     part: str | None
     source_parts: tuple[str | None, ...] = ()
     """``dead_letters`` only: the part counting each source (the one owning its channels)."""
+    cloud_sources: tuple[str, ...] = ()
+    """``cloud_from``: the streams sent to the cloud instead of ``sources`` (kept local)."""
 
 
 @dataclass(frozen=True)
@@ -195,9 +197,17 @@ class FlowFile:
                     out.stream,
                     up,
                     like=like,
-                    cloud=spec.cloud,
+                    cloud=False if out.cloud_sources else spec.cloud,
                     priority=spec.priority,
                     max_file_age=age,
+                )
+            for i, ref in enumerate(out.cloud_sources):
+                target.output(
+                    out.stream,
+                    numbers(ref, f"{out.stream}_cloud_from_{i}"),
+                    like=like,
+                    local=False,
+                    priority=spec.priority,
                 )
             if spec.publish:
                 from connectors.sinks.mqtt import alarm_payload
@@ -243,10 +253,10 @@ class FlowFile:
             lines += [f"        {node}" for node in inside]
             lines.append("    end")
 
-        def edge(ref: str, to: str, dashed: bool = False) -> str:
+        def edge(ref: str, to: str, dashed: bool = False, label: str = "") -> str:
             info = self.streams[ref]
             node = f"i_{info.producer}" if info.producer == self.input else f"s_{info.producer}"
-            label = "" if info.main else info.output
+            label = label or ("" if info.main else info.output)
             if dashed:
                 return f"    {node} -. {label} .-> {to}"
             return f"    {node} -- {label} --> {to}" if label else f"    {node} --> {to}"
@@ -256,6 +266,7 @@ class FlowFile:
             lines += [edge(ref, f"s_{step.name}") for ref in step.stream_settings.values()]
         for out in self.outputs:
             lines += [edge(ref, f"o_{out.stream}") for ref in out.sources]
+            lines += [edge(ref, f"o_{out.stream}", label="cloud") for ref in out.cloud_sources]
             if out.spec.publish:
                 lines.append(f'    p_{out.stream}>"MQTT v1/devices/+/alarms"]')
                 lines.append(f"    o_{out.stream} -.-> p_{out.stream}")
@@ -694,7 +705,24 @@ class _Checker:
                 f"only alarms are published (got {first}: {takes}); hint: publish the output of "
                 "a threshold step",
             )
-        return OutputPlan(stream, spec, refs, like, part)
+        clouds: tuple[str, ...] = ()
+        if spec.cloud_from is not None:
+            clouds = self.refs(f"{where}.cloud_from", spec.cloud_from, names)
+            used.update(clouds)
+            wrong = [streams[r] for r in clouds if streams[r].takes != takes]
+            if wrong:
+                self.err(
+                    f"{where}.cloud_from",
+                    f"{wrong[0].ref} carries {wrong[0].takes}, but from carries {takes}; hint: "
+                    "cloud_from takes the same kind of rows, e.g. a report_by_exception step "
+                    "fed from the same step",
+                )
+            if spec.cloud is False:
+                self.err(
+                    f"{where}.cloud_from",
+                    "cloud: false sends nothing to the cloud; hint: remove cloud_from or cloud",
+                )
+        return OutputPlan(stream, spec, refs, like, part, cloud_sources=clouds)
 
     def owner(
         self, channels: frozenset[str], owners: dict[str, str], where: str | None = None

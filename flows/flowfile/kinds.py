@@ -152,8 +152,11 @@ class LogsSettings(Settings):
 class ReportSettings(Settings):
     """``op: report_by_exception`` (``operators.exception``); defaults: ``vibration.report``."""
 
-    tolerance: float | dict[str, float] = Field(None, description=_CONFIG)  # type: ignore[assignment]
-    heartbeat: PositiveDuration = Field(None, description=_CONFIG)  # type: ignore[assignment]
+    tolerance: float = Field(None, ge=0, description=_CONFIG)  # type: ignore[assignment]
+    heartbeat: PositiveDuration | None = Field(None, description=_CONFIG)
+    floors: dict[str, float] | None = Field(
+        None, description="absolute floor per watched feature (omitted: the operator's own)"
+    )
     alarms: str | None = Field(None, description="a stream of alarms that force a report")
 
 
@@ -267,6 +270,15 @@ def _threshold_defaults(config: EdgeConfig) -> dict[str, Any]:
     return {"rules": config.vibration.rules()}
 
 
+def _report(c: Call) -> Built:
+    kwargs = dict(c.kwargs)
+    alarms = kwargs.get("alarms")
+    if alarms is not None:  # threshold rows carry their monitored entity as key
+        kwargs["alarms"] = op.map(f"{c.step_id}_alarms_by_key", alarms, lambda a: (a.key, a))
+    up = op.map(f"{c.step_id}_by_axis", c.up, lambda kv: (f"{kv[1].device}/{kv[1].axis}", kv[1]))
+    return Built({"down": c.function(c.step_id, up, **kwargs)})
+
+
 def _plain(c: Call) -> Built:
     return Built({"down": c.function(c.step_id, c.up, **c.kwargs)})
 
@@ -346,7 +358,7 @@ KINDS: dict[str, Kind] = {
             ReportSettings,
             frozenset({"features"}),
             lambda _t: {"down": "features"},
-            _plain,
+            _report,
             lambda config: _section(getattr(config.vibration, "report", None), ReportSettings),
             streams=("alarms",),
         ),

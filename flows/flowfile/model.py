@@ -124,6 +124,11 @@ class OutputSpec(Settings):
     """``outputs.STREAM``: where rows go (``edge.output``, ``edge.dead_letters``)."""
 
     from_: Refs = Field(alias="from")
+    cloud_from: Refs | None = Field(
+        None,
+        description="rows sent to the cloud instead of from's, which then stay local "
+        "(e.g. the rows a report_by_exception step passes)",
+    )
     like: str | None = None
     cloud: bool | None = None
     priority: int | None = Field(None, ge=0)

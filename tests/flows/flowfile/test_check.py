@@ -88,6 +88,21 @@ CASES = [
         "output: unknown key; hint: the keys here are description, flow, inputs, outputs, parts, steps",
     ),
     (
+        edit(
+            steps=steps(w={"op": "window", "from": "in.series"}),
+            outputs={"telemetry_points": {"from": "db", "cloud_from": "w"}, "telemetry_summary": {"from": "w"}},
+        ),
+        "outputs.telemetry_points.cloud_from: w carries summaries, but from carries readings; hint: cloud_from takes the same kind of rows, e.g. a report_by_exception step fed from the same step",
+    ),
+    (
+        edit(outputs={"telemetry_points": {"from": "db", "cloud_from": "db", "cloud": False}}),
+        "outputs.telemetry_points.cloud_from: cloud: false sends nothing to the cloud; hint: remove cloud_from or cloud",
+    ),
+    (
+        edit(outputs={"telemetry_points": {"from": "db", "cloud_from": "nope"}}),
+        "outputs.telemetry_points.cloud_from: unknown",
+    ),
+    (
         edit(outputs={"telemetry_points": {"from": "db", "priority": "high"}}),
         "outputs.telemetry_points.priority: must be a valid integer, unable to parse string as an integer (got 'high'); hint: a whole number, e.g. 10",
     ),
@@ -97,7 +112,7 @@ CASES = [
     ),
     (
         edit(outputs={"telemetry_points": {"from": "db", "clouds": True}}),
-        "outputs.telemetry_points.clouds: unknown key; hint: the keys here are cloud, from, like, max_file_age, part, priority, publish, reason",
+        "outputs.telemetry_points.clouds: unknown key; hint: the keys here are cloud, cloud_from, from, like, max_file_age, part, priority, publish, reason",
     ),
     (
         edit(inputs={"in": {"channels": ["telemetri"]}}),

@@ -267,8 +267,11 @@ def test_show_draws_each_part_in_a_box(capsys):
     assert vibration[: vibration.index("    end\n")].splitlines()[1:] == [
         '        s_spectral("spectral<br/><i>spectral</i>")',
         '        s_alarms("alarms<br/><i>threshold</i>")',
+        '        s_report("report<br/><i>report_by_exception</i>")',
         '        o_alarms[("alarms")]',
         '        o_vibration_features[("vibration_features")]',
     ]
+    assert "    s_spectral --> o_vibration_features\n" in out  # every row, locally
+    assert "    s_report -- cloud --> o_vibration_features\n" in out  # the reported rows
     assert '    o_dead_letters[("dead_letters")]\n    subgraph part_telemetry' in out  # shared
     assert "    s_spectral -- errors --> o_dead_letters\n" in out

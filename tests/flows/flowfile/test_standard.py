@@ -134,3 +134,37 @@ def test_the_example_flow_file_writes_what_the_example_python_flow_writes(tmp_pa
     for stream in ("pressure_points", "pressure_summary", "dead_letters"):
         expected = rows(tmp_path / "py", stream)
         assert expected and rows(tmp_path / "file", stream) == expected, stream
+
+
+def test_the_vibration_flow_file_sends_the_cloud_the_rows_the_python_flow_sends(tmp_path):
+    from connectors.cloud import CloudReceiver
+    from tests.conftest import free_port
+
+    secret = "cloud-secret-for-tests-0001"
+    messages = vibration_messages()
+    sent = {}
+    for where, build in (
+        ("py", vibration.build),
+        ("file", load_flow_file(STANDARD_DIR / "vibration.flow.yaml").builder()),
+    ):
+        port, db = free_port(), tmp_path / f"{where}.duckdb"
+        settings = {
+            "data_dir": str(tmp_path / where),
+            "vibration": {"frames_per_row": 3},
+            "cloud": {"target": f"127.0.0.1:{port}", "key": "edge-01", "secret": secret},
+        }
+        with CloudReceiver(f"127.0.0.1:{port}", db, {"edge-01": secret}):
+            run_recorded(build, parse_config(settings), messages, name="vibration", batch_size=4)
+        with duckdb.connect(str(db), read_only=True) as con:
+            sent[where] = {
+                stream: con.sql(
+                    f"select * exclude (batch_id) from {stream} order by all"
+                ).fetchall()
+                if stream in {r[0] for r in con.sql("show tables").fetchall()}
+                else []
+                for stream in ("vibration_features", "alarms")
+            }
+        assert len(sent[where]["vibration_features"]) < len(
+            rows(tmp_path / where, "vibration_features")
+        )
+    assert sent["py"]["vibration_features"] and sent["file"] == sent["py"]
