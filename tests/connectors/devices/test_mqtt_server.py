@@ -210,7 +210,7 @@ def test_a_topic_outside_the_api_is_kept_as_a_dead_letter(
     [msg] = served.journaled()
     assert dead_reason(msg) == (
         "topic 'v1/devices/me/claim' is not part of the ThingsBoard device API; "
-        "publish to v1/devices/me/telemetry or v1/devices/me/attributes"
+        "publish to v1/devices/me/telemetry, v1/devices/me/attributes or v1/devices/me/logs"
     )
 
 
@@ -461,8 +461,8 @@ def test_a_plain_device_on_gateway_topics_is_a_dead_letter(
     assert (msg.device, msg.transport) == ("pump-1", "mqtt_server")
     assert dead_reason(msg) == (
         "device 'pump-1' is not a gateway but published to v1/gateway/telemetry; hint: give it "
-        "`gateway: {devices: [...]}` in devices.yaml, or publish to v1/devices/me/telemetry or "
-        "v1/devices/me/attributes"
+        "`gateway: {devices: [...]}` in devices.yaml, or publish to v1/devices/me/telemetry, "
+        "v1/devices/me/attributes or v1/devices/me/logs"
     )
 
 
@@ -533,7 +533,7 @@ parquet: {{max_file_age: 3600}}
             "pump-1",
             "mqtt_server",
             "topic 'v1/devices/me/claim' is not part of the ThingsBoard device API; "
-            "publish to v1/devices/me/telemetry or v1/devices/me/attributes",
+            "publish to v1/devices/me/telemetry, v1/devices/me/attributes or v1/devices/me/logs",
         )
     ]
 
