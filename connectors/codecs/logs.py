@@ -249,9 +249,7 @@ def _lines(msg: RawMessage, payload: bytes, text: str | None) -> list[LogLine | 
                 out.append(_text_line(msg, line))
         except _Bad as exc:
             out.append(_dead(msg, f"line {number}: {exc}", line.encode("utf-8", "surrogatepass")))
-    if not out:
-        return [_dead(msg, "payload holds only blank lines; " + _SHAPE_HINT, payload)]
-    return out
+    return out  # not empty: the payload holds a non-blank line, or one that is not UTF-8
 
 
 def _json_line(msg: RawMessage, line: str) -> LogLine:
