@@ -74,7 +74,14 @@ __all__ = ["Devices", "Edge", "RunResult"]
 log = logging.getLogger("edgesieve.run")
 
 CLOUD_BY_DEFAULT = frozenset(
-    {"telemetry_summary", "vibration_features", "alarms", "device_attributes"}
+    {
+        "telemetry_summary",
+        "vibration_features",
+        "alarms",
+        "device_attributes",
+        "log_events",
+        "log_summary",
+    }
 )
 """Streams sent to the cloud when ``cloud`` is configured (points with ``cloud.send_points``)."""
 
