@@ -129,7 +129,7 @@ class LogsConfig:
         if self.window <= _ZERO:
             msg = (
                 f"logs `window` must be longer than zero; got {self.window!r}. "
-                "Hint: window=timedelta(minutes=1)."
+                "Hint: window=timedelta(seconds=60)."
             )
             raise ValueError(msg)
         if self.allowed_lateness < _ZERO:

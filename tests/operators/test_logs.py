@@ -359,7 +359,7 @@ def test_two_workers_give_the_same_rows() -> None:
         (
             {"window": timedelta(0)},
             ValueError,
-            "logs `window` must be longer than zero; got datetime.timedelta(0). Hint: window=timedelta(minutes=1).",
+            "logs `window` must be longer than zero; got datetime.timedelta(0). Hint: window=timedelta(seconds=60).",
         ),
         (
             {"allowed_lateness": timedelta(seconds=-1)},

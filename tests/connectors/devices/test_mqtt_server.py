@@ -159,12 +159,14 @@ def test_token_login_and_telemetry_attributes_journaled_under_the_device(
     assert not client.connack.is_failure
     assert client.publish("v1/devices/me/telemetry", '{"temperature": 21.5}').is_published()
     assert client.publish("v1/devices/me/attributes", '{"fw": "1.2"}').is_published()
+    assert client.publish("v1/devices/me/logs", "ERROR disk full").is_published()
     client.publish("v1/devices/me/telemetry", '{"t": 1}', qos=0)
     client.publish("v1/devices/me/telemetry", '{"t": 2}').wait_for_publish(10)  # after the QoS 0
     got = [(m.device, m.channel, m.transport, m.payload) for m in served.journaled()]
     assert got == [
         ("pump-1", "telemetry", "mqtt_server", b'{"temperature": 21.5}'),
         ("pump-1", "attributes", "mqtt_server", b'{"fw": "1.2"}'),
+        ("pump-1", "logs", "mqtt_server", b"ERROR disk full"),
         ("pump-1", "telemetry", "mqtt_server", b'{"t": 1}'),
         ("pump-1", "telemetry", "mqtt_server", b'{"t": 2}'),
     ]
