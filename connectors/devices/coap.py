@@ -227,7 +227,9 @@ class _DeviceApi(Resource, PathCapable):
         if size1 is not None and size1 > limit:
             return self._too_large(channel, size1, "announced (Size1)")
         if not payload:
-            reason = f"{channel}: payload is empty; POST a JSON document or an EVB1 block"
+            reason = (
+                f"{channel}: payload is empty; POST a JSON document, log lines or an EVB1 block"
+            )
             return _reply(Code.BAD_REQUEST, reason)
         # A confirmable request whose answer was lost (the edge crashed after the commit) is
         # sent again with the same message id and token: the journal keeps it once.

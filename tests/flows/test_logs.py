@@ -197,7 +197,9 @@ def test_logs_over_http_coap_and_mqtt_with_real_clients(
     flow = Edge(config, name="logs")
     logs.build(flow)
     with running(flow):
-        reply = curl(f"{http}/{TOKEN_1}/logs", b"ERROR pump 7 overheated\nINFO pump 7 ok\n")
+        # a bad line is a dead letter of its own; the good lines of the message are kept
+        body = b'ERROR pump 7 overheated\n{"msg": 1}\nINFO pump 7 ok\n'
+        reply = curl(f"{http}/{TOKEN_1}/logs", body)
         assert reply.status == 200, reply.body
         bad = curl(f"{http}/{TOKEN_1}/logs", b'{"level": "error"}')
         assert (bad.status, bad.error) == (
@@ -220,6 +222,11 @@ def test_logs_over_http_coap_and_mqtt_with_real_clients(
             "logs: list index 0: \"level\" 'loud' is not a log level; use one of trace, debug, "
             "info, notice, warning, error, critical",
         )
+        empty_coap = coap_client(f"{coap}/{TOKEN_2}/logs")
+        assert (empty_coap.code, empty_coap.diagnostic) == (
+            "4.00",
+            "logs: payload is empty; POST a JSON document, log lines or an EVB1 block",
+        )
         mosquitto_pub(mosquitto, "v1/devices/mq-3/logs", message="<10>app: crit happened 42")
         wait_for(lambda: flow.meter.totals["received"] == 5, "every journaled message")
     data = tmp_path / "var"
@@ -240,5 +247,45 @@ def test_logs_over_http_coap_and_mqtt_with_real_clients(
         ("pump-1", "pump <*> ok", 1),
         ("pump-1", "pump <*> overheated", 1),
     ]
-    letters = query_parquet(data, "dead_letters", "select transport from {src} order by 1")
-    assert letters == [("coap",), ("http",)]  # the empty body was refused, not kept
+    letters = query_parquet(
+        data, "dead_letters", "select transport, reason, payload from {src} order by 1, 2"
+    )
+    assert letters == [  # the empty bodies were refused, not kept
+        ("coap", bad_coap.diagnostic, b'[{"msg": "x", "level": "loud"}]'),
+        ("http", 'logs: line 2: "msg" is a number; send the message as a string', b'{"msg": 1}'),
+        ("http", bad.error, b'{"level": "error"}'),
+    ]
+
+
+def test_the_edge_account_may_read_logs_on_a_secured_mosquitto(
+    tmp_path, mosquitto_factory, mosquitto_pub, wait_for
+):
+    from connectors.devices.broker_auth import EdgeAccount, write_mosquitto_config
+    from tests.conftest import device_registry
+
+    account = EdgeAccount("edge", "edge-secret-0123")
+    passwd, acl = write_mosquitto_config(device_registry(), account, tmp_path / "auth")
+    broker = mosquitto_factory(password_file=passwd, acl_file=acl).start()
+    mqtt = {
+        "url": broker.url,
+        "client_id": "secured",
+        "username": "edge",
+        "password": account.password,
+    }
+    config = parse_config({"data_dir": str(tmp_path / "var"), "transports": {"mqtt": mqtt}})
+    flow = Edge(config, name="logs")
+    logs.build(flow)
+    with running(flow):
+        for device, token in DEVICES.items():
+            mosquitto_pub(
+                broker,
+                f"v1/devices/{device}/logs",
+                message=f"ERROR {device} down",
+                username=device,
+                password=token,
+            )
+        wait_for(lambda: flow.meter.totals["received"] == 2, "both logs messages")
+    rows = query_parquet(
+        tmp_path / "var", "log_events", "select device, msg, transport from {src} order by 1"
+    )
+    assert rows == [("fan-2", "fan-2 down", "mqtt"), ("pump-1", "pump-1 down", "mqtt")]
