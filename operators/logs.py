@@ -35,6 +35,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import operator
@@ -189,7 +190,9 @@ class LogsOut:
     late: KeyedStream[LogLine]
 
 
-_Entry = list  # [count, level rank, first_ts, last_ts, example, count when last emitted]
+_Entry = list[Any]
+"""One summary row being counted: ``[count, level rank, first_ts, last_ts, example, count
+when last emitted]``."""
 _State = tuple[
     str, datetime | None, dict[int, dict[str, tuple[int, int, datetime, datetime, str, int]]]
 ]
@@ -208,7 +211,6 @@ class _DeviceLogs(StatefulBatchLogic[LogLine, _Out, _State]):
     __slots__ = (
         "config",
         "device",
-        "flushed",
         "newest",
         "now",
         "quiet_since",
@@ -277,9 +279,15 @@ class _DeviceLogs(StatefulBatchLogic[LogLine, _Out, _State]):
                     out.append(("late", line))
                 continue
             if not start <= ts < end or rows is None:
-                window_id = (ts - _EPOCH) // config.window
-                start = _EPOCH + config.window * window_id
-                end = start + config.window
+                try:
+                    window_id = (ts - _EPOCH) // config.window
+                    start = _EPOCH + config.window * window_id
+                    end = start + config.window
+                except OverflowError:  # a window ending past datetime.max: cannot be counted
+                    if rank < threshold:
+                        out.append(("late", line))
+                    rows = None
+                    continue
                 rows = windows.get(window_id)
                 if rows is None:
                     rows = windows[window_id] = {}

@@ -24,7 +24,8 @@ error critical`` (:data:`ALIASES`: ``warn``, ``err``, ``fatal``, ``crit``,
 ``emerg``, ``alert``, ``panic``... any case).
 
 Per line, not per message: a bad line (not UTF-8, not valid JSON, a JSON
-object without ``msg``, an unknown level, a bad timestamp, more than
+object without ``msg``, an unknown level, a bad timestamp or one outside
+2000-01-01..2100-01-01, more than
 :data:`MAX_LINE_CHARS` characters) becomes a :class:`DeadLetter` of its
 own, holding that line, and the good lines of the same message are kept.
 Lines beyond :data:`MAX_LINES` of one message become one dead letter
@@ -43,6 +44,8 @@ from typing import Any
 
 from connectors.codecs.telemetry_json import (
     _DECODER,
+    MAX_TS_MS,
+    MIN_TS_MS,
     _has_surrogate,
     _kind,
     _quote,
@@ -99,6 +102,8 @@ _HEAD = re.compile(
 _LIST_START = re.compile(r'\[\s*($|[\[{\]"\d-])')
 _WORD = re.compile(r"\[?([A-Za-z]{3,13})\]?:?(?:\s+|$)")
 _MONTH = timedelta(days=31)
+_MIN_TS = datetime.fromtimestamp(MIN_TS_MS / 1000, UTC)
+_MAX_TS = datetime.fromtimestamp(MAX_TS_MS / 1000, UTC)
 
 
 class _Bad(Exception):
@@ -320,17 +325,23 @@ def _json_ts(raw: object) -> datetime:
 
 
 def _iso(text: str) -> datetime | None:
-    """An RFC 3339 time as aware UTC (UTC when it has no offset), or None when it is not one."""
+    """An RFC 3339 time as aware UTC (UTC when it has no offset), or None when it is not one.
+
+    A time outside 2000-01-01..2100-01-01 is refused here, as in ``ts`` milliseconds.
+    """
     try:
         ts = datetime.fromisoformat(text)
     except ValueError:
         return None
     if ts.tzinfo is None:
-        return ts.replace(tzinfo=UTC)
+        ts = ts.replace(tzinfo=UTC)
     try:
-        return ts.astimezone(UTC)
+        ts = ts.astimezone(UTC)
     except OverflowError:
         return None
+    if not _MIN_TS <= ts < _MAX_TS:
+        raise _Bad(f"time {_quote(text)} is outside 2000-01-01..2100-01-01; fix the clock")
+    return ts
 
 
 def _text_line(msg: RawMessage, line: str) -> LogLine:

@@ -277,6 +277,16 @@ def test_late_lines_go_to_late_unless_they_are_events() -> None:
     assert sum(r.count for r in final(rows).values()) == 2
 
 
+def test_a_line_whose_window_would_end_past_the_last_datetime_is_not_counted() -> None:
+    far = datetime(9999, 12, 31, 23, 59, 30, tzinfo=UTC)
+    lines = [log("a", 0, "x"), LogLine("a", "mqtt", far, "info", "far", None)]
+    lines.append(LogLine("a", "mqtt", far, "error", "far error", None))
+    events, rows, late = run(lines, window=MIN)
+    assert [x.msg for x in late] == ["far"]
+    assert [e.msg for e in events] == ["far error"]
+    assert [(r.template, r.count) for r in rows] == [("x", 1)]
+
+
 def test_a_flushed_window_that_counts_more_is_emitted_again_and_the_highest_count_wins() -> None:
     clock = [T0]
     logic = _DeviceLogs(

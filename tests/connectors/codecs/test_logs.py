@@ -176,6 +176,14 @@ BAD_LINES = [
         "a JSON number has too many digits to convert; send it as a string",
     ),
     ('{"a": ' + "[" * 5000, "JSON is nested too deeply; " + SHAPE),
+    (
+        "9999-12-31T23:59:59Z x",
+        "time '9999-12-31T23:59:59Z' is outside 2000-01-01..2100-01-01; fix the clock",
+    ),
+    (
+        '{"msg": "x", "ts": "1999-12-31T23:00:00Z"}',
+        "time '1999-12-31T23:00:00Z' is outside 2000-01-01..2100-01-01; fix the clock",
+    ),
     ("<999>x", "syslog priority <999> is over 191; send <facility * 8 + severity>"),
     (
         "2025-13-01T00:00:00Z x",
