@@ -65,12 +65,14 @@ MAX_EXAMPLE_CHARS = 512
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ZERO = timedelta(0)
 _RANK = {level: rank for rank, level in enumerate(LEVELS)}
+_ENDS = r"\s\"'=:,;()\[\]{}<>"
+"""What ends a token (a class body): whitespace, quotes and ``= : , ; ( ) [ ] { } < >``."""
 _VARIABLE = re.compile(
     r'"[^"]*"'  # a double-quoted string
     r"|(?<![\w'])'[^']*'"  # a single-quoted one (not the apostrophe of "can't")
     r"|(?<![\w:])[0-9a-fA-F]{0,4}(?::[0-9a-fA-F]{0,4}){2,7}(?![\w:])"  # MAC, IPv6, 08:26:40
     r"|\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"
-    r"|[^\s\"'=:,;()\[\]{}<>]*\d[^\s\"'=:,;()\[\]{}<>]*"  # a token holding a digit
+    rf"|(?<![^{_ENDS}])[^{_ENDS}]*\d[^{_ENDS}]*"  # a token holding a digit, from its start
 )
 _CACHE_SIZE = 4096
 
