@@ -166,6 +166,34 @@ STREAMS: dict[str, StreamSpec] = {
             ],
         ),
         _spec(
+            "log_events",
+            "ts",
+            [
+                ("device", pa.string()),
+                ("ts", UTC_US),
+                ("level", pa.string()),
+                ("msg", pa.string()),
+                ("template", pa.string()),  # msg with its variable parts as <*>
+                ("transport", pa.string()),
+                ("fields", pa.string()),  # a JSON line's other fields as JSON text, or null
+            ],
+        ),
+        _spec(
+            "log_summary",
+            "window_start",
+            [
+                ("device", pa.string()),
+                ("template", pa.string()),
+                ("level", pa.string()),  # the most severe level among the lines
+                ("window_start", UTC_US),
+                ("window_end", UTC_US),
+                ("count", pa.int64()),
+                ("first_ts", UTC_US),
+                ("last_ts", UTC_US),
+                ("example", pa.string()),  # the first line's message
+            ],
+        ),
+        _spec(
             "dead_letters",
             "received_at",
             [

@@ -59,14 +59,29 @@ from flows.ingest import (
 from flows.ingest_process import JournalFeed, journal_partition_count
 from flows.ingest_stats import read_snapshot
 from flows.transports import require_transports
-from operators.records import TELEMETRY, DeadLetter, Evict, RawMessage, Reading, VibrationBlock
+from operators.records import (
+    TELEMETRY,
+    DeadLetter,
+    Evict,
+    LogLine,
+    RawMessage,
+    Reading,
+    VibrationBlock,
+)
 
 __all__ = ["Devices", "Edge", "RunResult"]
 
 log = logging.getLogger("edgesieve.run")
 
 CLOUD_BY_DEFAULT = frozenset(
-    {"telemetry_summary", "vibration_features", "alarms", "device_attributes"}
+    {
+        "telemetry_summary",
+        "vibration_features",
+        "alarms",
+        "device_attributes",
+        "log_events",
+        "log_summary",
+    }
 )
 """Streams sent to the cloud when ``cloud`` is configured (points with ``cloud.send_points``)."""
 
@@ -82,7 +97,8 @@ class Devices:
 
     ``readings`` are numeric readings keyed by series (``device/key``),
     ``text`` are string readings, ``blocks`` are vibration blocks keyed by
-    device, ``attributes`` are client attributes keyed by device. ``series`` is ``readings`` with an
+    device, ``attributes`` are client attributes and ``logs`` log lines, both keyed by
+    device. ``series`` is ``readings`` with an
     :class:`~operators.records.Evict` wherever ``limits.series_idle_evict``
     forgets a series, in order with its readings: feed it to operators that
     keep per-series state (deadband, window aggregates, threshold) so that
@@ -97,6 +113,7 @@ class Devices:
         text: Stream[Reading],
         blocks: KeyedStream[VibrationBlock],
         attributes: KeyedStream[Attribute],
+        logs: KeyedStream[LogLine],
         *,
         step_id: str,
     ) -> None:
@@ -105,6 +122,7 @@ class Devices:
             "text": text,
             "blocks": blocks,
             "attributes": attributes,
+            "logs": logs,
         }
         self._step_id = step_id
         self._readings: KeyedStream[Reading] | None = None
@@ -138,6 +156,11 @@ class Devices:
     def attributes(self) -> KeyedStream[Attribute]:
         """Client attributes (the ``attributes`` channel), keyed by device."""
         return self._take("attributes")
+
+    @property
+    def logs(self) -> KeyedStream[LogLine]:
+        """Log lines (the ``logs`` channel), keyed by device, in the order each device sent them."""
+        return self._take("logs")
 
     def _take(self, kind: str) -> Any:
         self._used.add(kind)
@@ -348,13 +371,15 @@ class Edge:
         others = op.branch(f"{sid}_text", numbers.falses, _is_reading)
         rest = op.branch(f"{sid}_blocks", others.falses, _is_block)
         attributes = op.branch(f"{sid}_attributes", rest.falses, _is_attribute)
-        shared.errors = attributes.falses  # type: ignore[assignment]
+        logs = op.branch(f"{sid}_logs", attributes.falses, _is_log_line)
+        shared.errors = logs.falses  # type: ignore[assignment]
         text = op.map(f"{sid}_unkey_text", others.trues, _value)
         shared.devices = Devices(
             numbers.trues,  # type: ignore[arg-type]
             text,
             rest.trues,  # type: ignore[arg-type]
             attributes.trues,  # type: ignore[arg-type]
+            logs.trues,  # type: ignore[arg-type]
             step_id=sid,
         )
         return shared.devices
@@ -776,3 +801,7 @@ def _is_block(item: tuple[str, Decoded]) -> bool:
 
 def _is_attribute(item: tuple[str, Decoded]) -> bool:
     return type(item[1]) is Attribute
+
+
+def _is_log_line(item: tuple[str, Decoded]) -> bool:
+    return type(item[1]) is LogLine

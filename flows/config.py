@@ -27,6 +27,7 @@ from pydantic import (
 from connectors.common.address import parse_host_port
 from connectors.common.yamlfile import read_yaml
 from operators.exception import ReportConfig
+from operators.logs import LogsConfig
 from operators.spectral import SpectralConfig
 from operators.threshold import Rule
 from operators.windows import WindowConfig
@@ -43,6 +44,7 @@ __all__ = [
     "MqttSection",
     "JournalSection",
     "LimitsSection",
+    "LogsSection",
     "ParquetSection",
     "RecoverySection",
     "ReportSection",
@@ -193,6 +195,29 @@ class TelemetrySection(_Section):
 
     deadband: DeadbandSection = DeadbandSection()
     window: WindowSection = WindowSection()
+
+
+class LogsSection(_Section):
+    """``logs``: settings of the logs step of the standard flows (:func:`operators.logs.logs`)."""
+
+    level: str = LogsConfig.level
+    window: timedelta = LogsConfig.window
+    max_templates: int = LogsConfig.max_templates
+    allowed_lateness: timedelta = LogsConfig.allowed_lateness
+
+    @model_validator(mode="after")
+    def _check(self) -> LogsSection:
+        self.settings()
+        return self
+
+    def settings(self) -> LogsConfig:
+        """The logs operator's settings (its checks run here)."""
+        return LogsConfig(
+            level=self.level,
+            window=self.window,
+            max_templates=self.max_templates,
+            allowed_lateness=self.allowed_lateness,
+        )
 
 
 def _alarm_rule(value: object) -> object:
@@ -469,6 +494,7 @@ class EdgeConfig(_Section):
     transports: TransportsSection = TransportsSection()
     telemetry: TelemetrySection = TelemetrySection()
     vibration: VibrationSection = VibrationSection()
+    logs: LogsSection = LogsSection()
     parquet: ParquetSection = ParquetSection()
     journal: JournalSection = JournalSection()
     recovery: RecoverySection = RecoverySection()
@@ -516,7 +542,7 @@ _TYPE_HINTS = {
     "tuple_type": "write a list, e.g. [1, 2]",
 }
 _OPERATOR = re.compile(
-    r"^(?:spectral|window_aggregate|threshold rule(?: '[^']*')?:?) (?:`(?P<key>[\w\[\]]+)` )?"
+    r"^(?:spectral|window_aggregate|logs|threshold rule(?: '[^']*')?:?) (?:`(?P<key>[\w\[\]]+)` )?"
     r"(?P<problem>.*?); got (?P<got>.*?)\. Hint: (?P<hint>.*?)\.?$",
     re.DOTALL,
 )

@@ -1,11 +1,12 @@
 """The decode step every flow starts with: count, decode, limit and key.
 
-Readings are keyed by series (``device/key``), vibration blocks and client
-attributes by device, dead letters by the name of the flow part that reports them. Messages of a
-channel the flow does not take become dead letters, so nothing is dropped
-silently. The ``limits`` of the configuration are applied here, before any
-operator keeps state: too many keys in one message, too many series for one
-device or the edge, and series idle too long (see :func:`series_limits`).
+Readings are keyed by series (``device/key``), vibration blocks, client
+attributes and log lines by device, dead letters by the name of the flow part
+that reports them. Messages of a channel the flow does not take become dead
+letters, so nothing is dropped silently. The ``limits`` of the configuration
+are applied here, before any operator keeps state: too many keys in one
+message, too many series for one device or the edge, and series idle too long
+(see :func:`series_limits`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 from connectors.codecs.attributes_json import ATTRIBUTES, Attribute, attributes_payload
 from connectors.codecs.decode import REFUSED_PREFIX, decode
 from connectors.codecs.evb1 import encode_evb1
+from connectors.codecs.logs import logs_payload
 from connectors.codecs.telemetry_json import decode_telemetry
 from flows.accounting import RECEIVED, Meter
 from operators.records import (
+    LOGS,
     TELEMETRY,
     VIBRATION,
     DeadLetter,
     Evict,
+    LogLine,
     RawMessage,
     Reading,
     VibrationBlock,
@@ -60,10 +64,10 @@ REFUSED = "refused_"
 (readings)."""
 EVICTED = "evicted_series"
 """Stage counting series forgotten after ``limits.series_idle_evict`` of silence."""
-CHANNELS = (TELEMETRY, VIBRATION, ATTRIBUTES)
+CHANNELS = (TELEMETRY, VIBRATION, ATTRIBUTES, LOGS)
 """The device API's channels."""
 
-Decoded = Reading | VibrationBlock | Attribute | DeadLetter
+Decoded = Reading | VibrationBlock | Attribute | LogLine | DeadLetter
 
 
 class Owner(Protocol):
@@ -87,7 +91,8 @@ def decoder(
     messages and whose ``dead_letters`` get its undecodable ones. Out come
     ``(device, Message)`` for telemetry (its readings, for :func:`series_limits`;
     nothing for an empty ``{}``), ``(device, block)`` for vibration,
-    ``(device, attribute)`` for each client attribute and ``(part name, dead letter)``. A
+    ``(device, attribute)`` for each client attribute, ``(device, line)`` for each log
+    line and ``(part name, dead letter)``. A
     telemetry or attributes message with more than ``keys_per_message`` distinct
     keys is a dead letter whole, counted in the stage ``refused_keys_per_message``.
     """
@@ -116,6 +121,12 @@ def decoder(
                     result = decode_telemetry(msg)  # what decode() does, one call less
                 else:
                     result = decode(msg, max_payload_bytes=max_payload_bytes)
+            if channel == LOGS and type(result) is list:  # lines, and dead letters of bad ones
+                out.extend(
+                    (device, x) if type(x) is LogLine else (owner.name, x)
+                    for x in result  # type: ignore[union-attr]
+                )
+                continue
             if type(result) is list:
                 if not result:  # {}: a valid message with nothing in it
                     continue
@@ -408,15 +419,18 @@ def _unwanted(msg: RawMessage, flow: str) -> DeadLetter:
 def to_dead_letter(item: Decoded, reason: str) -> DeadLetter:
     """``item`` as a dead letter with ``reason`` (a dead letter stays as it is).
 
-    The payload is the record in its device API shape (JSON for a reading or
-    an attribute, EVB1 for a vibration block), so it can be sent again. Its ``received_at``
-    is the record's own timestamp, so a replay gives the same dead letter.
+    The payload is the record in its device API shape (JSON for a reading, an
+    attribute or a log line, EVB1 for a vibration block), so it can be sent
+    again. Its ``received_at`` is the record's own timestamp, so a replay
+    gives the same dead letter.
     """
     if isinstance(item, DeadLetter):
         return item
     if isinstance(item, Attribute):
         payload = attributes_payload([item])
         return DeadLetter(item.device, item.source, item.updated_at, reason, payload)
+    if isinstance(item, LogLine):
+        return DeadLetter(item.device, item.transport, item.ts, reason, logs_payload(item))
     if isinstance(item, VibrationBlock):
         payload = encode_evb1(
             item.samples, sample_rate_hz=item.sample_rate_hz, start_ts=item.start_ts

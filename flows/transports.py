@@ -7,6 +7,9 @@ from flows.config import ConfigError, EdgeConfig
 
 __all__ = ["mqtt_settings", "require_transports"]
 
+_UNNAMED = frozenset({"attributes", "logs"})
+"""Channels left out of the MQTT client id when the flow takes others too."""
+
 
 def mqtt_settings(
     config: EdgeConfig, *, channels: tuple[str, ...], role: str = "ingest"
@@ -15,8 +18,9 @@ def mqtt_settings(
 
     The client id is ``{client_id}-{channels}`` (``-{role}`` for publishers), so
     flows sharing one broker never take each other's session. ``attributes``
-    is not named in it: a flow that takes attributes too keeps the session its
-    data channels had, with the messages the broker queued for it.
+    and ``logs`` are not named in it beside other channels: a flow that takes
+    them too keeps the session its data channels had, with the messages the
+    broker queued for it.
     """
     section = config.transports.mqtt
     if section is None:
@@ -26,7 +30,7 @@ def mqtt_settings(
         )
         raise ConfigError(msg)
     base = section.client_id or f"edgesieve-{config.edge_id}"
-    named = [channel for channel in channels if channel != "attributes"] or list(channels)
+    named = [channel for channel in channels if channel not in _UNNAMED] or list(channels)
     client_id = f"{base}-{'-'.join(named)}"
     if role != "ingest":
         client_id = f"{client_id}-{role}"

@@ -16,6 +16,7 @@ __all__ = [
     "UTC",
     "DeadLetter",
     "Evict",
+    "LogLine",
     "RawMessage",
     "Reading",
     "VibrationBlock",
@@ -24,13 +25,17 @@ __all__ = [
 
 TELEMETRY = "telemetry"
 VIBRATION = "vibration"
+LOGS = "logs"
+LEVELS = ("trace", "debug", "info", "notice", "warning", "error", "critical")
+"""Log levels, least severe first: :attr:`LogLine.level` is one of them."""
 
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
     """Bytes as a device sent them.
 
-    ``channel`` is the device API channel (``"telemetry"`` or ``"vibration"``),
+    ``channel`` is the device API channel (``"telemetry"``, ``"vibration"``,
+    ``"attributes"`` or ``"logs"``),
     ``transport`` is ``"mqtt"``, ``"coap"`` or ``"http"``. Transports that must
     answer "malformed" at once (HTTP 400, CoAP 4.00) decode on receipt and
     carry the result in ``decoded``, so the flow does not decode twice.
@@ -41,7 +46,7 @@ class RawMessage:
     transport: str
     received_at: datetime
     payload: bytes
-    decoded: list[Reading] | VibrationBlock | DeadLetter | None = None
+    decoded: list[Reading] | VibrationBlock | DeadLetter | list[LogLine | DeadLetter] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,22 @@ class VibrationBlock:
     def frames(self) -> int:
         """Number of sample frames (rows of ``samples``)."""
         return int(self.samples.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One log line of one device (the ``logs`` channel).
+
+    ``level`` is one of :data:`LEVELS`; ``fields`` holds a JSON line's other
+    fields as a compact JSON object text (None when it had none, and for text lines).
+    """
+
+    device: str
+    transport: str
+    ts: datetime
+    level: str
+    msg: str
+    fields: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,6 +112,9 @@ NATURAL_KEYS: dict[str, tuple[str, ...]] = {
     # Every update is kept; the latest per device and key is arg_max(value, updated_at).
     "device_attributes": ("device", "key", "updated_at"),
     "telemetry_summary": ("device", "key", "window_start"),
+    # Two lines of a device with the same time and message are one event.
+    "log_events": ("device", "ts", "msg"),
+    "log_summary": ("device", "template", "window_start"),
     "vibration_features": ("device", "axis", "ts"),
     # ``key`` (device/axis the rule watched): one rule on several axes of a
     # device raises one alarm per axis at the same ``ts``.
@@ -122,7 +125,7 @@ NATURAL_KEYS: dict[str, tuple[str, ...]] = {
 }
 """The columns identifying a row of each standard stream within one edge (``edge_id``)."""
 
-SUPERSEDED_BY: dict[str, str] = {"telemetry_summary": "count"}
+SUPERSEDED_BY: dict[str, str] = {"telemetry_summary": "count", "log_summary": "count"}
 """Streams whose row may be sent again, more complete, under the same key: the column that grows.
 
 A window the edge flushed while its device was quiet is sent again when

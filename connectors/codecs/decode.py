@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from connectors.codecs.attributes_json import ATTRIBUTES, Attribute, decode_attributes
 from connectors.codecs.evb1 import decode_vibration
+from connectors.codecs.logs import decode_logs
 from connectors.codecs.telemetry_json import decode_telemetry
-from operators.records import TELEMETRY, VIBRATION, DeadLetter, RawMessage, Reading, VibrationBlock
+from operators.records import (
+    LOGS,
+    TELEMETRY,
+    VIBRATION,
+    DeadLetter,
+    LogLine,
+    RawMessage,
+    Reading,
+    VibrationBlock,
+)
 
 __all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "REFUSED_PREFIX", "decode", "refused_channel"]
 
@@ -22,8 +32,11 @@ def refused_channel(reason: str) -> str:
 
 def decode(
     msg: RawMessage, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
-) -> list[Reading] | list[Attribute] | VibrationBlock | DeadLetter:
+) -> list[Reading] | list[Attribute] | list[LogLine | DeadLetter] | VibrationBlock | DeadLetter:
     """Decode one message by its channel; never raises for bad device input.
+
+    A logs message gives its lines, the bad ones as dead letters among them
+    (see :mod:`connectors.codecs.logs`).
 
     An oversized payload becomes a dead letter that keeps the first
     ``max_payload_bytes`` bytes, so the record itself stays bounded.
@@ -43,8 +56,11 @@ def decode(
         return decode_vibration(msg)
     if msg.channel == ATTRIBUTES:
         return decode_attributes(msg)
+    if msg.channel == LOGS:
+        return decode_logs(msg)
     reason = (
-        f"unknown channel {msg.channel!r}; expected {TELEMETRY!r}, {VIBRATION!r} or {ATTRIBUTES!r}"
+        f"unknown channel {msg.channel!r}; expected {TELEMETRY!r}, {VIBRATION!r}, "
+        f"{ATTRIBUTES!r} or {LOGS!r}"
     )
     return _dead(msg, reason, msg.payload)
 

@@ -92,6 +92,7 @@ EDGE_RULES: tuple[TopicRule, ...] = (
     TopicRule("read", "v1/devices/+/telemetry"),
     TopicRule("read", "v1/devices/+/vibration"),
     TopicRule("read", "v1/devices/+/attributes"),
+    TopicRule("read", "v1/devices/+/logs"),
     TopicRule("write", "v1/devices/+/alarms"),
 )
 """What the edge account may do."""
@@ -245,7 +246,7 @@ def acl_file(edge: EdgeAccount) -> str:
     lines = [
         "# mosquitto ACL of the edgesieve device API: a device (user name = device id)",
         "# publishes its own data topics and reads its own alarms; the edge reads every",
-        "# device's telemetry, vibration and attributes and publishes alarms. Anything else",
+        "# device's telemetry, vibration, attributes and logs and publishes alarms. Anything else",
         "# is denied.",
         *(f"pattern {rule.access} {rule.topic}" for rule in DEVICE_RULES),
         "",

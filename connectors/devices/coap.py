@@ -74,7 +74,7 @@ from connectors.codecs.attributes_json import ATTRIBUTES
 from connectors.common.address import parse_host_port
 from connectors.devices.ingress import Ingress, Verdict
 from connectors.devices.registry import DeviceRegistry
-from operators.records import TELEMETRY, VIBRATION
+from operators.records import LOGS, TELEMETRY, VIBRATION
 
 __all__ = ["WIRE_LOGGER", "CoapServer"]
 
@@ -84,7 +84,7 @@ WIRE_LOGGER = "edgesieve.coap.wire"
 """aiocoap's own logger for the server; set to WARNING unless configured otherwise."""
 
 TRANSPORT = "coap"
-CHANNELS = (TELEMETRY, VIBRATION, ATTRIBUTES)
+CHANNELS = (TELEMETRY, VIBRATION, ATTRIBUTES, LOGS)
 DEFAULT_MAX_TRANSFERS = 16
 DEFAULT_MAX_DEVICE_TRANSFERS = 2
 DEFAULT_TRANSFER_TIMEOUT_S = 93.0
@@ -95,7 +95,8 @@ DEFAULT_TRANSFER_DEADLINE_S = 300.0
 _MAX_DIAGNOSTIC_BYTES = 512
 _BERT_EXPONENT = 7
 _API_PATHS = (
-    "POST to /api/v1/{token}/telemetry, /api/v1/{token}/attributes or /api/v1/{token}/vibration"
+    "POST to /api/v1/{token}/telemetry, /api/v1/{token}/attributes, /api/v1/{token}/logs "
+    "or /api/v1/{token}/vibration"
 )
 _REDACT = re.compile(r"(api/v1/|'api', 'v1', ')[^/'\"\s]+")
 
@@ -226,7 +227,9 @@ class _DeviceApi(Resource, PathCapable):
         if size1 is not None and size1 > limit:
             return self._too_large(channel, size1, "announced (Size1)")
         if not payload:
-            reason = f"{channel}: payload is empty; POST a JSON document or an EVB1 block"
+            reason = (
+                f"{channel}: payload is empty; POST a JSON document, log lines or an EVB1 block"
+            )
             return _reply(Code.BAD_REQUEST, reason)
         # A confirmable request whose answer was lost (the edge crashed after the commit) is
         # sent again with the same message id and token: the journal keeps it once.

@@ -81,7 +81,7 @@ server_logger = logging.getLogger("edgesieve.http.server")
 """aiohttp's own connection-level messages; see :class:`_RedactParseErrors`."""
 
 TRANSPORT: Final = "http"
-ROUTE: Final = "/api/v1/{token:[^/]+}/{channel:telemetry|vibration|attributes}"
+ROUTE: Final = "/api/v1/{token:[^/]+}/{channel:telemetry|vibration|attributes|logs}"
 KEEPALIVE_TIMEOUT_S: Final = 75.0
 """Idle keep-alive connections are closed after this long."""
 SHUTDOWN_TIMEOUT_S: Final = 5.0
@@ -100,10 +100,11 @@ _HINTS: Final = {
     "telemetry": 'POST JSON telemetry like {"temperature": 21.5}',
     "vibration": "POST one EVB1 block as application/octet-stream",
     "attributes": 'POST a JSON object of attributes like {"firmware": "1.4.2"}',
+    "logs": 'POST log lines as text, or JSON like {"level": "error", "msg": "disk full"}',
 }
 _ENDPOINTS: Final = (
-    "devices POST to /api/v1/{token}/telemetry, /api/v1/{token}/attributes "
-    "or /api/v1/{token}/vibration"
+    "devices POST to /api/v1/{token}/telemetry, /api/v1/{token}/attributes, "
+    "/api/v1/{token}/logs or /api/v1/{token}/vibration"
 )
 _TOKEN_IN_PATH = re.compile(r"(/api/v1/)[^/\s]+")
 

@@ -5,6 +5,7 @@ device's access token (the password is ignored) and publish::
 
     v1/devices/me/telemetry     telemetry JSON           -> channel "telemetry"
     v1/devices/me/attributes    attributes JSON          -> channel "attributes"
+    v1/devices/me/logs          log lines (text or JSON) -> channel "logs"
 
 A gateway (a registry entry with ``gateway: {devices: [patterns]}``) also
 publishes ``v1/gateway/connect``, ``v1/gateway/disconnect``,
@@ -78,7 +79,7 @@ from connectors.codecs.decode import refused_channel
 from connectors.common.address import parse_host_port
 from connectors.devices.ingress import Ingress, Verdict
 from connectors.devices.registry import DEVICE_ID, Device, DeviceRegistry
-from operators.records import TELEMETRY
+from operators.records import LOGS, TELEMETRY
 
 __all__ = ["MqttServer"]
 
@@ -111,6 +112,7 @@ _V5_CONNACK: Final = {ACCEPTED: 0x00, BAD_CLIENT_ID: 0x85, UNAVAILABLE: 0x88, BA
 
 TELEMETRY_TOPIC: Final = "v1/devices/me/telemetry"
 ATTRIBUTES_TOPIC: Final = "v1/devices/me/attributes"
+LOGS_TOPIC: Final = "v1/devices/me/logs"
 RPC_REQUEST: Final = "v1/devices/me/rpc/request/"
 RPC_RESPONSE: Final = "v1/devices/me/rpc/response/"
 ATTRIBUTES_REQUEST: Final = "v1/devices/me/attributes/request/"
@@ -127,7 +129,7 @@ DEVICE_FILTERS: Final = frozenset(
 GATEWAY_FILTERS: Final = frozenset(
     {"v1/gateway/attributes", "v1/gateway/attributes/response", "v1/gateway/rpc"}
 )
-_API: Final = f"publish to {TELEMETRY_TOPIC} or {ATTRIBUTES_TOPIC}"
+_API: Final = f"publish to {TELEMETRY_TOPIC}, {ATTRIBUTES_TOPIC} or {LOGS_TOPIC}"
 
 
 class _Closed(Exception):
@@ -595,6 +597,8 @@ class _Connection:
             await self._keep(device.id, TELEMETRY, TRANSPORT, payload, dup)
         elif topic == ATTRIBUTES_TOPIC:
             await self._keep(device.id, ATTRIBUTES, TRANSPORT, payload, dup)
+        elif topic == LOGS_TOPIC:
+            await self._keep(device.id, LOGS, TRANSPORT, payload, dup)
         elif topic.startswith(RPC_REQUEST):
             self._rpc(topic.removeprefix(RPC_REQUEST), payload)
         elif topic.startswith(ATTRIBUTES_REQUEST):

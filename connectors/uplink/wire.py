@@ -56,6 +56,8 @@ PRIORITIES: dict[str, int] = {
     "telemetry_points": 3,
     "telemetry_text": 3,
     "device_attributes": 2,
+    "log_events": 1,
+    "log_summary": 2,
     "dead_letters": 4,
 }
 """Outbox priority of each built-in stream: 0 is sent first and dropped last."""

@@ -65,6 +65,21 @@ def test_stream_contract_columns_and_time_columns() -> None:
         ),
         "alarms": (["device", "ts", "rule", "state", "severity", "value", "key"], "ts"),
         "device_attributes": (["device", "key", "value", "updated_at", "source"], "updated_at"),
+        "log_events": (["device", "ts", "level", "msg", "template", "transport", "fields"], "ts"),
+        "log_summary": (
+            [
+                "device",
+                "template",
+                "level",
+                "window_start",
+                "window_end",
+                "count",
+                "first_ts",
+                "last_ts",
+                "example",
+            ],
+            "window_start",
+        ),
     }
     assert set(STREAMS) == set(expected)
     for name, (columns, time_column) in expected.items():

@@ -129,7 +129,7 @@ ERRORS = [
     (lambda e, s: e.output("My-Stream", s, like="alarms"), r"^Edge.output\('My-Stream'\): a stream name is a lower-case identifier \(got 'My-Stream'\); hint: pressure_points$"),
     (lambda e, s: e.output("alarms", s, priority=-1), r"^Edge.output\('alarms'\): priority must be an int >= 0 \(got -1\); hint: alarms use 0$"),
     (lambda e, s: e.devices("again"), r"^Edge.devices\('again'\): the flow already has its device input; hint: call devices\(\) once"),
-    (lambda e, s: e.part("p", channel="logs"), r"^Edge.part\('p'\): channel 'logs' is not a device channel; hint: one of telemetry, vibration, attributes$"),
+    (lambda e, s: e.part("p", channel="events"), r"^Edge.part\('p'\): channel 'events' is not a device channel; hint: one of telemetry, vibration, attributes, logs$"),
 ]
 
 
@@ -151,8 +151,8 @@ def test_one_stream_declared_twice_with_other_columns(config):
 
 def test_devices_needs_known_channels(config):
     edge = Edge(config, source=TestingSource([]))
-    with pytest.raises(ValueError, match=r"^Edge.devices\('in'\): unknown channel 'logs'; hint: channels are telemetry, vibration, attributes$"):
-        edge.devices("in", channels=["logs"])
+    with pytest.raises(ValueError, match=r"^Edge.devices\('in'\): unknown channel 'events'; hint: channels are telemetry, vibration, attributes, logs$"):
+        edge.devices("in", channels=["events"])
     with pytest.raises(ValueError, match=r"^Edge.devices\('in'\): channels is empty; hint: channels=\['telemetry'\]$"):
         edge.devices("in", channels=[])
 

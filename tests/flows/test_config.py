@@ -15,6 +15,7 @@ from flows.config import (
     load_config,
     parse_config,
 )
+from operators.logs import LogsConfig
 from operators.spectral import SpectralConfig
 from operators.threshold import Rule
 from tests.conftest import write_devices
@@ -200,6 +201,39 @@ def test_window_is_checked_at_load_by_the_window_operator():
         {"telemetry": {"window": {"allowed_lateness": -1}}},
         "telemetry.window.allowed_lateness: must be >= 0 (got -1); hint: 0 treats any reading "
         "older than the newest one of its series as late",
+    )
+
+
+def test_logs_section_defaults_are_the_operators_and_are_checked_by_it():
+    assert parse_config({}).logs.settings() == LogsConfig()
+    logs = parse_config(
+        {"logs": {"level": "error", "window": 30, "max_templates": 5, "allowed_lateness": "PT2S"}}
+    ).logs
+    assert logs.settings() == LogsConfig(
+        level="error",
+        window=timedelta(seconds=30),
+        max_templates=5,
+        allowed_lateness=timedelta(seconds=2),
+    )
+    fails(
+        {"logs": {"level": "loud"}},
+        "logs.level: must be one of trace, debug, info, notice, warning, error, critical "
+        "(got 'loud' (str)); hint: level: \"warning\" sends warnings, errors and critical lines "
+        "as events",
+    )
+    fails(
+        {"logs": {"window": 0}},
+        "logs.window: must be longer than zero (got 0); hint: window: 60",
+    )
+    fails(
+        {"logs": {"max_templates": 0}},
+        "logs.max_templates: must be an int >= 1 (got 0 (int)); hint: max_templates: 100 summary "
+        "rows per device and window",
+    )
+    fails(
+        {"logs": {"allowed_lateness": -1}},
+        "logs.allowed_lateness: must be >= 0 (got -1); hint: 0 counts no line older than its "
+        "device's newest one",
     )
 
 

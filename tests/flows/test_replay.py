@@ -1,6 +1,6 @@
 """Replay determinism: a run crashed at any point and resumed from its snapshot gives the same outputs.
 
-``flows.edge`` reads recorded telemetry and vibration (with late and malformed
+``flows.edge`` reads recorded telemetry, vibration and logs (with late and malformed
 messages among them) through the production ``Edge`` with recovery on and a
 short snapshot interval. The reference run goes through uninterrupted; each
 other run aborts at one point of the input (Bytewax's ``AbortExecution``,
@@ -38,11 +38,13 @@ STREAMS = (
     "alarms",
     "dead_letters",
     "device_attributes",
+    "log_events",
+    "log_summary",
 )
 
 
 def recorded() -> list[RawMessage]:
-    """Telemetry and attributes of three devices (one late once, one malformed), two vibrating pumps."""
+    """Telemetry, attributes and logs of three devices (late and malformed ones), two vibrating pumps."""
     out: list[RawMessage] = []
     for i in range(240):
         device = f"s-{i % 3}"
@@ -57,6 +59,18 @@ def recorded() -> list[RawMessage]:
         if i % 20 == 0:
             attrs = json.dumps({"seq": i, "fw": f"1.{i}", "cfg": {"on": i % 40 == 0}})
             out.append(RawMessage(device, "attributes", "coap", received, attrs.encode()))
+        if i % 4 == 0:
+            at = ts - 60_000 if i == 160 else ts  # a minute behind its own device: late
+            lines = [
+                {"ts": at, "msg": f"step {i} done"},
+                {"ts": ts, "msg": "tick", "level": "debug"},
+            ]
+            if i % 40 == 0:
+                lines.append({"ts": ts, "level": "error", "msg": f"pump {i} hot"})
+            text = "\n".join(json.dumps(line) for line in lines)
+            if i % 80 == 0:
+                text += "\n{not json"
+            out.append(RawMessage(device, "logs", "http", received, text.encode()))
     for p, machine in enumerate((Machine("imbalance", seed=3), Machine("healthy", seed=4))):
         for block in blocks(machine, device=f"pump-{p}", count=24, start_ts=T0):
             out.append(RawMessage(f"pump-{p}", "vibration", "coap", T0, block))

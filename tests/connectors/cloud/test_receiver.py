@@ -644,6 +644,21 @@ def test_a_window_sent_again_more_complete_replaces_the_stored_row(receiver, db)
     assert query(db, DEDUP, [real_id("b-stale")])[0][:2] == (0, 3)
 
 
+def test_a_log_summary_row_sent_again_with_a_larger_count_replaces_the_stored_one(receiver, db):
+    row = one_row("log_summary", device="pump-7", template="disk <*> full", count=3)
+    acks = push(
+        receiver.port,
+        [
+            make_batch("l-early", "log_summary", rows_table("log_summary", [row])),
+            make_batch("l-final", "log_summary", rows_table("log_summary", [{**row, "count": 7}])),
+            make_batch("l-stale", "log_summary", rows_table("log_summary", [{**row, "count": 5}])),
+        ],
+    )
+    assert [ack.status for ack in acks] == [STORED] * 3
+    receiver.stop()
+    assert query(db, "SELECT count, batch_id FROM log_summary") == [(7, "l-final")]
+
+
 def test_repeats_of_a_window_within_one_batch_keep_the_largest_count(receiver, db):
     one = summary_table(1)
     twice = pa.concat_tables([one, one.set_column(4, "count", pa.array([30], type=pa.int64()))])
@@ -698,6 +713,10 @@ KEY_CASES = [
     ("alarms", {"state": "cleared"}, {"value": 9.0}),
     ("alarms", {"rule": "r2"}, {"severity": "critical"}),
     ("alarms", {"key": "pump-7/y"}, {"value": 9.0}),  # one rule on two axes, same ts
+    ("log_events", {"msg": "other"}, {"level": "error", "template": "t", "fields": "{}"}),
+    ("log_events", {"ts": T0 + timedelta(microseconds=1)}, {"transport": "coap"}),
+    ("log_summary", {"template": "t2"}, {"level": "error", "example": "e"}),
+    ("log_summary", {"window_start": T0 + timedelta(minutes=1)}, {"last_ts": T0}),
     ("dead_letters", {"payload": b"other"}, {}),
     ("dead_letters", {"reason": "late"}, {}),
 ]
@@ -893,7 +912,7 @@ REJECTIONS = [
         r"stream 'Telemetry-Raw' is not a name the receiver can store: a new stream becomes a "
         r"table, so its name must be 1-63 lowercase letters, digits or '_', starting with a "
         r"letter, and not 'uplink_batches' \(known streams: alarms, dead_letters, "
-        r"device_attributes, "
+        r"device_attributes, log_events, log_summary, "
         r"telemetry_points, telemetry_summary, telemetry_text, vibration_features\)",
         id="bad-stream-name",
     ),

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from connectors.codecs.decode import decode, refused_channel
 from connectors.codecs.evb1 import HEADER, MAGIC
-from operators.records import DeadLetter, Reading, VibrationBlock
+from operators.records import DeadLetter, LogLine, Reading, VibrationBlock
 from tests.conftest import assert_reason_shape, raw_message
 
 RECEIVED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -54,7 +54,7 @@ payloads = st.one_of(
     telemetry_docs.map(lambda b: b"\xef\xbb\xbf" + b),  # BOM
 )
 channels = (
-    st.sampled_from(["telemetry", "vibration", "attributes"])
+    st.sampled_from(["telemetry", "vibration", "attributes", "logs"])
     | st.text(max_size=10)
     | st.text(max_size=20).map(refused_channel)
 )
@@ -77,14 +77,15 @@ def test_decode_never_raises_for_any_channel_payload_or_limit(
                 f"{channel}: payload of {len(payload)} bytes is over the {limit}-byte limit; "
                 "split it or raise max_payload_bytes (first bytes kept)"
             )
-        elif channel in ("telemetry", "vibration", "attributes"):
+        elif channel in ("telemetry", "vibration", "attributes", "logs"):
             assert out.payload == payload
             assert_reason_shape(out.reason, channel)
         elif channel.startswith("refused: "):
             assert (out.reason, out.payload) == (channel.removeprefix("refused: "), payload)
         else:
             assert out.reason == (
-                f"unknown channel {channel!r}; expected 'telemetry', 'vibration' or 'attributes'"
+                f"unknown channel {channel!r}; expected 'telemetry', 'vibration', 'attributes' "
+                "or 'logs'"
             )
         return
     assert len(payload) <= limit
@@ -93,7 +94,15 @@ def test_decode_never_raises_for_any_channel_payload_or_limit(
         assert out.samples.dtype == np.float64 and np.isfinite(out.samples).all()
         assert out.raw_bytes == len(payload)
         return
-    assert channel in ("telemetry", "attributes") and isinstance(out, list)
+    assert channel in ("telemetry", "attributes", "logs") and isinstance(out, list)
+    if channel == "logs":
+        assert any(isinstance(x, LogLine) for x in out)
+        for x in out:
+            if isinstance(x, DeadLetter):
+                assert_reason_shape(x.reason, channel)
+            else:
+                assert x.device == "pump-7" and x.ts.utcoffset() is not None
+        return
     if channel == "attributes":
         assert all(json.loads(a.value) is not None for a in out)
         return

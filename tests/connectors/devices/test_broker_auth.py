@@ -363,6 +363,7 @@ def test_acl_file_rules() -> None:
         "topic read v1/devices/+/telemetry",
         "topic read v1/devices/+/vibration",
         "topic read v1/devices/+/attributes",
+        "topic read v1/devices/+/logs",
         "topic write v1/devices/+/alarms",
     ]
 

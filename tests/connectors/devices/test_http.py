@@ -51,8 +51,8 @@ UNKNOWN_TOKEN = (
     "unknown access token; use the token of this device in devices.yaml (/api/v1/{token}/...)"
 )
 NOT_FOUND = (
-    "no such endpoint; devices POST to /api/v1/{token}/telemetry, /api/v1/{token}/attributes "
-    "or /api/v1/{token}/vibration"
+    "no such endpoint; devices POST to /api/v1/{token}/telemetry, /api/v1/{token}/attributes, "
+    "/api/v1/{token}/logs or /api/v1/{token}/vibration"
 )
 
 
@@ -764,8 +764,8 @@ def test_requests_aiohttp_cannot_parse_get_json_errors(serve, caplog):
     ingress = Ingress()
     server = serve(ingress)
     hint = (
-        "hint: devices POST to /api/v1/{token}/telemetry, /api/v1/{token}/attributes "
-        "or /api/v1/{token}/vibration "
+        "hint: devices POST to /api/v1/{token}/telemetry, /api/v1/{token}/attributes, "
+        "/api/v1/{token}/logs or /api/v1/{token}/vibration "
         "in HTTP/1.1 with well-formed headers"
     )
     path = f"/api/v1/{TOKEN_1}/telemetry"

@@ -116,7 +116,7 @@ def test_accepted_vibration_is_queued_as_a_block() -> None:
             'send {"key": value}, {"ts": <Unix ms>, "values": {...}} or a list of those',
         ),
         ("vibration", b"EVB0", None),
-        ("alarms", b"{}", "unknown channel 'alarms'; expected 'telemetry', 'vibration' or 'attributes'"),
+        ("alarms", b"{}", "unknown channel 'alarms'; expected 'telemetry', 'vibration', 'attributes' or 'logs'"),
     ],
 )
 def test_malformed_payload_is_rejected_but_kept_as_a_dead_letter(

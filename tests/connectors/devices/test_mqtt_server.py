@@ -159,12 +159,14 @@ def test_token_login_and_telemetry_attributes_journaled_under_the_device(
     assert not client.connack.is_failure
     assert client.publish("v1/devices/me/telemetry", '{"temperature": 21.5}').is_published()
     assert client.publish("v1/devices/me/attributes", '{"fw": "1.2"}').is_published()
+    assert client.publish("v1/devices/me/logs", "ERROR disk full").is_published()
     client.publish("v1/devices/me/telemetry", '{"t": 1}', qos=0)
     client.publish("v1/devices/me/telemetry", '{"t": 2}').wait_for_publish(10)  # after the QoS 0
     got = [(m.device, m.channel, m.transport, m.payload) for m in served.journaled()]
     assert got == [
         ("pump-1", "telemetry", "mqtt_server", b'{"temperature": 21.5}'),
         ("pump-1", "attributes", "mqtt_server", b'{"fw": "1.2"}'),
+        ("pump-1", "logs", "mqtt_server", b"ERROR disk full"),
         ("pump-1", "telemetry", "mqtt_server", b'{"t": 1}'),
         ("pump-1", "telemetry", "mqtt_server", b'{"t": 2}'),
     ]
@@ -210,7 +212,7 @@ def test_a_topic_outside_the_api_is_kept_as_a_dead_letter(
     [msg] = served.journaled()
     assert dead_reason(msg) == (
         "topic 'v1/devices/me/claim' is not part of the ThingsBoard device API; "
-        "publish to v1/devices/me/telemetry or v1/devices/me/attributes"
+        "publish to v1/devices/me/telemetry, v1/devices/me/attributes or v1/devices/me/logs"
     )
 
 
@@ -461,8 +463,8 @@ def test_a_plain_device_on_gateway_topics_is_a_dead_letter(
     assert (msg.device, msg.transport) == ("pump-1", "mqtt_server")
     assert dead_reason(msg) == (
         "device 'pump-1' is not a gateway but published to v1/gateway/telemetry; hint: give it "
-        "`gateway: {devices: [...]}` in devices.yaml, or publish to v1/devices/me/telemetry or "
-        "v1/devices/me/attributes"
+        "`gateway: {devices: [...]}` in devices.yaml, or publish to v1/devices/me/telemetry, "
+        "v1/devices/me/attributes or v1/devices/me/logs"
     )
 
 
@@ -533,7 +535,7 @@ parquet: {{max_file_age: 3600}}
             "pump-1",
             "mqtt_server",
             "topic 'v1/devices/me/claim' is not part of the ThingsBoard device API; "
-            "publish to v1/devices/me/telemetry or v1/devices/me/attributes",
+            "publish to v1/devices/me/telemetry, v1/devices/me/attributes or v1/devices/me/logs",
         )
     ]
 
