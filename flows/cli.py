@@ -223,7 +223,8 @@ def _flows(args: argparse.Namespace) -> int:
             continue
         print(
             f"{path}: ok: flow {flow.name}, input {flow.input} ({', '.join(flow.channels)}), "
-            f"{len(flow.steps)} steps, outputs {', '.join(o.stream for o in flow.outputs)}"
+            f"{len(flow.steps)} step{'' if len(flow.steps) == 1 else 's'}, "
+            f"outputs {', '.join(o.stream for o in flow.outputs)}"
         )
     return EXIT_CONFIG if failed else 0
 

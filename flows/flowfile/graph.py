@@ -738,7 +738,7 @@ class _Checker:
 
 
 _LETTERED = frozenset({"late"})
-"""Reject outputs that make their own dead letters (a window's late readings)."""
+"""Reject outputs that make their own dead letters (a window's late readings, late log lines)."""
 
 
 class _Cycle(Exception):

@@ -42,7 +42,7 @@ MODELS: dict[str, str | None] = {
 }
 """The kind of record a stream carries, and the standard stream whose columns it has."""
 
-LETTERABLE = frozenset({"series", "readings", "text", "attributes", "blocks"})
+LETTERABLE = frozenset({"series", "readings", "text", "attributes", "blocks", "logs"})
 """Records ``dead_letters`` takes with a ``reason`` (they keep their device API payload)."""
 
 
@@ -257,6 +257,18 @@ def _window(c: Call) -> Built:
     return Built({"down": agg.down, "late": agg.late}, {"late": _late_letter(lateness)})
 
 
+def _logs(c: Call) -> Built:
+    from flows.logs import late_letter
+    from operators.logs import LogsConfig
+
+    out = c.function(c.step_id, c.up, **c.kwargs)
+    lateness = c.kwargs.get("allowed_lateness", LogsConfig.allowed_lateness)
+    return Built(
+        {"events": out.events, "summary": out.summary, "late": out.late},
+        {"late": lambda line: late_letter(line, lateness)},
+    )
+
+
 def _threshold(c: Call) -> Built:
     up = c.up
     if c.takes == "features":  # one monitored entity per device and axis
@@ -349,8 +361,9 @@ KINDS: dict[str, Kind] = {
             LogsSettings,
             frozenset({"logs"}),
             lambda _t: {"events": "log_events", "summary": "log_summary", "late": "logs"},
-            _several("events", "summary", "late"),
-            lambda config: _section(getattr(config, "logs", None), LogsSettings),
+            _logs,
+            lambda config: _section(config.logs, LogsSettings),
+            rejects=frozenset({"late"}),
         ),
         Kind(
             "report_by_exception",

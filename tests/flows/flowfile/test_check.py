@@ -116,7 +116,7 @@ CASES = [
     ),
     (
         edit(inputs={"in": {"channels": ["telemetri"]}}),
-        "inputs.in.channels.0: must be 'telemetry', 'vibration' or 'attributes' (got 'telemetri'); hint: one of the values listed",
+        "inputs.in.channels.0: must be 'telemetry', 'vibration', 'attributes' or 'logs' (got 'telemetri'); hint: one of the values listed",
     ),
     (
         [1, 2],
@@ -153,7 +153,7 @@ CASES = [
     ),
     (
         edit(steps={"db": {"op": "deadband", "from": "in.serie"}}),
-        "steps.db.from: unknown stream 'in.serie'; hint: known streams are db, db.down, in.attributes, in.blocks, in.readings, in.series, in.text",
+        "steps.db.from: unknown stream 'in.serie'; hint: known streams are db, db.down, in.attributes, in.blocks, in.logs, in.readings, in.series, in.text",
     ),
     (
         edit(

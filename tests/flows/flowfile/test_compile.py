@@ -185,7 +185,7 @@ def test_logs_and_report_by_exception_steps_check(tmp_path):
         },
     }
     path = tmp_path / "f.flow.yaml"
-    path.write_text(yaml.safe_dump(doc))
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
     assert [s.name for s in check_flow_file(path).steps] == ["logs", "spectral", "alarms", "report"]
 
 

@@ -7,7 +7,7 @@ import duckdb
 import pytest
 
 from connectors.streams import STREAMS
-from flows import edge, telemetry, vibration
+from flows import edge, logs, telemetry, vibration
 from flows.config import parse_config
 from flows.flowfile import load_flow_file
 from flows.machines import Machine, blocks
@@ -52,6 +52,33 @@ def vibration_messages() -> list[RawMessage]:
     return out
 
 
+def logs_messages() -> list[RawMessage]:
+    def lines(device: str, *entries: tuple[float, str, str]) -> RawMessage:
+        body = "\n".join(
+            json.dumps(
+                {"ts": int((T0 + timedelta(seconds=s)).timestamp() * 1000), "level": lv, "msg": m}
+            )
+            for s, lv, m in entries
+        )
+        return RawMessage(device, "logs", "http", T0, body.encode())
+
+    return [
+        lines(
+            "gw-1",
+            (0, "info", "poll 12 ok"),
+            (1, "info", "poll 13 ok"),
+            (2, "error", "disk 91% full"),
+        ),
+        lines("gw-1", (61, "warning", "retry 3 of 5"), (62, "info", "poll 14 ok")),
+        lines("gw-1", (5, "debug", "late chatter 7")),  # late: a dead letter
+        RawMessage(
+            "gw-1", "logs", "mqtt", T0, b"<11>Dec  3 07:00:00 gw-1 app[42]: ERROR pump 7 stalled"
+        ),
+        RawMessage("gw-2", "logs", "coap", T0, b"\xff\xfe not utf-8"),
+        lines("gw-2", (130, "critical", "watchdog reset 2")),
+    ]
+
+
 def rows(data_dir, stream: str) -> list[tuple]:
     folder = data_dir / "parquet" / stream
     if not list(folder.glob("**/*.parquet")):
@@ -78,7 +105,8 @@ def config(data_dir):
     [
         ("telemetry", telemetry.build, telemetry_messages()),
         ("vibration", vibration.build, vibration_messages()),
-        ("edge", edge.build, telemetry_messages() + vibration_messages()),
+        ("logs", logs.build, logs_messages()),
+        ("edge", edge.build, telemetry_messages() + vibration_messages() + logs_messages()),
     ],
 )
 def test_the_flow_file_writes_the_rows_the_python_flow_writes(tmp_path, name, python, messages):
