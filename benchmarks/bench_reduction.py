@@ -80,8 +80,9 @@ from connectors.cloud import CloudReceiver
 from connectors.codecs.evb1 import encode_evb1
 from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, conform
+from connectors.uplink.wire import priority_of
 from flows.api import Edge
-from flows.config import ConfigError, parse_config
+from flows.config import CloudSection, ConfigError, parse_config
 from flows.machines import Machine
 from flows.runtime import FlowBuilder, load_flow_builder
 from flows.simulator import telemetry_payloads
@@ -93,13 +94,14 @@ T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 BLOCK_FRAMES = 4096
 
 FLOWS: dict[str, str] = {
-    "sensor": "flows.telemetry",
-    "vibration": "flows.vibration",
-    "vibration-steady": "flows.vibration",
-    "logs": "flows.logs",
-    "metrics": "flows.telemetry",
+    "sensor": "telemetry.flow.yaml",
+    "vibration": "vibration.flow.yaml",
+    "vibration-steady": "vibration.flow.yaml",
+    "logs": "logs.flow.yaml",
+    "metrics": "telemetry.flow.yaml",
 }
-"""The flow each workload runs: a module name or a path ``load_flow_builder`` takes."""
+"""The standard flow file each workload runs (``flows/standard``); a module name
+(``flows.telemetry``) or a path works too."""
 
 
 @dataclass
@@ -561,16 +563,24 @@ def _merge(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-LIVE_BATCH_AGE = timedelta(seconds=10)
-"""``cloud.batch_age`` of a live edge, whose batches the live-pace figure re-seals."""
+_CLOUD_DEFAULTS = CloudSection(target="127.0.0.1:1", key=EDGE_ID, secret="-")
+LIVE_BATCH_AGE = _CLOUD_DEFAULTS.batch_age
+"""``cloud.batch_age`` of a live edge (the default), whose batches the live-pace figure re-seals."""
 
 
-def live_wire(run: Run, *, batch_age: timedelta = LIVE_BATCH_AGE, partitions: int = 4) -> int:
+def live_wire(
+    run: Run,
+    *,
+    batch_age: timedelta = LIVE_BATCH_AGE,
+    partitions: int = _CLOUD_DEFAULTS.partitions,
+    alarm_batch_age: timedelta = _CLOUD_DEFAULTS.alarm_batch_age,
+) -> int:
     """Wire bytes of the rows the receiver stored, sealed as a live edge would have sealed them.
 
     Here simulated time runs far faster than real time, so the sink's
     wall-clock ``batch_age`` lets a batch gather minutes of rows. A live
-    edge seals each partition's rows ``batch_age`` after the first of them;
+    edge seals each partition's rows ``batch_age`` after the first of them
+    (alarms: ``alarm_batch_age``);
     each batch costs about 1-3 KB of Arrow schema and buffer headers. This
     re-seals the stored rows of every stream that way, by event time, with
     the edge's own :func:`~connectors.sinks.cloud.seal`, routed to
@@ -581,6 +591,7 @@ def live_wire(run: Run, *, batch_age: timedelta = LIVE_BATCH_AGE, partitions: in
         streams = [s for (s,) in con.sql("select distinct stream from uplink_batches").fetchall()]
         for stream in streams:
             spec = STREAMS[stream]
+            age = alarm_batch_age if priority_of(stream) == 0 else batch_age
             table = con.sql(
                 f"select {', '.join(spec.columns)} from {stream} order by {spec.time_column}"
             ).arrow()
@@ -592,7 +603,7 @@ def live_wire(run: Run, *, batch_age: timedelta = LIVE_BATCH_AGE, partitions: in
             count: dict[int, int] = {}
             for i, (when, device) in enumerate(zip(times, devices, strict=True)):
                 part = zlib.adler32(device.encode()) % partitions
-                if part not in opened or when >= opened[part] + batch_age:
+                if part not in opened or when >= opened[part] + age:
                     opened[part] = when
                     count[part] = count.get(part, 0) + 1
                 groups.setdefault((part, count[part]), []).append(i)

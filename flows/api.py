@@ -739,12 +739,17 @@ class Edge:
                     config.edge_id,
                     out.spec,
                     settings=CloudSinkSettings(
-                        max_rows=config.cloud.batch_rows, max_age=config.cloud.batch_age
+                        max_rows=config.cloud.batch_rows,
+                        max_age=(
+                            config.cloud.alarm_batch_age
+                            if out.priority == 0
+                            else config.cloud.batch_age
+                        ),
                     ),
                     priority=out.priority,
                     raw_bytes=lambda _rows, m=meter: m.claim_raw_bytes(),
                     on_seal=lambda s, m=meter: m.on_wire(s.stream, s.rows, len(s.payload)),
-                    partitions=partitions,
+                    partitions=config.cloud.partitions,
                 )
                 op.output(self.id(f"cloud_{name}"), rows_for_cloud, sink)
 

@@ -390,7 +390,12 @@ class CloudSection(_Section):
     send_points: bool = False
     """Also send ``telemetry_points`` (summaries, features and alarms are always sent)."""
     batch_rows: int = Field(10_000, gt=0)
-    batch_age: timedelta = timedelta(seconds=10)
+    batch_age: timedelta = timedelta(seconds=60)
+    """Seal a batch when its oldest row has waited this long (each batch costs ~1 KB of headers)."""
+    alarm_batch_age: timedelta = timedelta(seconds=1)
+    """``batch_age`` of priority-0 streams (alarms): they leave at once."""
+    partitions: int = Field(1, ge=1, le=64)
+    """Partitions of the cloud sinks: each seals its own batches (fewer, larger batches with 1)."""
     outbox_max_bytes: int = Field(256 * 1024 * 1024, gt=0)
     outbox_ttl: timedelta = timedelta(days=7)
     backoff_max: timedelta = timedelta(seconds=60)
@@ -406,6 +411,14 @@ class CloudSection(_Section):
                 f"(got {self.backoff_max.total_seconds():g}); hint: 60 is a good default"
             )
             raise ValueError(msg)
+        for name in ("batch_age", "alarm_batch_age"):
+            age = getattr(self, name)
+            if age <= timedelta(0):
+                msg = (
+                    f"{name}: must be longer than zero (got {age.total_seconds():g}); hint: "
+                    "seconds a batch may gather rows, e.g. 60 (alarm_batch_age: 1)"
+                )
+                raise ValueError(msg)
         return self
 
 

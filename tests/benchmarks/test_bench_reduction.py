@@ -14,7 +14,7 @@ from benchmarks import bench_reduction as bench
 NAMES = [w.name for w in bench.WORKLOADS]
 LINE = re.compile(
     r"^(?P<name>[a-z-]+): raw/wire = (?P<ratio>[\d,.]+):1 \(published (?P<published>[\d,]+:1)"
-    r"[^)]*\)?; target >= [\d,.]+:1 [^;]*; at live pace (?P<live>[\d,.]+):1 with batch_age 10 s\); "
+    r"[^)]*\)?; target >= [\d,.]+:1 [^;]*; at live pace (?P<live>[\d,.]+):1 with batch_age 60 s\); "
     r"(?P<fidelity>.+); fidelity OK \| .+$"
 )
 

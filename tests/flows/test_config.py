@@ -62,7 +62,6 @@ def test_defaults_have_a_nonzero_deadband():
     assert config.max_payload_bytes == 1024 * 1024
 
 
-
 def fails(data: object, message: str) -> None:
     """parse_config refuses ``data`` with exactly ``message`` (a literal string)."""
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
@@ -240,7 +239,9 @@ def test_logs_section_defaults_are_the_operators_and_are_checked_by_it():
 def test_vibration_defaults_are_the_operators():
     vibration = parse_config({}).vibration
     assert vibration.spectral() == SpectralConfig()
-    rules = parse_config({"vibration": {"alarms": [{"name": "x", "raise_above": 1}]}}).vibration.rules()
+    rules = parse_config(
+        {"vibration": {"alarms": [{"name": "x", "raise_above": 1}]}}
+    ).vibration.rules()
     assert rules == (Rule("x", "velocity_rms_mm_s", raise_above=1.0),)
     assert [r.name for r in vibration.rules()] == ["iso_zone_c", "iso_zone_d", "impacts_kurtosis"]
 
@@ -313,7 +314,11 @@ def test_alarm_rules_are_checked_by_the_threshold_operator():
         "vibration.alarms: is empty (got []); hint: leave alarms out for the default rules",
     )
     fails(
-        {"vibration": {"alarms": [{"name": "x", "raise_above": 1}, {"name": "x", "raise_below": 0}]}},
+        {
+            "vibration": {
+                "alarms": [{"name": "x", "raise_above": 1}, {"name": "x", "raise_below": 0}]
+            }
+        },
         "vibration.alarms: rule names must be unique (got 'x' twice); "
         "hint: rename one, the name is the rule column of its alarms",
     )
@@ -368,7 +373,11 @@ def test_cloud_section(tmp_path):
         (tmp_path / name).write_text("PEM\n")
     cloud = load_config(path).cloud
     assert cloud is not None and cloud.send_points and cloud.outbox_ttl == timedelta(days=1)
-    assert cloud.tls is not None and cloud.tls.ca == tmp_path / "ca.pem" and cloud.tls.key == tmp_path / "edge.key"
+    assert (
+        cloud.tls is not None
+        and cloud.tls.ca == tmp_path / "ca.pem"
+        and cloud.tls.key == tmp_path / "edge.key"
+    )
     assert "s3cret" not in repr(cloud)
 
 
@@ -394,6 +403,28 @@ def test_cloud_backoff_has_a_floor():
         {"cloud": {**CLOUD, "backoff_max": 0.1}},
         "cloud.backoff_max: must be at least 0.5 seconds, the first retry waits up to 0.5 s "
         "(got 0.1); hint: 60 is a good default",
+    )
+
+
+@pytest.mark.parametrize("key", ["batch_age", "alarm_batch_age"])
+def test_cloud_batch_ages_must_be_positive(key):
+    fails(
+        {"cloud": {**CLOUD, key: 0}},
+        f"cloud.{key}: must be longer than zero (got 0); hint: seconds a batch may gather rows, "
+        "e.g. 60 (alarm_batch_age: 1)",
+    )
+
+
+def test_cloud_batches_default_to_one_partition_a_minute_and_alarms_at_once():
+    cloud = parse_config({"cloud": CLOUD}).cloud
+    assert (cloud.partitions, cloud.batch_age, cloud.alarm_batch_age) == (
+        1,
+        timedelta(seconds=60),
+        timedelta(seconds=1),
+    )
+    fails(
+        {"cloud": {**CLOUD, "partitions": 0}},
+        "cloud.partitions: must be greater than or equal to 1 (got 0)",
     )
 
 
@@ -495,7 +526,9 @@ def test_listen_address_must_belong_to_this_machine(tmp_path):
         check_environment(config)
 
 
-DATA_DIR_HINT = "hint: point data_dir at a directory the edge may write to (it is created if missing)"
+DATA_DIR_HINT = (
+    "hint: point data_dir at a directory the edge may write to (it is created if missing)"
+)
 
 
 def test_data_dir_is_created_when_missing(tmp_path):
@@ -613,7 +646,12 @@ def test_journal_partitions_default_to_an_existing_journals_count_else_one(tmp_p
     assert journal_partition_count(config) == 1
     Journal(JournalSettings(root=tmp_path / "journal", partitions=3)).close()
     assert journal_partition_count(config) == 3
-    assert journal_partition_count(parse_config({"data_dir": str(tmp_path), "journal": {"partitions": 3}})) == 3
+    assert (
+        journal_partition_count(
+            parse_config({"data_dir": str(tmp_path), "journal": {"partitions": 3}})
+        )
+        == 3
+    )
 
 
 def test_http_max_requests_per_device(tmp_path):
