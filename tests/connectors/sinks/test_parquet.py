@@ -819,7 +819,7 @@ def test_unknown_stream_lists_known_streams(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError,
         match=r"ParquetSink: unknown stream 'telemetry'; known streams: alarms, dead_letters, "
-        r"device_attributes, "
+        r"device_attributes, log_events, log_summary, "
         r"telemetry_points, telemetry_summary, telemetry_text, vibration_features\. "
         r"Hint: pass a StreamSpec\(name, schema, time_column\) for a stream of your own$",
     ):
