@@ -42,6 +42,7 @@ from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from operators.records import LEVELS, LogLine
+from operators.windows import QuietFlush, _wall_clock
 
 __all__ = [
     "MAX_EXAMPLE_CHARS",
@@ -203,11 +204,7 @@ _Out = tuple[str, object]
 """``("event", LogEvent)``, ``("row", LogSummary)`` or ``("late", LogLine)``."""
 
 
-def _wall_clock() -> datetime:
-    return datetime.now(UTC)
-
-
-class _DeviceLogs(StatefulBatchLogic[LogLine, _Out, _State]):
+class _DeviceLogs(QuietFlush[LogLine, _Out, _State]):
     """One device's event time and open windows (see the module docstring)."""
 
     __slots__ = (
@@ -344,38 +341,6 @@ class _DeviceLogs(StatefulBatchLogic[LogLine, _Out, _State]):
         return sorted(
             w for w, rows in self.windows.items() if any(e[0] > e[5] for e in rows.values())
         )
-
-    def notify_at(self) -> datetime | None:
-        """Wall-clock time of the next quiet flush: silence of ``end - newest + lateness``."""
-        if self.newest is None:
-            return None
-        due = self._due()
-        if not due:
-            return None
-        wait = self._end(due[0]) - self.newest + self.config.allowed_lateness
-        try:
-            return self.quiet_since + max(wait, _ZERO)
-        except OverflowError:
-            return None
-
-    def on_notify(self) -> tuple[list[_Out], bool]:
-        """Flush the windows the device's silence has made due; keep them open."""
-        out: list[_Out] = []
-        if self.newest is not None:
-            silence = self.now() - self.quiet_since
-            horizon = self.newest - self.config.allowed_lateness + silence
-            for window_id in self._due():
-                if self._end(window_id) > horizon:
-                    break
-                self._emit(window_id, out)
-        return out, StatefulBatchLogic.RETAIN
-
-    def on_eof(self) -> tuple[list[_Out], bool]:
-        """Flush every open window; keep them open, as a resumed run may add to them."""
-        out: list[_Out] = []
-        for window_id in self._due():
-            self._emit(window_id, out)
-        return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> _State:
         """The device's event time and open windows (with what each row last emitted)."""
