@@ -1,0 +1,368 @@
+"""The HTML report in a real browser: charts drawn, numbers equal their sources, nothing fetched.
+
+A small real data directory is made by the whole edge flow (``flows.edge``)
+on recorded device messages (``Edge(config, source=TestingSource(...))``):
+telemetry of three sensors with a deadband and one-minute windows, two
+vibrating machines (one healthy, one out of balance, so an alarm is raised),
+and two malformed messages (dead letters); batches go over gRPC to a real
+``CloudReceiver`` on a loopback port. ``edgesieve report DATA --cloud DB
+--out report.html`` then writes the report, opened from ``file://`` in
+headless Chromium. Each chart must be a drawn plotly plot, or an explicit "no
+data" note where the data has none; each number cell's ``data-value`` must
+equal what DuckDB reads from the Parquet files and the receiver's
+``uplink_batches``, or the run report (``data_dir/report-<flow>.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from bytewax.testing import TestingSource
+
+from connectors.cloud import CloudReceiver
+from connectors.codecs.evb1 import encode_evb1
+from flows.api import Edge
+from flows.config import parse_config
+from flows.machines import Machine
+from flows.simulator import telemetry_payloads
+from operators.records import RawMessage
+from tests.browser.conftest import Browser, artifacts_dir, chromium
+from tests.conftest import ROOT
+
+pytest.importorskip("flows.report", reason="flows.report (edgesieve report) is not on this branch")
+
+EDGE_ID = "browser-edge"
+T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+SENSORS = 3
+SENSOR_SECONDS = 300
+MACHINES = {"pump-1": "healthy", "fan-2": "imbalance"}
+BLOCK_FRAMES = 4096
+BLOCKS = 40
+"""Vibration blocks per machine: 6.4 s at 25.6 kHz."""
+BAD = [("sensor-000", b"{not json"), ("sensor-001", b"\xff\xfe not UTF-8")]
+"""Malformed telemetry: dead letters with a reason."""
+
+CHARTS = (
+    "raw-wire-over-time",
+    "ratio-by-stream",
+    "ratio-by-device",
+    "telemetry-series",
+    "vibration-rms",
+    "band-energy",
+    "spectrum",
+    "alarms-timeline",
+    "dead-letters",
+)
+"""Every chart the report has (``<div class="chart" data-chart=NAME>``)."""
+
+DRAWN = """
+const marks = (root) => [...root.querySelectorAll(
+  '.main-svg g.trace path, .main-svg g.trace text, .main-svg g.hm image, .main-svg g.slice path'
+)].filter(el => {
+  const box = el.getBoundingClientRect();
+  const d = el.getAttribute('d');
+  return (box.width > 0 || box.height > 0) && d !== 'M0,0Z' && d !== '';
+}).length;
+return [...document.querySelectorAll('div.chart[data-chart]')].map(c => {
+  const plot = c.querySelector('.js-plotly-plot');
+  const points = plot && plot.data ? plot.data.reduce((n, t) => n + Math.max(
+    (t.x || []).length, (t.y || []).length, (t.z || []).length, (t.values || []).length
+  ), 0) : 0;
+  return {
+    name: c.dataset.chart,
+    empty: c.dataset.empty === 'true' || c.querySelector('[data-empty="true"]') !== null,
+    note: c.innerText.trim().slice(0, 200),
+    svg: c.querySelectorAll('.main-svg').length,
+    points: points,
+    marks: marks(c),
+  };
+});
+"""
+"""Per chart: its name, whether it is a "no data" note, and what plotly drew (points, marks)."""
+
+CELLS = """
+const [table, key] = arguments;
+return [...document.querySelectorAll(`table#${table} tr[data-${key}]`)].map(tr => ({
+  row: tr.getAttribute(`data-${key}`),
+  cells: Object.fromEntries([...tr.querySelectorAll('td[data-field]')].map(
+    td => [td.dataset.field, td.dataset.value === undefined ? null : td.dataset.value]
+  )),
+}));
+"""
+"""The rows of a table (keyed by ``data-<key>``) and their number cells' ``data-value``."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """A data directory, its receiver's database and the report written from them."""
+
+    data_dir: Path
+    db: Path
+    html: Path
+
+    def local(self, stream: str, sql: str) -> list[tuple]:
+        """``sql`` over ``stream``'s Parquet files (``{src}`` in ``sql``)."""
+        files = list((self.data_dir / "parquet" / stream).rglob("*.parquet"))
+        if not files:
+            return []
+        source = (
+            f"read_parquet('{self.data_dir}/parquet/{stream}/**/*.parquet', hive_partitioning=true)"
+        )
+        return duckdb.sql(sql.format(src=source)).fetchall()
+
+    def cloud(self, sql: str) -> list[tuple]:
+        with duckdb.connect(str(self.db), read_only=True) as con:
+            return con.execute(sql).fetchall()
+
+    def flow_report(self, flow: str) -> dict[str, Any]:
+        return json.loads((self.data_dir / f"report-{flow}.json").read_text())
+
+
+def messages() -> list[RawMessage]:
+    """Telemetry, vibration blocks and malformed messages of one short run, in time order."""
+    out = [
+        RawMessage(device, "telemetry", "mqtt", T0 + timedelta(seconds=i // SENSORS), body)
+        for i, (device, body) in enumerate(
+            telemetry_payloads(SENSORS, SENSOR_SECONDS, start=T0, seed=3)
+        )
+    ]
+    out += [RawMessage(d, "telemetry", "http", T0 + timedelta(seconds=5), b) for d, b in BAD]
+    machines = {d: Machine(kind, seed=i) for i, (d, kind) in enumerate(MACHINES.items())}
+    for i in range(BLOCKS):
+        start = T0 + timedelta(seconds=i * BLOCK_FRAMES / 25_600)
+        for device, machine in machines.items():
+            payload = encode_evb1(
+                machine.signal(i * BLOCK_FRAMES, BLOCK_FRAMES),
+                sample_rate_hz=machine.sample_rate_hz,
+                start_ts=start,
+            )
+            out.append(RawMessage(device, "vibration", "mqtt", start, payload))
+    return sorted(out, key=lambda m: m.received_at)
+
+
+def make_data(tmp: Path) -> tuple[Path, Path]:
+    """Run ``flows.edge`` on :func:`messages` into a real receiver: (data_dir, cloud db)."""
+    from flows import edge as edge_flow
+
+    data_dir, db = tmp / "edge", tmp / "cloud.duckdb"
+    secret = secrets.token_urlsafe(18)
+    with CloudReceiver("127.0.0.1:0", db, {EDGE_ID: secret}) as receiver:
+        config = parse_config(
+            {
+                "edge_id": EDGE_ID,
+                "data_dir": str(data_dir),
+                "telemetry": {"deadband": {"percent": 1.0}, "window": {"length": 60}},
+                "cloud": {
+                    "target": f"127.0.0.1:{receiver.port}",
+                    "key": EDGE_ID,
+                    "secret": secret,
+                    "send_points": True,
+                    "stop_timeout": 30,
+                },
+            },
+            source="browser test",
+        )
+        edge = Edge(config, name="edge", source=TestingSource(messages(), 64))
+        edge_flow.build(edge)
+        edge.run()
+    return data_dir, db
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Report:
+    tmp = tmp_path_factory.mktemp("report")
+    data_dir, db = make_data(tmp)
+    html = tmp / "r.html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "report", str(data_dir), "--cloud", str(db)]
+        + ["--out", str(html)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert html.is_file(), proc.stdout + proc.stderr
+    return Report(data_dir, db, html)
+
+
+@pytest.fixture(scope="module")
+def page(request: pytest.FixtureRequest, report: Report) -> Iterator[Browser]:
+    """The report open in headless Chromium once plotly has drawn every plot (one browser for
+    the module's tests: loading plotly.js is the slow part)."""
+    with chromium(artifacts_dir(request.node)) as browser:
+        browser.open(
+            report.html.as_uri(),
+            label="report",
+            ready=(
+                "[...document.querySelectorAll('div.chart .js-plotly-plot')]"
+                ".every(p => p.querySelector('.main-svg') !== null)"
+            ),
+        )
+        yield browser
+
+
+def has_data(report: Report) -> dict[str, bool]:
+    """Whether the data has anything for each chart (then it must be drawn, not a note)."""
+    features = report.local("vibration_features", "select count(*) from {src}")
+    alarms = report.local("alarms", "select count(*) from {src}")
+    dead = report.local("dead_letters", "select count(*) from {src}")
+    points = report.local("telemetry_points", "select count(*) from {src}")
+    batches = report.cloud("select count(*) from uplink_batches")
+    vibration = bool(features and features[0][0])
+    return {
+        "raw-wire-over-time": bool(batches[0][0]),
+        "ratio-by-stream": bool(batches[0][0]),
+        "ratio-by-device": bool(points and points[0][0]),
+        "telemetry-series": bool(points and points[0][0]),
+        "vibration-rms": vibration,
+        "band-energy": vibration,
+        "spectrum": vibration,
+        "alarms-timeline": bool(alarms and alarms[0][0]),
+        "dead-letters": bool(dead and dead[0][0]),
+    }
+
+
+def test_the_data_has_something_for_every_chart(report: Report) -> None:
+    """The fixture's data directory exercises every chart (else the test below proves less)."""
+    assert has_data(report) == dict.fromkeys(CHARTS, True)
+    raised = report.local("alarms", "select device from {src} where state = 'raised'")
+    assert {d for (d,) in raised} == {"fan-2"}
+
+
+def test_every_chart_is_drawn_without_console_errors(page: Browser, report: Report) -> None:
+    charts = page.js(DRAWN)
+    names = [c["name"] for c in charts]
+    assert set(CHARTS) <= set(names), f"charts missing: {sorted(set(CHARTS) - set(names))}"
+    wanted = has_data(report)
+    for chart in charts:
+        if chart["empty"]:
+            assert not wanted.get(chart["name"], False), f"{chart} is a 'no data' note: data exists"
+            assert chart["svg"] == 0, f"{chart}: a 'no data' note must not hold a plot"
+            assert chart["note"], f"{chart}: the 'no data' note says nothing"
+        else:
+            assert chart["svg"] >= 1, f"{chart}: no plotly plot in it"
+            assert chart["points"] > 0, f"{chart}: a plot without data points"
+            assert chart["marks"] > 0, f"{chart}: plotly drew nothing visible"
+    page.assert_quiet()
+
+
+def number(text: str | None) -> float:
+    assert text is not None, "a number cell without data-value"
+    return math.nan if text in ("", "null", "NaN") else float(text)
+
+
+def same(shown: str | None, expected: float | None, where: str) -> None:
+    got = number(shown)
+    if expected is None:
+        assert math.isnan(got), f"{where}: shows {shown}, the source has none"
+    else:
+        assert math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-12), (
+            f"{where}: shows {shown}, the source has {expected}"
+        )
+
+
+def summary_value(rep: dict[str, Any], field: str) -> float | None:
+    """The run report's number named ``field`` (a JSON key, ``map.key``, or an aggregate)."""
+    outputs = {s: n for s, n in rep["output_rows"].items() if s != "dead_letters"}
+    derived = {
+        "rows_out": sum(outputs.values()),
+        "output_bytes": sum(n for s, n in rep["output_bytes"].items() if s != "dead_letters"),
+        "wire_rows": sum(rep["wire_rows"].values()),
+        "wire_bytes": sum(rep["wire_bytes"].values()),
+        "dead_letters": rep["output_rows"].get("dead_letters", 0),
+        "alarms": rep["stages"].get("alarms", 0),
+        "devices": len(rep["devices"]),
+    }
+    if field in derived:
+        return derived[field]
+    if "." in field:
+        table, key = field.split(".", 1)
+        assert isinstance(rep.get(table), dict), (
+            f"summary field {field!r}: no {table} in the report"
+        )
+        return rep[table].get(key, 0)
+    assert field in rep, (
+        f"summary field {field!r} is neither in report-{rep['flow']}.json nor known"
+    )
+    return rep[field]
+
+
+def test_summary_numbers_equal_the_run_reports(page: Browser, report: Report) -> None:
+    rows = page.js(CELLS, "summary", "flow")
+    flows = {r["row"] for r in rows}
+    assert {"telemetry", "vibration"} <= flows, rows
+    for row in rows:
+        rep = report.flow_report(row["row"])
+        assert {"messages_in", "raw_bytes"} <= set(row["cells"]), row
+        for field, shown in row["cells"].items():
+            same(shown, summary_value(rep, field), f"summary {row['row']} {field}")
+
+
+STREAM_SQL = (
+    "select stream, count(*), sum(rows), sum(raw_bytes), sum(wire_bytes) "
+    "from uplink_batches group by stream"
+)
+
+
+def test_ratio_by_stream_equals_the_receivers_uplink_batches(page: Browser, report: Report) -> None:
+    rows = page.js(CELLS, "ratio-streams", "stream")
+    truth = {
+        s: {"batches": b, "rows": r, "raw_bytes": raw, "wire_bytes": wire, "ratio": raw / wire}
+        for s, b, r, raw, wire in report.cloud(STREAM_SQL)
+    }
+    assert {r["row"] for r in rows} == set(truth), rows
+    for row in rows:
+        assert {"raw_bytes", "wire_bytes", "ratio"} <= set(row["cells"]), row
+        for field, shown in row["cells"].items():
+            assert field in truth[row["row"]], f"ratio-streams: unknown field {field!r}"
+            same(shown, truth[row["row"]][field], f"ratio-streams {row['row']} {field}")
+
+
+DEVICE_FIELDS = {
+    "raw_bytes": "received_bytes",
+    "received_bytes": "received_bytes",
+    "messages_in": "received",
+    "received": "received",
+}
+"""Number cells of a device row and the per-device counter of the run reports they show."""
+
+
+def test_ratio_by_device_equals_the_run_reports(page: Browser, report: Report) -> None:
+    rows = page.js(CELLS, "ratio-devices", "device")
+    totals: dict[str, dict[str, int]] = {}
+    for flow in ("telemetry", "vibration", "logs"):
+        if (report.data_dir / f"report-{flow}.json").exists():
+            for device, counts in report.flow_report(flow)["devices"].items():
+                mine = totals.setdefault(device, {})
+                for key, n in counts.items():
+                    mine[key] = mine.get(key, 0) + n
+    names = [r["row"] for r in rows]
+    assert names and len(set(names)) == len(names), names
+    assert set(names) <= set(totals), f"devices not in the run reports: {set(names) - set(totals)}"
+    for row in rows:
+        assert set(row["cells"]) & {"raw_bytes", "received_bytes"}, row
+        for field, key in DEVICE_FIELDS.items():
+            if field in row["cells"]:
+                same(row["cells"][field], totals[row["row"]][key], f"ratio-devices {row['row']}")
+    # the top devices by raw bytes: none left out sent more than one shown
+    least = min(totals[d]["received_bytes"] for d in names)
+    assert [d for d in totals if d not in names and totals[d]["received_bytes"] > least] == []
+
+
+def test_nothing_is_fetched_from_the_network(page: Browser, report: Report) -> None:
+    html = report.html.read_text(encoding="utf-8")
+    assert "<script src=" not in html and 'rel="stylesheet"' not in html
+    assert page.outside_requests() == []
