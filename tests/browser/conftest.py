@@ -211,10 +211,10 @@ def artifacts_dir(node: pytest.Item | pytest.Module) -> Path:
 
 
 @contextmanager
-def chromium(artifacts: Path) -> Iterator[Browser]:
+def chromium(artifacts: Path, *, window: tuple[int, int] = WINDOW) -> Iterator[Browser]:
     """A fresh headless Chromium; at the end, a last screenshot, the console saved, and
     a failure on console errors/warnings or requests leaving the page's origin."""
-    driver = start_chromium()
+    driver = start_chromium(window=window)
     page = Browser(driver, artifacts)
     try:
         yield page
