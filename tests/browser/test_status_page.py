@@ -31,7 +31,7 @@ import pytest
 from connectors.codecs.evb1 import encode_evb1
 from flows.machines import Machine
 from tests.browser.conftest import Browser
-from tests.conftest import ROOT, curl, free_port, wait_for, write_devices
+from tests.conftest import ROOT, curl, free_port, refused, wait_for, write_devices
 
 pytest.importorskip("flows.status", reason="flows.status (the status page) is not on this branch")
 
@@ -104,12 +104,12 @@ class EdgeProcess:
             stderr=subprocess.STDOUT,
         )
         self.url = f"http://127.0.0.1:{self.status_port}/"
-        wait_for(self._running, "the edge's /status to say running", 60)
+        wait_for(self._running, "the edge's /status to say running and its HTTP API", 60)
 
     def _running(self) -> bool:
         assert self.proc.poll() is None, f"the edge exited {self.proc.returncode}: {self.tail()}"
         try:
-            return self.status()["state"] == "running"
+            return self.status()["state"] == "running" and not refused(self.http_port)
         except OSError:
             return False
 
