@@ -215,8 +215,12 @@ def shown(browser: Browser) -> dict[str, Any]:
     }
 
 
-def matches(browser: Browser, edge: EdgeProcess) -> bool:
-    return shown(browser) == expected(edge.status())
+def page_shows_status(browser: Browser, edge: EdgeProcess, what: str) -> None:
+    """Wait up to 10 s (the page refreshes every 2 s) for the page to show ``/status``."""
+    deadline = time.monotonic() + 10
+    while shown(browser) != expected(edge.status()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert shown(browser) == expected(edge.status()), what
 
 
 def settled(edge: EdgeProcess, check: Any, what: str) -> dict[str, Any]:
@@ -257,8 +261,7 @@ def test_the_status_page_shows_and_follows_status(browser: Browser, edge: EdgePr
         "performance.getEntriesByType('resource').some(e => e.name.endsWith('/status'))",
         "the page to fetch /status",
     )
-    wait_for(lambda: matches(browser, edge), "the page to show /status", 10)
-    assert shown(browser) == expected(edge.status())
+    page_shows_status(browser, edge, "the page shows /status")
     assert browser.js("return document.querySelector('#cloud-state').innerText.trim()") == (
         "not configured"
     )
@@ -273,7 +276,7 @@ def test_the_status_page_shows_and_follows_status(browser: Browser, edge: EdgePr
         lambda s: s["flows"]["telemetry"]["messages_in"] == 24,
         "the edge to count the new messages",
     )
-    wait_for(lambda: matches(browser, edge), "the page to update itself", 10)
+    page_shows_status(browser, edge, "the page updated itself to the new /status")
     assert shown(browser)["flows"]["telemetry"]["messages_in"] == 24
     assert browser.js("return performance.getEntriesByType('navigation').length") == 1, (
         "the page reloaded instead of updating itself"
