@@ -201,11 +201,10 @@ class Browser:
         (self.artifacts / "console.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def artifacts_dir(node: pytest.Item | pytest.Module) -> Path:
-    """``ARTIFACTS/<module>/<test>`` (a module's own: ``ARTIFACTS/<module>``), emptied first."""
-    folder = ARTIFACTS / Path(str(node.path)).stem
-    if isinstance(node, pytest.Item):
-        folder /= re.sub(r"[^A-Za-z0-9_.-]+", "-", node.name)
+def artifacts_dir(node: pytest.Item | pytest.Module, name: str | None = None) -> Path:
+    """``ARTIFACTS/<module>/<name or the test's name>``, emptied first."""
+    name = name or node.name
+    folder = ARTIFACTS / Path(str(node.path)).stem / re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
     shutil.rmtree(folder, ignore_errors=True)
     return folder
 

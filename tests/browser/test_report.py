@@ -129,14 +129,17 @@ class Report:
         return json.loads((self.data_dir / f"report-{flow}.json").read_text())
 
 
-def messages() -> list[RawMessage]:
-    """Telemetry, vibration blocks and malformed messages of one short run, in time order."""
+def messages(*, vibration: bool = True) -> list[RawMessage]:
+    """Telemetry, vibration blocks and malformed messages of one short run, in time order
+    (without ``vibration``: the well-formed telemetry only)."""
     out = [
         RawMessage(device, "telemetry", "mqtt", T0 + timedelta(seconds=i // SENSORS), body)
         for i, (device, body) in enumerate(
             telemetry_payloads(SENSORS, SENSOR_SECONDS, start=T0, seed=3)
         )
     ]
+    if not vibration:
+        return out
     out += [RawMessage(d, "telemetry", "http", T0 + timedelta(seconds=5), b) for d, b in BAD]
     machines = {d: Machine(kind, seed=i) for i, (d, kind) in enumerate(MACHINES.items())}
     for i in range(BLOCKS):
@@ -151,8 +154,8 @@ def messages() -> list[RawMessage]:
     return sorted(out, key=lambda m: m.received_at)
 
 
-def make_data(tmp: Path) -> tuple[Path, Path]:
-    """Run ``flows.edge`` on :func:`messages` into a real receiver: (data_dir, cloud db)."""
+def make_data(tmp: Path, recorded: list[RawMessage]) -> tuple[Path, Path]:
+    """Run ``flows.edge`` on ``recorded`` into a real receiver: (data_dir, cloud db)."""
     from flows import edge as edge_flow
 
     data_dir, db = tmp / "edge", tmp / "cloud.duckdb"
@@ -173,16 +176,15 @@ def make_data(tmp: Path) -> tuple[Path, Path]:
             },
             source="browser test",
         )
-        edge = Edge(config, name="edge", source=TestingSource(messages(), 64))
+        edge = Edge(config, name="edge", source=TestingSource(recorded, 64))
         edge_flow.build(edge)
         edge.run()
     return data_dir, db
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> Report:
-    tmp = tmp_path_factory.mktemp("report")
-    data_dir, db = make_data(tmp)
+def write_report(tmp: Path, recorded: list[RawMessage]) -> Report:
+    """The data of ``recorded`` and ``edgesieve report DATA --cloud DB --out r.html`` on it."""
+    data_dir, db = make_data(tmp, recorded)
     html = tmp / "r.html"
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "report", str(data_dir), "--cloud", str(db)]
@@ -199,18 +201,23 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Report:
 
 
 @pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Report:
+    return write_report(tmp_path_factory.mktemp("report"), messages())
+
+
+DRAWN_ALL = (
+    "[...document.querySelectorAll('div.chart .js-plotly-plot')]"
+    ".every(p => p.querySelector('.main-svg') !== null)"
+)
+"""True once plotly has drawn every plot of the page."""
+
+
+@pytest.fixture(scope="module")
 def page(request: pytest.FixtureRequest, report: Report) -> Iterator[Browser]:
     """The report open in headless Chromium once plotly has drawn every plot (one browser for
     the module's tests: loading plotly.js is the slow part)."""
-    with chromium(artifacts_dir(request.node)) as browser:
-        browser.open(
-            report.html.as_uri(),
-            label="report",
-            ready=(
-                "[...document.querySelectorAll('div.chart .js-plotly-plot')]"
-                ".every(p => p.querySelector('.main-svg') !== null)"
-            ),
-        )
+    with chromium(artifacts_dir(request.node, "report")) as browser:
+        browser.open(report.html.as_uri(), label="report", ready=DRAWN_ALL)
         yield browser
 
 
@@ -242,7 +249,8 @@ def test_the_data_has_something_for_every_chart(report: Report) -> None:
     assert {d for (d,) in raised} == {"fan-2"}
 
 
-def test_every_chart_is_drawn_without_console_errors(page: Browser, report: Report) -> None:
+def check_charts(page: Browser, report: Report) -> None:
+    """Every chart is present; drawn with visible data where the data has some, else a note."""
     charts = page.js(DRAWN)
     names = [c["name"] for c in charts]
     assert set(CHARTS) <= set(names), f"charts missing: {sorted(set(CHARTS) - set(names))}"
@@ -253,10 +261,24 @@ def test_every_chart_is_drawn_without_console_errors(page: Browser, report: Repo
             assert chart["svg"] == 0, f"{chart}: a 'no data' note must not hold a plot"
             assert chart["note"], f"{chart}: the 'no data' note says nothing"
         else:
+            assert wanted.get(chart["name"], True), f"{chart}: a plot where the data has none"
             assert chart["svg"] >= 1, f"{chart}: no plotly plot in it"
             assert chart["points"] > 0, f"{chart}: a plot without data points"
             assert chart["marks"] > 0, f"{chart}: plotly drew nothing visible"
+
+
+def test_every_chart_is_drawn_without_console_errors(page: Browser, report: Report) -> None:
+    check_charts(page, report)
     page.assert_quiet()
+
+
+def test_charts_without_data_are_notes_not_empty_plots(browser: Browser, tmp_path: Path) -> None:
+    report = write_report(tmp_path, messages(vibration=False))
+    assert not any(
+        has_data(report)[c] for c in ("vibration-rms", "alarms-timeline", "dead-letters")
+    )
+    browser.open(report.html.as_uri(), label="telemetry-only", ready=DRAWN_ALL)
+    check_charts(browser, report)
 
 
 def number(text: str | None) -> float:
