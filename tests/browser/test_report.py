@@ -76,9 +76,12 @@ const marks = (root) => [...root.querySelectorAll(
 }).length;
 return [...document.querySelectorAll('div.chart[data-chart]')].map(c => {
   const plot = c.querySelector('.js-plotly-plot');
-  const points = plot && plot.data ? plot.data.reduce((n, t) => n + Math.max(
-    (t.x || []).length, (t.y || []).length, (t.z || []).length, (t.values || []).length
-  ), 0) : 0;
+  // _fullData: the traces as plotly drew them (base64-encoded arrays of data decoded)
+  const traces = plot ? (plot._fullData || plot.data || []) : [];
+  const len = (a) => (a && typeof a.length === 'number') ? a.length : 0;
+  const points = traces.reduce(
+    (n, t) => n + Math.max(len(t.x), len(t.y), len(t.z), len(t.values)), 0
+  );
   return {
     name: c.dataset.chart,
     empty: c.dataset.empty === 'true' || c.querySelector('[data-empty="true"]') !== null,
