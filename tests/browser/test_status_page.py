@@ -51,8 +51,9 @@ FLOW_FIELDS = (
 )
 """The number cells of a flow's row (``td[data-field]``), keys of ``/status`` ``flows.NAME``."""
 BLOCK_FRAMES = 4096
-ALARM_BLOCKS = 10
-"""Blocks of the out-of-balance machine: enough for its velocity RMS to reach zone C/D."""
+ALARM_BLOCKS = 30
+"""Blocks of the out-of-balance machine (4.8 s): enough for features and an ISO zone alarm
+while the edge runs (10 blocks raise it only when the stop flushes the flow)."""
 
 PAGE_NUMBERS = """
 const value = (el) => el === null ? undefined : el.dataset.value;
