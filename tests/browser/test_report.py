@@ -356,35 +356,47 @@ def test_ratio_by_stream_equals_the_receivers_uplink_batches(page: Browser, repo
             same(shown, truth[row["row"]][field], f"ratio-streams {row['row']} {field}")
 
 
-DEVICE_FIELDS = {
-    "raw_bytes": "received_bytes",
-    "received_bytes": "received_bytes",
-    "messages_in": "received",
-    "received": "received",
-}
-"""Number cells of a device row and the per-device counter of the run reports they show."""
+def device_wire_bytes(report: Report) -> dict[str, float]:
+    """Each device's share of the wire bytes: every uplink batch's ``wire_bytes`` shared out
+    evenly to the rows the receiver stored from it (joined on batch_id), summed per device."""
+    with duckdb.connect(str(report.db), read_only=True) as con:
+        tables = [
+            t
+            for (t,) in con.execute(
+                "select table_name from information_schema.columns where column_name = 'device'"
+            ).fetchall()
+        ]
+        shares = " union all ".join(
+            f'select t.device, b.wire_bytes / b.rows as share from "{t}" t '
+            "join uplink_batches b using (batch_id, edge_id)"
+            for t in tables
+        )
+        return dict(con.execute(f"select device, sum(share) from ({shares}) group by 1").fetchall())
 
 
-def test_ratio_by_device_equals_the_run_reports(page: Browser, report: Report) -> None:
+def test_ratio_by_device_equals_the_run_reports_and_the_receiver(
+    page: Browser, report: Report
+) -> None:
     rows = page.js(CELLS, "ratio-devices", "device")
-    totals: dict[str, dict[str, int]] = {}
+    raw: dict[str, int] = {}
     for flow in ("telemetry", "vibration", "logs"):
         if (report.data_dir / f"report-{flow}.json").exists():
             for device, counts in report.flow_report(flow)["devices"].items():
-                mine = totals.setdefault(device, {})
-                for key, n in counts.items():
-                    mine[key] = mine.get(key, 0) + n
+                raw[device] = raw.get(device, 0) + counts.get("received_bytes", 0)
+    wire = device_wire_bytes(report)
     names = [r["row"] for r in rows]
     assert names and len(set(names)) == len(names), names
-    assert set(names) <= set(totals), f"devices not in the run reports: {set(names) - set(totals)}"
+    assert set(names) <= set(raw), f"devices not in the run reports: {set(names) - set(raw)}"
     for row in rows:
-        assert set(row["cells"]) & {"raw_bytes", "received_bytes"}, row
-        for field, key in DEVICE_FIELDS.items():
-            if field in row["cells"]:
-                same(row["cells"][field], totals[row["row"]][key], f"ratio-devices {row['row']}")
+        device, cells = row["row"], row["cells"]
+        assert set(cells) == {"raw_bytes", "wire_bytes", "ratio"}, row
+        same(cells["raw_bytes"], raw[device], f"ratio-devices {device} raw_bytes")
+        out = wire.get(device, 0.0)
+        same(cells["wire_bytes"], math.floor(out + 0.5), f"ratio-devices {device} wire_bytes")
+        same(cells["ratio"], raw[device] / out if out else None, f"ratio-devices {device} ratio")
     # the top devices by raw bytes: none left out sent more than one shown
-    least = min(totals[d]["received_bytes"] for d in names)
-    assert [d for d in totals if d not in names and totals[d]["received_bytes"] > least] == []
+    least = min(raw[d] for d in names)
+    assert [d for d in raw if d not in names and raw[d] > least] == []
 
 
 def test_nothing_is_fetched_from_the_network(page: Browser, report: Report) -> None:
