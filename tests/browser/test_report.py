@@ -336,6 +336,42 @@ def test_summary_numbers_equal_the_run_reports(page: Browser, report: Report) ->
             same(shown, summary_value(rep, field), f"summary {row['row']} {field}")
 
 
+def test_per_stream_numbers_and_the_text_report_equal_the_run_reports(
+    page: Browser, report: Report
+) -> None:
+    """The per-stream rows of the summary, and the text report exactly as the CLI prints it."""
+    from dataclasses import fields
+
+    from flows.accounting import FlowReport
+
+    reports = {
+        path.stem.removeprefix("report-"): json.loads(path.read_text())
+        for path in sorted(report.data_dir.glob("report-*.json"))
+    }
+    rows = page.js(CELLS, "summary-streams", "stream")
+    expected = {
+        f"{flow}/{stream}": {
+            "rows": rep["output_rows"].get(stream, 0),
+            "bytes": rep["output_bytes"].get(stream, 0),
+            "wire_rows": rep["wire_rows"].get(stream, 0),
+            "wire_bytes": rep["wire_bytes"].get(stream, 0),
+        }
+        for flow, rep in reports.items()
+        for stream in {*rep["output_rows"], *rep["wire_rows"]}
+    }
+    assert {r["row"] for r in rows} == set(expected)
+    for row in rows:
+        assert set(row["cells"]) == set(expected[row["row"]]), row
+        for field, shown in row["cells"].items():
+            same(shown, expected[row["row"]][field], f"summary-streams {row['row']} {field}")
+    names = {f.name for f in fields(FlowReport)}
+    text = "\n".join(
+        FlowReport(**{k: v for k, v in rep.items() if k in names}).render()
+        for _, rep in sorted(reports.items())
+    )
+    assert page.js("return document.getElementById('text-report').textContent;") == text
+
+
 STREAM_SQL = (
     "select stream, count(*), sum(rows), sum(raw_bytes), sum(wire_bytes) "
     "from uplink_batches group by stream"
