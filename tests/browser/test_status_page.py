@@ -219,9 +219,12 @@ def shown(browser: Browser) -> dict[str, Any]:
 def page_shows_status(browser: Browser, edge: EdgeProcess, what: str) -> None:
     """Wait up to 10 s (the page refreshes every 2 s) for the page to show ``/status``."""
     deadline = time.monotonic() + 10
-    while shown(browser) != expected(edge.status()) and time.monotonic() < deadline:
+    while True:
+        page, truth = shown(browser), expected(edge.status())
+        if page == truth or time.monotonic() > deadline:
+            break
         time.sleep(0.2)
-    assert shown(browser) == expected(edge.status()), what
+    assert page == truth, what
 
 
 def settled(edge: EdgeProcess, check: Any, what: str) -> dict[str, Any]:
