@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -15,9 +16,19 @@ from connectors.uplink.sender import UplinkSender
 from connectors.uplink.settings import UplinkSettings
 from flows.config import EdgeConfig
 
-__all__ = ["CloudLink"]
+__all__ = ["CloudLink", "LinkStatus"]
 
 log = logging.getLogger("edgesieve.run")
+
+
+class LinkStatus(NamedTuple):
+    """The outbox's depth and the sender's state, for the edge status."""
+
+    batches: int
+    bytes: int
+    connected: bool
+    acked: int
+
 
 class CloudLink:
     """``data_dir/outbox.sqlite`` and the sender draining it to ``cloud.target``.
@@ -70,6 +81,19 @@ class CloudLink:
             self._outbox, self._sender = outbox, sender
             self._registry.register(_UplinkCollector(outbox, sender))
             return outbox
+
+    def status(self) -> LinkStatus | None:
+        """Outbox depth, connection and acknowledged batches; None before :meth:`open`."""
+        outbox, sender = self._outbox, self._sender
+        if outbox is None or sender is None or outbox.closed:
+            return None
+        try:
+            stats = outbox.stats()
+        except RuntimeError:  # closed meanwhile
+            return None
+        return LinkStatus(
+            stats.batches, stats.bytes, sender.state == "connected", sender.stats.acked
+        )
 
     def close(self, flush_s: float | None = None) -> None:
         """Wait up to ``flush_s`` (``cloud.stop_timeout``) for acknowledgements, then stop.

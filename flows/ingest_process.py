@@ -55,6 +55,7 @@ from connectors.devices.mqtt.journaled import JournaledMqtt
 from connectors.devices.mqtt_server import MqttServer
 from connectors.devices.registry import DeviceRegistry
 from flows.config import ConfigError, EdgeConfig, environment_problems, load_config
+from flows.console import LogSetup, current_log_setup
 from flows.ingest_stats import MeteredJournal, StatsWriter, remove_snapshot
 from flows.transports import mqtt_settings
 from operators.records import TELEMETRY, VIBRATION
@@ -73,6 +74,8 @@ BACKOFF_MIN_S: Final = 0.5
 BACKOFF_MAX_S: Final = 5.0
 START_FAILED: Final = 2
 """Exit status of an ingest process that could not start (the reason is logged)."""
+INGEST_LOG_FILE: Final = "ingest.log"
+"""The ingest process's log file, beside the flow process's (one writer per rotating file)."""
 _POLL_S: Final = 0.05
 _PARENT_POLL_S: Final = 0.2
 _STOP_GRACE_S: Final = 1.0
@@ -285,6 +288,7 @@ def _child(
     ready: Any,
     level: int,
     failed: multiprocessing.connection.Connection,
+    logs: LogSetup | None = None,
 ) -> None:
     """Entry point of the ingest process (spawned): run until the supervisor says stop.
 
@@ -294,7 +298,10 @@ def _child(
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a clean stop, as when run standalone
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logs is not None:  # the parent's console and log directory, a file of its own
+        logs.apply(file_name=INGEST_LOG_FILE)
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     watcher = threading.Thread(
         target=_watch,
         args=(stop, parent_stop, multiprocessing.parent_process()),
@@ -397,9 +404,10 @@ class IngestSupervisor:
         child_end, stop_child = self._ctx.Pipe(duplex=False)
         failed, child_failed = self._ctx.Pipe(duplex=False)
         level = logging.getLogger().level
+        logs = current_log_setup()
         proc = self._ctx.Process(
             target=_child,
-            args=(self.config, self.channels, child_end, ready, level, child_failed),
+            args=(self.config, self.channels, child_end, ready, level, child_failed, logs),
             name="edgesieve-ingest",
             daemon=True,
         )
