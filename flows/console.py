@@ -52,7 +52,6 @@ FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REFRESH_S: Final = 1.0
 """How often the live block is redrawn on a terminal."""
 
-lifecycle = logging.getLogger(LIFECYCLE_LOGGER)
 status_log = logging.getLogger(STATUS_LOGGER)
 
 _current: LogSetup | None = None
@@ -205,9 +204,7 @@ class StatusConsole:
 
     On a terminal (``live=None`` asks ``console``) one rich live block redrawn
     every :data:`REFRESH_S`; otherwise a status line every ``every`` seconds
-    (0: never). Either way it logs the lifecycle lines ``ready`` (inputs
-    listening) and ``stopping`` (stop requested). ``left`` gives the seconds
-    left to show (the demo's devices).
+    (0: never). ``left`` gives the seconds left to show (the demo's devices).
     """
 
     def __init__(
@@ -260,8 +257,6 @@ class StatusConsole:
                 live.update(self._block(), refresh=True)  # the last figures stay on screen
         elif self.every > 0:
             self._loop(self._line, self.every)
-        else:
-            self._loop(None, 0)
 
     def _line(self) -> None:
         status_log.info("%s", status_line(self.edge.status(), left_s=self._left()))
@@ -270,16 +265,8 @@ class StatusConsole:
         return render_block(self.edge.status(), left_s=self._left())
 
     def _loop(self, show: Callable[[], None] | None, period: float) -> None:
-        edge = self.edge
-        ready = stopping = False
         next_show = time.monotonic() + (0 if self.live else period)
         while not self._stop.wait(0.2):
-            if not ready and edge.state == "running":
-                ready = True
-                lifecycle.info("flow %s ready: inputs listening", edge.name)
-            if not stopping and edge.stop.is_set():
-                stopping = True
-                lifecycle.info("flow %s stopping: draining the journal, closing windows", edge.name)
             if show is not None and time.monotonic() >= next_show:
                 next_show = time.monotonic() + period
                 try:

@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("edgesieve.ingest")
+lifecycle = logging.getLogger("edgesieve.lifecycle")
+"""Ready, stopping, stopped: shown on the console without ``-v``."""
 
 BACKOFF_MIN_S: Final = 0.5
 BACKOFF_MAX_S: Final = 5.0
@@ -164,7 +166,7 @@ async def _serve(
         while not stop.is_set():
             if not announced and (mqtt is None or mqtt.ready):
                 announced = True
-                logger.info("ingest: ready (%s)", _describe(servers, mqtt))
+                lifecycle.info("ingest: ready (%s)", _describe(servers, mqtt))
                 if ready is not None:
                     ready()
             await asyncio.sleep(_POLL_S)
@@ -229,7 +231,7 @@ def run_ingest(
             mqtt.close()
         if stats is not None:
             stats.stop()  # the final counters, for the flow's report
-        logger.info("ingest: stopped")
+        lifecycle.info("ingest: stopped")
 
 
 # --- the child process --------------------------------------------------------------------------
@@ -566,7 +568,7 @@ class JournalFeed:
             supervisor = self._supervisor
             try:
                 if supervisor is not None:
-                    logger.info("stopping ingest, then draining the journal through the flow")
+                    lifecycle.info("stopping ingest, then draining the journal through the flow")
                     supervisor.stop()
             finally:
                 self.source.drain.set()
