@@ -187,7 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from flows.console import LogSetup
 
-    LogSetup(verbose=args.verbose).apply()
+    if args.command in ("run", "demo"):  # quiet: warnings and lifecycle lines, logs to files
+        LogSetup(verbose=args.verbose).apply()
+    else:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     try:
         if args.command == "run":
             from flows.runtime import load_flow_builder

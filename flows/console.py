@@ -189,10 +189,11 @@ def render_block(status: dict[str, Any], *, left_s: float | None = None) -> Rend
         tail += "   cloud not configured"
     lines: list[Any] = [Text(head, style="bold"), table, Text(tail)]
     for alarm in status["recent_alarms"][:3]:
+        value = alarm["value"]
         lines.append(
             Text(
                 f"alarm {alarm['state']} {alarm['severity']}: {alarm['device']} {alarm['key']} "
-                f"{alarm['rule']} = {alarm['value']} at {alarm['ts']}",
+                f"{alarm['rule']} = {'n/a' if value is None else f'{value:.3g}'} at {alarm['ts']}",
                 style="red" if alarm["state"] == "raised" else "green",
             )
         )
