@@ -87,6 +87,28 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """The rotating log file; a write that fails (a full disk) drops that line, no traceback.
+
+    The first failure is one WARNING on the console; the file resumes when writes work again.
+    """
+
+    warned = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if self.warned:
+            return
+        self.warned = True
+        exc = sys.exc_info()[1]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        logging.getLogger("edgesieve.run").warning(
+            "log file %s: cannot write (%s); log lines are dropped until it can; "
+            "hint: free space on that disk",
+            self.baseFilename,
+            reason,
+        )
+
+
 @dataclass(frozen=True)
 class LogSetup:
     """Where logs go: the console (quiet unless ``verbose``) and, with ``log_dir``, files there."""
@@ -113,7 +135,7 @@ class LogSetup:
         handlers: list[logging.Handler] = [console]
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            rotating = logging.handlers.RotatingFileHandler(
+            rotating = _LogFile(
                 self.log_dir / file_name,
                 maxBytes=LOG_FILE_BYTES,
                 backupCount=LOG_FILE_COUNT,

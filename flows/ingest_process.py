@@ -422,7 +422,7 @@ class IngestSupervisor:
             if previous is not None:
                 previous.close()  # the previous child's, which is gone
         self._proc, self._ready, self._stop_child, self._failed = proc, ready, stop_child, failed
-        logger.info("ingest process started (pid %d)", proc.pid)
+        lifecycle.info("ingest process started (pid %d)", proc.pid)
 
     def _supervise(self) -> None:
         backoff = BACKOFF_MIN_S

@@ -381,7 +381,7 @@ def test_run_console_access_logs_only_with_v(tmp_path, verbose, wait_for):
     assert "edgesieve.lifecycle: flow telemetry stopped" in err
     assert "edgesieve.lifecycle.status: status: running, up" in err
     assert ("edgesieve.http.access" in err) is verbose
-    assert ("INFO edgesieve.ingest:" in err) is verbose
+    assert ("INFO edgesieve.run: recovery: created" in err) is verbose
     logs = data_dir / "logs"
     assert "SIGTERM received: stopping cleanly" in (logs / "edgesieve.log").read_text()
     assert "edgesieve.http.access" in (logs / "ingest.log").read_text()
@@ -413,3 +413,25 @@ def test_a_log_directory_that_cannot_be_used_is_one_line(tmp_path):
         "(File exists); hint: check the permissions and free space of data_dir"
     )
     assert os.path.isfile(data_dir / "logs")
+
+
+class FullDisk(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_log_file_that_cannot_be_written_is_one_warning(tmp_path, capsys, root_logging):
+    LogSetup(log_dir=tmp_path / "logs").apply()
+    (log_file,) = [
+        h for h in logging.getLogger().handlers if isinstance(h, console_module._LogFile)
+    ]
+    log_file.stream = FullDisk()  # the fault: the disk is full
+    logging.getLogger("edgesieve.run").info("a line that cannot be written")
+    logging.getLogger("edgesieve.uplink").warning("a warning that still reaches the console")
+    shown = capsys.readouterr().err
+    warning = (
+        f"WARNING edgesieve.run: log file {tmp_path / 'logs' / 'edgesieve.log'}: cannot write "
+        "(No space left on device); log lines are dropped until it can; hint: free space on that disk"
+    )
+    assert shown.count(warning) == 1 and "Traceback" not in shown
+    assert "a warning that still reaches the console" in shown
