@@ -45,6 +45,7 @@ class CloudLink:
         self._lock = threading.Lock()
         self._outbox: Outbox | None = None
         self._sender: UplinkSender | None = None
+        self._last: LinkStatus | None = None
 
     @property
     def sender(self) -> UplinkSender | None:
@@ -83,17 +84,22 @@ class CloudLink:
             return outbox
 
     def status(self) -> LinkStatus | None:
-        """Outbox depth, connection and acknowledged batches; None before :meth:`open`."""
+        """Outbox depth, connection and acknowledged batches; None before :meth:`open`.
+
+        Once closed (or closing), the last figures read, disconnected.
+        """
         outbox, sender = self._outbox, self._sender
+        last = self._last
         if outbox is None or sender is None or outbox.closed:
-            return None
+            return last._replace(connected=False) if last is not None else None
         try:
             stats = outbox.stats()
         except RuntimeError:  # closed meanwhile
-            return None
-        return LinkStatus(
+            return last._replace(connected=False) if last is not None else None
+        self._last = LinkStatus(
             stats.batches, stats.bytes, sender.state == "connected", sender.stats.acked
         )
+        return self._last
 
     def close(self, flush_s: float | None = None) -> None:
         """Wait up to ``flush_s`` (``cloud.stop_timeout``) for acknowledgements, then stop.
@@ -117,7 +123,11 @@ class CloudLink:
                 stats.bytes,
             )
         sender.stop()
-        outbox.close()
+        try:  # the figures a stopped edge's status shows
+            stats = outbox.stats()
+            self._last = LinkStatus(stats.batches, stats.bytes, False, sender.stats.acked)
+        finally:
+            outbox.close()
 
 
 class _UplinkCollector(Collector):

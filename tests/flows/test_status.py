@@ -435,3 +435,30 @@ def test_a_log_file_that_cannot_be_written_is_one_warning(tmp_path, capsys, root
     )
     assert shown.count(warning) == 1 and "Traceback" not in shown
     assert "a warning that still reaches the console" in shown
+
+
+def test_cloud_and_outbox_in_the_status_are_what_the_receiver_stored(tmp_path):
+    from connectors.cloud import CloudReceiver
+
+    secret = "a-secret-of-edge-01-xyz"
+    with CloudReceiver("127.0.0.1:0", tmp_path / "cloud.duckdb", {"edge-01": secret}) as receiver:
+        config = parse_config(
+            {
+                "edge_id": "edge-01",
+                "data_dir": str(tmp_path / "edge"),
+                "cloud": {
+                    "target": f"127.0.0.1:{receiver.port}",
+                    "key": "edge-01",
+                    "secret": secret,
+                },
+            }
+        )
+        edge = run_recorded(edge_flow.build, config, recorded_messages(), name="edge", batch_size=8)
+    status = edge_status(edge)
+    with duckdb.connect(str(tmp_path / "cloud.duckdb"), read_only=True) as con:
+        ((batches, wire),) = con.sql("select count(*), sum(wire_bytes) from uplink_batches").fetchall()
+    assert batches > 0
+    assert status["cloud"] == {"configured": True, "connected": False, "acked_batches": batches}
+    assert status["outbox"] == {"batches": 0, "bytes": 0}  # everything acknowledged
+    assert sum(f["wire_bytes"] for f in status["flows"].values()) == wire
+    assert "cloud disconnected" in status_line(status) and "outbox 0 batches" in status_line(status)
