@@ -456,7 +456,9 @@ def test_cloud_and_outbox_in_the_status_are_what_the_receiver_stored(tmp_path):
         edge = run_recorded(edge_flow.build, config, recorded_messages(), name="edge", batch_size=8)
     status = edge_status(edge)
     with duckdb.connect(str(tmp_path / "cloud.duckdb"), read_only=True) as con:
-        ((batches, wire),) = con.sql("select count(*), sum(wire_bytes) from uplink_batches").fetchall()
+        ((batches, wire),) = con.sql(
+            "select count(*), sum(wire_bytes) from uplink_batches"
+        ).fetchall()
     assert batches > 0
     assert status["cloud"] == {"configured": True, "connected": False, "acked_batches": batches}
     assert status["outbox"] == {"batches": 0, "bytes": 0}  # everything acknowledged
