@@ -11,11 +11,16 @@ Two rates each: "wall" from the start (connect; for the flow also spawning the
 ingest process and starting Bytewax) to the N-th message, and "drain" from
 the first message to the N-th (the flow's messages counted as they leave the
 journal). Prints both, and the ratios (b)/(a).
+
+``--console`` adds (c): the same flow on its own copy of the backlog with the
+live status console drawing (rich, redrawn every second, as on a terminal;
+written to /dev/null), and prints (c)/(b): what the console costs the flow.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import threading
 import time
@@ -34,6 +39,8 @@ TOPIC = "v1/devices/+/telemetry"
 BARE_ID = "bench-bare"
 FLOW_PREFIX = "bench-flow"
 FLOW_ID = f"{FLOW_PREFIX}-telemetry"  # flows add their channel to the configured client id
+CONSOLE_PREFIX = "bench-console"
+CONSOLE_ID = f"{CONSOLE_PREFIX}-telemetry"
 
 
 def register_session(port: int, client_id: str) -> None:
@@ -78,20 +85,30 @@ def drain_bare(port: int, n: int, timeout: float) -> tuple[float, float]:
 
 
 def drain_flow(
-    port: int, n: int, data_dir: Path, timeout: float, workers: int
+    port: int,
+    n: int,
+    data_dir: Path,
+    timeout: float,
+    workers: int,
+    *,
+    client_id: str = FLOW_PREFIX,
+    console: bool = False,
 ) -> tuple[float, float, Meter]:
-    """Seconds from ``run()`` to the n-th message received, from the first to it, the meter."""
+    """Seconds from ``run()`` to the n-th message received, from the first to it, the meter.
+
+    With ``console`` the live status block is drawn while the flow runs.
+    """
     config = parse_config(
         {
             "data_dir": str(data_dir),
-            "transports": {"mqtt": {"url": f"mqtt://127.0.0.1:{port}", "client_id": FLOW_PREFIX}},
+            "transports": {"mqtt": {"url": f"mqtt://127.0.0.1:{port}", "client_id": client_id}},
         }
     )
     edge = Edge(config, name="telemetry")
     telemetry.build(edge)
     meter, stop = edge.meter, edge.stop
 
-    marks = {"first": 0.0, "last": 0.0}
+    marks = {"first": 0.0, "last": 0.0, "refresh_ms": 0.0}
 
     def watch() -> None:
         deadline = time.monotonic() + timeout
@@ -103,8 +120,25 @@ def drain_flow(
         stop.set()
 
     threading.Thread(target=watch, daemon=True).start()
-    t0 = time.perf_counter()
-    edge.run(workers=workers)
+    if not console:
+        t0 = time.perf_counter()
+        edge.run(workers=workers)
+        return marks["last"] - t0, marks["last"] - marks["first"], meter
+    from rich.console import Console
+
+    from flows.console import StatusConsole, render_block
+
+    with open(os.devnull, "w") as sink:
+        shown = Console(file=sink, force_terminal=True, width=160)
+        with StatusConsole(edge, live=True, console=shown):
+            t0 = time.perf_counter()
+            edge.run(workers=workers)
+        # one redraw's own cost: the status, the block, written to the terminal
+        cpu0, rounds = time.process_time(), 50
+        for _ in range(rounds):
+            shown.print(render_block(edge.status()))
+        marks["refresh_ms"] = (time.process_time() - cpu0) / rounds * 1000
+    print(f"one console redraw (status + block): {marks['refresh_ms']:.2f} ms CPU, once a second")
     return marks["last"] - t0, marks["last"] - marks["first"], meter
 
 
@@ -114,6 +148,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--console",
+        action="store_true",
+        help="also run the flow with the live status console and print what it costs",
+    )
     args = parser.parse_args()
 
     per_device = max(1, args.messages // args.devices)
@@ -123,6 +162,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp) / "broker") as broker:
         register_session(broker.port, BARE_ID)
         register_session(broker.port, FLOW_ID)
+        if args.console:
+            register_session(broker.port, CONSOLE_ID)
         sent = publish_telemetry(broker.url, payloads, deadline_s=args.timeout)
         if sent.messages != n:
             raise RuntimeError(f"published {sent.messages}/{n}")
@@ -135,6 +176,18 @@ def main() -> None:
         flow_s, flow_drain, meter = drain_flow(
             broker.port, n, Path(tmp) / "edge", args.timeout, args.workers
         )
+        if args.console:
+            console_s, console_drain, console_meter = drain_flow(
+                broker.port,
+                n,
+                Path(tmp) / "edge-console",
+                args.timeout,
+                args.workers,
+                client_id=CONSOLE_PREFIX,
+                console=True,
+            )
+            if report(console_meter).messages_in < n:
+                raise RuntimeError(f"flow with console received {console_meter.totals}/{n}")
 
     rep = report(meter)
     if rep.messages_in < n:
@@ -153,6 +206,16 @@ def main() -> None:
         f"ratio (b)/(a): wall {flow_rate / bare_rate:.2f}  drain "
         f"{flow_drain_rate / bare_drain_rate:.2f}   (target >= 0.8)"
     )
+    if args.console:
+        console_rate, console_drain_rate = n / console_s, n / console_drain
+        print(
+            f"(c) (b) with the live status console: wall {console_rate:>8,.0f} msg/s "
+            f"({console_s:.2f} s)  drain {console_drain_rate:>8,.0f} msg/s"
+        )
+        print(
+            f"ratio (c)/(b): wall {console_rate / flow_rate:.3f}  drain "
+            f"{console_drain_rate / flow_drain_rate:.3f}   (target >= 0.98)"
+        )
     print(
         f"flow output: {rep.stages.get('telemetry_points', 0)} points, "
         f"{rep.stages.get('telemetry_summary', 0)} summaries, "

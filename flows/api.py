@@ -21,9 +21,10 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from flows.ingest import (
 )
 from flows.ingest_process import JournalFeed, journal_partition_count
 from flows.ingest_stats import read_snapshot
+from flows.status import RECENT_ALARMS, edge_status
 from flows.transports import require_transports
 from operators.records import (
     TELEMETRY,
@@ -178,6 +180,8 @@ class Devices:
 @dataclass
 class _Output:
     spec: StreamSpec
+    model: str
+    """The standard stream whose defaults it takes (``alarms`` for alarm rows)."""
     priority: int
     max_file_age: timedelta | None
     streams: list[tuple[Stream[Any], bool, bool]] = field(default_factory=list)
@@ -207,6 +211,10 @@ class _Shared:
         self.link = CloudLink(config, self.registry) if config.cloud is not None else None
         self.parts: list[Edge] = []
         self.ingest: JournalFeed | None = None
+        self.alarms: deque[Any] = deque(maxlen=RECENT_ALARMS)
+        """The latest alarm rows the flow wrote, oldest first (for the status)."""
+        self.started_at: datetime | None = None
+        self.stopped = False
 
 
 class Edge:
@@ -432,7 +440,7 @@ class Edge:
             raise ValueError(msg)
         existing = self._outputs.get(stream)
         if existing is None:
-            existing = self._outputs[stream] = _Output(spec, priority, max_file_age)
+            existing = self._outputs[stream] = _Output(spec, model, priority, max_file_age)
         elif existing.spec.schema != spec.schema:
             msg = (
                 f"{where}: the stream was already declared with other columns; "
@@ -531,6 +539,22 @@ class Edge:
             time.sleep(0.01)
         return self.ready
 
+    @property
+    def state(self) -> str:
+        """``starting``, ``running`` (inputs ready), ``stopping`` (stop set) or ``stopped``."""
+        shared = self._shared
+        if shared.stopped:
+            return "stopped"
+        if self.stop.is_set():
+            return "stopping"
+        if shared.started_at is not None and self.ready:
+            return "running"
+        return "starting"
+
+    def status(self) -> dict[str, Any]:
+        """What the flow is doing now: :func:`flows.status.edge_status` (cheap, any thread)."""
+        return edge_status(self)
+
     def dataflow(self) -> Dataflow:
         """Finish the flow (sinks, dead letters) and return it for any Bytewax runner."""
         shared = self._shared
@@ -543,14 +567,18 @@ class Edge:
 
     def run(self, *, workers: int = 1) -> RunResult:
         """Run until the input ends or :attr:`stop` is set; write and return the reports."""
-        from flows.runtime import serve_metrics, stop_on_signals
+        from flows.runtime import lifecycle, serve_status, stop_on_signals
 
         check_environment(self.config)
         flow = self.dataflow()
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        serve_metrics(self.config, self._shared.registry)
-        log.info("flow %s starting with %d worker(s), data in %s", self.name, workers, data_dir)
+        self._shared.started_at = datetime.now(UTC)
+        self._shared.stopped = False
+        server = serve_status(self.config, self._shared.registry, self.status)
+        lifecycle.info(
+            "flow %s starting with %d worker(s), data in %s", self.name, workers, data_dir
+        )
         copier = self._duckdb_copier()
         with stop_on_signals(self.stop):  # also while closing: a second SIGTERM must not kill it
             completed = False
@@ -569,7 +597,13 @@ class Edge:
             finally:
                 if copier is not None:
                     copier.stop()
-                self.close(completed=completed)
+                try:
+                    self.close(completed=completed)
+                finally:
+                    self._shared.stopped = True
+                    if server is not None:
+                        server.close()
+            lifecycle.info("flow %s stopped", self.name)
             return RunResult(self.reports(write=True))
 
     def _duckdb_copier(self) -> PeriodicCopy | None:
@@ -700,7 +734,8 @@ class Edge:
         for name, out in self._outputs.items():
             here = [s for s, local, _ in out.streams if local]
             there = [s for s, _, cloud in out.streams if cloud]
-            rows = self._merged(name, here or there, counted=True)
+            alarms = self._shared.alarms if out.model == "alarms" else None
+            rows = self._merged(name, here or there, counted=True, alarms=alarms)
             if there and there != (here or there):
                 rows_for_cloud = self._merged(f"{name}_cloud", there)
             else:
@@ -753,11 +788,22 @@ class Edge:
                 )
                 op.output(self.id(f"cloud_{name}"), rows_for_cloud, sink)
 
-    def _merged(self, name: str, streams: list[Stream[Any]], *, counted: bool = False) -> Any:
-        """``streams`` as one, keyed by device for the sinks (and counted in the report)."""
+    def _merged(
+        self,
+        name: str,
+        streams: list[Stream[Any]],
+        *,
+        counted: bool = False,
+        alarms: deque[Any] | None = None,
+    ) -> Any:
+        """``streams`` as one, keyed by device for the sinks (and counted in the report).
+
+        Counted rows are also appended to ``alarms`` (the status's recent alarms) when given.
+        """
         up = streams[0] if len(streams) == 1 else op.merge(self.id(f"merge_{name}"), *streams)
         if counted:
-            return op.flat_map_batch(self.id(f"count_{name}"), up, _counter(self.meter, name))
+            count = _counter(self.meter, name, alarms)
+            return op.flat_map_batch(self.id(f"count_{name}"), up, count)
         return op.map(self.id(f"key_{name}"), up, _by_device)
 
 
@@ -767,13 +813,20 @@ def _by_device(item: Any) -> tuple[str, Any]:
     return str(getattr(record, "device", "") or ""), record
 
 
-def _counter(meter: Meter, stream: str) -> Callable[[list[Any]], list[Any]]:
-    """A batch mapper that keys items by device (see :func:`_by_device`) and counts them."""
+def _counter(
+    meter: Meter, stream: str, recent: deque[Any] | None = None
+) -> Callable[[list[Any]], list[Any]]:
+    """A batch mapper that keys items by device (see :func:`_by_device`) and counts them.
+
+    With ``recent`` (a bounded deque) the last rows are kept there too.
+    """
 
     def count(batch: list[Any]) -> list[Any]:
         items = [_by_device(x) for x in batch]
         devices: Tally[str] = Tally(device for device, _ in items)
         meter.add(stream, devices)
+        if recent is not None:
+            recent.extend(record for _, record in items[-RECENT_ALARMS:])
         return items
 
     return count

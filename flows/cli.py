@@ -21,6 +21,7 @@ EXIT_FAILED = 3
 
 if TYPE_CHECKING:
     from flows.config import EdgeConfig
+    from flows.console import LogSetup
     from flows.runtime import FlowBuilder
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "main"]
@@ -31,7 +32,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="edgesieve",
         description="Edge stream processing for IoT telemetry.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="every log line on the console (INFO and DEBUG, HTTP access logs included)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a flow until SIGTERM/SIGINT")
@@ -40,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", "-c", type=Path, default=Path("edge.yaml"), help="edge.yaml")
     run.add_argument("--workers", "-w", type=int, default=1, help="Bytewax workers (threads)")
+    _status_every(run)
 
     cloud = sub.add_parser("cloud", help="run the reference cloud receiver until SIGTERM/SIGINT")
     cloud.add_argument("--listen", required=True, help="HOST:PORT, e.g. 127.0.0.1:50051")
@@ -92,7 +99,28 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="MQTT broker: mosquitto when installed (auto), or the embedded one",
     )
+    _status_every(demo)
     return parser
+
+
+def _status_every(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--status-every",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="without a terminal, one status line every S seconds (0: never; default 10); "
+        "on a terminal a live status block instead",
+    )
+
+
+def _check_status_every(every: float) -> None:
+    if not every >= 0:
+        msg = (
+            f"--status-every must be 0 (never) or a number of seconds (got {every:g}); "
+            "hint: --status-every 10"
+        )
+        raise ConfigError(msg)
 
 
 def _cloud(args: argparse.Namespace) -> None:
@@ -157,10 +185,15 @@ def _mosquitto_config(config_path: Path, out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``edgesieve`` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from flows.console import LogSetup
+
+    if args.command in ("run", "demo"):  # quiet: warnings and lifecycle lines, logs to files
+        LogSetup(verbose=args.verbose).apply()
+    else:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     try:
         if args.command == "run":
             from flows.runtime import load_flow_builder
@@ -168,10 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.workers < 1:
                 msg = f"--workers must be at least 1 (got {args.workers})"
                 raise ConfigError(msg)
+            _check_status_every(args.status_every)
             config = load_config(args.config)
             build = load_flow_builder(args.flow)
             check_environment(config, source=str(args.config))  # creates data_dir: last
-            return _run(build, config, args.workers)
+            _log_to(LogSetup(verbose=args.verbose, log_dir=config.data_dir / "logs"))
+            return _run(build, config, args.workers, args.status_every)
         elif args.command == "cloud":
             _cloud(args)
         elif args.command == "devices":
@@ -181,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from flows.demo import DemoSettings, run_demo
 
+            _check_status_every(args.status_every)
             if args.data_dir is not None and (
                 problem := data_dir_problem(args.data_dir, key="--data-dir")
             ):
@@ -195,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     machines=args.machines,
                     http_devices=args.http_devices,
                     coap_devices=args.coap_devices,
-                )
+                ),
+                status_every=args.status_every,
+                logs=LogSetup(verbose=args.verbose),
             )
     except (ConfigError, ValueError) as exc:
         for line in str(exc).splitlines():  # a flow file's problems: one line each
@@ -229,12 +267,24 @@ def _flows(args: argparse.Namespace) -> int:
     return EXIT_CONFIG if failed else 0
 
 
-def _run(build: FlowBuilder, config: EdgeConfig, workers: int) -> int:
+def _log_to(logs: LogSetup) -> None:
+    """Apply ``logs`` (files under its ``log_dir``); a directory that cannot be used is status 2."""
+    try:
+        logs.apply()
+    except OSError as exc:
+        msg = (
+            f"log directory {logs.log_dir}: cannot write the log file there "
+            f"({exc.strerror or exc}); hint: check the permissions and free space of data_dir"
+        )
+        raise ConfigError(msg) from None
+
+
+def _run(build: FlowBuilder, config: EdgeConfig, workers: int, status_every: float) -> int:
     """``edgesieve run``: run the flow, print its reports; a failure is one line and status 3."""
     from flows.runtime import failure_line, flow_name, run_flow
 
     try:
-        result = run_flow(build, config, workers=workers)
+        result = run_flow(build, config, workers=workers, status_every=status_every)
     except ValueError:
         raise  # a config error, or a setting checked when the flow was built: status 2
     except Exception as exc:  # noqa: BLE001 - any failure of a running flow: one line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -15,9 +16,19 @@ from connectors.uplink.sender import UplinkSender
 from connectors.uplink.settings import UplinkSettings
 from flows.config import EdgeConfig
 
-__all__ = ["CloudLink"]
+__all__ = ["CloudLink", "LinkStatus"]
 
 log = logging.getLogger("edgesieve.run")
+
+
+class LinkStatus(NamedTuple):
+    """The outbox's depth and the sender's state, for the edge status."""
+
+    batches: int
+    bytes: int
+    connected: bool
+    acked: int
+
 
 class CloudLink:
     """``data_dir/outbox.sqlite`` and the sender draining it to ``cloud.target``.
@@ -34,6 +45,7 @@ class CloudLink:
         self._lock = threading.Lock()
         self._outbox: Outbox | None = None
         self._sender: UplinkSender | None = None
+        self._last: LinkStatus | None = None
 
     @property
     def sender(self) -> UplinkSender | None:
@@ -71,6 +83,24 @@ class CloudLink:
             self._registry.register(_UplinkCollector(outbox, sender))
             return outbox
 
+    def status(self) -> LinkStatus | None:
+        """Outbox depth, connection and acknowledged batches; None before :meth:`open`.
+
+        Once closed (or closing), the last figures read, disconnected.
+        """
+        outbox, sender = self._outbox, self._sender
+        last = self._last
+        if outbox is None or sender is None or outbox.closed:
+            return last._replace(connected=False) if last is not None else None
+        try:
+            stats = outbox.stats()
+        except RuntimeError:  # closed meanwhile
+            return last._replace(connected=False) if last is not None else None
+        self._last = LinkStatus(
+            stats.batches, stats.bytes, sender.state == "connected", sender.stats.acked
+        )
+        return self._last
+
     def close(self, flush_s: float | None = None) -> None:
         """Wait up to ``flush_s`` (``cloud.stop_timeout``) for acknowledgements, then stop.
 
@@ -93,7 +123,11 @@ class CloudLink:
                 stats.bytes,
             )
         sender.stop()
-        outbox.close()
+        try:  # the figures a stopped edge's status shows
+            stats = outbox.stats()
+            self._last = LinkStatus(stats.batches, stats.bytes, False, sender.stats.acked)
+        finally:
+            outbox.close()
 
 
 class _UplinkCollector(Collector):

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from flows import edge
 from flows.accounting import RECEIVED, FlowReport, ratio_text
 from flows.api import Edge
 from flows.config import EdgeConfig, parse_config
+from flows.console import LogSetup, StatusConsole
 from flows.machines import Machine, blocks, publish_vibration
 from flows.runtime import stop_on_signals
 from flows.simulator import Post, post_coap, post_http, publish, telemetry_payloads
@@ -145,11 +146,23 @@ def cloud_totals(db: Path) -> dict[str, tuple[int, int, int, int]]:
     return {flow: (a[0], a[1], a[2], a[3]) for flow, a in totals.items()}
 
 
-def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
-    """Run the demo; return each flow's report (also written to ``data_dir``)."""
+def run_demo(
+    settings: DemoSettings = DemoSettings(),
+    *,
+    status_every: float = 10.0,
+    logs: LogSetup | None = None,
+) -> dict[str, FlowReport]:
+    """Run the demo; return each flow's report (also written to ``data_dir``).
+
+    While it runs the console shows the edge's status (:class:`~flows.console.StatusConsole`:
+    a live block on a terminal, else a line every ``status_every`` seconds). With ``logs``
+    the logs go to ``data_dir/logs`` too.
+    """
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     data_dir = (settings.data_dir or Path("var") / f"demo-{stamp}").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    if logs is not None:
+        replace(logs, log_dir=data_dir / "logs").apply()
     per_device = max(1, int(settings.seconds * settings.rate_per_device))
     period = timedelta(seconds=1 / settings.rate_per_device)
     mqtt_payloads = telemetry_payloads(settings.devices, per_device, period=period)
@@ -221,6 +234,14 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
                 stop.set()
 
         edge_thread = threading.Thread(target=edge_run, name="demo-edge", daemon=True)
+        sending: dict[str, float] = {}
+
+        def left() -> float:
+            since = sending.get("since")
+            return settings.seconds - (time.monotonic() - since if since else 0.0)
+
+        console = StatusConsole(flow, every=status_every, left=left)
+        console.__enter__()
         edge_thread.start()
 
         def posts(payloads: list[tuple[str, bytes]]) -> list[Post]:
@@ -292,6 +313,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
             if not flow.wait_ready(timeout=30):  # devices start once the edge listens
                 log.warning("the edge's inputs were not all ready after 30 s; devices start anyway")
             senders = [threading.Thread(target=run_job, args=job, daemon=True) for job in jobs]
+            sending["since"] = time.monotonic()
             for sender in senders:
                 sender.start()
             for sender in senders:
@@ -308,6 +330,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
         finally:
             stop.set()
             edge_thread.join()
+            console.__exit__(None, None, None)
     if "error" in results:
         raise results["error"]
     reports: dict[str, FlowReport] = {

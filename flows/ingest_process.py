@@ -55,6 +55,7 @@ from connectors.devices.mqtt.journaled import JournaledMqtt
 from connectors.devices.mqtt_server import MqttServer
 from connectors.devices.registry import DeviceRegistry
 from flows.config import ConfigError, EdgeConfig, environment_problems, load_config
+from flows.console import LogSetup, current_log_setup
 from flows.ingest_stats import MeteredJournal, StatsWriter, remove_snapshot
 from flows.transports import mqtt_settings
 from operators.records import TELEMETRY, VIBRATION
@@ -68,11 +69,15 @@ __all__ = [
 ]
 
 logger = logging.getLogger("edgesieve.ingest")
+lifecycle = logging.getLogger("edgesieve.lifecycle")
+"""Ready, stopping, stopped: shown on the console without ``-v``."""
 
 BACKOFF_MIN_S: Final = 0.5
 BACKOFF_MAX_S: Final = 5.0
 START_FAILED: Final = 2
 """Exit status of an ingest process that could not start (the reason is logged)."""
+INGEST_LOG_FILE: Final = "ingest.log"
+"""The ingest process's log file, beside the flow process's (one writer per rotating file)."""
 _POLL_S: Final = 0.05
 _PARENT_POLL_S: Final = 0.2
 _STOP_GRACE_S: Final = 1.0
@@ -161,7 +166,7 @@ async def _serve(
         while not stop.is_set():
             if not announced and (mqtt is None or mqtt.ready):
                 announced = True
-                logger.info("ingest: ready (%s)", _describe(servers, mqtt))
+                lifecycle.info("ingest: ready (%s)", _describe(servers, mqtt))
                 if ready is not None:
                     ready()
             await asyncio.sleep(_POLL_S)
@@ -226,7 +231,7 @@ def run_ingest(
             mqtt.close()
         if stats is not None:
             stats.stop()  # the final counters, for the flow's report
-        logger.info("ingest: stopped")
+        lifecycle.info("ingest: stopped")
 
 
 # --- the child process --------------------------------------------------------------------------
@@ -285,6 +290,7 @@ def _child(
     ready: Any,
     level: int,
     failed: multiprocessing.connection.Connection,
+    logs: LogSetup | None = None,
 ) -> None:
     """Entry point of the ingest process (spawned): run until the supervisor says stop.
 
@@ -294,7 +300,10 @@ def _child(
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a clean stop, as when run standalone
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logs is not None:  # the parent's console and log directory, a file of its own
+        logs.apply(file_name=INGEST_LOG_FILE)
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     watcher = threading.Thread(
         target=_watch,
         args=(stop, parent_stop, multiprocessing.parent_process()),
@@ -397,9 +406,10 @@ class IngestSupervisor:
         child_end, stop_child = self._ctx.Pipe(duplex=False)
         failed, child_failed = self._ctx.Pipe(duplex=False)
         level = logging.getLogger().level
+        logs = current_log_setup()
         proc = self._ctx.Process(
             target=_child,
-            args=(self.config, self.channels, child_end, ready, level, child_failed),
+            args=(self.config, self.channels, child_end, ready, level, child_failed, logs),
             name="edgesieve-ingest",
             daemon=True,
         )
@@ -412,7 +422,7 @@ class IngestSupervisor:
             if previous is not None:
                 previous.close()  # the previous child's, which is gone
         self._proc, self._ready, self._stop_child, self._failed = proc, ready, stop_child, failed
-        logger.info("ingest process started (pid %d)", proc.pid)
+        lifecycle.info("ingest process started (pid %d)", proc.pid)
 
     def _supervise(self) -> None:
         backoff = BACKOFF_MIN_S
@@ -558,7 +568,7 @@ class JournalFeed:
             supervisor = self._supervisor
             try:
                 if supervisor is not None:
-                    logger.info("stopping ingest, then draining the journal through the flow")
+                    lifecycle.info("stopping ingest, then draining the journal through the flow")
                     supervisor.stop()
             finally:
                 self.source.drain.set()

@@ -22,13 +22,14 @@ from pathlib import Path
 from types import FrameType, ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from connectors.common.address import parse_host_port
 from flows.config import ConfigError, EdgeConfig, check_environment, listen_problem, load_config
 
 if TYPE_CHECKING:
     from flows.api import Edge, RunResult
+    from flows.status import StatusServer
 
 __all__ = [
     "CONFIG_ENV",
@@ -37,11 +38,14 @@ __all__ = [
     "lazy_flow",
     "load_flow_builder",
     "run_flow",
-    "serve_metrics",
+    "lifecycle",
+    "serve_status",
     "stop_on_signals",
 ]
 
 log = logging.getLogger("edgesieve.run")
+lifecycle = logging.getLogger("edgesieve.lifecycle")
+"""Start, ready, stopping, stopped: the INFO lines the console shows without ``-v``."""
 
 CONFIG_ENV = "EDGESIEVE_CONFIG"
 
@@ -79,18 +83,24 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def serve_metrics(config: EdgeConfig, registry: CollectorRegistry) -> None:
-    """Serve ``registry`` on ``metrics_listen`` (HOST:PORT) when it is configured.
+def serve_status(
+    config: EdgeConfig, registry: CollectorRegistry, status: Callable[[], dict[str, Any]]
+) -> StatusServer | None:
+    """Serve ``/`` (status page), ``/status`` and ``/metrics`` on ``metrics_listen``, if set.
 
     :raises ConfigError: when the address cannot be bound (one line naming the key).
     """
+    from flows.status import StatusServer
+
     if not config.metrics_listen:
-        return
+        return None
     host, port = parse_host_port(config.metrics_listen, key="metrics_listen")
     try:
-        start_http_server(port, addr=host, registry=registry)
+        server = StatusServer(host, port, registry, status)
     except OSError as exc:
         raise ConfigError(listen_problem("metrics_listen", config.metrics_listen, exc)) from None
+    log.info("status page on http://%s/ (JSON /status, Prometheus /metrics)", config.metrics_listen)
+    return server.start()
 
 
 def load_flow_builder(flow: str) -> FlowBuilder:
@@ -156,8 +166,13 @@ def run_flow(
     workers: int = 1,
     stop: threading.Event | None = None,
     name: str | None = None,
+    status_every: float | None = None,
 ) -> RunResult:
     """Build ``build`` on a new :class:`~flows.api.Edge` and run it until its input ends or stop.
+
+    With ``status_every`` the console shows the flow's status while it runs
+    (:class:`~flows.console.StatusConsole`: a live block on a terminal, else a
+    line every ``status_every`` seconds).
 
     :raises ConfigError: when the ingest process could not start (its one-line
         reason: a port taken after the start checks, an unusable journal).
@@ -166,7 +181,13 @@ def run_flow(
 
     edge = Edge(config, name=name or flow_name(build), stop=stop)
     build(edge)
-    result = edge.run(workers=workers)
+    if status_every is None:
+        result = edge.run(workers=workers)
+    else:
+        from flows.console import StatusConsole
+
+        with StatusConsole(edge, every=status_every):
+            result = edge.run(workers=workers)
     ingest = edge._shared.ingest  # noqa: SLF001 - the ingest feed of this run
     if ingest is not None and ingest.failure is not None:
         raise ConfigError(ingest.failure)

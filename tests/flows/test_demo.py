@@ -1,4 +1,6 @@
 import json
+import logging
+import re
 
 import duckdb
 import pytest
@@ -7,7 +9,8 @@ from flows.demo import DemoSettings, run_demo
 
 
 @pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
-def test_demo_reduces_and_reports(tmp_path, broker, capsys):
+def test_demo_reduces_and_reports(tmp_path, broker, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="edgesieve.lifecycle")
     settings = DemoSettings(
         devices=3,
         seconds=3,
@@ -18,10 +21,20 @@ def test_demo_reduces_and_reports(tmp_path, broker, capsys):
         http_devices=2,
         coap_devices=2,
     )
-    reports = run_demo(settings)
+    reports = run_demo(settings, status_every=0.5)
     report = reports["telemetry"]
 
     out = capsys.readouterr().out
+    # stdout: a few lines saying what runs where, then the report; no log lines
+    assert out.splitlines()[0].startswith("broker: ")
+    assert " INFO " not in out and "edgesieve.http.access" not in out
+    # while it runs, a status line every 0.5 s (no terminal here): the time left counts down
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgesieve.lifecycle.status"]
+    assert len(lines) >= 4, lines
+    left = [int(m.group(1)) for line in lines if (m := re.search(r", (\d+)s left;", line))]
+    assert left[0] >= 2 and left[-1] == 0 and left == sorted(left, reverse=True)
+    assert re.search(r"telemetry \d+ in, \d+ rows out, ratio ", lines[-1])
+    assert "cloud connected" in lines[-1]
     assert "reduction (raw bytes / local output bytes):" in out
     sent = (3 + 2 + 2) * 3 * 20
     assert report.messages_in == sent

@@ -394,7 +394,7 @@ def test_kill_9_of_the_whole_edge_gives_the_vibration_rows_of_an_uninterrupted_r
     assert published == sorted(json.dumps(alarm, sort_keys=True) for alarm in want)
 
     # kills landed after rows had been written and before the next snapshot: rows were replayed
-    text = log.read_text()
+    text = (data / "logs" / "edgesieve.log").read_text()  # INFO lines: the log file
     replays = sum(
         text.count(f"(stream '{stream}', partition p0): resumed at file") for stream in reference
     )
