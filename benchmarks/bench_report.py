@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from bytewax.testing import TestingSource
 from connectors.cloud import CloudReceiver
 from connectors.codecs.evb1 import encode_evb1
 from flows import edge
+from flows.accounting import FlowReport
 from flows.api import Edge
 from flows.config import parse_config
 from flows.machines import Machine
@@ -39,6 +41,17 @@ T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 BLOCK_FRAMES = 4096
 SAMPLE_RATE_HZ = 2048
 KINDS = ("healthy", "imbalance", "bearing")
+
+
+@dataclass(frozen=True)
+class Made:
+    """A data directory made by :func:`make_data_dir`."""
+
+    data_dir: Path
+    cloud: Path
+    """The receiver's DuckDB file."""
+    reports: dict[str, FlowReport]
+    """The run's reports, as the edge returned them."""
 
 
 def messages(
@@ -84,8 +97,8 @@ def make_data_dir(
     sensors: int = 20,
     machines: int = 3,
     sensor_period_s: float = 1.0,
-) -> tuple[Path, Path]:
-    """Run the recorded messages through ``flows.edge``; return (data_dir, cloud.duckdb)."""
+) -> Made:
+    """Run the recorded messages through ``flows.edge`` into a receiver; what it left."""
     data_dir = root / "edge"
     db = root / "cloud.duckdb"
     secret = secrets.token_urlsafe(18)
@@ -112,8 +125,8 @@ def make_data_dir(
         source = messages(minutes, sensors, machines, sensor_period_s)
         flow = Edge(config, name="edge", source=TestingSource(list(source), 64))
         edge.build(flow)
-        flow.run()
-    return data_dir, db
+        result = flow.run()
+    return Made(data_dir, db, result.reports)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:
         t0 = time.perf_counter()
-        data_dir, db = make_data_dir(
+        made_dir = make_data_dir(
             Path(tmp),
             minutes=args.minutes,
             sensors=args.sensors,
             machines=args.machines,
         )
         made = time.perf_counter() - t0
+        data_dir, db = made_dir.data_dir, made_dir.cloud
         glob = str(data_dir / "parquet" / "*" / "**" / "*.parquet")
         t0 = time.perf_counter()
         rows = duckdb.sql(f"select count(*) from read_parquet('{glob}', union_by_name=true)")

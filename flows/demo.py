@@ -332,4 +332,8 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, FlowReport]:
     if out:
         print(f"total: {raw} raw bytes in, {out} bytes out, reduction {ratio_text(raw / out)}")
     print(f"reports: {data_dir}/report-telemetry.json, {data_dir}/report-vibration.json")
+    from flows.report import build_report
+
+    page = build_report(data_dir, data_dir / "report.html", cloud=cloud_db)
+    print(f"report with charts: {page} (open it in a browser; `edgesieve report` remakes it)")
     return reports

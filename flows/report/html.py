@@ -65,7 +65,7 @@ def _plotly_js() -> str:
     mistake for a resource it loads (it loads none).
     """
     js = plotly.offline.get_plotlyjs()
-    return re.sub(r'((?:src|href)=\\?")http', r"\1\\x68ttp", js)
+    return re.sub(r"""((?:src|href)=\\?["'])http""", r"\1\\x68ttp", js)
 
 
 def _esc(value: Any) -> str:
