@@ -108,6 +108,7 @@ def make_data_dir(
                 "edge_id": EDGE_ID,
                 "data_dir": str(data_dir),
                 "vibration": {"fft_size": 2048, "frames_per_row": 1},
+                "sinks": {"raw_readings": True},
                 "telemetry": {
                     "deadband": {"absolute": 0.1, "max_silence": 60},
                     "window": {"length": 60},

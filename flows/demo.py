@@ -109,6 +109,7 @@ def _demo_config(
                 "window": {"length": 5, "allowed_lateness": 2},
             },
             "parquet": {"max_file_age": 5},
+            "sinks": {"raw_readings": True},  # the report plots them against the kept points
             "cloud": {
                 "target": f"127.0.0.1:{cloud_port}",
                 "key": "demo-edge",

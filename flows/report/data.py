@@ -46,6 +46,9 @@ STREAM_FLOWS: dict[str, str] = {
 }
 """The standard flow that writes each standard stream (others: the stream's own name)."""
 
+NOT_REDUCED = ("dead_letters", "raw_readings")
+"""Local streams that are not reduced output (the ratio leaves them out, as FlowReport does)."""
+
 MAX_POINTS = 4000
 """Points per plotted line; longer series are aggregated into time buckets in SQL."""
 
@@ -299,7 +302,7 @@ def _bytes(reader: _Reader, data: ReportData) -> None:
             f"SELECT {_time('t')} AS t, {_flow_case('stream')} AS flow, "
             "sum(nbytes) OVER (PARTITION BY "
             f"{_flow_case('stream')} ORDER BY t, stream ROWS UNBOUNDED PRECEDING) AS local_bytes "
-            "FROM files WHERE stream <> 'dead_letters' ORDER BY flow, t"
+            f"FROM files WHERE stream NOT IN {NOT_REDUCED!r} ORDER BY flow, t"
         )
     streams = sorted({s for r in data.reports.values() for s in (*r.output_rows, *r.wire_rows)})
     flows = {s: r.flow for r in data.reports.values() for s in (*r.output_rows, *r.wire_rows)}
@@ -363,7 +366,7 @@ def _devices(reader: _Reader, data: ReportData, top: int) -> None:
             s: rep.output_bytes[s] / rep.output_rows[s]
             for rep in data.reports.values()
             for s in rep.output_rows
-            if rep.output_rows[s] and s != "dead_letters"
+            if rep.output_rows[s] and s not in NOT_REDUCED
         }
         parts = [
             f'SELECT device, {per_row[s]!r} AS share FROM "{s}"'
@@ -523,7 +526,7 @@ def flow_totals(reports: Mapping[str, FlowReport]) -> dict[str, dict[str, float 
         out[name] = {
             "messages_in": rep.messages_in,
             "raw_bytes": rep.raw_bytes,
-            "rows_out": sum(n for s, n in rep.output_rows.items() if s != "dead_letters"),
+            "rows_out": sum(n for s, n in rep.output_rows.items() if s not in NOT_REDUCED),
             "output_bytes": rep.reduced_bytes(),
             "wire_bytes": sum(rep.wire_bytes.values()),
             "ratio": rep.ratio,

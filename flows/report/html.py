@@ -273,13 +273,19 @@ def _telemetry(data: ReportData) -> go.Figure | None:
             )
         if (device, key) in band:
             b, idx = data.summary_band, band[device, key]
+            # steps from each window's start; the last one held to its window's end
+            steps = np.append(b["window_start"][idx], b["window_end"][idx][-1:])
+
+            def held(field: str, idx: np.ndarray = idx, b: Columns = b) -> np.ndarray:
+                return np.append(b[field][idx], b[field][idx][-1:])
+
             for field, name, fill in (
                 ("max", "window max", None),
                 ("min", "window min", "tonexty"),
             ):
                 fig.add_scatter(
-                    x=b["window_start"][idx],
-                    y=b[field][idx],
+                    x=steps,
+                    y=held(field),
                     name="window min/max band" if fill else name,
                     legendgroup="band",
                     showlegend=first and fill is not None,
@@ -291,8 +297,8 @@ def _telemetry(data: ReportData) -> go.Figure | None:
                     col=1,
                 )
             fig.add_scatter(
-                x=b["window_start"][idx],
-                y=b["mean"][idx],
+                x=steps,
+                y=held("mean"),
                 name="window mean",
                 legendgroup="mean",
                 showlegend=first,

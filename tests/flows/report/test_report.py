@@ -325,3 +325,22 @@ def test_series_needs_telemetry_output(made, tmp_path):
     (data_dir / "parquet" / "v").rename(data_dir / "parquet" / "vibration_features")
     with pytest.raises(ReportError, match=r"--series a/b: .* has no telemetry_points or "):
         build_report(data_dir, series=["a/b"])
+
+
+def test_raw_readings_are_kept_locally_and_drawn(made, cloud_page):
+    """``sinks.raw_readings: true``: every reading in Parquet, none in the cloud, not in the ratio."""
+    rep = made.reports["telemetry"]
+    glob = str(made.data_dir / "parquet" / "raw_readings" / "**" / "*.parquet")
+    (rows,) = duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0]
+    assert rows == rep.stages["readings"] == rep.output_rows["raw_readings"]
+    with duckdb.connect(str(made.cloud), read_only=True) as con:
+        tables = {t for (t,) in con.sql("show tables").fetchall()}
+        streams = {s for (s,) in con.sql("select distinct stream from uplink_batches").fetchall()}
+    assert "raw_readings" not in tables and "raw_readings" not in streams
+    reduced = sum(
+        n for s, n in rep.output_bytes.items() if s not in ("dead_letters", "raw_readings")
+    )
+    assert rep.ratio == rep.raw_bytes / reduced
+    text = cloud_page[1]
+    assert '"name":"raw readings"' in text
+    assert "grey: every raw reading" in text
