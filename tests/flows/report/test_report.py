@@ -10,6 +10,7 @@ page is read back with the standard library's HTML parser.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -99,6 +100,7 @@ def test_every_chart_is_drawn_with_data(which, cloud_page, edge_page):
     for name, attrs in page.charts.items():
         assert "data-empty" not in attrs, name
         assert page.plots[name] == f"plot-{name}"
+        assert re.search(rf'"plot-{name}",\s*\[\{{"', text), name  # at least one trace
     assert text.count("Plotly.newPlot(") == len(CHARTS)
 
 
