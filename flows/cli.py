@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--out", type=Path, help="HTML file to write (default DATA_DIR/report.html)")
     rep.add_argument(
+        "--edge-id", help="this edge's id in --cloud (default: --config's edge_id, or the only one)"
+    )
+    rep.add_argument(
         "--series",
         action="append",
         default=[],
@@ -229,11 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(args: argparse.Namespace) -> None:
     from flows.report import build_report
 
-    vibration = load_config(args.config).vibration if args.config is not None else None
+    config = load_config(args.config) if args.config is not None else None
+    vibration = config.vibration if config is not None else None
+    edge_id = args.edge_id or (config.edge_id if config is not None and args.cloud else None)
     path = build_report(
         args.data_dir,
         args.out,
         cloud=args.cloud,
+        edge_id=edge_id,
         series=args.series,
         top=args.top,
         **(

@@ -25,6 +25,7 @@ def build_report(
     out: str | Path | None = None,
     *,
     cloud: str | Path | None = None,
+    edge_id: str | None = None,
     series: Sequence[str] = (),
     top: int = 10,
     iso_thresholds_mm_s: tuple[float, float, float] = SpectralConfig.iso_thresholds_mm_s,
@@ -32,7 +33,8 @@ def build_report(
 ) -> Path:
     """Write the report of ``data_dir`` to ``out`` (default ``data_dir/report.html``); its path.
 
-    ``cloud``: the receiver's DuckDB file (ratios from its ``uplink_batches``);
+    ``cloud``: the receiver's DuckDB file (ratios from its ``uplink_batches``), whose
+    batches of ``edge_id`` are this edge's (needed when it holds several edges);
     ``series``: telemetry series as ``device/key`` (default the three busiest);
     ``top``: devices in the per-device table. The ISO thresholds and bands
     label the vibration charts (the vibration flow's settings).
@@ -41,6 +43,7 @@ def build_report(
     data = load(
         data_dir,
         cloud=Path(cloud) if cloud is not None else None,
+        edge_id=edge_id,
         series=series,
         top=top,
         iso_thresholds_mm_s=iso_thresholds_mm_s,

@@ -69,7 +69,7 @@ class ReportData:
     reports: dict[str, FlowReport]
     streams: list[str]
     edges: list[str] = field(default_factory=list)
-    """Edge ids found in the cloud file's ``uplink_batches``."""
+    """The edge whose batches of the cloud file are reported (empty: none there)."""
     bytes_over_time: Columns = field(default_factory=dict)
     bytes_source: str = ""
     ratio_streams: Columns = field(default_factory=dict)
@@ -134,7 +134,7 @@ def _time(column: str) -> str:
 class _Reader:
     """One in-memory DuckDB connection with a view per Parquet stream and the cloud attached."""
 
-    def __init__(self, data_dir: Path, cloud: Path | None) -> None:
+    def __init__(self, data_dir: Path, cloud: Path | None, edge_id: str | None) -> None:
         self.con = duckdb.connect()
         self.con.execute("SET TimeZone = 'UTC'")
         self.streams: list[str] = []
@@ -150,8 +150,35 @@ class _Reader:
                 )
                 self.streams.append(sub.name)
         self.cloud = cloud is not None
+        self.edge_id: str | None = None
         if cloud is not None:
             self._attach(cloud)
+            self._pick_edge(cloud, edge_id)
+
+    def _pick_edge(self, cloud: Path, edge_id: str | None) -> None:
+        """``batches``: the chosen edge's rows of ``uplink_batches`` (the only edge by default)."""
+        edges = [
+            e
+            for (e,) in self.con.execute(
+                "SELECT DISTINCT edge_id FROM cloud.uplink_batches ORDER BY 1"
+            ).fetchall()
+        ]
+        if edge_id is None and len(edges) > 1:
+            msg = (
+                f"report: --cloud {cloud} holds batches of {len(edges)} edges "
+                f"({', '.join(edges[:5])}{', ...' if len(edges) > 5 else ''}); "
+                f"hint: name this data_dir's edge with --edge-id {edges[0]}"
+            )
+            raise ReportError(msg)
+        if edge_id is not None and edge_id not in edges:
+            msg = (
+                f"report: --edge-id {edge_id}: no batch of that edge in --cloud {cloud} "
+                f"(edges: {', '.join(edges[:5]) or 'none'}); hint: the edge_id of its edge.yaml"
+            )
+            raise ReportError(msg)
+        self.edge_id = edge_id if edge_id is not None else (edges[0] if edges else None)
+        where = f"WHERE edge_id = {_sql_str(self.edge_id)}" if self.edge_id is not None else ""
+        self.con.execute(f"CREATE VIEW batches AS SELECT * FROM cloud.uplink_batches {where}")
 
     def _attach(self, cloud: Path) -> None:
         if not cloud.is_file():
@@ -208,6 +235,7 @@ def load(
     data_dir: Path,
     *,
     cloud: Path | None = None,
+    edge_id: str | None = None,
     series: Sequence[str] = (),
     top: int = 10,
     iso_thresholds_mm_s: tuple[float, float, float] = SpectralConfig.iso_thresholds_mm_s,
@@ -226,7 +254,7 @@ def load(
         msg = f"report: --top must be at least 1 (got {top}); hint: --top 10"
         raise ReportError(msg)
     reports = load_reports(data_dir)
-    reader = _Reader(data_dir, cloud)
+    reader = _Reader(data_dir, cloud, edge_id)
     if not reports and not reader.streams:
         msg = (
             f"report: {data_dir} holds no run report (report-*.json) and no Parquet output "
@@ -254,19 +282,14 @@ def load(
 def _bytes(reader: _Reader, data: ReportData) -> None:
     """Cumulative raw and wire bytes per flow over time, and the ratio per stream."""
     if reader.cloud:
-        data.edges = [
-            e
-            for (e,) in reader.con.execute(
-                "SELECT DISTINCT edge_id FROM cloud.uplink_batches ORDER BY 1"
-            ).fetchall()
-        ]
+        data.edges = [reader.edge_id] if reader.edge_id is not None else []
         data.bytes_source = (
             "the receiver's uplink_batches: raw and wire bytes of each batch at its received_at"
         )
         data.bytes_over_time = reader.sql(
             f"SELECT {_time('received_at')} AS t, {_flow_case('stream')} AS flow, "
             "sum(raw_bytes) OVER w AS raw_bytes, sum(wire_bytes) OVER w AS wire_bytes "
-            "FROM cloud.uplink_batches "
+            "FROM batches "
             f"WINDOW w AS (PARTITION BY {_flow_case('stream')} ORDER BY received_at, batch_id "
             "ROWS UNBOUNDED PRECEDING) ORDER BY flow, t"
         )
@@ -274,7 +297,7 @@ def _bytes(reader: _Reader, data: ReportData) -> None:
             "SELECT stream, count(*) AS batches, sum(rows)::BIGINT AS rows, "
             "sum(raw_bytes)::BIGINT AS raw_bytes, sum(wire_bytes)::BIGINT AS wire_bytes, "
             "sum(raw_bytes) / nullif(sum(wire_bytes), 0) AS ratio "
-            "FROM cloud.uplink_batches GROUP BY stream ORDER BY stream"
+            "FROM batches GROUP BY stream ORDER BY stream"
         )
         return
     # Edge only: local output bytes over event time, from the Parquet files' sizes.
@@ -351,7 +374,7 @@ def _devices(reader: _Reader, data: ReportData, top: int) -> None:
         )
         parts = [
             f'SELECT t.device, b.wire_bytes / b.rows AS share FROM cloud."{table}" t '
-            "JOIN cloud.uplink_batches b ON t.batch_id = b.batch_id AND t.edge_id = b.edge_id"
+            "JOIN batches b ON t.batch_id = b.batch_id AND t.edge_id = b.edge_id"
             for table in sorted(reader.cloud_tables)
             if table not in ("uplink_batches", "uplink_refusals")
             and _has_device(reader, f'cloud."{table}"')

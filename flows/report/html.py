@@ -581,7 +581,7 @@ def render(data: ReportData, *, generated_at: datetime | None = None) -> str:
     """The whole page."""
     when = (generated_at or datetime.now(UTC)).isoformat(timespec="seconds")
     cloud = (
-        f"cloud database {data.cloud} (edges: {', '.join(data.edges) or 'none'})"
+        f"cloud database {data.cloud} (edge {', '.join(data.edges) or 'none'})"
         if data.cloud is not None
         else "no cloud database (--cloud): ratios from the edge's run reports"
     )

@@ -346,3 +346,34 @@ def test_raw_readings_are_kept_locally_and_drawn(made, cloud_page):
     text = cloud_page[1]
     assert '"name":"raw readings"' in text
     assert "grey: every raw reading" in text
+
+
+def test_a_cloud_of_several_edges_needs_the_edge_id(made, tmp_path, capsys):
+    cloud = tmp_path / "cloud.duckdb"
+    shutil.copy(made.cloud, cloud)
+    with duckdb.connect(str(cloud)) as con:
+        con.execute(
+            "insert into uplink_batches select * replace ('other-edge' as edge_id, "
+            "raw_bytes * 1000 as raw_bytes) from uplink_batches"
+        )
+    args = ["report", str(made.data_dir), "--cloud", str(cloud), "--out", str(tmp_path / "r.html")]
+    assert main(args) == EXIT_CONFIG
+    assert capsys.readouterr().err.strip() == (
+        f"edgesieve: error: report: --cloud {cloud} holds batches of 2 edges (demo-edge, "
+        "other-edge); hint: name this data_dir's edge with --edge-id demo-edge"
+    )
+    assert main([*args, "--edge-id", "edge-9"]) == EXIT_CONFIG
+    assert capsys.readouterr().err.strip() == (
+        f"edgesieve: error: report: --edge-id edge-9: no batch of that edge in --cloud {cloud} "
+        "(edges: demo-edge, other-edge); hint: the edge_id of its edge.yaml"
+    )
+    config = tmp_path / "edge.yaml"
+    config.write_text("edge_id: demo-edge\n")
+    for more in (["--edge-id", "demo-edge"], ["--config", str(config)]):
+        assert main([*args, *more]) == 0
+        page = Page((tmp_path / "r.html").read_text(encoding="utf-8"))
+        got = {str(a["data-stream"]): int(c["raw_bytes"]) for a, c in page.tables["ratio-streams"]}
+        with duckdb.connect(str(made.cloud), read_only=True) as con:
+            assert got == dict(
+                con.sql("select stream, sum(raw_bytes) from uplink_batches group by 1").fetchall()
+            )
