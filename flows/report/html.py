@@ -21,7 +21,7 @@ import plotly.offline
 from plotly.subplots import make_subplots
 
 from flows.accounting import ratio_text
-from flows.report.data import Columns, ReportData, flow_totals
+from flows.report.data import MAX_KEPT_POINTS, Columns, ReportData, flow_totals
 
 __all__ = ["CHARTS", "render"]
 
@@ -625,7 +625,8 @@ def render(data: ReportData, *, generated_at: datetime | None = None) -> str:
         _section(
             "Telemetry: kept points against the window band",
             f"kept deadband points (telemetry_points, held until the next one) over the window "
-            f"mean and min/max (telemetry_summary); {raw_note}",
+            f"mean and min/max (telemetry_summary); {raw_note}; at most the newest "
+            f"{MAX_KEPT_POINTS:,} points and raw readings per series",
             _chart("telemetry-series", _telemetry(data), "no telemetry output"),
         ),
         _section(
