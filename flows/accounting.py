@@ -366,8 +366,8 @@ class FlowReport:
     ingest_restarts: int | None = None
     """Times the ingest process was started again after it died."""
 
-    def reduced_bytes(self, exclude: Iterable[str] = ("dead_letters",)) -> int:
-        """Bytes of the reduced output streams (dead letters are not reduction)."""
+    def reduced_bytes(self, exclude: Iterable[str] = ("dead_letters", "raw_readings")) -> int:
+        """Bytes of the reduced output streams (dead letters and raw readings are not reduction)."""
         skip = set(exclude)
         return sum(n for s, n in self.output_bytes.items() if s not in skip)
 

@@ -704,6 +704,11 @@ class Edge:
         shared = self._shared
         if shared.devices is None or shared.errors is None:
             return
+        if self.config.sinks.raw_readings:  # before the unused check: these are kept
+            owner = shared.owners.get(TELEMETRY, self)
+            owner.output(
+                "raw_readings", shared.devices.readings, like="telemetry_points", cloud=False
+            )
         flow_name = self.name
         letters: list[Stream[DeadLetter]] = []
         for kind, stream in shared.devices.unused().items():

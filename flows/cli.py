@@ -85,6 +85,29 @@ def _parser() -> argparse.ArgumentParser:
     show = flows_sub.add_parser("show", help="print a flow file's graph as Mermaid")
     show.add_argument("file", type=Path, help="a flow file (x.flow.yaml)")
 
+    rep = sub.add_parser(
+        "report", help="write one self-contained HTML report (charts, tables) of a data_dir"
+    )
+    rep.add_argument("data_dir", type=Path, help="the edge's data_dir (Parquet, report-*.json)")
+    rep.add_argument(
+        "--cloud", type=Path, help="the receiver's DuckDB file: ratios from its uplink_batches"
+    )
+    rep.add_argument("--out", type=Path, help="HTML file to write (default DATA_DIR/report.html)")
+    rep.add_argument(
+        "--edge-id", help="this edge's id in --cloud (default: --config's edge_id, or the only one)"
+    )
+    rep.add_argument(
+        "--series",
+        action="append",
+        default=[],
+        metavar="DEVICE/KEY",
+        help="telemetry series to plot (repeatable; default the 3 busiest)",
+    )
+    rep.add_argument("--top", type=int, default=10, help="devices in the per-device table (10)")
+    rep.add_argument(
+        "--config", "-c", type=Path, help="edge.yaml: ISO zone thresholds and bands (else defaults)"
+    )
+
     demo = sub.add_parser("demo", help="everything on loopback, then the reduction report")
     demo.add_argument("--devices", type=int, default=20, help="simulated sensors (default 20)")
     demo.add_argument("--machines", type=int, default=3, help="vibrating machines (default 3)")
@@ -213,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _mosquitto_config(args.config, args.out)
         elif args.command == "flows":
             return _flows(args)
+        elif args.command == "report":
+            _report(args)
         elif args.command == "demo":
             from flows.demo import DemoSettings, run_demo
 
@@ -240,6 +265,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"edgesieve: error: {line}", file=sys.stderr)
         return EXIT_CONFIG
     return 0
+
+
+def _report(args: argparse.Namespace) -> None:
+    from flows.report import build_report
+
+    config = load_config(args.config) if args.config is not None else None
+    vibration = config.vibration if config is not None else None
+    edge_id = args.edge_id or (config.edge_id if config is not None and args.cloud else None)
+    path = build_report(
+        args.data_dir,
+        args.out,
+        cloud=args.cloud,
+        edge_id=edge_id,
+        series=args.series,
+        top=args.top,
+        **(
+            {"iso_thresholds_mm_s": vibration.iso_thresholds_mm_s, "bands_hz": vibration.bands_hz}
+            if vibration is not None
+            else {}
+        ),
+    )
+    print(
+        f"report: {path} ({path.stat().st_size:,} bytes; open it in a browser, it needs no network)"
+    )
 
 
 def _flows(args: argparse.Namespace) -> int:

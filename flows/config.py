@@ -482,6 +482,9 @@ class SinksSection(_Section):
     """``data_dir/edge.duckdb``, one table per stream."""
     duckdb_copy_every: timedelta | None = None
     """Also copy it to ``data_dir/edge-copy.duckdb`` this often, for readers while the edge runs."""
+    raw_readings: bool = False
+    """Also keep every numeric reading in the local-only stream ``raw_readings`` (the report
+    plots them against the kept points); not reduction, so not in the ratio."""
 
     @model_validator(mode="after")
     def _copy_every(self) -> SinksSection:

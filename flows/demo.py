@@ -110,6 +110,7 @@ def _demo_config(
                 "window": {"length": 5, "allowed_lateness": 2},
             },
             "parquet": {"max_file_age": 5},
+            "sinks": {"raw_readings": True},  # the report plots them against the kept points
             "cloud": {
                 "target": f"127.0.0.1:{cloud_port}",
                 "key": "demo-edge",
@@ -355,4 +356,8 @@ def run_demo(
     if out:
         print(f"total: {raw} raw bytes in, {out} bytes out, reduction {ratio_text(raw / out)}")
     print(f"reports: {data_dir}/report-telemetry.json, {data_dir}/report-vibration.json")
+    from flows.report import build_report
+
+    page = build_report(data_dir, data_dir / "report.html", cloud=cloud_db)
+    print(f"report with charts: {page} (open it in a browser; `edgesieve report` remakes it)")
     return reports

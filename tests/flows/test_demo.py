@@ -76,3 +76,6 @@ def test_demo_reduces_and_reports(tmp_path, broker, capsys, caplog):
     assert sum(vib.wire_bytes.values()) == cloud["vibration"][3]
     assert vib.wire_ratio is not None and vib.wire_ratio > 100
     assert "cloud received for vibration:" in out
+    page = tmp_path / "report.html"  # the demo also writes the HTML report and says where
+    assert f"report with charts: {page}" in out
+    assert 'data-chart="vibration-rms"' in page.read_text(encoding="utf-8")
