@@ -85,7 +85,7 @@ from flows.api import Edge
 from flows.config import CloudSection, ConfigError, parse_config
 from flows.machines import Machine
 from flows.runtime import FlowBuilder, load_flow_builder
-from flows.simulator import telemetry_payloads
+from flows.simulator import log_payloads, telemetry_payloads
 from operators.exception import ReportConfig, moved
 from operators.records import RawMessage
 
@@ -379,54 +379,12 @@ def _row(r: tuple) -> _Features:
 
 # --- logs ----------------------------------------------------------------------------------
 
-LEVELS = ("debug", "info", "warning", "error")
-
-
 def log_messages(seed: int, quick: bool) -> Generated:
-    """Services logging JSON lines, one message per second per service holding its lines."""
-    rng = np.random.default_rng(seed)
+    """Services logging JSON lines (``flows.simulator.log_payloads``), one message a second each."""
     services, seconds = (3, 300) if quick else (10, 1800)
-    chatter = [
-        ("info", "request {method} /api/v1/items/{n} took {ms} ms status 200"),
-        ("debug", "cache hit ratio {pct}% over {n} lookups"),
-        ("info", "worker {w} processed batch {n} of {m} records"),
-        ("debug", "heartbeat from peer 10.0.{w}.{n} rtt {ms} ms"),
-        ("info", "user {n} logged in from 192.168.{w}.{m}"),
-    ]
-    trouble = [
-        ("warning", "slow query on table orders: {ms} ms (threshold 500 ms)"),
-        ("error", "upstream payment-gateway returned 503 after {ms} ms (attempt {w})"),
-        ("error", "failed to write segment {n}: disk quota exceeded ({pct}% used)"),
-    ]
-    messages: list[RawMessage] = []
-    errors: list[tuple[str, str]] = []
-    burst_until = dict.fromkeys(range(services), -1)
-    for second in range(seconds):
-        when = T0 + timedelta(seconds=second)
-        for s in range(services):
-            device = f"svc-{s:02d}"
-            if burst_until[s] < second and rng.random() < 0.004:
-                burst_until[s] = second + int(rng.integers(3, 15))
-            lines = []
-            for _ in range(int(rng.integers(2, 9))):
-                if burst_until[s] >= second and rng.random() < 0.3:
-                    level, text = trouble[int(rng.integers(len(trouble)))]
-                else:
-                    level, text = chatter[int(rng.integers(len(chatter)))]
-                msg = text.format(
-                    method=("GET", "POST", "PUT")[int(rng.integers(3))],
-                    n=int(rng.integers(1, 100_000)),
-                    m=int(rng.integers(1, 256)),
-                    ms=int(rng.integers(1, 3000)),
-                    pct=int(rng.integers(1, 100)),
-                    w=int(rng.integers(1, 16)),
-                )
-                ts = int(when.timestamp() * 1000) + int(rng.integers(0, 1000))
-                line = {"ts": ts, "level": level, "msg": msg, "service": device, "pid": 4000 + s}
-                lines.append(json.dumps(line, separators=(",", ":")))
-                if level == "error":
-                    errors.append((device, msg))
-            messages.append(RawMessage(device, "logs", "mqtt", when, "\n".join(lines).encode()))
+    logs = log_payloads(services, seconds, start=T0, seed=seed)
+    messages = [RawMessage(m.device, "logs", "mqtt", m.sent_at, m.body) for m in logs]
+    errors = [(m.device, msg) for m in logs for msg in m.errors]
     return Generated(
         messages,
         f"{services} services, JSON lines (INFO/DEBUG chatter, WARN/ERROR bursts) for "

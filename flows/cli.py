@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--machines", type=int, default=3, help="vibrating machines (default 3)")
     demo.add_argument("--http-devices", type=int, default=3, help="HTTP sensors (default 3)")
     demo.add_argument("--coap-devices", type=int, default=3, help="CoAP sensors (default 3)")
+    demo.add_argument(
+        "--log-devices", type=int, default=2, help="services posting log lines (default 2)"
+    )
     demo.add_argument("--seconds", type=float, default=15.0, help="how long devices send")
     demo.add_argument("--rate", type=float, default=10.0, help="messages/s per device")
     demo.add_argument("--data-dir", type=Path, default=None, help="where outputs go")
@@ -256,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     machines=args.machines,
                     http_devices=args.http_devices,
                     coap_devices=args.coap_devices,
+                    log_devices=args.log_devices,
                 ),
                 status_every=args.status_every,
                 logs=LogSetup(verbose=args.verbose),

@@ -37,7 +37,14 @@ from flows.config import EdgeConfig, parse_config
 from flows.console import LogSetup, StatusConsole
 from flows.machines import Machine, blocks, publish_vibration
 from flows.runtime import stop_on_signals
-from flows.simulator import Post, post_coap, post_http, publish, telemetry_payloads
+from flows.simulator import (
+    Post,
+    log_payloads,
+    post_coap,
+    post_http,
+    publish,
+    telemetry_payloads,
+)
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -52,7 +59,8 @@ class DemoSettings:
     """How big and how long the demo is.
 
     ``devices`` MQTT sensors, ``machines`` vibrating machines on MQTT, and
-    ``http_devices`` / ``coap_devices`` sensors on those transports.
+    ``http_devices`` / ``coap_devices`` sensors on those transports, and
+    ``log_devices`` services posting their log lines over HTTP once a second.
     """
 
     devices: int = 20
@@ -63,6 +71,7 @@ class DemoSettings:
     machines: int = 3
     http_devices: int = 3
     coap_devices: int = 3
+    log_devices: int = 2
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.seconds <= 0 or self.rate_per_device <= 0:
@@ -72,10 +81,11 @@ class DemoSettings:
                 f"rate={self.rate_per_device})"
             )
             raise ValueError(msg)
-        if min(self.machines, self.http_devices, self.coap_devices) < 0:
+        if min(self.machines, self.http_devices, self.coap_devices, self.log_devices) < 0:
             msg = (
-                f"demo machines, http_devices and coap_devices must be 0 or more (got "
-                f"{self.machines}, {self.http_devices}, {self.coap_devices})"
+                f"demo machines, http_devices, coap_devices and log_devices must be 0 or more "
+                f"(got {self.machines}, {self.http_devices}, {self.coap_devices}, "
+                f"{self.log_devices})"
             )
             raise ValueError(msg)
 
@@ -127,6 +137,8 @@ STREAM_FLOWS = {
     "telemetry_summary": "telemetry",
     "vibration_features": "vibration",
     "alarms": "vibration",
+    "log_events": "logs",
+    "log_summary": "logs",
 }
 
 
@@ -173,6 +185,9 @@ def run_demo(
     coap_payloads = telemetry_payloads(
         settings.coap_devices, per_device, period=period, prefix="coap-sensor", seed=9
     )
+    log_messages = log_payloads(
+        settings.log_devices, max(1, int(settings.seconds)), prefix="gateway", seed=10
+    )
     machine_rate = Machine("healthy").sample_rate_hz / BLOCK_FRAMES
     block_count = max(1, int(settings.seconds * machine_rate))
     now = datetime.now(UTC)
@@ -185,7 +200,11 @@ def run_demo(
         )
         for i in range(settings.machines)
     }
-    ids = sorted({d for d, _ in mqtt_payloads + http_payloads + coap_payloads} | set(machines))
+    ids = sorted(
+        {d for d, _ in mqtt_payloads + http_payloads + coap_payloads}
+        | set(machines)
+        | {m.device for m in log_messages}
+    )
     tokens = {device: secrets.token_urlsafe(18) for device in ids}
     registry = DeviceRegistry(Device(d, t) for d, t in tokens.items())
     (data_dir / "devices.yaml").write_text(
@@ -195,6 +214,7 @@ def run_demo(
     stop = threading.Event()
     expected_telemetry = len(mqtt_payloads) + len(http_payloads) + len(coap_payloads)
     expected_vibration = block_count * len(machines)
+    expected_logs = len(log_messages)
     deadline_s = settings.seconds * 3 + 30
     results: dict[str, Any] = {}
 
@@ -219,7 +239,8 @@ def run_demo(
         print(
             f"devices: {settings.devices} MQTT, {settings.http_devices} HTTP and "
             f"{settings.coap_devices} CoAP sensors ({expected_telemetry} messages), "
-            f"{len(machines)} machines ({expected_vibration} vibration blocks) "
+            f"{len(machines)} machines ({expected_vibration} vibration blocks), "
+            f"{settings.log_devices} services logging over HTTP ({expected_logs} messages) "
             f"over {settings.seconds:g}s"
         )
 
@@ -291,6 +312,21 @@ def run_demo(
                     },
                 )
             )
+        if log_messages:
+            jobs.append(
+                (
+                    post_http,
+                    (
+                        f"http://{transports.http.listen}",
+                        [Post(tokens[m.device], "logs", m.body) for m in log_messages],
+                    ),
+                    {
+                        "rate_per_s": float(settings.log_devices),
+                        "deadline_s": deadline_s,
+                        "stop": stop,
+                    },
+                )
+            )
         if coap_payloads:
             jobs.append(
                 (
@@ -320,7 +356,11 @@ def run_demo(
             for sender in senders:
                 sender.join(timeout=deadline_s + 10)
             flows = {m.flow: m for m in meter.family()}
-            expected = {"telemetry": expected_telemetry, "vibration": expected_vibration}
+            expected = {
+                "telemetry": expected_telemetry,
+                "vibration": expected_vibration,
+                "logs": expected_logs,
+            }
             until = time.monotonic() + 30
             while (
                 time.monotonic() < until
@@ -355,7 +395,7 @@ def run_demo(
     out = sum(r.reduced_bytes() for r in reports.values())
     if out:
         print(f"total: {raw} raw bytes in, {out} bytes out, reduction {ratio_text(raw / out)}")
-    print(f"reports: {data_dir}/report-telemetry.json, {data_dir}/report-vibration.json")
+    print("reports: " + ", ".join(f"{data_dir}/report-{name}.json" for name in sorted(reports)))
     from flows.report import build_report
 
     page = build_report(data_dir, data_dir / "report.html", cloud=cloud_db)

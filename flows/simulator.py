@@ -23,12 +23,14 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 __all__ = [
+    "LogMessage",
     "Post",
     "PostStats",
     "PublishStats",
     "post_coap",
     "post_http",
     "publish",
+    "log_payloads",
     "publish_telemetry",
     "telemetry_payloads",
 ]
@@ -69,6 +71,79 @@ def telemetry_payloads(
             }
             body = {"ts": ts, "values": values} if with_ts else values
             out.append((device, json.dumps(body, separators=(",", ":")).encode()))
+    return out
+
+
+LOG_CHATTER = (
+    ("info", "request {method} /api/v1/items/{n} took {ms} ms status 200"),
+    ("debug", "cache hit ratio {pct}% over {n} lookups"),
+    ("info", "worker {w} processed batch {n} of {m} records"),
+    ("debug", "heartbeat from peer 10.0.{w}.{n} rtt {ms} ms"),
+    ("info", "user {n} logged in from 192.168.{w}.{m}"),
+)
+"""INFO/DEBUG lines services log all the time (numbers vary, templates repeat)."""
+LOG_TROUBLE = (
+    ("warning", "slow query on table orders: {ms} ms (threshold 500 ms)"),
+    ("error", "upstream payment-gateway returned 503 after {ms} ms (attempt {w})"),
+    ("error", "failed to write segment {n}: disk quota exceeded ({pct}% used)"),
+)
+"""WARN/ERROR lines of a burst of trouble."""
+
+
+@dataclass(frozen=True)
+class LogMessage:
+    """One logs message a service sends: its JSON lines, and the ERROR lines among them."""
+
+    device: str
+    sent_at: datetime
+    body: bytes
+    errors: tuple[str, ...]
+
+
+def log_payloads(
+    services: int,
+    seconds: int,
+    *,
+    start: datetime | None = None,
+    seed: int = 13,
+    prefix: str = "svc",
+) -> list[LogMessage]:
+    """Services logging JSON lines: one message per second per service holding its lines.
+
+    Each second a service logs 2-8 lines of INFO/DEBUG chatter; now and then
+    (0.4 % of its seconds) a burst of 3-14 s begins in which 30 % of its lines
+    are WARN/ERROR. Reproducible from ``seed``; in time order across services.
+    """
+    rng = np.random.default_rng(seed)
+    start = start if start is not None else datetime.now(UTC)
+    out: list[LogMessage] = []
+    burst_until = dict.fromkeys(range(services), -1)
+    for second in range(seconds):
+        when = start + timedelta(seconds=second)
+        for s in range(services):
+            device = f"{prefix}-{s:02d}"
+            if burst_until[s] < second and rng.random() < 0.004:
+                burst_until[s] = second + int(rng.integers(3, 15))
+            lines, errors = [], []
+            for _ in range(int(rng.integers(2, 9))):
+                if burst_until[s] >= second and rng.random() < 0.3:
+                    level, text = LOG_TROUBLE[int(rng.integers(len(LOG_TROUBLE)))]
+                else:
+                    level, text = LOG_CHATTER[int(rng.integers(len(LOG_CHATTER)))]
+                msg = text.format(
+                    method=("GET", "POST", "PUT")[int(rng.integers(3))],
+                    n=int(rng.integers(1, 100_000)),
+                    m=int(rng.integers(1, 256)),
+                    ms=int(rng.integers(1, 3000)),
+                    pct=int(rng.integers(1, 100)),
+                    w=int(rng.integers(1, 16)),
+                )
+                ts = int(when.timestamp() * 1000) + int(rng.integers(0, 1000))
+                line = {"ts": ts, "level": level, "msg": msg, "service": device, "pid": 4000 + s}
+                lines.append(json.dumps(line, separators=(",", ":")))
+                if level == "error":
+                    errors.append(msg)
+            out.append(LogMessage(device, when, "\n".join(lines).encode(), tuple(errors)))
     return out
 
 
@@ -233,9 +308,11 @@ def post_http(
 
             async def send(post: Post) -> str:
                 kind = (
-                    "application/json"
-                    if post.channel == "telemetry"
-                    else "application/octet-stream"
+                    "application/octet-stream"
+                    if post.channel == "vibration"
+                    else "application/x-ndjson"
+                    if post.channel == "logs"
+                    else "application/json"
                 )
                 url = f"/api/v1/{post.token}/{post.channel}"
                 async with session.post(
