@@ -66,7 +66,7 @@ def test_demo_reduces_and_reports(tmp_path, broker, capsys, caplog):
     from flows.demo import cloud_totals
 
     cloud = cloud_totals(tmp_path / "cloud.duckdb")
-    assert set(cloud) == {"telemetry", "vibration"}
+    assert set(cloud) == {"telemetry", "vibration", "logs"}
     assert cloud["telemetry"][1] == report.stages["telemetry_summary"]
     assert cloud["vibration"][1] == sum(vib.wire_rows.values())
     # every feature row is local; the cloud gets the reported ones (first rows, changes, alarms)
@@ -76,6 +76,12 @@ def test_demo_reduces_and_reports(tmp_path, broker, capsys, caplog):
     assert sum(vib.wire_bytes.values()) == cloud["vibration"][3]
     assert vib.wire_ratio is not None and vib.wire_ratio > 100
     assert "cloud received for vibration:" in out
+    # two services posted their log lines over HTTP: every line counted in the logs part
+    logs = reports["logs"]
+    assert logs.messages_in == 2 * 3
+    assert "http devices: 6 requests, answers {'200': 6}" in out
+    assert cloud["logs"][1] == sum(logs.wire_rows.values()) > 0
+    assert cloud["logs"][2] == logs.raw_bytes
     page = tmp_path / "report.html"  # the demo also writes the HTML report and says where
     assert f"report with charts: {page}" in out
     assert 'data-chart="vibration-rms"' in page.read_text(encoding="utf-8")
