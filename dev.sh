@@ -16,8 +16,8 @@ setup_venv() {
   if [[ ! -x $VENV/bin/python ]]; then
     "$PYTHON" -m venv "$VENV"
   fi
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".$extras"
+  "$VENV/bin/python" -m pip install --quiet --quiet --disable-pip-version-check --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet --quiet --disable-pip-version-check -e ".$extras"
 }
 
 missing_debs() {
