@@ -9,6 +9,7 @@ port helpers. Test modules import the plain helpers with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -447,6 +448,30 @@ def require_curl() -> str:
     """Skip (locally) or fail (CI set) without the curl binary."""
     return require_tool("curl", package="curl", tests="HTTP")
 
+
+
+@pytest.fixture(autouse=True)
+def _root_logging() -> Iterator[None]:
+    """Give back the root logger's handlers and level after each test.
+
+    ``edgesieve run``/``demo`` called in-process (``flows.cli.main``) set up
+    the console and log files on the root logger; without this, their handlers
+    would outlive the test and write its later lines into a closed capture.
+    """
+    from flows import console
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    console._current = None
 
 @dataclass
 class HttpReply:

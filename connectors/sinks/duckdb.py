@@ -248,15 +248,21 @@ def copy_database(source: Path, target: Path) -> None:
     temp.unlink(missing_ok=True)
     with _DATABASES_LOCK:
         db = _DATABASES.get(key)
-        con = duckdb.connect(str(key)) if db is None else db.con.cursor()
+        if db is not None:  # a user of the shared connection: a sink closing now leaves it open
+            db.users += 1
     try:
-        con.execute(f"ATTACH {_literal(str(temp))} AS edgesieve_copy")
+        con = duckdb.connect(str(key)) if db is None else db.con.cursor()
         try:
-            con.execute(f"COPY FROM DATABASE {_quote(_current(con))} TO edgesieve_copy")
+            con.execute(f"ATTACH {_literal(str(temp))} AS edgesieve_copy")
+            try:
+                con.execute(f"COPY FROM DATABASE {_quote(_current(con))} TO edgesieve_copy")
+            finally:
+                con.execute("DETACH edgesieve_copy")
         finally:
-            con.execute("DETACH edgesieve_copy")
+            con.close()
     finally:
-        con.close()
+        if db is not None:
+            _release(db)
     os.replace(temp, target)
 
 

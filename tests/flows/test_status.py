@@ -152,24 +152,7 @@ def test_status_line_and_live_block(tmp_path):
     assert "alarm raised" in text
 
 
-@pytest.fixture
-def root_logging():
-    """Restore the root logger's handlers and level after a test that applies a LogSetup."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
-    console_module._current = None
-
-
-def test_console_shows_warnings_and_lifecycle_the_file_everything(tmp_path, capsys, root_logging):
+def test_console_shows_warnings_and_lifecycle_the_file_everything(tmp_path, capsys):
     LogSetup(log_dir=tmp_path / "logs").apply()
     logging.getLogger("edgesieve.http.access").info("127.0.0.1 POST /api/v1/{token}/telemetry 200")
     logging.getLogger("edgesieve.run").info("an info line")
@@ -190,7 +173,7 @@ def test_console_shows_warnings_and_lifecycle_the_file_everything(tmp_path, caps
     assert "edgesieve.http.access: 127.0.0.1 GET / 404" in shown and "a debug line" in shown
 
 
-def test_log_file_rotates(tmp_path, monkeypatch, root_logging):
+def test_log_file_rotates(tmp_path, monkeypatch):
     monkeypatch.setattr(console_module, "LOG_FILE_BYTES", 4096)
     LogSetup(log_dir=tmp_path / "logs").apply()
     for i in range(2000):
@@ -420,7 +403,7 @@ class FullDisk(io.StringIO):
         raise OSError(28, "No space left on device")
 
 
-def test_a_log_file_that_cannot_be_written_is_one_warning(tmp_path, capsys, root_logging):
+def test_a_log_file_that_cannot_be_written_is_one_warning(tmp_path, capsys):
     LogSetup(log_dir=tmp_path / "logs").apply()
     (log_file,) = [
         h for h in logging.getLogger().handlers if isinstance(h, console_module._LogFile)

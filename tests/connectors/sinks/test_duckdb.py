@@ -214,6 +214,38 @@ def test_another_process_cannot_open_it_while_the_edge_writes(tmp_path: Path) ->
     part.close()
 
 
+def test_a_copy_under_way_keeps_the_database_open_while_the_last_sink_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    db = tmp_path / "edge.duckdb"
+    part: DuckDBSinkPartition = DuckDBSink(db, POINTS).build_part("s", "p0", None)
+    part.write_batch(readings(10))
+    part.snapshot()
+    copying, closed = threading.Event(), threading.Event()
+    current = duckdb_mod._current
+
+    def slow_current(con: duckdb.DuckDBPyConnection) -> str:
+        copying.set()
+        assert closed.wait(10)  # the sink closes while the copy is under way
+        return current(con)
+
+    monkeypatch.setattr(duckdb_mod, "_current", slow_current)
+    copy = tmp_path / "edge-copy.duckdb"
+    copier = threading.Thread(target=copy_database, args=(db, copy))
+    copier.start()
+    assert copying.wait(10)
+    part.close()  # the fault was "connection is busy with another call" here
+    closed.set()
+    copier.join(10)
+    assert not copier.is_alive() and copy.exists()
+    reader = duckdb.connect(str(copy), read_only=True)
+    assert reader.execute(f"SELECT count(*) FROM {POINTS}").fetchall() == [(10,)]
+    reader.close()
+    assert str(db.resolve()) not in {str(k) for k in duckdb_mod._DATABASES}  # closed by the copy
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
