@@ -32,12 +32,10 @@ import bytewax.operators as op
 import pyarrow as pa
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
-from bytewax.operators import KeyedStream
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import cluster_main
 from prometheus_client import CollectorRegistry
 
-from connectors.codecs.attributes_json import Attribute
 from connectors.common.stores import StoreRecoveryCollector, heal_recovery_store
 from connectors.devices.journal_source import JournalSource
 from connectors.sinks.cloud import CloudSink, CloudSinkSettings
@@ -50,25 +48,17 @@ from flows.cloud import CloudLink
 from flows.config import ConfigError, EdgeConfig, check_environment
 from flows.ingest import (
     CHANNELS,
-    Decoded,
-    Message,
-    SeriesLimits,
-    decoder,
-    series_limits,
     to_dead_letter,
 )
 from flows.ingest_process import JournalFeed, journal_partition_count
 from flows.ingest_stats import read_snapshot
+from flows.inputs import Devices, decoded_devices, unkeyed
 from flows.status import RECENT_ALARMS, edge_status
 from flows.transports import require_transports
 from operators.records import (
     TELEMETRY,
     DeadLetter,
-    Evict,
-    LogLine,
     RawMessage,
-    Reading,
-    VibrationBlock,
 )
 
 __all__ = ["Devices", "Edge", "RunResult"]
@@ -92,89 +82,6 @@ DROPPED = "dropped_"
 
 LOCAL_ONLY = frozenset({"telemetry_text", "dead_letters"})
 """Streams that stay on the edge unless an output asks for ``cloud=True``."""
-
-
-class Devices:
-    """The decoded device input of a flow.
-
-    ``readings`` are numeric readings keyed by series (``device/key``),
-    ``text`` are string readings, ``blocks`` are vibration blocks keyed by
-    device, ``attributes`` are client attributes and ``logs`` log lines, both keyed by
-    device. ``series`` is ``readings`` with an
-    :class:`~operators.records.Evict` wherever ``limits.series_idle_evict``
-    forgets a series, in order with its readings: feed it to operators that
-    keep per-series state (deadband, window aggregates, threshold) so that
-    state is dropped too. Undecodable messages and what ``limits`` refuses
-    are already on their way to ``dead_letters``; a kind of record no step
-    takes is dead-lettered too, so nothing is lost silently.
-    """
-
-    def __init__(
-        self,
-        series: KeyedStream[Reading | Evict],
-        text: Stream[Reading],
-        blocks: KeyedStream[VibrationBlock],
-        attributes: KeyedStream[Attribute],
-        logs: KeyedStream[LogLine],
-        *,
-        step_id: str,
-    ) -> None:
-        self._streams: dict[str, Stream[Any]] = {
-            "readings": series,
-            "text": text,
-            "blocks": blocks,
-            "attributes": attributes,
-            "logs": logs,
-        }
-        self._step_id = step_id
-        self._readings: KeyedStream[Reading] | None = None
-        self._used: set[str] = set()
-
-    @property
-    def readings(self) -> KeyedStream[Reading]:
-        """Numeric telemetry readings (numbers and booleans), keyed ``device/key``."""
-        if self._readings is None:
-            self._readings = op.filter(
-                f"{self._step_id}_readings", self._take("readings"), _not_evict
-            )
-        return self._readings
-
-    @property
-    def series(self) -> KeyedStream[Reading | Evict]:
-        """``readings`` and, in order with them, an ``Evict`` for each series forgotten."""
-        return self._take("readings")
-
-    @property
-    def text(self) -> Stream[Reading]:
-        """String telemetry readings (logs, states): kept, never fed to numeric operators."""
-        return self._take("text")
-
-    @property
-    def blocks(self) -> KeyedStream[VibrationBlock]:
-        """Decoded EVB1 vibration blocks, keyed by device."""
-        return self._take("blocks")
-
-    @property
-    def attributes(self) -> KeyedStream[Attribute]:
-        """Client attributes (the ``attributes`` channel), keyed by device."""
-        return self._take("attributes")
-
-    @property
-    def logs(self) -> KeyedStream[LogLine]:
-        """Log lines (the ``logs`` channel), keyed by device, in the order each device sent them."""
-        return self._take("logs")
-
-    def _take(self, kind: str) -> Any:
-        self._used.add(kind)
-        return self._streams[kind]
-
-    def unused(self) -> dict[str, Stream[Any]]:
-        """The streams no step took (they are dead-lettered when the flow is finished)."""
-        return {
-            k: (op.filter(f"{self._step_id}_unused_{k}", s, _not_evict) if k == "readings" else s)
-            for k, s in self._streams.items()
-            if k not in self._used
-        }
 
 
 @dataclass
@@ -353,42 +260,13 @@ class Edge:
             shared.registry.register(JournalCollector(journal))
             ingest = shared.ingest
             shared.registry.register(IngestCollector(journal.root, lambda: ingest.restarts))
-        limits = self.config.limits
-        decode = decoder(
-            self.config.max_payload_bytes,
+        shared.devices, shared.errors = decoded_devices(
+            sid,
+            raw,
+            self.config,
             channels=wanted,
             flow=self.name,
             owner_of=lambda channel: shared.owners.get(channel, self),
-            keys_per_message=limits.keys_per_message,
-        )
-        decoded = op.flat_map_batch(f"{sid}_decode", raw, decode)
-        messages = op.branch(f"{sid}_messages", decoded, _is_message)
-        series = series_limits(
-            f"{sid}_limits",
-            messages.trues,  # type: ignore[arg-type]
-            SeriesLimits(
-                series_per_device=limits.series_per_device,
-                state_bytes_per_device=limits.state_bytes_per_device,
-                series_total=limits.series_total,
-                idle_evict=limits.series_idle_evict,
-            ),
-            lambda: shared.owners.get(TELEMETRY, self),
-        )
-        items = op.merge(f"{sid}_items", series, messages.falses)
-        numbers = op.branch(f"{sid}_numbers", items, _is_number)
-        others = op.branch(f"{sid}_text", numbers.falses, _is_reading)
-        rest = op.branch(f"{sid}_blocks", others.falses, _is_block)
-        attributes = op.branch(f"{sid}_attributes", rest.falses, _is_attribute)
-        logs = op.branch(f"{sid}_logs", attributes.falses, _is_log_line)
-        shared.errors = logs.falses  # type: ignore[assignment]
-        text = op.map(f"{sid}_unkey_text", others.trues, _value)
-        shared.devices = Devices(
-            numbers.trues,  # type: ignore[arg-type]
-            text,
-            rest.trues,  # type: ignore[arg-type]
-            attributes.trues,  # type: ignore[arg-type]
-            logs.trues,  # type: ignore[arg-type]
-            step_id=sid,
         )
         return shared.devices
 
@@ -463,7 +341,7 @@ class Edge:
         letters = op.map(
             self.id(f"dead_letters_{self._letters}"),
             up,
-            lambda item: to_dead_letter(_value(item), reason),
+            lambda item: to_dead_letter(unkeyed(item), reason),
         )
         self.output("dead_letters", letters)
 
@@ -480,7 +358,7 @@ class Edge:
         def tally(batch: list[Any]) -> tuple[()]:
             stages: dict[str, Tally[str]] = {}
             for item in batch:
-                gone = _value(item)
+                gone = unkeyed(item)
                 stage = f"{DROPPED}{gone.step_id}_{gone.reason}"
                 stages.setdefault(stage, Tally())[_by_device(gone.item)[0]] += 1
             for stage, devices in stages.items():
@@ -717,7 +595,7 @@ class Edge:
                 op.map(
                     f"_unused_{kind}",
                     stream,
-                    lambda item, reason=reason: to_dead_letter(_value(item), reason),
+                    lambda item, reason=reason: to_dead_letter(unkeyed(item), reason),
                 )
             )
         owners = {id(p): p for p in shared.owners.values()}
@@ -835,36 +713,3 @@ def _counter(
         return items
 
     return count
-
-
-def _value(item: Any) -> Any:
-    return item[1] if type(item) is tuple else item
-
-
-def _is_message(item: tuple[str, object]) -> bool:
-    return type(item[1]) is Message
-
-
-def _is_number(item: tuple[str, object]) -> bool:
-    value = item[1]
-    return (type(value) is Reading and type(value.value) is float) or type(value) is Evict
-
-
-def _not_evict(item: tuple[str, object]) -> bool:
-    return type(item[1]) is not Evict
-
-
-def _is_reading(item: tuple[str, Decoded]) -> bool:
-    return type(item[1]) is Reading
-
-
-def _is_block(item: tuple[str, Decoded]) -> bool:
-    return type(item[1]) is VibrationBlock
-
-
-def _is_attribute(item: tuple[str, Decoded]) -> bool:
-    return type(item[1]) is Attribute
-
-
-def _is_log_line(item: tuple[str, Decoded]) -> bool:
-    return type(item[1]) is LogLine

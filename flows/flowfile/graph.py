@@ -123,7 +123,7 @@ class FlowFile:
 
     def build(self, edge: Edge) -> None:
         """Declare the flow on ``edge``: the same calls a Python flow makes."""
-        from flows.api import _value
+        from flows.inputs import unkeyed
         from flows.vibration import ALARM_FILE_AGE
 
         src = str(self.path)
@@ -169,9 +169,9 @@ class FlowFile:
             if reason is not None:
                 from flows.ingest import to_dead_letter
 
-                return op.map(step_id, up, lambda item: to_dead_letter(_value(item), reason))
+                return op.map(step_id, up, lambda item: to_dead_letter(unkeyed(item), reason))
             letter = letters[ref]
-            return op.map(step_id, up, lambda item: letter(_value(item)))
+            return op.map(step_id, up, lambda item: letter(unkeyed(item)))
 
         for out in self.outputs:
             target = parts[out.part] if out.part else edge
@@ -216,8 +216,8 @@ class FlowFile:
                 target.publish(
                     f"publish_{out.stream}",
                     up,
-                    topic=lambda a: f"v1/devices/{_value(a).device}/alarms",
-                    payload=lambda a: alarm_payload(_value(a)),
+                    topic=lambda a: f"v1/devices/{unkeyed(a).device}/alarms",
+                    payload=lambda a: alarm_payload(unkeyed(a)),
                 )
         for ref, part in self.rejects:
             target = parts[part] if part else edge
