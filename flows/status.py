@@ -89,7 +89,7 @@ def edge_status(edge: Edge) -> dict[str, Any]:
                 rep.stages.get(name, 0) for name, out in outputs.items() if out.model == "alarms"
             ),
         }
-    journal = {"messages": 0, "bytes": 0, "oldest_age_s": 0.0}
+    journal = {"messages": 0, "bytes": 0, "oldest_age_s": 0.0, "unread": 0}
     ingest = shared.ingest
     snap = read_snapshot(ingest.source.root) if ingest is not None else None
     if snap is not None:
@@ -98,6 +98,7 @@ def edge_status(edge: Edge) -> dict[str, Any]:
             "messages": int(held["messages"]),
             "bytes": int(held["bytes"]),
             "oldest_age_s": float(held["oldest_age_s"]),
+            "unread": ingest.source.lag,
         }
     link = shared.link
     outbox, cloud = (

@@ -68,6 +68,7 @@ return {
   flows: flows,
   devices_seen: value(document.getElementById('devices-seen')),
   journal_messages: value(document.getElementById('journal-messages')),
+  journal_unread: value(document.getElementById('journal-unread')),
   outbox_batches: value(document.getElementById('outbox-batches')),
   cloud_state: cloud === null ? undefined : cloud.innerText.trim(),
   alarms: [...document.querySelectorAll('table#recent-alarms tr.alarm')].map(
@@ -188,6 +189,7 @@ def expected(status: dict[str, Any]) -> dict[str, Any]:
         },
         "devices_seen": status["devices_seen"],
         "journal_messages": status["journal"]["messages"],
+        "journal_unread": status["journal"]["unread"],
         "outbox_batches": status["outbox"]["batches"],
         "cloud_state": state,
         "alarms": len(status["recent_alarms"]),
@@ -210,6 +212,7 @@ def shown(browser: Browser) -> dict[str, Any]:
         },
         "devices_seen": as_number(page["devices_seen"]),
         "journal_messages": as_number(page["journal_messages"]),
+        "journal_unread": as_number(page["journal_unread"]),
         "outbox_batches": as_number(page["outbox_batches"]),
         "cloud_state": page["cloud_state"],
         "alarms": len(page["alarms"]),

@@ -107,7 +107,7 @@ def test_status_of_a_recorded_run_equals_the_report(tmp_path):
     assert status["flows"]["logs"]["messages_in"] == 0
     assert status["devices_seen"] == 3
     # no ingest process and no cloud here
-    assert status["journal"] == {"messages": 0, "bytes": 0, "oldest_age_s": 0.0}
+    assert status["journal"] == {"messages": 0, "bytes": 0, "oldest_age_s": 0.0, "unread": 0}
     assert status["outbox"] == {"batches": 0, "bytes": 0}
     assert status["cloud"] == {"configured": False, "connected": False, "acked_batches": 0}
     # the recent alarms are the alarm rows written, newest first
@@ -257,6 +257,7 @@ def test_status_page_and_json_of_a_live_edge(tmp_path, mosquitto, wait_for, capl
         assert got["flows"]["telemetry"]["dead_letters"] == 1
         assert got["devices_seen"] == 4  # sensor-1, sensor-2, pump-1 (HTTP), pump-7
         assert got["cloud"]["configured"] is False
+        assert got["journal"]["unread"] == 0  # every committed message was read by the flow
 
         page = curl(f"{base}/")
         assert page.status == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
