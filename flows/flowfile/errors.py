@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from flows.config import _plain
+from flows.config.parse import _plain
 
 __all__ = ["operator_error"]
 
