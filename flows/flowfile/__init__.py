@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flows.flowfile.graph import FlowFile, load_flow_file, parse_flow_file
+from flows.flowfile.check import load_flow_file, parse_flow_file
+from flows.flowfile.graph import FlowFile
 from flows.flowfile.model import FlowFileError
 
 __all__ = [
