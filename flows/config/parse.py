@@ -16,7 +16,7 @@ from pydantic import (
 from connectors.common.yamlfile import read_yaml
 from flows.config.sections import ConfigError, EdgeConfig
 
-_TYPE_HINTS = {
+TYPE_HINTS = {
     "time_delta_parsing": "seconds or ISO 8601 like PT5M",
     "time_delta_type": "seconds or ISO 8601 like PT5M",
     "int_parsing": "a whole number, e.g. 10",
@@ -32,6 +32,7 @@ _TYPE_HINTS = {
     "dataclass_type": "write a mapping of keys, e.g. {key: value}",
     "tuple_type": "write a list, e.g. [1, 2]",
 }
+"""The hint of a pydantic error, by its type (edge.yaml and flow files)."""
 _OPERATOR = re.compile(
     r"^(?:spectral|window_aggregate|logs|threshold rule(?: '[^']*')?:?) (?:`(?P<key>[\w\[\]]+)` )?"
     r"(?P<problem>.*?); got (?P<got>.*?)\. Hint: (?P<hint>.*?)\.?$",
@@ -118,7 +119,7 @@ def _describe(err: Any) -> str:
     got = err.get("input")
     problem = re.sub(r"^\w+ should ", "must ", text)
     shown = None if isinstance(got, dict) else repr(got)
-    hint = _TYPE_HINTS.get(kind)
+    hint = TYPE_HINTS.get(kind)
     if kind == "literal_error" and "'" in err["ctx"]["expected"] and not isinstance(got, str):
         hint = f'write it quoted: "{got}"'
     return _message(where, problem, shown, hint)

@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from flows.config import ConfigError
+from flows.config.parse import TYPE_HINTS
 from flows.ingest import CHANNELS
 
 __all__ = [
@@ -195,18 +196,9 @@ def read_flow_yaml(path: Path) -> object:
 
 
 _TYPE_HINTS = {
-    "int_parsing": "a whole number, e.g. 10",
-    "int_from_float": "a whole number, e.g. 10",
-    "int_type": "a whole number, e.g. 10",
-    "float_parsing": "a number, e.g. 0.5",
-    "float_type": "a number, e.g. 0.5",
-    "bool_parsing": "true or false",
-    "bool_type": "true or false",
-    "string_type": 'quote the value, e.g. "5"',
-    "model_type": "write a mapping of keys, e.g. {key: value}",
+    **TYPE_HINTS,
     "dict_type": "write a mapping of keys, e.g. {key: value}",
     "list_type": "write a list, e.g. [a, b]",
-    "tuple_type": "write a list, e.g. [1, 2]",
     "string_pattern_mismatch": "letters, digits, _ and -, e.g. telemetry",
     "greater_than_equal": "a value at or above the bound",
     "too_short": "give at least one",
