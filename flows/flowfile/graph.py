@@ -13,6 +13,7 @@ import bytewax.operators as op
 from connectors.codecs.attributes_json import ATTRIBUTES
 from flows.flowfile.errors import operator_error
 from flows.flowfile.kinds import (
+    Built,
     Call,
     Kind,
     SettingError,
@@ -141,7 +142,10 @@ class FlowFile:
                 kwargs = step.kind.kwargs(step.settings, edge.config)
                 kwargs.update({k: stream(ref) for k, ref in step.stream_settings.items()})
                 takes = self.streams[step.sources[0]].takes
-                built = step.kind.call(Call(step.name, up, kwargs, takes, step.kind.load()))
+                if step.kind.off(edge.config):  # e.g. vibration.report.enabled: false
+                    built = Built({next(iter(step.kind.gives(takes))): up})
+                else:
+                    built = step.kind.call(Call(step.name, up, kwargs, takes, step.kind.load()))
             except SettingError as exc:
                 raise FlowFileError([f"{src}: steps.{step.name}.{exc.path}: {exc.text}"]) from None
             except (TypeError, ValueError) as exc:

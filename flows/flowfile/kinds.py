@@ -201,6 +201,8 @@ class Kind:
     """Outputs that go to ``dead_letters`` when no step or output takes them."""
     streams: tuple[str, ...] = ()
     """Settings that name a stream of the flow rather than a value."""
+    off: Callable[[EdgeConfig], bool] = lambda _config: False
+    """Whether the edge config switches the step off: it then passes its input on unchanged."""
 
     def load(self) -> Callable[..., Any]:
         """The operator function (imported now)."""
@@ -374,6 +376,7 @@ KINDS: dict[str, Kind] = {
             _report,
             lambda config: _section(getattr(config.vibration, "report", None), ReportSettings),
             streams=("alarms",),
+            off=lambda config: not config.vibration.report.enabled,
         ),
     )
 }

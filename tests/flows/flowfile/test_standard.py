@@ -164,7 +164,8 @@ def test_the_example_flow_file_writes_what_the_example_python_flow_writes(tmp_pa
         assert expected and rows(tmp_path / "file", stream) == expected, stream
 
 
-def test_the_vibration_flow_file_sends_the_cloud_the_rows_the_python_flow_sends(tmp_path):
+@pytest.mark.parametrize("report", [True, False], ids=["report", "report-off"])
+def test_the_vibration_flow_file_sends_the_cloud_the_rows_the_python_flow_sends(tmp_path, report):
     from connectors.cloud import CloudReceiver
     from tests.conftest import free_port
 
@@ -178,7 +179,7 @@ def test_the_vibration_flow_file_sends_the_cloud_the_rows_the_python_flow_sends(
         port, db = free_port(), tmp_path / f"{where}.duckdb"
         settings = {
             "data_dir": str(tmp_path / where),
-            "vibration": {"frames_per_row": 3},
+            "vibration": {"frames_per_row": 3, "report": {"enabled": report}},
             "cloud": {"target": f"127.0.0.1:{port}", "key": "edge-01", "secret": secret},
         }
         with CloudReceiver(f"127.0.0.1:{port}", db, {"edge-01": secret}):
@@ -192,7 +193,7 @@ def test_the_vibration_flow_file_sends_the_cloud_the_rows_the_python_flow_sends(
                 else []
                 for stream in ("vibration_features", "alarms")
             }
-        assert len(sent[where]["vibration_features"]) < len(
-            rows(tmp_path / where, "vibration_features")
-        )
+        local = len(rows(tmp_path / where, "vibration_features"))
+        cloud = len(sent[where]["vibration_features"])
+        assert cloud < local if report else cloud == local  # off: every row to the cloud
     assert sent["py"]["vibration_features"] and sent["file"] == sent["py"]
