@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Final
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
@@ -81,6 +82,16 @@ READ_BYTES = 8 * 1024 * 1024
 messages is read a few at a time, so what the flow holds in flight is bounded by bytes."""
 _IDLE_MAX = timedelta(milliseconds=80)
 """Consecutive empty polls wait twice as long each time, up to this: an idle edge sleeps."""
+GATHER: Final = timedelta(milliseconds=50)
+"""After a batch that read everything committed, the next read waits this long.
+
+Under a steady stream a flow that read again at once would take one or two
+messages per read, and pay its per-batch costs (a query, a Bytewax
+activation of every step) for each: gathering 50 ms halves the flow's CPU
+at 4,000 HTTP requests/s, CPU the ingest process (whose commits devices
+wait for) gets instead. Devices never wait for it: their answer follows the
+journal commit, not the flow.
+"""
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,7 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         drain: threading.Event,
         max_batch: int,
         idle: timedelta,
+        gather: timedelta = GATHER,
         on_progress: Callable[[int, JournalProgress], None],
         recovery: tuple[Path, str] | None = None,
     ) -> None:
@@ -125,6 +137,7 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         self._drain = drain
         self._max_batch = max_batch
         self._idle = idle
+        self._gather = gather
         self._on_progress = on_progress
         self._reader: JournalReader | None = None
         self._after = -1 if after is None else after
@@ -198,7 +211,7 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
                 or time.monotonic() - self._committed_at >= _COMMITTED_EVERY_S
             ):
                 self._refresh_committed()  # catching up: how far behind, for the lag gauge
-            self._awake = None
+            self._awake = None if full else datetime.now(UTC) + self._gather
             self._wait_for = self._idle
             self._report()
             return [message for _, message in batch]
@@ -214,7 +227,10 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         return []
 
     def next_awake(self) -> datetime | None:
-        """At once while there is more; after an empty poll ``idle`` ahead, doubling up to 80 ms."""
+        """At once after a full batch, ``gather`` ahead after a partial one.
+
+        After an empty poll ``idle`` ahead, doubling up to 80 ms.
+        """
         return self._awake
 
     def snapshot(self) -> int:

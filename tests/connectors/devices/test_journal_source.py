@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors.devices.journal import Journal, JournalReader, JournalSettings
-from connectors.devices.journal_source import JournalSource, journal_depth
+from connectors.devices.journal_source import GATHER, JournalSource, journal_depth
 from operators.records import RawMessage
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -103,6 +103,22 @@ def test_next_batch_never_blocks_and_ends_only_when_drained(tmp_path):
     source.drain.set()
     with pytest.raises(StopIteration):
         part.next_batch()
+    part.close()
+
+
+def test_a_full_batch_reads_again_at_once_a_partial_one_gathers_first(tmp_path):
+    write(tmp_path, traffic(devices=1, per_device=10), partitions=1)
+    source = JournalSource(tmp_path, reader="flow", partitions=1, max_batch=4)
+    part = source.build_part("in", "journal-0", None)
+    assert len(part.next_batch()) == 4
+    assert part.next_awake() is None  # more may wait: read again at once
+    assert len(part.next_batch()) == 4
+    assert part.next_awake() is None
+    before = datetime.now(UTC)
+    assert len(part.next_batch()) == 2  # everything committed was read
+    awake = part.next_awake()
+    assert awake is not None
+    assert GATHER <= awake - before < GATHER + timedelta(milliseconds=500)
     part.close()
 
 
