@@ -16,7 +16,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import bytewax.operators as op
 from bytewax.dataflow import Stream
@@ -42,6 +42,11 @@ X = TypeVar("X")
 log = logging.getLogger("edgesieve.run")
 
 RECEIVED = "received"
+MAX_DEVICE_LABELS: Final = 1000
+"""Devices a flow counts under their own name; the devices seen after them share
+:data:`OTHER_DEVICES`, so a gateway reporting for ever new child devices cannot grow the
+counters (and the ``device`` label values on ``/metrics``) without bound."""
+OTHER_DEVICES: Final = "<other>"
 
 
 class Meter:
@@ -64,6 +69,8 @@ class Meter:
         self.totals: Tally[str] = Tally()
         """Records per stage summed over devices: a cheap progress view of the counters."""
         self._unclaimed_raw = 0
+        self._named: set[str] = set()
+        """Devices counted under their own name (at most MAX_DEVICE_LABELS)."""
         self.registry.register(_MeterCollector(self))
         self._family: list[Meter] = [self]
 
@@ -84,12 +91,23 @@ class Meter:
         """Add per-device record counts (and payload bytes) for one stage."""
         with self._lock:
             self.totals[stage] += sum(counts.values())
+            label = self._label
             for device, n in counts.items():
-                self._messages[stage, device] += n
+                self._messages[stage, label(device)] += n
             for device, n in (sizes or {}).items():
-                self._bytes[stage, device] += n
+                self._bytes[stage, label(device)] += n
             if stage == RECEIVED and sizes:
                 self._unclaimed_raw += sum(sizes.values())
+
+    def _label(self, device: str) -> str:
+        """``device``, or :data:`OTHER_DEVICES` once MAX_DEVICE_LABELS are named (lock held)."""
+        named = self._named
+        if device in named:
+            return device
+        if len(named) < MAX_DEVICE_LABELS:
+            named.add(device)
+            return device
+        return OTHER_DEVICES
 
     def claim_raw_bytes(self) -> int:
         """Device bytes received since the last claim (a sealed cloud batch stands for them)."""

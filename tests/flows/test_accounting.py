@@ -3,7 +3,7 @@ import threading
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from flows.accounting import RECEIVED, Meter, report
+from flows.accounting import MAX_DEVICE_LABELS, OTHER_DEVICES, RECEIVED, Meter, report
 
 
 def test_counters_feed_both_report_and_prometheus(tmp_path):
@@ -96,3 +96,24 @@ def test_an_idle_report_says_so_and_keeps_the_journal_lines():
         "flow edge: no device messages in this run, nothing written\n"
         "  journal: 0 messages, 0 bytes held, 0 not read by the flow"
     )
+
+
+def test_devices_beyond_the_label_bound_share_one_label_and_totals_stay_exact():
+    registry = CollectorRegistry()
+    meter = Meter("telemetry", registry)
+    children = {f"gw-child-{i}": 1 for i in range(MAX_DEVICE_LABELS + 500)}
+    meter.add(RECEIVED, children, dict.fromkeys(children, 10))
+    meter.add("telemetry_points", {"gw-child-0": 1, f"gw-child-{MAX_DEVICE_LABELS + 1}": 2})
+
+    rep = report(meter)
+    assert len(rep.devices) == MAX_DEVICE_LABELS + 1
+    assert rep.devices[OTHER_DEVICES] == {
+        RECEIVED: 500,
+        f"{RECEIVED}_bytes": 5000,
+        "telemetry_points": 2,
+    }
+    assert rep.devices["gw-child-0"]["telemetry_points"] == 1  # named before the bound: kept
+    assert rep.messages_in == MAX_DEVICE_LABELS + 500 and rep.raw_bytes == 10 * rep.messages_in
+    text = generate_latest(registry).decode()
+    labels = {line.split('device="')[1].split('"')[0] for line in text.splitlines() if 'device="' in line}
+    assert len(labels) == MAX_DEVICE_LABELS + 1
