@@ -630,7 +630,8 @@ def describe(label: str, run: Run) -> str:
             f"\n  {'':<34} journal: {journal['commits']:,} group commits "
             f"({per_group:.1f} messages each), submit-to-commit p50 "
             f"{journal['commit_p50_ms']:.2f} ms p99 {journal['commit_p99_ms']:.2f} ms, "
-            f"of which the transaction (write + sync) p50 {journal['write_p50_ms']:.2f} ms"
+            f"of which the transaction (write + sync) p50 {journal['write_p50_ms']:.2f} ms "
+            f"p99 {journal['write_p99_ms']:.2f} ms"
         )
     return line
 
