@@ -279,6 +279,8 @@ class RuleState:
         for while not raised; ``0`` when there is no run.
     :arg since: ``ts`` of the first item of the current run.
     :arg newest: Newest ``ts`` seen in the current run.
+    :arg last_ts: While raised, the newest ``ts`` seen (the raising item's first).
+    :arg last_value: The value of the item at ``last_ts``.
 
     A few small fields, so it goes into Bytewax recovery snapshots as is.
     """
@@ -287,6 +289,8 @@ class RuleState:
     count: int = 0
     since: datetime | None = None
     newest: datetime | None = None
+    last_ts: datetime | None = None
+    last_value: float | None = None
 
     @property
     def idle(self) -> bool:
@@ -318,7 +322,12 @@ class RuleState:
         if self.active:
             if rule.recovers(value):
                 self.active = False
+                self.last_ts = self.last_value = None
                 return CLEARED
+            last = getattr(self, "last_ts", None)  # None in a state from an older snapshot
+            if last is None or ts >= last:
+                self.last_ts = ts
+                self.last_value = value
             return None
         if not rule.breaches(value):
             if self.count:
@@ -336,6 +345,8 @@ class RuleState:
             self.active = True
             self.count = 0
             self.since = self.newest = None
+            self.last_ts = ts
+            self.last_value = value
             return RAISED
         self.count = count
         self.since = since
@@ -375,7 +386,7 @@ def _threshold_mapper(
         state: ThresholdState | None, item: Any
     ) -> tuple[ThresholdState | None, Iterable[Alarm]]:
         if type(item) is Evict:
-            return None, ()  # the key is forgotten: a raised alarm is not cleared
+            return None, _evicted(item.device, state, rules)
         try:
             device = item.device
             ts = item.ts
@@ -416,6 +427,31 @@ def _threshold_mapper(
         return (state or None), alarms
 
     return mapper
+
+
+def _evicted(
+    device: str, state: ThresholdState | None, rules: tuple[Rule, ...]
+) -> list[Alarm]:
+    """The ``cleared`` alarms of a key's raised rules, in rule order, as the key is forgotten.
+
+    Each carries the ``ts`` and value of the newest item seen while raised, so a
+    replay gives the same rows. A state from a snapshot of an older version,
+    which did not keep them, clears nothing.
+    """
+    if not state:
+        return []
+    out = []
+    for rule in rules:
+        rule_state = state.get(rule.name)
+        if rule_state is None or not rule_state.active:
+            continue
+        ts = getattr(rule_state, "last_ts", None)
+        value = getattr(rule_state, "last_value", None)
+        if ts is None or value is None:
+            continue
+        when = ts if ts.tzinfo is UTC else ts.astimezone(UTC)
+        out.append(Alarm(device, when, rule.name, CLEARED, rule.severity, value))
+    return out
 
 
 def _check_rules(step_id: str, rules: object) -> tuple[Rule, ...]:
@@ -491,8 +527,10 @@ def threshold(
     - Nothing is cleared when the input ends: a raised alarm stays raised in
       the state (and in recovery snapshots) until a value clears it.
     - An :class:`~operators.records.Evict` on a key (``Devices.series`` sends
-      one when a series is evicted as idle) drops the key's state without an
-      alarm: a raised alarm of a series gone silent is not cleared.
+      one when a series is evicted as idle) drops the key's state; each alarm
+      still raised on it is ``cleared`` first, with the ``ts`` and value of the
+      newest item seen while raised, so no alarm of a forgotten series stays
+      raised downstream and alarms keep alternating when the series returns.
 
     When an item fires several rules, their alarms come out in the order of
     ``rules``. The state is a small dict of small dataclasses per key, kept

@@ -17,7 +17,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from operators.records import Reading, series_key
+from operators.records import Evict, Reading, series_key
 from operators.threshold import (
     CLEARED,
     RAISED,
@@ -527,6 +527,43 @@ def test_works_on_telemetry_readings_keyed_by_series():
     ]
 
 
+def test_an_evicted_series_clears_its_raised_alarms_with_the_last_item_seen():
+    hot = Rule("hot", "value", raise_above=80.0, clear_below=75.0)
+    cold = Rule("cold", "value", raise_below=0.0, clear_above=5.0, severity="warning")
+    key = series_key("boiler", "temp")
+    items = [Reading("boiler", "temp", at(i), v) for i, v in enumerate([70, 81, 90, 85])]
+    items.insert(3, Reading("boiler", "temp", at(1.5), 99.0))  # late: not the newest
+    after = [Reading("boiler", "temp", at(100 + i), v) for i, v in enumerate([82, 70])]
+    flow = Dataflow("evict")
+    source = [(key, r) for r in items] + [(key, Evict("boiler", "temp"))] + [(key, r) for r in after]
+    s = op.input("in", flow, TestingSource(source))
+    out: list[tuple[str, Alarm]] = []
+    op.output("out", threshold("alarms", s, rules=[hot, cold]), TestingSink(out))
+    run_main(flow)
+    assert brief(a for _, a in out) == [
+        (1.0, RAISED, 81.0),
+        (3.0, CLEARED, 85.0),  # the eviction: ts and value of the newest item while raised
+        (100.0, RAISED, 82.0),  # the series afresh: alarms still alternate
+        (101.0, CLEARED, 70.0),
+    ]
+    assert {a.rule for _, a in out} == {"hot"}  # the rule not raised clears nothing
+
+
+def test_an_evicted_key_without_raised_alarms_or_from_an_older_snapshot_clears_nothing():
+    mapper = _threshold_mapper("t", (HIGH,))
+    evict = Evict("d", "x")
+    assert mapper(None, evict) == (None, [])
+    running = {"velocity_high": RuleState(False, 1, at(1), at(1))}
+    assert mapper(running, evict) == (None, [])
+    older = RuleState(active=True)
+    del older.last_ts  # as unpickled from a snapshot taken before the field existed
+    assert mapper({"velocity_high": older}, evict) == (None, [])
+    state, out = mapper({"velocity_high": older}, Features("d", "x", at(5), 11.0, 10.0))
+    assert list(out) == [] and state == {
+        "velocity_high": RuleState(active=True, last_ts=at(5), last_value=11.0)
+    }
+
+
 # --- state and recovery -------------------------------------------------------------------
 
 
@@ -539,10 +576,10 @@ def test_state_is_kept_only_while_needed_and_is_small_and_picklable():
     assert state == {"velocity_high": RuleState(False, 1, at(1), at(1))}
     state, out = mapper(state, Features("d", "x", at(2), 12.0, 10.0))
     assert [a.state for a in out] == [RAISED]
-    assert state == {"velocity_high": RuleState(active=True)}
+    assert state == {"velocity_high": RuleState(active=True, last_ts=at(2), last_value=12.0)}
     blob = pickle.dumps(state)
     assert pickle.loads(blob) == state
-    assert len(blob) < 200
+    assert len(blob) < 300
     state, out = mapper(state, Features("d", "x", at(3), 1.0, 10.0))
     assert [a.state for a in out] == [CLEARED]
     assert state is None
