@@ -23,6 +23,7 @@ from bytewax.testing import TestingSource, cluster_main, run_main
 
 from connectors.sinks.cloud import (
     DICTIONARY_MIN_ROWS,
+    SMALL_BATCH_BYTES,
     CloudSink,
     CloudSinkPartition,
     CloudSinkSettings,
@@ -164,6 +165,17 @@ def test_ipc_is_zstd_compressed():
     packed = encode_ipc(table)
     assert len(packed) * 5 < plain.getvalue().size
     assert pa.ipc.open_stream(packed).read_all().equals(table)
+
+
+def test_small_wire_batches_are_compressed_harder_and_read_back_the_same():
+    small = to_table(STREAMS[POINTS], readings(400))
+    assert small.nbytes <= SMALL_BATCH_BYTES
+    wire = encode_ipc(small, wire=True)
+    assert len(wire) < len(encode_ipc(small))  # level 19 beats the default on these rows
+    assert pa.ipc.open_stream(wire).read_all().equals(small)
+    large = to_table(STREAMS[POINTS], readings(4000))
+    assert large.nbytes > SMALL_BATCH_BYTES
+    assert encode_ipc(large, wire=True) == encode_ipc(large)  # a backlog keeps the fast level
 
 
 class QueueSource(DynamicSource):
