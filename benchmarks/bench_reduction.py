@@ -78,8 +78,8 @@ from bytewax.testing import TestingSource
 
 from connectors.cloud import CloudReceiver
 from connectors.codecs.evb1 import encode_evb1
-from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, conform
+from connectors.uplink.seal import seal
 from connectors.uplink.wire import priority_of
 from flows.api import Edge
 from flows.config import CloudSection, ConfigError, parse_config
@@ -541,7 +541,7 @@ def live_wire(
     (alarms: ``alarm_batch_age``);
     each batch costs about 1-3 KB of Arrow schema and buffer headers. This
     re-seals the stored rows of every stream that way, by event time, with
-    the edge's own :func:`~connectors.sinks.cloud.seal`, routed to
+    the edge's own :func:`~connectors.uplink.seal.seal`, routed to
     ``partitions`` partitions by device like the cloud sink.
     """
     total = 0

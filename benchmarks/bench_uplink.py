@@ -47,10 +47,10 @@ import grpc
 import pyarrow as pa
 
 from connectors.cloud import CloudReceiver, ReceiverLimits
-from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, to_table
 from connectors.uplink.batch import Sealed
 from connectors.uplink.outbox import Outbox, OutboxSettings
+from connectors.uplink.seal import seal
 from connectors.uplink.sender import UplinkSender
 from connectors.uplink.settings import UplinkSettings
 from connectors.uplink.wire import KEY_HEADER, PRIORITIES, PUSH_METHOD, SECRET_HEADER

@@ -5,17 +5,11 @@ A :class:`~bytewax.outputs.FixedPartitionedSink`: items are ``(key, row)``
 Each partition buffers the stream's rows as Arrow tables and seals a batch when
 ``max_rows`` rows are buffered, when the oldest buffered row has waited
 ``max_age`` (checked on every write and by a timer thread, so an idle stream
-still seals), and on ``close()``. A sealed batch is::
-
-    to_table(STREAMS[stream], rows) -> wire_table (float32 features, dictionary strings)
-    -> Arrow IPC stream, zstd buffers
-    -> uplink_pb2.Batch(edge_id, batch_id, stream, priority, rows, arrow_ipc,
-                        raw_bytes, created_at_us)
-    -> Outbox.put(Sealed(...))      # committed before the sink returns
-
-``batch_id`` is the hex SHA-256 of the edge id, the stream and the IPC bytes:
-the same rows in the same order always give the same id, so a batch replayed
-after a crash is recognised by the outbox and by the cloud.
+still seals), and on ``close()``. A batch is sealed by
+:func:`connectors.uplink.seal.seal` and committed to the outbox
+(``Outbox.put``) before the sink returns; the same rows in the same order
+always give the same batch id, so a batch replayed after a crash is
+recognised by the outbox and by the cloud.
 
 When the outbox cannot store a batch (disk full, I/O error), the rows stay
 buffered, the error is logged and the seal is retried after
@@ -39,33 +33,25 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from connectors.common.stores import is_disk_full
 from connectors.sinks.timed import TimedFlushPartition
-from connectors.streams import STREAMS, StreamSpec, conform, spec_of, to_table
+from connectors.streams import StreamSpec, conform, spec_of, to_table
 from connectors.uplink.batch import Sealed
 from connectors.uplink.outbox import Outbox
-from connectors.uplink.wire import batch_id_of, priority_of
-from protos import uplink_pb2
+from connectors.uplink.seal import encode_ipc, seal
+from connectors.uplink.wire import priority_of
 
 __all__ = [
     "CloudSink",
     "CloudSinkPartition",
     "CloudSinkSettings",
     "CloudSinkState",
-    "DICTIONARY_MIN_ROWS",
-    "WIRE_FLOAT32",
-    "batch_id_of",
-    "encode_ipc",
-    "seal",
-    "wire_table",
 ]
 
 logger = logging.getLogger("edgesieve.cloud_sink")
@@ -79,20 +65,6 @@ CloudSinkState = dict[str, Any]
 
 DEFAULT_PARTITIONS = 4
 _STATE_VERSION = 1
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
-SMALL_BATCH_BYTES = 64 * 1024
-"""A sealed batch whose columns hold at most this many bytes goes on the wire at zstd level
-:data:`SMALL_BATCH_LEVEL` instead of Arrow's default level 1."""
-SMALL_BATCH_LEVEL = 19
-"""Batches sealed by age at live pace are small, and per byte sent they matter most: level 19
-made the reduction benchmark's logs 139:1 -> 180:1 and sensor 441:1 -> 472:1, at about 10 ms
-of CPU for a 64 KiB batch. Larger batches (a backlog, sealed by rows) keep level 1."""
-_SMALL_OPTIONS = pa.ipc.IpcWriteOptions(
-    compression=pa.Codec("zstd", compression_level=SMALL_BATCH_LEVEL)
-)
-
-
 @dataclass(frozen=True)
 class CloudSinkSettings:
     """When to seal a batch.
@@ -127,122 +99,6 @@ class CloudSinkSettings:
 
 def _zstd_available() -> bool:
     return bool(pa.Codec.is_available("zstd"))
-
-
-def encode_ipc(table: pa.Table, *, wire: bool = False) -> bytes:
-    """``table`` as one Arrow IPC stream with zstd-compressed buffers (one record batch).
-
-    Every column is first copied into fresh, unsliced buffers, so the bytes
-    depend only on the rows and their order, not on how they were chunked or
-    sliced in memory (the batch id is a hash of these bytes). ``wire``: a
-    batch for the cloud, compressed harder when small (:data:`SMALL_BATCH_BYTES`).
-    """
-    columns = [pa.concat_arrays(column.chunks) for column in table.columns]
-    batch = pa.RecordBatch.from_arrays(columns, schema=table.schema)
-    small = wire and batch.nbytes <= SMALL_BATCH_BYTES
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(
-        sink, table.schema, options=_SMALL_OPTIONS if small else _IPC_OPTIONS
-    ) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
-
-
-WIRE_FLOAT32: dict[str, frozenset[str]] = {
-    "vibration_features": frozenset(
-        {
-            "window_s",
-            "band_energy",
-            "rms",
-            "velocity_rms_mm_s",
-            "peak",
-            "crest_factor",
-            "kurtosis",
-            "dominant_hz",
-            "dominant_amplitude",
-        }
-    ),
-}
-"""Columns sent as float32 (7 significant digits, ample for measured features), by stream."""
-
-DICTIONARY_MIN_ROWS = 256
-"""Batches of at least this many rows send their string columns dictionary-encoded.
-
-Each dictionary costs its own IPC message (about 250 bytes), which zstd on
-the plain column beats in smaller batches (measured on vibration features).
-"""
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def wire_table(stream: str, table: pa.Table) -> pa.Table:
-    """``table`` typed for size on the wire: what :func:`seal` sends.
-
-    Only standard streams (the receiver casts them back to the stream's
-    types): the :data:`WIRE_FLOAT32` columns as float32 unless a value is
-    beyond float32's range, and string columns dictionary-encoded in batches
-    of :data:`DICTIONARY_MIN_ROWS` rows or more. Deterministic: the same rows
-    give the same table, so the batch id stays a function of the rows.
-    """
-    if stream not in STREAMS:
-        return table
-    narrow = WIRE_FLOAT32.get(stream, frozenset())
-    dictionary = table.num_rows >= DICTIONARY_MIN_ROWS
-    if not narrow and not dictionary:
-        return table
-    fields: list[pa.Field] = []
-    columns: list[pa.Array] = []
-    for field, chunked in zip(table.schema, table.columns, strict=True):
-        column = chunked.combine_chunks()
-        kind = field.type
-        if field.name in narrow:
-            values = column.flatten() if pa.types.is_list(kind) else column
-            biggest = pc.max(pc.abs(values)).as_py() if len(values) else None
-            if biggest is None or biggest <= _FLOAT32_MAX:
-                kind = pa.list_(pa.float32()) if pa.types.is_list(kind) else pa.float32()
-                column = column.cast(kind)
-        elif dictionary and kind == pa.string():
-            column = pc.dictionary_encode(column)
-            kind = column.type
-        fields.append(pa.field(field.name, kind, field.nullable))
-        columns.append(column)
-    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
-
-
-def seal(
-    edge_id: str,
-    stream: str,
-    table: pa.Table,
-    *,
-    priority: int,
-    raw_bytes: int = 0,
-    created_at: datetime | None = None,
-) -> Sealed:
-    """Turn a stream table into a :class:`Sealed` batch ready for :meth:`Outbox.put`."""
-    created = created_at if created_at is not None else datetime.now(UTC)
-    arrow_ipc = encode_ipc(wire_table(stream, table), wire=True)
-    batch_id = batch_id_of(edge_id, stream, arrow_ipc)
-    delta = created - _EPOCH
-    created_us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-    message = uplink_pb2.Batch(
-        edge_id=edge_id,
-        batch_id=batch_id,
-        stream=stream,
-        priority=priority,
-        rows=table.num_rows,
-        arrow_ipc=arrow_ipc,
-        raw_bytes=raw_bytes,
-        created_at_us=created_us,
-    )
-    return Sealed(
-        batch_id=batch_id,
-        stream=stream,
-        priority=priority,
-        rows=table.num_rows,
-        raw_bytes=raw_bytes,
-        created_at=created,
-        payload=message.SerializeToString(),
-    )
 
 
 class CloudSink(FixedPartitionedSink[object, CloudSinkState]):

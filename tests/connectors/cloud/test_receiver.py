@@ -39,9 +39,9 @@ from connectors.cloud import (
 )
 from connectors.cloud import store as receiver_store
 from connectors.cloud.limits import DecodeBudget, measure_ipc
-from connectors.sinks.cloud import seal
 from connectors.streams import STREAMS, UTC_US
 from connectors.uplink.outbox import Outbox
+from connectors.uplink.seal import seal
 from connectors.uplink.sender import UplinkSender
 from connectors.uplink.settings import UplinkSettings
 from connectors.uplink.wire import (

@@ -22,20 +22,16 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.testing import TestingSource, cluster_main, run_main
 
 from connectors.sinks.cloud import (
-    DICTIONARY_MIN_ROWS,
-    SMALL_BATCH_BYTES,
     CloudSink,
     CloudSinkPartition,
     CloudSinkSettings,
     CloudSinkState,
-    batch_id_of,
-    encode_ipc,
-    wire_table,
 )
 from connectors.streams import STREAMS, StreamSpec, conform, to_table
 from connectors.uplink.batch import Sealed
 from connectors.uplink.outbox import Outbox, OutboxSettings
-from connectors.uplink.wire import PRIORITIES
+from connectors.uplink.seal import DICTIONARY_MIN_ROWS, SMALL_BATCH_BYTES, encode_ipc, wire_table
+from connectors.uplink.wire import PRIORITIES, batch_id_of
 from operators.records import Reading
 from protos import uplink_pb2
 
