@@ -50,8 +50,9 @@ from flows.ingest import (
     CHANNELS,
     to_dead_letter,
 )
-from flows.ingest_process import JournalFeed, journal_partition_count
+from flows.ingest_process import journal_partition_count
 from flows.ingest_stats import read_snapshot
+from flows.ingest_supervisor import JournalFeed
 from flows.inputs import Devices, decoded_devices, unkeyed
 from flows.status import RECENT_ALARMS, edge_status
 from flows.transports import require_transports

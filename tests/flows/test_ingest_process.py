@@ -21,7 +21,8 @@ from connectors.devices.mosquitto import Mosquitto
 from connectors.devices.mqtt.client import MqttSettings
 from connectors.devices.mqtt.journaled import JournaledMqtt
 from flows.config import ConfigError, EdgeConfig, parse_config
-from flows.ingest_process import IngestSupervisor, journal_settings, run_ingest
+from flows.ingest_process import journal_settings, run_ingest
+from flows.ingest_supervisor import IngestSupervisor
 from tests.conftest import (
     DEVICES,
     ROOT,
