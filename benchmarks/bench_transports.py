@@ -51,10 +51,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import math
 import multiprocessing
 import os
 import secrets
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -82,6 +85,7 @@ from flows.ingest import READINGS
 from flows.ingest_process import journal_settings
 from flows.ingest_stats import read_snapshot
 from flows.simulator import telemetry_payloads
+from operators.records import TELEMETRY
 
 TRANSPORTS = ("http", "coap", "mqtt_server")
 OK = {"http": "200", "coap": "2.04", "mqtt_server": "PUBACK"}
@@ -531,29 +535,70 @@ def run_bare(
     return run
 
 
-def flow_config(
+def flow_settings(
     transport: str,
     registry: DeviceRegistry,
     config: EdgeConfig,
     sync: str,
     partitions: int | None = None,
-) -> tuple[EdgeConfig, int]:
-    """``config`` with ``transport`` listening on a free loopback port and the registry's file."""
+) -> tuple[dict[str, Any], int]:
+    """``config``'s settings with ``transport`` on a free loopback port, the registry in a file."""
     devices = config.data_dir.with_name(f"{config.data_dir.name}-devices.yaml")
     devices.parent.mkdir(parents=True, exist_ok=True)
     devices.write_text(
         "devices:\n" + "".join(f"  - {{id: {d.id}, token: {d.token}}}\n" for d in registry)
     )
     port = free_port("127.0.0.1")
-    journaled = parse_config(
-        {
-            "data_dir": str(config.data_dir),
-            "devices": str(devices),
-            "transports": {transport: {"listen": f"127.0.0.1:{port}"}},
-            "journal": {"sync": sync} | ({} if partitions is None else {"partitions": partitions}),
-        }
-    )
-    return journaled, port
+    settings = {
+        "data_dir": str(config.data_dir),
+        "devices": str(devices),
+        "transports": {transport: {"listen": f"127.0.0.1:{port}"}},
+        "journal": {"sync": sync} | ({} if partitions is None else {"partitions": partitions}),
+    }
+    return settings, port
+
+
+def run_journal_only(
+    transport: str,
+    registry: DeviceRegistry,
+    config: EdgeConfig,
+    warmup: list[Request],
+    timed: list[Request],
+    args: argparse.Namespace,
+    pool: ProcessPoolExecutor,
+) -> Run:
+    """(c): the ingest process alone (``python -m flows.ingest_process``), no flow reading."""
+    settings, port = flow_settings(transport, registry, config, args.sync, args.partitions)
+    path = config.data_dir.with_name(f"{config.data_dir.name}-ingest.yaml")
+    path.write_text(json.dumps(settings))  # JSON is YAML
+    log = path.with_suffix(".log")
+    with log.open("wb") as err:
+        ingest = subprocess.Popen(
+            [sys.executable, "-m", "flows.ingest_process", "--config", str(path)]
+            + ["--channels", TELEMETRY],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while b"ingest: ready" not in log.read_bytes():
+            if ingest.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-500:]
+                msg = f"{transport}: the ingest process did not become ready: {tail}"
+                raise RuntimeError(msg)
+            time.sleep(0.01)
+        run = apply_load(transport, port, warmup, timed, args, pool, ingest.pid)
+    finally:
+        ingest.send_signal(signal.SIGTERM)
+        try:
+            ingest.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            ingest.kill()
+            ingest.wait()
+    snapshot = read_snapshot(journal_settings(parse_config(settings)).root)
+    run.journal = snapshot.get("journal") if snapshot is not None else None
+    run.received = run.journal["messages"] if run.journal is not None else 0
+    return run
 
 
 def run_with_flow(
@@ -565,7 +610,8 @@ def run_with_flow(
     args: argparse.Namespace,
     pool: ProcessPoolExecutor,
 ) -> Run:
-    config, port = flow_config(transport, registry, config, args.sync, args.partitions)
+    settings, port = flow_settings(transport, registry, config, args.sync, args.partitions)
+    config = parse_config(settings)
     stop = threading.Event()
     edge = Edge(config, name="telemetry", stop=stop)
     telemetry.build(edge)
@@ -617,8 +663,10 @@ def ingest_ready(edge: Edge) -> bool:
 def describe(label: str, run: Run) -> str:
     answers = ", ".join(f"{k}: {v}" for k, v in sorted(run.answers.items()))
     cpu = f"cpu load {run.load_cpu:.0%} server {run.server_cpu:.0%}"
-    if not math.isnan(run.ingest_cpu):
+    if run.meter is not None:
         cpu = f"cpu load {run.load_cpu:.0%} flow {run.server_cpu:.0%} ingest {run.ingest_cpu:.0%}"
+    elif not math.isnan(run.ingest_cpu):
+        cpu = f"cpu load {run.load_cpu:.0%} ingest {run.ingest_cpu:.0%}"
     line = (
         f"  {label:<34} {run.rate:>8,.0f} accepted/s  p50 {run.percentile(50):6.2f} ms  "
         f"p99 {run.percentile(99):6.2f} ms  ({run.seconds:.2f} s, {cpu})  {{{answers}}}"
@@ -660,43 +708,52 @@ def compare(
     print(
         f"{transport.upper()}: {len(timed):,} requests ({kind}), {raw:,} bytes of telemetry JSON "
         f"from {args.devices} devices, {args.concurrency} in flight, after {len(warmup)} "
-        f"warm-up requests; {args.rounds} round(s), (a) and (b) in alternating order"
+        f"warm-up requests; {args.rounds} round(s), sides (a), (b), (c) in turn"
     )
 
     bares: list[Run] = []
     flows: list[Run] = []
+    journals: list[Run] = []
+    sides = {"a": (run_bare, bares), "b": (run_with_flow, flows), "c": (run_journal_only, journals)}
     for r in range(args.rounds):
         data_dir = tmp / f"edge-{transport}-{r}"
-        config = parse_config({"data_dir": str(data_dir), "transports": queue_setting})
-        sides = [("a", run_bare), ("b", run_with_flow)]
-        for side, run_side in sides if r % 2 == 0 else reversed(sides):
-            run = run_side(transport, registry, config, warmup, timed, args, pool)
-            (bares if side == "a" else flows).append(run)
+        order = "abc"[r % 3 :] + "abc"[: r % 3]  # each side first in turn
+        for side in order if r % 2 == 0 else reversed(order):
+            run_side, runs = sides[side]
+            config = parse_config(
+                {"data_dir": str(data_dir / side), "transports": queue_setting}
+            )
+            runs.append(run_side(transport, registry, config, warmup, timed, args, pool))
         print(describe(f"round {r + 1} (a) server + bare drain:", bares[-1]))
         print(describe(f"round {r + 1} (b) server + telemetry flow:", flows[-1]))
+        print(describe(f"round {r + 1} (c) ingest process, no flow:", journals[-1]))
 
-    rate_ratios = [
-        b.rate / a.rate if a.rate else math.nan for a, b in zip(bares, flows, strict=True)
-    ]
-    p99_ratios = [b.percentile(99) / a.percentile(99) for a, b in zip(bares, flows, strict=True)]
-    print(f"  ratio (b)/(a) throughput:  {figures(rate_ratios)}")
-    print(f"  ratio (b)/(a) p99 latency: {figures(p99_ratios)}")
+    for label, over, under in (
+        ("(b)/(a)", flows, bares),
+        ("(c)/(a)", journals, bares),
+        ("(b)/(c)", flows, journals),
+    ):
+        rates = [o.rate / u.rate if u.rate else math.nan for o, u in zip(over, under, strict=True)]
+        p99s = [o.percentile(99) / u.percentile(99) for o, u in zip(over, under, strict=True)]
+        print(f"  ratio {label} throughput:  {figures(rates)}")
+        print(f"  ratio {label} p99 latency: {figures(p99s)}")
     queue = config.transports.queue_messages
     print(
         f"  {busy} answers (all rounds, warm-up included): "
-        f"(a) {sum(run.count(busy) for run in bares)}, (b) {sum(run.count(busy) for run in flows)}"
+        f"(a) {sum(r.count(busy) for r in bares)}, (b) {sum(r.count(busy) for r in flows)}, "
+        f"(c) {sum(r.count(busy) for r in journals)}"
         f"   (queue bound {queue:,}; high water (a) {max(run.high_water for run in bares):,}, "
         f"(b) {max(run.high_water for run in flows):,})"
     )
     failed: Counter[str] = Counter()
-    for run in (*bares, *flows):
+    for run in (*bares, *flows, *journals):
         failed.update({k: v for k, v in (run.warmup + run.answers).items() if k not in (ok, busy)})
     if failed:
         shown = ", ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
         print(f"  other answers or failures (all rounds, warm-up included): {shown}")
 
     consistent = True
-    for label, runs in (("(a) bare drain", bares), ("(b) flow", flows)):
+    for label, runs in (("(a) bare drain", bares), ("(b) flow", flows), ("(c) journal", journals)):
         pairs = [(run.received, run.count(ok)) for run in runs]
         match = all(received == accepted for received, accepted in pairs)
         consistent &= match

@@ -4,8 +4,9 @@ Logs go to ``data_dir/logs/edgesieve.log`` (the ingest process's to
 ``ingest.log`` beside it), rotated at :data:`LOG_FILE_BYTES` with
 :data:`LOG_FILE_COUNT` old files kept. The console shows warnings and errors,
 and the lifecycle lines (``edgesieve.lifecycle``: starting, ready, stopping,
-stopped) and status lines; with ``-v`` every INFO line too, HTTP access logs
-(``edgesieve.http.access``) included.
+stopped) and status lines; with ``-v`` every INFO and DEBUG line too. The HTTP
+access log (``edgesieve.http.access``, one line per device request) is kept
+only with ``-v``, on the console and in the files.
 
 :class:`StatusConsole` shows :func:`flows.status.edge_status` while a flow
 runs: on a terminal one live block (rich), redrawn every second; without one
@@ -58,7 +59,7 @@ _current: LogSetup | None = None
 
 
 class _ConsoleFilter(logging.Filter):
-    """Warnings, lifecycle lines; with ``verbose`` every record (access logs included)."""
+    """Warnings and lifecycle lines; with ``verbose`` every record."""
 
     def __init__(self, verbose: bool) -> None:
         super().__init__()
@@ -67,8 +68,6 @@ class _ConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self.verbose:
             return True
-        if record.name == ACCESS_LOGGER:
-            return False
         return record.levelno >= logging.WARNING or record.name.startswith(LIFECYCLE_LOGGER)
 
 
@@ -128,6 +127,10 @@ class LogSetup:
                 root.removeHandler(handler)
                 handler.close()
         root.setLevel(logging.DEBUG if self.verbose else logging.INFO)
+        # One line per device request: thousands a second under load, which would rotate the
+        # files' history out within minutes (and cost the server ~15% of its rate). -v only.
+        access = logging.getLogger(ACCESS_LOGGER)
+        access.setLevel(logging.NOTSET if self.verbose else logging.WARNING)
         formatter = logging.Formatter(FORMAT)
         console = _Stderr()
         console.setFormatter(formatter)

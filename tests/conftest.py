@@ -452,7 +452,7 @@ def require_curl() -> str:
 
 @pytest.fixture(autouse=True)
 def _root_logging() -> Iterator[None]:
-    """Give back the root logger's handlers and level after each test.
+    """Give back the root logger's handlers and level (and the access log's) after each test.
 
     ``edgesieve run``/``demo`` called in-process (``flows.cli.main``) set up
     the console and log files on the root logger; without this, their handlers
@@ -461,8 +461,10 @@ def _root_logging() -> Iterator[None]:
     from flows import console
 
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    access = logging.getLogger(console.ACCESS_LOGGER)
+    handlers, level, access_level = list(root.handlers), root.level, access.level
     yield
+    access.setLevel(access_level)
     for handler in list(root.handlers):
         if handler not in handlers:
             root.removeHandler(handler)
