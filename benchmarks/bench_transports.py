@@ -1,7 +1,7 @@
 """HTTP, CoAP and ThingsBoard-MQTT ingest: the telemetry flow versus the same server, bare drain.
 
 For each transport the same device server (same registry, same Ingress, which
-decodes every body once) answers the same list of telemetry POSTs twice:
+decodes every body once) answers the same list of telemetry POSTs three times:
 
 (a) bare: the server in this process with an in-memory Ingress that a plain
     thread empties, discarding the messages (no journal, no Bytewax, nothing
@@ -13,7 +13,11 @@ decodes every body once) answers the same list of telemetry POSTs twice:
     flow spawns the ingest process, whose server answers 200 / 2.04 only
     after the message is committed to the journal (``journal.sync``: ``--sync``), and
     the flow reads the journal, decodes, deadbands, windows and writes
-    Parquet; it is stopped with its stop event (ingest stops, the flow drains).
+    Parquet; it is stopped with its stop event (ingest stops, the flow drains);
+(c) the ingest process alone (``python -m flows.ingest_process``, same
+    config): the same server answering after the journal commit, with no flow
+    reading the journal. (c)/(a) is what durability costs, (b)/(c) what the
+    flow running beside ingest costs.
 
 The load generator runs in a separate (spawned) process, so it shares no GIL
 with the server. HTTP: POSTs over keep-alive connections, sent and read by a
@@ -30,20 +34,20 @@ requester has its own client context, like a separate device. A warm-up batch
 precedes the timed requests; latency is measured by the client from sending a
 request to reading its answer. The load process's garbage collector is held
 off during the timed requests (it would add its own pauses); the server
-process collects before each side, so (a) and (b) start alike. Each round runs
-(a) and (b), in alternating order; the ratios are given per round and as the
-median.
+process collects before each side, so the sides start alike. Each round runs
+(a), (b) and (c), each side first in turn; the ratios are given per round and
+as the median.
 
 Prints per side: accepted requests/s (503 / 5.03 answers do not count), p50 and
 p99 latency, the answer counts, and the CPU used by the load process (near 100%
 means the client, not the server, set the pace) and by the server process; for
-(b) that is the flow process, and the ingest process's CPU and its journal
+(b) that is the flow process, for (b) and (c) the ingest process's CPU and its journal
 figures (group commits, messages per group, submission-to-commit and
 transaction latency) follow, to show where a request's time goes.
-Then the ratios (b)/(a) of throughput and of p99 latency, the 503 / 5.03
-answers (back-pressure: the flow fell behind its bounded queue) with the
-queue's high water mark, and a check that the flow received one message for
-every 200 / 2.04 answer.
+Then the ratios (b)/(a), (c)/(a) and (b)/(c) of throughput and of p99
+latency, the 503 / 5.03 answers (back-pressure) with the bare queue's high
+water mark, and a check that every 200 / 2.04 answer reached the bare drain,
+the flow, or (c) the journal.
 """
 
 from __future__ import annotations
