@@ -80,6 +80,7 @@ from connectors.devices.http import HttpServer
 from connectors.devices.ingress import DeviceServers, Ingress
 from connectors.devices.loopback import free_port
 from connectors.devices.mqtt_server import MqttServer
+from connectors.devices.reader_priority import PRIORITY
 from connectors.devices.registry import Device, DeviceRegistry
 from flows import telemetry
 from flows.accounting import RECEIVED, Meter, report
@@ -801,8 +802,16 @@ def main() -> None:
         default=None,
         help="journal.partitions of side (b) (default: the config's)",
     )
+    parser.add_argument(
+        "--reader-priority",
+        choices=("on", "off"),
+        default="on",
+        help="off: the flow's journal readers keep their CPU policy while caught up",
+    )
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
     args = parser.parse_args()
+    if args.reader_priority == "off":
+        PRIORITY.disable()
     counts = (
         args.http_requests,
         args.coap_requests,

@@ -42,6 +42,7 @@ from connectors.devices.ingress import DeviceServer, Ingress
 from connectors.devices.journal import JournalSettings, journal_partitions
 from connectors.devices.mqtt.journaled import JournaledMqtt
 from connectors.devices.mqtt_server import MqttServer
+from connectors.devices.reader_priority import reset_inherited
 from connectors.devices.registry import DeviceRegistry
 from flows.config import ConfigError, EdgeConfig, environment_problems, load_config
 from flows.console import LogSetup
@@ -287,6 +288,7 @@ def ingest_child(
         logs.apply(file_name=INGEST_LOG_FILE)
     else:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reset_inherited()  # before any thread starts: threads inherit the CPU policy
     watcher = threading.Thread(
         target=_watch,
         args=(stop, parent_stop, multiprocessing.parent_process()),
@@ -325,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     LogSetup(verbose=args.verbose).apply()
+    reset_inherited()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

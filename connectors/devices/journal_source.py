@@ -62,6 +62,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from connectors.common.stores import corruption
 from connectors.devices.journal import JournalReader, journal_partitions
 from connectors.devices.journal.format import part_path
+from connectors.devices.reader_priority import PRIORITY
 from operators.records import RawMessage
 
 __all__ = [
@@ -203,14 +204,17 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
             full = (
                 len(batch) == self._max_batch or sum(len(m.payload) for _, m in batch) >= READ_BYTES
             )
-            if not full:
+            if full:
+                PRIORITY.behind(self)  # before the batch is processed
+                if (
+                    self._after >= self._committed
+                    or time.monotonic() - self._committed_at >= _COMMITTED_EVERY_S
+                ):
+                    self._refresh_committed()  # catching up: how far behind, for the lag gauge
+            else:
                 # this read saw everything committed: the flow is caught up
                 self._committed = max(self._committed, self._after)
-            elif (
-                self._after >= self._committed
-                or time.monotonic() - self._committed_at >= _COMMITTED_EVERY_S
-            ):
-                self._refresh_committed()  # catching up: how far behind, for the lag gauge
+                PRIORITY.caught_up(self)
             self._awake = None if full else datetime.now(UTC) + self._gather
             self._wait_for = self._idle
             self._report()
@@ -218,7 +222,9 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
         self._refresh_committed()
         self._report()
         if drained and self._after >= self._committed:
+            PRIORITY.forget(self)
             raise StopIteration
+        PRIORITY.caught_up(self)
         return self._wait()
 
     def _wait(self) -> list[RawMessage]:
@@ -248,6 +254,7 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
 
     def close(self) -> None:
         """Close the reader (nothing more is released here: the last epoch may be in flight)."""
+        PRIORITY.forget(self)
         if self._reader is not None:
             self._reader.close()
             self._reader = None

@@ -1,0 +1,196 @@
+"""Journal readers run at SCHED_IDLE while caught up, at SCHED_OTHER while behind or closed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, cluster_main
+
+from connectors.devices import reader_priority
+from connectors.devices.journal import Journal, JournalSettings
+from connectors.devices.journal_source import JournalSource
+from connectors.devices.reader_priority import ReaderPriority, reset_inherited
+from operators.records import RawMessage
+
+T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+SUPPORTED = reader_priority._can_return() is None  # noqa: SLF001 - the same check as the code
+needs_policy = pytest.mark.skipif(
+    not SUPPORTED, reason="this process cannot return from SCHED_IDLE (no CAP_SYS_NICE)"
+)
+
+
+def idle(tid: int) -> bool:
+    return os.sched_getscheduler(tid) == os.SCHED_IDLE
+
+
+def write(root: Path, count: int) -> None:
+    with Journal(JournalSettings(root, partitions=1, linger=timedelta(0))) as journal:
+        for i in range(count):
+            journal.submit(RawMessage("d1", "telemetry", "http", T0, b"%08d" % i)).result(30)
+
+
+def on_thread(name: str, work: Callable[[], object]) -> object:
+    """``work()`` on a new thread whose OS name is ``name`` (as Bytewax names its workers)."""
+    result: list[object] = []
+
+    def target() -> None:
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(name)
+        result.append(work())
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(30)
+    return result[0]
+
+
+@needs_policy
+def test_caught_up_readers_and_their_helpers_idle_behind_back_to_normal(tmp_path):
+    write(tmp_path, 30)
+    source = JournalSource(tmp_path, reader="flow", partitions=1, max_batch=10)
+    part = source.build_part("in", "journal-0", None)
+    seen: dict[str, object] = {}
+    stop = threading.Event()
+
+    def reader() -> None:
+        helper = threading.Thread(target=stop.wait)  # started by the reader: its OS name too
+        helper.start()
+        me, other = threading.get_native_id(), helper.native_id
+        assert other is not None
+        for _ in range(3):
+            assert len(part.next_batch()) == 10  # a full batch: behind
+            seen.setdefault("behind", []).append((idle(me), idle(other)))  # type: ignore[union-attr]
+        assert part.next_batch() == []  # everything read: caught up
+        seen["caught up"] = (idle(me), idle(other))
+        write(tmp_path, 15)  # ingest commits more: the next read is full again
+        assert len(part.next_batch()) == 10
+        seen["behind again"] = (idle(me), idle(other))
+        assert len(part.next_batch()) == 5  # partial: caught up
+        seen["partial"] = (idle(me), idle(other))
+        part.close()
+        seen["closed"] = (idle(me), idle(other))
+        stop.set()
+        helper.join()
+
+    on_thread("timely:work-7", reader)
+    assert seen == {
+        "behind": [(False, False)] * 3,
+        "caught up": (True, True),
+        "behind again": (False, False),
+        "partial": (True, True),
+        "closed": (False, False),
+    }
+    assert not idle(0)  # this thread (the main one, another OS name) was never touched
+
+
+@needs_policy
+def test_one_partition_behind_keeps_every_reader_normal():
+    priority = ReaderPriority()
+
+    def report(key: str, behind: bool) -> bool:
+        (priority.behind if behind else priority.caught_up)(key)
+        return idle(0)
+
+    assert on_thread("timely:work-1", lambda: report("p0", behind=True)) is False
+    assert on_thread("timely:work-2", lambda: report("p1", behind=False)) is False  # p0 behind
+    assert on_thread("timely:work-1", lambda: report("p0", behind=False)) is True
+    assert priority.idle
+    priority.forget("p0")
+    priority.forget("p1")
+    assert not priority.idle
+
+
+def test_the_main_thread_is_never_lowered():
+    priority = ReaderPriority()
+    priority.caught_up("p0")
+    assert not idle(0) and not priority.idle
+
+
+@needs_policy
+def test_a_flow_on_worker_threads_ends_with_every_thread_normal(tmp_path):
+    write(tmp_path, 50)
+    source = JournalSource(tmp_path, reader="flow", partitions=1, max_batch=20)
+    seen: list[bool] = []
+
+    def look(message: RawMessage) -> RawMessage:
+        seen.append(idle(0))  # the worker's policy while it processes the item
+        if len(seen) == 50:
+            source.drain.set()
+        return message
+
+    out: list[RawMessage] = []
+    flow = Dataflow("priority")
+    op.output("out", op.map("look", op.input("in", flow, source), look), TestingSink(out))
+    cluster_main(flow, [], 0, worker_count_per_proc=2)
+    assert len(out) == 50
+    assert seen[:40] == [False] * 40  # two full batches: processed at normal priority
+    assert seen[40:] == [True] * 10  # the partial one: caught up, processed at SCHED_IDLE
+    tasks = Path("/proc/self/task")
+    assert not [t.name for t in tasks.iterdir() if idle(int(t.name))]
+
+
+def test_without_the_capability_nothing_changes_and_one_line_says_why(monkeypatch, caplog):
+    def refuse(pid: int, policy: int, param: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    priority = ReaderPriority()
+    with caplog.at_level(logging.INFO, logger="edgesieve.journal"):
+        for key in ("p0", "p1", "p0"):
+            on_thread("timely:work-3", lambda k=key: priority.caught_up(k))
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgesieve.journal"]
+    assert lines == [
+        "journal readers keep the CPU priority of ingest (PermissionError: Operation not "
+        "permitted; returning from SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE 20): on few "
+        "cores the flow's batches can delay device answers"
+    ]
+    assert not priority.idle
+
+
+@needs_policy
+def test_a_process_started_at_sched_idle_returns_to_normal(caplog):
+    def started_idle() -> tuple[bool, bool]:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        before = idle(0)
+        reset_inherited()
+        return before, idle(0)
+
+    assert on_thread("edgesieve-ingest", started_idle) == (True, False)
+
+
+def test_leaving_an_inherited_sched_idle_that_is_refused_is_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_IDLE)
+
+    def refuse(pid: int, policy: int, param: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    with caplog.at_level(logging.WARNING, logger="edgesieve.journal"):
+        reset_inherited()
+    assert [r.getMessage() for r in caplog.records] == [
+        "ingest: started at the SCHED_IDLE CPU policy and cannot leave it ([Errno 1] Operation "
+        "not permitted); hint: start it from a normal-priority process, or grant CAP_SYS_NICE"
+    ]
+
+
+@needs_policy
+def test_disabled_it_returns_the_readers_to_normal_and_leaves_them_there():
+    priority = ReaderPriority()
+
+    def caught_up_disabled_caught_up() -> tuple[bool, bool, bool]:
+        priority.caught_up("p0")
+        before = idle(0)
+        priority.disable()
+        after = idle(0)
+        priority.caught_up("p0")
+        return before, after, idle(0)
+
+    assert on_thread("timely:work-4", caught_up_disabled_caught_up) == (True, False, False)
+    assert not priority.idle
