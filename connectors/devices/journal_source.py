@@ -95,6 +95,15 @@ journal commit, not the flow.
 """
 
 
+BEHIND_AGE: Final = timedelta(seconds=1)
+"""A read whose oldest message was received longer ago than this finds the flow behind.
+
+Besides a full read: a flow starved of CPU (see
+:mod:`connectors.devices.reader_priority`) under a light stream reads
+partial batches, but old ones.
+"""
+
+
 @dataclass(frozen=True)
 class JournalProgress:
     """Where one partition's reader stands: ``lag`` offsets are committed but not yet read."""
@@ -204,17 +213,18 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
             full = (
                 len(batch) == self._max_batch or sum(len(m.payload) for _, m in batch) >= READ_BYTES
             )
-            if full:
+            if full or datetime.now(UTC) - batch[0][1].received_at > BEHIND_AGE:
                 PRIORITY.behind(self)  # before the batch is processed
-                if (
-                    self._after >= self._committed
-                    or time.monotonic() - self._committed_at >= _COMMITTED_EVERY_S
-                ):
-                    self._refresh_committed()  # catching up: how far behind, for the lag gauge
             else:
+                PRIORITY.caught_up(self)
+            if not full:
                 # this read saw everything committed: the flow is caught up
                 self._committed = max(self._committed, self._after)
-                PRIORITY.caught_up(self)
+            elif (
+                self._after >= self._committed
+                or time.monotonic() - self._committed_at >= _COMMITTED_EVERY_S
+            ):
+                self._refresh_committed()  # catching up: how far behind, for the lag gauge
             self._awake = None if full else datetime.now(UTC) + self._gather
             self._wait_for = self._idle
             self._report()

@@ -16,11 +16,10 @@ from bytewax.testing import TestingSink, cluster_main
 
 from connectors.devices import reader_priority
 from connectors.devices.journal import Journal, JournalSettings
-from connectors.devices.journal_source import JournalSource
+from connectors.devices.journal_source import BEHIND_AGE, JournalSource
 from connectors.devices.reader_priority import ReaderPriority, reset_inherited
 from operators.records import RawMessage
 
-T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 SUPPORTED = reader_priority._can_return() is None  # noqa: SLF001 - the same check as the code
 needs_policy = pytest.mark.skipif(
     not SUPPORTED, reason="this process cannot return from SCHED_IDLE (no CAP_SYS_NICE)"
@@ -31,10 +30,12 @@ def idle(tid: int) -> bool:
     return os.sched_getscheduler(tid) == os.SCHED_IDLE
 
 
-def write(root: Path, count: int) -> None:
+def write(root: Path, count: int, received_at: datetime | None = None) -> None:
+    """``count`` messages received now (or at ``received_at``), committed."""
     with Journal(JournalSettings(root, partitions=1, linger=timedelta(0))) as journal:
         for i in range(count):
-            journal.submit(RawMessage("d1", "telemetry", "http", T0, b"%08d" % i)).result(30)
+            at = received_at or datetime.now(UTC)
+            journal.submit(RawMessage("d1", "telemetry", "http", at, b"%08d" % i)).result(30)
 
 
 def on_thread(name: str, work: Callable[[], object]) -> object:
@@ -88,6 +89,24 @@ def test_caught_up_readers_and_their_helpers_idle_behind_back_to_normal(tmp_path
         "closed": (False, False),
     }
     assert not idle(0)  # this thread (the main one, another OS name) was never touched
+
+
+@needs_policy
+def test_a_partial_read_of_old_messages_finds_the_flow_behind(tmp_path):
+    """A flow starved of CPU under a light stream reads partial batches, but late ones."""
+    write(tmp_path, 3, received_at=datetime.now(UTC) - BEHIND_AGE - timedelta(seconds=1))
+    write(tmp_path, 3)
+    source = JournalSource(tmp_path, reader="flow", partitions=1, max_batch=100)
+    part = source.build_part("in", "journal-0", None)
+
+    def reads() -> list[tuple[int, bool]]:
+        seen = [(len(part.next_batch()), idle(0))]  # all six: the oldest is old
+        write(tmp_path, 2)
+        seen.append((len(part.next_batch()), idle(0)))  # two fresh ones: caught up
+        part.close()
+        return seen
+
+    assert on_thread("timely:work-5", reads) == [(6, False), (2, True)]
 
 
 @needs_policy
