@@ -35,6 +35,13 @@ window state are then not covered: a crash of the flow process loses them.
 After a run that ended normally (every sink closed and flushed),
 :meth:`JournalSource.release_emitted` releases the rest.
 
+CPU priority
+------------
+Each read tells :data:`connectors.devices.reader_priority.PRIORITY` whether
+the flow is caught up (the read was partial and fresh) or behind (full, or
+its oldest message older than :data:`BEHIND_AGE`): caught up, the reading
+threads yield the CPU to the ingest process, whose answers devices wait for.
+
 Stop
 ----
 The input never ends on its own: a partition raises ``StopIteration`` only
