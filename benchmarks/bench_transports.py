@@ -600,10 +600,15 @@ def run_journal_only(
         except subprocess.TimeoutExpired:
             ingest.kill()
             ingest.wait()
-    snapshot = read_snapshot(journal_settings(parse_config(settings)).root)
-    run.journal = snapshot.get("journal") if snapshot is not None else None
+    run.journal = journal_counters(parse_config(settings))
     run.received = run.journal["messages"] if run.journal is not None else 0
     return run
+
+
+def journal_counters(config: EdgeConfig) -> dict[str, Any] | None:
+    """The ingest process's final journal counters (commits, latencies, messages held)."""
+    snapshot = read_snapshot(journal_settings(config).root)
+    return snapshot.get("journal") if snapshot is not None else None
 
 
 def run_with_flow(
@@ -651,8 +656,7 @@ def run_with_flow(
         msg = f"{transport}: the flow did not stop within {STOP_TIMEOUT_S:g}s of its stop event"
         raise RuntimeError(msg)
     run.received, run.high_water, run.meter = meter.totals[RECEIVED], 0, meter
-    snapshot = read_snapshot(journal_settings(config).root)
-    run.journal = snapshot.get("journal") if snapshot is not None else None
+    run.journal = journal_counters(config)
     return run
 
 
