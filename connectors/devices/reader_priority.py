@@ -7,15 +7,16 @@ machine with few cores the flow's batches (milliseconds of CPU every
 of that group commit waits for them: in ``benchmarks/bench_transports.py``
 (HTTP, 2 cores) the slowest requests came at the flow's reading cadence.
 
-So while every journal partition this process reads is caught up, the
-threads that read it (Bytewax's workers) and the threads they started (their
-helpers: sink pools, the uplink sender; a thread is recognised by the OS name
-it inherited from its worker, ``timely:work-N``) run at Linux's
-``SCHED_IDLE`` policy: they use the CPU whenever ingest does not want it, and
-an ingest thread that wakes takes the core at once. When a read finds a
-backlog (a full batch), they return to ``SCHED_OTHER`` before processing it,
-so a busy ingest process (or any other busy process) cannot starve the flow:
-it falls behind by at most one full batch, then shares the CPU as before.
+So once every journal partition this process reads has been caught up for
+:data:`IDLE_AFTER_S`, the threads that read it (Bytewax's workers) and the
+threads they started (their helpers: sink pools, the uplink sender; a thread
+is recognised by the OS name it inherited from its worker, ``timely:work-N``)
+run at Linux's ``SCHED_IDLE`` policy: they use the CPU whenever ingest does
+not want it, and an ingest thread that wakes takes the core at once. When a
+read finds a backlog (a full batch, or messages received over
+``BEHIND_AGE`` ago), they return to ``SCHED_OTHER`` before processing it, so
+a busy ingest process (or any other busy process) cannot starve the flow: it
+falls behind by one batch or a second, then shares the CPU as before.
 
 Returning from ``SCHED_IDLE`` needs ``CAP_SYS_NICE`` (root has it) or an
 ``RLIMIT_NICE`` of at least 20 (systemd: ``LimitNICE=0``). Without it, or off
@@ -29,12 +30,21 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Final
 
 __all__ = ["PRIORITY", "ReaderPriority", "reset_inherited"]
 
 log = logging.getLogger("edgesieve.journal")
+
+IDLE_AFTER_S: Final = 0.5
+"""How long every partition must have been caught up before the threads go to SCHED_IDLE.
+
+A flow that is just keeping up reads full and partial batches in turn: it
+is not switched back and forth at every read (each switch visits every
+thread of the process), and it keeps its share of the CPU meanwhile.
+"""
 
 _IDLE: Final = getattr(os, "SCHED_IDLE", None)
 _OTHER: Final = getattr(os, "SCHED_OTHER", None)
@@ -82,8 +92,9 @@ class ReaderPriority:
 
     A partition reports :meth:`caught_up` after a read that saw everything
     committed, :meth:`behind` after a full read, :meth:`forget` when closed.
-    The threads go to ``SCHED_IDLE`` while every known partition is caught
-    up and back to ``SCHED_OTHER`` as soon as one is behind or none is left.
+    The threads go to ``SCHED_IDLE`` once every known partition has been
+    caught up for :attr:`idle_after_s`, and back to ``SCHED_OTHER`` as soon
+    as one is behind or none is left.
     Reports from the main thread (Bytewax's ``run_main``) change nothing.
     """
 
@@ -94,6 +105,9 @@ class ReaderPriority:
         self._readers: dict[int, str | None] = {}
         """Native id of each thread that reported, and its OS name."""
         self._idle = False
+        self._caught_up_at: float | None = None
+        """``time.monotonic()`` since when every partition has been caught up (None: one is not)."""
+        self.idle_after_s = IDLE_AFTER_S
         self._usable: bool | None = None
         """Whether the policy can be changed and changed back here (None: not checked yet)."""
 
@@ -124,8 +138,9 @@ class ReaderPriority:
             if not self._behind:
                 self._apply(idle=False)
                 self._readers.clear()
-            else:
-                self._apply(idle=not any(self._behind.values()))
+                self._caught_up_at = None
+            elif any(self._behind.values()):
+                self._apply(idle=False)
 
     def _report(self, key: object, *, behind: bool) -> None:
         if self._usable is False or threading.current_thread() is threading.main_thread():
@@ -137,7 +152,13 @@ class ReaderPriority:
                 if not self._usable:
                     return
             self._behind[key] = behind
-            idle = not behind and not any(self._behind.values())
+            now = time.monotonic()
+            if behind or any(self._behind.values()):
+                self._caught_up_at = None
+            elif self._caught_up_at is None:
+                self._caught_up_at = now
+            since = self._caught_up_at
+            idle = since is not None and now - since >= self.idle_after_s
             if tid not in self._readers:
                 self._readers[tid] = _comm(tid)
                 self._apply(idle, force=True)

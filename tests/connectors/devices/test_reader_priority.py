@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +25,13 @@ SUPPORTED = reader_priority._can_return() is None  # noqa: SLF001 - the same che
 needs_policy = pytest.mark.skipif(
     not SUPPORTED, reason="this process cannot return from SCHED_IDLE (no CAP_SYS_NICE)"
 )
+
+
+@pytest.fixture(autouse=True)
+def _at_once(monkeypatch):
+    """Caught up is idle at once here (the hysteresis has a test of its own)."""
+    monkeypatch.setattr(reader_priority.PRIORITY, "idle_after_s", 0.0)
+    monkeypatch.setattr(reader_priority, "IDLE_AFTER_S", 0.0)
 
 
 def idle(tid: int) -> bool:
@@ -213,3 +221,22 @@ def test_disabled_it_returns_the_readers_to_normal_and_leaves_them_there():
 
     assert on_thread("timely:work-4", caught_up_disabled_caught_up) == (True, False, False)
     assert not priority.idle
+
+
+@needs_policy
+def test_idle_only_after_being_caught_up_for_a_while_behind_at_once():
+    priority = ReaderPriority()
+    priority.idle_after_s = 0.3
+
+    def reports() -> list[bool]:
+        seen = []
+        for behind, pause in ((False, 0.0), (False, 0.35), (True, 0.0), (False, 0.0)):
+            time.sleep(pause)
+            (priority.behind if behind else priority.caught_up)("p0")
+            seen.append(idle(0))
+        priority.forget("p0")
+        seen.append(idle(0))
+        return seen
+
+    # caught up: not yet; 0.35 s later: idle; behind: normal at once; caught up again: not yet
+    assert on_thread("timely:work-6", reports) == [False, True, False, False, False]
