@@ -19,7 +19,7 @@ a busy ingest process (or any other busy process) cannot starve the flow: it
 falls behind by one batch or a second, then shares the CPU as before.
 
 Returning from ``SCHED_IDLE`` needs ``CAP_SYS_NICE`` (root has it) or an
-``RLIMIT_NICE`` of at least 20 (systemd: ``LimitNICE=0``). Without it, or off
+``RLIMIT_NICE`` of at least 20 (systemd: ``LimitNICE=+0``). Without it, or off
 Linux, nothing is changed (checked once per process; one INFO line says so).
 
 The ingest process resets a ``SCHED_IDLE`` it inherited (:func:`reset_inherited`).
