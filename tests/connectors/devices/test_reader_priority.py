@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -240,3 +242,41 @@ def test_idle_only_after_being_caught_up_for_a_while_behind_at_once():
 
     # caught up: not yet; 0.35 s later: idle; behind: normal at once; caught up again: not yet
     assert on_thread("timely:work-6", reports) == [False, True, False, False, False]
+
+
+UNPRIVILEGED = """
+import logging, os, threading
+from pathlib import Path
+from connectors.devices.reader_priority import ReaderPriority
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+priority = ReaderPriority()
+priority.idle_after_s = 0.0
+def reader():
+    Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text("timely:work-0")
+    priority.caught_up("p0")
+    print("idle" if os.sched_getscheduler(0) == os.SCHED_IDLE else "normal", priority.idle)
+thread = threading.Thread(target=reader)
+thread.start()
+thread.join()
+"""
+
+
+@needs_policy
+def test_a_process_without_cap_sys_nice_keeps_its_policy_and_says_why(tmp_path):
+    without = ["setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"]
+    done = subprocess.run(
+        [*without, sys.executable, "-c", UNPRIVILEGED],
+        cwd=Path(__file__).resolve().parents[3],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "normal False\n"
+    assert done.stderr == (
+        "INFO edgesieve.journal: journal readers keep the CPU priority of ingest "
+        "(PermissionError: Operation not permitted; returning from SCHED_IDLE needs "
+        "CAP_SYS_NICE or RLIMIT_NICE 20): on few cores the flow's batches can delay device "
+        "answers\n"
+    )
