@@ -7,8 +7,8 @@ machine with few cores the flow's batches (milliseconds of CPU every
 of that group commit waits for them: in ``benchmarks/bench_transports.py``
 (HTTP, 2 cores) the slowest requests came at the flow's reading cadence.
 
-So once every journal partition this process reads has been caught up for
-:data:`IDLE_AFTER_S`, the threads that read it (Bytewax's workers) and the
+So while every journal partition this process reads is caught up, the
+threads that read it (Bytewax's workers) and the
 threads they started (their helpers: sink pools, the uplink sender; a thread
 is recognised by the OS name it inherited from its worker, ``timely:work-N``)
 run at Linux's ``SCHED_IDLE`` policy: they use the CPU whenever ingest does
@@ -30,21 +30,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Final
 
 __all__ = ["PRIORITY", "ReaderPriority", "reset_inherited"]
 
 log = logging.getLogger("edgesieve.journal")
-
-IDLE_AFTER_S: Final = 0.5
-"""How long every partition must have been caught up before the threads go to SCHED_IDLE.
-
-A flow that is just keeping up reads full and partial batches in turn: it
-is not switched back and forth at every read (each switch visits every
-thread of the process), and it keeps its share of the CPU meanwhile.
-"""
 
 _IDLE: Final = getattr(os, "SCHED_IDLE", None)
 _OTHER: Final = getattr(os, "SCHED_OTHER", None)
@@ -92,9 +83,10 @@ class ReaderPriority:
 
     A partition reports :meth:`caught_up` after a read that saw everything
     committed, :meth:`behind` after a full read, :meth:`forget` when closed.
-    The threads go to ``SCHED_IDLE`` once every known partition has been
-    caught up for :attr:`idle_after_s`, and back to ``SCHED_OTHER`` as soon
-    as one is behind or none is left.
+    The threads go to ``SCHED_IDLE`` while every known partition is caught
+    up and back to ``SCHED_OTHER`` as soon as one is behind or none is left.
+    A switch costs a system call per thread (tens of microseconds), so a
+    flow that is just keeping up may switch at every read.
     Reports from the main thread (Bytewax's ``run_main``) change nothing.
     """
 
@@ -105,9 +97,8 @@ class ReaderPriority:
         self._readers: dict[int, str | None] = {}
         """Native id of each thread that reported, and its OS name."""
         self._idle = False
-        self._caught_up_at: float | None = None
-        """``time.monotonic()`` since when every partition has been caught up (None: one is not)."""
-        self.idle_after_s = IDLE_AFTER_S
+        self._members: dict[int, bool] = {}
+        """Every thread of the process seen so far: whether it is a reader or a helper."""
         self._usable: bool | None = None
         """Whether the policy can be changed and changed back here (None: not checked yet)."""
 
@@ -138,7 +129,6 @@ class ReaderPriority:
             if not self._behind:
                 self._apply(idle=False)
                 self._readers.clear()
-                self._caught_up_at = None
             elif any(self._behind.values()):
                 self._apply(idle=False)
 
@@ -152,13 +142,7 @@ class ReaderPriority:
                 if not self._usable:
                     return
             self._behind[key] = behind
-            now = time.monotonic()
-            if behind or any(self._behind.values()):
-                self._caught_up_at = None
-            elif self._caught_up_at is None:
-                self._caught_up_at = now
-            since = self._caught_up_at
-            idle = since is not None and now - since >= self.idle_after_s
+            idle = not behind and not any(self._behind.values())
             if tid not in self._readers:
                 self._readers[tid] = _comm(tid)
                 self._apply(idle, force=True)
@@ -182,7 +166,7 @@ class ReaderPriority:
         if idle == self._idle and not force:
             return
         try:
-            for tid in self._family():
+            for tid in self._family(renamed=force):
                 _set_policy(tid, idle)
         except OSError as exc:  # a capability dropped meanwhile: stop trying
             log.info("journal readers: cannot change the CPU policy any more (%s)", exc)
@@ -190,20 +174,25 @@ class ReaderPriority:
             return
         self._idle = idle
 
-    def _family(self) -> list[int]:
+    def _family(self, *, renamed: bool) -> list[int]:
         """The reading threads, and every thread that carries one's OS name (its helpers).
 
-        A reader that is the process's main thread shares its name with every
-        thread the program started: only that reader itself is meant then.
+        Only threads not seen before have their name read (``renamed``: a
+        reader is new, so every thread's). A reader that is the process's
+        main thread shares its name with every thread the program started:
+        only that reader itself is meant then.
         """
+        if renamed:
+            self._members.clear()
         main = _comm(os.getpid())
         names = {name for name in self._readers.values() if name is not None and name != main}
-        tids = set(self._readers)
-        if names:
-            for entry in _TASKS.iterdir():
-                if _comm(int(entry.name)) in names:
-                    tids.add(int(entry.name))
-        return sorted(tids)
+        tids = {int(entry) for entry in os.listdir(_TASKS)}
+        members = self._members
+        for tid in tids - members.keys():
+            members[tid] = tid in self._readers or (bool(names) and _comm(tid) in names)
+        for tid in members.keys() - tids:
+            del members[tid]
+        return sorted(tid for tid, member in members.items() if member)
 
 
 PRIORITY: Final = ReaderPriority()

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,13 +26,6 @@ SUPPORTED = reader_priority._can_return() is None  # noqa: SLF001 - the same che
 needs_policy = pytest.mark.skipif(
     not SUPPORTED, reason="this process cannot return from SCHED_IDLE (no CAP_SYS_NICE)"
 )
-
-
-@pytest.fixture(autouse=True)
-def _at_once(monkeypatch):
-    """Caught up is idle at once here (the hysteresis has a test of its own)."""
-    monkeypatch.setattr(reader_priority.PRIORITY, "idle_after_s", 0.0)
-    monkeypatch.setattr(reader_priority, "IDLE_AFTER_S", 0.0)
 
 
 def idle(tid: int) -> bool:
@@ -136,6 +128,27 @@ def test_one_partition_behind_keeps_every_reader_normal():
     assert not priority.idle
 
 
+@needs_policy
+def test_a_helper_started_while_idle_returns_to_normal_with_its_reader():
+    priority = ReaderPriority()
+    stop = threading.Event()
+
+    def reader() -> tuple[bool, bool]:
+        priority.caught_up("p0")
+        helper = threading.Thread(target=stop.wait)  # a pool started while caught up
+        helper.start()
+        assert helper.native_id is not None
+        inherited = idle(helper.native_id)
+        priority.behind("p0")
+        after = idle(helper.native_id)
+        priority.forget("p0")
+        stop.set()
+        helper.join()
+        return inherited, after
+
+    assert on_thread("timely:work-8", reader) == (True, False)
+
+
 def test_the_main_thread_is_never_lowered():
     priority = ReaderPriority()
     priority.caught_up("p0")
@@ -225,32 +238,12 @@ def test_disabled_it_returns_the_readers_to_normal_and_leaves_them_there():
     assert not priority.idle
 
 
-@needs_policy
-def test_idle_only_after_being_caught_up_for_a_while_behind_at_once():
-    priority = ReaderPriority()
-    priority.idle_after_s = 0.3
-
-    def reports() -> list[bool]:
-        seen = []
-        for behind, pause in ((False, 0.0), (False, 0.35), (True, 0.0), (False, 0.0)):
-            time.sleep(pause)
-            (priority.behind if behind else priority.caught_up)("p0")
-            seen.append(idle(0))
-        priority.forget("p0")
-        seen.append(idle(0))
-        return seen
-
-    # caught up: not yet; 0.35 s later: idle; behind: normal at once; caught up again: not yet
-    assert on_thread("timely:work-6", reports) == [False, True, False, False, False]
-
-
 UNPRIVILEGED = """
 import logging, os, threading
 from pathlib import Path
 from connectors.devices.reader_priority import ReaderPriority
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 priority = ReaderPriority()
-priority.idle_after_s = 0.0
 def reader():
     Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text("timely:work-0")
     priority.caught_up("p0")
