@@ -58,6 +58,18 @@ def _set_policy(tid: int, idle: bool) -> None:
         pass
 
 
+def _threads() -> set[int]:
+    """The native ids of this process's threads."""
+    return {int(entry) for entry in os.listdir(_TASKS)}
+
+
+def _is_idle(tid: int) -> bool:
+    try:
+        return os.sched_getscheduler(tid) == _IDLE
+    except ProcessLookupError:
+        return False
+
+
 def _can_return() -> str | None:
     """Why a thread could not go to SCHED_IDLE and back (tried on a thread of its own), or None."""
     if _IDLE is None or _OTHER is None or not _TASKS.is_dir():
@@ -162,11 +174,19 @@ class ReaderPriority:
         return problem is None
 
     def _apply(self, idle: bool, *, force: bool = False) -> None:
-        """Move every reading thread and its helpers to ``idle`` (hold ``_lock``)."""
+        """Move every reading thread and its helpers to ``idle`` (hold ``_lock``).
+
+        Back to normal, every thread of the process at SCHED_IDLE returns: a
+        thread a reader started while idle inherited the policy, and one that
+        renamed itself (gRPC's ``event_engine``) is not known by its name.
+        """
         if idle == self._idle and not force:
             return
         try:
-            for tid in self._family(renamed=force):
+            tids = self._family(renamed=force)
+            if not idle:
+                tids = [tid for tid in _threads() if _is_idle(tid)]
+            for tid in tids:
                 _set_policy(tid, idle)
         except OSError as exc:  # a capability dropped meanwhile: stop trying
             log.info("journal readers: cannot change the CPU policy any more (%s)", exc)
@@ -186,7 +206,7 @@ class ReaderPriority:
             self._members.clear()
         main = _comm(os.getpid())
         names = {name for name in self._readers.values() if name is not None and name != main}
-        tids = {int(entry) for entry in os.listdir(_TASKS)}
+        tids = _threads()
         members = self._members
         for tid in tids - members.keys():
             members[tid] = tid in self._readers or (bool(names) and _comm(tid) in names)

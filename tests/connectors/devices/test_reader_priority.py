@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -129,24 +130,31 @@ def test_one_partition_behind_keeps_every_reader_normal():
 
 
 @needs_policy
-def test_a_helper_started_while_idle_returns_to_normal_with_its_reader():
+def test_helpers_started_while_idle_return_to_normal_with_their_reader_renamed_or_not():
     priority = ReaderPriority()
     stop = threading.Event()
 
-    def reader() -> tuple[bool, bool]:
+    def renamed() -> None:  # as gRPC's threads name themselves
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text("event_engine")
+        stop.wait()
+
+    def reader() -> tuple[list[bool], list[bool]]:
         priority.caught_up("p0")
-        helper = threading.Thread(target=stop.wait)  # a pool started while caught up
-        helper.start()
-        assert helper.native_id is not None
-        inherited = idle(helper.native_id)
+        helpers = [threading.Thread(target=stop.wait), threading.Thread(target=renamed)]
+        for helper in helpers:  # started while caught up
+            helper.start()
+        time.sleep(0.1)  # the second has renamed itself
+        inherited = [idle(h.native_id) for h in helpers]  # type: ignore[arg-type]
+        priority.caught_up("p0")
         priority.behind("p0")
-        after = idle(helper.native_id)
+        after = [idle(h.native_id) for h in helpers]  # type: ignore[arg-type]
         priority.forget("p0")
         stop.set()
-        helper.join()
+        for helper in helpers:
+            helper.join()
         return inherited, after
 
-    assert on_thread("timely:work-8", reader) == (True, False)
+    assert on_thread("timely:work-8", reader) == ([True, True], [False, False])
 
 
 def test_the_main_thread_is_never_lowered():
