@@ -809,13 +809,13 @@ def main() -> None:
     parser.add_argument(
         "--reader-priority",
         choices=("on", "off"),
-        default="on",
-        help="off: the flow's journal readers keep their CPU policy while caught up",
+        default="off",
+        help="on: the flow's journal readers yield the CPU to ingest while caught up",
     )
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
     args = parser.parse_args()
-    if args.reader_priority == "off":
-        PRIORITY.disable()
+    if args.reader_priority == "on":
+        PRIORITY.enable()
     counts = (
         args.http_requests,
         args.coap_requests,

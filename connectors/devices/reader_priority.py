@@ -23,6 +23,12 @@ Returning from ``SCHED_IDLE`` needs ``CAP_SYS_NICE`` (root has it) or an
 Linux, nothing is changed (checked once per process; one INFO line says so).
 
 The ingest process resets a ``SCHED_IDLE`` it inherited (:func:`reset_inherited`).
+
+Off unless :meth:`ReaderPriority.enable` is called on :data:`PRIORITY`
+(``benchmarks/bench_transports.py --reader-priority on`` does): with it, 7 of
+19 runs of the kill -9 test (``tests/flows/test_exactly_once.py``) took 30 s
+longer, waiting for device acknowledgements, and one of them failed; without
+it none of 8 did. Until that is understood it is not the default.
 """
 
 from __future__ import annotations
@@ -102,7 +108,7 @@ class ReaderPriority:
     Reports from the main thread (Bytewax's ``run_main``) change nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, enabled: bool = False) -> None:
         self._lock = threading.Lock()
         self._behind: dict[object, bool] = {}
         """Per partition (its key): whether its last read was full."""
@@ -111,8 +117,13 @@ class ReaderPriority:
         self._idle = False
         self._members: dict[int, bool] = {}
         """Every thread of the process seen so far: whether it is a reader or a helper."""
-        self._usable: bool | None = None
+        self._usable: bool | None = None if enabled else False
         """Whether the policy can be changed and changed back here (None: not checked yet)."""
+
+    def enable(self) -> None:
+        """Change the reading threads' policy from now on (checked first: see the module)."""
+        with self._lock:
+            self._usable = None
 
     def disable(self) -> None:
         """Leave the reading threads' policy alone from now on (to measure without it)."""

@@ -29,6 +29,14 @@ needs_policy = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _enabled():
+    """The journal source's readers change their policy in these tests (it is off by default)."""
+    reader_priority.PRIORITY.enable()
+    yield
+    reader_priority.PRIORITY.disable()
+
+
 def idle(tid: int) -> bool:
     return os.sched_getscheduler(tid) == os.SCHED_IDLE
 
@@ -114,7 +122,7 @@ def test_a_partial_read_of_old_messages_finds_the_flow_behind(tmp_path):
 
 @needs_policy
 def test_one_partition_behind_keeps_every_reader_normal():
-    priority = ReaderPriority()
+    priority = ReaderPriority(enabled=True)
 
     def report(key: str, behind: bool) -> bool:
         (priority.behind if behind else priority.caught_up)(key)
@@ -131,7 +139,7 @@ def test_one_partition_behind_keeps_every_reader_normal():
 
 @needs_policy
 def test_helpers_started_while_idle_return_to_normal_with_their_reader_renamed_or_not():
-    priority = ReaderPriority()
+    priority = ReaderPriority(enabled=True)
     stop = threading.Event()
 
     def renamed() -> None:  # as gRPC's threads name themselves
@@ -158,7 +166,7 @@ def test_helpers_started_while_idle_return_to_normal_with_their_reader_renamed_o
 
 
 def test_the_main_thread_is_never_lowered():
-    priority = ReaderPriority()
+    priority = ReaderPriority(enabled=True)
     priority.caught_up("p0")
     assert not idle(0) and not priority.idle
 
@@ -191,7 +199,7 @@ def test_without_the_capability_nothing_changes_and_one_line_says_why(monkeypatc
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    priority = ReaderPriority()
+    priority = ReaderPriority(enabled=True)
     with caplog.at_level(logging.INFO, logger="edgesieve.journal"):
         for key in ("p0", "p1", "p0"):
             on_thread("timely:work-3", lambda k=key: priority.caught_up(k))
@@ -232,7 +240,7 @@ def test_leaving_an_inherited_sched_idle_that_is_refused_is_one_warning(monkeypa
 
 @needs_policy
 def test_disabled_it_returns_the_readers_to_normal_and_leaves_them_there():
-    priority = ReaderPriority()
+    priority = ReaderPriority(enabled=True)
 
     def caught_up_disabled_caught_up() -> tuple[bool, bool, bool]:
         priority.caught_up("p0")
@@ -251,7 +259,7 @@ import logging, os, threading
 from pathlib import Path
 from connectors.devices.reader_priority import ReaderPriority
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-priority = ReaderPriority()
+priority = ReaderPriority(enabled=True)
 def reader():
     Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text("timely:work-0")
     priority.caught_up("p0")
@@ -281,3 +289,9 @@ def test_a_process_without_cap_sys_nice_keeps_its_policy_and_says_why(tmp_path):
         "CAP_SYS_NICE or RLIMIT_NICE 20): on few cores the flow's batches can delay device "
         "answers\n"
     )
+
+
+def test_off_by_default_nothing_changes():
+    priority = ReaderPriority()
+    assert on_thread("timely:work-9", lambda: (priority.caught_up("p0"), idle(0))[1]) is False
+    assert not priority.idle
