@@ -64,12 +64,15 @@ class Devices:
 
     def _mqtt(self) -> None:
         inflight: dict[int, int] = {}
+        early: set[int] = set()  # acknowledged before publish() returned its mid
         lock = threading.Lock()
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id="chaos-device")
 
         def on_publish(client, userdata, mid, reason, properties) -> None:
             with lock:
                 seq = inflight.pop(mid, None)
+                if seq is None:
+                    early.add(mid)
             if seq is not None:
                 self.accepted["mq-1"].add(seq)
 
@@ -80,9 +83,15 @@ class Devices:
         seq = 0
         deadline = time.monotonic() + 300
         while not self._stop.is_set() and time.monotonic() < deadline:
+            # paho calls on_publish holding its own lock, which publish() takes too: publishing
+            # while holding ours would deadlock against the callback
+            info = client.publish("v1/devices/mq-1/telemetry", self.body(seq), qos=1)
             with lock:
-                info = client.publish("v1/devices/mq-1/telemetry", self.body(seq), qos=1)
-                inflight[info.mid] = seq
+                if info.mid in early:
+                    early.discard(info.mid)
+                    self.accepted["mq-1"].add(seq)
+                else:
+                    inflight[info.mid] = seq
             self.sent["mq-1"] += 1
             seq += 1
             time.sleep(0.004)
