@@ -809,13 +809,13 @@ def main() -> None:
     parser.add_argument(
         "--reader-priority",
         choices=("on", "off"),
-        default="off",
-        help="on: the flow's journal readers yield the CPU to ingest while caught up",
+        default="on",
+        help="off: the flow's journal readers do not yield the CPU to ingest while caught up",
     )
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
     args = parser.parse_args()
-    if args.reader_priority == "on":
-        PRIORITY.enable()
+    if args.reader_priority == "off":
+        PRIORITY.disable()
     counts = (
         args.http_requests,
         args.coap_requests,

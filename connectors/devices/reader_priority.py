@@ -24,12 +24,9 @@ Linux, nothing is changed (checked once per process; one INFO line says so).
 
 The ingest process resets a ``SCHED_IDLE`` it inherited (:func:`reset_inherited`).
 
-Off unless :meth:`ReaderPriority.enable` is called on :data:`PRIORITY`
-(``benchmarks/bench_transports.py --reader-priority on`` does). With it, 6 of
-21 runs of the kill -9 test took 30 s longer and one failed: that was a
-deadlock in the test's own MQTT device client (publishing under a lock its
-acknowledgement callback takes), fixed since; it stays off by default until
-it has been through the whole suite and more kill -9 runs.
+On by default; :meth:`ReaderPriority.disable` on :data:`PRIORITY` turns it
+off (a flow module may call it; ``benchmarks/bench_transports.py
+--reader-priority off`` does).
 """
 
 from __future__ import annotations
@@ -109,7 +106,7 @@ class ReaderPriority:
     Reports from the main thread (Bytewax's ``run_main``) change nothing.
     """
 
-    def __init__(self, *, enabled: bool = False) -> None:
+    def __init__(self, *, enabled: bool = True) -> None:
         self._lock = threading.Lock()
         self._behind: dict[object, bool] = {}
         """Per partition (its key): whether its last read was full."""
@@ -127,7 +124,7 @@ class ReaderPriority:
             self._usable = None
 
     def disable(self) -> None:
-        """Leave the reading threads' policy alone from now on (to measure without it)."""
+        """Leave the reading threads' policy alone from now on (they return to SCHED_OTHER)."""
         with self._lock:
             self._apply(idle=False)
             self._usable = False

@@ -31,10 +31,11 @@ needs_policy = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _enabled():
-    """The journal source's readers change their policy in these tests (it is off by default)."""
+    """The journal source's readers change their policy in these tests, and are normal after."""
     reader_priority.PRIORITY.enable()
     yield
-    reader_priority.PRIORITY.disable()
+    reader_priority.PRIORITY.disable()  # every reader back to SCHED_OTHER
+    reader_priority.PRIORITY.enable()  # the default
 
 
 def idle(tid: int) -> bool:
@@ -291,7 +292,9 @@ def test_a_process_without_cap_sys_nice_keeps_its_policy_and_says_why(tmp_path):
     )
 
 
-def test_off_by_default_nothing_changes():
-    priority = ReaderPriority()
-    assert on_thread("timely:work-9", lambda: (priority.caught_up("p0"), idle(0))[1]) is False
-    assert not priority.idle
+@needs_policy
+def test_on_by_default_and_off_when_not_enabled():
+    assert on_thread("timely:work-9", lambda: (ReaderPriority().caught_up("p0"), idle(0))[1])
+    off = ReaderPriority(enabled=False)
+    assert on_thread("timely:work-9", lambda: (off.caught_up("p0"), idle(0))[1]) is False
+    assert not off.idle
