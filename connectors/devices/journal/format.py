@@ -83,6 +83,13 @@ commit sends again once the edge is back, seconds later); its digest is
 still found there.
 """
 
+NOT_REDELIVERED = ("http", "coap")
+"""Transports whose unkeyed messages are never sent again as a redelivery (only MQTT's DUP is).
+
+A redelivery is compared with earlier messages of the other transports only,
+and a deleted unkeyed row of these keeps no digest in ``recent``.
+"""
+
 _INSERT = (
     "INSERT INTO messages (seq, device, channel, transport, received_at_us, payload, size, digest)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"

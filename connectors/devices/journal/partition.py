@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -15,6 +16,7 @@ from connectors.devices.journal.format import (
     DEDUP_WINDOW,
     INSERT_ROWS,
     NO_DIGEST,
+    NOT_REDELIVERED,
     SCHEMA_VERSION,
     TRUNCATE_CHUNK,
     VACUUM_CHUNK,
@@ -93,13 +95,17 @@ class _Partition:
         upto = min(floor, self.truncated + TRUNCATE_CHUNK)
         db = self.db
         window = self.last - DEDUP_WINDOW
-        kept = db.execute(
-            "SELECT seq, device, channel, payload, digest FROM messages WHERE seq > ? AND seq <= ?",
-            (max(self.truncated, window), upto),
+        span = (max(self.truncated, window), upto)  # deleted rows a retransmission may still match
+        # Every step of a statement gives the GIL up and waits to take it back from the device
+        # servers' thread, so the statements below take a few steps whatever the row count:
+        # only the unkeyed rows of transports that redeliver (MQTT) are read row by row.
+        unkeyed = db.execute(
+            "SELECT seq, device, channel, payload FROM messages WHERE seq > ? AND seq <= ?"
+            f" AND digest = ? AND transport NOT IN {NOT_REDELIVERED!r}",
+            (*span, NO_DIGEST),
         ).fetchall()
-        recent = [
-            (seq, digest if digest != NO_DIGEST else digest_of(device, channel, payload))
-            for seq, device, channel, payload, digest in kept
+        digests = [
+            (seq, digest_of(device, channel, payload)) for seq, device, channel, payload in unkeyed
         ]
         # Deleting released rows needs no sync of its own: after a power loss the rows are
         # back (and deleted again), and the next message commit syncs the WAL up to here.
@@ -108,13 +114,20 @@ class _Partition:
             db.execute("PRAGMA synchronous = NORMAL")
         db.execute("BEGIN IMMEDIATE")
         try:
-            per_device = db.execute(
-                "SELECT device, count(*), sum(size) FROM messages WHERE seq > ? AND seq <= ?"
-                " GROUP BY device",
+            count, by_device = db.execute(
+                "SELECT coalesce(sum(n), 0), json_group_object(device, bytes) FROM (SELECT"
+                " device, count(*) AS n, sum(size) AS bytes FROM messages"
+                " WHERE seq > ? AND seq <= ? GROUP BY device)",
                 (self.truncated, upto),
-            ).fetchall()
+            ).fetchone()
+            db.execute(
+                "INSERT OR REPLACE INTO recent (seq, digest) SELECT seq, digest FROM messages"
+                " WHERE seq > ? AND seq <= ? AND digest != ?",
+                (*span, NO_DIGEST),
+            )
             db.execute("DELETE FROM messages WHERE seq > ? AND seq <= ?", (self.truncated, upto))
-            db.executemany("INSERT OR REPLACE INTO recent (seq, digest) VALUES (?, ?)", recent)
+            if digests:
+                db.executemany("INSERT OR REPLACE INTO recent (seq, digest) VALUES (?, ?)", digests)
             db.execute("DELETE FROM recent WHERE seq <= ?", (window,))
             db.execute("COMMIT")
         except BaseException:
@@ -125,8 +138,8 @@ class _Partition:
             if relaxed:
                 db.execute(f"PRAGMA synchronous = {self.sync.upper()}")
         row = db.execute("SELECT received_at_us FROM messages ORDER BY seq LIMIT 1").fetchone()
-        count = sum(int(n) for _, n, _ in per_device)
-        sizes = {device: int(size) for device, _, size in per_device}
+        count = int(count)
+        sizes: dict[str, int] = json.loads(by_device)
         size = sum(sizes.values())
         with self.lock:
             self.truncated = upto
@@ -159,13 +172,15 @@ class _Partition:
     def find_redelivery(self, device: str, channel: str, payload: bytes) -> int | None:
         """The offset of a recent unkeyed message with this device, channel and payload.
 
+        Only messages of transports that redeliver count (not ``NOT_REDELIVERED``'s).
         Rows written without a digest are compared by content over the last
         DEDUP_WINDOW offsets (a scan, only for redeliveries); rows of older
         journals, which carry the unkeyed digest, are found by it.
         """
         row = self.db.execute(
             "SELECT seq FROM messages WHERE seq > ? AND +digest = ? AND device = ?"
-            " AND channel = ? AND payload = ? ORDER BY seq DESC LIMIT 1",
+            " AND channel = ? AND payload = ?"
+            f" AND transport NOT IN {NOT_REDELIVERED!r} ORDER BY seq DESC LIMIT 1",
             (self.last - DEDUP_WINDOW, NO_DIGEST, device, channel, payload),
         ).fetchone()
         if row is not None:

@@ -22,6 +22,7 @@ from connectors.devices.journal.format import (
     DEVICE_CACHE,
     LATENCY_SAMPLES,
     NO_DIGEST,
+    NOT_REDELIVERED,
     PROBE_BYTES,
     PROBE_INTERVAL_S,
     QUEUE_FACTOR,
@@ -900,8 +901,8 @@ def _in_rows(rows: list[object], item: _Item, digest: bytes) -> int | None:
     """The offset of the latest row in ``rows`` (this transaction's) ``item`` repeats, if any.
 
     Keyed: the same digest. Unkeyed (``digest`` empty): an unkeyed row of the
-    same device, channel and payload. Only redeliveries and keyed messages
-    look, and a group holds at most max_batch rows.
+    same device, channel and payload, from a transport that redelivers. Only
+    redeliveries and keyed messages look, and a group holds at most max_batch rows.
     """
     for start in range(len(rows) - _COLUMNS, -1, -_COLUMNS):
         if rows[start + 7] != digest:
@@ -910,6 +911,7 @@ def _in_rows(rows: list[object], item: _Item, digest: bytes) -> int | None:
             rows[start + 1] == item.device
             and rows[start + 2] == item.channel
             and rows[start + 5] == item.payload
+            and rows[start + 3] not in NOT_REDELIVERED
         ):
             return rows[start]  # type: ignore[return-value]
     return None

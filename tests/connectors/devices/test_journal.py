@@ -297,6 +297,37 @@ def test_a_retransmission_after_its_first_copy_was_processed_and_deleted_is_stor
         reopened.close()
 
 
+def test_a_redelivery_never_matches_a_message_of_a_transport_that_does_not_redeliver(
+    root: Path, open_journal
+) -> None:
+    journal = open_journal(partitions=1)
+
+    def sent(transport: str, payload: bytes) -> RawMessage:
+        return RawMessage("dev", "telemetry", transport, datetime.now(UTC), payload)
+
+    # An MQTT redelivery with the bytes of an HTTP or CoAP message is a message of its own:
+    # neither transport redelivers, so the edge never saw it before.
+    http = journal.submit(sent("http", b"same")).result(10)
+    dup = journal.submit(message("dev", b"same"), redelivery=True).result(10)
+    assert not dup.duplicate and dup.offset == http.offset + 1
+    coap = journal.submit(sent("coap", b"group"))  # and in the same group
+    grouped = journal.submit(message("dev", b"group"), redelivery=True)
+    assert not grouped.result(10).duplicate
+    # Deleted, the HTTP and CoAP rows keep no digest; the MQTT rows' are kept for redeliveries.
+    with JournalReader(root, 0) as reader:
+        reader.release("flow", grouped.result().offset)
+        wait_for(lambda: not read_all(root, 0))
+    db = sqlite3.connect(part_path(root, 0))
+    try:
+        kept = {seq for (seq,) in db.execute("SELECT seq FROM recent")}
+    finally:
+        db.close()
+    assert kept == {dup.offset, grouped.result().offset}, (http, coap.result())
+    again = journal.submit(message("dev", b"same"), redelivery=True).result(10)
+    assert again == Committed(0, dup.offset, duplicate=True)
+    assert journal.stats().duplicates == 1
+
+
 def test_digests_of_deleted_rows_are_kept_only_for_the_window(root: Path, open_journal) -> None:
     journal = open_journal(partitions=1, max_batch=2000, device_share=1.0)  # one device, a burst
     first = journal.submit(message("dev", b"first"), dedup_key=b"k0").result(10)
