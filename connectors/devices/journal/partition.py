@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 from connectors.common.stores import move_aside, report, salvage_rows, sqlite_problem, sync_dir
 from connectors.devices.journal.format import (
@@ -27,6 +28,58 @@ from connectors.devices.journal.format import (
     logger,
     part_path,
 )
+
+
+class Truncation(NamedTuple):
+    """What the writer's next truncation of a partition deletes (:func:`plan_truncation`)."""
+
+    after: int
+    """The partition's last deleted offset when the plan was made."""
+    upto: int
+    """Delete up to this offset (at most TRUNCATE_CHUNK rows)."""
+    digests: list[tuple[int, bytes]]
+    """The digests of the unkeyed rows among them that a redelivery may still repeat."""
+
+
+def release_floor(db: sqlite3.Connection) -> int | None:
+    """The offset every registered reader released, None when no reader is registered."""
+    count, low = db.execute("SELECT count(*), min(released) FROM readers").fetchone()
+    return None if count == 0 else int(low)
+
+
+def plan_truncation(db: sqlite3.Connection, truncated: int, last: int) -> Truncation | None:
+    """The next chunk of released rows to delete, read on ``db`` (any connection to the file).
+
+    ``truncated`` and ``last`` are the partition's last deleted and last
+    written offsets. Unkeyed rows of transports that redeliver (MQTT) within
+    the last DEDUP_WINDOW offsets are read one by one for their digests, so
+    the writer's checkpointer does this, not the writer.
+    """
+    floor = release_floor(db)
+    if floor is None or floor <= truncated:
+        return None
+    upto = min(floor, truncated + TRUNCATE_CHUNK)
+    rows = db.execute(
+        "SELECT seq, device, channel, payload FROM messages WHERE seq > ? AND seq <= ?"
+        f" AND digest = ? AND transport NOT IN {NOT_REDELIVERED!r}",
+        (max(truncated, last - DEDUP_WINDOW), upto, NO_DIGEST),
+    ).fetchall()
+    return Truncation(truncated, upto, [(q, digest_of(d, c, p)) for q, d, c, p in rows])
+
+
+def _insert_recent(db: sqlite3.Connection, digests: list[tuple[int, bytes]]) -> None:
+    """Keep ``digests`` in ``recent``: one statement per DEDUP_WINDOW rows, not a step per row.
+
+    A truncation keeps at most DEDUP_WINDOW digests (8192 parameters, within
+    SQLite's 32766), so this is one statement.
+    """
+    for start in range(0, len(digests), DEDUP_WINDOW):
+        chunk = digests[start : start + DEDUP_WINDOW]
+        values = ", ".join(["(?, ?)"] * len(chunk))
+        db.execute(
+            f"INSERT OR REPLACE INTO recent (seq, digest) VALUES {values}",
+            [value for pair in chunk for value in pair],
+        )
 
 
 class _Partition:
@@ -79,34 +132,22 @@ class _Partition:
         row = self.db.execute("SELECT received_at_us FROM messages ORDER BY seq LIMIT 1").fetchone()
         self.oldest_us = None if row is None else int(row[0])
 
-    def release_floor(self) -> int | None:
-        """The offset every registered reader released, None when no reader is registered."""
-        count, low = self.db.execute("SELECT count(*), min(released) FROM readers").fetchone()
-        return None if count == 0 else int(low)
+    def truncate_chunk(self, plan: Truncation | None) -> tuple[int, int, dict[str, int]]:
+        """Delete the released rows ``plan`` names (see :func:`plan_truncation`) in one transaction.
 
-    def truncate_chunk(self) -> tuple[int, int, dict[str, int]]:
-        """Delete up to TRUNCATE_CHUNK released rows in one transaction.
-
+        Nothing when there is no plan, or it was made before the last
+        truncation. The readers' floor is read again in the transaction, so a
+        reader registered since the plan keeps what it has not released.
         Returns the rows and bytes deleted, and the bytes per device.
+
+        Each statement step gives the GIL up and waits to take it back, behind
+        the device servers' thread under load: this takes a few steps whatever
+        the row count (the rows read one by one were read for the plan).
         """
-        floor = self.release_floor()
-        if floor is None or floor <= self.truncated:
+        if plan is None or plan.after != self.truncated:
             return 0, 0, {}
-        upto = min(floor, self.truncated + TRUNCATE_CHUNK)
         db = self.db
         window = self.last - DEDUP_WINDOW
-        span = (max(self.truncated, window), upto)  # deleted rows a retransmission may still match
-        # Every step of a statement gives the GIL up and waits to take it back from the device
-        # servers' thread, so the statements below take a few steps whatever the row count:
-        # only the unkeyed rows of transports that redeliver (MQTT) are read row by row.
-        unkeyed = db.execute(
-            "SELECT seq, device, channel, payload FROM messages WHERE seq > ? AND seq <= ?"
-            f" AND digest = ? AND transport NOT IN {NOT_REDELIVERED!r}",
-            (*span, NO_DIGEST),
-        ).fetchall()
-        digests = [
-            (seq, digest_of(device, channel, payload)) for seq, device, channel, payload in unkeyed
-        ]
         # Deleting released rows needs no sync of its own: after a power loss the rows are
         # back (and deleted again), and the next message commit syncs the WAL up to here.
         relaxed = self.sync != "normal"
@@ -114,20 +155,24 @@ class _Partition:
             db.execute("PRAGMA synchronous = NORMAL")
         db.execute("BEGIN IMMEDIATE")
         try:
+            floor = release_floor(db)
+            if floor is None or floor <= self.truncated:
+                db.execute("ROLLBACK")
+                return 0, 0, {}
+            upto = min(plan.upto, floor)
             count, by_device = db.execute(
                 "SELECT coalesce(sum(n), 0), json_group_object(device, bytes) FROM (SELECT"
                 " device, count(*) AS n, sum(size) AS bytes FROM messages"
                 " WHERE seq > ? AND seq <= ? GROUP BY device)",
                 (self.truncated, upto),
             ).fetchone()
-            db.execute(
+            db.execute(  # keyed rows carry their digest
                 "INSERT OR REPLACE INTO recent (seq, digest) SELECT seq, digest FROM messages"
                 " WHERE seq > ? AND seq <= ? AND digest != ?",
-                (*span, NO_DIGEST),
+                (max(self.truncated, window), upto, NO_DIGEST),
             )
+            _insert_recent(db, [(q, d) for q, d in plan.digests if window < q <= upto])
             db.execute("DELETE FROM messages WHERE seq > ? AND seq <= ?", (self.truncated, upto))
-            if digests:
-                db.executemany("INSERT OR REPLACE INTO recent (seq, digest) VALUES (?, ?)", digests)
             db.execute("DELETE FROM recent WHERE seq <= ?", (window,))
             db.execute("COMMIT")
         except BaseException:

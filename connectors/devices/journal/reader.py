@@ -74,6 +74,8 @@ class JournalReader:
         then reading goes on from the fresh file, after ``after``.
         """
         with self._lock:
+            if self._db is not None and self._replaced():  # or it goes on reading the moved file
+                self._reopen()
             db = self._conn()
             try:
                 cursor = db.execute(
@@ -101,8 +103,6 @@ class JournalReader:
                 else:
                     self.report_damage(problem)
                 return []
-            if not rows and self._replaced():
-                self._reopen()
         return [
             (int(seq), RawMessage(device, channel, transport, from_us(us), bytes(payload)))
             for seq, device, channel, transport, us, payload in rows

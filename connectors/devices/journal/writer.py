@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from connectors.common.stores import corruption, is_disk_full
 from connectors.devices.journal.format import (
@@ -29,6 +29,7 @@ from connectors.devices.journal.format import (
     READERS_POLL_S,
     SYNC_MODES,
     TRUNCATE_BUSY_S,
+    VACUUM_PAGES,
     WAL_CATCH_UP_FRAMES,
     Committed,
     Done,
@@ -45,7 +46,7 @@ from connectors.devices.journal.format import (
     partition_of,
     to_us,
 )
-from connectors.devices.journal.partition import _insert, _Partition
+from connectors.devices.journal.partition import Truncation, _insert, _Partition, plan_truncation
 from operators.records import RawMessage
 
 _NONE = (0, 0)
@@ -112,7 +113,7 @@ class Journal:
                     _Partition(self.root, i, settings.partitions, settings.sync, self._cond)
                 )
             for part in self._parts:
-                while part.truncate_chunk()[0]:
+                while part.truncate_chunk(plan_truncation(part.db, part.truncated, part.last))[0]:
                     pass
             accounts: dict[str, list[int]] = {}
             for part in self._parts:
@@ -161,7 +162,7 @@ class Journal:
             else None
         )
         try:
-            self._checkpointer = _Checkpointer([p.path for p in self._parts], settings.sync)
+            self._checkpointer = _Checkpointer(self._parts, settings.sync)
         except BaseException:
             for part in self._parts:
                 part.db.close()
@@ -746,11 +747,17 @@ class Journal:
                     logger.info("journal %s: checkpoint failed: %s", part.path, exc)
 
     def _truncate(self) -> None:
+        """Delete what the checkpointer found released, vacuum, heal what a reader flagged.
+
+        The checkpointer's survey reads what there is to do, so an idle pass
+        costs no statement here.
+        """
         if self._broken is not None:
             return
         for part in self._parts:
+            survey = self._checkpointer
             try:
-                count, size, sizes = part.truncate_chunk()
+                count, size, sizes = part.truncate_chunk(survey.take_plan(part.index))
                 if count:
                     with self._lock:
                         self._held_bytes -= size
@@ -762,7 +769,8 @@ class Journal:
                             account[0] -= released
                             if account[0] <= 0 and not account[1]:
                                 del accounts[device]
-                else:
+                elif survey.free_pages[part.index] > VACUUM_PAGES:
+                    survey.free_pages[part.index] = 0
                     part.vacuum_chunk()
             except sqlite3.Error as exc:
                 if (problem := corruption(exc)) is not None:
@@ -770,7 +778,10 @@ class Journal:
                 else:
                     logger.exception("journal %s: truncation failed", part.path)
         for part in self._parts:
-            if damage_flag(part.path).exists() and (problem := flagged(part.path)) is not None:
+            problem = self._checkpointer.take_damage(part.index)
+            if problem == FLAGGED:
+                problem = flagged(part.path)
+            if problem is not None:
                 self._heal(part.index, problem)
 
     def _heal(self, index: int, problem: str) -> None:
@@ -819,7 +830,11 @@ class Journal:
                     queued.setdefault(device, [0, 0])[0] += size
             self._accounts = queued
         damage_flag(old.path).unlink(missing_ok=True)
-        self._checkpointer = _Checkpointer([p.path for p in self._parts], self.settings.sync)
+        self._checkpointer = _Checkpointer(self._parts, self.settings.sync)
+
+
+FLAGGED: Final = "flagged by a reader"
+"""The survey's damage report for a partition a reader flagged (:func:`flagged` says how)."""
 
 
 class _Checkpointer:
@@ -833,9 +848,15 @@ class _Checkpointer:
     whole WAL, the next commit starts the WAL over from its beginning, so the
     WAL stays a few MB however long the load lasts. A checkpoint held back by
     a reader in the middle of a read only copies less; the next pass goes on.
+
+    Each pass also surveys every partition for the writer (:meth:`survey`),
+    so the writer spends no statement step finding out whether there is
+    housekeeping to do.
     """
 
-    def __init__(self, paths: list[Path], sync: str) -> None:
+    def __init__(self, parts: list[_Partition], sync: str) -> None:
+        paths = [part.path for part in parts]
+        self._parts = parts
         self._dbs: list[sqlite3.Connection] = []
         try:
             for path in paths:
@@ -851,6 +872,10 @@ class _Checkpointer:
         self._behind = [False] * len(paths)
         self.behind = False
         """Some partition's WAL holds over WAL_CATCH_UP_FRAMES not yet copied back."""
+        self._plans: list[Truncation | None] = [None] * len(paths)
+        self.free_pages = [0] * len(paths)
+        """Per partition: its free pages at the last survey (the writer zeroes it as it vacuums)."""
+        self._damage: list[str | None] = [None] * len(paths)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"journal-checkpoint {paths[0].parent}", daemon=True
@@ -864,6 +889,42 @@ class _Checkpointer:
     def _run(self) -> None:
         while not self._stop.wait(CHECKPOINT_S):
             self.checkpoint()
+            self.survey()
+
+    def survey(self) -> None:
+        """For the writer, per partition: its next truncation, free pages, a reader's damage flag.
+
+        A plan reads rows one by one (the digests of unkeyed MQTT rows), each
+        step waiting for the GIL behind busy device servers: here that delays
+        no commit. A corrupt file is reported to the writer like a reader's
+        flag; other errors (a full disk) are retried next pass.
+        """
+        for index, db in enumerate(self._dbs):
+            part = self._parts[index]
+            if damage_flag(part.path).exists():
+                self._damage[index] = self._damage[index] or FLAGGED
+            try:
+                if self._plans[index] is None:
+                    self._plans[index] = plan_truncation(db, part.truncated, part.last)
+                self.free_pages[index] = db.execute("PRAGMA freelist_count").fetchone()[0]
+            except sqlite3.Error as exc:
+                if (problem := corruption(exc)) is not None:
+                    self._damage[index] = problem
+
+    def take_plan(self, index: int) -> Truncation | None:
+        """The survey's truncation plan for partition ``index``, if any (cleared)."""
+        plan = self._plans[index]
+        self._plans[index] = None
+        return plan
+
+    def take_damage(self, index: int) -> str | None:
+        """What the survey found wrong with partition ``index`` since the last call (cleared).
+
+        :data:`FLAGGED` when a reader left a damage flag (the writer reads it).
+        """
+        damage = self._damage[index]
+        self._damage[index] = None
+        return damage
 
     def checkpoint(self) -> None:
         """A PASSIVE checkpoint of each partition written since the last one."""

@@ -328,6 +328,31 @@ def test_a_redelivery_never_matches_a_message_of_a_transport_that_does_not_redel
     assert journal.stats().duplicates == 1
 
 
+def test_the_writer_deletes_released_rows_in_a_few_statements_whatever_their_number(
+    root: Path, open_journal
+) -> None:
+    # Each statement step on the writer's thread gives the GIL up and waits to take it back
+    # behind busy device servers; the rows are read one by one on the checkpointer's thread.
+    journal = open_journal(partitions=1, max_batch=2000, device_share=1.0)
+    futures = [journal.submit(message("dev", str(i).encode())) for i in range(3000)]
+    last = [future.result(30) for future in futures][-1]
+    statements: list[str] = []
+    journal._parts[0].db.set_trace_callback(statements.append)  # noqa: SLF001 - the writer's
+    with JournalReader(root, 0) as reader:
+        reader.release("flow", last.offset)
+        wait_for(lambda: not read_all(root, 0), 30)
+    journal._parts[0].db.set_trace_callback(None)  # noqa: SLF001
+    assert len(statements) <= 12, statements
+    assert not [s for s in statements if s.startswith("SELECT seq, device, channel, payload")]
+    db = sqlite3.connect(part_path(root, 0))
+    try:  # every digest kept for redeliveries: one statement
+        assert db.execute("SELECT count(*) FROM recent").fetchone()[0] == 3000
+    finally:
+        db.close()
+    redelivered = journal.submit(message("dev", b"2999"), redelivery=True).result(10)
+    assert redelivered == Committed(0, last.offset, duplicate=True)
+
+
 def test_digests_of_deleted_rows_are_kept_only_for_the_window(root: Path, open_journal) -> None:
     journal = open_journal(partitions=1, max_batch=2000, device_share=1.0)  # one device, a burst
     first = journal.submit(message("dev", b"first"), dedup_key=b"k0").result(10)

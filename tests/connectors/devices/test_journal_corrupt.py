@@ -261,8 +261,27 @@ def test_a_flag_about_a_file_already_replaced_is_dropped(root: Path, open_journa
     assert [o for o, _ in read_after(root, -1)] == list(range(10))
 
 
+def test_a_reader_moves_to_the_fresh_file_at_once_while_the_old_one_still_reads(
+    root: Path, open_journal
+) -> None:
+    offsets = written(root, 10, released=4)
+    journal = open_journal()
+    path = part_path(root, 0)
+    with JournalReader(root, 0) as reader:
+        assert [o for o, _ in reader.read(4, 100)] == [5, 6, 7, 8, 9]  # open on the old file
+        flag_damage(path, "database disk image is malformed", path.stat().st_ino)
+        wait_for(lambda: not damage_flag(path).exists(), timeout=10)  # replaced, all salvaged
+        new = journal.submit(message("pump-7", b"new")).result(10)
+        # the moved file still reads, but the next read is of the fresh one
+        assert [(o, m.payload) for o, m in reader.read(9, 100)] == [(new.offset, b"new")]
+        assert [(o, m.payload) for o, m in reader.read(-1, 100)] == [
+            *((o, offsets[o]) for o in range(5, 10)),
+            (new.offset, b"new"),
+        ]
+
+
 def test_a_reader_never_guesses_while_the_partition_is_replaced(root: Path, open_journal) -> None:
-    written(root, 10, released=4)
+    offsets = written(root, 10, released=4)
     journal = open_journal()
     path = part_path(root, 0)
     reader = JournalReader(root, 0)
@@ -273,9 +292,16 @@ def test_a_reader_never_guesses_while_the_partition_is_replaced(root: Path, open
         with pytest.raises(sqlite3.DatabaseError, match="malformed|not a database"):
             reader.released(READER)
         wait_for(lambda: not damage_flag(path).exists(), timeout=10)
-        assert reader.read(-1, 100) == []  # the fresh file: nothing was readable
+        # the fresh file: what the WAL still held of the unreleased messages (pages the
+        # scribble missed), under their offsets and intact, or nothing
+        salvaged = [(o, m.payload) for o, m in reader.read(-1, 100)]
+        assert set(salvaged) <= {(o, offsets[o]) for o in range(5, 10)}
         new = journal.submit(message("pump-7", b"new")).result(10)
-        assert [(o, m.payload) for o, m in reader.read(-1, 100)] == [(new.offset, b"new")]
+        assert [(o, m.payload) for o, m in reader.read(-1, 100)] == [
+            *salvaged,
+            (new.offset, b"new"),
+        ]
+        assert new.offset == 10
         assert reader.last_offset() == new.offset
     finally:
         reader.close()
