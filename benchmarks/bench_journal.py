@@ -20,7 +20,15 @@ latency and the journal's own group figures (``JournalStats``).
 3. moderate load: one producer ``append()``s at ``--paced-rate`` msg/s for
    ``--paced-seconds``; p50/p99 of submit to durable commit, per message.
 
-4. GIL: a pure-Python spinner thread counts for ``--gil-seconds`` alone, then
+4. deletions beside busy device servers (``sync=full``): the moderate load of 3
+   again, with a pure-Python thread spinning beside the writer as busy device
+   servers do (every statement of the writer gives the GIL up and waits to
+   take it back), (a) with no reader, so nothing is deleted, and (b) with a
+   reader releasing everything committed every ``--release-every`` s, as the
+   flow does at its snapshots, so the writer deletes as it commits. Prints
+   p50/p99/max of submit to durable for both and the ratios (b)/(a).
+
+5. GIL: a pure-Python spinner thread counts for ``--gil-seconds`` alone, then
    next to a thread committing one-row transactions with ``synchronous=FULL``
    (each commit is an fsync). If ``sqlite3`` held the GIL during the commit the
    spinner would stall for the share of time spent in commits; prints that
@@ -37,7 +45,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from connectors.devices.journal import Journal, JournalFull, JournalSettings
+from connectors.devices.journal import Journal, JournalFull, JournalReader, JournalSettings
 from connectors.devices.journal.format import _INSERT, _SCHEMA, digest_of, to_us
 from operators.records import RawMessage
 
@@ -150,18 +158,46 @@ def through_journal(
     }
 
 
-def paced(directory: Path, sync: str, args: argparse.Namespace) -> tuple[float, float, float]:
-    """Per-message submit-to-durable p50/p99 (ms) at ``--paced-rate`` msg/s, and the rate held."""
+def paced(
+    directory: Path,
+    sync: str,
+    args: argparse.Namespace,
+    *,
+    busy: bool = False,
+    release_every: float | None = None,
+) -> tuple[float, float, float, float]:
+    """Per-message submit-to-durable p50/p99/max (ms) at ``--paced-rate`` msg/s, rate held.
+
+    ``busy``: a Python thread spins beside the writer meanwhile. ``release_every``:
+    a reader releases everything committed that often (seconds), so the writer deletes.
+    """
+    root = directory / "journal"
     journal = Journal(JournalSettings(
-        root=directory / "journal", partitions=args.partitions, sync=sync,
+        root=root, partitions=args.partitions, sync=sync,
         max_batch=args.max_batch, linger=timedelta(milliseconds=args.linger_ms),
     ))
     latencies: list[float] = []
+    stop = threading.Event()
 
     def resolved(starts: list[float], _outcomes: list[object]) -> None:
         now = time.perf_counter()
         latencies.extend(now - t0 for t0 in starts)
 
+    def releaser() -> None:
+        readers = [JournalReader(root, p) for p in range(args.partitions)]
+        while not stop.wait(release_every):
+            for reader in readers:
+                reader.release("flow", reader.last_offset())
+        for reader in readers:
+            reader.close()
+
+    helpers = []
+    if busy:
+        helpers.append(threading.Thread(target=lambda: spin_until(stop)))
+    if release_every is not None:
+        helpers.append(threading.Thread(target=releaser))
+    for helper in helpers:
+        helper.start()
     total = int(args.paced_rate * args.paced_seconds)
     now = datetime.now(UTC)
     started = time.perf_counter()
@@ -173,10 +209,21 @@ def paced(directory: Path, sync: str, args: argparse.Namespace) -> tuple[float, 
         journal.append(msg, resolved, time.perf_counter())
     held = total / (time.perf_counter() - started)
     journal.close()
+    stop.set()
+    for helper in helpers:
+        helper.join()
     latencies.sort()
     if len(latencies) != total:
         raise RuntimeError(f"paced: {len(latencies)}/{total} messages committed")
-    return latencies[total // 2] * 1000, latencies[int(total * 0.99)] * 1000, held
+    ms = [latencies[total // 2] * 1000, latencies[int(total * 0.99)] * 1000, latencies[-1] * 1000]
+    return ms[0], ms[1], ms[2], held
+
+
+def spin_until(stop: threading.Event) -> None:
+    """Pure-Python work until ``stop`` (busy device servers: the GIL is given up only on demand)."""
+    while not stop.is_set():
+        for _ in range(1000):
+            pass
 
 
 def spin(seconds: float, counter: list[int] | None = None) -> int:
@@ -249,6 +296,9 @@ def main() -> None:
     parser.add_argument("--gil-seconds", type=float, default=2.0)
     parser.add_argument("--paced-rate", type=float, default=5000.0)
     parser.add_argument("--paced-seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--release-every", type=float, default=1.0, help="seconds between releases in 4 (b)"
+    )
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
 
@@ -262,9 +312,19 @@ def main() -> None:
                 result = through_journal(Path(tmp), sync, args, api)
             report(sync, api, bare, result, args.messages)
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            p50, p99, held = paced(Path(tmp), sync, args)
+            p50, p99, _, held = paced(Path(tmp), sync, args)
         print(f"sync={sync:6} at {held:,.0f} msg/s (append): submit->durable p50 {p50:.1f} ms, "
               f"p99 {p99:.1f} ms")
+    figures = []
+    for release_every in (None, args.release_every):
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            figures.append(paced(Path(tmp), "full", args, busy=True, release_every=release_every))
+    labels = ("(a) nothing deleted", "(b) deleting")
+    for label, (p50, p99, worst, held) in zip(labels, figures, strict=True):
+        print(f"beside a spinning thread, {label:20} at {held:,.0f} msg/s: submit->durable "
+              f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {worst:.1f} ms")
+    (_, a99, amax, _), (_, b99, bmax, _) = figures
+    print(f"deleting / nothing deleted: p99 {b99 / a99:.2f}x, max {bmax / amax:.2f}x")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         relative, share, rate = gil_check(Path(tmp), args.gil_seconds)
     print(f"GIL: {rate:,.0f} fsync commits/s, {share:.0%} of the wall time inside COMMIT; a "

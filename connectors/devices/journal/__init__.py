@@ -29,9 +29,10 @@ The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
   and is refused only once less than one share would be left. A disk-full commit is rolled
   back; the writer keeps running and the next successful commit clears it.
 - **Redelivery** (MQTT DUP): a redelivered message equal (device, channel,
-  payload) to an unkeyed row among the partition's last :data:`DEDUP_WINDOW`
-  offsets is not written again (compared by content, so ordinary rows store
-  no digest). A message with a ``dedup_key`` (CoAP retransmissions) stores a
+  payload) to an unkeyed row of a transport that redelivers (not HTTP or
+  CoAP) among the partition's last :data:`DEDUP_WINDOW` offsets is not
+  written again (compared by content, so ordinary rows store no digest). A
+  message with a ``dedup_key`` (CoAP retransmissions) stores a
   ``blake2b``-128 digest of key and content, indexed, and is looked up by it.
   Rows of that window that are released and deleted leave their digest in a
   ``recent`` table, so a retransmission that comes after its first copy was
@@ -42,7 +43,10 @@ The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
   the lowest offset released by every registered reader, in chunks of
   :data:`TRUNCATE_CHUNK` rows, and runs an incremental vacuum when idle so the
   files shrink. With no registered reader nothing is deleted; a reader that
-  registers later starts from what is still held.
+  registers later starts from what is still held. The writer's checkpointer
+  thread finds what there is to delete (and the digests it keeps), so the
+  writer, whose every statement waits for the GIL behind busy device servers,
+  deletes a chunk in a few statements.
 """
 
 from connectors.devices.journal.format import (
