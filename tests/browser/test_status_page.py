@@ -247,7 +247,9 @@ def settled(edge: EdgeProcess, check: Any, what: str) -> dict[str, Any]:
     return wait_for(slow, what, 30)
 
 
-def test_the_status_page_shows_and_follows_status(browser: Browser, edge: EdgeProcess) -> None:
+def test_the_status_page_shows_and_follows_status(edge: EdgeProcess, browser: Browser) -> None:
+    # ``edge`` first, so it stops after the browser closed: the page fetches /status every
+    # 2 s until then, and one fetch from a stopped edge is a console error in the teardown.
     send_telemetry(edge, 0, 5)
     send_vibration(edge)
     first = settled(
