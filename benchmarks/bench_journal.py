@@ -217,8 +217,8 @@ def paced(
     latencies.sort()
     if len(latencies) != total:
         raise RuntimeError(f"paced: {len(latencies)}/{total} messages committed")
-    ms = [latencies[total // 2] * 1000, latencies[int(total * 0.99)] * 1000, latencies[-1] * 1000]
-    return ms[0], ms[1], ms[2], held
+    p50, p99, worst = (latencies[i] * 1000 for i in (total // 2, int(total * 0.99), -1))
+    return p50, p99, worst, held
 
 
 def spin_until(stop: threading.Event, busy_s: float = 0.0005) -> None:
