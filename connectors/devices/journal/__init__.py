@@ -41,7 +41,8 @@ The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
 - **Truncation**: a reader (:class:`JournalReader`, any process) registers by
   its first :meth:`JournalReader.release`; the writer deletes rows at or below
   the lowest offset released by every registered reader, in chunks of
-  :data:`TRUNCATE_CHUNK` rows, and runs an incremental vacuum when idle so the
+  :data:`TRUNCATE_CHUNK` rows (one every ``TRUNCATE_BEHIND_S`` between group
+  commits while released rows are left), and runs an incremental vacuum when idle so the
   files shrink. With no registered reader nothing is deleted; a reader that
   registers later starts from what is still held. The writer's checkpointer
   thread finds what there is to delete (and the digests it keeps), so the

@@ -36,7 +36,7 @@ class Truncation(NamedTuple):
     after: int
     """The partition's last deleted offset when the plan was made."""
     upto: int
-    """Delete up to this offset (at most TRUNCATE_CHUNK rows)."""
+    """Delete up to this offset (the writer does it TRUNCATE_CHUNK rows at a time)."""
     digests: list[tuple[int, bytes]]
     """The digests of the unkeyed rows among them that a redelivery may still repeat."""
 
@@ -58,7 +58,7 @@ def plan_truncation(db: sqlite3.Connection, truncated: int, last: int) -> Trunca
     floor = release_floor(db)
     if floor is None or floor <= truncated:
         return None
-    upto = min(floor, truncated + TRUNCATE_CHUNK)
+    upto = floor
     rows = db.execute(
         "SELECT seq, device, channel, payload FROM messages WHERE seq > ? AND seq <= ?"
         f" AND digest = ? AND transport NOT IN {NOT_REDELIVERED!r}",
@@ -132,20 +132,26 @@ class _Partition:
         row = self.db.execute("SELECT received_at_us FROM messages ORDER BY seq LIMIT 1").fetchone()
         self.oldest_us = None if row is None else int(row[0])
 
-    def truncate_chunk(self, plan: Truncation | None) -> tuple[int, int, dict[str, int]]:
-        """Delete the released rows ``plan`` names (see :func:`plan_truncation`) in one transaction.
+    def truncate_chunk(
+        self, plan: Truncation | None
+    ) -> tuple[int, int, dict[str, int], Truncation | None]:
+        """Delete the next TRUNCATE_CHUNK released rows ``plan`` names, in one transaction.
 
-        Nothing when there is no plan, or it was made before the last
-        truncation. The readers' floor is read again in the transaction, so a
-        reader registered since the plan keeps what it has not released.
-        Returns the rows and bytes deleted, and the bytes per device.
+        Nothing when there is no plan or what it names is deleted already. A
+        plan made before earlier chunks were deleted still holds for the rest:
+        the rows it read digests of include every unkeyed MQTT row of the dedup
+        window from its ``after`` on, and the window only moves forward. The
+        readers' floor is read again in the transaction, so a reader
+        registered since the plan keeps what it has not released. Returns the
+        rows and bytes deleted, the bytes per device, and what is left of the
+        plan (None once it is done).
 
         Each statement step gives the GIL up and waits to take it back, behind
         the device servers' thread under load: this takes a few steps whatever
         the row count (the rows read one by one were read for the plan).
         """
-        if plan is None or plan.after != self.truncated:
-            return 0, 0, {}
+        if plan is None or plan.upto <= self.truncated or plan.after > self.truncated:
+            return 0, 0, {}, None
         db = self.db
         window = self.last - DEDUP_WINDOW
         # Deleting released rows needs no sync of its own: after a power loss the rows are
@@ -158,8 +164,8 @@ class _Partition:
             floor = release_floor(db)
             if floor is None or floor <= self.truncated:
                 db.execute("ROLLBACK")
-                return 0, 0, {}
-            upto = min(plan.upto, floor)
+                return 0, 0, {}, None
+            upto = min(plan.upto, floor, self.truncated + TRUNCATE_CHUNK)
             count, by_device = db.execute(
                 "SELECT coalesce(sum(n), 0), json_group_object(device, bytes) FROM (SELECT"
                 " device, count(*) AS n, sum(size) AS bytes FROM messages"
@@ -191,7 +197,7 @@ class _Partition:
             self.count -= count
             self.bytes -= size
             self.oldest_us = None if row is None else int(row[0])
-        return count, size, sizes
+        return count, size, sizes, (plan if upto < min(plan.upto, floor) else None)
 
     def device_bytes(self) -> dict[str, int]:
         """Payload bytes held per device (a scan: at open only)."""

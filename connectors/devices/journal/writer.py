@@ -28,6 +28,7 @@ from connectors.devices.journal.format import (
     QUEUE_FACTOR,
     READERS_POLL_S,
     SYNC_MODES,
+    TRUNCATE_BEHIND_S,
     TRUNCATE_BUSY_S,
     VACUUM_PAGES,
     Committed,
@@ -44,7 +45,12 @@ from connectors.devices.journal.format import (
     partition_of,
     to_us,
 )
-from connectors.devices.journal.partition import _insert, _Partition, plan_truncation
+from connectors.devices.journal.partition import (
+    Truncation,
+    _insert,
+    _Partition,
+    plan_truncation,
+)
 from operators.records import RawMessage
 
 _NONE = (0, 0)
@@ -123,6 +129,8 @@ class Journal:
             self._lock_file.close()
             raise
         self._queue: deque[_Item] = deque()
+        self._plans: list[Truncation | None] = [None] * settings.partitions
+        """Per partition: what is left of the truncation plan being deleted (writer thread)."""
         self._accounts = accounts
         """Per device holding bytes: [payload bytes queued or held, messages queued].
 
@@ -480,9 +488,11 @@ class Journal:
                 self._catch_up()
             now = time.monotonic()
             if now >= next_poll or not group:
-                # idle: at once; busy: every TRUNCATE_BUSY_S, each a transaction of its own
-                next_poll = now + TRUNCATE_BUSY_S
+                # idle: at once; busy: every TRUNCATE_BUSY_S, or TRUNCATE_BEHIND_S while a
+                # plan has rows left (each chunk a transaction of its own)
                 self._truncate()
+                left = any(plan is not None for plan in self._plans)
+                next_poll = now + (TRUNCATE_BEHIND_S if left else TRUNCATE_BUSY_S)
             if not group and self._disk_full is not None and now >= next_probe and not self._broken:
                 next_probe = now + PROBE_INTERVAL_S
                 self._probe()
@@ -755,7 +765,10 @@ class Journal:
         for part in self._parts:
             survey = self._checkpointer
             try:
-                count, size, sizes = part.truncate_chunk(survey.take_plan(part.index))
+                index = part.index
+                plan = self._plans[index] or survey.take_plan(index)
+                self._plans[index] = None  # a failed chunk: the next survey plans again
+                count, size, sizes, self._plans[index] = part.truncate_chunk(plan)
                 if count:
                     with self._lock:
                         self._held_bytes -= size
@@ -828,6 +841,7 @@ class Journal:
                     queued.setdefault(device, [0, 0])[0] += size
             self._accounts = queued
         damage_flag(old.path).unlink(missing_ok=True)
+        self._plans[index] = None  # it named rows of the file moved aside
         self._checkpointer = Checkpointer(self._parts, self.settings.sync)
 
 

@@ -353,6 +353,42 @@ def test_the_writer_deletes_released_rows_in_a_few_statements_whatever_their_num
     assert redelivered == Committed(0, last.offset, duplicate=True)
 
 
+def test_a_busy_writer_deletes_released_rows_faster_than_a_fast_stream_commits_them(
+    root: Path, open_journal
+) -> None:
+    # A chunk of TRUNCATE_CHUNK rows per TRUNCATE_BUSY_S deleted 10,000 rows a second: a
+    # faster stream filled the journal with rows the flow had processed long ago.
+    journal = open_journal(partitions=1, max_batch=2000, device_share=1.0)
+    released = 60_000
+    committed: list[Committed | BaseException] = []
+    for i in range(released):
+        journal.append(message(f"dev-{i % 50}", b"x" * 20), lambda _t, out: committed.extend(out))
+        if i % 4000 == 3999:  # within the writer's queue bound
+            wait_for(lambda n=i + 1: len(committed) == n, 60)
+    wait_for(lambda: len(committed) == released, 60)
+    assert all(isinstance(c, Committed) for c in committed)
+    stop = threading.Event()
+
+    def stream() -> None:  # a message every 2 ms: the writer is never idle
+        i = 0
+        while not stop.wait(0.002):
+            journal.append(message("live", str(i).encode()), lambda _t, _o: None)
+            i += 1
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    try:
+        with JournalReader(root, 0) as reader:
+            reader.release("flow", max(c.offset for c in committed))  # type: ignore[union-attr]
+            started = time.monotonic()
+            wait_for(lambda: journal.stats().messages < 1_000, 30)
+            took = time.monotonic() - started
+    finally:
+        stop.set()
+        streaming.join()
+    assert took < 3.0, f"{released} released rows deleted in {took:.1f} s under a stream"
+
+
 def test_digests_of_deleted_rows_are_kept_only_for_the_window(root: Path, open_journal) -> None:
     journal = open_journal(partitions=1, max_batch=2000, device_share=1.0)  # one device, a burst
     first = journal.submit(message("dev", b"first"), dedup_key=b"k0").result(10)
