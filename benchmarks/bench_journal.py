@@ -30,7 +30,15 @@ latency and the journal's own group figures (``JournalStats``).
    deletes as it commits. Prints p50/p99/max of submit to durable for both
    and the ratios (b)/(a).
 
-5. GIL: a pure-Python spinner thread counts for ``--gil-seconds`` alone, then
+5. sustained deletion (``sync=full``, one partition): a stream of
+   ``--sustained-rate`` msg/s (``append()``) for ``--sustained-seconds``, with a
+   reader releasing everything committed every 0.2 s. Prints the commit rate,
+   the rate at which released rows were deleted (ratio deleted/committed: 1.0
+   keeps up) and the most rows held meanwhile. A writer that deleted slower
+   than the stream commits would fill the journal with processed rows until
+   devices were pushed back.
+
+6. GIL: a pure-Python spinner thread counts for ``--gil-seconds`` alone, then
    next to a thread committing one-row transactions with ``synchronous=FULL``
    (each commit is an fsync). If ``sqlite3`` held the GIL during the commit the
    spinner would stall for the share of time spent in commits; prints that
@@ -47,7 +55,13 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from connectors.devices.journal import Journal, JournalFull, JournalReader, JournalSettings
+from connectors.devices.journal import (
+    Committed,
+    Journal,
+    JournalFull,
+    JournalReader,
+    JournalSettings,
+)
 from connectors.devices.journal.format import _INSERT, _SCHEMA, digest_of, to_us
 from operators.records import RawMessage
 
@@ -221,6 +235,50 @@ def paced(
     return p50, p99, worst, held
 
 
+def sustained(directory: Path, args: argparse.Namespace) -> tuple[float, float, int]:
+    """Commit and delete rates (per second) of a paced stream with a releasing reader, most held."""
+    root = directory / "journal"
+    journal = Journal(JournalSettings(
+        root=root, partitions=1, sync="full", max_batch=args.max_batch,
+        linger=timedelta(milliseconds=args.linger_ms), device_share=1.0,
+    ))
+    committed = [0]
+    stop = threading.Event()
+
+    def done(_tokens: list[object], outcomes: list[object]) -> None:
+        committed[0] += sum(1 for o in outcomes if isinstance(o, Committed))
+
+    def releaser() -> None:
+        with JournalReader(root, 0) as reader:
+            while not stop.wait(0.2):
+                reader.release("flow", reader.last_offset())
+
+    releasing = threading.Thread(target=releaser)
+    releasing.start()
+    now = datetime.now(UTC)
+    total = int(args.sustained_rate * args.sustained_seconds)
+    most = 0
+    started = time.perf_counter()
+    for i in range(total):
+        if i % 100 == 0:
+            due = started + i / args.sustained_rate
+            while (ahead := due - time.perf_counter()) > 0:
+                time.sleep(ahead)
+            if i % 10_000 == 0:
+                most = max(most, journal.stats().messages)
+        msg = RawMessage(f"dev-{i % DEVICES}", "telemetry", "mqtt", now, payload(i, args.payload))
+        while not journal.append(msg, done):
+            time.sleep(0.001)  # queue bound: retried, as a pushed-back device would
+    while committed[0] < total:
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    held = journal.stats().messages
+    stop.set()
+    releasing.join()
+    journal.close()
+    return total / elapsed, (total - held) / elapsed, max(most, held)
+
+
 def spin_until(stop: threading.Event, busy_s: float = 0.0005) -> None:
     """Device servers at half load until ``stop``: Python work for ``busy_s``, then as long idle.
 
@@ -307,6 +365,8 @@ def main() -> None:
     parser.add_argument(
         "--release-every", type=float, default=1.0, help="seconds between releases in 4 (b)"
     )
+    parser.add_argument("--sustained-rate", type=float, default=40_000.0)
+    parser.add_argument("--sustained-seconds", type=float, default=10.0)
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
 
@@ -334,6 +394,11 @@ def main() -> None:
               f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {worst:.1f} ms")
     (_, a99, amax, _), (_, b99, bmax, _) = figures
     print(f"deleting / nothing deleted: p99 {b99 / a99:.2f}x, max {bmax / amax:.2f}x")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        commits, deletes, most = sustained(Path(tmp), args)
+    print(f"sustained, one partition: commits {commits:,.0f} msg/s, released rows deleted "
+          f"{deletes:,.0f}/s (deleted/committed {deletes / commits:.2f}), at most {most:,} "
+          "rows held")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         relative, share, rate = gil_check(Path(tmp), args.gil_seconds)
     print(f"GIL: {rate:,.0f} fsync commits/s, {share:.0%} of the wall time inside COMMIT; a "
