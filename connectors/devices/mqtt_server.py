@@ -258,6 +258,44 @@ class MqttServer:
                 writer.close()
 
 
+class _Watchdog:
+    """The keepalive of one connection: cancels its task once one packet took ``seconds``.
+
+    One timer per connection, rescheduled only when it fires: cheaper than
+    ``asyncio.wait_for`` around every packet, which makes a task and a timer
+    for each message a device publishes.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.fired = False
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._since: float | None = None
+        self._timer = self._loop.call_later(seconds, self._check)
+
+    def reading(self) -> None:
+        """A packet is awaited from now on."""
+        self._since = self._loop.time()
+
+    def idle(self) -> None:
+        """No packet is awaited (the connection is busy with the last one)."""
+        self._since = None
+
+    def _check(self) -> None:
+        since, now = self._since, self._loop.time()
+        if since is not None and now - since >= self.seconds:
+            self.fired = True
+            if self._task is not None:
+                self._task.cancel()
+            return
+        wait = self.seconds if since is None else since + self.seconds - now
+        self._timer = self._loop.call_later(wait, self._check)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
 class _Connection:
     """One device's (or gateway's) MQTT connection."""
 
@@ -416,16 +454,28 @@ class _Connection:
         return keepalive * KEEPALIVE_FACTOR
 
     async def _serve(self, keepalive: float) -> None:
+        watchdog = _Watchdog(keepalive) if keepalive else None
+        try:
+            await self._read_packets(watchdog)
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+
+    async def _read_packets(self, watchdog: _Watchdog | None) -> None:
         while not self.stopping:
+            if watchdog is not None:
+                watchdog.reading()
             try:
-                if keepalive:
-                    kind, flags, body = await asyncio.wait_for(self._packet(), keepalive)
-                else:
-                    kind, flags, body = await self._packet()
-            except TimeoutError:
+                kind, flags, body = await self._packet()
+            except asyncio.CancelledError:
+                if watchdog is None or not watchdog.fired:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 self.server.keepalive_timeouts += 1
-                msg = f"nothing received for {keepalive:g}s (1.5 x keepalive)"
+                msg = f"nothing received for {watchdog.seconds:g}s (1.5 x keepalive)"
                 raise _Closed(msg) from None
+            if watchdog is not None:
+                watchdog.idle()  # time spent keeping the message is not the device's silence
             if kind == PUBLISH:
                 await self._publish(flags, body)
             elif kind == PINGREQ:
