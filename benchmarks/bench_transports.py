@@ -80,6 +80,7 @@ from connectors.devices.http import HttpServer
 from connectors.devices.ingress import DeviceServers, Ingress
 from connectors.devices.loopback import free_port
 from connectors.devices.mqtt_server import MqttServer
+from connectors.devices.mqtt_wire import encode_length, encode_string
 from connectors.devices.reader_priority import PRIORITY
 from connectors.devices.registry import Device, DeviceRegistry
 from flows import telemetry
@@ -280,20 +281,6 @@ async def _load_coap(
             await context.shutdown()
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _mqtt_string(text: str) -> bytes:
-    data = text.encode()
-    return len(data).to_bytes(2, "big") + data
-
-
 class _MqttConnection(_OneAtATime):
     """One MQTT 3.1.1 connection of the load process: CONNECT, then one QoS 1 PUBLISH at a time.
 
@@ -330,18 +317,18 @@ class _MqttConnection(_OneAtATime):
 
     async def connect(self, client_id: str, token: str) -> str:
         body = (
-            _mqtt_string("MQTT")
+            encode_string("MQTT")
             + bytes([4, 0x80 | 0x02])  # level 4 (3.1.1); username, clean session
             + (60).to_bytes(2, "big")
-            + _mqtt_string(client_id)
-            + _mqtt_string(token)
+            + encode_string(client_id)
+            + encode_string(token)
         )
-        return await self.send(bytes([0x10]) + _varint(len(body)) + body)
+        return await self.send(bytes([0x10]) + encode_length(len(body)) + body)
 
     async def publish(self, payload: bytes) -> str:
         self._mid = self._mid % 0xFFFF + 1
-        body = _mqtt_string("v1/devices/me/telemetry") + self._mid.to_bytes(2, "big") + payload
-        return await self.send(bytes([0x32]) + _varint(len(body)) + body)
+        body = encode_string("v1/devices/me/telemetry") + self._mid.to_bytes(2, "big") + payload
+        return await self.send(bytes([0x32]) + encode_length(len(body)) + body)
 
 
 async def _load_mqtt(
@@ -729,9 +716,7 @@ def compare(
         order = "abc"[r % 3 :] + "abc"[: r % 3]  # each side first in turn
         for side in order if r % 2 == 0 else reversed(order):
             run_side, runs = sides[side]
-            config = parse_config(
-                {"data_dir": str(data_dir / side), "transports": queue_setting}
-            )
+            config = parse_config({"data_dir": str(data_dir / side), "transports": queue_setting})
             runs.append(run_side(transport, registry, config, warmup, timed, args, pool))
         print(describe(f"round {r + 1} (a) server + bare drain:", bares[-1]))
         print(describe(f"round {r + 1} (b) server + telemetry flow:", flows[-1]))

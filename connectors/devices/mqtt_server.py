@@ -78,6 +78,14 @@ from typing import Final
 from connectors.codecs.decode import refused_channel
 from connectors.common.address import parse_host_port
 from connectors.devices.ingress import Ingress, Verdict
+from connectors.devices.keepalive import Keepalive
+from connectors.devices.mqtt_wire import (
+    Closed,
+    encode_length,
+    encode_string,
+    read_string,
+    read_varint,
+)
 from connectors.devices.registry import DEVICE_ID, Device, DeviceRegistry
 from operators.records import LOGS, TELEMETRY
 
@@ -130,10 +138,6 @@ GATEWAY_FILTERS: Final = frozenset(
     {"v1/gateway/attributes", "v1/gateway/attributes/response", "v1/gateway/rpc"}
 )
 _API: Final = f"publish to {TELEMETRY_TOPIC}, {ATTRIBUTES_TOPIC} or {LOGS_TOPIC}"
-
-
-class _Closed(Exception):
-    """The connection ends; the message says why (logged once)."""
 
 
 class MqttServer:
@@ -258,44 +262,6 @@ class MqttServer:
                 writer.close()
 
 
-class _Watchdog:
-    """The keepalive of one connection: cancels its task once one packet took ``seconds``.
-
-    One timer per connection, rescheduled only when it fires: cheaper than
-    ``asyncio.wait_for`` around every packet, which makes a task and a timer
-    for each message a device publishes.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.fired = False
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self._since: float | None = None
-        self._timer = self._loop.call_later(seconds, self._check)
-
-    def reading(self) -> None:
-        """A packet is awaited from now on."""
-        self._since = self._loop.time()
-
-    def idle(self) -> None:
-        """No packet is awaited (the connection is busy with the last one)."""
-        self._since = None
-
-    def _check(self) -> None:
-        since, now = self._since, self._loop.time()
-        if since is not None and now - since >= self.seconds:
-            self.fired = True
-            if self._task is not None:
-                self._task.cancel()
-            return
-        wait = self.seconds if since is None else since + self.seconds - now
-        self._timer = self._loop.call_later(wait, self._check)
-
-    def stop(self) -> None:
-        self._timer.cancel()
-
-
 class _Connection:
     """One device's (or gateway's) MQTT connection."""
 
@@ -321,7 +287,7 @@ class _Connection:
     async def run(self) -> None:
         try:
             keepalive = await self._connect()
-        except (_Closed, asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
+        except (Closed, asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
             logger.info("mqtt_server: connection from %s refused: %s", self.peer, _why(exc))
             return
         assert self.device is not None
@@ -331,7 +297,7 @@ class _Connection:
         try:
             await self._serve(keepalive)
             reason = "DISCONNECT"
-        except _Closed as exc:
+        except Closed as exc:
             reason = str(exc)
         except (struct.error, IndexError):
             reason = "malformed packet"
@@ -380,32 +346,32 @@ class _Connection:
         kind, _, body = await asyncio.wait_for(self._packet(), CONNECT_TIMEOUT_S)
         if kind != CONNECT:
             msg = f"the first packet was type {kind}, not CONNECT"
-            raise _Closed(msg)
+            raise Closed(msg)
         try:
             return self._login(body)
         except (struct.error, IndexError):
             msg = "malformed CONNECT"
-            raise _Closed(msg) from None
+            raise Closed(msg) from None
 
     def _login(self, body: bytes) -> float:
-        name, at = _string(body, 0)
+        name, at = read_string(body, 0)
         level, flags, keepalive = body[at], body[at + 1], struct.unpack_from("!H", body, at + 2)[0]
         at += 4
         if name != "MQTT" or level not in (4, 5):
             self._send(bytes((0x20, 2, 0, BAD_VERSION)))
             msg = f"protocol {name!r} level {level}; only MQTT 3.1.1 and 5 are served"
-            raise _Closed(msg)
+            raise Closed(msg)
         self.v5 = level == 5
         at = self._skip_properties(body, at)
-        client_id, at = _string(body, at)
+        client_id, at = read_string(body, at)
         if flags & 0x04:  # will properties, topic and message: read and ignore
             at = self._skip_properties(body, at)
-            _, at = _string(body, at)
+            _, at = read_string(body, at)
             (size,) = struct.unpack_from("!H", body, at)
             at += 2 + size
         token = ""
         if flags & 0x80:
-            token, at = _string(body, at)
+            token, at = read_string(body, at)
         server = self.server
         device = server._registry.lookup(token) if token else None
         if device is None:
@@ -415,11 +381,11 @@ class _Connection:
                 "unknown access token (CONNACK 4); set the MQTT username to the device's "
                 "token from devices.yaml"
             )
-            raise _Closed(msg)
+            raise Closed(msg)
         if not client_id and not flags & 0x02 and not self.v5:
             self._connack(BAD_CLIENT_ID)
             msg = f"{device.id}: an empty client id needs clean session (CONNACK 2)"
-            raise _Closed(msg)
+            raise Closed(msg)
         total = sum(server._per_device.values())
         if (
             total >= server.max_connections
@@ -432,7 +398,7 @@ class _Connection:
                 f"token, {total} in all; transports.mqtt_server.max_device_connections / "
                 "max_connections) (CONNACK 3)"
             )
-            raise _Closed(msg)
+            raise Closed(msg)
         self.device, self.client_id = device, client_id
         server._per_device[device.id] += 1
         if client_id:
@@ -454,14 +420,14 @@ class _Connection:
         return keepalive * KEEPALIVE_FACTOR
 
     async def _serve(self, keepalive: float) -> None:
-        watchdog = _Watchdog(keepalive) if keepalive else None
+        watchdog = Keepalive(keepalive) if keepalive else None
         try:
             await self._read_packets(watchdog)
         finally:
             if watchdog is not None:
                 watchdog.stop()
 
-    async def _read_packets(self, watchdog: _Watchdog | None) -> None:
+    async def _read_packets(self, watchdog: Keepalive | None) -> None:
         while not self.stopping:
             if watchdog is not None:
                 watchdog.reading()
@@ -473,7 +439,7 @@ class _Connection:
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 self.server.keepalive_timeouts += 1
                 msg = f"nothing received for {watchdog.seconds:g}s (1.5 x keepalive)"
-                raise _Closed(msg) from None
+                raise Closed(msg) from None
             if watchdog is not None:
                 watchdog.idle()  # time spent keeping the message is not the device's silence
             if kind == PUBLISH:
@@ -488,7 +454,7 @@ class _Connection:
                 return
             else:
                 msg = f"unexpected packet type {kind}"
-                raise _Closed(msg)
+                raise Closed(msg)
 
     # -- packets --------------------------------------------------------------------------
 
@@ -503,14 +469,14 @@ class _Connection:
             shift += 7
         else:
             msg = "malformed remaining length"
-            raise _Closed(msg)
+            raise Closed(msg)
         limit = self.server._ingress.max_payload_bytes + _TOPIC_HEADROOM
         if size > limit:
             msg = (
                 f"a packet of {size} bytes is over the limit of {limit} (max_payload_bytes "
                 "plus the topic); split the payload into smaller messages"
             )
-            raise _Closed(msg)
+            raise Closed(msg)
         body = await self.reader.readexactly(size) if size else b""
         return head[0] >> 4, head[0] & 0x0F, body
 
@@ -518,7 +484,7 @@ class _Connection:
         """``at`` past an MQTT 5 property list (none in 3.1.1); the properties are not used."""
         if not self.v5:
             return at
-        size, at = _varint(body, at)
+        size, at = read_varint(body, at)
         return at + size
 
     def _connack(self, code: int, *, assigned_id: bool = False) -> None:
@@ -537,9 +503,9 @@ class _Connection:
                 + struct.pack("!I", limit)  # maximum packet size
             )
             if assigned_id:
-                props += b"\x12" + _encode_string(f"edgesieve-{id(self):x}")
-        data = bytes((0, _V5_CONNACK[code])) + _length(len(props)) + props
-        self._send(b"\x20" + _length(len(data)) + data)
+                props += b"\x12" + encode_string(f"edgesieve-{id(self):x}")
+        data = bytes((0, _V5_CONNACK[code])) + encode_length(len(props)) + props
+        self._send(b"\x20" + encode_length(len(data)) + data)
 
     def _send(self, packet: bytes) -> None:
         if not self.writer.is_closing():
@@ -548,22 +514,22 @@ class _Connection:
     def _publish_to_device(self, topic: str, payload: dict[str, object]) -> None:
         """PUBLISH QoS 0 to the device (an RPC or attribute request's answer)."""
         props = b"\x00" if self.v5 else b""
-        data = _encode_string(topic) + props + json.dumps(payload).encode()
-        self._send(bytes((0x30,)) + _length(len(data)) + data)
+        data = encode_string(topic) + props + json.dumps(payload).encode()
+        self._send(bytes((0x30,)) + encode_length(len(data)) + data)
 
     def _unsubscribe(self, body: bytes) -> None:
         at, codes = self._skip_properties(body, 2), bytearray()
         while at < len(body):
-            _, at = _string(body, at)
+            _, at = read_string(body, at)
             codes.append(0)
         data = body[:2] + (b"\x00" + bytes(codes) if self.v5 else b"")
-        self._send(bytes((0xB0,)) + _length(len(data)) + data)
+        self._send(bytes((0xB0,)) + encode_length(len(data)) + data)
 
     def _subscribe(self, body: bytes) -> None:
         gateway = self.device is not None and self.device.gateway is not None
         at, codes = self._skip_properties(body, 2), bytearray()
         while at < len(body):
-            topic, at = _string(body, at)
+            topic, at = read_string(body, at)
             qos = body[at] & 0x03
             at += 1
             granted = topic in DEVICE_FILTERS or (gateway and topic in GATEWAY_FILTERS)
@@ -571,7 +537,7 @@ class _Connection:
             if not granted:
                 logger.info("mqtt_server: %s: subscription to %r refused", self._id, topic)
         data = body[:2] + (b"\x00" if self.v5 else b"") + bytes(codes)
-        self._send(bytes((0x90,)) + _length(len(data)) + data)
+        self._send(bytes((0x90,)) + encode_length(len(data)) + data)
 
     # -- PUBLISH --------------------------------------------------------------------------
 
@@ -583,11 +549,11 @@ class _Connection:
         qos = (flags >> 1) & 0x03
         if qos == 3:
             msg = "PUBLISH with QoS 3 (malformed)"
-            raise _Closed(msg)
+            raise Closed(msg)
         if qos == 2:
             msg = "PUBLISH with QoS 2, which the edge does not serve; publish with QoS 0 or 1"
-            raise _Closed(msg)
-        topic, at = _string(body, 0)
+            raise Closed(msg)
+        topic, at = read_string(body, 0)
         packet_id = None
         if qos:
             (packet_id,) = struct.unpack_from("!H", body, at)
@@ -599,7 +565,7 @@ class _Connection:
                 f"payload of {len(payload)} bytes on {topic!r} is over the "
                 f"{self.server._ingress.max_payload_bytes}-byte limit; split it"
             )
-            raise _Closed(msg)
+            raise Closed(msg)
         await self._wait_until_admitted()
         await self.slots.acquire()  # at most max_inflight wait: the next read waits here
         task = asyncio.create_task(self._handle(topic, payload, packet_id, dup=bool(flags & 0x08)))
@@ -783,43 +749,3 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, asyncio.IncompleteReadError):
         return "closed before CONNECT"
     return str(exc) or type(exc).__name__
-
-
-def _string(body: bytes, at: int) -> tuple[str, int]:
-    (size,) = struct.unpack_from("!H", body, at)
-    end = at + 2 + size
-    if end > len(body):
-        msg = "a string runs past the end of its packet"
-        raise _Closed(msg)
-    try:
-        return body[at + 2 : end].decode("utf-8"), end
-    except UnicodeDecodeError:
-        msg = "a string is not UTF-8"
-        raise _Closed(msg) from None
-
-
-def _varint(body: bytes, at: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    for _ in range(4):
-        byte = body[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, at
-        shift += 7
-    msg = "malformed variable byte integer"
-    raise _Closed(msg)
-
-
-def _encode_string(text: str) -> bytes:
-    data = text.encode()
-    return struct.pack("!H", len(data)) + data
-
-
-def _length(size: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, size = size & 0x7F, size >> 7
-        out.append(byte | (0x80 if size else 0))
-        if not size:
-            return bytes(out)
