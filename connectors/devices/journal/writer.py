@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from connectors.common.stores import corruption, is_disk_full
+from connectors.devices.journal.admission import Admission
 from connectors.devices.journal.checkpointer import FLAGGED, Checkpointer
 from connectors.devices.journal.format import (
     _COLUMNS,
@@ -25,7 +26,6 @@ from connectors.devices.journal.format import (
     NOT_REDELIVERED,
     PROBE_BYTES,
     PROBE_INTERVAL_S,
-    QUEUE_FACTOR,
     READERS_POLL_S,
     SYNC_MODES,
     TRUNCATE_BEHIND_S,
@@ -53,9 +53,6 @@ from connectors.devices.journal.partition import (
 )
 from operators.records import RawMessage
 
-_NONE = (0, 0)
-"""The account of a device that holds nothing (never stored, never changed)."""
-
 
 class _Item(NamedTuple):
     """One queued message (a tuple: made once per message on the submitting thread)."""
@@ -82,7 +79,7 @@ def _resolve(futures: list[Any], outcomes: list[Committed | BaseException]) -> N
             future.set_result(outcome)
 
 
-class Journal:
+class Journal(Admission):
     """The append side: one per process, thread-safe, group commit in a writer thread."""
 
     def __init__(self, settings: JournalSettings) -> None:
@@ -90,9 +87,7 @@ class Journal:
         self.settings = settings
         self.root = Path(settings.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._max_queue = QUEUE_FACTOR * settings.max_batch
         self._max_batch = settings.max_batch
-        self._max_bytes = settings.max_bytes
         self._linger_s = settings.linger.total_seconds()
         self._last_group = 0
         """Messages in the last group taken (writer thread)."""
@@ -119,10 +114,9 @@ class Journal:
             for part in self._parts:
                 while part.truncate_chunk(plan_truncation(part.db, part.truncated, part.last))[0]:
                     pass
-            accounts: dict[str, list[int]] = {}
+            held: dict[str, int] = {}
             for part in self._parts:
-                for device, size in part.device_bytes().items():
-                    accounts[device] = [size, 0]
+                held.update(part.device_bytes())
         except BaseException:
             for part in self._parts:
                 part.db.close()
@@ -131,32 +125,15 @@ class Journal:
         self._queue: deque[_Item] = deque()
         self._plans: list[Truncation | None] = [None] * settings.partitions
         """Per partition: what is left of the truncation plan being deleted (writer thread)."""
-        self._accounts = accounts
-        """Per device holding bytes: [payload bytes queued or held, messages queued].
-
-        Under the lock: a message adds to both when queued, leaves the queue
-        count when the writer takes it, and gives its bytes back when its
-        commit fails or finds a duplicate, else when the readers release it.
-        """
-        self._device_max_bytes = int(settings.device_share * settings.max_bytes)
-        self._device_max_queue = max(1, int(settings.device_share * self._max_queue))
+        self._closing = False
+        self._open_accounts(settings, held)
         self._device_parts: dict[str, int] = {}
         """Partition of each device seen (writer thread; cleared beyond DEVICE_CACHE)."""
-        self._pending_bytes = 0
-        self._held_bytes = sum(p.bytes for p in self._parts)
-        """Committed payload bytes not yet released by every reader (all partitions)."""
         self._fault_hook: Callable[[sqlite3.Connection], None] | None = None
         """Called at the start of each write transaction (tests inject disk faults with it)."""
-        self._disk_full: str | None = None
-        self._broken: str | None = None
-        """Why the journal refuses everything: a corrupt partition could not be replaced."""
-        self._closing = False
         self._closed = False
         self._commits = 0
         self._duplicates = 0
-        self._refused = 0
-        self._refused_share = 0
-        self._over_share = 0
         self._waits: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._writes: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         # the writer thread writes one partition of a group itself, the pool the others
@@ -268,36 +245,8 @@ class Journal:
         """
         size = len(payload)
         with self._lock:
-            account = self._accounts.get(device, _NONE)
-            held = self._held_bytes + self._pending_bytes + size
-            if (
-                len(self._queue) < self._max_queue
-                and held < self._max_bytes
-                and not self._closing
-                and self._broken is None
-            ):
-                if (
-                    account[0] + size <= self._device_max_bytes
-                    and account[1] < self._device_max_queue
-                ):
-                    reason = None
-                elif over_share and self._in_reserve_room(size):
-                    reason = None
-                    self._over_share += 1
-                else:
-                    reason = self._share_refusal(device, account, size, over_share)
-            elif self._closing:
-                reason = self._closed_message()
-            elif self._broken is not None:
-                reason = self._broken
-            else:
-                reason = self._refusal(size)
-            if reason is None:
-                if account is _NONE:
-                    self._accounts[device] = [size, 1]
-                else:
-                    account[0] += size
-                    account[1] += 1
+            refused = self._reserve(device, size, over_share)
+            if refused is None:
                 queue = self._queue
                 queue.append(
                     _Item(
@@ -314,117 +263,12 @@ class Journal:
                         time.monotonic(),
                     )
                 )
-                self._pending_bytes += size
                 waiting = len(queue)
                 if waiting == 1 or waiting == self._want:
                     self._cond.notify()  # the writer waits for the first, or a full group
                 return True
-            if self._closing:
-                refused: BaseException = RuntimeError(reason)
-            else:
-                self._refused += 1
-                refused = JournalFull(reason)
         done([token], [refused])
         return False
-
-    def admit(self, device: str | None = None, *, over_share: bool = False) -> str | None:
-        """None when there is room; otherwise the one-line reason devices are pushed back for.
-
-        With ``device``, its own share is looked at too (``over_share``: as
-        :meth:`append_received` does with it). Cheap when there is room (no
-        lock: the bounds are read as they are).
-        """
-        account = _NONE if device is None else self._accounts.get(device, _NONE)
-        if (
-            len(self._queue) < self._max_queue
-            and self._held_bytes + self._pending_bytes < self._max_bytes
-            and self._disk_full is None
-            and not self._closing
-            and account[0] < self._device_max_bytes
-            and account[1] < self._device_max_queue
-            and self._broken is None
-        ):
-            return None
-        with self._cond:
-            if self._closing:
-                return self._closed_message()
-            if self._broken is not None:
-                return self._broken
-            if self._disk_full is not None:
-                return self._disk_full
-            refusal = self._refusal(0)
-            if refusal is None and device is not None:
-                account = self._accounts.get(device, _NONE)
-                if account[0] >= self._device_max_bytes or account[1] >= self._device_max_queue:
-                    if over_share and self._in_reserve_room(0):
-                        return None
-                    return self._share_message(device, account, 0, over_share)
-            return refusal
-
-    def _in_reserve_room(self, size: int) -> bool:
-        """Whether a message over its device's share leaves one device's share free (lock held)."""
-        return (
-            self._held_bytes + self._pending_bytes + size < self._max_bytes - self._device_max_bytes
-            and len(self._queue) < self._max_queue - self._device_max_queue
-        )
-
-    @property
-    def queued(self) -> int:
-        """Messages waiting for the writer (read without the lock)."""
-        return len(self._queue)
-
-    def _refusal(self, size: int) -> str | None:
-        waiting = len(self._queue)
-        if waiting >= self._max_queue:
-            return (
-                f"journal queue full: {waiting} messages wait to be committed to {self.root} "
-                f"(limit {QUEUE_FACTOR} x journal.max_batch = {self._max_queue}); hint: the "
-                "disk commits slower than messages arrive, retry later"
-            )
-        held = self._held_bytes + self._pending_bytes
-        if held + size > self.settings.max_bytes or (size == 0 and held >= self.settings.max_bytes):
-            return (
-                f"journal full: {held} payload bytes held of journal.max_bytes="
-                f"{self.settings.max_bytes} in {self.root} (got a {size}-byte message); hint: "
-                "the readers have not released them yet, retry later or raise journal.max_bytes"
-            )
-        return None
-
-    def _share_refusal(
-        self, device: str, account: list[int] | tuple[int, int], size: int, over_share: bool
-    ) -> str:
-        """The reason a message of ``device`` over its share is refused (lock held), counted."""
-        self._refused_share += 1
-        return self._share_message(device, account, size, over_share)
-
-    def _share_message(
-        self, device: str, account: list[int] | tuple[int, int], size: int, over_share: bool
-    ) -> str:
-        share = self.settings.device_share
-        if over_share:  # kept over its share until only the reserve is left
-            return (
-                f"journal nearly full: device {device} is over its share (journal.device_share="
-                f"{share:g}) and the rest of journal.max_bytes={self.settings.max_bytes} and of "
-                f"the commit queue in {self.root} is kept for the other devices (got a "
-                f"{size}-byte message); hint: retry later"
-            )
-        if account[1] >= self._device_max_queue:
-            return (
-                f"journal queue share of device {device} full: {account[1]} of its messages "
-                f"wait to be committed to {self.root} (limit journal.device_share={share:g} x "
-                f"{self._max_queue} = {self._device_max_queue}); hint: this device sends "
-                "faster than the disk commits, other devices are still accepted; retry later"
-            )
-        return (
-            f"journal share of device {device} full: {account[0]} payload bytes held of "
-            f"its {self._device_max_bytes} (journal.device_share={share:g} x "
-            f"journal.max_bytes={self.settings.max_bytes}) in {self.root} (got a {size}-byte "
-            "message); hint: this device sends faster than the flow takes its messages, "
-            "other devices are still accepted; retry later or raise journal.device_share"
-        )
-
-    def _closed_message(self) -> str:
-        return f"journal {self.root} is closed (got a submission); hint: open a new Journal"
 
     def stats(self) -> JournalStats:
         """Held messages and bytes, oldest held age, commits and commit latency."""
@@ -771,15 +615,7 @@ class Journal:
                 count, size, sizes, self._plans[index] = part.truncate_chunk(plan)
                 if count:
                     with self._lock:
-                        self._held_bytes -= size
-                        accounts = self._accounts
-                        for device, released in sizes.items():
-                            account = accounts.get(device)
-                            if account is None:
-                                continue
-                            account[0] -= released
-                            if account[0] <= 0 and not account[1]:
-                                del accounts[device]
+                        self._released(size, sizes)
                 elif survey.free_pages[part.index] > VACUUM_PAGES:
                     survey.free_pages[part.index] = 0
                     part.vacuum_chunk()
