@@ -9,10 +9,8 @@ device's access token (the password is ignored) and publish::
 
 A gateway (a registry entry with ``gateway: {devices: [patterns]}``) also
 publishes ``v1/gateway/connect``, ``v1/gateway/disconnect``,
-``v1/gateway/telemetry`` (``{"Dev A": [{"ts": ms, "values": {...}}]}``) and
-``v1/gateway/attributes`` (``{"Dev A": {...}}``); each device's part is
-journaled as a message of that device (device id = the name) with transport
-``gateway:<gateway id>``, which records the gateway it came through.
+``v1/gateway/telemetry`` and ``v1/gateway/attributes``; each device's part is
+journaled as a message of that device (:mod:`connectors.devices.mqtt_gateway`).
 
 Answers and rules:
 
@@ -75,10 +73,12 @@ import struct
 from collections import Counter
 from typing import Final
 
+from connectors.codecs.attributes_json import ATTRIBUTES
 from connectors.codecs.decode import refused_channel
 from connectors.common.address import parse_host_port
 from connectors.devices.ingress import Ingress, Verdict
 from connectors.devices.keepalive import Keepalive
+from connectors.devices.mqtt_gateway import GATEWAY, GATEWAY_FILTERS, route
 from connectors.devices.mqtt_wire import (
     Closed,
     encode_length,
@@ -86,7 +86,7 @@ from connectors.devices.mqtt_wire import (
     read_string,
     read_varint,
 )
-from connectors.devices.registry import DEVICE_ID, Device, DeviceRegistry
+from connectors.devices.registry import Device, DeviceRegistry
 from operators.records import LOGS, TELEMETRY
 
 __all__ = ["MqttServer"]
@@ -94,9 +94,6 @@ __all__ = ["MqttServer"]
 logger = logging.getLogger("edgesieve.mqtt_server")
 
 TRANSPORT: Final = "mqtt_server"
-ATTRIBUTES: Final = "attributes"
-GATEWAY_TRANSPORT: Final = "gateway:"
-"""Prefix of the transport of a message a gateway sent for a device: ``gateway:gw-1``."""
 DEFAULT_MAX_INFLIGHT: Final = 16
 DEFAULT_MAX_CONNECTIONS: Final = 1024
 DEFAULT_MAX_DEVICE_CONNECTIONS: Final = 4
@@ -125,7 +122,6 @@ RPC_REQUEST: Final = "v1/devices/me/rpc/request/"
 RPC_RESPONSE: Final = "v1/devices/me/rpc/response/"
 ATTRIBUTES_REQUEST: Final = "v1/devices/me/attributes/request/"
 ATTRIBUTES_RESPONSE: Final = "v1/devices/me/attributes/response/"
-GATEWAY: Final = "v1/gateway/"
 DEVICE_FILTERS: Final = frozenset(
     {
         ATTRIBUTES_TOPIC,
@@ -133,9 +129,6 @@ DEVICE_FILTERS: Final = frozenset(
         RPC_REQUEST + "+",
         RPC_RESPONSE + "+",
     }
-)
-GATEWAY_FILTERS: Final = frozenset(
-    {"v1/gateway/attributes", "v1/gateway/attributes/response", "v1/gateway/rpc"}
 )
 _API: Final = f"publish to {TELEMETRY_TOPIC}, {ATTRIBUTES_TOPIC} or {LOGS_TOPIC}"
 
@@ -667,7 +660,6 @@ class _Connection:
     async def _gateway(self, what: str, payload: bytes, dup: bool) -> None:
         device = self.device
         assert device is not None
-        transport = GATEWAY_TRANSPORT + device.id
         if device.gateway is None:
             reason = (
                 f"device {device.id!r} is not a gateway but published to v1/gateway/{what[:40]}; "
@@ -675,72 +667,10 @@ class _Connection:
             )
             await self._keep(device.id, refused_channel(reason), TRANSPORT, payload)
             return
-        channel = {"telemetry": TELEMETRY, "attributes": ATTRIBUTES}.get(what)
-        if what not in ("connect", "disconnect") and channel is None:
-            reason = (
-                f"topic 'v1/gateway/{what[:60]}' is not part of the gateway API; use "
-                "v1/gateway/connect, disconnect, telemetry or attributes"
-            )
-            await self._keep(device.id, refused_channel(reason), transport, payload)
-            return
-        try:
-            data = json.loads(payload)
-        except ValueError as exc:
-            data = exc
-        if channel is None:  # connect / disconnect: {"device": name, ...}
-            name = data.get("device") if isinstance(data, dict) else None
-            if not isinstance(name, str):
-                reason = (
-                    f'v1/gateway/{what}: expected a JSON object with a "device" name, got '
-                    f'{_shape(data)}; e.g. {{"device": "Dev A", "type": "default"}}'
-                )
-                await self._keep(device.id, refused_channel(reason), transport, payload)
-                return
-            refusal = _forbidden(device, name)
-            if refusal is not None:
-                await self._keep(device.id, refused_channel(refusal), transport, payload)
-                return
-            logger.info("mqtt_server: gateway %s: %s %s", device.id, what, name)
-            return
-        if not isinstance(data, dict):
-            reason = (
-                f"v1/gateway/{what}: expected a JSON object of device names, got {_shape(data)}; "
-                'e.g. {"Dev A": [{"ts": 1763800000000, "values": {"temp": 21.5}}]}'
-            )
-            await self._keep(device.id, refused_channel(reason), transport, payload)
-            return
-        parts = []
-        for name, part in data.items():
-            body = json.dumps(part, separators=(",", ":"), ensure_ascii=False).encode()
-            refusal = _forbidden(device, name)
-            if refusal is None:
-                parts.append(self._keep(name, channel, transport, body, dup))
-            else:
-                body = json.dumps({name: part}, separators=(",", ":"), ensure_ascii=False).encode()
-                parts.append(self._keep(device.id, refused_channel(refusal), transport, body))
-        await asyncio.gather(*parts)
-
-
-def _forbidden(gateway: Device, name: str) -> str | None:
-    """Why ``gateway`` may not send data of device ``name``, or None."""
-    if not DEVICE_ID.fullmatch(name):
-        return (
-            f"gateway {gateway.id!r} sent device name {name[:60]!r}, which is not a valid device "
-            "id (1-128 letters, digits, '.', '_', ':' or '-')"
-        )
-    if not gateway.speaks_for(name):
-        patterns = ", ".join(gateway.gateway or ())
-        return (
-            f"gateway {gateway.id!r} may not speak for device {name!r}; its devices.yaml "
-            f"patterns are [{patterns}]; hint: add a pattern matching it"
-        )
-    return None
-
-
-def _shape(data: object) -> str:
-    if isinstance(data, ValueError):
-        return f"invalid JSON ({str(data)[:60]})"
-    return type(data).__name__
+        routed = route(device, what, payload, dup=dup)
+        if routed.event is not None:
+            logger.info("mqtt_server: %s", routed.event)
+        await asyncio.gather(*(self._keep(*part) for part in routed.parts))
 
 
 def _why(exc: BaseException) -> str:
