@@ -59,11 +59,12 @@ duplicates counts 0 raw bytes (its device bytes were counted with the first
 copy) but its real ``wire_bytes``, so replays lower the reduction ratio
 instead of inflating it.
 
-:func:`check` reads only the IPC message headers (sizes, rows) and hashes the
-batch, then :meth:`BatchStore.store` answers ``REJECTED`` (with a one-line
-detail) when the batch can never be stored, ``DUPLICATE`` when the edge's
-``batch_id`` is already in ``uplink_batches``, or ``STORED`` once the rows and
-their ``uplink_batches`` row are committed in one DuckDB transaction. Writes
+:func:`~connectors.cloud.batches.check` reads only the IPC message headers
+(sizes, rows) and hashes the batch, then :meth:`BatchStore.store` answers
+``REJECTED`` (with a one-line detail) when the batch can never be stored,
+``DUPLICATE`` when the edge's ``batch_id`` is already in ``uplink_batches``,
+or ``STORED`` once the rows and their ``uplink_batches`` row are committed in
+one DuckDB transaction. Writes
 are serialised by one lock (one DuckDB writer at a time, which also makes the
 duplicate check race-free); decoding and checking the Arrow data runs
 concurrently on each caller's thread, with its own cursor.
@@ -72,20 +73,28 @@ concurrently on each caller's thread, with its own cursor.
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import NamedTuple
 
 import duckdb
-import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.cloud.limits import ReceiverLimits, measure_ipc
-from connectors.streams import STREAMS, StreamSpec, conform
-from connectors.uplink.wire import DUPLICATE, MAX_BATCH_ID_LENGTH, REJECTED, STORED, batch_id_of
+from connectors.cloud.batches import (
+    BATCHES_TABLE,
+    EDGE_COLUMNS,
+    NATURAL_KEYS,
+    STREAM_NAME,
+    Decoded,
+    Rejected,
+    check,
+    decode,
+    natural_key,
+    one_line,
+)
+from connectors.cloud.limits import ReceiverLimits
+from connectors.uplink.wire import DUPLICATE, REJECTED, STORED
 from protos import uplink_pb2
 
 __all__ = [
@@ -101,39 +110,6 @@ __all__ = [
     "natural_key",
 ]
 
-BATCHES_TABLE = "uplink_batches"
-"""The accounting table: one row per stored batch."""
-STREAM_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
-"""The name of a stream the receiver does not know: it becomes a table name."""
-
-NATURAL_KEYS: dict[str, tuple[str, ...]] = {
-    "telemetry_points": ("device", "key", "ts"),
-    "telemetry_text": ("device", "key", "ts"),
-    # Every update is kept; the latest per device and key is arg_max(value, updated_at).
-    "device_attributes": ("device", "key", "updated_at"),
-    "telemetry_summary": ("device", "key", "window_start"),
-    # Two lines of a device with the same time and message are one event.
-    "log_events": ("device", "ts", "msg"),
-    "log_summary": ("device", "template", "window_start"),
-    "vibration_features": ("device", "axis", "ts"),
-    # ``key`` (device/axis the rule watched): one rule on several axes of a
-    # device raises one alarm per axis at the same ``ts``.
-    "alarms": ("device", "key", "rule", "ts", "state"),
-    # The whole row: ``received_at`` is the journaled receive time (or the
-    # record's own time), so a replay repeats it exactly.
-    "dead_letters": ("device", "transport", "received_at", "reason", "payload"),
-}
-"""The columns identifying a row of each standard stream within one edge (``edge_id``)."""
-
-SUPERSEDED_BY: dict[str, str] = {"telemetry_summary": "count", "log_summary": "count"}
-"""Streams whose row may be sent again, more complete, under the same key: the column that grows.
-
-A window the edge flushed while its device was quiet is sent again when
-event time adds readings to it; the row with the higher ``count`` replaces
-the stored one (see :func:`_supersede`).
-"""
-
-_EDGE_COLUMNS = ("edge_id", "batch_id")
 _ROWS_VIEW = "_edgesieve_rows"
 _EMPTY_VIEW = "_edgesieve_empty"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -163,22 +139,8 @@ class Outcome(NamedTuple):
     """The refusal counted in ``uplink_refusals`` (a rejection, or ``raw_bytes`` not credited)."""
 
 
-class _Rejected(Exception):
-    """A batch that will never be stored: ``detail`` for the Ack, ``reason`` for the count."""
-
-    def __init__(self, detail: str, reason: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.reason = reason
-
-
 class QuotaExceeded(Exception):
     """An edge has its storage quota stored; ``args[0]`` is the one-line reason."""
-
-
-def one_line(text: object) -> str:
-    """``text`` with every run of whitespace made one space (for Ack details and logs)."""
-    return " ".join(str(text).split())
 
 
 def _quote(name: str) -> str:
@@ -192,20 +154,6 @@ def _from_us(us: int) -> datetime | None:
         return _EPOCH + timedelta(microseconds=us)
     except OverflowError:
         return None
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    """A checked batch: its rows, its known spec (None for a user's stream), dropped columns."""
-
-    stream: str
-    table: pa.Table
-    spec: StreamSpec | None
-    dropped: list[str]
-    key: tuple[str, ...] | None
-    time_column: str | None
-    grows: str | None = None
-    """The column whose larger value supersedes a stored row of the same key (``SUPERSEDED_BY``)."""
 
 
 _BATCHES_COLUMNS = """
@@ -342,7 +290,7 @@ class BatchStore:
         """The ``REJECTED`` outcome of a batch that fails :func:`check`, else its Arrow bytes."""
         try:
             return check(edge, batch, self.limits)
-        except _Rejected as exc:
+        except Rejected as exc:
             return Outcome(REJECTED, one_line(exc.detail), reason=exc.reason)
 
     def seen(self, cursor: duckdb.DuckDBPyConnection, edge: str, batch_id: str) -> bool:
@@ -388,9 +336,9 @@ class BatchStore:
         room for the batch.
         """
         try:
-            decoded = _decode(batch)
+            decoded = decode(batch)
             status, duplicates = self._write(cursor, edge, batch, decoded, arrow_bytes)
-        except _Rejected as exc:
+        except Rejected as exc:
             return Outcome(REJECTED, one_line(exc.detail), reason=exc.reason)
         except duckdb.Error as exc:
             msg = f"batch {batch.batch_id!r} ({batch.stream}): {one_line(exc)}"
@@ -436,7 +384,7 @@ class BatchStore:
         cursor: duckdb.DuckDBPyConnection,
         edge: str,
         batch: uplink_pb2.Batch,
-        decoded: _Decoded,
+        decoded: Decoded,
         arrow_bytes: int,
     ) -> tuple[int, int]:
         """Write rows and the ``uplink_batches`` row in one transaction: (status, duplicates)."""
@@ -473,7 +421,7 @@ class BatchStore:
         cursor: duckdb.DuckDBPyConnection,
         edge: str,
         batch: uplink_pb2.Batch,
-        decoded: _Decoded,
+        decoded: Decoded,
         arrow_bytes: int,
     ) -> int:
         """Insert the new rows (from Arrow, one statement) and the ``uplink_batches`` row.
@@ -532,7 +480,7 @@ def _credited(raw_bytes: int, stored: int, duplicates: int) -> int:
     return raw_bytes * stored // (stored + duplicates)
 
 
-def _time_probe(decoded: _Decoded, edge: str) -> tuple[str, list[object]]:
+def _time_probe(decoded: Decoded, edge: str) -> tuple[str, list[object]]:
     """``t.edge_id = ?`` and, when the batch has times, ``t.<time> BETWEEN`` its range."""
     probe = "t.edge_id = ?"
     params: list[object] = [edge]
@@ -546,7 +494,7 @@ def _time_probe(decoded: _Decoded, edge: str) -> tuple[str, list[object]]:
     return probe, params
 
 
-def _supersede(cursor: duckdb.DuckDBPyConnection, decoded: _Decoded, edge: str) -> None:
+def _supersede(cursor: duckdb.DuckDBPyConnection, decoded: Decoded, edge: str) -> None:
     """Delete stored rows that a row of the batch with the same key and a larger value replaces."""
     key, grows = decoded.key or (), _quote(decoded.grows or "")
     same = " AND ".join(f"t.{_quote(c)} IS NOT DISTINCT FROM r.{_quote(c)}" for c in key)
@@ -558,7 +506,7 @@ def _supersede(cursor: duckdb.DuckDBPyConnection, decoded: _Decoded, edge: str) 
     )
 
 
-def _anti_join(decoded: _Decoded, edge: str) -> tuple[str, list[object]]:
+def _anti_join(decoded: Decoded, edge: str) -> tuple[str, list[object]]:
     """The clause keeping only rows whose natural key is new, and its parameters.
 
     Stored rows are probed only within the batch's time range, which DuckDB
@@ -584,7 +532,7 @@ def _columns(cursor: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]
     return {row[0]: row[1] for row in rows}
 
 
-def _ensure_table(cursor: duckdb.DuckDBPyConnection, decoded: _Decoded) -> None:
+def _ensure_table(cursor: duckdb.DuckDBPyConnection, decoded: Decoded) -> None:
     """Create the stream's table if missing; check a user's stream fits the existing one.
 
     A known stream's table is made from its spec's schema, a user's stream's
@@ -603,7 +551,7 @@ def _ensure_table(cursor: duckdb.DuckDBPyConnection, decoded: _Decoded) -> None:
     if decoded.spec is not None:
         cursor.register(_EMPTY_VIEW, decoded.spec.schema.empty_table())
         source = _EMPTY_VIEW
-    extra = ", ".join(f"NULL::VARCHAR AS {name}" for name in _EDGE_COLUMNS)
+    extra = ", ".join(f"NULL::VARCHAR AS {name}" for name in EDGE_COLUMNS)
     cursor.execute(
         f"CREATE TABLE {_quote(decoded.stream)} AS SELECT *, {extra} FROM {source} WITH NO DATA"
     )
@@ -612,7 +560,7 @@ def _ensure_table(cursor: duckdb.DuckDBPyConnection, decoded: _Decoded) -> None:
 def _check_fits(cursor: duckdb.DuckDBPyConnection, stream: str) -> None:
     """Reject a batch of a user's stream whose columns differ from its table's."""
     stored = _columns(cursor, _quote(stream))
-    for name in _EDGE_COLUMNS:
+    for name in EDGE_COLUMNS:
         stored.pop(name, None)
     given = _columns(cursor, _ROWS_VIEW)
     if given == stored:
@@ -628,185 +576,4 @@ def _check_fits(cursor: duckdb.DuckDBPyConnection, stream: str) -> None:
         f"{'; '.join(differences)}; a stream's columns and types must not change "
         "(give a changed output a new stream name)"
     )
-    raise _Rejected(msg, "columns")
-
-
-def _check_stream_name(stream: str) -> None:
-    if not STREAM_NAME.fullmatch(stream) or stream == BATCHES_TABLE:
-        msg = (
-            f"stream {stream!r} is not a name the receiver can store: a new stream becomes a "
-            "table, so its name must be 1-63 lowercase letters, digits or '_', starting with "
-            f"a letter, and not {BATCHES_TABLE!r} (known streams: {', '.join(sorted(STREAMS))})"
-        )
-        raise _Rejected(msg, "stream")
-
-
-def check(edge: str, batch: uplink_pb2.Batch, limits: ReceiverLimits) -> int:
-    """Check a batch without decompressing it: its decompressed Arrow bytes.
-
-    Raises :class:`_Rejected` with the Ack detail: a missing or foreign field,
-    a payload over ``limits`` (read from the IPC message headers), a ``rows``
-    count that disagrees with them, or a ``batch_id`` that is not the one its
-    content gives (:func:`~connectors.uplink.wire.batch_id_of`).
-    """
-    if not batch.batch_id:
-        msg = "batch has no batch_id; the edge must set a deterministic batch_id"
-        raise _Rejected(msg, "batch_id")
-    if len(batch.batch_id) > MAX_BATCH_ID_LENGTH:
-        msg = f"batch_id is {len(batch.batch_id)} characters long; at most {MAX_BATCH_ID_LENGTH}"
-        raise _Rejected(msg, "batch_id")
-    if batch.edge_id != edge:
-        msg = (
-            f"edge_id {batch.edge_id!r} does not match the authenticated edge key {edge!r}; an "
-            "edge may push only its own batches (check edge_id and cloud.key in the edge config)"
-        )
-        raise _Rejected(msg, "edge_id")
-    stream = batch.stream
-    if stream not in STREAMS:
-        _check_stream_name(stream)
-    if not batch.arrow_ipc:
-        msg = f"stream {stream!r}: arrow_ipc is empty; it must hold an Arrow IPC stream"
-        raise _Rejected(msg, "arrow")
-    try:
-        size = measure_ipc(batch.arrow_ipc, max_bytes=limits.max_batch_bytes)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise _unreadable(batch, exc) from None
-    if size.arrow_bytes > limits.max_batch_bytes:
-        msg = (
-            f"stream {stream!r}: arrow_ipc ({len(batch.arrow_ipc)} bytes) expands to at least "
-            f"{size.arrow_bytes} bytes, over the receiver's cap of {limits.max_batch_bytes} "
-            "bytes per batch (--max-batch-bytes); seal smaller batches (cloud.batch_rows)"
-        )
-        raise _Rejected(msg, "too_large")
-    if size.rows > limits.max_batch_rows:
-        msg = (
-            f"stream {stream!r}: the batch holds {size.rows} rows, over the receiver's cap of "
-            f"{limits.max_batch_rows} rows per batch (--max-batch-rows); seal smaller batches "
-            "(cloud.batch_rows)"
-        )
-        raise _Rejected(msg, "too_many_rows")
-    if size.rows != batch.rows:
-        msg = (
-            f"stream {stream!r}: the batch says rows={batch.rows} but its Arrow data holds "
-            f"{size.rows} rows; the batch was built wrongly or corrupted"
-        )
-        raise _Rejected(msg, "rows")
-    expected = batch_id_of(edge, stream, batch.arrow_ipc)
-    if batch.batch_id != expected:
-        msg = (
-            f"batch_id {batch.batch_id[:80]!r} is not the id of this batch's content "
-            f"({expected}): the hex SHA-256 over edge id, stream and arrow_ipc (see "
-            "docs/uplink.md); the batch was built wrongly or corrupted"
-        )
-        raise _Rejected(msg, "batch_id_mismatch")
-    return size.arrow_bytes
-
-
-def _unreadable(batch: uplink_pb2.Batch, exc: Exception) -> _Rejected:
-    msg = (
-        f"stream {batch.stream!r}: arrow_ipc ({len(batch.arrow_ipc)} bytes) is not a readable "
-        f"Arrow IPC stream: {one_line(exc)}"
-    )
-    return _Rejected(msg, "arrow")
-
-
-def _check_names(schema: pa.Schema) -> None:
-    """Read every field name, nested ones too: one that is not UTF-8 raises ``ValueError``."""
-    types = []
-    for field in schema:
-        _ = field.name
-        types.append(field.type)
-    while types:
-        kind = types.pop()
-        if isinstance(kind, pa.DictionaryType):
-            types.append(kind.value_type)
-            continue
-        for i in range(kind.num_fields):
-            child = kind.field(i)
-            _ = child.name
-            types.append(child.type)
-
-
-def _decode(batch: uplink_pb2.Batch) -> _Decoded:
-    """Read the rows of a batch :func:`check` passed; :class:`_Rejected` if they do not fit."""
-    stream = batch.stream
-    spec = STREAMS.get(stream)
-    try:
-        table = pa.ipc.open_stream(batch.arrow_ipc).read_all()
-        _check_names(table.schema)
-        table.validate(full=True)  # offsets and UTF-8 too, before DuckDB reads the buffers
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise _unreadable(batch, exc) from None
-    if table.num_rows != batch.rows:
-        msg = (
-            f"stream {stream!r}: the batch says rows={batch.rows} but its Arrow data holds "
-            f"{table.num_rows} rows; the batch was built wrongly or corrupted"
-        )
-        raise _Rejected(msg, "rows")
-    dropped = [name for name in _EDGE_COLUMNS if name in table.column_names]
-    if spec is None:
-        table = table.drop_columns(dropped)
-        _check_column_names(stream, table.column_names)
-        model = _model_of(table.schema)
-        if model is None:
-            return _Decoded(stream, table, None, dropped, None, None)
-        return _Decoded(
-            stream,
-            table,
-            None,
-            dropped,
-            NATURAL_KEYS[model.name],
-            model.time_column,
-            SUPERSEDED_BY.get(model.name),
-        )
-    dropped += [
-        name
-        for name in table.column_names
-        if name not in spec.schema.names and name not in _EDGE_COLUMNS
-    ]
-    try:
-        table = conform(spec, table)
-    except (ValueError, TypeError) as exc:
-        raise _Rejected(str(exc), "columns") from None
-    return _Decoded(
-        stream,
-        table,
-        spec,
-        dropped,
-        natural_key(stream),
-        spec.time_column,
-        SUPERSEDED_BY.get(stream),
-    )
-
-
-def natural_key(stream: str) -> tuple[str, ...] | None:
-    """The natural key of a standard stream (without ``edge_id``); None for others."""
-    return NATURAL_KEYS.get(stream)
-
-
-def _model_of(schema: pa.Schema) -> StreamSpec | None:
-    """The standard stream whose columns and types ``schema`` has exactly, if any."""
-    for name, spec in STREAMS.items():
-        if name in NATURAL_KEYS and schema.equals(spec.schema, check_metadata=False):
-            return spec
-    return None
-
-
-def _check_column_names(stream: str, names: list[str]) -> None:
-    """A user's stream needs at least one column and names DuckDB tells apart."""
-    if not names:
-        msg = f"stream {stream!r}: the batch has no columns besides edge_id and batch_id"
-        raise _Rejected(msg, "columns")
-    seen: dict[str, str] = {}
-    for name in names:
-        if not name:
-            msg = f"stream {stream!r}: a column has an empty name; name every column"
-            raise _Rejected(msg, "columns")
-        folded = name.lower()
-        if folded in seen:
-            msg = (
-                f"stream {stream!r}: columns {seen[folded]!r} and {name!r} would be the same "
-                "DuckDB column (names are case-insensitive); rename one"
-            )
-            raise _Rejected(msg, "columns")
-        seen[folded] = name
+    raise Rejected(msg, "columns")

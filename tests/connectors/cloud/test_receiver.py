@@ -34,10 +34,10 @@ from connectors.cloud import (
     ReceiverError,
     ReceiverLimits,
     ReceiverTls,
+    batches,
     load_auth,
     serve,
 )
-from connectors.cloud import store as receiver_store
 from connectors.cloud.limits import DecodeBudget, measure_ipc
 from connectors.streams import STREAMS, UTC_US
 from connectors.uplink.outbox import Outbox
@@ -1986,7 +1986,7 @@ def test_the_decode_budget_makes_batches_wait_for_room():
 def test_any_batch_is_checked_and_decoded_without_an_unexpected_error(batch):
     """What the gRPC fuzz does, in process and faster: only a rejection may come out."""
     try:
-        receiver_store.check("edge-01", batch, ReceiverLimits())
-        receiver_store._decode(batch)
-    except receiver_store._Rejected as exc:
+        batches.check("edge-01", batch, ReceiverLimits())
+        batches.decode(batch)
+    except batches.Rejected as exc:
         assert exc.detail and exc.reason
