@@ -2,35 +2,46 @@
 
 Parsed with :mod:`ast` against a whitelist (no ``eval``) and compiled into one
 function over a micro-batch of items, evaluated with NumPy arrays, one per
-field used; see the package documentation for the language.
+field used (:mod:`operators.filter.arrays`); see the package documentation
+for the language.
 """
 
 from __future__ import annotations
 
 import ast
 import fnmatch
-import math
 import operator as _op
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass
-from functools import cache
-from itertools import repeat
-from operator import attrgetter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from operators.filter.arrays import (
+    MISSING,
+    NUM,
+    TEXT,
+    Batch,
+    Value,
+    and_all,
+    binary,
+    full,
+    is_number,
+    negate,
+    or_all,
+    reduce_values,
+    same,
+    text_compare,
+    text_test,
+    unary,
+)
 
 __all__ = ["FUNCTIONS", "Where", "WhereError", "compile_where", "is_number"]
 
 FUNCTIONS = ("abs", "isnan", "matches", "max", "min", "round", "startswith")
 
-_MISSING = object()
-
-# An evaluated sub-expression: its values (array or scalar) and where it is unknown (or None).
-_Value = tuple[Any, np.ndarray | None]
-
-NUM, TEXT, BOOL, ANY = "number", "text", "condition", "any"
+BOOL, ANY = "condition", "any"
 
 
 class WhereError(ValueError):
@@ -121,100 +132,11 @@ def _unsupported(node: ast.AST) -> str:
     return f"unsupported syntax {_syntax_name(node)!r}"
 
 
-class _Batch:
-    """The items of one micro-batch and the columns read from them, each read once.
-
-    ``types`` are the record classes in the batch: a field a dataclass
-    declares ``str`` (``float``, ``int``) in every one of them is taken as
-    text (a number) without looking at each value.
-    """
-
-    __slots__ = ("items", "n", "types", "raw", "_num", "_text", "missing")
-
-    def __init__(self, items: list[Any], types: set[type]) -> None:
-        self.items = items
-        self.n = len(items)
-        self.types = types
-        self.raw: dict[str, list[Any]] = {}
-        self._num: dict[str, _Value] = {}
-        self._text: dict[str, _Value] = {}
-        self.missing: set[str] = set()
-
-    def column(self, name: str) -> list[Any]:
-        col = self.raw.get(name)
-        if col is None:
-            try:
-                col = list(map(attrgetter(name), self.items))
-            except AttributeError:
-                col = [getattr(x, name, _MISSING) for x in self.items]
-                self.missing.add(name)
-            self.raw[name] = col
-        return col
-
-    def declared(self, name: str) -> str | None:
-        kinds = {_declared(t, name) for t in self.types}
-        return kinds.pop() if len(kinds) == 1 else None
-
-    def number(self, name: str) -> _Value:
-        got = self._num.get(name)
-        if got is None:
-            col = self.column(name)
-            try:
-                arr = np.array(col, np.float64) if self.declared(name) == NUM else np.array(col)
-            except (TypeError, ValueError):
-                arr = np.array(())
-            if arr.dtype.kind in "fiub" and arr.shape == (self.n,):
-                got = (arr.astype(np.float64, copy=False), None)
-            else:  # text, None or missing among the numbers: unknown there
-                bad = np.fromiter((not is_number(x) for x in col), bool, self.n)
-                clean = [math.nan if b else x for x, b in zip(col, bad, strict=True)]
-                got = (np.array(clean, dtype=np.float64), bad)
-            self._num[name] = got
-        return got
-
-    def text(self, name: str) -> _Value:
-        got = self._text.get(name)
-        if got is None:
-            col = self.column(name)
-            if self.declared(name) == TEXT or set(map(type, col)) == {str}:
-                got = (col, None)
-            else:
-                bad = np.fromiter((type(x) is not str for x in col), bool, self.n)
-                got = ([x if type(x) is str else "" for x in col], bad)
-            self._text[name] = got
-        return got
-
-
-@cache
-def _declared(cls: type, name: str) -> str | None:
-    """``NUM`` or ``TEXT`` when dataclass ``cls`` declares ``name`` exactly float/int or str."""
-    if not is_dataclass(cls):
-        return None
-    for f in fields(cls):
-        if f.name == name:
-            t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-            return TEXT if t == "str" else NUM if t in ("float", "int") else None
-    return None
-
-
-def is_number(x: object) -> bool:
-    """Whether ``x`` is a number (booleans are 1 and 0)."""
-    return isinstance(x, int | float | np.number)
-
-
-def _either(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a | b
-
-
-_Node = Callable[[_Batch], _Value]
+_Node = Callable[[Batch], Value]
 
 
 class _Compiler:
-    """Turns a checked expression into one function over a :class:`_Batch`."""
+    """Turns a checked expression into one function over a :class:`Batch`."""
 
     def __init__(self, tree: ast.AST) -> None:
         self.kinds: dict[str, tuple[str, int]] = {}
@@ -238,14 +160,14 @@ class _Compiler:
             return BOOL, self.boolop(node)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             inner = self.condition(node.operand)
-            return BOOL, lambda b: _not(inner(b))
+            return BOOL, lambda b: negate(inner(b))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             inner = self.number(node.operand)
-            return NUM, lambda b: _unary(np.negative, inner(b))
+            return NUM, lambda b: unary(np.negative, inner(b))
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             fn = _BINOPS[type(node.op)]
             left, right = self.number(node.left), self.number(node.right)
-            return NUM, lambda b: _binary(fn, left(b), right(b))
+            return NUM, lambda b: binary(fn, left(b), right(b))
         if isinstance(node, ast.Compare):
             return BOOL, self.compare(node)
         if isinstance(node, ast.Call):
@@ -349,7 +271,7 @@ class _Compiler:
             left = right
         if len(parts) == 1:
             return parts[0]
-        return lambda b: _and_all([p(b) for p in parts])
+        return lambda b: and_all([p(b) for p in parts])
 
     def compare_one(self, cmp: ast.cmpop, left: ast.expr, right: ast.expr, at: ast.AST) -> _Node:
         if isinstance(cmp, ast.In | ast.NotIn):
@@ -373,12 +295,12 @@ class _Compiler:
             and not ({left.id, right.id} & (set(self.kinds) | self.hints))
         ):
             a, b_ = self.name(left, ANY), self.name(right, ANY)
-            return lambda b: _same(fn, a(b), b_(b), b.n)
+            return lambda b: same(fn, a(b), b_(b), b.n)
         kind = self.operand_kind(left, right)
         a, b_ = self.typed(left, kind), self.typed(right, kind)
         if kind == NUM:
-            return lambda b: _full(_binary(fn, a(b), b_(b)), b.n)
-        return lambda b: _text_compare(fn, a(b), b_(b), b.n)
+            return lambda b: full(binary(fn, a(b), b_(b)), b.n)
+        return lambda b: text_compare(fn, a(b), b_(b), b.n)
 
     def is_none(self, node: ast.Name, *, negate: bool) -> _Node:
         name = node.id
@@ -386,9 +308,9 @@ class _Compiler:
             self.name(node, ANY)  # raises
         self.fields.add(name)
 
-        def none(b: _Batch) -> _Value:
+        def none(b: Batch) -> Value:
             col = b.column(name)
-            got = np.fromiter((x is None or x is _MISSING for x in col), bool, b.n)
+            got = np.fromiter((x is None or x is MISSING for x in col), bool, b.n)
             return (~got if negate else got), None
 
         return none
@@ -413,7 +335,7 @@ class _Compiler:
             member = frozenset(strings).__contains__
             a = self.text(left)
 
-            def text_in(b: _Batch) -> _Value:
+            def text_in(b: Batch) -> Value:
                 col, bad = a(b)
                 if isinstance(col, str):
                     hit = np.full(b.n, member(col))
@@ -425,10 +347,10 @@ class _Compiler:
         numbers = np.array(values, dtype=np.float64)
         x = self.number(left)
 
-        def number_in(b: _Batch) -> _Value:
+        def number_in(b: Batch) -> Value:
             col, bad = x(b)
             hit = np.isin(col, numbers)
-            return _full(((~hit if negate else hit), bad), b.n)
+            return full(((~hit if negate else hit), bad), b.n)
 
         return number_in
 
@@ -465,9 +387,9 @@ class _Compiler:
             col = self.text(args[0])
             if name == "matches":
                 test = re.compile(fnmatch.translate(pattern.value)).match
-                return BOOL, lambda b: _text_test(test, col(b), b.n)
+                return BOOL, lambda b: text_test(test, col(b), b.n)
             prefix = pattern.value
-            return BOOL, lambda b: _text_test(lambda s: s.startswith(prefix), col(b), b.n)
+            return BOOL, lambda b: text_test(lambda s: s.startswith(prefix), col(b), b.n)
         if name == "round":
             digits = 0
             if len(args) == 2:
@@ -477,20 +399,20 @@ class _Compiler:
                     )
                 digits = args[1].value
             x = self.number(args[0])
-            return NUM, lambda b: _unary(lambda v: np.round(v, digits), x(b))
+            return NUM, lambda b: unary(lambda v: np.round(v, digits), x(b))
         xs = [self.number(a) for a in args]
         if name == "abs":
-            return NUM, lambda b: _unary(np.abs, xs[0](b))
+            return NUM, lambda b: unary(np.abs, xs[0](b))
         if name == "isnan":
-            return BOOL, lambda b: _full(_unary(np.isnan, xs[0](b)), b.n)
+            return BOOL, lambda b: full(unary(np.isnan, xs[0](b)), b.n)
         reduce = np.minimum if name == "min" else np.maximum
-        return NUM, lambda b: _reduce(reduce, [x(b) for x in xs])
+        return NUM, lambda b: reduce_values(reduce, [x(b) for x in xs])
 
     def boolop(self, node: ast.BoolOp) -> _Node:
         parts = [self.condition(v) for v in node.values]
         if isinstance(node.op, ast.And):
-            return lambda b: _and_all([p(b) for p in parts])
-        return lambda b: _or_all([p(b) for p in parts])
+            return lambda b: and_all([p(b) for p in parts])
+        return lambda b: or_all([p(b) for p in parts])
 
 
 def _text_fields(tree: ast.AST) -> set[str]:
@@ -538,103 +460,6 @@ def _describe(node: ast.AST) -> str:
     return f"`{ast.unparse(node)}`"
 
 
-# -- vectorised evaluation (values are arrays or scalars; unknown masks or None) --------------
-
-
-def _unary(fn: Callable[[Any], Any], x: _Value) -> _Value:
-    with np.errstate(all="ignore"):
-        return fn(x[0]), x[1]
-
-
-def _binary(fn: Callable[[Any, Any], Any], a: _Value, b: _Value) -> _Value:
-    with np.errstate(all="ignore"):
-        return fn(a[0], b[0]), _either(a[1], b[1])
-
-
-def _reduce(fn: Any, xs: list[_Value]) -> _Value:
-    with np.errstate(all="ignore"):
-        out = xs[0][0]
-        bad = xs[0][1]
-        for v, unk in xs[1:]:
-            out = fn(out, v)
-            bad = _either(bad, unk)
-        return out, bad
-
-
-def _full(x: _Value, n: int) -> _Value:
-    """A condition as an array of ``n`` (a comparison of literals is one bool)."""
-    value = np.asarray(x[0], dtype=bool)
-    return (np.full(n, bool(value)) if value.ndim == 0 else value), x[1]
-
-
-def _text_compare(fn: Callable[[Any, Any], bool], a: _Value, b: _Value, n: int) -> _Value:
-    left, right = a[0], b[0]
-    if isinstance(left, str) and isinstance(right, str):
-        return np.full(n, fn(left, right)), None
-    lefts = repeat(left, n) if isinstance(left, str) else left
-    rights = repeat(right, n) if isinstance(right, str) else right
-    return np.fromiter(map(fn, lefts, rights), bool, n), _either(a[1], b[1])
-
-
-def _same(fn: Callable[[Any, Any], bool], a: _Value, b: _Value, n: int) -> _Value:
-    """``==`` / ``!=`` of two fields of any kind: unknown unless both are numbers or both text."""
-    lefts, rights = a[0], b[0]
-    kinds = [(_kind(x), _kind(y)) for x, y in zip(lefts, rights, strict=True)]
-    unknown = np.fromiter((k is None or k != j for k, j in kinds), bool, n)
-    return np.fromiter(map(fn, lefts, rights), bool, n) & ~unknown, unknown
-
-
-def _kind(x: object) -> str | None:
-    if type(x) is str:
-        return TEXT
-    return NUM if is_number(x) else None
-
-
-def _text_test(test: Callable[[str], Any], a: _Value, n: int) -> _Value:
-    col, bad = a
-    if isinstance(col, str):
-        return np.full(n, bool(test(col))), None
-    return np.array(list(map(test, col)), dtype=bool), bad
-
-
-def _not(x: _Value) -> _Value:
-    value, unk = x
-    return ~value, unk
-
-
-def _and_all(xs: list[_Value]) -> _Value:
-    """Kleene ``and``: false where any side is known false, unknown where not and any is unknown."""
-    value = xs[0][0]
-    for v, _ in xs[1:]:
-        value = value & v
-    unks = [u for _, u in xs if u is not None]
-    if not unks:
-        return value, None
-    known_false = np.zeros(len(value), bool)
-    unknown = np.zeros(len(value), bool)
-    for v, u in xs:
-        if u is None:
-            known_false |= ~v
-        else:
-            known_false |= ~v & ~u
-            unknown |= u
-    return value & ~unknown, unknown & ~known_false
-
-
-def _or_all(xs: list[_Value]) -> _Value:
-    """Kleene ``or``: true where any side is known true, unknown where not and any is unknown."""
-    unks = [u for _, u in xs if u is not None]
-    true = np.zeros(len(xs[0][0]), bool)
-    for v, u in xs:
-        true |= v if u is None else v & ~u
-    if not unks:
-        return true, None
-    unknown = np.zeros(len(true), bool)
-    for u in unks:
-        unknown |= u
-    return true, unknown & ~true
-
-
 @dataclass(frozen=True)
 class Where:
     """A compiled ``where`` expression: ``mask(items)`` says which items it keeps."""
@@ -648,7 +473,7 @@ class Where:
 
         ``types``: the classes of ``items``, if the caller has them already.
         """
-        batch = _Batch(items, set(map(type, items)) if types is None else types)
+        batch = Batch(items, set(map(type, items)) if types is None else types)
         value, unknown = self._root(batch)
         keep = np.broadcast_to(np.asarray(value, dtype=bool), (batch.n,))
         if unknown is not None:
