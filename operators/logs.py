@@ -41,8 +41,8 @@ import bytewax.operators as op
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
+from operators.quiet_flush import QuietFlush, wall_clock
 from operators.records import LEVELS, LogLine
-from operators.windows import QuietFlush, _wall_clock
 
 __all__ = [
     "MAX_EXAMPLE_CHARS",
@@ -224,7 +224,7 @@ class _DeviceLogs(QuietFlush[LogLine, _Out, _State]):
         config: LogsConfig,
         templates: Callable[[str], str],
         resume_state: _State | None,
-        now: Callable[[], datetime] = _wall_clock,
+        now: Callable[[], datetime] = wall_clock,
     ) -> None:
         self.config = config
         self.templates = templates

@@ -46,22 +46,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
 
 import bytewax.operators as op
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 from bytewax.operators.windowing import WindowLogic
 
+from operators.quiet_flush import QuietFlush, wall_clock
 from operators.records import Evict, Reading
 
-__all__ = ["QuietFlush", "Summary", "WindowAggOut", "WindowConfig", "window_aggregate"]
+__all__ = ["Summary", "WindowAggOut", "WindowConfig", "window_aggregate"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ZERO = timedelta(0)
-V = TypeVar("V")
-E = TypeVar("E")
-S = TypeVar("S")
 _NO_OUTPUT: tuple[()] = ()
 
 
@@ -326,70 +323,6 @@ _Event = tuple[int, _Acc] | tuple[None, Reading]
 """``(window id, aggregate)`` for a row, ``(None, reading)`` for a late reading."""
 
 
-def _wall_clock() -> datetime:
-    return datetime.now(UTC)
-
-
-class QuietFlush(StatefulBatchLogic[V, E, S]):
-    """Per-key event-time windows that a quiet key flushes by wall clock (windows and logs).
-
-    A subclass keeps ``config.allowed_lateness``, ``newest`` (the key's
-    newest event time), ``quiet_since`` (wall clock of its last item) and
-    ``now``, and says which windows hold rows not emitted yet (``_due``),
-    where a window ends (``_end``) and how to emit one (``_emit``). A window
-    is flushed early once the key has been quiet for ``end - newest +
-    allowed_lateness``, and stays open: more event time may still add to it.
-    """
-
-    __slots__ = ()
-
-    config: Any
-    newest: datetime | None
-    quiet_since: datetime
-    now: Callable[[], datetime]
-
-    def _due(self) -> list[int]:
-        raise NotImplementedError
-
-    def _end(self, window_id: int) -> datetime:
-        raise NotImplementedError
-
-    def _emit(self, window_id: int, out: list[E]) -> None:
-        raise NotImplementedError
-
-    def notify_at(self) -> datetime | None:
-        """Wall-clock time of the next quiet flush: silence of ``end - newest + lateness``."""
-        if self.newest is None:
-            return None
-        due = self._due()
-        if not due:
-            return None
-        wait = self._end(due[0]) - self.newest + self.config.allowed_lateness
-        try:
-            return self.quiet_since + max(wait, _ZERO)
-        except OverflowError:
-            return None
-
-    def on_notify(self) -> tuple[list[E], bool]:
-        """Flush the windows the key's silence has made due; keep them open."""
-        out: list[E] = []
-        if self.newest is not None:
-            silence = self.now() - self.quiet_since
-            horizon = self.newest - self.config.allowed_lateness + silence
-            for window_id in self._due():
-                if self._end(window_id) > horizon:
-                    break
-                self._emit(window_id, out)
-        return out, StatefulBatchLogic.RETAIN
-
-    def on_eof(self) -> tuple[list[E], bool]:
-        """Flush every open window; keep them open, as a resumed run may add to them."""
-        out: list[E] = []
-        for window_id in self._due():
-            self._emit(window_id, out)
-        return out, StatefulBatchLogic.RETAIN
-
-
 class _SeriesWindows(QuietFlush[Reading | Evict, _Event, _SeriesState]):
     """The open windows and the event time of one key (see the module docstring).
 
@@ -414,7 +347,7 @@ class _SeriesWindows(QuietFlush[Reading | Evict, _Event, _SeriesState]):
         self,
         config: WindowConfig,
         resume_state: _SeriesState | None,
-        now: Callable[[], datetime] = _wall_clock,
+        now: Callable[[], datetime] = wall_clock,
     ) -> None:
         self.config = config
         self.step = config.step
