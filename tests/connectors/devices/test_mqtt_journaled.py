@@ -17,7 +17,7 @@ import pytest
 from connectors.devices.broker_auth import EdgeAccount, write_mosquitto_config
 from connectors.devices.journal import Journal, JournalReader, JournalSettings
 from connectors.devices.mosquitto import Mosquitto
-from connectors.devices.mqtt import journaled
+from connectors.devices.mqtt import ingest_client
 from connectors.devices.mqtt.client import MqttSettings
 from connectors.devices.mqtt.journaled import JournaledMqtt
 from operators.records import RawMessage
@@ -80,7 +80,7 @@ def test_a_burst_is_journaled_in_order_and_acknowledged_in_few_writes(
     recv_bytes: int,
 ) -> None:
     # 7 bytes a read: every packet is cut across reads and left in paho's partial-packet state
-    monkeypatch.setattr(journaled, "_RECV_BYTES", recv_bytes)
+    monkeypatch.setattr(ingest_client, "_RECV_BYTES", recv_bytes)
     journal = Journal(JournalSettings(root=tmp_path / "journal", partitions=1))
     mqtt = JournaledMqtt(settings_for(mosquitto), journal)
     client = mqtt._client
