@@ -39,11 +39,12 @@ snapshot of it: then the flushes of those runs are deleted, because the
 input replays them.
 
 One process, one writer: all partitions of all DuckDB sinks of a process
-share one database connection per file (each partition uses its own
-cursor, as DuckDB requires for use from several threads). DuckDB locks the
-file: while the edge runs, another process can open it neither read-write
-nor ``read_only=True`` nor ``ATTACH ... (READ_ONLY)`` ("IO Error: Could not
-set lock on file ... Conflicting lock is held"). To query while the edge
+share one database connection per file (:mod:`connectors.sinks.duckdb_file`;
+each partition uses its own cursor, as DuckDB requires for use from several
+threads). DuckDB locks the file: while the edge runs, another process can
+open it neither read-write nor ``read_only=True`` nor ``ATTACH ...
+(READ_ONLY)`` ("IO Error: Could not set lock on file ... Conflicting lock is
+held"). To query while the edge
 runs, read the same rows from the Parquet files
 (``read_parquet('data_dir/parquet/<stream>/**/*.parquet', hive_partitioning=true)``),
 or call :func:`copy_database` (or stop the flow) and open the copy.
@@ -53,11 +54,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -65,7 +64,16 @@ import duckdb
 import pyarrow as pa
 from bytewax.outputs import FixedPartitionedSink
 
-from connectors.common.stores import corruption, move_aside, report
+from connectors.common.stores import corruption
+from connectors.sinks.duckdb_file import (
+    SCHEMA,
+    PeriodicCopy,
+    acquire,
+    copy_database,
+    heal,
+    quote,
+    release,
+)
 from connectors.sinks.timed import (
     ReplaySafePartition,
     SinkState,
@@ -89,7 +97,6 @@ logger = logging.getLogger("edgesieve.duckdb")
 OnLoad = Callable[[str, int, int], None]
 """``on_write(stream, rows, arrow_bytes)``, called after each committed flush."""
 
-_SCHEMA = "edgesieve"
 _BATCH_VIEW = "_edgesieve_batch"
 
 
@@ -128,195 +135,6 @@ class DuckDBSettings:
         if not isinstance(self.flush_on_snapshot, bool):
             msg = f"DuckDBSettings.flush_on_snapshot must be a bool; got {self.flush_on_snapshot!r}"
             raise ValueError(msg)
-
-
-@dataclass
-class _Database:
-    """One open database file shared by every partition of the process."""
-
-    path: Path
-    con: duckdb.DuckDBPyConnection
-    users: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    streams: set[str] = field(default_factory=set)
-    generation: int = 0
-    """Bumped when a corrupt file is replaced: partitions take a new cursor on the new one."""
-
-
-_DATABASES: dict[Path, _Database] = {}
-_DATABASES_LOCK = threading.Lock()
-
-
-def _acquire(path: Path, where: str) -> _Database:
-    key = path.resolve()
-    with _DATABASES_LOCK:
-        db = _DATABASES.get(key)
-        if db is None:
-            try:
-                con = _connect(key)
-            except duckdb.Error as exc:
-                problem = corruption(exc)
-                if problem is None:
-                    msg = (
-                        f"{where}: could not open the DuckDB database {str(key)!r}: {exc}. "
-                        "Hint: only one process may write it; stop the other process (another "
-                        "edge, or a duckdb shell) holding it, and query the Parquet files "
-                        "meanwhile"
-                    )
-                    raise RuntimeError(msg) from exc
-                con = _fresh(key, problem)
-            db = _Database(key, con)
-            _DATABASES[key] = db
-        db.users += 1
-        return db
-
-
-def _connect(path: Path) -> duckdb.DuckDBPyConnection:
-    """Open the database and make the bookkeeping tables (reading the catalog checks it)."""
-    con = duckdb.connect(str(path))
-    try:
-        con.execute(f"CREATE SCHEMA IF NOT EXISTS {_SCHEMA}")
-        con.execute(
-            f"CREATE TABLE IF NOT EXISTS {_SCHEMA}.flushes (sink VARCHAR NOT NULL, "
-            "part VARCHAR NOT NULL, seq BIGINT NOT NULL, stream VARCHAR NOT NULL, "
-            "flush BIGINT NOT NULL, rows BIGINT NOT NULL, "
-            "committed_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (sink, part, seq))"
-        )
-        con.execute(
-            f"CREATE TABLE IF NOT EXISTS {_SCHEMA}.sink_starts (sink VARCHAR NOT NULL, "
-            "part VARCHAR NOT NULL, store VARCHAR NOT NULL, base BIGINT NOT NULL, "
-            "PRIMARY KEY (sink, part))"
-        )
-        con.execute(f"CREATE SEQUENCE IF NOT EXISTS {_SCHEMA}.flush_ids")
-        con.execute(f"SELECT max(seq), max(flush), max(rows) FROM {_SCHEMA}.flushes").fetchall()
-        con.execute(f"SELECT max(base), max(store) FROM {_SCHEMA}.sink_starts").fetchall()
-    except BaseException:
-        con.close()
-        raise
-    return con
-
-
-def _fresh(path: Path, problem: str) -> duckdb.DuckDBPyConnection:
-    """Move the corrupt database aside and start a fresh one (Parquet keeps every row)."""
-    moved = move_aside(path)
-    con = _connect(path)
-    report(
-        "duckdb",
-        path,
-        moved,
-        problem,
-        "the tables start empty and fill with new rows; every row written before is in the "
-        "Parquet files (load them with read_parquet if needed)",
-    )
-    return con
-
-
-def _heal(db: _Database, problem: str) -> None:
-    """Replace the shared database of ``db`` by a fresh one (caller holds ``db.lock``)."""
-    try:
-        db.con.close()
-    except duckdb.Error:
-        pass
-    db.con = _fresh(db.path, problem)
-    db.streams.clear()
-    db.generation += 1
-
-
-def _release(db: _Database) -> None:
-    with _DATABASES_LOCK:
-        db.users -= 1
-        if db.users == 0 and _DATABASES.get(db.path) is db:
-            del _DATABASES[db.path]
-            db.con.close()
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def copy_database(source: Path, target: Path) -> None:
-    """Copy the edge database ``source`` to ``target`` from inside the writing process.
-
-    Uses the process's shared connection when a sink has ``source`` open
-    (DuckDB refuses a second process), so a flow may call it, e.g. from a
-    periodic task, and readers open ``target`` with ``read_only=True``. The
-    copy is written to a temporary name and renamed into place.
-    """
-    key = Path(source).resolve()
-    target = Path(target)
-    temp = target.with_name(f".{target.name}.tmp")
-    temp.unlink(missing_ok=True)
-    with _DATABASES_LOCK:
-        db = _DATABASES.get(key)
-        if db is not None:  # a user of the shared connection: a sink closing now leaves it open
-            db.users += 1
-    try:
-        con = duckdb.connect(str(key)) if db is None else db.con.cursor()
-        try:
-            con.execute(f"ATTACH {_literal(str(temp))} AS edgesieve_copy")
-            try:
-                con.execute(f"COPY FROM DATABASE {_quote(_current(con))} TO edgesieve_copy")
-            finally:
-                con.execute("DETACH edgesieve_copy")
-        finally:
-            con.close()
-    finally:
-        if db is not None:
-            _release(db)
-    os.replace(temp, target)
-
-
-class PeriodicCopy:
-    """Copy the edge database to ``target`` every ``every`` (a thread), for readers while it runs.
-
-    Each copy is :func:`copy_database` (complete, then renamed into place),
-    so a reader opening ``target`` with ``read_only=True`` sees one
-    consistent state at most ``every`` old. A copy before any sink created
-    ``source`` is skipped; a failed copy is logged and tried again next time.
-    """
-
-    def __init__(self, source: Path, target: Path, every: timedelta) -> None:
-        self.source, self.target, self.every = Path(source), Path(target), every
-        self.copies = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="duckdb-copy", daemon=True)
-
-    def start(self) -> PeriodicCopy:
-        """Start copying (the first copy after ``every``)."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop; a copy under way is finished first."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every.total_seconds()):
-            if not self.source.exists():
-                continue
-            try:
-                copy_database(self.source, self.target)
-                self.copies += 1
-            except (duckdb.Error, OSError) as exc:
-                logger.warning(
-                    "copying %s to %s failed (%s); readers keep the previous copy, next try in %gs",
-                    self.source,
-                    self.target,
-                    exc,
-                    self.every.total_seconds(),
-                )
-
-
-def _current(con: duckdb.DuckDBPyConnection) -> str:
-    row = con.execute("SELECT current_database()").fetchone()
-    assert row is not None
-    return str(row[0])
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 class DuckDBSink(FixedPartitionedSink[object, SinkState]):
@@ -402,8 +220,8 @@ class DuckDBSinkPartition(ReplaySafePartition):
         self._recovery_dir = sink.recovery_dir
         self._step = step_id
         self._part = part
-        self._table = f"{_SCHEMA}.{_quote(spec.name)}"
-        self._columns = ", ".join(_quote(c) for c in spec.columns)
+        self._table = f"{SCHEMA}.{quote(spec.name)}"
+        self._columns = ", ".join(quote(c) for c in spec.columns)
         self._init_timer(
             where=f"DuckDBSink {step_id!r} (stream {spec.name!r}, partition {part})",
             thread=f"duckdb-{spec.name}-{part}",
@@ -413,7 +231,7 @@ class DuckDBSinkPartition(ReplaySafePartition):
         self._init_buffer(spec, max_bytes=None, max_rows=settings.max_rows, size_setting="max_rows")
         self.flushes_written = 0
         self.flushes_removed = 0
-        self._db = _acquire(sink.path, self._where)
+        self._db = acquire(sink.path, self._where)
         self._cur = self._db.con.cursor()
         self._generation = self._db.generation
         try:
@@ -426,7 +244,7 @@ class DuckDBSinkPartition(ReplaySafePartition):
                     raise
                 with self._db.lock:
                     if self._generation == self._db.generation:
-                        _heal(self._db, problem)
+                        heal(self._db, problem)
                 self._cur = self._db.con.cursor()
                 self._generation = self._db.generation
                 self._ensure_stream()
@@ -439,7 +257,7 @@ class DuckDBSinkPartition(ReplaySafePartition):
         cur, self._cur = self._cur, None
         if cur is not None:
             cur.close()
-            _release(self._db)
+            release(self._db)
 
     def close(self) -> None:
         """Flush everything still buffered and give the database connection back."""
@@ -464,7 +282,7 @@ class DuckDBSinkPartition(ReplaySafePartition):
                 ).fetchall()
                 exists = cur.execute(
                     "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-                    [_SCHEMA, spec.name],
+                    [SCHEMA, spec.name],
                 ).fetchone()
                 if exists and exists[0]:
                     have = cur.execute(f"DESCRIBE {self._table}").fetchall()
@@ -476,11 +294,11 @@ class DuckDBSinkPartition(ReplaySafePartition):
                     )
                 try:
                     cur.execute(
-                        f"CREATE OR REPLACE VIEW main.{_quote(spec.name)} AS "
+                        f"CREATE OR REPLACE VIEW main.{quote(spec.name)} AS "
                         f"SELECT {self._columns} FROM {self._table}"
                     )
                     for view, query in VIEWS.get(spec.name, {}).items():
-                        cur.execute(f"CREATE OR REPLACE VIEW main.{_quote(view)} AS {query}")
+                        cur.execute(f"CREATE OR REPLACE VIEW main.{quote(view)} AS {query}")
                 except duckdb.CatalogException as exc:
                     msg = (
                         f"{self._where}: cannot create the view main.{spec.name} in "
@@ -499,10 +317,10 @@ class DuckDBSinkPartition(ReplaySafePartition):
         got = [(row[0], row[1]) for row in have]
         if want != got:
             msg = (
-                f"{self._where}: table {_SCHEMA}.{self._spec.name} in {str(self._db.path)!r} "
+                f"{self._where}: table {SCHEMA}.{self._spec.name} in {str(self._db.path)!r} "
                 f"has columns {', '.join(f'{n} {t}' for n, t in got)}; the stream needs "
                 f"{', '.join(f'{n} {t}' for n, t in want)}. Hint: the stream's schema changed; "
-                f"rename the old table (ALTER TABLE {_SCHEMA}.{self._spec.name} RENAME TO ...) "
+                f"rename the old table (ALTER TABLE {SCHEMA}.{self._spec.name} RENAME TO ...) "
                 "or move edge.duckdb aside"
             )
             raise ValueError(msg)
@@ -518,18 +336,18 @@ class DuckDBSinkPartition(ReplaySafePartition):
         cur.begin()
         try:
             stale = cur.execute(
-                f"SELECT count(*) FROM {_SCHEMA}.flushes WHERE sink = ? AND part = ? AND seq >= ?",
+                f"SELECT count(*) FROM {SCHEMA}.flushes WHERE sink = ? AND part = ? AND seq >= ?",
                 [*key, next_seq],
             ).fetchone()
             removed = int(stale[0]) if stale else 0
             if removed:
                 cur.execute(
                     f"DELETE FROM {self._table} WHERE _flush IN (SELECT flush FROM "
-                    f"{_SCHEMA}.flushes WHERE sink = ? AND part = ? AND seq >= ?)",
+                    f"{SCHEMA}.flushes WHERE sink = ? AND part = ? AND seq >= ?)",
                     [*key, next_seq],
                 )
                 cur.execute(
-                    f"DELETE FROM {_SCHEMA}.flushes WHERE sink = ? AND part = ? AND seq >= ?",
+                    f"DELETE FROM {SCHEMA}.flushes WHERE sink = ? AND part = ? AND seq >= ?",
                     [*key, next_seq],
                 )
             cur.commit()
@@ -553,7 +371,7 @@ class DuckDBSinkPartition(ReplaySafePartition):
         assert cur is not None
         key = [self._step, self._part]
         row = cur.execute(
-            f"SELECT coalesce(max(seq) + 1, 0) FROM {_SCHEMA}.flushes WHERE sink = ? AND part = ?",
+            f"SELECT coalesce(max(seq) + 1, 0) FROM {SCHEMA}.flushes WHERE sink = ? AND part = ?",
             key,
         ).fetchone()
         after = int(row[0]) if row else 0
@@ -561,12 +379,12 @@ class DuckDBSinkPartition(ReplaySafePartition):
             return after
         store = recovery_store_id(self._recovery_dir)
         row = cur.execute(
-            f"SELECT store, base FROM {_SCHEMA}.sink_starts WHERE sink = ? AND part = ?", key
+            f"SELECT store, base FROM {SCHEMA}.sink_starts WHERE sink = ? AND part = ?", key
         ).fetchone()
         if row is not None and row[0] == store:
             return int(row[1])
         cur.execute(
-            f"INSERT OR REPLACE INTO {_SCHEMA}.sink_starts VALUES (?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO {SCHEMA}.sink_starts VALUES (?, ?, ?, ?)",
             [*key, store, after],
         )
         return after
@@ -599,7 +417,7 @@ class DuckDBSinkPartition(ReplaySafePartition):
         try:
             cur.begin()
             try:
-                row = cur.execute(f"SELECT nextval('{_SCHEMA}.flush_ids')").fetchone()
+                row = cur.execute(f"SELECT nextval('{SCHEMA}.flush_ids')").fetchone()
                 assert row is not None
                 flush = int(row[0])
                 cur.execute(
@@ -607,7 +425,7 @@ class DuckDBSinkPartition(ReplaySafePartition):
                     [flush],
                 )
                 cur.execute(
-                    f"INSERT INTO {_SCHEMA}.flushes VALUES (?, ?, ?, ?, ?, ?, now())",
+                    f"INSERT INTO {SCHEMA}.flushes VALUES (?, ?, ?, ?, ?, ?, now())",
                     [self._step, self._part, seq, self._spec.name, flush, table.num_rows],
                 )
                 cur.commit()
@@ -625,7 +443,7 @@ class DuckDBSinkPartition(ReplaySafePartition):
                 return table
             with self._db.lock:
                 if self._generation == self._db.generation:
-                    _heal(self._db, problem)
+                    heal(self._db, problem)
             return self._write_locked(table, healed=True)  # into the fresh file, once
         finally:
             try:

@@ -13,7 +13,7 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSource, cluster_main, run_main
 
-from connectors.sinks import duckdb as duckdb_mod
+from connectors.sinks import duckdb_file
 from connectors.sinks.duckdb import DuckDBSettings, DuckDBSink, DuckDBSinkPartition, copy_database
 from connectors.streams import STREAMS, to_table
 from tests.connectors.sinks.test_parquet_exactly_once import readings
@@ -176,7 +176,7 @@ def test_changed_stream_schema_is_refused_with_a_hint(tmp_path: Path) -> None:
     query(db, 'CREATE TABLE edgesieve."telemetry_points" (device VARCHAR, _flush BIGINT)')
     with pytest.raises(ValueError, match=r"has columns device VARCHAR, _flush BIGINT; the stream"):
         DuckDBSink(db, POINTS).build_part("s", "p0", None)
-    assert duckdb_mod._DATABASES == {}
+    assert duckdb_file.DATABASES == {}
 
 
 def test_an_object_in_the_way_of_the_view_is_reported(tmp_path: Path) -> None:
@@ -224,14 +224,14 @@ def test_a_copy_under_way_keeps_the_database_open_while_the_last_sink_closes(
     part.write_batch(readings(10))
     part.snapshot()
     copying, closed = threading.Event(), threading.Event()
-    current = duckdb_mod._current
+    current = duckdb_file._current
 
     def slow_current(con: duckdb.DuckDBPyConnection) -> str:
         copying.set()
         assert closed.wait(10)  # the sink closes while the copy is under way
         return current(con)
 
-    monkeypatch.setattr(duckdb_mod, "_current", slow_current)
+    monkeypatch.setattr(duckdb_file, "_current", slow_current)
     copy = tmp_path / "edge-copy.duckdb"
     copier = threading.Thread(target=copy_database, args=(db, copy))
     copier.start()
@@ -243,7 +243,7 @@ def test_a_copy_under_way_keeps_the_database_open_while_the_last_sink_closes(
     reader = duckdb.connect(str(copy), read_only=True)
     assert reader.execute(f"SELECT count(*) FROM {POINTS}").fetchall() == [(10,)]
     reader.close()
-    assert str(db.resolve()) not in {str(k) for k in duckdb_mod._DATABASES}  # closed by the copy
+    assert str(db.resolve()) not in {str(k) for k in duckdb_file.DATABASES}  # closed by the copy
 
 
 @pytest.mark.parametrize(
