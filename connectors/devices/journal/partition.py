@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -23,6 +24,8 @@ from connectors.devices.journal.format import (
     VACUUM_CHUNK,
     VACUUM_PAGES,
     WAL_LIMIT_BYTES,
+    WAL_PREALLOC_BYTES,
+    WAL_PREALLOC_SPARE_BYTES,
     _connect,
     digest_of,
     logger,
@@ -127,6 +130,7 @@ class _Partition:
         self.truncated = self.last if first is None else int(first) - 1
         self.oldest_us: int | None = None
         self.load_oldest()
+        preallocate_wal(self.path)
 
     def load_oldest(self) -> None:
         row = self.db.execute("SELECT received_at_us FROM messages ORDER BY seq LIMIT 1").fetchone()
@@ -237,6 +241,47 @@ class _Partition:
         if row is not None:
             return int(row[0])
         return self.find(digest_of(device, channel, payload))
+
+
+def preallocate_wal(path: Path) -> bool:
+    """Extend the WAL file of ``path`` with zeros to WAL_PREALLOC_BYTES (see there); True if done.
+
+    For the writer, before it commits: SQLite's frames in the file are left
+    as they are (only zeros are added past its end). Not done when less than
+    WAL_PREALLOC_SPARE_BYTES would stay free on the disk; a write that fails
+    (the disk filled meanwhile) cuts the file back to its size and logs why.
+    """
+    wal = path.with_name(path.name + "-wal")
+    fd = None
+    try:
+        size = wal.stat().st_size
+        if size >= WAL_PREALLOC_BYTES:
+            return True
+        needed = WAL_PREALLOC_BYTES - size + WAL_PREALLOC_SPARE_BYTES
+        if shutil.disk_usage(path.parent).free < needed:
+            return False
+        fd = os.open(wal, os.O_WRONLY)
+        try:
+            zeros = bytes(1 << 20)
+            end = size
+            while end < WAL_PREALLOC_BYTES:
+                end += os.pwrite(fd, zeros[: WAL_PREALLOC_BYTES - end], end)
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    except OSError as exc:
+        logger.info(
+            "journal %s: WAL not preallocated (%s: %s); SQLite grows it as it writes",
+            wal,
+            type(exc).__name__,
+            exc,
+        )
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return True
 
 
 def _prepare(db: sqlite3.Connection, path: Path, new: bool, partitions: int, sync: str) -> None:

@@ -6,6 +6,7 @@ import errno
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -31,7 +32,13 @@ from connectors.devices.journal import (
     journal_partitions,
     partition_of,
 )
-from connectors.devices.journal.format import part_path
+from connectors.devices.journal import partition as partition_module
+from connectors.devices.journal.format import (
+    WAL_PREALLOC_BYTES,
+    WAL_PREALLOC_SPARE_BYTES,
+    part_path,
+)
+from connectors.devices.journal.partition import preallocate_wal
 from operators.records import RawMessage
 
 REPO = Path(__file__).resolve().parents[3]
@@ -546,6 +553,102 @@ def test_wal_stays_bounded_under_continuous_commits_with_a_reader(root: Path, op
     db = journal._parts[0].db  # noqa: SLF001 - the writer's own connection
     assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
     reader.close()
+
+
+def needs_room_for_a_preallocated_wal(where: Path) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(where).free < WAL_PREALLOC_BYTES + WAL_PREALLOC_SPARE_BYTES:
+        pytest.skip("the disk has too little room free for a preallocated WAL")
+
+
+def test_commits_write_inside_the_preallocated_wal(root: Path, open_journal) -> None:
+    """The WAL file is opened at its preallocated size, so commits do not grow the file."""
+    needs_room_for_a_preallocated_wal(root)
+    journal = open_journal(partitions=1, sync="full")
+    wal = root / "part-0.sqlite-wal"
+    assert wal.stat().st_size == WAL_PREALLOC_BYTES
+    sent = [message(f"d{i % 7}", f"{i}".encode() * 50) for i in range(3000)]
+    for start in range(0, len(sent), 100):
+        futures = [journal.submit(m) for m in sent[start : start + 100]]
+        futures[-1].result(30)
+    assert wal.stat().st_size == WAL_PREALLOC_BYTES
+    assert [m.payload for _, m in read_all(root, 0)] == [m.payload for m in sent]
+    journal.close()
+    reopened = open_journal(partitions=1, sync="full")
+    assert reopened.submit(message("d", b"after")).result(10).offset == len(sent)
+    assert [m.payload for _, m in read_all(root, 0)][-1] == b"after"
+
+
+def test_preallocation_keeps_the_frames_sqlite_wrote(tmp_path: Path) -> None:
+    """Zeros go after the WAL's frames: a crashed file's commits are all read back."""
+    needs_room_for_a_preallocated_wal(tmp_path)
+    db = sqlite3.connect(tmp_path / "live.sqlite", isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA wal_autocheckpoint = 0")
+    db.execute("CREATE TABLE t (n INTEGER)")
+    for n in range(100):
+        db.execute("INSERT INTO t VALUES (?)", (n,))
+    crashed = tmp_path / "crashed.sqlite"  # the files as a kill -9 leaves them
+    for suffix in ("", "-wal"):
+        shutil.copyfile(tmp_path / f"live.sqlite{suffix}", tmp_path / f"crashed.sqlite{suffix}")
+    db.close()
+    frames = (tmp_path / "crashed.sqlite-wal").stat().st_size
+    assert 0 < frames < WAL_PREALLOC_BYTES
+
+    assert preallocate_wal(crashed)
+    assert (tmp_path / "crashed.sqlite-wal").stat().st_size == WAL_PREALLOC_BYTES
+    db = sqlite3.connect(crashed, isolation_level=None)
+    assert [n for (n,) in db.execute("SELECT n FROM t")] == list(range(100))
+    db.execute("INSERT INTO t VALUES (100)")
+    db.close()
+    db = sqlite3.connect(crashed)
+    assert db.execute("SELECT count(*), max(n) FROM t").fetchone() == (101, 100)
+    db.close()
+
+
+def test_preallocation_is_skipped_on_a_crowded_disk_and_undone_when_a_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "part-0.sqlite"
+    wal = tmp_path / "part-0.sqlite-wal"
+    wal.write_bytes(b"frames")
+    usage = shutil.disk_usage(tmp_path)
+    crowded = usage._replace(free=WAL_PREALLOC_BYTES + WAL_PREALLOC_SPARE_BYTES - 7)
+    with monkeypatch.context() as patch:
+        patch.setattr(partition_module.shutil, "disk_usage", lambda _: crowded)
+        assert not preallocate_wal(path)
+    assert wal.read_bytes() == b"frames"
+    assert not caplog.records  # not an error: the disk is kept for messages
+
+    needs_room_for_a_preallocated_wal(tmp_path)
+    written: list[int] = []
+    real_pwrite = os.pwrite
+
+    def fill_up(fd: int, data: bytes, offset: int) -> int:
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(offset)
+        return real_pwrite(fd, data, offset)  # the first MiB lands, then the disk is full
+
+    with monkeypatch.context() as patch, caplog.at_level("INFO", logger="edgesieve.journal"):
+        patch.setattr(partition_module.os, "pwrite", fill_up)
+        assert not preallocate_wal(path)
+    assert written == [len(b"frames")]
+    assert wal.read_bytes() == b"frames"  # cut back to its size
+    assert [r.getMessage() for r in caplog.records] == [
+        f"journal {wal}: WAL not preallocated (OSError: [Errno 28] No space left on device); "
+        "SQLite grows it as it writes"
+    ]
+
+    caplog.clear()
+    wal.unlink()
+    with caplog.at_level("INFO", logger="edgesieve.journal"):
+        assert not preallocate_wal(path)
+    assert not wal.exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"journal {wal}: WAL not preallocated (FileNotFoundError: [Errno 2] No such file or "
+        f"directory: '{wal}'); SQLite grows it as it writes"
+    ]
 
 
 def free_pages(root: Path) -> int:
