@@ -2,7 +2,10 @@
 
 The journal is ``partitions`` SQLite files ``part-<i>.sqlite`` (WAL) under
 ``data_dir/journal``; a device's messages always go to partition
-:func:`partition_of` of its id, so their order is kept.
+:func:`partition_of` of its id, so their order is kept. Each file's WAL is
+extended with zeros to ``WAL_PREALLOC_BYTES`` when the writer opens it (while
+the disk keeps ``WAL_PREALLOC_SPARE_BYTES`` free), so commits write inside the
+file and their syncs need not make a new file size durable.
 
 - **Append** (:class:`Journal`, one per process, guarded by an exclusive lock on
   ``writer.lock``): :meth:`Journal.submit` queues a message and returns a future
