@@ -17,8 +17,9 @@ buffered, the error is logged and the seal is retried after
 
 Recovery: a partition's snapshot is the rows it holds but has not sealed,
 :data:`CloudSinkState` ``{"version": 1, "buffer": [bytes, ...],
-"carry_raw_bytes": int, "carry_rows": int}`` (each buffered table as a zstd
-Arrow IPC stream, plus raw-byte accounting already claimed by a failed seal).
+"carry_raw_bytes": int, "carry_rows": int}`` (each buffered table as an Arrow
+IPC stream, :func:`connectors.sinks.timed.encode_buffer`, plus raw-byte
+accounting already claimed by a failed seal).
 The snapshot never writes to the outbox, so it cannot fail when the disk is
 full and it does not cut batches at every epoch. Resumed from it after a
 crash, the partition holds exactly the rows of the epochs up to the snapshot
@@ -40,11 +41,11 @@ import pyarrow as pa
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from connectors.common.stores import is_disk_full
-from connectors.sinks.timed import TimedFlushPartition
+from connectors.sinks.timed import TimedFlushPartition, encode_buffer
 from connectors.streams import StreamSpec, conform, spec_of, to_table
 from connectors.uplink.batch import Sealed
 from connectors.uplink.outbox import Outbox
-from connectors.uplink.seal import encode_ipc, seal
+from connectors.uplink.seal import seal
 from connectors.uplink.wire import priority_of
 
 __all__ = [
@@ -203,7 +204,7 @@ class _Segment:
     table: pa.Table
     arrived: float
     encoded: bytes | None = None
-    """The table as zstd Arrow IPC, once a snapshot needed it."""
+    """The table as :func:`encode_buffer` bytes, once a snapshot needed it."""
 
 
 class CloudSinkPartition(TimedFlushPartition, StatefulSinkPartition[object, CloudSinkState]):
@@ -272,7 +273,7 @@ class CloudSinkPartition(TimedFlushPartition, StatefulSinkPartition[object, Clou
             )
 
     def snapshot(self) -> CloudSinkState | None:
-        """The unsealed rows (zstd Arrow IPC per buffered table); None when nothing is held.
+        """The unsealed rows (Arrow IPC per buffered table); None when nothing is held.
 
         Taken under the lock, so it is the buffer before or after a seal, never
         half of one. Tables encoded for an earlier snapshot are not encoded again.
@@ -283,7 +284,7 @@ class CloudSinkPartition(TimedFlushPartition, StatefulSinkPartition[object, Clou
             buffer = []
             for segment in self._segments:
                 if segment.encoded is None:
-                    segment.encoded = encode_ipc(segment.table)
+                    segment.encoded = encode_buffer(segment.table)
                 buffer.append(segment.encoded)
             return {
                 "version": _STATE_VERSION,

@@ -11,7 +11,8 @@ Two bases build on :class:`TimedFlush`:
   exactly-once commit protocol of the local sinks. It buffers one stream's
   rows as Arrow tables, flushes by size and age, numbers every flush with a
   sequence number, and snapshots ``{"version": 1, "next_seq": int,
-  "buffer": [bytes, ...]}`` (the unflushed rows as zstd Arrow IPC streams).
+  "buffer": [bytes, ...]}`` (the unflushed rows as Arrow IPC streams,
+  :func:`encode_buffer`).
   A subclass writes a flush (``_write_locked``) and, when the partition is
   built, removes what flushes ``>= next_seq`` left behind (``_open``).
 
@@ -48,6 +49,7 @@ __all__ = [
     "TimedFlushPartition",
     "check_partitions",
     "check_recovery_dir",
+    "encode_buffer",
     "recovery_store_id",
 ]
 
@@ -59,7 +61,7 @@ SinkState = dict[str, Any]
 module becomes."""
 
 _STATE_VERSION = 1
-_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+_BUFFER_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4", use_threads=False)
 _GROWTH_FACTOR = 4
 _GROWTH_LOG_INTERVAL_S = 60.0
 _MAX_PARTITIONS = 1024
@@ -246,7 +248,7 @@ class ReplaySafePartition(TimedFlush, StatefulSinkPartition[object, SinkState]):
             if self._encoded_tables < len(self._tables):
                 new = self._tables[self._encoded_tables :]
                 table = pa.concat_tables(new) if len(new) > 1 else new[0]
-                self._encoded.append(_encode(table))
+                self._encoded.append(encode_buffer(table))
                 self._encoded_tables = len(self._tables)
             return {
                 "version": _STATE_VERSION,
@@ -368,9 +370,20 @@ class ReplaySafePartition(TimedFlush, StatefulSinkPartition[object, SinkState]):
         )
 
 
-def _encode(table: pa.Table) -> bytes:
+def encode_buffer(table: pa.Table) -> bytes:
+    """Buffered rows for a sink's snapshot: an Arrow IPC stream with LZ4-compressed buffers.
+
+    Compressed in the calling thread, not on Arrow's thread pool: under load
+    the flow's threads run below ingest (:mod:`connectors.devices.reader_priority`)
+    and a snapshot that handed its buffers to the pool waited 18-35 ms for
+    each. LZ4 rather than zstd: zstd creates a compression context for every
+    column buffer, which took 6 ms of CPU for 1,000 rows of
+    ``telemetry_points`` beside a busy ingest process, LZ4 under 1 ms; the
+    bytes are about 1.5 times zstd's. Snapshots written with zstd (before)
+    read back the same: the codec is recorded in the stream.
+    """
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
+    with pa.ipc.new_stream(sink, table.schema, options=_BUFFER_OPTIONS) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
