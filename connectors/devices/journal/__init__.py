@@ -13,7 +13,9 @@ file and their syncs need not make a new file size durable.
   future per message; one call per group for the messages appended with the
   same callback), :meth:`Journal.append_received` with the fields instead of a
   ``RawMessage``. A writer thread takes up to ``max_batch`` queued
-  messages (waiting up to ``linger`` for more), writes them in one transaction
+  messages (while fewer than its last group wait, up to ``linger`` after the
+  first for more; an idle writer is woken once as many as its last group are
+  queued, or looks every ``linger``), writes them in one transaction
   per partition (multi-row INSERTs; the partitions of a group are written and
   committed side by side), commits (``synchronous=FULL`` or ``NORMAL``), then
   resolves the futures and calls the callbacks in submission order, on the

@@ -92,7 +92,7 @@ class Journal(Admission):
         self._last_group = 0
         """Messages in the last group taken (writer thread)."""
         self._want = settings.max_batch
-        """Queued messages at which a lingering writer stops waiting."""
+        """Queued messages at which an append wakes the writer (it sets this before it waits)."""
         self._lock_file = _lock_writer(self.root)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -263,9 +263,8 @@ class Journal(Admission):
                         time.monotonic(),
                     )
                 )
-                waiting = len(queue)
-                if waiting == 1 or waiting == self._want:
-                    self._cond.notify()  # the writer waits for the first, or a full group
+                if len(queue) == self._want:
+                    self._cond.notify()  # the group the writer waits for is complete
                 return True
         done([token], [refused])
         return False
@@ -345,19 +344,36 @@ class Journal(Admission):
                     return
 
     def _take(self) -> list[_Item]:
-        """Up to max_batch queued items, waiting up to linger for more once one is there."""
+        """Up to max_batch queued items, waiting up to linger for more once one is there.
+
+        Linger only while fewer wait than the last group held: more are on
+        their way then (a burst, devices in lockstep, a backlog). Devices
+        that wait for their answer before sending again are all in the queue
+        already, and lingering would only delay them. The linger counts from
+        the first queued message's submission.
+
+        An idle writer expects a group like the last one: it is woken when
+        that many are queued, not by the first of them (a wake-up it cannot
+        use, which cost each group commit a GIL hand-off the device servers'
+        thread waited out), and looks every ``linger`` meanwhile, so a smaller
+        group still commits ``linger`` after its first message. A look that
+        finds nothing queued makes it expect single messages again: woken by
+        each first one, looking every READERS_POLL_S.
+        """
         max_batch = self._max_batch
+        linger = self._linger_s
         with self._cond:
             if not self._queue and not self._closing:
-                self._cond.wait(READERS_POLL_S)
+                expect = min(max_batch, self._last_group) if linger > 0 else 1
+                self._want = max(expect, 1)
+                self._cond.wait(linger if expect > 1 else READERS_POLL_S)
+                self._want = max_batch
             if not self._queue:
+                self._last_group = 0
                 return []
-            # Linger only while fewer wait than the last group held: more are on their way
-            # then (a burst, a backlog). Devices that wait for their answer before sending
-            # again are all in the queue already, and lingering would only delay them.
             want = min(max_batch, self._last_group)
-            if self._linger_s > 0 and len(self._queue) < want and not self._closing:
-                deadline = time.monotonic() + self._linger_s
+            if linger > 0 and len(self._queue) < want and not self._closing:
+                deadline = self._queue[0].submitted + linger
                 self._want = want
                 while len(self._queue) < want and not self._closing:
                     left = deadline - time.monotonic()

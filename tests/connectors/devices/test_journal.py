@@ -33,6 +33,7 @@ from connectors.devices.journal import (
     partition_of,
 )
 from connectors.devices.journal import partition as partition_module
+from connectors.devices.journal import writer as writer_module
 from connectors.devices.journal.format import (
     WAL_PREALLOC_BYTES,
     WAL_PREALLOC_SPARE_BYTES,
@@ -132,6 +133,43 @@ def test_futures_resolve_after_commit_and_callbacks_in_submission_order(
     assert journal.stats().commits >= 200 // 64
     for reader in readers:
         reader.close()
+
+
+def test_devices_in_lockstep_wake_the_writer_once_per_group(
+    open_journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer_module, "READERS_POLL_S", 5.0)  # an idle look must not be waited out
+    journal = open_journal(partitions=1, linger=timedelta(milliseconds=200))
+    wakes = []
+    notify = journal._cond.notify  # noqa: SLF001 - counting the writer's wake-ups
+    monkeypatch.setattr(journal._cond, "notify", lambda: (wakes.append(1), notify())[1])  # noqa: SLF001
+
+    def burst(devices: int, gap: float = 0.002) -> float:
+        """One message from each device, ``gap`` apart (the writer could wake in between)."""
+        started = time.monotonic()
+        futures = []
+        for i in range(devices):
+            futures.append(journal.submit(message(f"d{i}", b"1")))
+            if gap:
+                time.sleep(gap)
+        for future in futures:
+            future.result(10)
+        return time.monotonic() - started
+
+    burst(8, gap=0)  # one group of eight (queued before the writer gets the GIL)
+    wakes.clear()
+    commits = journal.stats().commits
+    for _ in range(20):  # eight devices that each wait for their answer before sending again
+        assert burst(8) < 0.15  # committed once all eight are queued, without lingering
+    assert len(wakes) == 20  # once a group, not also by each group's first message
+    assert journal.stats().commits - commits == 20
+    # Fewer than expected: committed a linger after the first, not at the next idle look.
+    elapsed = burst(3)
+    assert 0.15 <= elapsed < 1.5
+    # Nothing queued at the writer's next look: a single message is committed at once.
+    time.sleep(0.5)
+    assert burst(1) < 0.15
+    assert journal.submit(message("d0", b"2")).result(10).offset == 8 * 21 + 3 + 1  # none lost
 
 
 CHILD = r"""
