@@ -760,11 +760,11 @@ def test_timer_thread_survives_unexpected_errors(
         max_file_age=timedelta(milliseconds=50), retry_interval=timedelta(milliseconds=200)
     )
     part = part_factory(settings=settings)
-    part.write_batch(make_readings(3))
     with (
         caplog.at_level(logging.ERROR, logger=LOGGER),
         mock.patch.object(part, "_flush_locked", side_effect=RuntimeError("boom")) as broken,
     ):
+        part.write_batch(make_readings(3))  # inside: the timer may flush 50 ms after it
         assert wait_for(
             lambda: (
                 "a flush started by the timer thread failed unexpectedly; rows stay buffered"
