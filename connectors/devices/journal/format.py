@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -320,3 +322,44 @@ def _percentile(values: list[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def check_settings(settings: JournalSettings) -> None:
+    """Refuse settings no journal can run with (the message names the config key)."""
+    if settings.sync not in SYNC_MODES:
+        msg = (
+            f"journal.sync: must be one of {', '.join(SYNC_MODES)} (got {settings.sync!r}); "
+            "hint: full survives power loss, normal survives a crash of the process"
+        )
+        raise ValueError(msg)
+    if not 0 < settings.device_share <= 1:
+        msg = (
+            f"journal.device_share: must be above 0 and at most 1 (got {settings.device_share}); "
+            "hint: the fraction of journal.max_bytes one device may hold, e.g. 0.25 (1: no limit)"
+        )
+        raise ValueError(msg)
+    for name in ("partitions", "max_bytes", "max_batch"):
+        value = getattr(settings, name)
+        if value < 1:
+            msg = f"journal.{name}: must be at least 1 (got {value}); hint: leave it unset"
+            raise ValueError(msg)
+    if settings.linger < timedelta(0):
+        msg = f"journal.linger: must not be negative (got {settings.linger}); hint: 2 ms"
+        raise ValueError(msg)
+
+
+def lock_writer(root: Path):  # noqa: ANN202 - an open file
+    """Hold ``root/writer.lock`` exclusively (one writing Journal per directory), or raise."""
+    path = root / "writer.lock"
+    handle = open(path, "a+b")  # noqa: SIM115 - held open while the journal is
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        msg = (
+            f"journal {root} is already open for writing (lock {path} held, got "
+            f"{errno.errorcode.get(exc.errno or 0, exc)}); hint: one Journal per journal "
+            "directory, close the other one or stop the process holding it"
+        )
+        raise RuntimeError(msg) from exc
+    return handle

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import concurrent.futures
-import errno
-import fcntl
 import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from connectors.common.stores import corruption, is_disk_full
 from connectors.devices.journal.admission import Admission
-from connectors.devices.journal.checkpointer import FLAGGED, Checkpointer
+from connectors.devices.journal.checkpointer import Checkpointer
 from connectors.devices.journal.format import (
     _COLUMNS,
     CLOSE_TIMEOUT_S,
@@ -24,23 +22,20 @@ from connectors.devices.journal.format import (
     LATENCY_SAMPLES,
     NO_DIGEST,
     NOT_REDELIVERED,
-    PROBE_BYTES,
     PROBE_INTERVAL_S,
     READERS_POLL_S,
-    SYNC_MODES,
     TRUNCATE_BEHIND_S,
     TRUNCATE_BUSY_S,
-    VACUUM_PAGES,
     Committed,
     Done,
     JournalFull,
     JournalSettings,
     JournalStats,
     _percentile,
-    damage_flag,
+    check_settings,
     digest_of,
-    flagged,
     journal_partitions,
+    lock_writer,
     logger,
     partition_of,
     to_us,
@@ -51,6 +46,7 @@ from connectors.devices.journal.partition import (
     _Partition,
     plan_truncation,
 )
+from connectors.devices.journal.upkeep import Upkeep
 from operators.records import RawMessage
 
 
@@ -79,11 +75,11 @@ def _resolve(futures: list[Any], outcomes: list[Committed | BaseException]) -> N
             future.set_result(outcome)
 
 
-class Journal(Admission):
+class Journal(Admission, Upkeep):
     """The append side: one per process, thread-safe, group commit in a writer thread."""
 
     def __init__(self, settings: JournalSettings) -> None:
-        _check_settings(settings)
+        check_settings(settings)
         self.settings = settings
         self.root = Path(settings.root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -93,7 +89,7 @@ class Journal(Admission):
         """Messages in the last group taken (writer thread)."""
         self._want = settings.max_batch
         """Queued messages at which an append wakes the writer (it sets this before it waits)."""
-        self._lock_file = _lock_writer(self.root)
+        self._lock_file = lock_writer(self.root)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._parts: list[_Partition] = []
@@ -573,129 +569,6 @@ class Journal(Admission):
             self._duplicates += duplicates
         return outcome
 
-    def _fault(self, db: sqlite3.Connection) -> None:
-        hook = self._fault_hook
-        if hook is not None:
-            hook(db)
-
-    def _probe(self) -> None:
-        """Write and delete PROBE_BYTES in each partition; clear the disk-full state if it works."""
-        for part in self._parts:
-            db = part.db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._fault(db)
-                    db.execute(
-                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', zeroblob(?))",
-                        (PROBE_BYTES,),
-                    )
-                    db.execute("DELETE FROM meta WHERE key = 'probe'")
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
-            except Exception as exc:  # noqa: BLE001 - still full (or worse): try again later
-                logger.info("journal %s: write probe failed: %s", part.path, exc)
-                return
-        with self._cond:
-            self._disk_full = None
-
-    def _catch_up(self) -> None:
-        """Finish the checkpoints the checkpointer could not (the WAL starts over next commit)."""
-        for index in self._checkpointer.take_behind():
-            part = self._parts[index]
-            try:
-                part.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error as exc:
-                if (problem := corruption(exc)) is not None:
-                    self._heal(index, problem)
-                else:
-                    logger.info("journal %s: checkpoint failed: %s", part.path, exc)
-
-    def _truncate(self) -> None:
-        """Delete what the checkpointer found released, vacuum, heal what a reader flagged.
-
-        The checkpointer's survey reads what there is to do, so an idle pass
-        costs no statement here.
-        """
-        if self._broken is not None:
-            return
-        for part in self._parts:
-            survey = self._checkpointer
-            try:
-                index = part.index
-                plan = self._plans[index] or survey.take_plan(index)
-                self._plans[index] = None  # a failed chunk: the next survey plans again
-                count, size, sizes, self._plans[index] = part.truncate_chunk(plan)
-                if count:
-                    with self._lock:
-                        self._released(size, sizes)
-                elif survey.free_pages[part.index] > VACUUM_PAGES:
-                    survey.free_pages[part.index] = 0
-                    part.vacuum_chunk()
-            except sqlite3.Error as exc:
-                if (problem := corruption(exc)) is not None:
-                    self._heal(part.index, problem)
-                else:
-                    logger.exception("journal %s: truncation failed", part.path)
-        for part in self._parts:
-            problem = self._checkpointer.take_damage(part.index)
-            if problem == FLAGGED:
-                problem = flagged(part.path)
-            if problem is not None:
-                self._heal(part.index, problem)
-
-    def _heal(self, index: int, problem: str) -> None:
-        """Replace corrupt partition ``index`` by a fresh file with what is readable of it.
-
-        The writer thread's own work: its checkpointer's connections are
-        closed and reopened around it. Readers in other processes notice the
-        new file (:class:`JournalReader` compares inodes) and go on after
-        their offsets. A partition that cannot be replaced refuses messages
-        with the reason (devices are pushed back) until the edge restarts.
-        """
-        old = self._parts[index]
-        self._checkpointer.close()
-        old.db.close()
-        try:
-            part = _Partition(
-                self.root,
-                index,
-                self.settings.partitions,
-                self.settings.sync,
-                self._cond,
-                damage=problem,
-                last=old.last,
-            )
-        except (sqlite3.Error, OSError) as exc:
-            broken = (
-                f"journal partition {old.path} is corrupt ({problem}) and could not be replaced "
-                f"by a fresh one: {type(exc).__name__}: {exc}; hint: check that {self.root} is "
-                "writable, then restart the edge"
-            )
-            logger.error("%s", broken)
-            with self._cond:
-                self._broken = broken
-            return
-        with self._cond:
-            self._parts[index] = part
-            self._held_bytes = sum(p.bytes for p in self._parts)
-            # the devices' shares: what the fresh file holds, plus what waits in the queue
-            queued: dict[str, list[int]] = {}
-            for item in self._queue:
-                account = queued.setdefault(item.device, [0, 0])
-                account[0] += item.size
-                account[1] += 1
-            for p in self._parts:
-                for device, size in p.device_bytes().items():
-                    queued.setdefault(device, [0, 0])[0] += size
-            self._accounts = queued
-        damage_flag(old.path).unlink(missing_ok=True)
-        self._plans[index] = None  # it named rows of the file moved aside
-        self._checkpointer = Checkpointer(self._parts, self.settings.sync)
-
 
 def _in_rows(rows: list[object], item: _Item, digest: bytes) -> int | None:
     """The offset of the latest row in ``rows`` (this transaction's) ``item`` repeats, if any.
@@ -715,42 +588,3 @@ def _in_rows(rows: list[object], item: _Item, digest: bytes) -> int | None:
         ):
             return rows[start]  # type: ignore[return-value]
     return None
-
-
-def _check_settings(settings: JournalSettings) -> None:
-    if settings.sync not in SYNC_MODES:
-        msg = (
-            f"journal.sync: must be one of {', '.join(SYNC_MODES)} (got {settings.sync!r}); "
-            "hint: full survives power loss, normal survives a crash of the process"
-        )
-        raise ValueError(msg)
-    if not 0 < settings.device_share <= 1:
-        msg = (
-            f"journal.device_share: must be above 0 and at most 1 (got {settings.device_share}); "
-            "hint: the fraction of journal.max_bytes one device may hold, e.g. 0.25 (1: no limit)"
-        )
-        raise ValueError(msg)
-    for name in ("partitions", "max_bytes", "max_batch"):
-        value = getattr(settings, name)
-        if value < 1:
-            msg = f"journal.{name}: must be at least 1 (got {value}); hint: leave it unset"
-            raise ValueError(msg)
-    if settings.linger < timedelta(0):
-        msg = f"journal.linger: must not be negative (got {settings.linger}); hint: 2 ms"
-        raise ValueError(msg)
-
-
-def _lock_writer(root: Path):  # noqa: ANN202 - an open file
-    path = root / "writer.lock"
-    handle = open(path, "a+b")  # noqa: SIM115 - held open while the journal is
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        handle.close()
-        msg = (
-            f"journal {root} is already open for writing (lock {path} held, got "
-            f"{errno.errorcode.get(exc.errno or 0, exc)}); hint: one Journal per journal "
-            "directory, close the other one or stop the process holding it"
-        )
-        raise RuntimeError(msg) from exc
-    return handle
