@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 
 from connectors.common.stores import StoreRecoveryCollector, heal_recovery_store
 from connectors.devices.journal_source import JournalSource
+from connectors.devices.reader_priority import PRIORITY
 from connectors.sinks.cloud import CloudSink, CloudSinkSettings
 from connectors.sinks.duckdb import DuckDBSink, PeriodicCopy
 from connectors.sinks.parquet import ParquetSettings, ParquetSink
@@ -464,14 +465,15 @@ class Edge:
             try:
                 recovery = self.recovery_config(workers)
                 self.start_ingest()
-                cluster_main(
-                    flow,
-                    [],
-                    0,
-                    worker_count_per_proc=workers,
-                    epoch_interval=self.config.recovery.snapshot_interval,
-                    recovery_config=recovery,
-                )
+                with PRIORITY.adopted():  # its join loop wakes every millisecond
+                    cluster_main(
+                        flow,
+                        [],
+                        0,
+                        worker_count_per_proc=workers,
+                        epoch_interval=self.config.recovery.snapshot_interval,
+                        recovery_config=recovery,
+                    )
                 completed = True
             finally:
                 if copier is not None:

@@ -38,9 +38,11 @@ After a run that ended normally (every sink closed and flushed),
 CPU priority
 ------------
 Each read tells :data:`connectors.devices.reader_priority.PRIORITY` whether
-the flow is caught up (the read was partial and fresh) or behind (full, or
-its oldest message older than :data:`BEHIND_AGE`): caught up, the reading
-threads yield the CPU to the ingest process, whose answers devices wait for.
+the flow is caught up (its oldest message is fresh) or behind (older than
+:data:`BEHIND_AGE`): caught up, the reading threads yield the CPU to the
+ingest process, whose answers devices wait for. A full read of fresh
+messages is caught up too: a burst the ingest process has just committed
+is no reason to take a core from it.
 
 Stop
 ----
@@ -102,12 +104,13 @@ journal commit, not the flow.
 """
 
 
-BEHIND_AGE: Final = timedelta(seconds=1)
+BEHIND_AGE: Final = timedelta(milliseconds=250)
 """A read whose oldest message was received longer ago than this finds the flow behind.
 
-Besides a full read: a flow starved of CPU (see
-:mod:`connectors.devices.reader_priority`) under a light stream reads
-partial batches, but old ones.
+The age, not the batch size, decides: a flow yielding the CPU (see
+:mod:`connectors.devices.reader_priority`) that cannot keep up reads old
+messages within a quarter of a second, and takes its core back; a flow
+that keeps up while yielding leaves both cores' worth of slack to ingest.
 """
 
 
@@ -220,7 +223,7 @@ class JournalSourcePartition(StatefulSourcePartition[RawMessage, int]):
             full = (
                 len(batch) == self._max_batch or sum(len(m.payload) for _, m in batch) >= READ_BYTES
             )
-            if full or datetime.now(UTC) - batch[0][1].received_at > BEHIND_AGE:
+            if datetime.now(UTC) - batch[0][1].received_at > BEHIND_AGE:
                 PRIORITY.behind(self)  # before the batch is processed
             else:
                 PRIORITY.caught_up(self)

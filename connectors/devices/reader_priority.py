@@ -13,10 +13,11 @@ threads they started (their helpers: sink pools, the uplink sender; a thread
 is recognised by the OS name it inherited from its worker, ``timely:work-N``)
 run at Linux's ``SCHED_IDLE`` policy: they use the CPU whenever ingest does
 not want it, and an ingest thread that wakes takes the core at once. When a
-read finds a backlog (a full batch, or messages received over
-``BEHIND_AGE`` ago), they return to ``SCHED_OTHER`` before processing it, so
-a busy ingest process (or any other busy process) cannot starve the flow: it
-falls behind by one batch or a second, then shares the CPU as before.
+read finds a backlog (messages received over ``BEHIND_AGE`` ago), they
+return to ``SCHED_OTHER`` before processing it, so a busy ingest process (or
+any other busy process) cannot starve the flow: it falls behind by a quarter
+of a second, then shares the CPU as before. The thread that waits for the
+workers (:meth:`ReaderPriority.adopted`) follows them.
 
 Returning from ``SCHED_IDLE`` needs ``CAP_SYS_NICE`` (root has it) or an
 ``RLIMIT_NICE`` of at least 20 (systemd: ``LimitNICE=+0``). Without it, or off
@@ -34,6 +35,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -68,6 +71,8 @@ def _threads() -> set[int]:
 
 
 def _is_idle(tid: int) -> bool:
+    if _IDLE is None:
+        return False
     try:
         return os.sched_getscheduler(tid) == _IDLE
     except ProcessLookupError:
@@ -98,18 +103,19 @@ class ReaderPriority:
     """The policy of this process's journal-reading threads (one instance: :data:`PRIORITY`).
 
     A partition reports :meth:`caught_up` after a read that saw everything
-    committed, :meth:`behind` after a full read, :meth:`forget` when closed.
+    committed, :meth:`behind` after a read that found a backlog, :meth:`forget` when closed.
     The threads go to ``SCHED_IDLE`` while every known partition is caught
     up and back to ``SCHED_OTHER`` as soon as one is behind or none is left.
     A switch costs a system call per thread (tens of microseconds), so a
     flow that is just keeping up may switch at every read.
-    Reports from the main thread (Bytewax's ``run_main``) change nothing.
+    Reports from the main thread (Bytewax's ``run_main``) change nothing;
+    a thread follows the readers only inside :meth:`adopted`.
     """
 
     def __init__(self, *, enabled: bool = True) -> None:
         self._lock = threading.Lock()
         self._behind: dict[object, bool] = {}
-        """Per partition (its key): whether its last read was full."""
+        """Per partition (its key): whether its last read found a backlog."""
         self._readers: dict[int, str | None] = {}
         """Native id of each thread that reported, and its OS name."""
         self._idle = False
@@ -117,6 +123,8 @@ class ReaderPriority:
         """Every thread of the process seen so far: whether it is a reader or a helper."""
         self._usable: bool | None = None if enabled else False
         """Whether the policy can be changed and changed back here (None: not checked yet)."""
+        self._adopted: set[int] = set()
+        """Native ids of the threads that follow the readers (:meth:`adopted`)."""
 
     def enable(self) -> None:
         """Change the reading threads' policy from now on (checked first: see the module)."""
@@ -134,12 +142,39 @@ class ReaderPriority:
         """Whether the reading threads run at SCHED_IDLE now."""
         return self._idle
 
+    @contextmanager
+    def adopted(self) -> Iterator[None]:
+        """The calling thread follows the readers' policy for a block (and is normal after it).
+
+        For the thread that runs Bytewax's ``cluster_main`` (the main thread
+        in :meth:`flows.api.Edge.run`): it only waits for the workers, but
+        wakes every millisecond to check for signals. At normal priority those
+        wake-ups land on a core an ingest thread wants while the flow is
+        caught up. At ``SCHED_IDLE`` a signal is still handled, once the CPU
+        is free or the flow is behind.
+        """
+        tid = threading.get_native_id()
+        with self._lock:
+            self._adopted.add(tid)
+            if self._idle:
+                _set_policy(tid, idle=True)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._adopted.discard(tid)
+                try:
+                    if _is_idle(tid):
+                        _set_policy(tid, idle=False)
+                except OSError as exc:  # a capability dropped meanwhile
+                    log.info("journal readers: cannot change the CPU policy any more (%s)", exc)
+
     def caught_up(self, key: object) -> None:
         """Partition ``key`` read everything committed (called on its reading thread)."""
         self._report(key, behind=False)
 
     def behind(self, key: object) -> None:
-        """Partition ``key`` read a full batch: more is waiting (called on its reading thread)."""
+        """Partition ``key`` read a backlog: it is behind (called on its reading thread)."""
         self._report(key, behind=True)
 
     def forget(self, key: object) -> None:
@@ -221,7 +256,7 @@ class ReaderPriority:
             members[tid] = tid in self._readers or (bool(names) and _comm(tid) in names)
         for tid in members.keys() - tids:
             del members[tid]
-        return sorted(tid for tid, member in members.items() if member)
+        return sorted({tid for tid, member in members.items() if member} | self._adopted & tids)
 
 
 PRIORITY: Final = ReaderPriority()

@@ -64,9 +64,13 @@ def on_thread(name: str, work: Callable[[], object]) -> object:
     return result[0]
 
 
+OLD = datetime.now(UTC) - BEHIND_AGE - timedelta(seconds=1)
+"""A receipt time that finds the flow behind."""
+
+
 @needs_policy
 def test_caught_up_readers_and_their_helpers_idle_behind_back_to_normal(tmp_path):
-    write(tmp_path, 30)
+    write(tmp_path, 30, received_at=OLD)
     source = JournalSource(tmp_path, reader="flow", partitions=1, max_batch=10)
     part = source.build_part("in", "journal-0", None)
     seen: dict[str, object] = {}
@@ -78,15 +82,18 @@ def test_caught_up_readers_and_their_helpers_idle_behind_back_to_normal(tmp_path
         me, other = threading.get_native_id(), helper.native_id
         assert other is not None
         for _ in range(3):
-            assert len(part.next_batch()) == 10  # a full batch: behind
+            assert len(part.next_batch()) == 10  # a backlog: behind
             seen.setdefault("behind", []).append((idle(me), idle(other)))  # type: ignore[union-attr]
         assert part.next_batch() == []  # everything read: caught up
         seen["caught up"] = (idle(me), idle(other))
-        write(tmp_path, 15)  # ingest commits more: the next read is full again
-        assert len(part.next_batch()) == 10
-        seen["behind again"] = (idle(me), idle(other))
-        assert len(part.next_batch()) == 5  # partial: caught up
+        write(tmp_path, 15)  # a burst ingest has just committed
+        assert len(part.next_batch()) == 10  # full, but fresh: still caught up
+        seen["full and fresh"] = (idle(me), idle(other))
+        assert len(part.next_batch()) == 5
         seen["partial"] = (idle(me), idle(other))
+        write(tmp_path, 2, received_at=OLD)
+        assert len(part.next_batch()) == 2  # partial, but old: behind
+        seen["behind again"] = (idle(me), idle(other))
         part.close()
         seen["closed"] = (idle(me), idle(other))
         stop.set()
@@ -96,8 +103,9 @@ def test_caught_up_readers_and_their_helpers_idle_behind_back_to_normal(tmp_path
     assert seen == {
         "behind": [(False, False)] * 3,
         "caught up": (True, True),
-        "behind again": (False, False),
+        "full and fresh": (True, True),
         "partial": (True, True),
+        "behind again": (False, False),
         "closed": (False, False),
     }
     assert not idle(0)  # this thread (the main one, another OS name) was never touched
@@ -106,7 +114,7 @@ def test_caught_up_readers_and_their_helpers_idle_behind_back_to_normal(tmp_path
 @needs_policy
 def test_a_partial_read_of_old_messages_finds_the_flow_behind(tmp_path):
     """A flow starved of CPU under a light stream reads partial batches, but late ones."""
-    write(tmp_path, 3, received_at=datetime.now(UTC) - BEHIND_AGE - timedelta(seconds=1))
+    write(tmp_path, 3, received_at=OLD)
     write(tmp_path, 3)
     source = JournalSource(tmp_path, reader="flow", partitions=1, max_batch=100)
     part = source.build_part("in", "journal-0", None)
@@ -173,8 +181,39 @@ def test_the_main_thread_is_never_lowered():
 
 
 @needs_policy
+def test_an_adopted_thread_follows_the_readers_and_is_normal_after_the_block():
+    priority = ReaderPriority(enabled=True)
+
+    def report(key: str, behind: bool) -> None:
+        on_thread("timely:work-3", lambda: (priority.behind if behind else priority.caught_up)(key))
+
+    def waiter() -> list[bool]:  # another OS name than the readers: only adoption moves it
+        seen = []
+        with priority.adopted():
+            seen.append(idle(0))  # no reader yet: normal
+            report("p0", behind=False)
+            seen.append(idle(0))
+            report("p0", behind=True)
+            seen.append(idle(0))
+            report("p0", behind=False)
+            seen.append(idle(0))
+        seen.append(idle(0))  # the block is over: normal, the readers still idle
+        report("p0", behind=True)
+        report("p0", behind=False)
+        seen.append(idle(0))  # not adopted any more: left alone
+        with priority.adopted():  # adopted while the readers idle: at once
+            seen.append(idle(0))
+        seen.append(idle(0))
+        priority.forget("p0")
+        return seen
+
+    assert on_thread("cluster", waiter) == [False, True, False, True, False, False, True, False]
+
+
+@needs_policy
 def test_a_flow_on_worker_threads_ends_with_every_thread_normal(tmp_path):
-    write(tmp_path, 50)
+    write(tmp_path, 40, received_at=OLD)
+    write(tmp_path, 10)
     source = JournalSource(tmp_path, reader="flow", partitions=1, max_batch=20)
     seen: list[bool] = []
 
@@ -189,8 +228,8 @@ def test_a_flow_on_worker_threads_ends_with_every_thread_normal(tmp_path):
     op.output("out", op.map("look", op.input("in", flow, source), look), TestingSink(out))
     cluster_main(flow, [], 0, worker_count_per_proc=2)
     assert len(out) == 50
-    assert seen[:40] == [False] * 40  # two full batches: processed at normal priority
-    assert seen[40:] == [True] * 10  # the partial one: caught up, processed at SCHED_IDLE
+    assert seen[:40] == [False] * 40  # two batches of old messages: processed at normal priority
+    assert seen[40:] == [True] * 10  # fresh ones: caught up, processed at SCHED_IDLE
     tasks = Path("/proc/self/task")
     assert not [t.name for t in tasks.iterdir() if idle(int(t.name))]
 
