@@ -23,7 +23,7 @@ import time
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,8 @@ from prometheus_client import CollectorRegistry
 from connectors.common.stores import StoreRecoveryCollector, heal_recovery_store
 from connectors.devices.journal_source import JournalSource
 from connectors.devices.reader_priority import PRIORITY
-from connectors.sinks.cloud import CloudSink, CloudSinkSettings
-from connectors.sinks.duckdb import DuckDBSink, PeriodicCopy
-from connectors.sinks.parquet import ParquetSettings, ParquetSink
-from connectors.streams import STREAMS, StreamSpec, declare
+from connectors.sinks.duckdb import PeriodicCopy
+from connectors.streams import declare
 from connectors.uplink.wire import priority_of
 from flows.accounting import FlowReport, IngestCollector, JournalCollector, Meter, report
 from flows.cloud import CloudLink
@@ -55,6 +53,7 @@ from flows.ingest_process import journal_partition_count
 from flows.ingest_stats import read_snapshot
 from flows.ingest_supervisor import JournalFeed
 from flows.inputs import Devices, decoded_devices, unkeyed
+from flows.outputs import Output, attach_outputs, by_device, cloud_default
 from flows.status import RECENT_ALARMS, edge_status
 from flows.transports import require_transports
 from operators.records import (
@@ -67,34 +66,8 @@ __all__ = ["Devices", "Edge", "RunResult"]
 
 log = logging.getLogger("edgesieve.run")
 
-CLOUD_BY_DEFAULT = frozenset(
-    {
-        "telemetry_summary",
-        "vibration_features",
-        "alarms",
-        "device_attributes",
-        "log_events",
-        "log_summary",
-    }
-)
-"""Streams sent to the cloud when ``cloud`` is configured (points with ``cloud.send_points``)."""
-
 DROPPED = "dropped_"
 """Prefix of the stages counting what a filter dropped: ``dropped_<step>_<reason>``."""
-
-LOCAL_ONLY = frozenset({"telemetry_text", "dead_letters"})
-"""Streams that stay on the edge unless an output asks for ``cloud=True``."""
-
-
-@dataclass
-class _Output:
-    spec: StreamSpec
-    model: str
-    """The standard stream whose defaults it takes (``alarms`` for alarm rows)."""
-    priority: int
-    max_file_age: timedelta | None
-    streams: list[tuple[Stream[Any], bool, bool]] = field(default_factory=list)
-    """Each output of the stream: ``(items, local, cloud)``."""
 
 
 @dataclass
@@ -160,7 +133,7 @@ class Edge:
         self._shared = _Shared(config, name, stop)
         self.meter = Meter(name, self._shared.registry)
         self._prefix = ""
-        self._outputs: dict[str, _Output] = {}
+        self._outputs: dict[str, Output] = {}
         self._letters = 0
         self._shared.parts.append(self)
 
@@ -312,7 +285,7 @@ class Edge:
             )
             raise ValueError(msg)
         if cloud is None:
-            cloud = self._cloud_default(model)
+            cloud = cloud_default(self.config, model)
         if priority is None:
             priority = priority_of(model)
         if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
@@ -320,7 +293,7 @@ class Edge:
             raise ValueError(msg)
         existing = self._outputs.get(stream)
         if existing is None:
-            existing = self._outputs[stream] = _Output(spec, model, priority, max_file_age)
+            existing = self._outputs[stream] = Output(spec, model, priority, max_file_age)
         elif existing.spec.schema != spec.schema:
             msg = (
                 f"{where}: the stream was already declared with other columns; "
@@ -362,7 +335,7 @@ class Edge:
             for item in batch:
                 gone = unkeyed(item)
                 stage = f"{DROPPED}{gone.step_id}_{gone.reason}"
-                stages.setdefault(stage, Tally())[_by_device(gone.item)[0]] += 1
+                stages.setdefault(stage, Tally())[by_device(gone.item)[0]] += 1
             for stage, devices in stages.items():
                 meter.add(stage, devices)
             return ()
@@ -390,17 +363,7 @@ class Edge:
 
         settings = mqtt_settings(self.config, channels=(self.name,), role=step_id)
         sink = MqttSink(settings, topic=topic, payload=payload)
-        op.output(self.id(step_id), op.map(self.id(f"{step_id}_key"), up, _by_device), sink)
-
-    def _cloud_default(self, model: str) -> bool:
-        cloud = self.config.cloud
-        if cloud is None:
-            return False
-        if model == "telemetry_points":
-            return cloud.send_points
-        if model in LOCAL_ONLY:
-            return False
-        return model in CLOUD_BY_DEFAULT or model not in STREAMS
+        op.output(self.id(step_id), op.map(self.id(f"{step_id}_key"), up, by_device), sink)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -580,6 +543,20 @@ class Edge:
             )
             raise RuntimeError(msg)
 
+    def _attach_outputs(self) -> None:
+        if not self._outputs:
+            return
+        recovery = self.recovery_dir if self.recovery_config() is not None else None
+        attach_outputs(
+            self._outputs,
+            self.config,
+            self.meter,
+            self.id,
+            link=self._shared.link,
+            alarms=self._shared.alarms,
+            recovery_dir=recovery,
+        )
+
     def _route_leftovers(self) -> None:
         """Dead-letter decode errors and any kind of record no step took."""
         shared = self._shared
@@ -613,106 +590,3 @@ class Edge:
         owned = {part.name for part in owners.values()}
         rest = op.filter("_errors_unowned", shared.errors, lambda kv: kv[0] not in owned)
         self.dead_letters(op.merge("_dead_letters", rest, *letters))
-
-    def _attach_outputs(self) -> None:
-        config = self.config
-        link = self._shared.link
-        for name, out in self._outputs.items():
-            here = [s for s, local, _ in out.streams if local]
-            there = [s for s, _, cloud in out.streams if cloud]
-            alarms = self._shared.alarms if out.model == "alarms" else None
-            rows = self._merged(name, here or there, counted=True, alarms=alarms)
-            if there and there != (here or there):
-                rows_for_cloud = self._merged(f"{name}_cloud", there)
-            else:
-                rows_for_cloud = rows
-            recovery = self.recovery_dir if self.recovery_config() is not None else None
-            partitions = config.recovery.partitions
-            if config.sinks.parquet and here:
-                age = (
-                    out.max_file_age
-                    if out.max_file_age is not None
-                    else (config.parquet.max_file_age)
-                )
-                parquet = ParquetSink(
-                    config.data_dir / "parquet",
-                    out.spec,
-                    partitions=partitions,
-                    settings=ParquetSettings(
-                        max_file_bytes=config.parquet.max_file_bytes, max_file_age=age
-                    ),
-                    on_write=self.meter.on_file,
-                    recovery_dir=recovery,
-                )
-                op.output(self.id(f"out_{name}"), rows, parquet)
-            if config.sinks.duckdb and here:
-                local = DuckDBSink(
-                    config.data_dir / "edge.duckdb",
-                    out.spec,
-                    partitions=partitions,
-                    recovery_dir=recovery,
-                )
-                op.output(self.id(f"duckdb_{name}"), rows, local)
-            if there and link is not None and config.cloud is not None:
-                meter = self.meter
-                sink = CloudSink(
-                    link.open,
-                    config.edge_id,
-                    out.spec,
-                    settings=CloudSinkSettings(
-                        max_rows=config.cloud.batch_rows,
-                        max_age=(
-                            config.cloud.alarm_batch_age
-                            if out.priority == 0
-                            else config.cloud.batch_age
-                        ),
-                    ),
-                    priority=out.priority,
-                    raw_bytes=lambda _rows, m=meter: m.claim_raw_bytes(),
-                    on_seal=lambda s, m=meter: m.on_wire(s.stream, s.rows, len(s.payload)),
-                    partitions=config.cloud.partitions,
-                )
-                op.output(self.id(f"cloud_{name}"), rows_for_cloud, sink)
-
-    def _merged(
-        self,
-        name: str,
-        streams: list[Stream[Any]],
-        *,
-        counted: bool = False,
-        alarms: deque[Any] | None = None,
-    ) -> Any:
-        """``streams`` as one, keyed by device for the sinks (and counted in the report).
-
-        Counted rows are also appended to ``alarms`` (the status's recent alarms) when given.
-        """
-        up = streams[0] if len(streams) == 1 else op.merge(self.id(f"merge_{name}"), *streams)
-        if counted:
-            count = _counter(self.meter, name, alarms)
-            return op.flat_map_batch(self.id(f"count_{name}"), up, count)
-        return op.map(self.id(f"key_{name}"), up, _by_device)
-
-
-def _by_device(item: Any) -> tuple[str, Any]:
-    """``(device, record)`` of a record, keyed or not: what the partitioned sinks route on."""
-    record = item[1] if type(item) is tuple else item
-    return str(getattr(record, "device", "") or ""), record
-
-
-def _counter(
-    meter: Meter, stream: str, recent: deque[Any] | None = None
-) -> Callable[[list[Any]], list[Any]]:
-    """A batch mapper that keys items by device (see :func:`_by_device`) and counts them.
-
-    With ``recent`` (a bounded deque) the last rows are kept there too.
-    """
-
-    def count(batch: list[Any]) -> list[Any]:
-        items = [_by_device(x) for x in batch]
-        devices: Tally[str] = Tally(device for device, _ in items)
-        meter.add(stream, devices)
-        if recent is not None:
-            recent.extend(record for _, record in items[-RECENT_ALARMS:])
-        return items
-
-    return count
