@@ -157,17 +157,14 @@ class ReaderPriority:
         with self._lock:
             self._adopted.add(tid)
             if self._idle:
-                _set_policy(tid, idle=True)
+                self._set([tid], idle=True)
         try:
             yield
         finally:
             with self._lock:
                 self._adopted.discard(tid)
-                try:
-                    if _is_idle(tid):
-                        _set_policy(tid, idle=False)
-                except OSError as exc:  # a capability dropped meanwhile
-                    log.info("journal readers: cannot change the CPU policy any more (%s)", exc)
+                if _is_idle(tid):
+                    self._set([tid], idle=False)
 
     def caught_up(self, key: object) -> None:
         """Partition ``key`` read everything committed (called on its reading thread)."""
@@ -226,17 +223,22 @@ class ReaderPriority:
         """
         if idle == self._idle and not force:
             return
+        tids = self._family(renamed=force)  # also when not idle: a new reader's helpers
+        if not idle:
+            tids = [tid for tid in _threads() if _is_idle(tid)]
+        if self._set(tids, idle=idle):
+            self._idle = idle
+
+    def _set(self, tids: list[int], *, idle: bool) -> bool:
+        """Move ``tids`` to ``idle`` (hold ``_lock``); False, and no more tries, if refused."""
         try:
-            tids = self._family(renamed=force)
-            if not idle:
-                tids = [tid for tid in _threads() if _is_idle(tid)]
             for tid in tids:
                 _set_policy(tid, idle)
         except OSError as exc:  # a capability dropped meanwhile: stop trying
             log.info("journal readers: cannot change the CPU policy any more (%s)", exc)
             self._usable = False
-            return
-        self._idle = idle
+            return False
+        return True
 
     def _family(self, *, renamed: bool) -> list[int]:
         """The reading threads, and every thread that carries one's OS name (its helpers).
