@@ -42,19 +42,8 @@ Answers and rules:
 - A packet larger than ``max_payload_bytes`` plus its topic closes the
   connection before its body is read (as ThingsBoard does).
 - Keepalive: a connection silent for 1.5 times its keepalive is closed.
-- Subscriptions to ``v1/devices/me/attributes``,
-  ``v1/devices/me/attributes/response/+``, ``v1/devices/me/rpc/request/+``,
-  ``v1/devices/me/rpc/response/+`` (and a gateway's ``v1/gateway/attributes``,
-  ``v1/gateway/attributes/response``, ``v1/gateway/rpc``) are granted at QoS 0
-  or 1; any other filter gets the failure code 0x80. The edge sends no shared
-  attribute updates or server-side RPCs (it has no cloud-side device state).
-- RPC ``v1/devices/me/rpc/request/<id>`` with ``{"method": "getSessionLimits"}``
-  is answered on ``v1/devices/me/rpc/response/<id>`` with the edge's limits in
-  ThingsBoard's shape (``maxPayloadSize``, ``maxInflightMessages``,
-  ``rateLimits`` with empty strings: the edge does not rate-limit, it pushes
-  back); any other method is answered ``{"error": "..."}``. An attribute
-  request ``v1/devices/me/attributes/request/<id>`` is answered ``{}`` (the
-  edge keeps no server-side or shared attributes).
+- Subscriptions, RPC and attribute requests: see
+  :mod:`connectors.devices.mqtt_device_api`.
 
 The MQTT codec is this module's own (MQTT 3.1.1 and 5, the part a device
 server needs): the maintained Python brokers (amqtt) acknowledge a QoS 1 PUBLISH in
@@ -73,21 +62,47 @@ import struct
 from collections import Counter
 from typing import Final
 
-from connectors.codecs.attributes_json import ATTRIBUTES
 from connectors.codecs.decode import refused_channel
 from connectors.common.address import parse_host_port
 from connectors.devices.ingress import Ingress, Verdict
 from connectors.devices.keepalive import Keepalive
-from connectors.devices.mqtt_gateway import GATEWAY, GATEWAY_FILTERS, route
+from connectors.devices.mqtt_device_api import (
+    API_HINT,
+    ATTRIBUTES_REQUEST,
+    ATTRIBUTES_RESPONSE,
+    REFUSED,
+    RPC_REQUEST,
+    RPC_RESPONSE,
+    TOPIC_CHANNELS,
+    granted_qos,
+    rpc_answer,
+)
+from connectors.devices.mqtt_gateway import GATEWAY, route
 from connectors.devices.mqtt_wire import (
+    ACCEPTED,
+    BAD_CLIENT_ID,
+    BAD_CREDENTIALS,
+    BAD_VERSION,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PUBLISH,
+    SUBSCRIBE,
+    UNAVAILABLE,
+    UNSUBSCRIBE,
     Closed,
-    encode_length,
-    encode_string,
+    connack,
+    parse_connect,
+    puback,
+    publish_qos0,
+    read_packet,
     read_string,
-    read_varint,
+    skip_properties,
+    suback,
+    subscription_filters,
+    unsuback,
 )
 from connectors.devices.registry import Device, DeviceRegistry
-from operators.records import LOGS, TELEMETRY
 
 __all__ = ["MqttServer"]
 
@@ -106,31 +121,6 @@ _RETRY_MIN_S: Final = 0.05
 _RETRY_MAX_S: Final = 1.0
 _TOPIC_HEADROOM: Final = 64 * 1024
 """Bytes a PUBLISH may carry besides its payload (topic, packet id)."""
-
-CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
-SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11
-PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
-
-ACCEPTED, BAD_VERSION, BAD_CLIENT_ID, UNAVAILABLE, BAD_CREDENTIALS = 0, 1, 2, 3, 4
-_V5_CONNACK: Final = {ACCEPTED: 0x00, BAD_CLIENT_ID: 0x85, UNAVAILABLE: 0x88, BAD_CREDENTIALS: 0x86}
-"""MQTT 5 reason codes of the 3.1.1 return codes."""
-
-TELEMETRY_TOPIC: Final = "v1/devices/me/telemetry"
-ATTRIBUTES_TOPIC: Final = "v1/devices/me/attributes"
-LOGS_TOPIC: Final = "v1/devices/me/logs"
-RPC_REQUEST: Final = "v1/devices/me/rpc/request/"
-RPC_RESPONSE: Final = "v1/devices/me/rpc/response/"
-ATTRIBUTES_REQUEST: Final = "v1/devices/me/attributes/request/"
-ATTRIBUTES_RESPONSE: Final = "v1/devices/me/attributes/response/"
-DEVICE_FILTERS: Final = frozenset(
-    {
-        ATTRIBUTES_TOPIC,
-        ATTRIBUTES_RESPONSE + "+",
-        RPC_REQUEST + "+",
-        RPC_RESPONSE + "+",
-    }
-)
-_API: Final = f"publish to {TELEMETRY_TOPIC}, {ATTRIBUTES_TOPIC} or {LOGS_TOPIC}"
 
 
 class MqttServer:
@@ -195,18 +185,6 @@ class MqttServer:
     def connections(self) -> int:
         """Devices and gateways connected now."""
         return sum(self._per_device.values())
-
-    def session_limits(self, device: Device) -> dict[str, object]:
-        """The ``getSessionLimits`` answer, in ThingsBoard's shape."""
-        no_limits = {"messages": "", "telemetryMessages": "", "telemetryDataPoints": ""}
-        limits: dict[str, object] = {
-            "maxPayloadSize": self._ingress.max_payload_bytes,
-            "maxInflightMessages": self.max_inflight,
-            "rateLimits": no_limits,
-        }
-        if device.gateway is not None:
-            limits["gatewayRateLimits"] = dict(no_limits)
-        return limits
 
     async def start(self) -> None:
         """Bind ``listen`` and serve; raise OSError naming the address if it cannot be used."""
@@ -274,6 +252,7 @@ class _Connection:
         self._forgotten = False
         self.v5 = False
         self.peer = writer.get_extra_info("peername")
+        self.max_packet = server._ingress.max_payload_bytes + _TOPIC_HEADROOM
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -336,7 +315,9 @@ class _Connection:
 
     async def _connect(self) -> float:
         """Read CONNECT, authenticate, answer CONNACK; the keepalive timeout (0: none)."""
-        kind, _, body = await asyncio.wait_for(self._packet(), CONNECT_TIMEOUT_S)
+        kind, _, body = await asyncio.wait_for(
+            read_packet(self.reader, self.max_packet), CONNECT_TIMEOUT_S
+        )
         if kind != CONNECT:
             msg = f"the first packet was type {kind}, not CONNECT"
             raise Closed(msg)
@@ -347,24 +328,16 @@ class _Connection:
             raise Closed(msg) from None
 
     def _login(self, body: bytes) -> float:
-        name, at = read_string(body, 0)
-        level, flags, keepalive = body[at], body[at + 1], struct.unpack_from("!H", body, at + 2)[0]
-        at += 4
-        if name != "MQTT" or level not in (4, 5):
+        connect = parse_connect(body)
+        if connect.protocol != "MQTT" or connect.level not in (4, 5):
             self._send(bytes((0x20, 2, 0, BAD_VERSION)))
-            msg = f"protocol {name!r} level {level}; only MQTT 3.1.1 and 5 are served"
+            msg = (
+                f"protocol {connect.protocol!r} level {connect.level}; "
+                "only MQTT 3.1.1 and 5 are served"
+            )
             raise Closed(msg)
-        self.v5 = level == 5
-        at = self._skip_properties(body, at)
-        client_id, at = read_string(body, at)
-        if flags & 0x04:  # will properties, topic and message: read and ignore
-            at = self._skip_properties(body, at)
-            _, at = read_string(body, at)
-            (size,) = struct.unpack_from("!H", body, at)
-            at += 2 + size
-        token = ""
-        if flags & 0x80:
-            token, at = read_string(body, at)
+        self.v5 = connect.v5
+        client_id, token = connect.client_id, connect.username
         server = self.server
         device = server._registry.lookup(token) if token else None
         if device is None:
@@ -375,7 +348,7 @@ class _Connection:
                 "token from devices.yaml"
             )
             raise Closed(msg)
-        if not client_id and not flags & 0x02 and not self.v5:
+        if not client_id and not connect.clean and not self.v5:
             self._connack(BAD_CLIENT_ID)
             msg = f"{device.id}: an empty client id needs clean session (CONNACK 2)"
             raise Closed(msg)
@@ -408,9 +381,9 @@ class _Connection:
             "gateway " if device.gateway is not None else "",
             device.id,
             client_id,
-            keepalive,
+            connect.keepalive,
         )
-        return keepalive * KEEPALIVE_FACTOR
+        return connect.keepalive * KEEPALIVE_FACTOR
 
     async def _serve(self, keepalive: float) -> None:
         watchdog = Keepalive(keepalive) if keepalive else None
@@ -425,7 +398,7 @@ class _Connection:
             if watchdog is not None:
                 watchdog.reading()
             try:
-                kind, flags, body = await self._packet()
+                kind, flags, body = await read_packet(self.reader, self.max_packet)
             except asyncio.CancelledError:
                 if watchdog is None or not watchdog.fired:
                     raise
@@ -451,54 +424,17 @@ class _Connection:
 
     # -- packets --------------------------------------------------------------------------
 
-    async def _packet(self) -> tuple[int, int, bytes]:
-        head = await self.reader.readexactly(1)
-        size, shift = 0, 0
-        for _ in range(4):
-            (byte,) = await self.reader.readexactly(1)
-            size |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                break
-            shift += 7
-        else:
-            msg = "malformed remaining length"
-            raise Closed(msg)
-        limit = self.server._ingress.max_payload_bytes + _TOPIC_HEADROOM
-        if size > limit:
-            msg = (
-                f"a packet of {size} bytes is over the limit of {limit} (max_payload_bytes "
-                "plus the topic); split the payload into smaller messages"
-            )
-            raise Closed(msg)
-        body = await self.reader.readexactly(size) if size else b""
-        return head[0] >> 4, head[0] & 0x0F, body
-
-    def _skip_properties(self, body: bytes, at: int) -> int:
-        """``at`` past an MQTT 5 property list (none in 3.1.1); the properties are not used."""
-        if not self.v5:
-            return at
-        size, at = read_varint(body, at)
-        return at + size
-
     def _connack(self, code: int, *, assigned_id: bool = False) -> None:
-        """CONNACK ``code`` (3.1.1's return code; MQTT 5 gets its reason code and the limits)."""
-        if not self.v5:
-            self._send(bytes((0x20, 2, 0, code)))
-            return
-        props = b""
-        if code == ACCEPTED:
-            limit = self.server._ingress.max_payload_bytes + _TOPIC_HEADROOM
-            props = (
-                b"\x21"
-                + struct.pack("!H", min(self.server.max_inflight, 0xFFFF))  # receive max
-                + b"\x24\x01"  # maximum QoS 1
-                + b"\x27"
-                + struct.pack("!I", limit)  # maximum packet size
+        server = self.server
+        self._send(
+            connack(
+                code,
+                v5=self.v5,
+                receive_max=server.max_inflight,
+                max_packet=self.max_packet,
+                assigned_id=f"edgesieve-{id(self):x}" if assigned_id else None,
             )
-            if assigned_id:
-                props += b"\x12" + encode_string(f"edgesieve-{id(self):x}")
-        data = bytes((0, _V5_CONNACK[code])) + encode_length(len(props)) + props
-        self._send(b"\x20" + encode_length(len(data)) + data)
+        )
 
     def _send(self, packet: bytes) -> None:
         if not self.writer.is_closing():
@@ -506,31 +442,19 @@ class _Connection:
 
     def _publish_to_device(self, topic: str, payload: dict[str, object]) -> None:
         """PUBLISH QoS 0 to the device (an RPC or attribute request's answer)."""
-        props = b"\x00" if self.v5 else b""
-        data = encode_string(topic) + props + json.dumps(payload).encode()
-        self._send(bytes((0x30,)) + encode_length(len(data)) + data)
+        self._send(publish_qos0(topic, json.dumps(payload).encode(), v5=self.v5))
 
     def _unsubscribe(self, body: bytes) -> None:
-        at, codes = self._skip_properties(body, 2), bytearray()
-        while at < len(body):
-            _, at = read_string(body, at)
-            codes.append(0)
-        data = body[:2] + (b"\x00" + bytes(codes) if self.v5 else b"")
-        self._send(bytes((0xB0,)) + encode_length(len(data)) + data)
+        self._send(unsuback(body, v5=self.v5))
 
     def _subscribe(self, body: bytes) -> None:
-        gateway = self.device is not None and self.device.gateway is not None
-        at, codes = self._skip_properties(body, 2), bytearray()
-        while at < len(body):
-            topic, at = read_string(body, at)
-            qos = body[at] & 0x03
-            at += 1
-            granted = topic in DEVICE_FILTERS or (gateway and topic in GATEWAY_FILTERS)
-            codes.append(min(qos, 1) if granted else 0x80)
-            if not granted:
+        assert self.device is not None
+        codes = bytearray()
+        for topic, qos in subscription_filters(body, v5=self.v5):
+            codes.append(granted_qos(self.device, topic, qos))
+            if codes[-1] == REFUSED:
                 logger.info("mqtt_server: %s: subscription to %r refused", self._id, topic)
-        data = body[:2] + (b"\x00" if self.v5 else b"") + bytes(codes)
-        self._send(bytes((0x90,)) + encode_length(len(data)) + data)
+        self._send(suback(body, bytes(codes), v5=self.v5))
 
     # -- PUBLISH --------------------------------------------------------------------------
 
@@ -551,7 +475,7 @@ class _Connection:
         if qos:
             (packet_id,) = struct.unpack_from("!H", body, at)
             at += 2
-        at = self._skip_properties(body, at)
+        at = skip_properties(body, at, v5=self.v5)
         payload = body[at:]
         if len(payload) > self.server._ingress.max_payload_bytes:
             msg = (
@@ -581,7 +505,7 @@ class _Connection:
                 packet_id = await task
                 self.slots.release()
                 if packet_id is not None:
-                    self._send(b"\x40\x02" + struct.pack("!H", packet_id))
+                    self._send(puback(packet_id))
                 await self.writer.drain()
             except ConnectionError:
                 return
@@ -602,12 +526,9 @@ class _Connection:
         """
         device = self.device
         assert device is not None
-        if topic == TELEMETRY_TOPIC:
-            await self._keep(device.id, TELEMETRY, TRANSPORT, payload, dup)
-        elif topic == ATTRIBUTES_TOPIC:
-            await self._keep(device.id, ATTRIBUTES, TRANSPORT, payload, dup)
-        elif topic == LOGS_TOPIC:
-            await self._keep(device.id, LOGS, TRANSPORT, payload, dup)
+        channel = TOPIC_CHANNELS.get(topic)
+        if channel is not None:
+            await self._keep(device.id, channel, TRANSPORT, payload, dup)
         elif topic.startswith(RPC_REQUEST):
             self._rpc(topic.removeprefix(RPC_REQUEST), payload)
         elif topic.startswith(ATTRIBUTES_REQUEST):
@@ -619,7 +540,7 @@ class _Connection:
         elif topic.startswith(GATEWAY):
             await self._gateway(topic.removeprefix(GATEWAY), payload, dup)
         else:
-            reason = f"topic {topic[:100]!r} is not part of the ThingsBoard device API; {_API}"
+            reason = f"topic {topic[:100]!r} is not part of the ThingsBoard device API; {API_HINT}"
             await self._keep(device.id, refused_channel(reason), TRANSPORT, payload)
         return packet_id
 
@@ -644,17 +565,12 @@ class _Connection:
 
     def _rpc(self, request_id: str, payload: bytes) -> None:
         assert self.device is not None
-        try:
-            method = json.loads(payload).get("method")
-        except (ValueError, AttributeError):
-            method = None
-        if method == "getSessionLimits":
-            answer = self.server.session_limits(self.device)
-        else:
-            answer = {
-                "error": f"RPC method {str(method)[:60]!r} is not supported by the edge; "
-                "only getSessionLimits is answered"
-            }
+        answer = rpc_answer(
+            self.device,
+            payload,
+            max_payload_bytes=self.server._ingress.max_payload_bytes,
+            max_inflight=self.server.max_inflight,
+        )
         self._publish_to_device(RPC_RESPONSE + request_id, answer)
 
     async def _gateway(self, what: str, payload: bytes, dup: bool) -> None:
@@ -663,7 +579,7 @@ class _Connection:
         if device.gateway is None:
             reason = (
                 f"device {device.id!r} is not a gateway but published to v1/gateway/{what[:40]}; "
-                "hint: give it `gateway: {devices: [...]}` in devices.yaml, or " + _API
+                "hint: give it `gateway: {devices: [...]}` in devices.yaml, or " + API_HINT
             )
             await self._keep(device.id, refused_channel(reason), TRANSPORT, payload)
             return
