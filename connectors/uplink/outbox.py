@@ -1,7 +1,8 @@
 """Durable store-and-forward outbox for batches on their way to the cloud.
 
 The outbox is one SQLite file in ``data_dir`` (WAL journal,
-``synchronous=FULL``). A sealed batch is committed before :meth:`Outbox.put`
+``synchronous=FULL``; its schema and healing in
+:mod:`connectors.uplink.outbox_store`). A sealed batch is committed before :meth:`Outbox.put`
 returns and deleted only by :meth:`Outbox.ack`, after the cloud acknowledged
 it, so a batch survives a crash (``kill -9``) of the edge at any point between
 the two.
@@ -41,49 +42,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from connectors.common.stores import corruption, move_aside, report, salvage_rows, sqlite_problem
+from connectors.common.stores import corruption, sqlite_problem
 from connectors.uplink.batch import OutboxStats, Rejected, Sealed, check_aware, from_us, to_us
+from connectors.uplink.outbox_store import COLUMNS, heal, open_outbox, rollback
 
 __all__ = ["Outbox", "OutboxSettings"]
 
 logger = logging.getLogger("edgesieve.outbox")
-
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS batches (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    batch_id TEXT NOT NULL UNIQUE,
-    stream TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    rows INTEGER NOT NULL,
-    raw_bytes INTEGER NOT NULL,
-    created_at_us INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS batches_order ON batches (priority, created_at_us, seq, size);
-CREATE INDEX IF NOT EXISTS batches_age ON batches (created_at_us);
-CREATE TABLE IF NOT EXISTS rejected (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    batch_id TEXT NOT NULL UNIQUE,
-    stream TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    rows INTEGER NOT NULL,
-    raw_bytes INTEGER NOT NULL,
-    created_at_us INTEGER NOT NULL,
-    rejected_at_us INTEGER NOT NULL,
-    detail TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO counters (name, value)
-VALUES ('dropped_full', 0), ('expired', 0), ('rejected', 0);
-"""
 
 
 @dataclass(frozen=True)
@@ -124,32 +89,7 @@ class OutboxSettings:
             raise ValueError(msg)
 
 
-_COLUMNS = "batch_id, stream, priority, rows, raw_bytes, created_at_us"
-_SALVAGED = (*_COLUMNS.split(", "), "size", "payload")
-"""The columns copied from a corrupt outbox (after ``seq``), waiting and rejected batches."""
 _T = TypeVar("_T")
-
-
-def _rollback(db: sqlite3.Connection) -> None:
-    """Roll back the open transaction, if any; a failing rollback (a corrupt file) is ignored."""
-    try:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass
-
-
-def _intact(row: tuple[object, ...]) -> bool:
-    """Whether a salvaged ``(seq, *_SALVAGED, ...)`` row has the types and size it must have."""
-    seq, batch_id, stream, *numbers = row[:7]
-    size, payload = row[7], row[8]
-    return (
-        isinstance(batch_id, str)
-        and isinstance(stream, str)
-        and all(isinstance(n, int) for n in (seq, *numbers, size))
-        and isinstance(payload, bytes)
-        and len(payload) == size
-    )
 
 
 class Outbox:
@@ -182,7 +122,7 @@ class Outbox:
             problem = sqlite_problem(path)
             if problem is None:
                 try:
-                    self._open()
+                    self._db = open_outbox(self.path)
                 except sqlite3.DatabaseError as exc:
                     problem = corruption(exc)
                     if problem is None:
@@ -207,58 +147,9 @@ class Outbox:
                 pass
 
     def _heal(self, problem: str) -> None:
-        """Move the corrupt file aside, open a fresh outbox, copy the readable batches into it."""
+        """Replace the corrupt file by a fresh outbox holding its readable batches."""
         self._drop_connection()
-        moved = move_aside(self.path)
-        self._open()
-        waiting, whole = salvage_rows(moved, "batches", _SALVAGED)
-        rejected, whole_rejected = salvage_rows(
-            moved, "rejected", (*_SALVAGED, "rejected_at_us", "detail")
-        )
-        counters, _ = salvage_rows(moved, "counters", ("name", "value"))
-        waiting = [r for r in waiting if _intact(r)]
-        rejected = [
-            r for r in rejected if _intact(r) and isinstance(r[9], int) and isinstance(r[10], str)
-        ]
-        db = self._db
-        assert db is not None
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(
-                f"INSERT OR IGNORE INTO batches (seq, {', '.join(_SALVAGED)}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                waiting,
-            )
-            db.executemany(
-                f"INSERT OR IGNORE INTO rejected (seq, {', '.join(_SALVAGED)}, rejected_at_us, "
-                "detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rejected,
-            )
-            db.executemany(
-                "UPDATE counters SET value = ? WHERE name = ?",
-                [(v, n) for _, n, v in counters if isinstance(v, int) and isinstance(n, str)],
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            _rollback(db)
-            raise
-        rows = sum(int(r[4]) for r in waiting)
-        lost = (
-            "every row was readable"
-            if whole and whole_rejected
-            else (
-                "the batches SQLite could not read are lost (their rows were sealed but are not "
-                "sent)"
-            )
-        )
-        report(
-            "outbox",
-            self.path,
-            moved,
-            problem,
-            f"salvaged {len(waiting)} waiting batch(es) ({rows} rows) and {len(rejected)} "
-            f"rejected one(s); {lost}",
-        )
+        self._db = heal(self.path, problem)
 
     def _guarded(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work(db)`` (lock held); on corruption heal the outbox once and run it again."""
@@ -280,38 +171,6 @@ class Outbox:
             )
             raise RuntimeError(msg) from exc
         return work(self._conn())
-
-    def _open(self) -> None:
-        self._db = sqlite3.connect(
-            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-        )
-        db = self._db
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            msg = (
-                f"outbox schema version {version} is newer than this edgesieve supports "
-                f"({SCHEMA_VERSION}). Hint: run the edgesieve version that wrote it"
-            )
-            raise sqlite3.DatabaseError(msg)
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            logger.warning(
-                "outbox %s: SQLite refused WAL journaling (journal_mode=%s); commits are still "
-                "durable but slower",
-                self.path,
-                mode,
-            )
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def __enter__(self) -> Outbox:
         return self
@@ -469,7 +328,7 @@ class Outbox:
             dropped = self._counter(db, "dropped_full")
             db.execute("COMMIT")
         except BaseException:
-            _rollback(db)
+            rollback(db)
             raise
         return True, evicted, dropped
 
@@ -522,7 +381,7 @@ class Outbox:
         out: list[Sealed] = []
         for batch_id in ids:
             row = db.execute(
-                f"SELECT {_COLUMNS}, payload FROM batches WHERE batch_id = ?", (batch_id,)
+                f"SELECT {COLUMNS}, payload FROM batches WHERE batch_id = ?", (batch_id,)
             ).fetchone()
             if row is not None:
                 out.append(Sealed(row[0], row[1], row[2], row[3], row[4], from_us(row[5]), row[6]))
@@ -551,8 +410,8 @@ class Outbox:
         db.execute("BEGIN IMMEDIATE")
         try:
             cur = db.execute(
-                f"INSERT OR REPLACE INTO rejected ({_COLUMNS}, rejected_at_us, detail, size, "
-                f"payload) SELECT {_COLUMNS}, ?, ?, size, payload FROM batches "
+                f"INSERT OR REPLACE INTO rejected ({COLUMNS}, rejected_at_us, detail, size, "
+                f"payload) SELECT {COLUMNS}, ?, ?, size, payload FROM batches "
                 "WHERE batch_id = ?",
                 (to_us(when), str(detail), batch_id),
             )
@@ -564,7 +423,7 @@ class Outbox:
             self._trim_rejected(db)
             db.execute("COMMIT")
         except BaseException:
-            _rollback(db)
+            rollback(db)
             raise
         return True
 
@@ -583,7 +442,7 @@ class Outbox:
 
     def rejected(self) -> list[Rejected]:
         """The rejected batches still kept, oldest rejection first."""
-        query = f"SELECT {_COLUMNS}, rejected_at_us, detail, payload FROM rejected ORDER BY seq"
+        query = f"SELECT {COLUMNS}, rejected_at_us, detail, payload FROM rejected ORDER BY seq"
         with self._lock:
             rows = self._guarded(lambda db: db.execute(query).fetchall())
         return [
@@ -625,7 +484,7 @@ class Outbox:
                 db.execute("UPDATE counters SET value = value + ? WHERE name = 'expired'", (count,))
             db.execute("COMMIT")
         except BaseException:
-            _rollback(db)
+            rollback(db)
             raise
         return per_stream
 

@@ -12,7 +12,7 @@ import pytest
 
 from connectors.common import stores
 from connectors.common.stores import recoveries
-from connectors.uplink import outbox as outbox_module
+from connectors.uplink import outbox_store
 from connectors.uplink.batch import Sealed
 from connectors.uplink.outbox import Outbox
 from tests.connectors.common.test_stores import scribble
@@ -132,7 +132,7 @@ def test_a_corrupt_store_whose_replacement_fails_says_so(tmp_path: Path, monkeyp
         def refuse(path: Path, **_: object) -> Path:
             raise PermissionError(13, "Permission denied", str(path))
 
-        monkeypatch.setattr(outbox_module, "move_aside", refuse)
+        monkeypatch.setattr(outbox_store, "move_aside", refuse)
         with pytest.raises(
             RuntimeError,
             match=r"Outbox '.*outbox.sqlite' is corrupt \(database disk image is malformed\) "
